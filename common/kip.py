@@ -1,6 +1,7 @@
 """KIP and Label Solve as computations over a kernel backend's blocks (no RPC knowledge).
 
-A *kernel backend* is anything with
+A *kernel backend* is anything with (x2 an array, or `common/sources` rows/parts that say
+where the images came from)
   `kernel(x1, x2=None) -> {'ntk': (n1, n2), 'nngp': (n1, n2)}` (x2 None: K(x1, x1)) and
   `vjp(x1, x2, g_ntk, g_nngp) -> d/dx1 of <g_ntk, NTK(x1, x2)> + <g_nngp, NNGP(x1, x2)>`.
 In one process it calls the kernel engine directly; distributed, the coordinator tiles these
@@ -14,7 +15,7 @@ from typing import NamedTuple, Optional, Protocol
 
 import numpy as np
 
-from ntkdd.common import krr
+from ntkdd.common import krr, sources
 
 KERNEL_NAMES = ('ntk', 'nngp')
 
@@ -44,7 +45,8 @@ def kip_gradients(backend: KernelBackend, support_images: np.ndarray,
                   target_labels: np.ndarray, target_label_ids: np.ndarray,
                   kernel_name: str = 'ntk', reg: float = 1e-6) -> KipStep:
   """Loss and gradients of 1/2 ||y_t - K_ts (K_ss + reg tr/n I)^-1 y_s||^2 for one batch."""
-  both = np.concatenate([support_images, target_images], axis=0)
+  # Kept as parts: a distributed backend sends target rows as dataset indices.
+  both = sources.concat([support_images, target_images])
   n_s = len(support_images)
   k_s_all = backend.kernel(support_images, both)[kernel_name]
   k_ss, k_st = k_s_all[:, :n_s], k_s_all[:, n_s:]

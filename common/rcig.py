@@ -241,8 +241,11 @@ def adam_update(grads, state: AdamState, params, lr, b1=0.9, b2=0.999, eps=1e-8)
   mu = jax.tree_util.tree_map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, grads)
   nu = jax.tree_util.tree_map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, grads)
   c1, c2 = 1 - b1 ** count, 1 - b2 ** count
+  # Keep each parameter's dtype: with jax_enable_x64 on (a float64 kernel run in the same
+  # process), b1 ** count is float64 and would promote float32 parameters.
   new = jax.tree_util.tree_map(
-      lambda p, m, v: p - lr * (m / c1) / (jnp.sqrt(v / c2) + eps), params, mu, nu)
+      lambda p, m, v: (p - lr * (m / c1) / (jnp.sqrt(v / c2) + eps)).astype(p.dtype),
+      params, mu, nu)
   return new, AdamState(mu, nu, count)
 
 

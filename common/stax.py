@@ -127,8 +127,9 @@ def Dense(out_dim: int, W_std: float = 1.0, b_std: float = 0.0,
   def init_fn(rng, input_shape):
     k_w, k_b = jax.random.split(rng)
     fan_in = input_shape[-1]
-    w = jax.random.normal(k_w, (fan_in, out_dim))
-    b = jax.random.normal(k_b, (out_dim,))
+    # float32 parameters whatever jax_enable_x64 says: finite nets train in float32.
+    w = jax.random.normal(k_w, (fan_in, out_dim), jnp.float32)
+    b = jax.random.normal(k_b, (out_dim,), jnp.float32)
     if parameterization == 'standard':
       w, b = w * W_std / math.sqrt(fan_in), b * b_std
     return tuple(input_shape[:-1]) + (out_dim,), (w, b)
@@ -175,8 +176,8 @@ def Conv(out_chan: int, filter_shape: Sequence[int] = (3, 3), padding: str = 'SA
     k_w, k_b = jax.random.split(rng)
     n, h, w, c = input_shape
     fan_in = fh * fw * c
-    kernel = jax.random.normal(k_w, (fh, fw, c, out_chan))
-    bias = jax.random.normal(k_b, (out_chan,))
+    kernel = jax.random.normal(k_w, (fh, fw, c, out_chan), jnp.float32)
+    bias = jax.random.normal(k_b, (out_chan,), jnp.float32)
     if parameterization == 'standard':
       kernel, bias = kernel * W_std / math.sqrt(fan_in), bias * b_std
     if padding == 'VALID':

@@ -274,7 +274,8 @@ def stable_learning_rate(apply_fn: Callable, params: Params, x, momentum: float 
   x = jnp.asarray(x, jnp.float32)
   power_step = _ntk_power_step(apply_fn)
   # A Python loop, not lax.while_loop: XLA:CPU runs convolutions inside loops far slower.
-  v = jax.random.normal(jax.random.PRNGKey(seed), jax.eval_shape(apply_fn, params, x).shape)
+  out = jax.eval_shape(apply_fn, params, x)
+  v = jax.random.normal(jax.random.PRNGKey(seed), out.shape, out.dtype)
   v = v / jnp.linalg.norm(v)
   previous = math.inf
   for _ in range(max_iterations):

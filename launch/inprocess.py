@@ -49,11 +49,17 @@ class LocalWorkerHandle:
 
 def make_inprocess_backend(arch: Union[architectures.Architecture, dict], workers: int = 1,
                            tile: Optional[int] = None, dtype: str = 'float32', block: int = 64,
+                           dataset: Optional[dict] = None,
                            **coordinator_kwargs) -> coordinator.DistributedKernels:
-  """A `DistributedKernels` over `workers` local `KernelWorker`s (threads in this process)."""
+  """A `DistributedKernels` over `workers` local `KernelWorker`s (threads in this process).
+
+  `dataset` (a `DataSpec` dict): the workers hold that data and take target rows as indices;
+  in one process they share the coordinator's arrays (`common/prepared.prepare` memoises).
+  """
   if workers < 1:
     raise ValueError(f'--workers must be >= 1, got {workers}.')
   arch_dict = arch.to_dict() if isinstance(arch, architectures.Architecture) else dict(arch)
-  handles = [LocalWorkerHandle(kernel_worker.KernelWorker(arch_dict, dtype, tile, worker_id=i))
+  handles = [LocalWorkerHandle(kernel_worker.KernelWorker(arch_dict, dtype, tile, worker_id=i,
+                                                          dataset=dataset))
              for i in range(workers)]
   return coordinator.DistributedKernels(handles, block=block, dtype=dtype, **coordinator_kwargs)

@@ -188,17 +188,21 @@ class CoordinatorNode:
       self._status.set_extra(worker_pids=pids)
       self._status.set_phase('running')
 
+      backends = []
+
       def factory(arch):
         kwargs = dict(self._coordinator_kwargs)
         backend = coordinator.DistributedKernels(clients, block=self._block,
                                                  deadline_s=self._deadline_s, dtype=cfg.dtype,
                                                  **kwargs)
         self._status.attach_backend(backend)
+        backends.append(backend)
         return backend
 
       summary = distill.distill(cfg, str(self._run_dir), factory, resume=self._resume,
                                 progress=False)
-      result.update(ok=True, summary=summary)
+      # The backend's totals (blocks, bytes, index blocks, faults) for the record.
+      result.update(ok=True, summary=summary, backend=backends[-1].status() if backends else None)
       self._status.set_phase('done')
     except distill.Interrupted as e:
       result.update(interrupted=True, error=str(e))
@@ -232,8 +236,11 @@ def _arch_dict(arch) -> dict:
 
 
 def add_worker_nodes(program, arch, workers: int, dtype: str = 'float32',
-                     tile: Optional[int] = None) -> list:
-  """`workers` KernelWorker Courier nodes in the program's 'workers' group; their handles."""
+                     tile: Optional[int] = None, dataset: Optional[dict] = None) -> list:
+  """`workers` KernelWorker Courier nodes in the program's 'workers' group; their handles.
+
+  `dataset` (a `DataSpec` dict): each worker loads it itself, so targets go as indices.
+  """
   lp = import_launchpad()
   from ntkdd.workers import kernel_worker
   if workers < 1:
@@ -242,7 +249,7 @@ def add_worker_nodes(program, arch, workers: int, dtype: str = 'float32',
   with program.group(WORKERS):
     for i in range(workers):
       node = lp.CourierNode(kernel_worker.KernelWorker, _arch_dict(arch), dtype, tile,
-                            worker_id=i)
+                            worker_id=i, dataset=dataset)
       handles.append(program.add_node(node))
   return handles
 
@@ -256,7 +263,8 @@ def make_program(cfg, run_dir: str, workers: int, resume: bool = False, block: i
   cfg.validate()
   program = lp.Program('ntkdd-distill')
   tile = worker_tile if worker_tile is not None else cfg.tile
-  handles = add_worker_nodes(program, cfg.architecture(), workers, cfg.dtype, tile)
+  handles = add_worker_nodes(program, cfg.architecture(), workers, cfg.dtype, tile,
+                             dataset=cfg.data_spec().to_dict())
   with program.group(COORDINATOR):
     program.add_node(lp.CourierNode(
         CoordinatorNode, dataclasses.asdict(cfg), str(run_dir), bool(resume), handles,

@@ -6,7 +6,7 @@ from typing import Optional
 
 import numpy as np
 
-from ntkdd.common import architectures, kernels
+from ntkdd.common import architectures, kernels, sources
 
 
 class InProcessKernels:
@@ -21,6 +21,8 @@ class InProcessKernels:
 
   def kernel(self, x1: np.ndarray, x2: Optional[np.ndarray] = None) -> dict:
     start = time.perf_counter()
+    x1 = sources.as_array(x1)
+    x2 = None if x2 is None else sources.as_array(x2)
     out = kernels.compute_kernel(self.arch, x1, x2, tile=self.tile, dtype=self.dtype)
     self._count(len(x1) * (len(x1) if x2 is None else len(x2)), start)
     return out
@@ -28,6 +30,7 @@ class InProcessKernels:
   def vjp(self, x1: np.ndarray, x2: np.ndarray, g_ntk: Optional[np.ndarray] = None,
           g_nngp: Optional[np.ndarray] = None) -> np.ndarray:
     start = time.perf_counter()
+    x1, x2 = sources.as_array(x1), sources.as_array(x2)
     out = kernels.kernel_vjp(self.arch, x1, x2, g_ntk, g_nngp, tile=self.tile, dtype=self.dtype)
     self._count(len(x1) * len(x2), start)
     return out

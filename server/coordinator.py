@@ -5,9 +5,12 @@ a list of worker handles: objects with the `KernelWorker` methods (`ping`, `set_
 `kernel_block`, `vjp_block`), called with bytes, ints and strs only. A handle may be a local
 `KernelWorker`, a thin in-process wrapper of one, or a Courier client.
 
-Per call, the row images are published once to each worker as the 'rows' cache (the column
-images too, as 'cols', when that costs fewer bytes than sending each column block inline), and
-blocks are queued. Every worker runs `max_in_flight_per_worker` daemon threads pulling from one
+Per call, the row images are published once to each worker as the 'rows' cache, and blocks
+are queued. Columns are planned per part (`common/sources`): a part equal to the rows reads the
+rows cache; rows of a dataset split (`DatasetRows`, e.g. KIP's target batch or the test split)
+go as indices to workers whose ping says they hold that split's content key, as pixels to the
+others; other images go as the 'cols' cache when that costs fewer bytes than sending each
+column block inline. Every worker runs `max_in_flight_per_worker` daemon threads pulling from one
 shared queue, so fast workers take more blocks and each worker has its next block waiting.
 
 Faults: a call that raises, answers an error, or misses `deadline_s` marks its worker down
@@ -27,9 +30,10 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from ntkdd.common import kernels, wire
+from ntkdd.common import kernels, sources, wire
 
 STALE_CACHE = 'stale_cache'      # the worker's error for a cache entry it does not hold
+MISSING_DATASET = 'missing_dataset'   # ... and for a dataset key it does not hold
 ROWS, COLS = 'rows', 'cols'      # names of the per-call image caches on the workers
 
 
@@ -58,9 +62,11 @@ class _Worker:
   retry_at: float = 0.0                      # monotonic time of the next ping while down
   backoff_s: float = 0.0
   info: dict = dataclasses.field(default_factory=dict)   # pid, device, ... from ping
+  datasets: dict = dataclasses.field(default_factory=dict)   # split key -> rows, from ping
   held: dict = dataclasses.field(default_factory=dict)   # cache name -> version it holds
   cache_epoch: int = 0                       # counts set_images sent, to spot races on `held`
   cache_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+  probed: threading.Event = dataclasses.field(default_factory=threading.Event)  # first ping done
 
 
 @dataclasses.dataclass
@@ -72,13 +78,29 @@ class _Published:
 
 
 @dataclasses.dataclass
+class _Part:
+  """Columns [start, stop) of a call, all of one kind.
+
+  kind: 'rows' (the row images themselves), 'dataset' (rows `indices` of the split with
+  content key `key`) or 'array' (anything else).
+  """
+  start: int
+  stop: int
+  kind: str
+  images: np.ndarray
+  key: Optional[str] = None
+  indices: Optional[np.ndarray] = None
+
+
+@dataclasses.dataclass
 class _Task:
-  """One block of a call: rows [r0, r1) against columns [c0, c1)."""
+  """One block of a call: rows [r0, r1) against columns [c0, c1), which lie in `part`."""
   call: '_Call'
   index: int
   rows: tuple
   cols: tuple
   pairs: int
+  part: Optional[_Part] = None
   attempts: int = 0
   errors: list = dataclasses.field(default_factory=list)
 
@@ -86,7 +108,8 @@ class _Task:
 class _Call:
   """One kernel() or vjp() call: how to build each block's request and take its answer."""
 
-  def __init__(self, method: str, caches: dict, build_request: Callable[[_Task], dict],
+  def __init__(self, method: str, caches: dict,
+               build_request: Callable[[_Task, '_Worker'], dict],
                deliver: Callable[[_Task, dict], None]):
     self.method, self.build_request, self._deliver = method, build_request, deliver
     self.caches = caches    # cache name -> version every block request of this call reads
@@ -152,7 +175,10 @@ class DistributedKernels:
     self._stats = dict(calls=0, blocks_done=0, block_pairs_done=0, bytes_sent=0,
                        bytes_received=0, seconds_serialising=0.0,
                        seconds_waiting=0.0,      # summed over threads: may exceed wall time
-                       blocks_requeued=0, cache_sends=0, stale_cache_resends=0)
+                       blocks_requeued=0, cache_sends=0, stale_cache_resends=0,
+                       index_blocks=0,           # blocks whose columns went as dataset indices
+                       pixel_fallback_blocks=0,  # dataset columns sent as pixels instead
+                       missing_dataset_resends=0)
     self.pairs, self.seconds = 0, 0.0      # as InProcessKernels: pairs per call, call time
     self._started = time.monotonic()
     self._threads = [
@@ -170,17 +196,17 @@ class DistributedKernels:
       start = time.perf_counter()
       symmetric = x2 is None
       x1 = self._as_images(x1, 'x1')
-      x2 = x1 if symmetric else self._as_images(x2, 'x2', like=x1)
-      n1, n2 = len(x1), len(x2)
+      parts = self._column_parts(x1, x2)
+      n1, n2 = len(x1), (parts[-1].stop if parts else 0)
       out = {name: np.zeros((n1, n2), self.dtype) for name in kernels.KERNELS}
       if n1 and n2:
         row_blocks = list(kernels.tile_ranges(n1, self.block))
-        col_blocks = list(kernels.tile_ranges(n2, self.block))
-        fields, caches = self._sources(x1, x2, symmetric, len(row_blocks))
+        col_blocks = self._column_blocks(parts)
+        fields, caches = self._sources(x1, parts, len(row_blocks))
         pads = {'pad_rows': min(self.block, n1), 'pad_cols': min(self.block, n2)}
 
-        def build_request(task: _Task) -> dict:
-          return {**fields(task.rows, task.cols), **pads}
+        def build_request(task: _Task, worker: _Worker) -> dict:
+          return {**fields(task, worker), **pads}
 
         def deliver(task: _Task, response: dict) -> None:
           (r0, r1), (c0, c1) = task.rows, task.cols
@@ -191,7 +217,8 @@ class DistributedKernels:
               out[name][c0:c1, r0:r1] = block.T
 
         call = _Call('kernel_block', caches, build_request, deliver)
-        blocks = [(r, c) for r in row_blocks for c in col_blocks if not symmetric or c[0] >= r[0]]
+        blocks = [(r, c, part) for r in row_blocks for c, part in col_blocks
+                  if not symmetric or c[0] >= r[0]]
         self._run(call, blocks)
       self._count(n1 * n2, start)
       return out
@@ -202,29 +229,29 @@ class DistributedKernels:
     with self._call_lock:
       start = time.perf_counter()
       x1 = self._as_images(x1, 'x1')
-      x2 = self._as_images(x2, 'x2', like=x1)
-      n1, n2 = len(x1), len(x2)
+      parts = self._column_parts(x1, x2)
+      n1, n2 = len(x1), (parts[-1].stop if parts else 0)
       cotangents = {name: self._as_cotangent(g, name, (n1, n2))
                     for name, g in (('g_ntk', g_ntk), ('g_nngp', g_nngp)) if g is not None}
       grad = np.zeros(x1.shape, self.dtype)
       if n1 and n2 and cotangents:
         row_blocks = list(kernels.tile_ranges(n1, self.block))
-        col_blocks = list(kernels.tile_ranges(n2, self.block))
-        fields, caches = self._sources(x1, x2, False, len(row_blocks))
+        col_blocks = self._column_blocks(parts)
+        fields, caches = self._sources(x1, parts, len(row_blocks))
         pads = {'pad_rows': min(self.block, n1), 'pad_cols': min(self.block, n2)}
         partials: dict[int, np.ndarray] = {}
 
-        def build_request(task: _Task) -> dict:
+        def build_request(task: _Task, worker: _Worker) -> dict:
           (r0, r1), (c0, c1) = task.rows, task.cols
           blocks = {name: np.ascontiguousarray(g[r0:r1, c0:c1]) for name, g in cotangents.items()}
-          return {**fields(task.rows, task.cols), **pads, **blocks}
+          return {**fields(task, worker), **pads, **blocks}
 
         def deliver(task: _Task, response: dict) -> None:
           (r0, r1) = task.rows
           partials[task.index] = _checked(response, 'grad', (r1 - r0,) + x1.shape[1:])
 
         call = _Call('vjp_block', caches, build_request, deliver)
-        self._run(call, [(r, c) for r in row_blocks for c in col_blocks])
+        self._run(call, [(r, c, part) for r in row_blocks for c, part in col_blocks])
         # Sum the partial gradients in block order, so the result is the same whichever
         # worker finished first.
         for task in call.tasks:
@@ -246,7 +273,8 @@ class DistributedKernels:
           'seconds_since_seen': None if w.last_seen is None else wall - w.last_seen,
           'last_error': w.last_error, 'last_error_time': w.last_error_time,
           'down_for_s': None if w.down_since is None else now - w.down_since,
-          'pid': w.info.get('pid'), 'device': w.info.get('device')}
+          'pid': w.info.get('pid'), 'device': w.info.get('device'),
+          'datasets': sorted(w.datasets), 'dataset_error': w.info.get('dataset_error')}
           for w in self._workers]
       stats = dict(self._stats)
     stats.update(workers=workers, alive_workers=sum(w['alive'] for w in workers),
@@ -306,42 +334,76 @@ class DistributedKernels:
     self._published[name] = published
     return published
 
-  def _sources(self, x1: np.ndarray, x2: np.ndarray, symmetric: bool,
-               row_blocks: int) -> tuple[Callable[[tuple, tuple], dict], dict]:
-    """(request fields of a block's rows and columns, cache name -> version they read).
+  def _column_parts(self, x1: np.ndarray, x2: Any) -> list[_Part]:
+    """The columns of a call as parts (x2 None: the rows themselves)."""
+    if x2 is None:
+      return [_Part(0, len(x1), 'rows', x1)] if len(x1) else []
+    parts = []
+    for start, piece in sources.parts_of(x2):
+      images = self._as_images(piece, 'x2', like=x1)
+      stop = start + len(images)
+      if isinstance(piece, sources.DatasetRows):
+        parts.append(_Part(start, stop, 'dataset', images, piece.key, piece.indices))
+      elif images.shape == x1.shape and np.array_equal(images, x1):
+        parts.append(_Part(start, stop, 'rows', x1))
+      else:
+        parts.append(_Part(start, stop, 'array', images))
+    return parts
 
-    Rows always come from the rows cache. Columns come from it too when x2 is x1, else from
-    the cols cache or inline per block, whichever sends fewer bytes.
+  def _column_blocks(self, parts: list[_Part]) -> list[tuple[tuple, _Part]]:
+    """((c0, c1), part) column blocks of at most `block` columns, none straddling parts."""
+    return [((part.start + a, part.start + b), part) for part in parts
+            for a, b in kernels.tile_ranges(part.stop - part.start, self.block)]
+
+  def _sources(self, x1: np.ndarray, parts: list[_Part],
+               row_blocks: int) -> tuple[Callable[[_Task, _Worker], dict], dict]:
+    """(request fields of a block's rows and columns for a worker, cache name -> version read).
+
+    Rows come from the rows cache. Columns: see the module docstring.
     """
     caches = {ROWS: self._publish(ROWS, x1).version}
-    if symmetric or (x2.shape == x1.shape and np.array_equal(x1, x2)):
-      cols_cache = ROWS
-    else:
+    arrays = [p for p in parts if p.kind == 'array']
+    cols_part = None
+    if len(arrays) == 1:
       current = self._published.get(COLS)
-      unchanged = current is not None and current.images.shape == x2.shape and np.array_equal(
-          current.images, x2)
+      images = arrays[0].images
+      unchanged = current is not None and current.images.shape == images.shape and (
+          np.array_equal(current.images, images))
       # Cached columns cost one copy per worker; inline ones one copy per row block.
-      cols_cache = COLS if unchanged or row_blocks > len(self._workers) else None
-      if cols_cache:
-        caches[COLS] = self._publish(COLS, x2).version
+      if unchanged or row_blocks > len(self._workers):
+        cols_part = arrays[0]
+        caches[COLS] = self._publish(COLS, images).version
 
-    def fields(rows: tuple, cols: tuple) -> dict:
-      out = _cached_fields('rows', ROWS, caches[ROWS], rows)
-      if cols_cache is None:
-        out['cols'] = x2[cols[0]:cols[1]]
+    def fields(task: _Task, worker: _Worker) -> dict:
+      part = task.part
+      out = _cached_fields('rows', ROWS, caches[ROWS], task.rows)
+      span = (task.cols[0] - part.start, task.cols[1] - part.start)
+      if part.kind == 'rows':
+        out.update(_cached_fields('cols', ROWS, caches[ROWS], span))
+      elif part is cols_part:
+        out.update(_cached_fields('cols', COLS, caches[COLS], span))
+      elif part.kind == 'dataset' and self._holds(worker, part.key):
+        out.update(cols_dataset=part.key, cols_indices=part.indices[span[0]:span[1]])
+        self._add_stats(index_blocks=1)
       else:
-        out.update(_cached_fields('cols', cols_cache, caches[cols_cache], cols))
+        out['cols'] = part.images[span[0]:span[1]]
+        if part.kind == 'dataset':
+          self._add_stats(pixel_fallback_blocks=1)
       return out
 
     return fields, caches
+
+  def _holds(self, worker: _Worker, key: str) -> bool:
+    with self._lock:
+      return key in worker.datasets
 
   def _run(self, call: _Call, blocks: list) -> None:
     """Queues the blocks of `call` and waits until all are answered or the call fails."""
     if self._closed.is_set():
       raise WorkersUnavailable('The coordinator is closed.')
-    for index, (rows, cols) in enumerate(blocks):
+    for index, (rows, cols, part) in enumerate(blocks):
       pairs = (rows[1] - rows[0]) * (cols[1] - cols[0])
-      call.tasks.append(_Task(call, index, rows, cols, pairs))
+      call.tasks.append(_Task(call, index, rows, cols, pairs, part))
     self._add_stats(calls=1)
     for task in call.tasks:
       self._queue.put(task)
@@ -361,7 +423,13 @@ class DistributedKernels:
   def _serve_worker(self, worker: _Worker, slot: int) -> None:
     """One in-flight slot of a worker: pulls blocks while it is up; slot 0 pings it when down."""
     if slot == 0:
-      self._probe(worker)   # learn its pid, device and caches; marks it down if it is not up
+      try:
+        self._probe(worker)   # learn its pid, device, caches, datasets; down if it is not up
+      finally:
+        worker.probed.set()
+    else:   # the other slots wait for that, so no block goes out before we know the worker
+      while not worker.probed.wait(self.poll_s) and not self._closed.is_set():
+        pass
     while not self._closed.is_set():
       if not worker.alive:
         if slot == 0 and time.monotonic() >= worker.retry_at:
@@ -390,17 +458,30 @@ class DistributedKernels:
     with self._lock:
       worker.in_flight += 1
     try:
-      start = time.perf_counter()
-      request = wire.encode(task.call.build_request(task))
-      self._add_stats(seconds_serialising=time.perf_counter() - start)
-      for attempt in range(2):
+      request, retried = None, set()
+      for _ in range(3):   # at most one re-send per kind of recoverable error
+        if request is None:
+          start = time.perf_counter()
+          request = wire.encode(task.call.build_request(task, worker))
+          self._add_stats(seconds_serialising=time.perf_counter() - start)
         self._ensure_caches(worker, task)
         epoch = worker.cache_epoch
         response = self._call(worker, task.call.method, request)
         if response.get('ok'):
           self._deliver(worker, task, response)
           return
-        if response.get('error') == STALE_CACHE and attempt == 0:
+        error = response.get('error')
+        if error == MISSING_DATASET and error not in retried:
+          # It no longer holds the data (restarted without it): send it pixels from now on.
+          logging.info('Worker %d: %s Sending pixels.', worker.index, response.get('message'))
+          retried.add(error)
+          self._add_stats(missing_dataset_resends=1)
+          with self._lock:
+            worker.datasets.pop(task.part.key, None)
+          request = None
+          continue
+        if error == STALE_CACHE and error not in retried:
+          retried.add(error)
           # The worker lost or replaced our images (restart, another coordinator): re-send.
           logging.info('Worker %d: %s Re-sending.', worker.index, response.get('message'))
           self._add_stats(stale_cache_resends=1)
@@ -410,6 +491,7 @@ class DistributedKernels:
                 worker.held.pop(name, None)
           continue
         raise _WorkerFault(f"{response.get('error')}: {response.get('message')}")
+      raise _WorkerFault(f'gave up after re-sending for {sorted(retried)}')
     except _WorkerFault as fault:
       self._mark_down(worker, str(fault))
       self._retry_elsewhere(task, f'worker {worker.index}: {fault}')
@@ -525,7 +607,9 @@ class DistributedKernels:
     with self._lock:
       worker.alive, worker.down_since, worker.backoff_s = True, None, 0.0
       worker.last_seen = time.time()
-      worker.info = {k: response.get(k) for k in ('pid', 'device', 'dtype', 'worker_id')}
+      worker.info = {k: response.get(k) for k in ('pid', 'device', 'dtype', 'worker_id',
+                                                  'dataset_error')}
+      worker.datasets = dict(response.get('datasets') or {})
     logging.info('Kernel worker %d is up (pid %s, %s).', worker.index, response.get('pid'),
                  response.get('device'))
 

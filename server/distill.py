@@ -13,7 +13,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from ntkdd.common import architectures, data, kip, optim, preprocess
+from ntkdd.common import architectures, kip, optim, preprocess
+from ntkdd.common import prepared as prepared_lib
 from ntkdd.server import checkpoint
 
 ALGORITHMS = ('kip', 'ls')
@@ -79,53 +80,25 @@ class DistillConfig:
   def architecture(self) -> architectures.Architecture:
     return architectures.Architecture(self.arch, self.depth, self.w_std, self.b_std)
 
+  def data_spec(self) -> prepared_lib.DataSpec:
+    """What kernel workers need to load the same model-space images themselves."""
+    return prepared_lib.DataSpec(
+        dataset=self.dataset, data_dir=self.data_dir, cache_dir=self.cache_dir,
+        download=self.download, image_size=self.image_size, preprocess=self.preprocess,
+        zca_strength=self.zca_strength)
+
   # Settings that may differ on --resume without changing the result.
   RESUMABLE = ('steps', 'eval_every', 'checkpoint_every', 'data_dir', 'cache_dir', 'download',
                'tile')
 
 
-@dataclasses.dataclass
-class PreparedData:
-  """Train/test images in model space, with labels, ready for distillation."""
-  dataset: data.Dataset
-  preprocessor: preprocess.Preprocessor
-  x_train: np.ndarray
-  y_train: np.ndarray            # int class ids
-  x_test: np.ndarray
-  y_test: np.ndarray
-  num_classes: int
-
-
-def downsample(x: np.ndarray, size: int) -> np.ndarray:
-  """Average-pools NHWC images to size x size (the side must divide evenly)."""
-  h = x.shape[1]
-  if size == h:
-    return x
-  if h % size or x.shape[2] % size:
-    raise ValueError(f'--image-size {size} must divide the image side {h}x{x.shape[2]} '
-                     f'(e.g. {h // 2}).')
-  f = h // size
-  n, _, w, c = x.shape
-  return x.reshape(n, size, f, w // f, f, c).mean(axis=(2, 4)).astype(x.dtype)
+PreparedData = prepared_lib.PreparedData   # re-exported: the loops and tests use these names
+downsample = prepared_lib.downsample
 
 
 def prepare_data(cfg: DistillConfig) -> PreparedData:
-  dataset = data.load_dataset(cfg.dataset, cfg.data_dir, cache_dir=cfg.cache_dir,
-                              download=cfg.download)
-  x_train, x_test = dataset.x_train, dataset.x_test
-  if cfg.image_size:
-    x_train, x_test = downsample(x_train, cfg.image_size), downsample(x_test, cfg.image_size)
-  kind = cfg.preprocess
-  if kind == 'auto':
-    # Not ZCA, although the papers whiten RGB data: on this machine's CIFAR-10 copy, ZCA
-    # (strength 0.1) cut the KRR test accuracy of 100 random real images from 26% to 12%
-    # with the FC kernel and from 33% to 28% with the 16x16 ConvNet kernel (BENCHMARKS.md).
-    kind = 'standardize'
-  logging.info('Preprocessing %s with %s.', dataset.name, kind)
-  pre = preprocess.make_preprocessor(kind, x_train, cfg.zca_strength)
-  return PreparedData(dataset=dataset, preprocessor=pre, x_train=pre.apply(x_train),
-                      y_train=np.asarray(dataset.y_train), x_test=pre.apply(x_test),
-                      y_test=np.asarray(dataset.y_test), num_classes=dataset.num_classes)
+  """The run's data in model space (shared with in-process workers that hold the same spec)."""
+  return prepared_lib.prepare(cfg.data_spec())
 
 
 def versions() -> dict[str, str]:
@@ -184,12 +157,13 @@ def initial_support(prepared: PreparedData, ipc: int, init: str, rng: np.random.
 
 
 def _evaluate(backend, prepared, images, labels, cfg, rng_seed: int) -> float:
-  x_test, y_test = prepared.x_test, prepared.y_test
+  # Test images go as rows of the test split: distributed workers holding it get indices.
+  x_test, y_test = prepared.rows('test'), prepared.y_test
   if cfg.eval_test_size and cfg.eval_test_size < len(x_test):
     # A fixed subset (same every evaluation) so accuracies are comparable across steps.
     pick = np.sort(np.random.default_rng(rng_seed).choice(len(x_test), cfg.eval_test_size,
                                                           replace=False))
-    x_test, y_test = x_test[pick], y_test[pick]
+    x_test, y_test = prepared.rows('test', pick), y_test[pick]
   return kip.krr_accuracy(backend, images, labels, x_test, y_test, cfg.kernel, cfg.reg)
 
 
@@ -251,8 +225,8 @@ def _run_label_solve(cfg, run_dir, prepared, backend) -> dict:
                                                       num_classes=prepared.num_classes))
   y_t = preprocess.one_hot_centered(prepared.y_train[targets], prepared.num_classes)
   logging.info('Label Solve over %d target images.', len(targets))
-  solved = kip.label_solve(backend, images, prepared.x_train[targets], y_t, cfg.kernel, cfg.reg,
-                           cfg.ls_rcond)
+  solved = kip.label_solve(backend, images, prepared.rows('train', targets), y_t, cfg.kernel,
+                           cfg.reg, cfg.ls_rcond)
   after = _evaluate(backend, prepared, images, solved, cfg, cfg.seed)
   write_support(run_dir, prepared, images, solved, label_ids)
   summary = {'algorithm': 'ls', 'krr_test_accuracy_before': before,
@@ -314,7 +288,7 @@ def _run_kip(cfg, run_dir, prepared, backend, saved, show_progress) -> dict:
       target = preprocess.class_balanced_batch(prepared.y_train, cfg.target_batch, rng,
                                                num_classes=prepared.num_classes)
       result = kip.kip_gradients(backend, params['images'], params['labels'],
-                                 prepared.x_train[target], y_train_centered[target],
+                                 prepared.rows('train', target), y_train_centered[target],
                                  prepared.y_train[target], cfg.kernel, cfg.reg)
       grads = {'images': result.grad_images}
       if cfg.learn_labels:

@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from ntkdd.common import architectures, wire
+from ntkdd.common import architectures, prepared, sources, wire
 from ntkdd.launch.inprocess import LocalWorkerHandle, make_inprocess_backend
 from ntkdd.server import backend, coordinator, distill
 from ntkdd.workers import kernel_worker
@@ -221,24 +221,107 @@ def test_a_stale_worker_cache_is_detected_and_resent():
   assert all(w['failures'] == 0 for w in status['workers'])
 
 
+# -- Dataset rows as indices. ---------------------------------------------------------------------
+
+def _prepared_tiny(tiny_npz):
+  spec = prepared.DataSpec(dataset=tiny_npz, data_dir='.')
+  return spec, prepared.prepare(spec)
+
+
+def _kip_columns(data, support_n=5, targets=(0, 3, 7, 8, 20, 30, 31)):
+  """[support; target rows] as a KIP step gives them to the backend."""
+  support = data.x_train[:support_n] + 0.25   # moved support images, not dataset rows
+  return support, sources.concat([support, data.rows('train', list(targets))])
+
+
+def test_workers_holding_the_dataset_get_target_indices(tiny_npz):
+  spec, data = _prepared_tiny(tiny_npz)
+  support, both = _kip_columns(data)
+  direct = backend.InProcessKernels(FC)
+  want = direct.kernel(support, np.asarray(both))
+  g = np.random.default_rng(0).normal(size=want['ntk'].shape)
+  want_grad = direct.vjp(support, np.asarray(both), g, None)
+  sent = {}
+  for holds in (True, False):
+    with make_inprocess_backend(FC, workers=2, block=3,
+                                dataset=spec.to_dict() if holds else None) as distributed:
+      _assert_kernels_equal(distributed.kernel(support, both), want)
+      _close(distributed.vjp(support, both, g, None), want_grad)
+      status = distributed.status()
+    sent[holds] = status['bytes_sent']
+    if holds:
+      assert status['index_blocks'] > 0 and status['pixel_fallback_blocks'] == 0
+      assert all(data.key('train') in w['datasets'] for w in status['workers'])
+    else:
+      assert status['index_blocks'] == 0 and status['pixel_fallback_blocks'] > 0
+  assert sent[True] < sent[False]    # indices (8 bytes an image) instead of pixels
+
+
+def test_a_worker_with_other_data_is_sent_pixels(tiny_npz, tmp_path):
+  spec, data = _prepared_tiny(tiny_npz)
+  support, both = _kip_columns(data)
+  want = backend.InProcessKernels(FC).kernel(support, np.asarray(both))
+  other = prepared.DataSpec(dataset=tiny_npz, data_dir='.', preprocess='none')   # other key
+  missing = prepared.DataSpec(dataset=str(tmp_path / 'nope.npz'), data_dir='.')
+  workers = [kernel_worker.KernelWorker(FC.to_dict(), worker_id=i, dataset=d.to_dict())
+             for i, d in enumerate((spec, other, missing))]
+  assert workers[2].dataset_error and 'nope.npz' in workers[2].dataset_error
+  with coordinator.DistributedKernels([LocalWorkerHandle(w) for w in workers], block=2,
+                                      **FAST_FAULTS) as distributed:
+    _assert_kernels_equal(distributed.kernel(support, both), want)
+    status = distributed.status()
+  assert status['index_blocks'] > 0 and status['pixel_fallback_blocks'] > 0
+  assert all(w['failures'] == 0 for w in status['workers'])
+  assert 'nope.npz' in status['workers'][2]['dataset_error']
+
+
+def test_a_worker_that_lost_the_dataset_is_sent_pixels_without_a_fault(tiny_npz):
+  spec, data = _prepared_tiny(tiny_npz)
+  support, both = _kip_columns(data)
+  want = backend.InProcessKernels(FC).kernel(support, np.asarray(both))
+  worker = kernel_worker.KernelWorker(FC.to_dict(), dataset=spec.to_dict())
+  with coordinator.DistributedKernels([LocalWorkerHandle(worker)], block=3,
+                                      **FAST_FAULTS) as distributed:
+    distributed.kernel(support, both)
+    worker._datasets.clear()      # as if it restarted without its data dir
+    _assert_kernels_equal(distributed.kernel(support, both), want)
+    status = distributed.status()
+  assert status['missing_dataset_resends'] >= 1 and status['pixel_fallback_blocks'] > 0
+  assert status['workers'][0]['failures'] == 0
+
+
+def test_worker_rejects_bad_indices(tiny_npz):
+  spec, data = _prepared_tiny(tiny_npz)
+  worker = kernel_worker.KernelWorker(FC.to_dict(), dataset=spec.to_dict())
+  request = {'rows': data.x_train[:2], 'cols_dataset': data.key('train'),
+             'cols_indices': np.array([0, len(data.x_train)])}
+  answer = wire.decode(worker.kernel_block(wire.encode(request)))
+  assert answer['error'] == 'bad_request' and 'outside' in answer['message']
+  request['cols_dataset'] = 'train:0000'
+  answer = wire.decode(worker.kernel_block(wire.encode(request)))
+  assert answer['error'] == 'missing_dataset'
+
+
 # -- KIP end to end. -----------------------------------------------------------------------------
 
 def test_kip_with_distributed_backend_matches_inprocess(tiny_npz, tmp_path):
   cfg = distill.DistillConfig(algorithm='kip', dataset=tiny_npz, data_dir='.', ipc=2, steps=4,
                               arch='fc', depth=1, target_batch=12, eval_every=2,
-                              checkpoint_every=2, learning_rate=0.05, seed=3)
+                              checkpoint_every=2, learning_rate=0.05, seed=3,
+                              dtype='float64')
   backends = []
 
   def distributed_factory(arch):
-    backends.append(make_inprocess_backend(arch, workers=2, block=4))
+    backends.append(make_inprocess_backend(arch, workers=2, block=4, dtype='float64',
+                                           dataset=cfg.data_spec().to_dict()))
     return backends[-1]
 
-  # In float32 the KRR solve and Adam's first steps (about sign(gradient)) amplify the 1e-7
-  # rounding differences between tile shapes to ~1e-4 in the images, so the strict comparison
-  # is with the engine tiled like the blocks (tile 4), the loose one with its default tiling.
+  # The KRR solve and Adam's first steps (about sign(gradient)) amplify rounding differences
+  # between tile shapes (the coordinator's column blocks split at the support/target boundary)
+  # by ~1e3: in float64 that is still ~1e-12, so the strict comparison holds in float64.
   runs = {'distributed': distributed_factory,
-          'tile4': lambda arch: backend.InProcessKernels(arch, tile=4),
-          'default': lambda arch: backend.InProcessKernels(arch)}
+          'tile4': lambda arch: backend.InProcessKernels(arch, tile=4, dtype='float64'),
+          'default': lambda arch: backend.InProcessKernels(arch, dtype='float64')}
   supports = {}
   for run, factory in runs.items():
     distill.distill(cfg, str(tmp_path / run), factory, progress=False)
@@ -254,4 +337,6 @@ def test_kip_with_distributed_backend_matches_inprocess(tiny_npz, tmp_path):
   assert np.abs(distributed['images'] - default).max() < 1e-3 * np.abs(default).max()
   status = backends[0].status()
   assert status['blocks_done'] > 0 and all(w['blocks_done'] > 0 for w in status['workers'])
+  # Target batches and test images went as indices into the workers' own copy of the data.
+  assert status['index_blocks'] > 0 and status['pixel_fallback_blocks'] == 0
   backends[0].close()

@@ -109,6 +109,10 @@ def test_local_mp_matches_inprocess(tiny_npz, tmp_path):
   assert result['ok'], result
   assert result['summary']['steps'] == 4
   _assert_same_support(tmp_path / 'inprocess', tmp_path / 'lp')
+  # Each worker loaded the dataset itself: targets and test images went as indices.
+  backend = result['backend']
+  assert backend['index_blocks'] > 0 and backend['pixel_fallback_blocks'] == 0, backend
+  assert all(len(w['datasets']) == 2 for w in backend['workers'])
   assert _steps(tmp_path / 'lp') == list(range(5))
   address = (tmp_path / 'lp' / 'coordinator_address.txt').read_text().strip()
   assert address.startswith('localhost:')

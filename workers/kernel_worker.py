@@ -3,15 +3,20 @@
 Every public method takes and returns `bytes` (plus ints and strs), never numpy arrays, so the
 same class serves in-process handles and Courier RPC (where numpy arguments hang).
 
-A block request (see `common/wire.py`) names its row and column images, each either inline
-(an array field `rows` / `cols`) or from the worker's image cache (fields `rows_cache`,
-`rows_version`, `rows_start`, `rows_stop`, and the same with `cols_`). `pad_rows` / `pad_cols`
+A worker built with a `dataset` spec (`common/prepared.DataSpec` as a dict) loads and
+preprocesses that dataset itself, once, from its own data dir, and holds each split under its
+content key (`PreparedData.key`), which `ping` reports. A block request (see `common/wire.py`)
+names its row and column images, each either inline (an array field `rows` / `cols`), from the
+worker's image cache (fields `rows_cache`, `rows_version`, `rows_start`, `rows_stop`, and the
+same with `cols_`), or as rows of a dataset split the worker holds (`cols_dataset` = the key,
+`cols_indices`). `pad_rows` / `pad_cols`
 pad the block to a fixed shape, so each block shape compiles once. A vjp request adds the
 cotangent blocks `g_ntk` / `g_nngp` (either may be absent).
 
 Responses carry `ok`. On failure they carry `error`: 'stale_cache' when a request names a
 cache entry (name, version) the worker does not hold (the coordinator re-sends the images),
-'bad_request' or 'exception' otherwise, and a human-readable `message`.
+'missing_dataset' when it names a dataset key the worker does not hold (the coordinator then
+sends pixels), 'bad_request' or 'exception' otherwise, and a human-readable `message`.
 """
 from __future__ import annotations
 
@@ -24,9 +29,10 @@ from typing import Optional
 import jax
 import numpy as np
 
-from ntkdd.common import architectures, kernels, wire
+from ntkdd.common import architectures, kernels, prepared, wire
 
 STALE_CACHE = 'stale_cache'
+MISSING_DATASET = 'missing_dataset'
 BAD_REQUEST = 'bad_request'
 EXCEPTION = 'exception'
 
@@ -47,7 +53,7 @@ class KernelWorker:
   """One worker per device: caches named image arrays and computes blocks of them."""
 
   def __init__(self, arch: dict, dtype: str = 'float32', tile: Optional[int] = None,
-               worker_id: int = 0):
+               worker_id: int = 0, dataset: Optional[dict] = None):
     kernels.enable_float64_if(dtype)
     self.arch = architectures.Architecture.from_dict(arch)
     self.dtype = np.dtype(dtype)
@@ -57,6 +63,24 @@ class KernelWorker:
     self._lock = threading.Lock()     # the coordinator may call from several threads
     self.blocks_done = 0
     self.compute_seconds = 0.0
+    self._datasets: dict[str, np.ndarray] = {}   # split key -> model-space images
+    self.dataset_error: Optional[str] = None
+    if dataset:
+      self._load_dataset(dataset)
+
+  def _load_dataset(self, spec: dict) -> None:
+    """Holds the spec's splits by content key; a failure is reported, not fatal (the
+    coordinator then sends pixels)."""
+    try:
+      data = prepared.prepare(prepared.DataSpec.from_dict(spec))
+      for split in prepared.SPLITS:
+        self._datasets[data.key(split)] = data.split(split).astype(self.dtype, copy=False)
+      logging.info('Worker %d holds %s: %s.', self.worker_id, spec.get('dataset'),
+                   {k: v.shape for k, v in self._datasets.items()})
+    except Exception as e:  # missing files, bad flags: say so in ping, serve pixels
+      self.dataset_error = f'{type(e).__name__}: {e}'
+      logging.warning('Worker %d could not load its dataset (%s); it will be sent images.',
+                      self.worker_id, self.dataset_error)
 
   # -- RPC methods: bytes in, bytes out. ------------------------------------------------------
 
@@ -68,7 +92,9 @@ class KernelWorker:
     return wire.encode({'ok': True, 'worker_id': self.worker_id, 'pid': os.getpid(),
                         'blocks_done': blocks_done, 'compute_seconds': seconds,
                         'device': str(jax.devices()[0]), 'dtype': self.dtype.name,
-                        'arch': self.arch.to_dict(), 'caches': caches})
+                        'arch': self.arch.to_dict(), 'caches': caches,
+                        'datasets': {key: len(x) for key, x in self._datasets.items()},
+                        'dataset_error': self.dataset_error})
 
   def set_images(self, name: str, version: int, payload: bytes) -> bytes:
     """Caches the array `images` of the wire message `payload` as (`name`, `version`)."""
@@ -147,6 +173,9 @@ class KernelWorker:
     """The `side` ('rows' or 'cols') images of a request: inline, or a cached range."""
     if isinstance(request.get(side), np.ndarray):
       return request[side].astype(self.dtype, copy=False)
+    key = request.get(f'{side}_dataset')
+    if key is not None:
+      return self._dataset_rows(key, request.get(f'{side}_indices'), side)
     name = request.get(f'{side}_cache')
     if name is None:
       raise RequestError(BAD_REQUEST, f'The request gives neither {side} nor {side}_cache.')
@@ -163,6 +192,21 @@ class KernelWorker:
       raise RequestError(BAD_REQUEST, f'{side} range [{start}, {stop}) is outside cache '
                                       f'{name!r} of {len(images)} images.')
     return images[start:stop]
+
+
+  def _dataset_rows(self, key: str, indices, side: str) -> np.ndarray:
+    split = self._datasets.get(key)
+    if split is None:
+      held = ', '.join(self._datasets) or 'none'
+      why = f' (loading failed: {self.dataset_error})' if self.dataset_error else ''
+      raise RequestError(MISSING_DATASET, f'Dataset {key!r} requested; this worker holds '
+                                          f'{held}{why}.')
+    if not isinstance(indices, np.ndarray) or indices.ndim != 1 or indices.dtype.kind not in 'iu':
+      raise RequestError(BAD_REQUEST, f'{side}_indices must be a 1-d integer array.')
+    if len(indices) and not (0 <= indices.min() and indices.max() < len(split)):
+      raise RequestError(BAD_REQUEST, f'{side}_indices outside dataset {key!r} of '
+                                      f'{len(split)} images.')
+    return split[indices]
 
 
 def _pad_size(request: dict, side: str, images: np.ndarray) -> int:
