@@ -75,6 +75,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help='coordinator blocks in flight per worker (default 1; see above)')
   p.add_argument('--threads-per-process', default='1', choices=('1', 'all'),
                  help="'1' (default) sets the single-thread XLA_FLAGS; 'all' leaves XLA alone")
+  p.add_argument('--targets', default='indices', choices=('indices', 'pixels'),
+                 help="indices (default, as ntkdd distill): the workers hold the synthetic "
+                      "dataset and get target rows by index; pixels: targets sent as images")
+  p.add_argument('--pin', action='store_true',
+                 help='launchpad: pin worker i (every thread) to core i mod CPUs, and the '
+                      'one-worker baseline to core 0, so each worker gets exactly one core')
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--json', default=None,
                  help='where to write results (default bench/results/distributed_step_<env>.json)')
@@ -112,7 +118,8 @@ def matmul_check(n: int = 1024, reps: int = 5) -> dict:
           'gflops': 2 * n ** 3 * reps / wall / 1e9}
 
 
-def synthetic(args) -> dict:
+def synthetic(args) -> tuple[dict, dict | None]:
+  """(kip_gradients arguments, the DataSpec dict workers load, or None for --targets pixels)."""
   h, w, c = (int(v) for v in args.size.lower().split('x'))
   rng = np.random.default_rng(args.seed)
 
@@ -122,10 +129,27 @@ def synthetic(args) -> dict:
 
   ys, _ = labels(args.support)
   yt, yt_ids = labels(args.target)
-  return {'support_images': rng.standard_normal((args.support, h, w, c)).astype(np.float32),
-          'support_labels': ys,
-          'target_images': rng.standard_normal((args.target, h, w, c)).astype(np.float32),
-          'target_labels': yt, 'target_label_ids': yt_ids}
+  support = rng.standard_normal((args.support, h, w, c)).astype(np.float32)
+  targets = rng.standard_normal((args.target, h, w, c)).astype(np.float32)
+  spec = None
+  if args.targets == 'indices':
+    # A dataset file the workers load themselves (as `ntkdd distill` workers do), four times
+    # the target batch, of which the targets are rows.
+    import tempfile
+    from ntkdd.common import prepared
+    folder = Path(tempfile.mkdtemp(prefix='ntkdd-bench-'))
+    n_train = 4 * args.target
+    x_train = rng.uniform(size=(n_train, h, w, c)).astype(np.float32)   # pixels in [0, 1]
+    y_train = np.arange(n_train) % args.classes
+    np.savez(folder / 'synthetic.npz', x_train=x_train, y_train=y_train,
+             x_test=x_train[:args.classes], y_test=y_train[:args.classes])
+    data_spec = prepared.DataSpec(dataset=str(folder / 'synthetic.npz'), data_dir=str(folder),
+                                  preprocess='none', cache_dir=str(folder / 'cache'))
+    rows = rng.choice(n_train, args.target, replace=False)
+    targets = prepared.prepare(data_spec).rows('train', rows)
+    spec = data_spec.to_dict()
+  return ({'support_images': support, 'support_labels': ys, 'target_images': targets,
+           'target_labels': yt, 'target_label_ids': yt_ids}, spec)
 
 
 def _coordinator(backend):
@@ -152,30 +176,46 @@ def _worker_snapshot(coord) -> list:
   return out
 
 
-def make_backend(launch: str, workers: int, arch, args):
+def pin_to_core(pid: int, core: int) -> int:
+  """Pins every thread of process `pid` to `core`; returns how many threads were pinned."""
+  pinned = 0
+  for task in Path(f'/proc/{pid}/task').iterdir():
+    try:
+      os.sched_setaffinity(int(task.name), {core})
+      pinned += 1
+    except (ProcessLookupError, PermissionError, OSError):
+      pass
+  return pinned
+
+
+def make_backend(launch: str, workers: int, arch, args, dataset=None):
   if launch == 'direct':
     return backend_lib.InProcessKernels(arch, tile=args.tile, dtype=args.dtype)
   kwargs = dict(max_in_flight_per_worker=args.in_flight)
   if launch == 'inprocess':
     return inprocess.make_inprocess_backend(arch, workers, tile=args.tile, dtype=args.dtype,
-                                            block=args.block, **kwargs)
+                                            block=args.block, dataset=dataset, **kwargs)
   from ntkdd.launch import launchpad_program   # lazily: needs launchpad (Python 3.10)
   env = {'XLA_FLAGS': os.environ['XLA_FLAGS']} if 'XLA_FLAGS' in os.environ else {}
   return launchpad_program.make_launchpad_backend(arch, workers, tile=args.tile,
                                                   dtype=args.dtype, block=args.block,
-                                                  env=env, **kwargs)
+                                                  env=env, dataset=dataset, **kwargs)
 
 
-def measure(launch: str, workers: int, arch, data: dict, args) -> dict:
+def measure(launch: str, workers: int, arch, data: dict, args, dataset=None) -> dict:
   step = lambda b: kip.kip_gradients(b, **data, kernel_name=args.kernel)  # noqa: E731
   start = time.perf_counter()
-  backend = make_backend(launch, workers, arch, args)
+  backend = make_backend(launch, workers, arch, args, dataset)
   try:
     startup = time.perf_counter() - start
     start = time.perf_counter()
     step(backend)     # warm-up: compiles every block shape
     warmup = time.perf_counter() - start
     coord = _coordinator(backend)
+    if args.pin and launch == 'launchpad':
+      # After the warm-up, so every thread XLA will use exists; one core per worker.
+      for i, w in enumerate(_worker_snapshot(coord)):
+        pin_to_core(w['pid'], i % os.cpu_count())
     status0 = coord.status() if coord else None
     workers0 = _worker_snapshot(coord) if coord else None
     cpu0, times = time.process_time(), []
@@ -202,7 +242,8 @@ def measure(launch: str, workers: int, arch, data: dict, args) -> dict:
   if coord:
     d = {k: status1[k] - status0[k] for k in ('bytes_sent', 'bytes_received',
                                              'seconds_serialising', 'seconds_waiting',
-                                             'blocks_done', 'block_pairs_done')}
+                                             'blocks_done', 'block_pairs_done',
+                                             'index_blocks', 'pixel_fallback_blocks')}
     busy = [b['compute_s'] - a['compute_s'] for a, b in zip(workers0, workers1)]
     cpu = [None if a['cpu_s'] is None or b['cpu_s'] is None else b['cpu_s'] - a['cpu_s']
            for a, b in zip(workers0, workers1)]
@@ -265,7 +306,7 @@ def main(args) -> None:
       launches.remove('launchpad')
   h, w, c = (int(v) for v in args.size.lower().split('x'))
   arch = architectures.Architecture('convnet', depth=args.depth)
-  data = synthetic(args)
+  data, dataset = synthetic(args)
   check = matmul_check()
   print(f"{env_label()}, jax {jax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}, "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; one-thread check: "
@@ -275,7 +316,7 @@ def main(args) -> None:
   for launch in launches:
     for n in ([1] if launch == 'direct' else counts):
       print(f'{launch} x{n} ...', file=sys.stderr, flush=True)
-      rows.append(measure(launch, n, arch, data, args))
+      rows.append(measure(launch, n, arch, data, args, dataset))
       r = rows[-1]
       print(f"  step {r['step_mean_s']:.2f} ± {r['step_std_s']:.2f} s "
             f"(startup {r['startup_s']:.1f} s, warm-up {r['warmup_s']:.1f} s)",
@@ -283,6 +324,7 @@ def main(args) -> None:
   add_efficiency(rows)
   header = (f"{args.size}, ConvNet depth {args.depth}, n_s={args.support}, n_t={args.target}, "
             f"{args.dtype}, block {args.block}, {args.in_flight} in flight/worker, "
+            f"targets as {args.targets}, "
             f"K={args.steps} steps; {env_label()}, jax {jax.__version__}")
   print(header)
   print()

@@ -10,10 +10,11 @@ bench/kernel_throughput.py) and per-message costs, it predicts one KIP step for 
   step      = compute + straggler + transfer + solve + per-round latency * rounds
 
 Forward pairs: K_ss (one triangle, n_s (n_s + 1) / 2) plus K_st (n_s n_t); vjp pairs:
-n_s (n_s + n_t). Bytes: support images to every worker once per step, target images once
-per step to the workers that need them (each target block goes to one worker), kernel blocks
-back (8 bytes per pair, NTK and NNGP in float32), cotangent blocks out (4 bytes per pair) and
-partial gradients back (one row block of images per block).
+n_s (n_s + n_t). Bytes: support images to every worker once per step; target images as
+indices (the default: workers hold the dataset; 8 bytes an image in every block request of
+both rounds) or, with --targets pixels, as pixels to every worker once per step (the cols
+cache); kernel blocks back (8 bytes per pair, NTK and NNGP in float32), cotangent blocks out
+(4 bytes per pair) and partial gradients back (one row block of images per block).
 
   python bench/scaling_model.py                                 # CIFAR-10 defaults
   python bench/scaling_model.py --t-fwd 2e-4 --t-vjp 6e-4       # your measured GPU costs
@@ -27,7 +28,8 @@ from pathlib import Path
 
 
 def step_model(workers: int, n_s: int, n_t: int, image_bytes: int, t_fwd: float, t_vjp: float,
-               block: int, bandwidth: float, latency: float, solve_flops: float) -> dict:
+               block: int, bandwidth: float, latency: float, solve_flops: float,
+               targets: str = 'indices') -> dict:
   """Predicted seconds of one KIP step and their parts."""
   forward_pairs = n_s * (n_s + 1) / 2 + n_s * n_t
   vjp_pairs = n_s * (n_s + n_t)
@@ -36,8 +38,12 @@ def step_model(workers: int, n_s: int, n_t: int, image_bytes: int, t_fwd: float,
   row_blocks = -(-n_s // block)
   col_blocks = -(-(n_s + n_t) // block)
   blocks = row_blocks * col_blocks
+  if targets == 'indices':
+    target_bytes = 2 * row_blocks * n_t * 8    # indices in each block request, both rounds
+  else:
+    target_bytes = workers * n_t * image_bytes   # the pixels to every worker
   sent = (workers * n_s * image_bytes          # support images to every worker
-          + n_t * image_bytes                  # target images, each to one worker
+          + target_bytes
           + 4 * vjp_pairs)                     # cotangent blocks
   received = 8 * (forward_pairs) + blocks * block * image_bytes
   transfer = (sent + received) / bandwidth
@@ -65,6 +71,8 @@ def main(argv=None) -> int:
                  help='coordinator network bytes/s (10 Gbit/s = 1.25e9)')
   p.add_argument('--latency', type=float, default=5e-4, help='seconds per RPC round trip')
   p.add_argument('--solve-flops', type=float, default=5e10, help="coordinator's flop/s")
+  p.add_argument('--targets', default='indices', choices=('indices', 'pixels'),
+                 help='how target images reach the workers (default indices, as ntkdd does)')
   p.add_argument('--json', default='bench/results/scaling_model.json')
   args = p.parse_args(argv)
   h, w, c = (int(v) for v in args.image_shape.split('x'))
@@ -75,17 +83,18 @@ def main(argv=None) -> int:
     base = None
     for workers in (int(v) for v in args.workers.split(',')):
       r = step_model(workers, n_s, args.target_batch, image_bytes, args.t_fwd, args.t_vjp,
-                     args.block, args.bandwidth, args.latency, args.solve_flops)
+                     args.block, args.bandwidth, args.latency, args.solve_flops, args.targets)
       base = base or step_model(1, n_s, args.target_batch, image_bytes, args.t_fwd,
                                 args.t_vjp, args.block, args.bandwidth, args.latency,
-                                args.solve_flops)
+                                args.solve_flops, args.targets)
       r['ipc'] = ipc
       r['efficiency'] = base['step_s'] / (workers * r['step_s'])
       parts = {k: r[k] for k in ('compute_s', 'straggler_s', 'transfer_s', 'solve_s')}
       r['limit'] = max(parts, key=parts.get).replace('_s', '')
       rows.append(r)
   print(f'KIP step model: {args.image_shape}, target batch {args.target_batch}, '
-        f't_fwd {args.t_fwd:.3g} s, t_vjp {args.t_vjp:.3g} s per pair, block {args.block}')
+        f't_fwd {args.t_fwd:.3g} s, t_vjp {args.t_vjp:.3g} s per pair, block {args.block}, '
+        f'targets as {args.targets}')
   print('| ipc | workers | step s | compute s | straggler s | transfer s | solve s | MB/step '
         '| efficiency | limited by |')
   print('|---|---|---|---|---|---|---|---|---|---|')

@@ -273,11 +273,12 @@ def make_program(cfg, run_dir: str, workers: int, resume: bool = False, block: i
   return program
 
 
-def make_worker_program(arch, workers: int, dtype: str = 'float32', tile: Optional[int] = None):
+def make_worker_program(arch, workers: int, dtype: str = 'float32', tile: Optional[int] = None,
+                        dataset: Optional[dict] = None):
   """A program of kernel workers only (the caller coordinates): `ntkdd kernel`."""
   lp = import_launchpad()
   program = lp.Program('ntkdd-workers')
-  add_worker_nodes(program, arch, workers, dtype, tile)
+  add_worker_nodes(program, arch, workers, dtype, tile, dataset=dataset)
   return program
 
 
@@ -310,7 +311,8 @@ def _launcher_main(spec_path: str) -> None:
                            coordinator_kwargs=spec.get('coordinator_kwargs'))
   else:
     program = make_worker_program(architectures.Architecture.from_dict(spec['arch']),
-                                  spec['workers'], spec['dtype'], spec['tile'])
+                                  spec['workers'], spec['dtype'], spec['tile'],
+                                  dataset=spec.get('dataset'))
   env = _node_env(spec.get('env'))
   resources = {label: local_multi_processing.PythonProcess(env=env) for label in program.groups}
   manager = lp.launch(program, launch_type=lp.LaunchType.LOCAL_MULTI_PROCESSING,
@@ -530,14 +532,15 @@ class LaunchpadKernels:
   def __init__(self, arch, workers: int, tile: Optional[int] = None, dtype: str = 'float32',
                block: int = 64, startup_timeout_s: float = 300.0,
                log_dir: Optional[str] = None, env: Optional[dict] = None,
-               **coordinator_kwargs):
+               dataset: Optional[dict] = None, **coordinator_kwargs):
     import_launchpad()
     from ntkdd.server import coordinator
     if workers < 1:
       raise ValueError(f'--workers must be >= 1 with --launch launchpad, got {workers}.')
     base = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix='ntkdd-launchpad-'))
     spec = {'kind': 'workers', 'arch': _arch_dict(arch), 'workers': int(workers),
-            'dtype': dtype, 'tile': tile, 'env': env or {}, 'log_dir': str(base / LOG_DIR),
+            'dtype': dtype, 'tile': tile, 'env': env or {}, 'dataset': dataset,
+            'log_dir': str(base / LOG_DIR),
             'processes_file': str(base / PROCESSES_FILE)}
     self.program = LocalProgram(spec, base)
     self._backend = None
