@@ -29,7 +29,9 @@ setup(
         'nt': ['neural-tangents'],
         # Launchpad + Courier (Python 3.10 only, with TensorFlow 2.8; see constraints/launchpad.txt).
         'launchpad': ['dm-launchpad==0.5.2', 'tensorflow-cpu==2.8.4'],
-        'dev': ['pytest', 'optax', 'pillow', 'matplotlib'],
+        # The Ray launch type (--launch ray), on the driver and every node of the cluster.
+        'ray': ['ray>=2.9'],
+        'dev': ['pytest', 'optax', 'pillow', 'matplotlib', 'ray>=2.9'],
     },
     entry_points={'console_scripts': ['ntkdd = ntkdd.launch.cli:main']},
 )

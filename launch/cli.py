@@ -40,14 +40,19 @@ def _add_kernel_flags(p: argparse.ArgumentParser, default_arch: str, default_dep
                  help='pair-block side for blocked evaluation; default: chosen from free memory.')
   g.add_argument('--dtype', choices=('float32', 'float64'), default='float32',
                  help='kernel precision. Default %(default)s.')
-  g.add_argument('--launch', choices=('inprocess', 'launchpad'), default='inprocess',
-                 help='where kernel blocks run: inprocess (this process; the default) or '
+  g.add_argument('--launch', choices=('inprocess', 'launchpad', 'ray'), default='inprocess',
+                 help='where kernel blocks run: inprocess (this process; the default), '
                       'launchpad (a local_mp program: one Courier process per worker plus the '
-                      'coordinator; needs the Python 3.10 environment, ntkdd[launchpad]).')
+                      'coordinator; needs the Python 3.10 environment, ntkdd[launchpad]) or ray '
+                      '(worker actors and a coordinator actor on a Ray cluster; ntkdd[ray]).')
+  g.add_argument('--ray-address', default='auto',
+                 help="with --launch ray: 'auto' (the cluster started on this machine with "
+                      "`ray start`; the default), HOST:PORT of a cluster's head, or 'local' to "
+                      'start a private Ray on this machine for this command only.')
   g.add_argument('--workers', type=int, default=0,
                  help='kernel workers; 0 computes kernels directly, N >= 1 farms tiles of '
-                      '--block images to N workers through the coordinator (launchpad '
-                      'needs N >= 1).')
+                      '--block images to N workers through the coordinator (launchpad and '
+                      'ray need N >= 1).')
   g.add_argument('--block', type=int, default=64,
                  help='coordinator tile side (images) when --workers >= 1. Default %(default)s.')
 
@@ -185,15 +190,21 @@ def _parser() -> argparse.ArgumentParser:
       description='Prints step, loss, accuracies, kernel pairs/s, ETA, checkpoint age and each '
                   'worker\'s state. The coordinator writes its address to '
                   'RUN_DIR/coordinator_address.txt at start. The RPC has no authentication.')
-  st.add_argument('--address', required=True,
+  st.add_argument('--address', default=None,
                   help='HOST:PORT of the coordinator, or a run directory holding '
-                       'coordinator_address.txt.')
+                       'coordinator_address.txt (Launchpad runs).')
+  st.add_argument('--ray-address', default=None,
+                  help="Ray runs: the cluster's HOST:PORT, 'auto', or a run directory holding "
+                       'ray_address.txt.')
+  st.add_argument('--run', default=None,
+                  help='Ray runs: the run name (the run directory\'s basename unless set); '
+                       'default: the cluster\'s only run.')
   st.add_argument('--json', action='store_true', help='print the raw JSON snapshot.')
   return parser
 
 
-def _backend_factory(args):
-  """arch -> kernel backend for the chosen launch type."""
+def _backend_factory(args, dataset: Optional[dict] = None):
+  """arch -> kernel backend for the chosen launch type; workers load `dataset` themselves."""
   from ntkdd.server import backend
   if args.workers < 0:
     raise ValueError(f'--workers must be >= 0, got {args.workers}.')
@@ -201,11 +212,17 @@ def _backend_factory(args):
     from ntkdd.launch import launchpad_program
     return lambda arch: launchpad_program.make_launchpad_backend(
         arch, workers=args.workers, tile=args.tile, dtype=args.dtype, block=args.block)
+  if args.launch == 'ray':
+    from ntkdd.launch import ray_launch
+    return lambda arch: ray_launch.make_ray_backend(
+        arch, workers=args.workers, ray_address=args.ray_address, tile=args.tile,
+        dtype=args.dtype, block=args.block, dataset=dataset)
   if args.workers == 0:
     return lambda arch: backend.InProcessKernels(arch, tile=args.tile, dtype=args.dtype)
   from ntkdd.launch import inprocess
   return lambda arch: inprocess.make_inprocess_backend(
-      arch, workers=args.workers, tile=args.tile, dtype=args.dtype, block=args.block)
+      arch, workers=args.workers, tile=args.tile, dtype=args.dtype, block=args.block,
+      dataset=dataset)
 
 
 def _cmd_kernel(args) -> int:
@@ -293,8 +310,18 @@ def _cmd_distill(args) -> int:
       except launchpad_program.CoordinatorFailed as e:
         print(f'ntkdd distill: the coordinator failed: {e}', file=sys.stderr)
         return 1
+    elif args.launch == 'ray':
+      from ntkdd.launch import ray_launch
+      try:
+        summary = ray_launch.run_ray(cfg, args.out, workers=args.workers,
+                                     ray_address=args.ray_address, resume=args.resume,
+                                     block=args.block, worker_tile=args.tile)
+      except (ray_launch.CoordinatorFailed, ConnectionError) as e:
+        print(f'ntkdd distill: {e}', file=sys.stderr)
+        return 1
     else:
-      summary = distill.distill(cfg, args.out, _backend_factory(args), resume=args.resume,
+      factory = _backend_factory(args, dataset=cfg.data_spec().to_dict())
+      summary = distill.distill(cfg, args.out, factory, resume=args.resume,
                                 progress=not args.no_progress)
   except distill.Interrupted as e:
     print(e, file=sys.stderr)
@@ -327,7 +354,15 @@ def _cmd_show(args) -> int:
 
 def _cmd_status(args) -> int:
   from ntkdd.server import status
-  return status.main([args.address] + (['--json'] if args.json else []))
+  if args.ray_address is None:
+    if args.address is None:
+      print('ntkdd status: error: give --address (a Launchpad run: HOST:PORT or its run '
+            'directory) or --ray-address (a Ray run: the cluster address or its run '
+            'directory, plus --run NAME).', file=sys.stderr)
+      return 2
+    return status.main([args.address] + (['--json'] if args.json else []))
+  from ntkdd.launch import ray_launch
+  return ray_launch.status_main(args.ray_address, args.run, as_json=args.json)
 
 
 COMMANDS = {'kernel': _cmd_kernel, 'distill': _cmd_distill, 'evaluate': _cmd_evaluate,

@@ -1,0 +1,688 @@
+"""The Ray launch type: kernel workers and the coordinator as actors on a Ray cluster.
+
+The unchanged `KernelWorker` and `CoordinatorNode` classes run as Ray actors:
+
+* One `KernelWorker` actor per worker, spread over the cluster's nodes (or placed by custom
+  resources, `worker_resources`), each asking for `worker_cpus` CPUs and one GPU where the
+  cluster has GPUs. `max_restarts=-1`: a worker whose process dies is restarted by Ray (with
+  empty caches; the coordinator's stale-cache logic re-sends the images). `max_task_retries=0`:
+  a call lost with its worker is not replayed by Ray; the coordinator re-queues the block.
+* `RayWorkerHandle` wraps each worker actor with the four worker methods, each a `ray.get` with
+  a timeout, raising when the actor is dead, restarting or late, which marks the worker down in
+  `DistributedKernels`; it is pinged again later and used when it answers.
+* The coordinator is a named actor, `ntkdd-coordinator-<run name>` in namespace 'ntkdd' (the
+  run name defaults to the run directory's basename), pinned to the driver's node because it
+  writes the run directory there, and threaded (`max_concurrency`), so `status()` answers
+  while `run()` runs. `ntkdd status --ray-address ADDRESS --run NAME` asks it.
+* Every actor is owned by the driver (`ntkdd distill`): if the driver dies, Ray ends them too.
+  `run_ray` kills them at the end of the run.
+
+What is not graceful: Ray runs the coordinator's `run()` off its process's main thread, where
+the distill loop cannot install its SIGTERM/SIGINT handler, so Ctrl-C of the driver kills the
+coordinator instead of letting it checkpoint its current step. The run continues with
+--resume from its last periodic checkpoint (--checkpoint-every).
+
+Files in the run directory besides distill's: ray_address.txt (the cluster's address, then the
+run name), coordinator_result.json (ok / error / interrupted, written when the run ends) and
+worker_pids.json.
+
+Authentication: whoever reaches a Ray cluster's ports can run code on it unless it requires a
+token (Ray >= 2.52, RAY_AUTH_MODE=token; off by default). Keep the cluster on loopback or a
+private network either way. Ray Client addresses (ray://) are not supported for distillation:
+the coordinator must share a node, and so the run directory, with the `ntkdd` command.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+from ntkdd.launch import launchpad_program
+from ntkdd.server import status as status_lib
+
+NAMESPACE = 'ntkdd'
+ADDRESS_FILE = 'ray_address.txt'
+RESULT_FILE = launchpad_program.RESULT_FILE
+WORKER_PIDS_FILE = launchpad_program.WORKER_PIDS_FILE
+COORDINATOR_PREFIX = 'ntkdd-coordinator-'
+WORKER_PREFIX = 'ntkdd-worker-'
+INSTALL_HINT = ("the Ray launch type needs Ray on this machine and on every node of the "
+                "cluster: pip install 'ntkdd[ray]'")
+# Several workers (and the coordinator) sharing a GPU must not each grab 75% of its memory.
+ACTOR_ENV = {'XLA_PYTHON_CLIENT_PREALLOCATE': 'false', 'TF_CPP_MIN_LOG_LEVEL': '2'}
+
+
+class CoordinatorFailed(launchpad_program.CoordinatorFailed):
+  """The Ray coordinator actor ended without finishing the run; the message says why."""
+
+
+def import_ray():
+  """The `ray` module, or an ImportError that says how to get it."""
+  try:
+    import ray  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError(f'{INSTALL_HINT} ({e})') from e
+  return ray
+
+
+def check_reachable(ray_address: Optional[str], timeout_s: float = 5.0) -> None:
+  """ConnectionError unless something listens at a HOST:PORT address ('auto' and 'local' pass).
+
+  `ray.init` retries an address nobody serves for minutes; this fails at once instead.
+  """
+  if not ray_address or ray_address in ('auto', 'local') or '://' in ray_address:
+    return
+  host, _, port = ray_address.rpartition(':')
+  if not host or not port.isdigit():
+    raise ValueError(f'--ray-address needs HOST:PORT, auto or local; got {ray_address!r}.')
+  try:
+    socket.create_connection((host.strip('[]'), int(port)), timeout=timeout_s).close()
+  except OSError as e:
+    raise ConnectionError(f'No Ray cluster answers at {ray_address}: {e}. Is its head node up '
+                          f'(ray start --head), and is that its GCS port?') from e
+
+
+def _use_token_if_available(ray_address: Optional[str]) -> None:
+  """Token authentication for an explicit HOST:PORT when a token is at hand (Ray >= 2.52).
+
+  Ray turns it on by itself for a cluster found with 'auto' and for a new local one, but not
+  for an address given explicitly, so `ntkdd status --ray-address HOST:PORT` would be refused
+  by a cluster with tokens. This does what Ray does for 'auto' (a token sent to a cluster
+  without tokens is ignored); RAY_AUTH_MODE, where set, decides instead.
+  """
+  if not ray_address or ray_address in ('auto', 'local') or 'RAY_AUTH_MODE' in os.environ:
+    return
+  try:
+    from ray._private.authentication import authentication_token_setup as token_setup
+  except ImportError:   # Ray < 2.52: no token authentication
+    return
+  try:
+    token_setup.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+  except Exception as e:  # a private Ray API that may change: then RAY_AUTH_MODE=token is needed
+    logging.debug('Ray token set-up skipped: %s', e)
+
+
+def connect(ray_address: Optional[str] = 'auto', local_cpus: Optional[int] = None) -> bool:
+  """Connects this process to Ray unless it already is; True if this call connected it.
+
+  `ray_address`: 'auto' (the cluster started on this machine with `ray start`, found through
+  RAY_ADDRESS or Ray's temp dir), 'HOST:PORT' (a cluster's GCS address), or None / 'local'
+  (start a private local Ray for this process, with `local_cpus` CPUs; ended by `ray.shutdown`).
+  """
+  ray = import_ray()
+  if ray.is_initialized():
+    return False
+  address = 'local' if ray_address in (None, '', 'local') else ray_address
+  check_reachable(address)
+  _use_token_if_available(address)
+  kwargs: dict = dict(namespace=NAMESPACE, logging_level=logging.WARNING)
+  if address == 'local':
+    kwargs.update(num_cpus=local_cpus, include_dashboard=False)
+  try:
+    ray.init(address=address, **kwargs)
+  except ConnectionError as e:
+    raise ConnectionError(f'No Ray cluster at --ray-address {address}: {e} Start one with '
+                          f'`ray start --head`, give its HOST:PORT, or pass --ray-address local '
+                          f'for a private one on this machine.') from e
+  return True
+
+
+def cluster_address() -> str:
+  """The GCS address (HOST:PORT) of the cluster this process is connected to."""
+  return import_ray().get_runtime_context().gcs_address
+
+
+# -- Kernel workers. ----------------------------------------------------------------------------
+
+class RayWorkerHandle:
+  """A `KernelWorker` actor called like a local worker: bytes/ints/strs in, bytes out.
+
+  Each method waits for its answer with `ray.get(..., timeout)` and raises when the actor has
+  died, is restarting past the timeout, or is late, so `DistributedKernels` marks the worker
+  down and re-queues its blocks. Picklable: the coordinator actor receives these handles.
+  No `address` attribute, on purpose: `launchpad_program._rpc_clients` would take a handle
+  with one for a Courier client.
+  """
+
+  def __init__(self, actor: Any, name: str = 'worker', call_timeout_s: float = 600.0,
+               ping_timeout_s: float = 30.0):
+    self.actor = actor
+    self.name = name
+    self.call_timeout_s = float(call_timeout_s)
+    self.ping_timeout_s = float(ping_timeout_s)
+
+  def __repr__(self) -> str:
+    return f'RayWorkerHandle({self.name!r})'
+
+  def _call(self, method: str, timeout_s: float, *args) -> bytes:
+    ray = import_ray()
+    ref = getattr(self.actor, method).remote(*args)
+    try:
+      return ray.get(ref, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+      # Drop the call if it still waits for a restarting actor, so pings do not pile up there.
+      try:
+        ray.cancel(ref)
+      except Exception:  # already running or finished: it ends on its own
+        pass
+      raise TimeoutError(f'{self.name}.{method}: no answer within {timeout_s:g} s') from None
+
+  def ping(self) -> bytes:
+    return self._call('ping', self.ping_timeout_s)
+
+  def set_images(self, name: str, version: int, payload: bytes) -> bytes:
+    return self._call('set_images', self.call_timeout_s, name, version, payload)
+
+  def kernel_block(self, request: bytes) -> bytes:
+    return self._call('kernel_block', self.call_timeout_s, request)
+
+  def vjp_block(self, request: bytes) -> bytes:
+    return self._call('vjp_block', self.call_timeout_s, request)
+
+
+def _arch_dict(arch) -> dict:
+  return arch.to_dict() if hasattr(arch, 'to_dict') else dict(arch)
+
+
+def _actor_env(env: Optional[dict]) -> dict:
+  merged = dict(ACTOR_ENV)
+  merged.update({k: str(v) for k, v in (env or {}).items()})
+  return {'env_vars': merged}
+
+
+def start_worker_actors(arch, workers: int, dtype: str = 'float32', tile: Optional[int] = None,
+                        name_prefix: Optional[str] = None, worker_kwargs: Optional[dict] = None,
+                        worker_cpus: float = 1, worker_gpus: Optional[float] = None,
+                        worker_resources: Optional[Sequence[dict]] = None,
+                        env: Optional[dict] = None, max_concurrency: int = 4) -> list:
+  """Creates `workers` named `KernelWorker` actors (does not wait for them); their handles.
+
+  `worker_gpus` None: one GPU per worker if the cluster has GPUs, else none. `worker_resources`:
+  custom resources per worker, cycled (e.g. [{'node_a': 1}, {'node_b': 1}] places worker 0 on
+  the node offering node_a); without them the workers are spread over the nodes.
+  `worker_kwargs` go to `KernelWorker` (e.g. a dataset spec for workers that load the data).
+  """
+  ray = import_ray()
+  from ntkdd.workers import kernel_worker
+  if workers < 1:
+    raise ValueError(f'--workers must be >= 1 with --launch ray, got {workers}.')
+  if worker_gpus is None:
+    worker_gpus = 1 if ray.cluster_resources().get('GPU', 0) >= 1 else 0
+  prefix = name_prefix or f'{WORKER_PREFIX}{uuid.uuid4().hex[:8]}-'
+  actor_class = ray.remote(kernel_worker.KernelWorker)
+  actors = []
+  try:
+    for i in range(workers):
+      options: dict = dict(
+          name=f'{prefix}{i}', namespace=NAMESPACE, num_cpus=worker_cpus, num_gpus=worker_gpus,
+          max_restarts=-1, max_task_retries=0,
+          # The coordinator keeps up to two blocks in flight per worker (its default); more
+          # threads let a ping answer while both compute. KernelWorker is thread-safe.
+          max_concurrency=max_concurrency, runtime_env=_actor_env(env))
+      if worker_resources:
+        options['resources'] = dict(worker_resources[i % len(worker_resources)])
+      else:
+        options['scheduling_strategy'] = 'SPREAD'
+      try:
+        actor = actor_class.options(**options).remote(
+            _arch_dict(arch), dtype, tile, worker_id=i, **(worker_kwargs or {}))
+      except ValueError as e:  # the name is taken: another run of the same name is up
+        raise ValueError(f'Cannot create Ray actor {options["name"]!r} in namespace '
+                         f'{NAMESPACE!r}: {e}') from e
+      actors.append(actor)
+  except BaseException:
+    kill_actors(actors)
+    raise
+  return actors
+
+
+def wait_for_workers(actors: Sequence, timeout_s: float) -> list[dict]:
+  """Waits until every worker actor answers ping; their answers. CoordinatorFailed if not."""
+  ray = import_ray()
+  from ntkdd.common import wire
+  refs = [actor.ping.remote() for actor in actors]
+  ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+  if pending:
+    missing = [i for i, ref in enumerate(refs) if ref in pending]
+    raise CoordinatorFailed(
+        f'Kernel workers {missing} did not start within {timeout_s:g} s. Ray needs a node '
+        f'with the resources each worker asks for; the cluster has '
+        f'{ray.available_resources()} available of {ray.cluster_resources()}.')
+  try:
+    return [wire.decode(answer) for answer in ray.get(refs)]
+  except ray.exceptions.RayError as e:
+    raise CoordinatorFailed(f'A kernel worker failed to start: {e}') from e
+
+
+def kill_actors(actors: Sequence) -> None:
+  """Kills the actors for good (no restart); ignores the ones already gone."""
+  ray = import_ray()
+  for actor in actors:
+    try:
+      ray.kill(actor, no_restart=True)
+    except Exception as e:  # gone already, or the connection is: nothing left to end
+      logging.debug('ray.kill(%s): %s', actor, e)
+
+
+def actor_node_ids(actors: Sequence, timeout_s: float = 30.0) -> list[str]:
+  """The Ray node id each actor runs on."""
+  ray = import_ray()
+  refs = [a.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id())
+          for a in actors]
+  return ray.get(refs, timeout=timeout_s)
+
+
+# -- The distillation: the coordinator actor. ---------------------------------------------------
+
+def default_run_name(run_dir: Union[str, Path]) -> str:
+  return Path(run_dir).resolve().name
+
+
+def coordinator_name(run_name: str) -> str:
+  return f'{COORDINATOR_PREFIX}{run_name}'
+
+
+def write_address_file(run_dir: Path, address: str, run_name: str) -> None:
+  from ntkdd.server import checkpoint
+  checkpoint.atomic_write_bytes(Path(run_dir) / ADDRESS_FILE, f'{address}\n{run_name}\n'.encode())
+
+
+def read_address_file(run_dir: Union[str, Path]) -> tuple[str, str]:
+  """(cluster address, run name) from a run directory's ray_address.txt."""
+  path = Path(run_dir) / ADDRESS_FILE
+  try:
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+  except OSError:
+    raise status_lib.StatusQueryError(f'{run_dir} has no {ADDRESS_FILE}: no Ray run has started '
+                                      f'there.') from None
+  if len(lines) < 2:
+    raise status_lib.StatusQueryError(f'{path} should hold the Ray address and the run name.')
+  return lines[0], lines[1]
+
+
+class RayRun:
+  """A distillation whose coordinator and workers are Ray actors; `stop()` kills them all.
+
+  Made by `start_ray`. Use as a context manager, or call `stop()` in a `finally`.
+  """
+
+  def __init__(self, coordinator: Any, workers: list, run_ref: Any, run_dir: Path,
+               run_name: str, address: str, connected_here: bool):
+    self.coordinator, self.workers, self.run_ref = coordinator, workers, run_ref
+    self.run_dir, self.run_name, self.address = Path(run_dir), run_name, address
+    self._connected_here = connected_here
+    self._stopped = False
+
+  @property
+  def coordinator_name(self) -> str:
+    return coordinator_name(self.run_name)
+
+  def running(self) -> bool:
+    ray = import_ray()
+    ready, _ = ray.wait([self.run_ref], timeout=0)
+    return not ready
+
+  def status(self, timeout_s: float = 10.0) -> dict:
+    """The coordinator's status snapshot (as `ntkdd status` prints it)."""
+    ray = import_ray()
+    return status_lib.decode(ray.get(self.coordinator.status.remote(), timeout=timeout_s))
+
+  def wait(self, timeout_s: Optional[float] = None, poll_s: float = 0.2) -> dict:
+    """Waits for the coordinator's run() to end; its coordinator_result.json as a dict."""
+    ray = import_ray()
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+      ready, _ = ray.wait([self.run_ref], timeout=poll_s)
+      if ready:
+        break
+      if deadline is not None and time.monotonic() > deadline:
+        raise TimeoutError(f'The Ray run did not finish within {timeout_s:g} s.')
+    try:
+      ray.get(self.run_ref)
+    except ray.exceptions.RayError as e:
+      raise CoordinatorFailed(
+          f'The coordinator actor ended without a result ({type(e).__name__}: {e}). The '
+          f'checkpoint in {self.run_dir} is kept: continue with --resume.') from e
+    try:
+      return json.loads((self.run_dir / RESULT_FILE).read_text())
+    except (OSError, ValueError) as e:
+      raise CoordinatorFailed(f'The coordinator finished without a readable '
+                              f'{self.run_dir / RESULT_FILE}: {e}') from e
+
+  def stop(self) -> None:
+    """Kills the coordinator, then the workers; disconnects if `start_ray` connected."""
+    if self._stopped:
+      return
+    self._stopped = True
+    try:
+      kill_actors([self.coordinator] + list(self.workers))
+    finally:
+      if self._connected_here:
+        import_ray().shutdown()
+
+  def __enter__(self) -> 'RayRun':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.stop()
+
+
+def start_ray(cfg, run_dir: str, workers: int, ray_address: Optional[str] = 'auto',
+              resume: bool = False, block: int = 64, worker_tile: Optional[int] = None,
+              deadline_s: float = 600.0, startup_timeout_s: float = 300.0,
+              run_name: Optional[str] = None, worker_kwargs: Optional[dict] = None,
+              worker_cpus: float = 1, worker_gpus: Optional[float] = None,
+              worker_resources: Optional[Sequence[dict]] = None, env: Optional[dict] = None,
+              coordinator_kwargs: Optional[dict] = None, local_cpus: Optional[int] = None,
+              ping_timeout_s: float = 30.0) -> RayRun:
+  """Starts the distillation on Ray (workers, then the coordinator's run()); does not wait.
+
+  `ray_address`: see `connect`. The coordinator runs on this process's node (it writes
+  `run_dir`); `run_name` (default: the run directory's basename) names it on the cluster.
+  Each worker loads the run's dataset itself (`cfg.data_spec()`, from the same --data-dir path
+  on its node), so target and test rows go to it as indices; a worker that cannot load it is
+  sent pixels. `worker_kwargs` add to or override the `KernelWorker` arguments (dataset=None:
+  always pixels).
+  """
+  ray = import_ray()
+  from ntkdd.server import checkpoint
+  from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+  cfg.validate()
+  if workers < 1:
+    raise ValueError(f'--workers must be >= 1 with --launch ray, got {workers}.')
+  if ray_address and ray_address.startswith('ray://'):
+    raise ValueError('--launch ray distils with a driver on a cluster node (--ray-address auto or '
+                     'HOST:PORT of the GCS), not through Ray Client (ray://): the coordinator '
+                     'writes --out on the driver\'s node. Run ntkdd on the head node, or submit '
+                     'it with `ray job submit`.')
+  run_dir = Path(run_dir).resolve()
+  run_dir.mkdir(parents=True, exist_ok=True)
+  if not resume and (run_dir / checkpoint.CHECKPOINT).exists():
+    raise ValueError(f'{run_dir} already holds a run. Pass --resume to continue it, or choose '
+                     f'another --out directory.')
+  for name in (RESULT_FILE, ADDRESS_FILE, WORKER_PIDS_FILE):
+    (run_dir / name).unlink(missing_ok=True)
+  run_name = run_name or default_run_name(run_dir)
+  connected_here = connect(ray_address, local_cpus)
+  actors: list = []
+  try:
+    address = cluster_address()
+    name = coordinator_name(run_name)
+    write_address_file(run_dir, address, run_name)
+    logging.info('Ray cluster at %s; run %r (actor %s in namespace %s). Status: ntkdd status '
+                 '--ray-address %s --run %s', address, run_name, name, NAMESPACE, address,
+                 run_name)
+    actors = start_worker_actors(
+        cfg.architecture(), workers, cfg.dtype, worker_tile if worker_tile is not None else
+        cfg.tile, name_prefix=f'{WORKER_PREFIX}{run_name}-',
+        worker_kwargs={'dataset': cfg.data_spec().to_dict(), **(worker_kwargs or {})},
+        worker_cpus=worker_cpus, worker_gpus=worker_gpus, worker_resources=worker_resources,
+        env=env)
+    handles = [RayWorkerHandle(a, name=f'worker {i}', call_timeout_s=deadline_s,
+                               ping_timeout_s=ping_timeout_s) for i, a in enumerate(actors)]
+    coordinator_class = ray.remote(launchpad_program.CoordinatorNode)
+    try:
+      coordinator = coordinator_class.options(
+          name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=0,
+          # run() holds one thread for the whole run; status() and ping() need others.
+          max_concurrency=4,
+          scheduling_strategy=NodeAffinitySchedulingStrategy(
+              ray.get_runtime_context().get_node_id(), soft=False),
+          runtime_env=_actor_env(env)).remote(
+              dataclasses.asdict(cfg), str(run_dir), bool(resume), handles, block=block,
+              deadline_s=deadline_s, startup_timeout_s=startup_timeout_s, stop_program=False,
+              coordinator_kwargs=coordinator_kwargs)
+    except ValueError as e:  # the name is taken
+      raise ValueError(f'A run named {run_name!r} is already on this Ray cluster (actor {name} '
+                       f'in namespace {NAMESPACE}): {e}. Choose another --out directory name.'
+                       ) from e
+    actors.insert(0, coordinator)
+    # The workers import JAX first; the coordinator's own first ping would time out on a slow
+    # start, so it runs once they all answer. Its status() answers meanwhile ('starting').
+    for i, answer in enumerate(wait_for_workers(actors[1:], startup_timeout_s)):
+      if answer.get('dataset_error'):
+        logging.warning('Kernel worker %d could not load the dataset on its node (%s); it '
+                        'will be sent pixels.', i, answer['dataset_error'])
+    run_ref = coordinator.run.remote()
+  except BaseException:
+    kill_actors(actors)
+    if connected_here:
+      ray.shutdown()
+    raise
+  return RayRun(coordinator, actors[1:], run_ref, run_dir, run_name, address, connected_here)
+
+
+def run_ray(cfg, run_dir: str, workers: int, ray_address: Optional[str] = 'auto',
+            resume: bool = False, block: int = 64, timeout_s: Optional[float] = None,
+            **kwargs) -> dict:
+  """Runs `ntkdd distill --launch ray --workers N`: starts, waits, kills every actor.
+
+  Returns the summary dict (as `distill.distill`). Raises `distill.Interrupted` on Ctrl-C (the
+  last periodic checkpoint stays for --resume), `CoordinatorFailed` with the coordinator's
+  error, and `TimeoutError` past `timeout_s`. Other keyword arguments go to `start_ray`.
+  """
+  from ntkdd.server import distill
+  run = start_ray(cfg, run_dir, workers, ray_address=ray_address, resume=resume, block=block,
+                  **kwargs)
+  try:
+    try:
+      result = run.wait(timeout_s)
+    except KeyboardInterrupt:
+      raise distill.Interrupted(
+          f'Stopped by Ctrl-C. The last checkpoint in {run_dir} (every --checkpoint-every '
+          f'steps) is kept: continue with the same command plus --resume.') from None
+  finally:
+    run.stop()
+  if result.get('ok'):
+    return result['summary']
+  if result.get('interrupted'):
+    raise distill.Interrupted(result.get('error') or 'Interrupted.')
+  raise CoordinatorFailed(f"The coordinator failed: {result.get('error')}\n"
+                          f"{result.get('traceback') or ''}")
+
+
+# -- Status from any process that reaches the cluster. ------------------------------------------
+
+class StatusTimeout(status_lib.StatusQueryError):
+  """The cluster did not answer in time; Ray may still hold this process's connection."""
+
+
+def _run_names(ray) -> list[str]:
+  names = ray.util.list_named_actors(all_namespaces=True)
+  return sorted(a['name'][len(COORDINATOR_PREFIX):] for a in names
+                if a.get('namespace') == NAMESPACE and a['name'].startswith(COORDINATOR_PREFIX))
+
+
+def _connect_quietly(ray_address: Optional[str]) -> bool:
+  ray = import_ray()
+  if ray.is_initialized():
+    return False
+  try:
+    check_reachable(ray_address)
+  except (ConnectionError, ValueError) as e:
+    raise status_lib.StatusQueryError(str(e)) from e
+  _use_token_if_available(ray_address)
+  try:
+    ray.init(address=ray_address or 'auto', namespace=NAMESPACE, log_to_driver=False,
+             logging_level=logging.ERROR)
+  except ConnectionError as e:
+    raise status_lib.StatusQueryError(
+        f'No Ray cluster at {ray_address or "auto"}: {e} If the cluster uses token '
+        f'authentication, this process needs its token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or '
+        f'~/.ray/auth_token).') from e
+  return True
+
+
+def _query(ray_address: Optional[str], run_name: Optional[str], timeout_s: float) -> dict:
+  ray = import_ray()
+  connected_here = _connect_quietly(ray_address)
+  try:
+    if not run_name:
+      runs = _run_names(ray)
+      if len(runs) != 1:
+        raise status_lib.StatusQueryError(
+            f'{len(runs)} ntkdd runs on the Ray cluster at {ray_address}: '
+            f'{", ".join(runs) or "none"}. Name one with --run.')
+      run_name = runs[0]
+    try:
+      actor = ray.get_actor(coordinator_name(run_name), namespace=NAMESPACE)
+    except ValueError:
+      runs = _run_names(ray)
+      raise status_lib.StatusQueryError(
+          f'No run named {run_name!r} on the Ray cluster at {ray_address}; runs there: '
+          f'{", ".join(runs) or "none"}.') from None
+    try:
+      answer = ray.get(actor.status.remote(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+      raise status_lib.StatusQueryError(f'No status answer from run {run_name!r} within '
+                                        f'{timeout_s:g} s.') from None
+    except ray.exceptions.RayError as e:
+      raise status_lib.StatusQueryError(f'No status from run {run_name!r}: {e}') from e
+    snapshot = status_lib.decode(answer)
+    snapshot.update(ray_run=run_name, ray_address=cluster_address())
+    # The status table's coordinator row: where to ask again.
+    snapshot.setdefault('address', f"ray {snapshot['ray_address']} run {run_name}")
+    return snapshot
+  finally:
+    if connected_here:
+      ray.shutdown()
+
+
+def query_ray_status(ray_address: Optional[str], run_name: Optional[str] = None,
+                     timeout_s: float = 10.0, connect_timeout_s: float = 60.0) -> dict:
+  """The status snapshot of run `run_name`'s coordinator actor on the cluster at `ray_address`.
+
+  `ray_address` may also be a run directory (its ray_address.txt gives the address and, unless
+  `run_name` is given, the run). Without a run name the cluster's only run is asked. Uses this
+  process's Ray connection if it has one. Raises `StatusQueryError`; `StatusTimeout` when no
+  answer came within connect_timeout_s + timeout_s (a cluster that went away while `ray.init`
+  was connecting retries for minutes).
+  """
+  import_ray()
+  if ray_address and Path(ray_address).is_dir():
+    ray_address, saved_name = read_address_file(ray_address)
+    run_name = run_name or saved_name
+  box: dict = {}
+
+  def query() -> None:
+    try:
+      box['snapshot'] = _query(ray_address, run_name, timeout_s)
+    except BaseException as e:  # handed to the caller below
+      box['error'] = e
+
+  thread = threading.Thread(target=query, daemon=True, name='ntkdd-ray-status')
+  thread.start()
+  thread.join(connect_timeout_s + timeout_s)
+  if thread.is_alive():
+    raise StatusTimeout(f'No answer from the Ray cluster at {ray_address or "auto"} within '
+                        f'{connect_timeout_s + timeout_s:g} s.')
+  if 'error' in box:
+    raise box['error']
+  return box['snapshot']
+
+
+def status_main(ray_address: Optional[str], run_name: Optional[str] = None,
+                as_json: bool = False, timeout_s: float = 10.0) -> int:
+  """`ntkdd status --ray-address ADDRESS [--run NAME] [--json]`: prints the run's status."""
+  import sys
+  try:
+    snapshot = query_ray_status(ray_address, run_name, timeout_s=timeout_s)
+  except StatusTimeout as e:
+    print(f'ntkdd status: error: {e}', file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(2)   # Ray's exit hooks would wait on the connection attempt still under way
+  except (status_lib.StatusQueryError, ImportError) as e:
+    print(f'ntkdd status: error: {e}', file=sys.stderr)
+    return 2
+  print(json.dumps(snapshot, indent=2, sort_keys=True) if as_json
+        else status_lib.format_status(snapshot))
+  return 0
+
+
+# -- Kernel workers for a caller that coordinates itself (`ntkdd kernel`). ----------------------
+
+class RayKernels:
+  """`DistributedKernels` over Ray `KernelWorker` actors; close() kills the actors.
+
+  Arguments as `start_ray`'s where they share a name; `call_timeout_s` bounds each block call.
+  """
+
+  def __init__(self, arch, workers: int, ray_address: Optional[str] = 'auto',
+               tile: Optional[int] = None, dtype: str = 'float32', block: int = 64,
+               startup_timeout_s: float = 300.0, worker_kwargs: Optional[dict] = None,
+               worker_cpus: float = 1, worker_gpus: Optional[float] = None,
+               worker_resources: Optional[Sequence[dict]] = None, env: Optional[dict] = None,
+               local_cpus: Optional[int] = None, call_timeout_s: float = 600.0,
+               ping_timeout_s: float = 30.0, dataset: Optional[dict] = None,
+               **coordinator_kwargs):
+    from ntkdd.server import coordinator
+    if workers < 1:
+      raise ValueError(f'--workers must be >= 1 with --launch ray, got {workers}.')
+    self._connected_here = connect(ray_address, local_cpus)
+    self.actors: list = []
+    self._backend = None
+    try:
+      if dataset is not None:
+        worker_kwargs = {'dataset': dataset, **(worker_kwargs or {})}
+      self.actors = start_worker_actors(arch, workers, dtype, tile, worker_kwargs=worker_kwargs,
+                                        worker_cpus=worker_cpus, worker_gpus=worker_gpus,
+                                        worker_resources=worker_resources, env=env)
+      wait_for_workers(self.actors, startup_timeout_s)
+      handles = [RayWorkerHandle(a, name=f'worker {i}', call_timeout_s=call_timeout_s,
+                                 ping_timeout_s=ping_timeout_s)
+                 for i, a in enumerate(self.actors)]
+      self._backend = coordinator.DistributedKernels(handles, block=block, dtype=dtype,
+                                                     **coordinator_kwargs)
+    except BaseException:
+      self._release()
+      raise
+
+  def kernel(self, x1, x2=None):
+    return self._backend.kernel(x1, x2)
+
+  def vjp(self, x1, x2, g_ntk=None, g_nngp=None):
+    return self._backend.vjp(x1, x2, g_ntk, g_nngp)
+
+  def status(self) -> dict:
+    return self._backend.status()
+
+  def pairs_per_second(self) -> float:
+    return self._backend.pairs_per_second()
+
+  def close(self) -> None:
+    try:
+      if self._backend is not None:
+        self._backend.close()
+    finally:
+      self._release()
+
+  def _release(self) -> None:
+    kill_actors(self.actors)
+    self.actors = []
+    if self._connected_here:
+      self._connected_here = False
+      import_ray().shutdown()
+
+  def __enter__(self) -> 'RayKernels':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def make_ray_backend(arch, workers: int, ray_address: Optional[str] = 'auto',
+                     tile: Optional[int] = None, dtype: str = 'float32', block: int = 64,
+                     **kwargs) -> RayKernels:
+  """The backend factory of `--launch ray` where this process coordinates (`ntkdd kernel`).
+
+  `dataset` (a `DataSpec` dict): each worker loads it itself, so target rows go as indices.
+  """
+  return RayKernels(arch, workers, ray_address=ray_address, tile=tile, dtype=dtype, block=block,
+                    **kwargs)
