@@ -56,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--targets', default='indices', choices=('indices', 'pixels'),
                  help="indices (default, as ntkdd distill): the workers hold the synthetic "
                       "dataset and get target rows by index; pixels: targets sent as images")
+  p.add_argument('--pin', action='store_true',
+                 help='ray: pin worker i (every thread) to core i mod CPUs after the warm-up')
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--json', default=None,
                  help='where to write results (default bench/results/ray_step_<env>.json)')
@@ -106,6 +108,9 @@ def measure(launch: str, workers: int, arch, data: dict, args, dataset=None) -> 
     step(backend)     # warm-up: compiles every block shape
     warmup = time.perf_counter() - start
     coord = ds._coordinator(backend)   # pylint: disable=protected-access
+    if args.pin and launch == 'ray':
+      for i, w in enumerate(ds._worker_snapshot(coord)):   # pylint: disable=protected-access
+        ds.pin_to_core(w['pid'], i % os.cpu_count())
     status0 = coord.status() if coord else None
     workers0 = ds._worker_snapshot(coord) if coord else None   # pylint: disable=protected-access
     cpu0, times = time.process_time(), []
