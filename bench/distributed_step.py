@@ -50,6 +50,7 @@ from pathlib import Path
 
 SINGLE_THREAD_FLAGS = '--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'
 LAUNCHES = ('direct', 'inprocess', 'launchpad')
+PROCESS_LAUNCHES = ('launchpad', 'ray')   # workers in processes of their own (pin, cpu/wall)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -202,17 +203,23 @@ def make_backend(launch: str, workers: int, arch, args, dataset=None):
                                                   env=env, dataset=dataset, **kwargs)
 
 
-def measure(launch: str, workers: int, arch, data: dict, args, dataset=None) -> dict:
+def measure(launch: str, workers: int, arch, data: dict, args, dataset=None,
+            backend_fn=None) -> dict:
+  """One row: startup, warm-up, K timed steps, the coordinator's and workers' counters.
+
+  `backend_fn(launch, workers, arch, args, dataset)` makes the backend (default
+  `make_backend`; bench/ray_step.py passes its own).
+  """
   step = lambda b: kip.kip_gradients(b, **data, kernel_name=args.kernel)  # noqa: E731
   start = time.perf_counter()
-  backend = make_backend(launch, workers, arch, args, dataset)
+  backend = (backend_fn or make_backend)(launch, workers, arch, args, dataset)
   try:
     startup = time.perf_counter() - start
     start = time.perf_counter()
     step(backend)     # warm-up: compiles every block shape
     warmup = time.perf_counter() - start
     coord = _coordinator(backend)
-    if args.pin and launch == 'launchpad':
+    if getattr(args, 'pin', False) and launch in PROCESS_LAUNCHES:
       # After the warm-up, so every thread XLA will use exists; one core per worker.
       for i, w in enumerate(_worker_snapshot(coord)):
         pin_to_core(w['pid'], i % os.cpu_count())
@@ -254,7 +261,7 @@ def measure(launch: str, workers: int, arch, data: dict, args, dataset=None) -> 
         'worker_compute_s': busy, 'blocks_per_step': d['blocks_done'] / args.steps,
         'coordinator_deltas': d,
         'worker_cpu_per_wall': ([None if c is None else c / wall for c in cpu]
-                                if launch == 'launchpad' else None)})
+                                if launch in PROCESS_LAUNCHES else None)})
   return row
 
 
@@ -274,7 +281,7 @@ def table(rows: list) -> str:
            'serialise % | RPC overhead % | cpu/wall |',
            '|---|---:|---:|---:|---:|---:|---:|---:|---:|---|']
   for r in rows:
-    if r['launch'] == 'launchpad' and r.get('worker_cpu_per_wall'):
+    if r.get('worker_cpu_per_wall'):
       cpu = '/'.join('?' if c is None else f'{c:.2f}' for c in r['worker_cpu_per_wall'])
     else:
       cpu = f"{r['coordinator_cpu_per_wall']:.2f}"

@@ -71,14 +71,13 @@ if ARGS is not None and ARGS.threads_per_process == '1':
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' '
                              + SINGLE_THREAD_FLAGS).strip()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import numpy as np  # noqa: E402
 
 import distributed_step as ds  # noqa: E402  the data, checks and snapshots we share
 import jax  # noqa: E402
 
 assert ds.SINGLE_THREAD_FLAGS == SINGLE_THREAD_FLAGS
 
-from ntkdd.common import architectures, kip  # noqa: E402
+from ntkdd.common import architectures  # noqa: E402
 from ntkdd.launch import inprocess  # noqa: E402
 from ntkdd.server import backend as backend_lib  # noqa: E402
 
@@ -98,58 +97,8 @@ def make_backend(launch: str, workers: int, arch, args, dataset=None):
 
 
 def measure(launch: str, workers: int, arch, data: dict, args, dataset=None) -> dict:
-  """One row: startup, warm-up, K timed steps, and the coordinator's and workers' counters."""
-  step = lambda b: kip.kip_gradients(b, **data, kernel_name=args.kernel)  # noqa: E731
-  start = time.perf_counter()
-  backend = make_backend(launch, workers, arch, args, dataset)
-  try:
-    startup = time.perf_counter() - start
-    start = time.perf_counter()
-    step(backend)     # warm-up: compiles every block shape
-    warmup = time.perf_counter() - start
-    coord = ds._coordinator(backend)   # pylint: disable=protected-access
-    if args.pin and launch == 'ray':
-      for i, w in enumerate(ds._worker_snapshot(coord)):   # pylint: disable=protected-access
-        ds.pin_to_core(w['pid'], i % os.cpu_count())
-    status0 = coord.status() if coord else None
-    workers0 = ds._worker_snapshot(coord) if coord else None   # pylint: disable=protected-access
-    cpu0, times = time.process_time(), []
-    wall0 = time.perf_counter()
-    for _ in range(args.steps):
-      t = time.perf_counter()
-      result = step(backend)
-      times.append(time.perf_counter() - t)
-    wall = time.perf_counter() - wall0
-    own_cpu = time.process_time() - cpu0
-    status1 = coord.status() if coord else None
-    workers1 = ds._worker_snapshot(coord) if coord else None   # pylint: disable=protected-access
-  finally:
-    if hasattr(backend, 'close'):
-      backend.close()
-  pairs = 2 * args.support * (args.support + args.target)
-  mean = float(np.mean(times))
-  row = {'launch': launch, 'workers': workers if launch != 'direct' else 1,
-         'step_s': times, 'step_mean_s': mean, 'step_std_s': float(np.std(times)),
-         'pairs_per_step': pairs, 'pairs_per_s': pairs / mean, 'startup_s': startup,
-         'warmup_s': warmup, 'loss': float(result.loss),
-         'coordinator_cpu_per_wall': own_cpu / wall}
-  if coord:
-    d = {k: status1[k] - status0[k] for k in ('bytes_sent', 'bytes_received',
-                                             'seconds_serialising', 'seconds_waiting',
-                                             'blocks_done', 'block_pairs_done',
-                                             'index_blocks', 'pixel_fallback_blocks')}
-    busy = [b['compute_s'] - a['compute_s'] for a, b in zip(workers0, workers1)]
-    cpu = [None if a['cpu_s'] is None or b['cpu_s'] is None else b['cpu_s'] - a['cpu_s']
-           for a, b in zip(workers0, workers1)]
-    row.update({
-        'mb_per_step': (d['bytes_sent'] + d['bytes_received']) / args.steps / 1e6,
-        'serialise_pct': 100 * d['seconds_serialising'] / wall,
-        'rpc_overhead_pct': 100 * (1 - sum(busy) / (len(busy) * wall)),
-        'worker_compute_s': busy, 'blocks_per_step': d['blocks_done'] / args.steps,
-        'coordinator_deltas': d,
-        'worker_cpu_per_wall': ([None if c is None else c / wall for c in cpu]
-                                if launch == 'ray' else None)})
-  return row
+  """One row, measured exactly as bench/distributed_step.py does, with this file's backends."""
+  return ds.measure(launch, workers, arch, data, args, dataset, backend_fn=make_backend)
 
 
 def add_overheads(rows: list) -> None:

@@ -48,8 +48,9 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
+from ntkdd.server import coordinator as coordinator_lib
 from ntkdd.server import status as status_lib
 
 ADDRESS_FILE = status_lib.ADDRESS_FILE
@@ -526,7 +527,7 @@ def run_local_mp(cfg, run_dir: str, workers: int, resume: bool = False,
 
 # -- Kernel workers for a caller that coordinates itself (`ntkdd kernel`). ----------------------
 
-class LaunchpadKernels:
+class LaunchpadKernels(coordinator_lib.OwnedWorkersKernels):
   """`DistributedKernels` over Launchpad kernel workers (local_mp); close() ends the program."""
 
   def __init__(self, arch, workers: int, tile: Optional[int] = None, dtype: str = 'float32',
@@ -554,30 +555,8 @@ class LaunchpadKernels:
       self.program.stop()
       raise
 
-  def kernel(self, x1, x2=None):
-    return self._backend.kernel(x1, x2)
-
-  def vjp(self, x1, x2, g_ntk=None, g_nngp=None):
-    return self._backend.vjp(x1, x2, g_ntk, g_nngp)
-
-  def status(self) -> dict:
-    return self._backend.status()
-
-  def pairs_per_second(self) -> float:
-    return self._backend.pairs_per_second()
-
-  def close(self) -> None:
-    try:
-      if self._backend is not None:
-        self._backend.close()
-    finally:
-      self.program.stop()
-
-  def __enter__(self) -> 'LaunchpadKernels':
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.close()
+  def _release(self) -> None:
+    self.program.stop()
 
 
 class _LazyClient:

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from ntkdd.launch import launchpad_program
+from ntkdd.server import coordinator as coordinator_lib
 from ntkdd.server import status as status_lib
 
 NAMESPACE = 'ntkdd'
@@ -608,7 +609,7 @@ def status_main(ray_address: Optional[str], run_name: Optional[str] = None,
 
 # -- Kernel workers for a caller that coordinates itself (`ntkdd kernel`). ----------------------
 
-class RayKernels:
+class RayKernels(coordinator_lib.OwnedWorkersKernels):
   """`DistributedKernels` over Ray `KernelWorker` actors; close() kills the actors.
 
   Arguments as `start_ray`'s where they share a name; `call_timeout_s` bounds each block call.
@@ -644,37 +645,12 @@ class RayKernels:
       self._release()
       raise
 
-  def kernel(self, x1, x2=None):
-    return self._backend.kernel(x1, x2)
-
-  def vjp(self, x1, x2, g_ntk=None, g_nngp=None):
-    return self._backend.vjp(x1, x2, g_ntk, g_nngp)
-
-  def status(self) -> dict:
-    return self._backend.status()
-
-  def pairs_per_second(self) -> float:
-    return self._backend.pairs_per_second()
-
-  def close(self) -> None:
-    try:
-      if self._backend is not None:
-        self._backend.close()
-    finally:
-      self._release()
-
   def _release(self) -> None:
     kill_actors(self.actors)
     self.actors = []
     if self._connected_here:
       self._connected_here = False
       import_ray().shutdown()
-
-  def __enter__(self) -> 'RayKernels':
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.close()
 
 
 def make_ray_backend(arch, workers: int, ray_address: Optional[str] = 'auto',

@@ -655,3 +655,38 @@ def _checked(response: dict, name: str, shape: tuple) -> np.ndarray:
   if not isinstance(array, np.ndarray) or array.shape != shape:
     raise ValueError(f'{name} has shape {getattr(array, "shape", None)}, expected {shape}')
   return array
+
+
+class OwnedWorkersKernels:
+  """A `DistributedKernels` (`self._backend`) over workers this object started; close()
+  closes it, then `_release()`s the workers (ends a program, kills actors)."""
+
+  _backend: Optional[DistributedKernels] = None
+
+  def kernel(self, x1, x2=None) -> dict:
+    return self._backend.kernel(x1, x2)
+
+  def vjp(self, x1, x2, g_ntk=None, g_nngp=None) -> np.ndarray:
+    return self._backend.vjp(x1, x2, g_ntk, g_nngp)
+
+  def status(self) -> dict:
+    return self._backend.status()
+
+  def pairs_per_second(self) -> float:
+    return self._backend.pairs_per_second()
+
+  def _release(self) -> None:
+    """Ends the workers; subclasses say how."""
+
+  def close(self) -> None:
+    try:
+      if self._backend is not None:
+        self._backend.close()
+    finally:
+      self._release()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()

@@ -25,64 +25,19 @@ ray = pytest.importorskip('ray')
 
 from ntkdd.common import architectures  # noqa: E402
 from ntkdd.launch import cli, inprocess, ray_launch  # noqa: E402
-from ntkdd.server import distill, status  # noqa: E402
+from ntkdd.server import status  # noqa: E402
+from run_helpers import BLOCK, TIMEOUT_S, wait_for  # noqa: E402
+from run_helpers import assert_same_support as _assert_same_support  # noqa: E402
+from run_helpers import last_step as _last_step, steps as _steps  # noqa: E402
+from run_helpers import run_inprocess as _inprocess, tiny_cfg as _cfg  # noqa: E402
 
-BLOCK = 8          # 12 targets + 6 support images: several blocks per kernel call
-TIMEOUT_S = 180
 TINY_FLAGS = ['--data-dir', '.', '--ipc', '2', '--steps', '4', '--arch', 'fc', '--depth', '1',
               '--target-batch', '12', '--eval-every', '2', '--checkpoint-every', '2', '--lr',
               '0.05', '--seed', '3', '--workers', '2', '--block', str(BLOCK), '--no-progress']
 
 
-def _cfg(tiny_npz, **kw):
-  base = dict(algorithm='kip', dataset=tiny_npz, data_dir='.', ipc=2, steps=4, arch='fc',
-              depth=1, target_batch=12, eval_every=2, checkpoint_every=2, learning_rate=0.05,
-              seed=3, dtype='float32')
-  base.update(kw)
-  return distill.DistillConfig(**base)
-
-
-def _inprocess(cfg, out):
-  return distill.distill(cfg, str(out),
-                         lambda arch: inprocess.make_inprocess_backend(arch, workers=2,
-                                                                       block=BLOCK),
-                         progress=False)
-
-
-def _support(run_dir):
-  with np.load(Path(run_dir) / 'support.npz') as f:
-    return {k: f[k] for k in f.files}
-
-
-def _assert_same_support(a, b):
-  sa, sb = _support(a), _support(b)
-  np.testing.assert_allclose(sa['images'], sb['images'], rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(sa['labels'], sb['labels'], rtol=1e-5, atol=1e-6)
-  np.testing.assert_array_equal(sa['label_ids'], sb['label_ids'])
-
-
-def _steps(run_dir):
-  return [json.loads(line)['step']
-          for line in (Path(run_dir) / 'metrics.jsonl').read_text().splitlines()]
-
-
-def _last_step(run_dir):
-  try:
-    return max(_steps(run_dir), default=-1)
-  except (OSError, ValueError, KeyError):
-    return -1
-
-
 def _wait_for(predicate, timeout_s, what, run=None):
-  deadline = time.monotonic() + timeout_s
-  while time.monotonic() < deadline:
-    value = predicate()
-    if value:
-      return value
-    if run is not None and not run.running():
-      raise AssertionError(f'The run ended while waiting for {what}.')
-    time.sleep(0.05)
-  raise AssertionError(f'Timed out after {timeout_s} s waiting for {what}.')
+  return wait_for(predicate, timeout_s, what, running=run.running if run else None, poll_s=0.05)
 
 
 def _actor_gone(name):

@@ -1,0 +1,65 @@
+"""Helpers shared by the tests of the launch types: a tiny KIP run, its reference, checks."""
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ntkdd.launch import inprocess
+from ntkdd.server import distill
+
+BLOCK = 8          # 12 targets + 6 support images: several blocks per kernel call
+TIMEOUT_S = 180    # per run; each test stays within about 3 minutes
+
+
+def tiny_cfg(tiny_npz, **kw) -> distill.DistillConfig:
+  base = dict(algorithm='kip', dataset=tiny_npz, data_dir='.', ipc=2, steps=4, arch='fc',
+              depth=1, target_batch=12, eval_every=2, checkpoint_every=2, learning_rate=0.05,
+              seed=3, dtype='float32')
+  base.update(kw)
+  return distill.DistillConfig(**base)
+
+
+def run_inprocess(cfg, out):
+  """The reference: the same run over two in-process workers with the same blocks."""
+  return distill.distill(cfg, str(out),
+                         lambda arch: inprocess.make_inprocess_backend(arch, workers=2,
+                                                                       block=BLOCK),
+                         progress=False)
+
+
+def support(run_dir) -> dict:
+  with np.load(Path(run_dir) / 'support.npz') as f:
+    return {k: f[k] for k in f.files}
+
+
+def assert_same_support(a, b) -> None:
+  sa, sb = support(a), support(b)
+  np.testing.assert_allclose(sa['images'], sb['images'], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(sa['labels'], sb['labels'], rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(sa['label_ids'], sb['label_ids'])
+
+
+def steps(run_dir) -> list:
+  return [json.loads(line)['step']
+          for line in (Path(run_dir) / 'metrics.jsonl').read_text().splitlines()]
+
+
+def last_step(run_dir) -> int:
+  try:
+    return max(steps(run_dir), default=-1)
+  except (OSError, ValueError, KeyError):
+    return -1
+
+
+def wait_for(predicate, timeout_s, what, running=None, poll_s=0.02, details=lambda: ''):
+  """predicate()'s first true value; AssertionError on timeout or when running() turns false."""
+  deadline = time.monotonic() + timeout_s
+  while time.monotonic() < deadline:
+    value = predicate()
+    if value:
+      return value
+    if running is not None and not running():
+      raise AssertionError(f'The run ended while waiting for {what}.\n{details()}')
+    time.sleep(poll_s)
+  raise AssertionError(f'Timed out after {timeout_s} s waiting for {what}.')
