@@ -299,51 +299,74 @@ def table(rows: list) -> str:
   return '\n'.join(lines)
 
 
-def main(args) -> None:
+def chosen_launches(args, allowed) -> tuple[list, list]:
+  """(launch types, worker counts) from --launches and --workers; exits on an unknown one."""
   launches = [l.strip() for l in args.launches.split(',') if l.strip()]
   for launch in launches:
-    if launch not in LAUNCHES:
-      sys.exit(f'Unknown launch type {launch!r}; choose from {LAUNCHES}.')
-  counts = [int(w) for w in args.workers.split(',')]
+    if launch not in allowed:
+      sys.exit(f'Unknown launch type {launch!r}; choose from {allowed}.')
+  return launches, [int(w) for w in args.workers.split(',')]
+
+
+def print_machine(check: dict) -> None:
+  print(f"{env_label()}, jax {jax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}, "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; one-thread check: "
+        f"matmul cpu/wall {check['cpu_per_wall']:.2f} ({check['gflops']:.1f} GFLOP/s)",
+        file=sys.stderr)
+
+
+def measure_all(launches, counts, arch, data, args, dataset, backend_fn=None) -> list:
+  """A row per launch type and worker count (direct: one), with progress on stderr."""
+  rows = []
+  for launch in launches:
+    for n in ([1] if launch == 'direct' else counts):
+      print(f'{launch} x{n} ...', file=sys.stderr, flush=True)
+      rows.append(measure(launch, n, arch, data, args, dataset, backend_fn))
+      r = rows[-1]
+      print(f"  step {r['step_mean_s']:.2f} ± {r['step_std_s']:.2f} s "
+            f"(startup {r['startup_s']:.1f} s, warm-up {r['warmup_s']:.1f} s)",
+            file=sys.stderr, flush=True)
+  return rows
+
+
+def header(args, extra: str = '') -> str:
+  return (f"{args.size}, ConvNet depth {args.depth}, n_s={args.support}, n_t={args.target}, "
+          f"{args.dtype}, block {args.block}, {args.in_flight} in flight/worker, "
+          f"targets as {args.targets}, K={args.steps} steps; {env_label()}, "
+          f"jax {jax.__version__}{extra}")
+
+
+def write_results(args, name: str, rows: list, check: dict, **extra) -> None:
+  """Writes the rows and the run's settings to --json or bench/results/<name>_<env>.json."""
+  h, w, c = (int(v) for v in args.size.lower().split('x'))
+  out = Path(args.json or Path(__file__).parent / 'results' / f'{name}_{env_label()}.json')
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps({
+      'args': vars(args), 'env': env_label(), 'python': platform.python_version(),
+      'jax': jax.__version__, 'xla_flags': os.environ.get('XLA_FLAGS'),
+      'cpus': os.cpu_count(), 'load_average': os.getloadavg(), 'matmul_check': check,
+      'image_shape': [h, w, c], 'rows': rows, **extra}, indent=1, default=str))
+  print(f'\nWrote {out}', file=sys.stderr)
+
+
+def main(args) -> None:
+  launches, counts = chosen_launches(args, LAUNCHES)
   if 'launchpad' in launches:
     try:
       import launchpad  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
     except ImportError as e:
       print(f'Skipping launchpad: {e} (it needs the Python 3.10 environment).', file=sys.stderr)
       launches.remove('launchpad')
-  h, w, c = (int(v) for v in args.size.lower().split('x'))
   arch = architectures.Architecture('convnet', depth=args.depth)
   data, dataset = synthetic(args)
   check = matmul_check()
-  print(f"{env_label()}, jax {jax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}, "
-        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; one-thread check: "
-        f"matmul cpu/wall {check['cpu_per_wall']:.2f} ({check['gflops']:.1f} GFLOP/s)",
-        file=sys.stderr)
-  rows = []
-  for launch in launches:
-    for n in ([1] if launch == 'direct' else counts):
-      print(f'{launch} x{n} ...', file=sys.stderr, flush=True)
-      rows.append(measure(launch, n, arch, data, args, dataset))
-      r = rows[-1]
-      print(f"  step {r['step_mean_s']:.2f} ± {r['step_std_s']:.2f} s "
-            f"(startup {r['startup_s']:.1f} s, warm-up {r['warmup_s']:.1f} s)",
-            file=sys.stderr, flush=True)
+  print_machine(check)
+  rows = measure_all(launches, counts, arch, data, args, dataset)
   add_efficiency(rows)
-  header = (f"{args.size}, ConvNet depth {args.depth}, n_s={args.support}, n_t={args.target}, "
-            f"{args.dtype}, block {args.block}, {args.in_flight} in flight/worker, "
-            f"targets as {args.targets}, "
-            f"K={args.steps} steps; {env_label()}, jax {jax.__version__}")
-  print(header)
+  print(header(args))
   print()
   print(table(rows))
-  out = Path(args.json or Path(__file__).parent / 'results' / f'distributed_step_{env_label()}.json')
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps({
-      'args': vars(args), 'env': env_label(), 'python': platform.python_version(),
-      'jax': jax.__version__, 'xla_flags': os.environ.get('XLA_FLAGS'),
-      'cpus': os.cpu_count(), 'load_average': os.getloadavg(), 'matmul_check': check,
-      'image_shape': [h, w, c], 'rows': rows}, indent=1, default=str))
-  print(f'\nWrote {out}', file=sys.stderr)
+  write_results(args, 'distributed_step', rows, check)
 
 
 if __name__ == '__main__':

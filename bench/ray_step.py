@@ -21,9 +21,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -73,7 +71,6 @@ if ARGS is not None and ARGS.threads_per_process == '1':
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import distributed_step as ds  # noqa: E402  the data, checks and snapshots we share
-import jax  # noqa: E402
 
 assert ds.SINGLE_THREAD_FLAGS == SINGLE_THREAD_FLAGS
 
@@ -94,11 +91,6 @@ def make_backend(launch: str, workers: int, arch, args, dataset=None):
   return ray_launch.make_ray_backend(arch, workers, ray_address='local', tile=args.tile,
                                      dtype=args.dtype, block=args.block, env=env,
                                      dataset=dataset, **kwargs)
-
-
-def measure(launch: str, workers: int, arch, data: dict, args, dataset=None) -> dict:
-  """One row, measured exactly as bench/distributed_step.py does, with this file's backends."""
-  return ds.measure(launch, workers, arch, data, args, dataset, backend_fn=make_backend)
 
 
 def add_overheads(rows: list) -> None:
@@ -132,19 +124,11 @@ def table(rows: list) -> str:
 
 
 def main(args) -> None:
-  launches = [l.strip() for l in args.launches.split(',') if l.strip()]
-  for launch in launches:
-    if launch not in LAUNCHES:
-      sys.exit(f'Unknown launch type {launch!r}; choose from {LAUNCHES}.')
-  counts = [int(w) for w in args.workers.split(',')]
-  h, w, c = (int(v) for v in args.size.lower().split('x'))
+  launches, counts = ds.chosen_launches(args, LAUNCHES)
   arch = architectures.Architecture('convnet', depth=args.depth)
   data, dataset = ds.synthetic(args)
   check = ds.matmul_check()
-  print(f"{ds.env_label()}, jax {jax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}, "
-        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; one-thread check: "
-        f"matmul cpu/wall {check['cpu_per_wall']:.2f} ({check['gflops']:.1f} GFLOP/s)",
-        file=sys.stderr)
+  ds.print_machine(check)
   ray_info = None
   if 'ray' in launches:
     from ntkdd.launch import ray_launch
@@ -157,35 +141,16 @@ def main(args) -> None:
                 'address': ray_launch.cluster_address()}
     print(f"ray {ray.__version__}: local cluster up in {ray_info['start_s']:.1f} s",
           file=sys.stderr)
-  rows = []
   try:
-    for launch in launches:
-      for n in ([1] if launch == 'direct' else counts):
-        print(f'{launch} x{n} ...', file=sys.stderr, flush=True)
-        rows.append(measure(launch, n, arch, data, args, dataset))
-        r = rows[-1]
-        print(f"  step {r['step_mean_s']:.2f} ± {r['step_std_s']:.2f} s "
-              f"(startup {r['startup_s']:.1f} s, warm-up {r['warmup_s']:.1f} s)",
-              file=sys.stderr, flush=True)
+    rows = ds.measure_all(launches, counts, arch, data, args, dataset, make_backend)
   finally:
     if ray_info is not None:
       ray.shutdown()
   add_overheads(rows)
-  header = (f"{args.size}, ConvNet depth {args.depth}, n_s={args.support}, n_t={args.target}, "
-            f"{args.dtype}, block {args.block}, {args.in_flight} in flight/worker, "
-            f"targets as {args.targets}, K={args.steps} steps; {ds.env_label()}, jax {jax.__version__}"
-            + (f", ray {ray_info['version']}" if ray_info else ''))
-  print(header)
+  print(ds.header(args, f", ray {ray_info['version']}" if ray_info else ''))
   print()
   print(table(rows))
-  out = Path(args.json or Path(__file__).parent / 'results' / f'ray_step_{ds.env_label()}.json')
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps({
-      'args': vars(args), 'env': ds.env_label(), 'python': platform.python_version(),
-      'jax': jax.__version__, 'ray': ray_info, 'xla_flags': os.environ.get('XLA_FLAGS'),
-      'cpus': os.cpu_count(), 'load_average': os.getloadavg(), 'matmul_check': check,
-      'image_shape': [h, w, c], 'rows': rows}, indent=1, default=str))
-  print(f'\nWrote {out}', file=sys.stderr)
+  ds.write_results(args, 'ray_step', rows, check, ray=ray_info)
 
 
 if __name__ == '__main__':

@@ -517,12 +517,18 @@ def run_local_mp(cfg, run_dir: str, workers: int, resume: bool = False,
                                 f'with the same command plus --resume.') from None
   finally:
     program.stop()
+  return summary_of(result)
+
+
+def summary_of(result: dict, failed=CoordinatorFailed) -> dict:
+  """The summary in a coordinator's result; `Interrupted` or `failed` with its error."""
+  from ntkdd.server import distill
   if result.get('ok'):
     return result['summary']
   if result.get('interrupted'):
     raise distill.Interrupted(result.get('error') or 'Interrupted.')
-  raise CoordinatorFailed(f"The coordinator failed: {result.get('error')}\n"
-                          f"{result.get('traceback') or ''}")
+  raise failed(f"The coordinator failed: {result.get('error')}\n"
+               f"{result.get('traceback') or ''}")
 
 
 # -- Kernel workers for a caller that coordinates itself (`ntkdd kernel`). ----------------------

@@ -481,12 +481,7 @@ def run_ray(cfg, run_dir: str, workers: int, ray_address: Optional[str] = 'auto'
           f'steps) is kept: continue with the same command plus --resume.') from None
   finally:
     run.stop()
-  if result.get('ok'):
-    return result['summary']
-  if result.get('interrupted'):
-    raise distill.Interrupted(result.get('error') or 'Interrupted.')
-  raise CoordinatorFailed(f"The coordinator failed: {result.get('error')}\n"
-                          f"{result.get('traceback') or ''}")
+  return launchpad_program.summary_of(result, CoordinatorFailed)
 
 
 # -- Status from any process that reaches the cluster. ------------------------------------------
