@@ -57,6 +57,7 @@ class RcigConfig:
   hinv_steps: int = 20
   hinv_lr: float = 0.1              # relative to the RMS of the line-search start, see below
   clip_implicit: bool = True        # implicit gradient's norm <= direct gradient's, per leaf
+  flip_support: bool = False        # support also used mirrored left-right (paper: RGB data)
   target_batch: int = 256           # real images per outer loss (paper: 1024)
   # Model pool.
   pool_size: int = 30
@@ -179,11 +180,19 @@ def make_losses(cfg: RcigConfig) -> tuple[InnerLoss, OuterLoss]:
   -> (loss, target accuracy) of the linearised ConvNet; ctx holds 'params0' (body),
   'x_target' and 'y_target' (int ids)."""
   return _losses(cfg.width, cfg.depth, cfg.w_std, cfg.b_std, cfg.parameterization,
-                 cfg.softplus_beta, cfg.l2_rate)
+                 cfg.softplus_beta, cfg.l2_rate, cfg.flip_support)
+
+
+def with_flips(images, labels):
+  """The support and its left-right mirror images (NHWC), labels repeated: the RCIG code's
+  augmentation of RGB coresets. Linear in the images, so gradients flow to both copies."""
+  return (jnp.concatenate([images, images[:, :, ::-1, :]], axis=0),
+          jnp.concatenate([labels, labels], axis=0))
 
 
 @functools.lru_cache(maxsize=16)
-def _losses(width, depth, w_std, b_std, parameterization, softplus_beta, l2_rate):
+def _losses(width, depth, w_std, b_std, parameterization, softplus_beta, l2_rate,
+            flip_support=False):
   # Cached on the settings that matter, so that the losses keep their identity across calls
   # (and configs differing elsewhere) and the jitted helpers below compile once.
   cfg = RcigConfig(width=width, depth=depth, w_std=w_std, b_std=b_std,
@@ -191,15 +200,21 @@ def _losses(width, depth, w_std, b_std, parameterization, softplus_beta, l2_rate
                    l2_rate=l2_rate)
   body_apply = build_body(cfg).apply_fn
 
+  def support_arrays(support):
+    if flip_support:
+      return with_flips(support['images'], support['labels'])
+    return support['images'], support['labels']
+
   def readout(params0, support):
-    images, labels = support['images'], support['labels']
+    images, labels = support_arrays(support)
     phi0 = body_apply(params0, images)
     return closed_form_last_layer(phi0, labels, l2_rate * images.shape[0])
 
   def inner_loss(delta, support, ctx):
     w0 = readout(ctx['params0'], support)
-    _, phi = linearized_features(body_apply, ctx['params0'], delta, support['images'])
-    residual = phi @ w0 - support['labels']
+    images, labels = support_arrays(support)
+    _, phi = linearized_features(body_apply, ctx['params0'], delta, images)
+    residual = phi @ w0 - labels
     # 0.5 mean_i ||r_i||^2 + 0.5 l2_rate ||delta||^2: the same scaling as the readout's ridge.
     return 0.5 * jnp.sum(jnp.square(residual)) / residual.shape[0] + \
         0.5 * l2_rate * squared_norm(delta)
@@ -388,6 +403,8 @@ def pool_train(cfg: RcigConfig, params: Params, state: AdamState, images, labels
                steps: int) -> tuple[Params, AdamState]:
   """`steps` Adam steps (cfg.pool_lr, MSE on the support's labels) of one pool model."""
   grad_fn = _pool_grad(_network_key(cfg), int(labels.shape[1]))
+  if cfg.flip_support:
+    images, labels = with_flips(images, labels)
   for _ in range(steps):
     params, state = adam_update(grad_fn(params, images, labels), state, params, cfg.pool_lr)
   return params, state

@@ -142,6 +142,9 @@ def _parser() -> argparse.ArgumentParser:
                  help='training steps after which a pool model is re-initialised.')
   r.add_argument('--rcig-target-batch', type=int, default=256,
                  help='real images per outer loss (the paper uses 1024).')
+  r.add_argument('--rcig-flip', choices=('auto', 'on', 'off'), default='auto',
+                 help='also use the support mirrored left-right in the inner problem and pool '
+                      'training (auto: on for RGB images, as the paper does).')
   r.add_argument('--eval-models', type=int, default=1,
                  help='finite ConvNets trained per evaluation (--eval-every).')
   d.add_argument('--no-progress', action='store_true', help='no progress bar.')
@@ -272,14 +275,16 @@ def _distill_config(args):
 def _run_rcig(args) -> dict:
   from ntkdd.common import rcig
   from ntkdd.server import distill, rcig_loop
+  prepared = distill.prepare_data(_distill_config(args))
+  flip = (args.rcig_flip == 'on' or
+          (args.rcig_flip == 'auto' and prepared.x_train.shape[-1] == 3))
   rcig_cfg = rcig.RcigConfig(
       width=args.width, depth=args.depth if args.arch == 'convnet' else 3, w_std=args.w_std,
       b_std=args.b_std, l2_rate=args.l2_rate, inner_steps=args.inner_steps,
       hinv_steps=args.hinv_steps, target_batch=args.rcig_target_batch,
       pool_size=args.pool_size, max_pool_steps=args.max_pool_steps, init=args.init,
       learn_labels=True, lr_images=args.lr or 3e-3, checkpoint_every=args.checkpoint_every,
-      eval_models=args.eval_models)
-  prepared = distill.prepare_data(_distill_config(args))
+      eval_models=args.eval_models, flip_support=flip)
   return rcig_loop.run_rcig(rcig_cfg, prepared, args.out, ipc=args.ipc, steps=args.steps,
                             seed=args.seed, resume=args.resume, progress=not args.no_progress,
                             eval_every=args.eval_every, eval_test_size=args.eval_test_size)

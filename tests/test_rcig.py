@@ -183,3 +183,33 @@ def test_tuned_inner_solve_never_raises_the_inner_loss():
   delta, lr = rcig.tuned_inner_solve(_ridge_inner, support, {}, near_optimum, 5, 0.1)
   assert _ridge_inner(delta, support, {}) < _ridge_inner(near_optimum, support, {})
   assert lr == pytest.approx(0.11)
+
+
+def test_flipped_support_is_the_doubled_support():
+  """flip_support uses each support image and its mirror: the same losses, and gradients
+  that sum over both copies, as an explicitly doubled support without flips."""
+  rng = np.random.default_rng(5)
+  images = jnp.asarray(rng.normal(size=(3, 8, 8, 3)), jnp.float32)
+  labels = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
+  base = dict(width=8, depth=1)
+  flipped = rcig.RcigConfig(**base, flip_support=True)
+  plain = rcig.RcigConfig(**base)
+  params = rcig.init_model(plain, jax.random.PRNGKey(0), (8, 8, 3), 4)
+  ctx = {'params0': params[0], 'x_target': images[:2], 'y_target': jnp.array([0, 1])}
+  delta = jax.tree_util.tree_map(lambda p: 0.01 * jnp.ones_like(p), params[0])
+  inner_f, outer_f = rcig.make_losses(flipped)
+  inner_p, outer_p = rcig.make_losses(plain)
+
+  def doubled(s):
+    return {'images': jnp.concatenate([s['images'], s['images'][:, :, ::-1]]),
+            'labels': jnp.concatenate([s['labels'], s['labels']])}
+
+  support = {'images': images, 'labels': labels}
+  np.testing.assert_allclose(inner_f(delta, support, ctx), inner_p(delta, doubled(support), ctx),
+                             rtol=1e-5)
+  np.testing.assert_allclose(outer_f(delta, support, 0.5, ctx)[0],
+                             outer_p(delta, doubled(support), 0.5, ctx)[0], rtol=1e-5)
+  g_f = jax.grad(lambda s: inner_f(delta, s, ctx))(support)['images']
+  g_p = jax.grad(lambda s: inner_p(delta, doubled(s), ctx))(support)['images']
+  np.testing.assert_allclose(g_f, g_p, rtol=1e-4, atol=1e-6)
+  assert not np.allclose(inner_f(delta, support, ctx), inner_p(delta, support, ctx))
