@@ -195,7 +195,8 @@ def _parser() -> argparse.ArgumentParser:
                   'RUN_DIR/coordinator_address.txt at start. The RPC has no authentication.')
   st.add_argument('--address', default=None,
                   help='HOST:PORT of the coordinator, or a run directory holding '
-                       'coordinator_address.txt (Launchpad runs).')
+                       'coordinator_address.txt (Launchpad runs); the run directory of an '
+                       'in-process run (KIP, LS, RCIG) is read directly.')
   st.add_argument('--ray-address', default=None,
                   help="Ray runs: the cluster's HOST:PORT, 'auto', or a run directory holding "
                        'ray_address.txt.')

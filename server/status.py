@@ -100,7 +100,8 @@ def status_from_run_dir(run_dir: str, backend: Any = None, now: Optional[float] 
       snap['loss'] = _finite(record['loss'])
     if record.get('pairs_per_second') is not None:
       snap['pairs_per_second'] = _finite(record['pairs_per_second'])
-    accuracy = _finite(record.get('krr_test_accuracy'))
+    # KIP/LS log KRR test accuracy; RCIG the finite ConvNet's test accuracy.
+    accuracy = _finite(record.get('krr_test_accuracy', record.get('test_accuracy')))
     if accuracy is not None:
       if step == 0 and snap['initial_accuracy'] is None:
         snap['initial_accuracy'] = accuracy
@@ -311,8 +312,8 @@ def format_status(snapshot: dict) -> str:
       ('phase', str(s.get('phase') or '-') + (f"  error: {s['error']}" if s.get('error') else '')),
       ('step', step_text),
       ('loss', _number(s.get('loss'))),
-      ('KRR test acc', f"last {acc_last}, best {acc_best}, initial "
-                       f"{_percent(s.get('initial_accuracy'))}"),
+      ('NN test acc' if s.get('algorithm') == 'rcig' else 'KRR test acc',
+       f"last {acc_last}, best {acc_best}, initial {_percent(s.get('initial_accuracy'))}"),
       ('kernel pairs/s', _number(s.get('pairs_per_second'), ',.0f')),
       ('elapsed', _duration(s.get('elapsed_s'))),
       ('ETA', _duration(s.get('eta_s'))),
@@ -320,6 +321,8 @@ def format_status(snapshot: dict) -> str:
   ]
   if s.get('coordinator_pid') or s.get('address'):
     rows.append(('coordinator', f"{s.get('address') or '-'} pid {s.get('coordinator_pid') or '-'}"))
+  if s.get('source') == 'run_dir':
+    rows.append(('source', 'the run directory (no live coordinator RPC: an in-process run)'))
   width = max(len(k) for k, _ in rows)
   lines = [f'{k.ljust(width)}  {v}' for k, v in rows]
   workers = s.get('workers') or []
@@ -365,7 +368,12 @@ def resolve_address(address: str) -> str:
 
 
 def query_status(address: str, timeout_s: float = 10) -> dict:
-  """The status snapshot of the coordinator serving at HOST:PORT (Courier RPC `status()`)."""
+  """The status snapshot of the coordinator serving at HOST:PORT (Courier RPC `status()`), or
+  for a run directory without a coordinator address (an in-process run), what the directory
+  says (metrics, checkpoint, summary)."""
+  path = Path(address)
+  if path.is_dir() and not (path / ADDRESS_FILE).exists() and (path / 'config.json').exists():
+    return {**status_from_run_dir(str(path)), 'source': 'run_dir'}
   address = resolve_address(address)
   try:
     import courier  # pylint: disable=import-outside-toplevel

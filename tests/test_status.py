@@ -155,3 +155,24 @@ def test_addresses_and_the_missing_courier(tmp_path):
   else:
     with pytest.raises(status.StatusQueryError):   # nobody serves there
       status.query_status('localhost:1', timeout_s=2)
+
+
+def test_an_in_process_run_directory_is_read_directly(tmp_path, capsys):
+  run = tmp_path / 'run'
+  _fabricate(run)
+  snap = status.query_status(str(run))     # no coordinator_address.txt: no RPC needed
+  assert snap['source'] == 'run_dir' and snap['step'] == 30 and snap['best_accuracy'] == 0.875
+  assert status.main([str(run)]) == 0
+  assert 'the run directory' in capsys.readouterr().out
+  # RCIG logs the finite network's accuracy as test_accuracy.
+  rcig_run = tmp_path / 'rcig'
+  rcig_run.mkdir()
+  checkpoint.write_json(rcig_run / 'config.json', {'flags': {'algorithm': 'rcig', 'steps': 9}})
+  for step, acc in ((0, 0.4), (5, 0.7)):
+    checkpoint.append_metrics(rcig_run / 'metrics.jsonl', {'step': step, 'test_accuracy': acc,
+                                                            'wall_time': float(step)})
+  snap = status.query_status(str(rcig_run))
+  assert snap['last_accuracy'] == 0.7 and snap['initial_accuracy'] == 0.4
+  assert 'NN test acc' in status.format_status(snap)
+  with pytest.raises(status.StatusQueryError, match='coordinator_address.txt'):
+    status.query_status(str(tmp_path))    # not a run directory at all
