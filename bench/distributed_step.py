@@ -167,8 +167,13 @@ def make_backend(launch: str, workers: int, arch, args, dataset=None):
   if launch == 'inprocess':
     return inprocess.make_inprocess_backend(arch, workers, tile=args.tile, dtype=args.dtype,
                                             block=args.block, dataset=dataset, **kwargs)
-  from ntkdd.launch import launchpad_program   # lazily: needs launchpad (Python 3.10)
   env = {'XLA_FLAGS': os.environ['XLA_FLAGS']} if 'XLA_FLAGS' in os.environ else {}
+  if launch == 'ray':   # bench/ray_step.py: a private local Ray it has started
+    from ntkdd.launch import ray_launch
+    return ray_launch.make_ray_backend(arch, workers, ray_address='local', tile=args.tile,
+                                       dtype=args.dtype, block=args.block, env=env,
+                                       dataset=dataset, **kwargs)
+  from ntkdd.launch import launchpad_program   # lazily: needs launchpad (Python 3.10)
   return launchpad_program.make_launchpad_backend(arch, workers, tile=args.tile,
                                                   dtype=args.dtype, block=args.block,
                                                   env=env, dataset=dataset, **kwargs)
@@ -247,26 +252,29 @@ def add_efficiency(rows: list) -> None:
 
 
 def table(rows: list) -> str:
-  pct = lambda v: '-' if v is None else f'{v:.0f}%'  # noqa: E731
-  lines = ['| launch | workers | step s | pairs/s | eff vs 1w | eff vs direct | MB/step | '
-           'serialise % | RPC overhead % | cpu/wall |',
-           '|---|---:|---:|---:|---:|---:|---:|---:|---:|---|']
+  """The markdown table; a 'vs inprocess' column where rows carry `vs_inprocess` (ray_step)."""
+  pct = lambda v: '-' if v is None else f'{100 * v:.0f}%'  # noqa: E731
+  vs_column = any('vs_inprocess' in r for r in rows)
+  head = ['launch', 'workers', 'step s', 'pairs/s', 'eff vs 1w', 'eff vs direct'] + (
+      ['vs inprocess'] if vs_column else []) + ['MB/step', 'serialise %', 'RPC overhead %',
+                                                  'cpu/wall']
+  lines = ['| ' + ' | '.join(head) + ' |',
+           '|---|' + '---:|' * (len(head) - 2) + '---|']
   for r in rows:
     if r.get('worker_cpu_per_wall'):
       cpu = '/'.join('?' if c is None else f'{c:.2f}' for c in r['worker_cpu_per_wall'])
     else:
       cpu = f"{r['coordinator_cpu_per_wall']:.2f}"
-    eff1 = None if r['eff_vs_1w'] is None else 100 * r['eff_vs_1w']
-    effd = None if r['eff_vs_direct'] is None else 100 * r['eff_vs_direct']
-    mb = r.get('mb_per_step')
-    ser = r.get('serialise_pct')
-    rpc = r.get('rpc_overhead_pct')
-    lines.append(
-        f"| {r['launch']} | {r['workers']} | {r['step_mean_s']:.2f} ± {r['step_std_s']:.2f} | "
-        f"{r['pairs_per_s']:.1f} | {'-' if r['launch'] == 'direct' else pct(eff1)} | "
-        f"{pct(effd)} | {'-' if mb is None else f'{mb:.2f}'} | "
-        f"{'-' if ser is None else f'{ser:.1f}%'} | {'-' if rpc is None else f'{rpc:.1f}%'} | "
-        f"{cpu} |")
+    mb, ser, rpc = r.get('mb_per_step'), r.get('serialise_pct'), r.get('rpc_overhead_pct')
+    cells = [r['launch'], str(r['workers']), f"{r['step_mean_s']:.2f} ± {r['step_std_s']:.2f}",
+             f"{r['pairs_per_s']:.1f}", '-' if r['launch'] == 'direct' else pct(r['eff_vs_1w']),
+             pct(r['eff_vs_direct'])]
+    if vs_column:
+      vs = r.get('vs_inprocess')
+      cells.append('-' if vs is None else f'{100 * vs:+.0f}%')
+    cells += ['-' if mb is None else f'{mb:.2f}', '-' if ser is None else f'{ser:.1f}%',
+              '-' if rpc is None else f'{rpc:.1f}%', cpu]
+    lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 
 

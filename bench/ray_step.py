@@ -49,22 +49,6 @@ import distributed_step as ds  # noqa: E402  the data, checks and snapshots we s
 assert ds.SINGLE_THREAD_FLAGS == SINGLE_THREAD_FLAGS
 
 from ntkdd.common import architectures  # noqa: E402
-from ntkdd.launch import inprocess  # noqa: E402
-from ntkdd.server import backend as backend_lib  # noqa: E402
-
-
-def make_backend(launch: str, workers: int, arch, args, dataset=None):
-  if launch == 'direct':
-    return backend_lib.InProcessKernels(arch, tile=args.tile, dtype=args.dtype)
-  kwargs = dict(max_in_flight_per_worker=args.in_flight)
-  if launch == 'inprocess':
-    return inprocess.make_inprocess_backend(arch, workers, tile=args.tile, dtype=args.dtype,
-                                            block=args.block, dataset=dataset, **kwargs)
-  from ntkdd.launch import ray_launch
-  env = {'XLA_FLAGS': os.environ['XLA_FLAGS']} if 'XLA_FLAGS' in os.environ else {}
-  return ray_launch.make_ray_backend(arch, workers, ray_address='local', tile=args.tile,
-                                     dtype=args.dtype, block=args.block, env=env,
-                                     dataset=dataset, **kwargs)
 
 
 def add_overheads(rows: list) -> None:
@@ -74,27 +58,6 @@ def add_overheads(rows: list) -> None:
     same = next((o['step_mean_s'] for o in rows
                  if o['launch'] == 'inprocess' and o['workers'] == r['workers']), None)
     r['vs_inprocess'] = r['step_mean_s'] / same - 1 if same and r['launch'] == 'ray' else None
-
-
-def table(rows: list) -> str:
-  pct = lambda v: '-' if v is None else f'{100 * v:.0f}%'  # noqa: E731
-  lines = ['| launch | workers | step s | pairs/s | eff vs 1w | eff vs direct | vs inprocess | '
-           'MB/step | serialise % | RPC overhead % | cpu/wall |',
-           '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|']
-  for r in rows:
-    if r.get('worker_cpu_per_wall'):
-      cpu = '/'.join('?' if c is None else f'{c:.2f}' for c in r['worker_cpu_per_wall'])
-    else:
-      cpu = f"{r['coordinator_cpu_per_wall']:.2f}"
-    mb, ser, rpc = r.get('mb_per_step'), r.get('serialise_pct'), r.get('rpc_overhead_pct')
-    vs = r['vs_inprocess']
-    lines.append(
-        f"| {r['launch']} | {r['workers']} | {r['step_mean_s']:.2f} ± {r['step_std_s']:.2f} | "
-        f"{r['pairs_per_s']:.1f} | {'-' if r['launch'] == 'direct' else pct(r['eff_vs_1w'])} | "
-        f"{pct(r['eff_vs_direct'])} | {'-' if vs is None else f'{100 * vs:+.0f}%'} | "
-        f"{'-' if mb is None else f'{mb:.2f}'} | {'-' if ser is None else f'{ser:.1f}%'} | "
-        f"{'-' if rpc is None else f'{rpc:.1f}%'} | {cpu} |")
-  return '\n'.join(lines)
 
 
 def main(args) -> None:
@@ -116,14 +79,14 @@ def main(args) -> None:
     print(f"ray {ray.__version__}: local cluster up in {ray_info['start_s']:.1f} s",
           file=sys.stderr)
   try:
-    rows = ds.measure_all(launches, counts, arch, data, args, dataset, make_backend)
+    rows = ds.measure_all(launches, counts, arch, data, args, dataset)
   finally:
     if ray_info is not None:
       ray.shutdown()
   add_overheads(rows)
   print(ds.header(args, f", ray {ray_info['version']}" if ray_info else ''))
   print()
-  print(table(rows))
+  print(ds.table(rows))
   ds.write_results(args, 'ray_step', rows, check, ray=ray_info)
 
 

@@ -442,6 +442,20 @@ class LocalProgram:
     self.stop()
 
 
+def open_run_dir(run_dir, resume: bool, stale_files: Sequence[str]) -> Path:
+  """The run directory, made if need be; refuses an existing run without --resume and removes
+  the files a previous coordinator left (`stale_files`), so none is mistaken for this run's."""
+  from ntkdd.server import checkpoint
+  run_dir = Path(run_dir).resolve()
+  run_dir.mkdir(parents=True, exist_ok=True)
+  if not resume and (run_dir / checkpoint.CHECKPOINT).exists():
+    raise ValueError(f'{run_dir} already holds a run. Pass --resume to continue it, or choose '
+                     f'another --out directory.')
+  for name in stale_files:
+    (run_dir / name).unlink(missing_ok=True)
+  return run_dir
+
+
 def start_local_mp(cfg, run_dir: str, workers: int, resume: bool = False, block: int = 64,
                    worker_tile: Optional[int] = None, deadline_s: float = 600.0,
                    startup_timeout_s: float = 300.0, env: Optional[dict] = None,
@@ -452,14 +466,7 @@ def start_local_mp(cfg, run_dir: str, workers: int, resume: bool = False, block:
   cfg.validate()
   if workers < 1:
     raise ValueError(f'--workers must be >= 1 with --launch launchpad, got {workers}.')
-  run_dir = Path(run_dir).resolve()
-  run_dir.mkdir(parents=True, exist_ok=True)
-  from ntkdd.server import checkpoint
-  if not resume and (run_dir / checkpoint.CHECKPOINT).exists():
-    raise ValueError(f'{run_dir} already holds a run. Pass --resume to continue it, or choose '
-                     f'another --out directory.')
-  for name in (RESULT_FILE, ADDRESS_FILE, WORKER_PIDS_FILE):
-    (run_dir / name).unlink(missing_ok=True)
+  run_dir = open_run_dir(run_dir, resume, (RESULT_FILE, ADDRESS_FILE, WORKER_PIDS_FILE))
   spec = {'kind': 'distill', 'config': dataclasses.asdict(cfg), 'run_dir': str(run_dir),
           'workers': int(workers), 'resume': bool(resume), 'block': int(block),
           'worker_tile': worker_tile, 'deadline_s': float(deadline_s),

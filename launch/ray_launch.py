@@ -393,7 +393,6 @@ def start_ray(cfg, run_dir: str, workers: int, ray_address: Optional[str] = 'aut
   always pixels).
   """
   ray = import_ray()
-  from ntkdd.server import checkpoint
   from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
   cfg.validate()
   if workers < 1:
@@ -403,13 +402,8 @@ def start_ray(cfg, run_dir: str, workers: int, ray_address: Optional[str] = 'aut
                      'HOST:PORT of the GCS), not through Ray Client (ray://): the coordinator '
                      'writes --out on the driver\'s node. Run ntkdd on the head node, or submit '
                      'it with `ray job submit`.')
-  run_dir = Path(run_dir).resolve()
-  run_dir.mkdir(parents=True, exist_ok=True)
-  if not resume and (run_dir / checkpoint.CHECKPOINT).exists():
-    raise ValueError(f'{run_dir} already holds a run. Pass --resume to continue it, or choose '
-                     f'another --out directory.')
-  for name in (RESULT_FILE, ADDRESS_FILE, WORKER_PIDS_FILE):
-    (run_dir / name).unlink(missing_ok=True)
+  run_dir = launchpad_program.open_run_dir(run_dir, resume,
+                                          (RESULT_FILE, ADDRESS_FILE, WORKER_PIDS_FILE))
   run_name = run_name or default_run_name(run_dir)
   connected_here = connect(ray_address, local_cpus)
   actors: list = []
