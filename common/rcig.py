@@ -8,6 +8,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from ntkdd.common import stax
 
@@ -48,6 +49,7 @@ class RcigConfig:
   b_std: float = 0.1
   parameterization: str = 'standard'
   softplus_beta: float = 60.0       # softplus(beta x)/beta for ReLU while distilling; 0: ReLU
+  batch_norm: bool = False          # batch normalisation (batch statistics) after each conv
   # Inner problem and implicit gradient.
   l2_rate: float = 5e-4             # ridge lambda = l2_rate * |S|; also the L2 on delta
   inner_steps: int = 20
@@ -132,11 +134,35 @@ def Softplus(beta: float = 60.0) -> stax.Layer:
   return stax.Layer(init_fn, apply_fn, kernel_fn)
 
 
+def BatchNorm(eps: float = 1e-5) -> stax.Layer:
+  """Per-channel normalisation with the batch's own statistics (over images and pixels), then
+  a learned scale and offset (finite networks only). No running averages: the distillation
+  net is only ever applied to whole batches (the support set, a target batch)."""
+
+  def init_fn(rng, input_shape):
+    channels = input_shape[-1]
+    return input_shape, (jnp.ones((channels,), jnp.float32), jnp.zeros((channels,), jnp.float32))
+
+  def apply_fn(params, x, **unused):
+    scale, offset = params
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(x, axis=axes)
+    var = jnp.mean(jnp.square(x - mean), axis=axes)
+    return (x - mean) * lax.rsqrt(var + eps) * scale + offset
+
+  def kernel_fn(k):
+    raise NotImplementedError('BatchNorm has no infinite-width kernel here.')
+
+  return stax.Layer(init_fn, apply_fn, kernel_fn)
+
+
 def build_body(cfg: RcigConfig) -> stax.Layer:
   """The ConvNet of `architectures.build` up to and including Flatten."""
   act = (lambda: Softplus(cfg.softplus_beta)) if cfg.softplus_beta > 0 else stax.Relu
-  conv = lambda: stax.Conv(cfg.width, (3, 3), 'SAME', cfg.w_std, cfg.b_std,
-                           cfg.parameterization)
+  def conv():
+    layer = stax.Conv(cfg.width, (3, 3), 'SAME', cfg.w_std, cfg.b_std, cfg.parameterization)
+    return stax.serial(layer, BatchNorm()) if cfg.batch_norm else layer
+
   layers = [conv(), act()]
   for _ in range(cfg.depth):
     layers += [conv(), act(), stax.AvgPool((2, 2), (2, 2))]
@@ -180,7 +206,7 @@ def make_losses(cfg: RcigConfig) -> tuple[InnerLoss, OuterLoss]:
   -> (loss, target accuracy) of the linearised ConvNet; ctx holds 'params0' (body),
   'x_target' and 'y_target' (int ids)."""
   return _losses(cfg.width, cfg.depth, cfg.w_std, cfg.b_std, cfg.parameterization,
-                 cfg.softplus_beta, cfg.l2_rate, cfg.flip_support)
+                 cfg.softplus_beta, cfg.l2_rate, cfg.flip_support, cfg.batch_norm)
 
 
 def with_flips(images, labels):
@@ -192,12 +218,12 @@ def with_flips(images, labels):
 
 @functools.lru_cache(maxsize=16)
 def _losses(width, depth, w_std, b_std, parameterization, softplus_beta, l2_rate,
-            flip_support=False):
+            flip_support=False, batch_norm=False):
   # Cached on the settings that matter, so that the losses keep their identity across calls
   # (and configs differing elsewhere) and the jitted helpers below compile once.
   cfg = RcigConfig(width=width, depth=depth, w_std=w_std, b_std=b_std,
                    parameterization=parameterization, softplus_beta=softplus_beta,
-                   l2_rate=l2_rate)
+                   l2_rate=l2_rate, batch_norm=batch_norm)
   body_apply = build_body(cfg).apply_fn
 
   def support_arrays(support):
@@ -396,7 +422,8 @@ def _pool_grad(cfg_key: tuple, num_classes: int) -> Callable:
 
 def _network_key(cfg: RcigConfig) -> tuple:
   # The leading RcigConfig fields that define the network, in order.
-  return (cfg.width, cfg.depth, cfg.w_std, cfg.b_std, cfg.parameterization, cfg.softplus_beta)
+  return (cfg.width, cfg.depth, cfg.w_std, cfg.b_std, cfg.parameterization, cfg.softplus_beta,
+          cfg.batch_norm)
 
 
 def pool_train(cfg: RcigConfig, params: Params, state: AdamState, images, labels,

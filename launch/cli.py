@@ -142,6 +142,9 @@ def _parser() -> argparse.ArgumentParser:
                  help='training steps after which a pool model is re-initialised.')
   r.add_argument('--rcig-target-batch', type=int, default=256,
                  help='real images per outer loss (the paper uses 1024).')
+  r.add_argument('--batch-norm', action='store_true',
+                 help='batch normalisation after each convolution of the distillation net '
+                      '(default: none, as the paper).')
   r.add_argument('--rcig-flip', choices=('auto', 'on', 'off'), default='auto',
                  help='also use the support mirrored left-right in the inner problem and pool '
                       'training (auto: on for RGB images, as the paper does).')
@@ -285,7 +288,7 @@ def _run_rcig(args) -> dict:
       hinv_steps=args.hinv_steps, target_batch=args.rcig_target_batch,
       pool_size=args.pool_size, max_pool_steps=args.max_pool_steps, init=args.init,
       learn_labels=True, lr_images=args.lr or 3e-3, checkpoint_every=args.checkpoint_every,
-      eval_models=args.eval_models, flip_support=flip)
+      eval_models=args.eval_models, flip_support=flip, batch_norm=args.batch_norm)
   return rcig_loop.run_rcig(rcig_cfg, prepared, args.out, ipc=args.ipc, steps=args.steps,
                             seed=args.seed, resume=args.resume, progress=not args.no_progress,
                             eval_every=args.eval_every, eval_test_size=args.eval_test_size)

@@ -213,3 +213,27 @@ def test_flipped_support_is_the_doubled_support():
   g_p = jax.grad(lambda s: inner_p(delta, doubled(s), ctx))(support)['images']
   np.testing.assert_allclose(g_f, g_p, rtol=1e-4, atol=1e-6)
   assert not np.allclose(inner_f(delta, support, ctx), inner_p(delta, support, ctx))
+
+
+def test_batch_norm_option_normalises_and_trains():
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.normal(2.0, 3.0, size=(5, 8, 8, 4)), jnp.float32)
+  layer = rcig.BatchNorm()
+  _, params = layer.init_fn(jax.random.PRNGKey(0), x.shape)
+  y = layer.apply_fn(params, x)
+  np.testing.assert_allclose(jnp.mean(y, axis=(0, 1, 2)), 0, atol=1e-5)
+  np.testing.assert_allclose(jnp.std(y, axis=(0, 1, 2)), 1, atol=1e-3)
+  cfg = rcig.RcigConfig(width=8, depth=1, batch_norm=True, inner_steps=2, hinv_steps=2)
+  params = rcig.init_model(cfg, jax.random.PRNGKey(1), (8, 8, 3), 3)
+  assert len(jax.tree_util.tree_leaves(params)) > len(jax.tree_util.tree_leaves(
+      rcig.init_model(rcig.RcigConfig(width=8, depth=1), jax.random.PRNGKey(1), (8, 8, 3), 3)))
+  support = {'images': jnp.asarray(rng.normal(size=(3, 8, 8, 3)), jnp.float32),
+             'labels': jnp.eye(3, dtype=jnp.float32) - 1 / 3}
+  meta, _ = rcig.rcig_step_gradients(cfg, params[0], support, jnp.float32(0.0),
+                                     jnp.asarray(rng.normal(size=(6, 8, 8, 3)), jnp.float32),
+                                     jnp.array([0, 1, 2, 0, 1, 2]), 1e-3)
+  grad = np.asarray(meta.support['images'])
+  assert np.all(np.isfinite(grad)) and np.abs(grad).max() > 0
+  images = support['images']
+  trained, _ = rcig.pool_train(cfg, params, rcig.adam_init(params), images, support['labels'], 2)
+  assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(trained))
