@@ -28,6 +28,12 @@ _FORBIDDEN_KINDS = ('O', 'V')       # object arrays need pickle; void/structured
 
 BytesLike = Union[bytes, bytearray, memoryview]
 
+# The `error` field of a kernel worker's failed answer; the coordinator acts on the first two.
+STALE_CACHE = 'stale_cache'          # a cache entry (name, version) the worker does not hold
+MISSING_DATASET = 'missing_dataset'  # a dataset key the worker does not hold
+BAD_REQUEST = 'bad_request'
+EXCEPTION = 'exception'
+
 
 class WireError(ValueError):
   """Bytes that are not a well-formed message of this wire format version."""

@@ -32,8 +32,7 @@ import numpy as np
 
 from ntkdd.common import kernels, sources, wire
 
-STALE_CACHE = 'stale_cache'      # the worker's error for a cache entry it does not hold
-MISSING_DATASET = 'missing_dataset'   # ... and for a dataset key it does not hold
+STALE_CACHE, MISSING_DATASET = wire.STALE_CACHE, wire.MISSING_DATASET   # workers' error codes
 ROWS, COLS = 'rows', 'cols'      # names of the per-call image caches on the workers
 
 

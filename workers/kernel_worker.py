@@ -31,10 +31,8 @@ import numpy as np
 
 from ntkdd.common import architectures, kernels, prepared, wire
 
-STALE_CACHE = 'stale_cache'
-MISSING_DATASET = 'missing_dataset'
-BAD_REQUEST = 'bad_request'
-EXCEPTION = 'exception'
+STALE_CACHE, MISSING_DATASET = wire.STALE_CACHE, wire.MISSING_DATASET
+BAD_REQUEST, EXCEPTION = wire.BAD_REQUEST, wire.EXCEPTION
 
 
 class RequestError(Exception):
