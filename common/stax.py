@@ -9,6 +9,14 @@ Each layer is a `Layer(init_fn, apply_fn, kernel_fn)`:
 Kernels of convolutional layers keep the full pixel-pixel covariance: for a pair of batches the
 `nngp` and `ntk` arrays have shape (n1, n2, H, W, H, W), and the per-image self-covariances
 `cov1`, `cov2` have shape (n, H, W, H, W). Fully-connected kernels are (n1, n2) and (n,).
+
+Displacement bands: a flatten readout sees only the pixel pairs (p, p), a convolution keeps
+the displacement q - p of a pair, a 2x2 pool of displacement D sees input displacements 2D +
+{-1, 0, 1}, and a ReLU needs only its own pair and the pixels' variances. So the readout of
+a ConvNet needs displacements |q - p| <= R per axis only (R = 7 at depth 3), and a layer's
+variances need fewer still. A kernel with `band=R` stores just those: (..., H, W, 2R+1, 2R+1)
+with [..., y, x, R + dy, R + dx] = Cov((y, x), (y + dy, x + dx)), zero where the partner
+pixel lies outside the image; each layer's `band_fn` says which radius its input must carry.
 The recursions are those of neural-tangents' `stax` in NTK parameterisation, which the tests
 check value by value; the implementation here is our own and organised for speed: the first
 convolution acts on image patches (one matrix product), the diagonal 3x3 convolution of the
@@ -22,6 +30,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 
@@ -45,28 +54,38 @@ class Kernel(NamedTuple):
   parts: str = 'all'
   variances: tuple = ()
   given: tuple = ()
+  band: Optional[int] = None
 
 
 class Layer(NamedTuple):
+  """`band_fn(radius, parts) -> radius`: the displacement radius the layer's input kernel must
+  carry for its output to carry `radius` (None: nothing needed), in a 'cross' or 'self' pass;
+  a layer without one cannot work on bands."""
   init_fn: Callable
   apply_fn: Callable
   kernel_fn: Callable
+  band_fn: Optional[Callable] = None
 
 
 # ----------------------------------------------------------------------------------------------
 # Inputs.
 
-def inputs_to_kernel(x1, x2, parts: str = 'all', given: tuple = ()) -> Kernel:
+def inputs_to_kernel(x1, x2, parts: str = 'all', given: tuple = (),
+                     band: Optional[int] = None) -> Kernel:
   """The kernel of the inputs themselves; materialised lazily by the first layer.
 
   parts='self' computes only the self-covariances and records the ReLU variances;
   parts='cross' computes only nngp and ntk, taking the ReLU variances from `given` (the
   `variances` of a 'self' pass over the same inputs, one (var1, var2) per ReLU).
+  band=R (split passes of one image or pair only) keeps displacements up to R (see above).
   """
   if parts not in ('all', 'self', 'cross'):
     raise ValueError(f"parts must be 'all', 'self' or 'cross', got {parts!r}.")
+  if band is not None and (parts == 'all' or x1.ndim != 4 or x1.shape[0] > 1
+                           or x2.shape[0] > 1):
+    raise ValueError('Displacement bands are for split passes over one image or one pair.')
   return Kernel(nngp=None, ntk=None, cov1=None, cov2=None, inputs=(x1, x2), parts=parts,
-                given=tuple(given))
+                given=tuple(given), band=band)
 
 
 def _opt(f: Callable, x):
@@ -88,6 +107,14 @@ def _materialize(k: Kernel) -> Kernel:
     if self_:
       cov1 = jnp.sum(x1 * x1, -1) / channels
       cov2 = jnp.sum(x2 * x2, -1) / channels
+  elif k.band is not None:
+    r = k.band
+    mask = _band_mask(x1.shape[1], x1.shape[2], r)
+    if cross:
+      nngp = _gram_band(x1, x2, r, pair=True) * (mask / channels)
+    if self_:
+      cov1 = _gram_band(x1, x1, r) * (mask / channels)
+      cov2 = _gram_band(x2, x2, r) * (mask / channels)
   else:
     if cross:
       nngp = jnp.einsum('ahwc,bxyc->abhwxy', x1, x2) / channels
@@ -98,10 +125,13 @@ def _materialize(k: Kernel) -> Kernel:
                     inputs=None)
 
 
-def _spatial_diagonal(cov):
-  """Per-pixel variances (n, H, W) of self-covariances (n, H, W, H, W); fc variances pass."""
+def _spatial_diagonal(cov, band: Optional[int] = None):
+  """Per-pixel variances (n, H, W) of self-covariances (n, H, W, H, W) or of their bands;
+  fc variances pass."""
   if cov.ndim == 1:
     return cov
+  if band is not None:
+    return cov[..., band, band]
   n, h, w = cov.shape[:3]
   return _masked_diagonal(cov.reshape(n, h * w, h * w)).reshape(n, h, w)
 
@@ -114,6 +144,82 @@ def _masked_diagonal(square):
   O(n P^2), against the O(n1 n2 P^2) of the cross covariance.
   """
   return jnp.sum(square * jnp.eye(square.shape[-1], dtype=square.dtype), axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Displacement bands.
+
+def _band_mask(h: int, w: int, r: int) -> np.ndarray:
+  """(H, W, 2r+1, 2r+1): 1 where pixel (y + dy, x + dx) lies inside the image, else 0."""
+  d = np.arange(-r, r + 1)
+  inside_y = (np.arange(h)[:, None] + d >= 0) & (np.arange(h)[:, None] + d < h)
+  inside_x = (np.arange(w)[:, None] + d >= 0) & (np.arange(w)[:, None] + d < w)
+  return (inside_y[:, None, :, None] & inside_x[None, :, None, :]).astype(np.float32)
+
+
+def _band_indices(h: int, w: int, r: int) -> tuple:
+  """Index arrays (y, x, y + dy, x + dx) broadcast to (H, W, 2r+1, 2r+1), offset by r for an
+  array padded by r on its partner axes."""
+  d = np.arange(2 * r + 1)
+  y = np.arange(h)[:, None, None, None]
+  x = np.arange(w)[None, :, None, None]
+  return y, x, y + d[None, None, :, None], x + d[None, None, None, :]
+
+
+def _shifted_band(v, r: int):
+  """v (..., H, W) -> (..., H, W, 2r+1, 2r+1) holding v[..., y + dy, x + dx], 0 outside."""
+  h, w = v.shape[-2:]
+  padded = jnp.pad(v, [(0, 0)] * (v.ndim - 2) + [(r, r), (r, r)])
+  _, _, y2, x2 = _band_indices(h, w, r)
+  return padded[..., y2, x2]
+
+
+def _gram_band(a, b, r: int, pair: bool = False):
+  """Band of the Gram matrix <a_p, b_q> of feature maps a, b (n, H, W, F) with n <= 1:
+  (n, H, W, 2r+1, 2r+1), or (1, 1, ...) with pair=True. One matrix product, then the
+  displacements |q - p| <= r taken out of it (the product is cheap next to the layers)."""
+  n, h, w, f = a.shape
+  if n == 0:
+    return jnp.zeros((0, h, w, 2 * r + 1, 2 * r + 1), a.dtype)
+  gram = (a.reshape(-1, f) @ b.reshape(-1, f).T).reshape(h, w, h, w)
+  gram = jnp.pad(gram, [(0, 0), (0, 0), (r, r), (r, r)])
+  band = gram[_band_indices(h, w, r)][None]
+  return band[None] if pair else band
+
+
+def _band_diagonal_conv(cov, filter_shape: Sequence[int]):
+  """The SAME diagonal convolution on a band: a displacement stays what it is, so the filter
+  averages neighbouring pixels p + d of each displacement, one axis at a time. Entries whose
+  partner falls outside the image come out non-zero; the caller masks them."""
+  lead = cov.ndim - 4
+  if math.prod(cov.shape[:lead]) > 1:
+    raise ValueError('Displacement bands hold one image or one pair.')
+  for axis, size in zip((lead, lead + 1), filter_shape):
+    low = (size - 1) // 2
+    offsets = tuple(o for o in range(-low, size - low) if o != 0 and abs(o) < cov.shape[axis])
+    cov = _shifted_sum(cov, (axis,), offsets) * (1.0 / size)
+  return cov
+
+
+def _band_pool(cov, window: Sequence[int], r: int):
+  """Average pooling of a band of radius r: (pooled band, its radius), or (None, None) when
+  no displacement survives. Output displacement D of pooled pixels q, q + D averages the
+  input pairs (w q + a, w (q + D) + b) over window offsets a, b: displacement w D + b - a."""
+  wh, ww = window
+  r_out = min((r - (wh - 1)) // wh, (r - (ww - 1)) // ww)
+  if r_out < 0:
+    return None, None
+  h, w = cov.shape[-4:-2]
+  oh, ow, n = h // wh, w // ww, 2 * r_out + 1
+  total = 0.
+  for ay in range(wh):
+    for ax in range(ww):
+      rows = cov[..., ay:oh * wh:wh, ax:ow * ww:ww, :, :]
+      for by in range(wh):
+        for bx in range(ww):
+          sy, sx = r - wh * r_out + by - ay, r - ww * r_out + bx - ax
+          total = total + rows[..., sy:sy + wh * (n - 1) + 1:wh, sx:sx + ww * (n - 1) + 1:ww]
+  return total * (1.0 / (wh * ww) ** 2), r_out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,16 +251,21 @@ def Dense(out_dim: int, W_std: float = 1.0, b_std: float = 0.0,
     k = _materialize(k)
     return _affine(k, W_std, b_std, lambda t: t)
 
-  return Layer(init_fn, apply_fn, kernel_fn)
+  return Layer(init_fn, apply_fn, kernel_fn, band_fn=lambda radius, parts: radius)
 
 
-def _affine(k: Kernel, W_std: float, b_std: float, spatial_op: Callable) -> Kernel:
-  """The kernel map of a linear layer whose spatial action on covariances is `spatial_op`."""
+def _affine(k: Kernel, W_std: float, b_std: float, spatial_op: Callable, mask=None) -> Kernel:
+  """The kernel map of a linear layer whose spatial action on covariances is `spatial_op`;
+  `mask` (bands) zeroes the entries whose partner pixel is outside the image."""
   w2, b2 = W_std ** 2, b_std ** 2
-  nngp = _opt(lambda c: w2 * spatial_op(c) + b2, k.nngp)
-  ntk = None if nngp is None else w2 * spatial_op(k.ntk) + nngp
-  cov1 = _opt(lambda c: w2 * spatial_op(c) + b2, k.cov1)
-  cov2 = _opt(lambda c: w2 * spatial_op(c) + b2, k.cov2)
+  if mask is None:
+    affine = lambda c: w2 * spatial_op(c) + b2
+  else:
+    affine = lambda c: (w2 * spatial_op(c) + b2) * mask
+  nngp = _opt(affine, k.nngp)
+  ntk = None if nngp is None else w2 * spatial_op(k.ntk) * (1 if mask is None else mask) + nngp
+  cov1 = _opt(affine, k.cov1)
+  cov2 = _opt(affine, k.cov2)
   return k._replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2)
 
 
@@ -200,9 +311,18 @@ def Conv(out_chan: int, filter_shape: Sequence[int] = (3, 3), padding: str = 'SA
     _check_kernel_parameterization(parameterization)
     if k.inputs is not None and k.inputs[0].ndim == 4:
       return _conv_on_inputs(k, (fh, fw), padding, W_std, b_std)
-    return _affine(_materialize(k), W_std, b_std, spatial_op)
+    k = _materialize(k)
+    if k.band is not None:
+      some = next((c for c in (k.nngp, k.cov1) if c is not None), None)
+      if some is None:   # a 'self' pass past its last ReLU
+        return k
+      mask = _band_mask(some.shape[-4], some.shape[-3], k.band)
+      return _affine(k, W_std, b_std, lambda c: _band_diagonal_conv(c, (fh, fw)), mask)
+    return _affine(k, W_std, b_std, spatial_op)
 
-  return Layer(init_fn, apply_fn, kernel_fn)
+  # SAME convolutions keep displacements (VALID ones are not done on bands).
+  band_fn = (lambda radius, parts: radius) if padding == 'SAME' else None
+  return Layer(init_fn, apply_fn, kernel_fn, band_fn)
 
 
 def _diagonal_conv(cov, filter_shape: Sequence[int], padding: str):
@@ -295,6 +415,14 @@ def _conv_on_inputs(k: Kernel, filter_shape, padding, W_std: float, b_std: float
   b2 = b_std ** 2
   p1, p2 = _patches(x1, filter_shape, padding), _patches(x2, filter_shape, padding)
   nngp = cov1 = cov2 = None
+  if k.band is not None:
+    mask = _band_mask(p1.shape[1], p1.shape[2], k.band)
+    if k.parts == 'cross':
+      nngp = (scale * _gram_band(p1, p2, k.band, pair=True) + b2) * mask
+    else:
+      cov1 = (scale * _gram_band(p1, p1, k.band) + b2) * mask
+      cov2 = (scale * _gram_band(p2, p2, k.band) + b2) * mask
+    return k._replace(nngp=nngp, ntk=nngp, cov1=cov1, cov2=cov2, inputs=None)
   if k.parts != 'self':
     if x1.shape[0] == 1 and x2.shape[0] == 1:
       # One pair (the split path): a plain GEMM whose output is already (1, 1, H, W, H', W'),
@@ -390,31 +518,41 @@ def Relu() -> Layer:
       (var1, var2), rest = k.given[0], k.given[1:]
       k = k._replace(given=rest)
     else:
-      var1, var2 = _spatial_diagonal(k.cov1), _spatial_diagonal(k.cov2)
+      var1, var2 = _spatial_diagonal(k.cov1, k.band), _spatial_diagonal(k.cov2, k.band)
     nngp = ntk = cov1 = cov2 = None
+    # On a band, a partner outside the image has variance 0 there and a zero covariance, so
+    # both maps give 0 and the band stays clean.
     if k.nngp is not None:
-      nngp, derivative = _relu_maps(k.nngp, _outer(var1, var2))
+      nngp, derivative = _relu_maps(k.nngp, _outer(var1, var2, k.band))
       ntk = k.ntk * derivative
     if k.cov1 is not None:
-      cov1, _ = _relu_maps(k.cov1, _outer_self(var1))
-      cov2, _ = _relu_maps(k.cov2, _outer_self(var2))
+      cov1, _ = _relu_maps(k.cov1, _outer_self(var1, k.band))
+      cov2, _ = _relu_maps(k.cov2, _outer_self(var2, k.band))
     variances = k.variances + ((var1, var2),) if k.parts == 'self' else k.variances
     return k._replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, variances=variances)
 
-  return Layer(init_fn, apply_fn, kernel_fn)
+  def band_fn(radius, parts):
+    # A 'self' pass must give each ReLU its variances (displacement 0).
+    return 0 if parts == 'self' and radius is None else radius
+
+  return Layer(init_fn, apply_fn, kernel_fn, band_fn)
 
 
-def _outer(var1, var2):
-  """var1[a, p] * var2[b, q] laid out like a cross covariance (a, b, p..., q...)."""
+def _outer(var1, var2, band: Optional[int] = None):
+  """var1[a, p] * var2[b, q] laid out like a cross covariance (a, b, p..., q...) or its band."""
   if var1.ndim == 1:
     return var1[:, None] * var2[None, :]
+  if band is not None:
+    return var1[:, None, :, :, None, None] * _shifted_band(var2, band)[None, :]
   return var1[:, None, :, :, None, None] * var2[None, :, None, None, :, :]
 
 
-def _outer_self(var):
-  """var[a, p] * var[a, q] laid out like a self covariance (a, p..., q...)."""
+def _outer_self(var, band: Optional[int] = None):
+  """var[a, p] * var[a, q] laid out like a self covariance (a, p..., q...) or its band."""
   if var.ndim == 1:
     return var * var
+  if band is not None:
+    return var[:, :, :, None, None] * _shifted_band(var, band)
   return var[:, :, :, None, None] * var[:, None, None, :, :]
 
 
@@ -448,10 +586,20 @@ def AvgPool(window_shape: Sequence[int] = (2, 2), strides: Optional[Sequence[int
 
   def kernel_fn(k: Kernel) -> Kernel:
     k = _materialize(k)
+    if k.band is not None:
+      pooled = [None if c is None else _band_pool(c, (wh, ww), k.band)
+                for c in (k.nngp, k.ntk, k.cov1, k.cov2)]
+      # Nothing survives only in a 'self' pass past its last ReLU, which needs no more.
+      band = next((b for c, b in filter(None, pooled) if b is not None), 0)
+      nngp, ntk, cov1, cov2 = (None if c is None else c[0] for c in pooled)
+      return k._replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, band=band)
     return k._replace(nngp=_opt(spatial_op, k.nngp), ntk=_opt(spatial_op, k.ntk),
                       cov1=_opt(spatial_op, k.cov1), cov2=_opt(spatial_op, k.cov2))
 
-  return Layer(init_fn, apply_fn, kernel_fn)
+  def band_fn(radius, parts):
+    return None if radius is None else max(wh * radius + wh - 1, ww * radius + ww - 1)
+
+  return Layer(init_fn, apply_fn, kernel_fn, band_fn)
 
 
 def Flatten() -> Layer:
@@ -463,9 +611,11 @@ def Flatten() -> Layer:
   def apply_fn(params, x, **unused):
     return x.reshape(x.shape[0], -1)
 
-  def trace(cov):
+  def trace(cov, band=None):
     if cov.ndim <= 2:
       return cov
+    if band is not None:
+      return jnp.mean(cov[..., band, band], axis=(-2, -1))
     lead = cov.shape[:-4]
     pixels = cov.shape[-4] * cov.shape[-3]
     flat = cov.reshape(lead + (pixels, pixels))
@@ -477,10 +627,15 @@ def Flatten() -> Layer:
       x1, x2 = k.inputs
       flat = lambda x: x.reshape(x.shape[0], math.prod(x.shape[1:]))  # also for 0 images
       return k._replace(inputs=(flat(x1), flat(x2)))
-    return k._replace(nngp=_opt(trace, k.nngp), ntk=_opt(trace, k.ntk),
-                      cov1=_opt(trace, k.cov1), cov2=_opt(trace, k.cov2))
+    t = lambda c: trace(c, k.band)
+    return k._replace(nngp=_opt(t, k.nngp), ntk=_opt(t, k.ntk), cov1=_opt(t, k.cov1),
+                      cov2=_opt(t, k.cov2), band=None)
 
-  return Layer(init_fn, apply_fn, kernel_fn)
+  def band_fn(radius, parts):
+    # The readout sees the pairs (p, p); a 'self' pass does not need its readout.
+    return 0 if parts == 'cross' else None
+
+  return Layer(init_fn, apply_fn, kernel_fn, band_fn)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -507,7 +662,13 @@ def serial(*layers: Layer) -> Layer:
       k = layer.kernel_fn(k)
     return k
 
-  return Layer(init_fn, apply_fn, kernel_fn)
+  def band_fn(radius, parts):
+    for layer in reversed(layers):
+      radius = layer.band_fn(radius, parts)
+    return radius
+
+  banded = all(layer.band_fn is not None for layer in layers)
+  return Layer(init_fn, apply_fn, kernel_fn, band_fn if banded else None)
 
 
 def _check_parameterization(parameterization: str) -> None:

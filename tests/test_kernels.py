@@ -160,6 +160,46 @@ def test_split_path_equals_batched_values_and_vjp(name, depth, shape):
   np.testing.assert_allclose(g_split, g_batched, rtol=1e-4, atol=1e-5 * np.abs(g_batched).max())
 
 
+@pytest.fixture
+def x64():
+  previous = jax.config.jax_enable_x64
+  jax.config.update('jax_enable_x64', True)
+  yield
+  jax.config.update('jax_enable_x64', previous)
+
+
+@pytest.mark.parametrize('depth,shape', [(0, (6, 5, 2)), (1, (9, 7, 1)), (2, (12, 10, 3)),
+                                         (3, (16, 16, 2))])
+def test_displacement_bands_equal_full_covariances(depth, shape, x64):
+  """Values and vjp of the banded passes equal the full-covariance ones to float64 rounding."""
+  arch = architectures.Architecture('convnet', depth=depth)
+  rng = np.random.default_rng(depth)
+  x1, x2 = rng.normal(size=(2,) + shape), rng.normal(size=(3,) + shape)
+  g = rng.normal(size=(2, 2, 3))
+  results = []
+  for band in (False, True):
+    f = kernels.kernel_fn(arch, band=band)
+    inner = lambda a: jnp.sum(f(a, x2)[0] * g[0]) + jnp.sum(f(a, x2)[1] * g[1])
+    results.append((jax.jit(f)(x1, x2), jax.jit(jax.grad(inner))(x1)))
+  (v_full, g_full), (v_band, g_band) = results
+  for a, b in zip(v_band, v_full):
+    np.testing.assert_allclose(a, b, rtol=1e-12)
+  np.testing.assert_allclose(g_band, g_full, rtol=1e-10, atol=1e-12 * np.abs(g_full).max())
+
+
+def test_band_radii_follow_the_layers():
+  layer = lambda depth: architectures.build(architectures.Architecture('convnet', depth=depth))
+  # Readout sees displacement 0; each 2x2 pool below it widens the band to 2r + 1.
+  assert kernels.band_radii(layer(3), (32, 32)) == (7, 3)
+  assert kernels.band_radii(layer(2), (16, 16)) == (3, 1)
+  # Bands as large as the image are not used by default (8x8 at depth 3: 15x15 > 8x8).
+  assert kernels.band_radii(layer(3), (8, 8)) == (None, None)
+  assert kernels.band_radii(layer(3), (8, 8), band=True) == (7, 3)
+  assert kernels.band_radii(layer(3), (32, 32), band=False) == (None, None)
+  # VALID convolutions do not keep displacements: no bands.
+  assert kernels.band_radii(_valid_padding_net(), (16, 16), band=True) == (None, None)
+
+
 def test_split_path_with_valid_padding_and_hidden_dense():
   from ntkdd.common import stax
   layer = _valid_padding_net()
