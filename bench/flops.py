@@ -45,34 +45,69 @@ class LayerCost:
     return self.cross_bytes + (2.0 / tile * self.self_bytes if tile else 0.0)
 
 
+def band_radii(height: int, width: int, depth: int) -> tuple[Optional[int], Optional[int]]:
+  """Displacement radii at full resolution of the cross and the self pass, None where the full
+  covariance is kept: what ntkdd.common.kernels.band_radii picks for this ConvNet (the readout
+  sees displacement 0 and each 2x2 pool below it widens the band to 2r + 1; the self pass
+  needs only the ReLU variances, one pool less)."""
+  pixels = height * width
+
+  def chosen(radius):
+    return radius if 2 * (2 * radius + 1) ** 2 <= pixels else None
+
+  return chosen(2 ** depth - 1), chosen(2 ** max(depth - 1, 0) - 1)
+
+
+def _entries(h: int, w: int, radius: Optional[int], level: int) -> float:
+  """Covariance entries of one pass at pooling level `level` (full: P^2; band: P (2r+1)^2;
+  0 where a band has nothing left to carry)."""
+  if radius is None:
+    return float(h * w) ** 2
+  r = (radius + 1) // 2 ** level - 1
+  return 0.0 if r < 0 else float(h * w * (2 * r + 1) ** 2)
+
+
 def layer_costs(height: int, width: int, channels: int, depth: int = 3,
-                itemsize: int = 4) -> list[LayerCost]:
+                itemsize: int = 4, band: bool = True) -> list[LayerCost]:
   """Per-layer FLOPs and bytes of the ConvNet kernel (conv, relu, `depth` x [conv, relu, pool],
-  trace). Bytes: every pass reads its input tensors and writes its outputs once (P_l^2
-  elements x itemsize per tensor), with no fusion across passes."""
+  trace), on displacement bands where the engine uses them (band=False: full covariances
+  throughout). Bytes: every pass reads its input tensors and writes its outputs once
+  (entries x itemsize per tensor), with no fusion across passes."""
   costs = []
   pixels = height * width
-  elements = float(pixels) ** 2
-  # First conv: inner products of 3x3xC patches (+ scale, + bias); NTK aliases NNGP (1 write).
-  first_conv = (2 * 9 * channels + 2) * elements
-  costs.append(LayerCost('conv0 (patch inner product)', pixels, first_conv, elements * itemsize,
-                         first_conv, elements * itemsize))
-  costs.append(_relu_cost('relu0', pixels, itemsize))
+  full = float(pixels) ** 2
+  cross_r, self_r = band_radii(height, width, depth) if band else (None, None)
+
+  def first_conv(entries, banded):
+    # Inner products of 3x3xC patches (+ scale, + bias); NTK aliases NNGP (1 write). On a
+    # band: the full Gram matrix as one product, then the band gathered out of it and masked.
+    if not banded:
+      return (2 * 9 * channels + 2) * entries, entries * itemsize
+    return 2 * 9 * channels * full + 3 * entries, (full + 2 * entries) * itemsize
+
+  cross, self_ = _entries(height, width, cross_r, 0), _entries(height, width, self_r, 0)
+  costs.append(LayerCost('conv0 (patch inner product)', pixels,
+                         *first_conv(cross, cross_r is not None),
+                         *first_conv(self_, self_r is not None)))
+  costs.append(_relu_cost('relu0', pixels, itemsize, cross, self_))
   h, w = height, width
   for block in range(1, depth + 1):
     pixels = h * w
-    elements = float(pixels) ** 2
-    # Two tensors (NNGP, NTK); each of 2 passes reads and writes the whole covariance.
+    cross, self_ = _entries(h, w, cross_r, block - 1), _entries(h, w, self_r, block - 1)
+    # Two tensors (NNGP, NTK); each of 2 passes reads and writes the whole covariance (a band
+    # is masked after: one more multiply).
+    cross_per_entry = DIAGONAL_CONV_FLOPS + (cross_r is not None)
+    self_per_entry = DIAGONAL_CONV_FLOPS + (self_r is not None)
     costs.append(LayerCost(f'conv{block} (diagonal 3x3)', pixels,
-                           2 * DIAGONAL_CONV_FLOPS * elements, 2 * 2 * 2 * elements * itemsize,
-                           DIAGONAL_CONV_FLOPS * elements, 2 * 2 * elements * itemsize))
-    costs.append(_relu_cost(f'relu{block}', pixels, itemsize))
-    # 2x2 pool of a covariance: each output averages 16 inputs (~1 FLOP per input element).
-    pooled = elements / 16
-    costs.append(LayerCost(f'pool{block} (2x2 avg)', pixels, 2 * elements,
-                           2 * (elements + pooled) * itemsize, elements,
-                           (elements + pooled) * itemsize))
+                           2 * cross_per_entry * cross, 2 * 2 * 2 * cross * itemsize,
+                           self_per_entry * self_, 2 * 2 * self_ * itemsize))
+    costs.append(_relu_cost(f'relu{block}', pixels, itemsize, cross, self_))
+    # 2x2 pool: each output entry averages 16 input entries (~1 FLOP per entry read).
     h, w = h // 2, w // 2
+    cross_out, self_out = _entries(h, w, cross_r, block), _entries(h, w, self_r, block)
+    costs.append(LayerCost(f'pool{block} (2x2 avg)', pixels, 2 * 16 * cross_out,
+                           2 * 17 * cross_out * itemsize, 16 * self_out,
+                           17 * self_out * itemsize))
   pixels = h * w
   # Flatten: trace of the final covariance (P adds, reads the diagonal), then the dense readout.
   costs.append(LayerCost('trace + readout', pixels, 2 * pixels + 4, 2 * pixels * itemsize,
@@ -80,24 +115,24 @@ def layer_costs(height: int, width: int, channels: int, depth: int = 3,
   return costs
 
 
-def _relu_cost(name: str, pixels: int, itemsize: int) -> LayerCost:
+def _relu_cost(name: str, pixels: int, itemsize: int, cross: float, self_: float) -> LayerCost:
   """Arc-cosine map on the NNGP plus the NTK product; reads and writes NNGP and NTK."""
-  elements = float(pixels) ** 2
-  return LayerCost(name, pixels, (ARC_COSINE_FLOPS + 1) * elements, 4 * elements * itemsize,
-                   ARC_COSINE_FLOPS * elements, 2 * elements * itemsize)
+  return LayerCost(name, pixels, (ARC_COSINE_FLOPS + 1) * cross, 4 * cross * itemsize,
+                   ARC_COSINE_FLOPS * self_, 2 * self_ * itemsize)
 
 
 def flops_per_pair(height: int, width: int, channels: int, depth: int = 3,
-                   tile: Optional[int] = None) -> float:
+                   tile: Optional[int] = None, band: bool = True) -> float:
   """Forward (NTK + NNGP) FLOPs per pair; with `tile`, self-covariances amortised over it."""
-  return sum(c.per_pair_flops(tile) for c in layer_costs(height, width, channels, depth))
+  return sum(c.per_pair_flops(tile)
+             for c in layer_costs(height, width, channels, depth, band=band))
 
 
 def bytes_per_pair(height: int, width: int, channels: int, depth: int = 3,
-                   itemsize: int = 4, tile: Optional[int] = None) -> float:
+                   itemsize: int = 4, tile: Optional[int] = None, band: bool = True) -> float:
   """Forward bytes moved per pair under the one-read-one-write-per-pass model."""
   return sum(c.per_pair_bytes(tile)
-             for c in layer_costs(height, width, channels, depth, itemsize))
+             for c in layer_costs(height, width, channels, depth, itemsize, band))
 
 
 def floor_pairs_per_second(flops: float, bytes_moved: float, peak_gflops: float,
@@ -169,11 +204,14 @@ def measure_jax_copy_bandwidth_gbs(megabytes: int = 1024, repeats: int = 5) -> f
 
 def format_table(height: int, width: int, channels: int, depth: int = 3, itemsize: int = 4,
                  peak_gflops: Optional[float] = None,
-                 bandwidth_gbs: Optional[float] = None) -> str:
+                 bandwidth_gbs: Optional[float] = None, band: bool = True) -> str:
   """Markdown table of per-layer cross-pair FLOPs and bytes, totals and (optionally) floors."""
-  costs = layer_costs(height, width, channels, depth, itemsize)
+  costs = layer_costs(height, width, channels, depth, itemsize, band)
+  radii = band_radii(height, width, depth) if band else (None, None)
+  how = (f'displacement bands: radius {radii[0]} cross, {radii[1]} self'
+         if band and radii != (None, None) else 'full covariances')
   lines = [f'ConvNet kernel {height}x{width}x{channels}, depth {depth}, itemsize {itemsize} '
-           f'(per pair, large-tile limit)', '',
+           f'(per pair, large-tile limit; {how})', '',
            '| layer | P_l | MFLOP | MB moved |', '|---|---:|---:|---:|']
   for c in costs:
     lines.append(f'| {c.name} | {c.pixels} | {c.cross_flops / 1e6:.3f} | '
@@ -195,6 +233,9 @@ def main() -> None:
                       help='comma-separated HxWxC image shapes')
   parser.add_argument('--depth', type=int, default=3, help='number of [conv, relu, pool] blocks')
   parser.add_argument('--itemsize', type=int, default=4, help='bytes per element (4: float32)')
+  parser.add_argument('--full', action='store_true',
+                      help='count full pixel-pixel covariances (neural-tangents\' algorithm and '
+                           'ours before displacement bands) instead of the bands ours uses')
   parser.add_argument('--measure', action='store_true',
                       help='measure this machine\'s matmul peak and copy bandwidth for the floors')
   args = parser.parse_args()
@@ -204,7 +245,8 @@ def main() -> None:
     print(f'float32 matmul peak {peak:.1f} GFLOP/s, copy bandwidth {bandwidth:.1f} GB/s\n')
   for size in args.sizes.split(','):
     h, w, c = (int(v) for v in size.lower().split('x'))
-    print(format_table(h, w, c, args.depth, args.itemsize, peak, bandwidth), end='\n\n')
+    print(format_table(h, w, c, args.depth, args.itemsize, peak, bandwidth,
+                       band=not args.full), end='\n\n')
 
 
 if __name__ == '__main__':
