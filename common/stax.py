@@ -4,11 +4,17 @@ Each layer is a `Layer(init_fn, apply_fn, kernel_fn)`:
   * `init_fn(rng, input_shape) -> (output_shape, params)`,
   * `apply_fn(params, inputs) -> outputs` for the finite-width network,
   * `kernel_fn(kernel) -> kernel`, mapping the infinite-width NNGP/NTK of the layer's inputs to
-    those of its outputs.
+    those of its outputs,
+  * optionally `band_fn(radius, parts) -> radius` (displacement bands, below).
 
 Kernels of convolutional layers keep the full pixel-pixel covariance: for a pair of batches the
 `nngp` and `ntk` arrays have shape (n1, n2, H, W, H, W), and the per-image self-covariances
 `cov1`, `cov2` have shape (n, H, W, H, W). Fully-connected kernels are (n1, n2) and (n,).
+
+The recursions are those of neural-tangents' `stax` in NTK parameterisation, which the tests
+check value by value; the implementation here is our own and organised for speed: the first
+convolution acts on image patches (one matrix product), the diagonal 3x3 convolution of the
+covariance is separable into two 3-tap passes, and everything between is elementwise.
 
 Displacement bands: a flatten readout sees only the pixel pairs (p, p), a convolution keeps
 the displacement q - p of a pair, a 2x2 pool of displacement D sees input displacements 2D +
@@ -17,10 +23,6 @@ a ConvNet needs displacements |q - p| <= R per axis only (R = 7 at depth 3), and
 variances need fewer still. A kernel with `band=R` stores just those: (..., H, W, 2R+1, 2R+1)
 with [..., y, x, R + dy, R + dx] = Cov((y, x), (y + dy, x + dx)), zero where the partner
 pixel lies outside the image; each layer's `band_fn` says which radius its input must carry.
-The recursions are those of neural-tangents' `stax` in NTK parameterisation, which the tests
-check value by value; the implementation here is our own and organised for speed: the first
-convolution acts on image patches (one matrix product), the diagonal 3x3 convolution of the
-covariance is separable into two 3-tap passes, and everything between is elementwise.
 """
 from __future__ import annotations
 
