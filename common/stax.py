@@ -203,14 +203,16 @@ def _band_diagonal_conv(cov, filter_shape: Sequence[int]):
   return cov
 
 
-def _band_pool(cov, window: Sequence[int], r: int):
-  """Average pooling of a band of radius r: (pooled band, its radius), or (None, None) when
-  no displacement survives. Output displacement D of pooled pixels q, q + D averages the
-  input pairs (w q + a, w (q + D) + b) over window offsets a, b: displacement w D + b - a."""
+def _pooled_radius(window: Sequence[int], r: int) -> int:
+  """Radius of a band of radius r after pooling with `window` (negative: nothing survives)."""
+  return min((r - (size - 1)) // size for size in window)
+
+
+def _band_pool(cov, window: Sequence[int], r: int, r_out: int):
+  """Average pooling of a band of radius r into one of radius r_out = _pooled_radius(window, r).
+  Output displacement D of pooled pixels q, q + D averages the input pairs
+  (w q + a, w (q + D) + b) over window offsets a, b: displacement w D + b - a."""
   wh, ww = window
-  r_out = min((r - (wh - 1)) // wh, (r - (ww - 1)) // ww)
-  if r_out < 0:
-    return None, None
   h, w = cov.shape[-4:-2]
   oh, ow, n = h // wh, w // ww, 2 * r_out + 1
   total = 0.
@@ -221,7 +223,7 @@ def _band_pool(cov, window: Sequence[int], r: int):
         for bx in range(ww):
           sy, sx = r - wh * r_out + by - ay, r - ww * r_out + bx - ax
           total = total + rows[..., sy:sy + wh * (n - 1) + 1:wh, sx:sx + ww * (n - 1) + 1:ww]
-  return total * (1.0 / (wh * ww) ** 2), r_out
+  return total * (1.0 / (wh * ww) ** 2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -589,12 +591,12 @@ def AvgPool(window_shape: Sequence[int] = (2, 2), strides: Optional[Sequence[int
   def kernel_fn(k: Kernel) -> Kernel:
     k = _materialize(k)
     if k.band is not None:
-      pooled = [None if c is None else _band_pool(c, (wh, ww), k.band)
-                for c in (k.nngp, k.ntk, k.cov1, k.cov2)]
-      # Nothing survives only in a 'self' pass past its last ReLU, which needs no more.
-      band = next((b for c, b in filter(None, pooled) if b is not None), 0)
-      nngp, ntk, cov1, cov2 = (None if c is None else c[0] for c in pooled)
-      return k._replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, band=band)
+      r_out = _pooled_radius((wh, ww), k.band)
+      if r_out < 0:   # only a 'self' pass past its last ReLU, which needs nothing more
+        return k._replace(nngp=None, ntk=None, cov1=None, cov2=None, band=0)
+      pool = lambda c: _band_pool(c, (wh, ww), k.band, r_out)
+      return k._replace(nngp=_opt(pool, k.nngp), ntk=_opt(pool, k.ntk),
+                        cov1=_opt(pool, k.cov1), cov2=_opt(pool, k.cov2), band=r_out)
     return k._replace(nngp=_opt(spatial_op, k.nngp), ntk=_opt(spatial_op, k.ntk),
                       cov1=_opt(spatial_op, k.cov1), cov2=_opt(spatial_op, k.cov2))
 
