@@ -1,4 +1,5 @@
-"""Network architectures ntkdd distils with: the KIP ConvNet and fully-connected ReLU nets."""
+"""Network architectures ntkdd distils with: the KIP ConvNet, RCIG's ConvNet and fully-connected
+ReLU nets."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,7 +8,7 @@ from typing import Any
 
 from ntkdd.common import stax
 
-ARCHITECTURES = ('fc', 'convnet')
+ARCHITECTURES = ('fc', 'convnet', 'rcig_convnet')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,8 +16,10 @@ class Architecture:
   """An architecture and its hyper-parameters; `width` matters only at finite width.
 
   convnet: 3x3 SAME conv + ReLU, then `depth` blocks of [3x3 SAME conv, ReLU, 2x2 average
-  pool], flatten, dense readout (the KIP paper's ConvNet). fc: `depth` blocks of
-  [dense, ReLU], then a dense readout.
+  pool], flatten, dense readout (the KIP paper's ConvNet). rcig_convnet: RCIG's (and FRePo's)
+  ConvNet, see `rcig_convnet_body`, then a dense readout; its paper initialisation is
+  w_std=1, b_std=0 in the standard parameterisation (LeCun normal weights, zero biases).
+  fc: `depth` blocks of [dense, ReLU], then a dense readout.
   """
   name: str = 'convnet'
   depth: int = 3
@@ -28,8 +31,9 @@ class Architecture:
   def __post_init__(self):
     if self.name not in ARCHITECTURES:
       raise ValueError(f'Unknown architecture {self.name!r}: choose one of {ARCHITECTURES}.')
-    if self.depth < 0 or (self.name == 'fc' and self.depth < 1):
-      raise ValueError(f'depth must be >= 1 for fc and >= 0 for convnet, got {self.depth}.')
+    if self.depth < 0 or (self.name in ('fc', 'rcig_convnet') and self.depth < 1):
+      raise ValueError(f'depth must be >= 1 for fc and rcig_convnet and >= 0 for convnet, '
+                       f'got {self.depth}.')
     if self.w_std <= 0 or self.b_std < 0:
       raise ValueError(f'Need w_std > 0 and b_std >= 0, got {self.w_std}, {self.b_std}.')
 
@@ -41,6 +45,21 @@ class Architecture:
     return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
+def rcig_convnet_body(depth: int, width: int, w_std: float, b_std: float,
+                      parameterization: str, activation=stax.Relu,
+                      normalization=None) -> list[stax.Layer]:
+  """RCIG's ConvNet up to its flattened features: grayscale images zero-padded by 2 (28x28 ->
+  32x32, as its code pads single-channel inputs), then `depth` blocks of [3x3 SAME conv with
+  width * 2^i channels, optional normalisation, activation, 2x2 average pool]."""
+  layers = [stax.ZeroPad(2, channels=1)]
+  for i in range(depth):
+    layers.append(stax.Conv(width * 2 ** i, (3, 3), 'SAME', w_std, b_std, parameterization))
+    if normalization is not None:
+      layers.append(normalization())
+    layers += [activation(), stax.AvgPool((2, 2), (2, 2))]
+  return layers + [stax.Flatten()]
+
+
 def build(arch: Architecture, num_outputs: int = 10) -> stax.Layer:
   """The (init_fn, apply_fn, kernel_fn) triple of `arch` with `num_outputs` logits."""
   w, b, width, param = arch.w_std, arch.b_std, arch.width, arch.parameterization
@@ -50,6 +69,9 @@ def build(arch: Architecture, num_outputs: int = 10) -> stax.Layer:
       layers += [stax.Conv(width, (3, 3), 'SAME', w, b, param), stax.Relu(),
                  stax.AvgPool((2, 2), (2, 2))]
     layers += [stax.Flatten(), stax.Dense(num_outputs, w, b, param)]
+  elif arch.name == 'rcig_convnet':
+    layers = rcig_convnet_body(arch.depth, width, w, b, param) + [
+        stax.Dense(num_outputs, w, b, param)]
   else:
     layers = [stax.Flatten()]
     for _ in range(arch.depth):

@@ -3,31 +3,34 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ntkdd.common import stax
+from ntkdd.common import architectures, stax
 
 # How it works, in this module's names.
 #
 # The distillation net is a ConvNet split into a body phi(x; theta) (everything up to the
-# flattened penultimate features) and a linear readout. For a pool model theta0 the body is
-# linearised, phi_lin(x; delta) = phi(x; theta0) + J_phi(x) delta, and the readout W0(S) is the
-# kernel-ridge solution on the support set's features at theta0. With W0 fixed, the support
-# loss of phi_lin(.; delta) W0 plus an L2 term is a strongly convex quadratic in delta: that is
-# the "convexified" inner problem, solved approximately by a few Adam steps (`inner_solve`).
-# The meta-gradient of the outer loss L_o(delta*(S), S) (cross-entropy on a real batch) is
+# flattened penultimate features) and a linear readout. For a pool model (theta0, readout0)
+# the body is linearised, phi_lin(x; delta) = phi(x; theta0) + J_phi(x) delta, and the readout
+# is reparameterised as a function of the body: the pool model's own readout plus the
+# kernel-ridge correction fitted on the support set's linearised features (ridge lambda =
+# l2_rate |S|), so predictions are f0(x) + K_xS (K_SS + lambda I)^-1 (y_S - f0(S)) with
+# K = phi_lin phi_lin' and f0 the pool readout on phi_lin. The inner loss is the support's
+# ridge objective at that optimal readout plus an L2 term on delta: the "convexified" inner
+# problem (linear in delta before the readout), solved approximately by a few Adam steps
+# (`inner_solve`). The meta-gradient of the outer loss L_o(delta*(S), S) (cross-entropy on a
+# real batch) is
 #   dL_o/dS = dL_o/dS|_delta  -  d2L_i/dS ddelta . H^-1 . dL_o/ddelta,
 # with H^-1 v approximated by Adam on 0.5 x'Hx - v'x (`hessian_inverse_vector_product`).
 #
 # Losses are written as functions of (delta, support, ctx) where `support` is the dict of
 # learned arrays ({'images', 'labels'}) and `ctx` a dict of arrays held fixed (the pool
-# model's body parameters, the target batch). The jitted helpers are cached on the loss
-# functions' identities, so each is compiled once per shape.
+# model's body and readout parameters, the target batch). The jitted helpers are cached on
+# the loss functions' identities, so each is compiled once per shape.
 
 Params = Any
 Support = dict
@@ -41,12 +44,13 @@ INITS = ('real', 'noise')
 @dataclasses.dataclass(frozen=True)
 class RcigConfig:
   """Every setting of an RCIG run (defaults: the paper's, except where CPU budgets rule)."""
-  # The distillation net: ConvNet body (constant width) + linear readout, standard
-  # parameterisation as in the paper's code (its learning rates are in those units).
+  # The distillation net: RCIG's ConvNet body (widths width * 2^i) + linear readout, standard
+  # parameterisation and the initialisation of the paper's code (LeCun normal weights, zero
+  # biases; its learning rates are in those units).
   width: int = 128
   depth: int = 3
-  w_std: float = math.sqrt(2.0)
-  b_std: float = 0.1
+  w_std: float = 1.0
+  b_std: float = 0.0
   parameterization: str = 'standard'
   softplus_beta: float = 60.0       # softplus(beta x)/beta for ReLU while distilling; 0: ReLU
   batch_norm: bool = False          # batch normalisation (batch statistics) after each conv
@@ -63,7 +67,7 @@ class RcigConfig:
   target_batch: int = 256           # real images per outer loss (paper: 1024)
   # Model pool.
   pool_size: int = 30
-  max_pool_steps: int = 16          # a pool model is re-initialised once trained this long
+  max_pool_steps: int = 100         # a pool model is re-initialised once trained this long
   pool_train_steps: int = 15        # each meta-step trains its model 1..this many steps
   pool_lr: float = 5e-5
   # Support set and its optimisers.
@@ -76,10 +80,10 @@ class RcigConfig:
   init_log_temp: float = 0.0
   ema_decay: float = 0.99           # what is saved/evaluated is this EMA of the support; 0: off
   checkpoint_every: int = 10
-  # Evaluation: the finite ConvNet with ReLU trained on the support (train.rcig_protocol).
+  # Evaluation: the same ConvNet with ReLU trained on the support (train.rcig_protocol).
   eval_width: int = 128
-  eval_parameterization: str = 'ntk'
-  eval_lr: float = 1e-3
+  eval_parameterization: str = 'standard'
+  eval_lr: float = 1e-4
   eval_train_steps: int = 0         # 0: the protocol's (1000 at 10 images/class, else 2000)
   eval_models: int = 1
 
@@ -94,8 +98,8 @@ class RcigConfig:
                  'eval_lr', 'l2_rate'):
       if not getattr(self, name) > 0:
         raise ValueError(f'{name} must be > 0, got {getattr(self, name)}.')
-    if self.depth < 0 or self.softplus_beta < 0 or self.eval_train_steps < 0:
-      raise ValueError('depth, softplus_beta and eval_train_steps must be >= 0.')
+    if self.depth < 1 or self.softplus_beta < 0 or self.eval_train_steps < 0:
+      raise ValueError('Need depth >= 1, softplus_beta >= 0 and eval_train_steps >= 0.')
     if self.optimizer not in OPTIMIZERS:
       raise ValueError(f'optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}.')
     if self.init not in INITS:
@@ -157,16 +161,12 @@ def BatchNorm(eps: float = 1e-5) -> stax.Layer:
 
 
 def build_body(cfg: RcigConfig) -> stax.Layer:
-  """The ConvNet of `architectures.build` up to and including Flatten."""
+  """RCIG's ConvNet (`architectures.rcig_convnet_body`) up to and including Flatten, with
+  softplus for ReLU while distilling."""
   act = (lambda: Softplus(cfg.softplus_beta)) if cfg.softplus_beta > 0 else stax.Relu
-  def conv():
-    layer = stax.Conv(cfg.width, (3, 3), 'SAME', cfg.w_std, cfg.b_std, cfg.parameterization)
-    return stax.serial(layer, BatchNorm()) if cfg.batch_norm else layer
-
-  layers = [conv(), act()]
-  for _ in range(cfg.depth):
-    layers += [conv(), act(), stax.AvgPool((2, 2), (2, 2))]
-  return stax.serial(*layers, stax.Flatten())
+  return stax.serial(*architectures.rcig_convnet_body(
+      cfg.depth, cfg.width, cfg.w_std, cfg.b_std, cfg.parameterization, act,
+      BatchNorm if cfg.batch_norm else None))
 
 
 def build_network(cfg: RcigConfig, num_classes: int) -> stax.Layer:
@@ -204,7 +204,7 @@ def squared_norm(tree) -> jax.Array:
 def make_losses(cfg: RcigConfig) -> tuple[InnerLoss, OuterLoss]:
   """The inner loss L_i(delta, support, ctx) and outer loss L_o(delta, support, log_temp, ctx)
   -> (loss, target accuracy) of the linearised ConvNet; ctx holds 'params0' (body),
-  'x_target' and 'y_target' (int ids)."""
+  'readout0' (the pool model's readout), 'x_target' and 'y_target' (int ids)."""
   return _losses(cfg.width, cfg.depth, cfg.w_std, cfg.b_std, cfg.parameterization,
                  cfg.softplus_beta, cfg.l2_rate, cfg.flip_support, cfg.batch_norm)
 
@@ -225,31 +225,30 @@ def _losses(width, depth, w_std, b_std, parameterization, softplus_beta, l2_rate
                    parameterization=parameterization, softplus_beta=softplus_beta,
                    l2_rate=l2_rate, batch_norm=batch_norm)
   body_apply = build_body(cfg).apply_fn
+  readout_apply = stax.Dense(1, w_std, b_std, parameterization).apply_fn
 
-  def support_arrays(support):
+  def support_fit(delta, support, ctx):
+    """(residual on the support, ridge correction of the readout) at the optimal readout."""
+    images, labels = support['images'], support['labels']
     if flip_support:
-      return with_flips(support['images'], support['labels'])
-    return support['images'], support['labels']
-
-  def readout(params0, support):
-    images, labels = support_arrays(support)
-    phi0 = body_apply(params0, images)
-    return closed_form_last_layer(phi0, labels, l2_rate * images.shape[0])
+      images, labels = with_flips(images, labels)
+    _, phi = linearized_features(body_apply, ctx['params0'], delta, images)
+    prior = labels - readout_apply(ctx['readout0'], phi)
+    correction = closed_form_last_layer(phi, prior, l2_rate * images.shape[0])
+    return prior - phi @ correction, correction
 
   def inner_loss(delta, support, ctx):
-    w0 = readout(ctx['params0'], support)
-    images, labels = support_arrays(support)
-    _, phi = linearized_features(body_apply, ctx['params0'], delta, images)
-    residual = phi @ w0 - labels
-    # 0.5 mean_i ||r_i||^2 + 0.5 l2_rate ||delta||^2: the same scaling as the readout's ridge.
-    return 0.5 * jnp.sum(jnp.square(residual)) / residual.shape[0] + \
-        0.5 * l2_rate * squared_norm(delta)
+    residual, correction = support_fit(delta, support, ctx)
+    # The ridge objective per support image, 0.5 mean_i ||r_i||^2 + 0.5 l2_rate ||W||^2
+    # (lambda = l2_rate |S| spread over the |S| rows), plus the same L2 on delta.
+    return (0.5 * jnp.sum(jnp.square(residual)) / residual.shape[0]
+            + 0.5 * l2_rate * (jnp.sum(jnp.square(correction)) + squared_norm(delta)))
 
   def outer_loss(delta, support, log_temp, ctx):
-    w0 = readout(ctx['params0'], support)
+    _, correction = support_fit(delta, support, ctx)
     _, phi = linearized_features(body_apply, ctx['params0'], delta, ctx['x_target'])
-    logits = phi @ w0 * jnp.exp(log_temp)
-    return cross_entropy(logits, ctx['y_target'])
+    predictions = readout_apply(ctx['readout0'], phi) + phi @ correction
+    return cross_entropy(predictions * jnp.exp(log_temp), ctx['y_target'])
 
   return inner_loss, outer_loss
 
@@ -441,14 +440,15 @@ def zeros_like_body(params: Params) -> Params:
   return jax.tree_util.tree_map(jnp.zeros_like, params[0])
 
 
-def rcig_step_gradients(cfg: RcigConfig, body_params0: Params, support: Support, log_temp,
+def rcig_step_gradients(cfg: RcigConfig, params0: Params, support: Support, log_temp,
                         x_target, y_target, inner_lr: float) -> tuple[MetaGradient, float]:
-  """One meta-gradient of RCIG: inner solve from delta = 0 around body_params0 at `inner_lr`,
-  then the implicit gradient on the target batch (x_target, int y_target); and the inner
-  learning rate for the next step."""
+  """One meta-gradient of RCIG: inner solve from delta = 0 around the pool model params0 =
+  (body, readout) at `inner_lr`, then the implicit gradient on the target batch (x_target,
+  int y_target); and the inner learning rate for the next step."""
   inner_loss, outer_loss = make_losses(cfg)
-  ctx = {'params0': body_params0, 'x_target': x_target, 'y_target': y_target}
-  delta0 = jax.tree_util.tree_map(jnp.zeros_like, body_params0)
+  ctx = {'params0': params0[0], 'readout0': params0[1], 'x_target': x_target,
+         'y_target': y_target}
+  delta0 = zeros_like_body(params0)
   delta, next_lr = tuned_inner_solve(inner_loss, support, ctx, delta0, cfg.inner_steps,
                                      inner_lr, cfg.inner_lr_decrease, cfg.inner_lr_increase)
   meta = meta_gradient(inner_loss, outer_loss, delta, support, log_temp, ctx,

@@ -606,6 +606,37 @@ def AvgPool(window_shape: Sequence[int] = (2, 2), strides: Optional[Sequence[int
   return Layer(init_fn, apply_fn, kernel_fn, band_fn)
 
 
+def ZeroPad(pad: int, channels: Optional[int] = None) -> Layer:
+  """Zero-pads images by `pad` pixels on every side; with `channels`, only images with that
+  many channels (RCIG's ConvNet pads 28x28 grayscale images to 32x32). It must come first:
+  its kernel map pads the raw inputs."""
+  if pad < 0:
+    raise ValueError(f'pad must be >= 0, got {pad}.')
+
+  def applies(shape) -> bool:
+    return pad > 0 and (channels is None or shape[-1] == channels)
+
+  def padded(x):
+    return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))) if applies(x.shape) else x
+
+  def init_fn(rng, input_shape):
+    n, h, w, c = input_shape
+    if applies(input_shape):
+      h, w = h + 2 * pad, w + 2 * pad
+    return (n, h, w, c), ()
+
+  def apply_fn(params, x, **unused):
+    return padded(x)
+
+  def kernel_fn(k: Kernel) -> Kernel:
+    if k.inputs is None or k.inputs[0].ndim != 4:
+      raise ValueError('ZeroPad must be the first layer, on NHWC images.')
+    x1, x2 = k.inputs
+    return k._replace(inputs=(padded(x1), padded(x2)))
+
+  return Layer(init_fn, apply_fn, kernel_fn, band_fn=lambda radius, parts: radius)
+
+
 def Flatten() -> Layer:
   """Flattening for an infinitely wide readout: the kernel averages the spatial diagonal."""
 

@@ -33,9 +33,12 @@ def _add_kernel_flags(p: argparse.ArgumentParser, default_arch: str, default_dep
                       'then DEPTH x [conv, ReLU, 2x2 avg pool], dense). Default %(default)s.')
   g.add_argument('--depth', type=int, default=default_depth,
                  help='hidden layers (fc) or conv+pool blocks (convnet). Default %(default)s.')
-  g.add_argument('--w-std', type=float, default=math.sqrt(2.0),
-                 help='weight standard deviation (NTK parameterisation). Default sqrt(2).')
-  g.add_argument('--b-std', type=float, default=0.1, help='bias standard deviation. Default 0.1.')
+  g.add_argument('--w-std', type=float, default=None,
+                 help='weight standard deviation. Default sqrt(2) for kernels (NTK '
+                      'parameterisation); 1 for RCIG\'s standard-parameterised net (LeCun '
+                      'normal, as its paper).')
+  g.add_argument('--b-std', type=float, default=None,
+                 help='bias standard deviation. Default 0.1 for kernels; 0 for RCIG.')
   g.add_argument('--tile', type=int, default=None,
                  help='pair-block side for blocked evaluation; default: chosen from free memory.')
   g.add_argument('--dtype', choices=('float32', 'float64'), default='float32',
@@ -138,8 +141,10 @@ def _parser() -> argparse.ArgumentParser:
   r.add_argument('--hinv-steps', type=int, default=20,
                  help='optimisation steps of the Hessian-inverse-vector product.')
   r.add_argument('--pool-size', type=int, default=30, help='partially trained models.')
-  r.add_argument('--max-pool-steps', type=int, default=16,
+  r.add_argument('--max-pool-steps', type=int, default=100,
                  help='training steps after which a pool model is re-initialised.')
+  r.add_argument('--pool-train-steps', type=int, default=15,
+                 help='each meta-step trains its pool model for 1 to this many Adam steps.')
   r.add_argument('--rcig-target-batch', type=int, default=256,
                  help='real images per outer loss (the paper uses 1024).')
   r.add_argument('--batch-norm', action='store_true',
@@ -283,10 +288,11 @@ def _run_rcig(args) -> dict:
   flip = (args.rcig_flip == 'on' or
           (args.rcig_flip == 'auto' and prepared.x_train.shape[-1] == 3))
   rcig_cfg = rcig.RcigConfig(
-      width=args.width, depth=args.depth if args.arch == 'convnet' else 3, w_std=args.w_std,
+      width=args.width, depth=args.depth if args.arch != 'fc' else 3, w_std=args.w_std,
       b_std=args.b_std, l2_rate=args.l2_rate, inner_steps=args.inner_steps,
       hinv_steps=args.hinv_steps, target_batch=args.rcig_target_batch,
-      pool_size=args.pool_size, max_pool_steps=args.max_pool_steps, init=args.init,
+      pool_size=args.pool_size, max_pool_steps=args.max_pool_steps,
+      pool_train_steps=args.pool_train_steps, init=args.init,
       learn_labels=True, lr_images=args.lr or 3e-3, checkpoint_every=args.checkpoint_every,
       eval_models=args.eval_models, flip_support=flip, batch_norm=args.batch_norm)
   return rcig_loop.run_rcig(rcig_cfg, prepared, args.out, ipc=args.ipc, steps=args.steps,
@@ -378,8 +384,20 @@ COMMANDS = {'kernel': _cmd_kernel, 'distill': _cmd_distill, 'evaluate': _cmd_eva
             'show': _cmd_show, 'status': _cmd_status}
 
 
+def _default_initialisation(args: argparse.Namespace) -> None:
+  """--w-std / --b-std left unset: the kernels' sqrt(2) / 0.1, or RCIG's paper init 1 / 0."""
+  if not hasattr(args, 'w_std'):
+    return
+  rcig_net = getattr(args, 'algorithm', None) == 'rcig'
+  if args.w_std is None:
+    args.w_std = 1.0 if rcig_net else math.sqrt(2.0)
+  if args.b_std is None:
+    args.b_std = 0.0 if rcig_net else 0.1
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = _parser().parse_args(argv)
+  _default_initialisation(args)
   logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                       format='%(asctime)s %(levelname)s %(message)s', datefmt='%H:%M:%S')
   try:

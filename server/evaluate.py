@@ -84,12 +84,13 @@ def transfer_accuracy(arch_name: str, support: SupportSet, prepared,
   arch = architectures.Architecture(arch_name, depth=depth,
                                     width=settings.width,
                                     parameterization=settings.parameterization)
-  ipc = max(1, len(support.images) // prepared.num_classes)
   learning_rate = settings.learning_rate or (
       1e-3 if settings.parameterization == 'ntk' else 1e-4)
   steps, augment = settings.steps, settings.augment
-  config = dataclasses.replace(train.rcig_protocol(ipc, learning_rate), steps=steps,
-                               warmup_steps=min(500, steps // 4), augment=augment,
+  # RCIG's optimiser and schedule, but this evaluator's steps, augmentation and zero readout.
+  config = dataclasses.replace(train.rcig_protocol(len(support.images), learning_rate),
+                               steps=steps, warmup_steps=min(500, steps // 4), augment=augment,
+                               zero_readout=True,
                                crop_padding=2 if prepared.x_train.shape[1] <= 28 else 4)
   result = train.evaluate_transfer(arch, support.images, support.labels, prepared.x_test,
                                    prepared.y_test, config, seeds=tuple(range(settings.seeds)),

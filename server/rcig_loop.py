@@ -95,27 +95,45 @@ def saved_support(cfg: rcig.RcigConfig, state: dict, step: int) -> tuple[np.ndar
           np.asarray(state['ema']['labels']) / correction)
 
 
-def evaluate(cfg: rcig.RcigConfig, prepared, images, labels, ipc: int, test_size: int,
-             seed: int) -> float:
-  """Test accuracy of the finite ReLU ConvNet trained on the support (train.rcig_protocol)."""
+def finite_accuracy(images, labels, x_test, y_test, num_classes: int, *, depth: int,
+                    width: int = 128, w_std: float = 1.0, b_std: float = 0.0,
+                    parameterization: str = 'standard', learning_rate: float = 1e-4,
+                    flip: bool = False, augmentations: str = '', models: int = 1,
+                    train_steps: int = 0) -> dict[str, Any]:
+  """RCIG's evaluation of a support set: `models` ReLU ConvNets of RCIG's architecture trained
+  by `train.rcig_protocol` (optionally with its augmentation), tested on (x_test, y_test).
+  flip: train on the support and its mirror images, as RCIG does for sets distilled with
+  flips. Returns `train.evaluate_transfer`'s dict (mean, std, accuracies, ...)."""
   from ntkdd.common import train  # pylint: disable=import-outside-toplevel
   import dataclasses  # pylint: disable=import-outside-toplevel
+  arch = architectures.Architecture('rcig_convnet', depth, w_std, b_std, width,
+                                    parameterization)
+  # The protocol's step count follows the distilled set's size, before any mirror images.
+  protocol = train.rcig_protocol(len(images), learning_rate, augmentations)
+  if train_steps:
+    protocol = dataclasses.replace(protocol, steps=train_steps,
+                                   warmup_steps=min(protocol.warmup_steps, train_steps // 2))
+  if flip:
+    images, labels = rcig.with_flips(jnp.asarray(images), jnp.asarray(labels))
+  return train.evaluate_transfer(arch, np.asarray(images), np.asarray(labels), x_test, y_test,
+                                 protocol, seeds=tuple(range(models)), num_classes=num_classes)
+
+
+def evaluate(cfg: rcig.RcigConfig, prepared, images, labels, ipc: int, test_size: int,
+             seed: int) -> float:
+  """Test accuracy of the finite ReLU ConvNet trained on the support (`finite_accuracy`,
+  without augmentation)."""
+  del ipc  # the protocol follows the support's size
   x_test, y_test = prepared.x_test, prepared.y_test
   if test_size and test_size < len(x_test):
     # A fixed subset (same every evaluation) so accuracies are comparable across steps.
     pick = np.sort(np.random.default_rng(seed).choice(len(x_test), test_size, replace=False))
     x_test, y_test = x_test[pick], y_test[pick]
-  arch = architectures.Architecture('convnet', cfg.depth, cfg.w_std, cfg.b_std, cfg.eval_width,
-                                    cfg.eval_parameterization)
-  protocol = train.rcig_protocol(ipc, cfg.eval_lr)
-  if cfg.eval_train_steps:
-    protocol = dataclasses.replace(protocol, steps=cfg.eval_train_steps,
-                                   warmup_steps=min(protocol.warmup_steps,
-                                                    cfg.eval_train_steps // 2))
-  result = train.evaluate_transfer(arch, images, labels, x_test, y_test, protocol,
-                                   seeds=tuple(range(cfg.eval_models)),
-                                   num_classes=prepared.num_classes)
-  return result['mean']
+  return finite_accuracy(images, labels, x_test, y_test, prepared.num_classes, depth=cfg.depth,
+                         width=cfg.eval_width, w_std=cfg.w_std, b_std=cfg.b_std,
+                         parameterization=cfg.eval_parameterization,
+                         learning_rate=cfg.eval_lr, flip=cfg.flip_support,
+                         models=cfg.eval_models, train_steps=cfg.eval_train_steps)['mean']
 
 
 def rcig_step(cfg: rcig.RcigConfig, state: dict, prepared, rng: np.random.Generator,
@@ -133,7 +151,7 @@ def rcig_step(cfg: rcig.RcigConfig, state: dict, prepared, rng: np.random.Genera
   learned = state['learned']
   support = {'images': learned['images'], 'labels': learned['labels']}
   meta, inner_lr = rcig.rcig_step_gradients(
-      cfg, pool[i]['params'][0], support, learned['log_temp'],
+      cfg, pool[i]['params'], support, learned['log_temp'],
       jnp.asarray(prepared.x_train[target]),
       jnp.asarray(prepared.y_train[target].astype(np.int32)), float(state['inner_lr']))
   grads = {'images': meta.support['images'], 'labels': meta.support['labels'],

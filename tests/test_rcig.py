@@ -25,6 +25,44 @@ def test_closed_form_last_layer_matches_gradient_descent():
     np.testing.assert_allclose(w, w_gd, atol=2e-4)
 
 
+def test_inner_loss_uses_the_optimal_readout_of_the_linearised_features():
+  """The readout is reparameterised: at any delta, the inner loss is the support's ridge
+  objective at the readout that is optimal for the features at delta (the pool model's own
+  readout plus the ridge correction), and the outer loss predicts with that readout."""
+  rng = np.random.default_rng(7)
+  cfg = rcig.RcigConfig(width=8, depth=1, l2_rate=0.05)
+  params = rcig.init_model(cfg, jax.random.PRNGKey(3), (8, 8, 3), 4)
+  support = {'images': jnp.asarray(rng.normal(size=(5, 8, 8, 3)), jnp.float32),
+             'labels': jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)}
+  x_target = jnp.asarray(rng.normal(size=(6, 8, 8, 3)), jnp.float32)
+  y_target = jnp.array([0, 1, 2, 3, 0, 1])
+  ctx = {'params0': params[0], 'readout0': params[1], 'x_target': x_target,
+         'y_target': y_target}
+  delta = jax.tree_util.tree_map(
+      lambda p: 0.3 * jnp.asarray(rng.normal(size=p.shape), jnp.float32), params[0])
+  inner, outer = rcig.make_losses(cfg)
+  body = rcig.build_body(cfg).apply_fn
+  readout = lambda phi: phi @ params[1][0] + params[1][1]  # standard parameterisation
+  _, phi = rcig.linearized_features(body, params[0], delta, support['images'])
+  phi, labels = np.asarray(phi, np.float64), np.asarray(support['labels'], np.float64)
+  prior = labels - np.asarray(readout(phi))
+  n, l2 = phi.shape[0], cfg.l2_rate * phi.shape[0]
+  w = phi.T @ np.linalg.solve(phi @ phi.T + l2 * np.eye(n), prior)
+  np.testing.assert_allclose(phi.T @ (phi @ w - prior) + l2 * w, 0, atol=1e-6 * np.abs(w).max())
+  delta_l2 = float(rcig.squared_norm(delta))
+
+  def objective(w):
+    return (0.5 * np.sum((prior - phi @ w) ** 2) / n
+            + 0.5 * cfg.l2_rate * (np.sum(w ** 2) + delta_l2))
+
+  np.testing.assert_allclose(inner(delta, support, ctx), objective(w), rtol=2e-4)
+  assert objective(w + 0.01 * rng.normal(size=w.shape)) > objective(w)
+  _, phi_t = rcig.linearized_features(body, params[0], delta, x_target)
+  logits = np.asarray(readout(phi_t)) + np.asarray(phi_t, np.float64) @ w
+  expected = rcig.cross_entropy(jnp.asarray(logits * np.exp(0.5), jnp.float32), y_target)[0]
+  np.testing.assert_allclose(outer(delta, support, 0.5, ctx)[0], expected, rtol=2e-4)
+
+
 def test_hessian_inverse_vector_product_matches_solve():
   rng = np.random.default_rng(1)
   q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
@@ -195,7 +233,8 @@ def test_flipped_support_is_the_doubled_support():
   flipped = rcig.RcigConfig(**base, flip_support=True)
   plain = rcig.RcigConfig(**base)
   params = rcig.init_model(plain, jax.random.PRNGKey(0), (8, 8, 3), 4)
-  ctx = {'params0': params[0], 'x_target': images[:2], 'y_target': jnp.array([0, 1])}
+  ctx = {'params0': params[0], 'readout0': params[1], 'x_target': images[:2],
+         'y_target': jnp.array([0, 1])}
   delta = jax.tree_util.tree_map(lambda p: 0.01 * jnp.ones_like(p), params[0])
   inner_f, outer_f = rcig.make_losses(flipped)
   inner_p, outer_p = rcig.make_losses(plain)
@@ -229,7 +268,7 @@ def test_batch_norm_option_normalises_and_trains():
       rcig.init_model(rcig.RcigConfig(width=8, depth=1), jax.random.PRNGKey(1), (8, 8, 3), 3)))
   support = {'images': jnp.asarray(rng.normal(size=(3, 8, 8, 3)), jnp.float32),
              'labels': jnp.eye(3, dtype=jnp.float32) - 1 / 3}
-  meta, _ = rcig.rcig_step_gradients(cfg, params[0], support, jnp.float32(0.0),
+  meta, _ = rcig.rcig_step_gradients(cfg, params, support, jnp.float32(0.0),
                                      jnp.asarray(rng.normal(size=(6, 8, 8, 3)), jnp.float32),
                                      jnp.array([0, 1, 2, 0, 1, 2]), 1e-3)
   grad = np.asarray(meta.support['images'])

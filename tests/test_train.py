@@ -1,5 +1,6 @@
 """Finite-width training: networks learn a separable toy problem, runs are reproducible, the
 NTK learning-rate estimate is exact and predicts divergence, bad inputs fail loudly."""
+import dataclasses
 import subprocess
 import sys
 
@@ -53,11 +54,35 @@ def test_convnet_learns_what_an_untrained_one_cannot():
 
 
 def test_rcig_protocol_trains_the_ntk_parameterised_convnet():
-  # 1000 steps, 500 of warm-up, full batch (256 capped at the 32 support images).
-  config = train.rcig_protocol(ipc=10)
+  # 2000 steps, 500 of warm-up, full batch (256 capped at the 32 support images); 1e-3 for the
+  # NTK parameterisation.
+  config = train.rcig_protocol(len(SUPPORT_X), learning_rate=1e-3)
+  assert config.steps == 2000 and not config.zero_readout
   params = train.train_network(CONVNET, SUPPORT_X, SUPPORT_Y, config, seed=0,
                                num_classes=CLASSES)
   assert _test_accuracy(CONVNET, params) >= 0.9
+
+
+RCIG_NET = architectures.Architecture('rcig_convnet', depth=2, w_std=1.0, b_std=0.0, width=8,
+                                      parameterization='standard')
+
+
+def test_rcig_protocol_trains_rcigs_convnet_as_the_paper_with_and_without_augmentation():
+  # The paper's setting: standard parameterisation, LeCun initialisation, Adam 1e-4, a random
+  # readout; 10 support images give its 1000 steps.
+  x, y = SUPPORT_X[::3][:10], SUPPORT_Y[::3][:10]
+  config = train.rcig_protocol(len(x))
+  assert (config.steps, config.learning_rate) == (1000, 1e-4)
+  untrained = train.init_params(RCIG_NET, x.shape, CLASSES, seed=0, zero_readout=False)
+  assert _test_accuracy(RCIG_NET, untrained) <= 0.5
+  params = train.train_network(RCIG_NET, x, y, config, seed=0, num_classes=CLASSES)
+  assert _test_accuracy(RCIG_NET, params) >= 0.9
+  augmented = dataclasses.replace(config, augmentations='crop_rotate_translate_cutout')
+  params, losses = train.train_network(RCIG_NET, x, y, augmented, seed=0, num_classes=CLASSES,
+                                       return_losses=True)
+  assert np.all(np.isfinite(losses)) and _test_accuracy(RCIG_NET, params) >= 0.8
+  with pytest.raises(ValueError, match='Unknown augmentation'):
+    dataclasses.replace(config, augmentations='crop_wobble')
 
 
 def test_fc_evaluate_transfer_is_per_seed_and_reproducible():
@@ -152,8 +177,9 @@ def test_bad_configs_name_the_problem(fields, match):
 
 
 def test_protocol_presets_and_schedule():
-  assert train.rcig_protocol(10).steps == 1000 and train.rcig_protocol(1).steps == 2000
-  rcig = train.rcig_protocol(50)
+  # RCIG's code: 1000 steps for a support of 10 images (1 per class), else 2000.
+  assert train.rcig_protocol(10).steps == 1000 and train.rcig_protocol(100).steps == 2000
+  rcig = train.rcig_protocol(500)
   assert (rcig.optimizer, rcig.warmup_steps, rcig.batch_size, rcig.loss) == (
       'adam', 500, 256, 'mse')
   kip = train.kip_protocol()
