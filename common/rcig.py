@@ -318,13 +318,13 @@ def tuned_inner_solve(inner_loss: InnerLoss, support: Support, ctx: dict, delta0
   """`inner_solve`, never worse than its start, and the learning rate for the next solve.
 
   Adam's first steps have size ~lr whatever the gradient, and the support loss at delta = 0
-  is often already ~0 (the ridge readout nearly interpolates a small support set), so a fixed
-  rate can raise the loss. Like the paper's auto-tuning, the rate shrinks after a solve that
+  is often already small (the ridge readout nearly interpolates a small support set), so a
+  fixed rate can raise the loss (or overflow it). Like the paper's auto-tuning, the rate shrinks after a solve that
   raised the loss (whose result is then discarded for delta0) and grows slowly otherwise.
   """
   delta = inner_solve(inner_loss, support, ctx, delta0, steps, lr)
   value = _inner_value(inner_loss)
-  if float(value(delta, support, ctx)) > float(value(delta0, support, ctx)):
+  if not float(value(delta, support, ctx)) <= float(value(delta0, support, ctx)):  # or NaN
     return delta0, lr * decrease
   return delta, lr * increase
 
@@ -335,15 +335,22 @@ def _vdot(a, b) -> jax.Array:
 
 
 def hessian_inverse_vector_product(hvp_fn: Callable, v: Params, steps: int, lr: float) -> Params:
-  """Approximately H^-1 v for positive-definite H given as hvp_fn(x) = H x: Adam on
-  0.5 x'Hx - v'x (gradient Hx - v).
+  """Approximately H^-1 v for H given as hvp_fn(x) = H x: Adam on 0.5 x'Hx - v'x (gradient
+  Hx - v).
 
   Adam's steps have a fixed size whatever the scale of the solution, so the start and the
-  step size are set by the data: x starts at the exact minimiser along v, alpha v with
-  alpha = v'v / v'Hv (one Hessian-vector product), and `lr` is relative to that start's RMS.
+  step size are set by the data: x starts at alpha v with alpha = v'v / v'Hv, the exact
+  minimiser along v (one Hessian-vector product), and `lr` is relative to that start's RMS.
+  The reparameterised inner loss need not be convex at delta*: where v'Hv is not positive,
+  alpha uses |v'Hv| or, failing that, the Rayleigh scale ||Hv|| ||v||; where even that is
+  zero or not finite the product is taken as 0 (the meta-gradient is then the direct one).
   """
   hv = hvp_fn(v)
-  alpha = _vdot(v, v) / jnp.maximum(_vdot(v, hv), 1e-30)
+  vv, vhv = _vdot(v, v), _vdot(v, hv)
+  scale = jnp.sqrt(vv * _vdot(hv, hv))
+  curvature = jnp.where(jnp.abs(vhv) > 1e-6 * scale, jnp.abs(vhv), scale)
+  usable = jnp.isfinite(curvature) & (curvature > 0) & jnp.isfinite(vv)
+  alpha = jnp.where(usable, vv / jnp.where(usable, curvature, 1.0), 0.0)
   x = jax.tree_util.tree_map(lambda t: alpha * t, v)
   size = jnp.sqrt(_vdot(x, x) / sum(t.size for t in jax.tree_util.tree_leaves(x)))
   step_size = lr * size
@@ -393,9 +400,12 @@ def meta_gradient(inner_loss: InnerLoss, outer_loss: OuterLoss, delta_star: Para
   x = hessian_inverse_vector_product(lambda t: hvp(t, delta_star, support, ctx), g_delta,
                                      hinv_steps, hinv_lr)
   implicit = jax.tree_util.tree_map(jnp.negative, mixed(x, delta_star, support, ctx))
-  used = implicit
+  # As the paper's code: a non-finite implicit part (a Hessian-inverse product that blew up
+  # on a non-convex inner loss) counts as zero, leaving the direct gradient.
+  used = jax.tree_util.tree_map(
+      lambda g: jnp.where(jnp.all(jnp.isfinite(g)), g, jnp.zeros_like(g)), implicit)
   if clip_implicit:
-    used = jax.tree_util.tree_map(_clip_to, implicit, direct)
+    used = jax.tree_util.tree_map(_clip_to, used, direct)
   total = jax.tree_util.tree_map(jnp.add, direct, used)
   return MetaGradient(total, g_temp, loss, accuracy, direct, implicit)
 

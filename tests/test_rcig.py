@@ -84,6 +84,18 @@ def test_hessian_inverse_vector_product_matches_solve():
   start = rcig.hessian_inverse_vector_product(hvp, v, steps=0, lr=0.1)
   error = lambda t: np.linalg.norm(np.concatenate([t['a'], t['b']]) - exact)
   assert error(few) < error(start)
+  # The reparameterised inner loss can be non-convex at delta*: an indefinite H or a zero v
+  # gives a finite product (zero for v = 0), never an overflow.
+  indefinite = jnp.asarray((q * np.linspace(-2.0, 8.0, 6)) @ q.T, jnp.float32)
+
+  def hvp_indefinite(x):
+    flat = indefinite @ jnp.concatenate([x['a'], x['b']])
+    return {'a': flat[:4], 'b': flat[4:]}
+
+  for vector in (v, jax.tree_util.tree_map(jnp.zeros_like, v)):
+    x = rcig.hessian_inverse_vector_product(hvp_indefinite, vector, steps=20, lr=0.1)
+    assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(x))
+  assert not np.any(np.asarray(x['a'])) and not np.any(np.asarray(x['b']))
 
 
 # A ridge-regression inner problem: delta*(S) has a closed form, so L_o(delta*(S), S) can be
