@@ -84,7 +84,7 @@ class RcigConfig:
   eval_width: int = 128
   eval_parameterization: str = 'standard'
   eval_lr: float = 1e-4
-  eval_train_steps: int = 0         # 0: the protocol's (1000 at 10 images/class, else 2000)
+  eval_train_steps: int = 0         # 0: the protocol's (1000 for 10 images, else 2000)
   eval_models: int = 1
 
   def __post_init__(self):

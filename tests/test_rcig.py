@@ -158,6 +158,23 @@ def test_implicit_gradient_matches_finite_differences():
     assert np.linalg.norm(implicit) <= np.linalg.norm(clipped.direct[name]) * (1 + 1e-5)
 
 
+def test_a_non_finite_implicit_gradient_leaves_the_direct_one():
+  rng = np.random.default_rng(3)
+  support = {'images': jnp.asarray(rng.normal(size=(5, 3))),
+             'labels': jnp.asarray(rng.normal(size=(5, 2)))}
+  ctx = {'x_target': jnp.asarray(rng.normal(size=(8, 3)), jnp.float32),
+         'y_target': jnp.asarray(rng.integers(0, 2, size=8))}
+
+  def broken_inner(w, s, c):  # NaN curvature: sqrt of a negative number
+    return _ridge_inner(w, s, c) + jnp.sum(jnp.sqrt(w - 1e3)) * jnp.mean(s['images'])
+
+  meta = rcig.meta_gradient(broken_inner, _ridge_outer, _ridge_solution(support), support,
+                            jnp.float32(0.0), ctx, hinv_steps=5, hinv_lr=0.1)
+  assert not np.all(np.isfinite(meta.implicit['images']))
+  for name in ('images', 'labels'):
+    np.testing.assert_array_equal(meta.support[name], meta.direct[name])
+
+
 # ----------------------------------------------------------------------------------------------
 # The loop on a tiny separable 3-class dataset.
 
