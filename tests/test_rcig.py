@@ -120,12 +120,18 @@ def _ridge_solution(support):
   return jnp.linalg.solve(x.T @ x / n + L2 * jnp.eye(d), x.T @ y / n)
 
 
-def test_implicit_gradient_matches_finite_differences():
-  rng = np.random.default_rng(2)
+def _ridge_problem(seed):
+  """(support, ctx) of a small random ridge-regression inner problem."""
+  rng = np.random.default_rng(seed)
   support = {'images': jnp.asarray(rng.normal(size=(5, 3))),
              'labels': jnp.asarray(rng.normal(size=(5, 2)))}
   ctx = {'x_target': jnp.asarray(rng.normal(size=(8, 3)), jnp.float32),
          'y_target': jnp.asarray(rng.integers(0, 2, size=8))}
+  return support, ctx
+
+
+def test_implicit_gradient_matches_finite_differences():
+  support, ctx = _ridge_problem(2)
   log_temp = jnp.float32(0.3)
   w_star = _ridge_solution(support)
   # The iterative inner solve reaches the same optimum.
@@ -159,11 +165,7 @@ def test_implicit_gradient_matches_finite_differences():
 
 
 def test_a_non_finite_implicit_gradient_leaves_the_direct_one():
-  rng = np.random.default_rng(3)
-  support = {'images': jnp.asarray(rng.normal(size=(5, 3))),
-             'labels': jnp.asarray(rng.normal(size=(5, 2)))}
-  ctx = {'x_target': jnp.asarray(rng.normal(size=(8, 3)), jnp.float32),
-         'y_target': jnp.asarray(rng.integers(0, 2, size=8))}
+  support, ctx = _ridge_problem(3)
 
   def broken_inner(w, s, c):  # NaN curvature: sqrt of a negative number
     return _ridge_inner(w, s, c) + jnp.sum(jnp.sqrt(w - 1e3)) * jnp.mean(s['images'])
