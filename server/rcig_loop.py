@@ -119,11 +119,10 @@ def finite_accuracy(images, labels, x_test, y_test, num_classes: int, *, depth: 
                                  protocol, seeds=tuple(range(models)), num_classes=num_classes)
 
 
-def evaluate(cfg: rcig.RcigConfig, prepared, images, labels, ipc: int, test_size: int,
+def evaluate(cfg: rcig.RcigConfig, prepared, images, labels, test_size: int,
              seed: int) -> float:
   """Test accuracy of the finite ReLU ConvNet trained on the support (`finite_accuracy`,
   without augmentation)."""
-  del ipc  # the protocol follows the support's size
   x_test, y_test = prepared.x_test, prepared.y_test
   if test_size and test_size < len(x_test):
     # A fixed subset (same every evaluation) so accuracies are comparable across steps.
@@ -202,7 +201,7 @@ def run_rcig(cfg: rcig.RcigConfig, prepared: distill.PreparedData, run_dir, *, i
   metrics_path = run_dir / 'metrics.jsonl'
   rng = np.random.default_rng(seed)
   state, label_ids = _initial_state(cfg, prepared, ipc, rng)
-  measure = lambda step: evaluate(cfg, prepared, *saved_support(cfg, state, step), ipc,
+  measure = lambda step: evaluate(cfg, prepared, *saved_support(cfg, state, step),
                                   eval_test_size, seed)
   if saved is None:
     step, elapsed, best, before = 0, 0.0, None, None
