@@ -5,7 +5,7 @@ import functools
 import logging
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
