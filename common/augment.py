@@ -50,13 +50,19 @@ def crop(key, image, zoom=(0.8, 1.25)):
   return _resample(image, jnp.eye(2, dtype=image.dtype) / scale, shift)
 
 
+def shift(key, image, max_h: int, max_w: int):
+  """A whole-pixel shift by up to max_h rows and max_w columns either way (uniform), zeros
+  shifted in."""
+  offset = jax.random.randint(key, (2,), jnp.array([-max_h, -max_w]),
+                              jnp.array([max_h + 1, max_w + 1]))
+  padded = jnp.pad(image, ((max_h, max_h), (max_w, max_w), (0, 0)))
+  return jax.lax.dynamic_slice(padded, (max_h - offset[0], max_w - offset[1], 0), image.shape)
+
+
 def translate(key, image, ratio=0.125):
   """A shift by up to `ratio` of the side in each direction (whole pixels), zeros shifted in."""
   h, w, _ = image.shape
-  lh, lw = round(ratio * h), round(ratio * w)
-  shift = jax.random.randint(key, (2,), jnp.array([-lh, -lw]), jnp.array([lh + 1, lw + 1]))
-  padded = jnp.pad(image, ((lh, lh), (lw, lw), (0, 0)))
-  return jax.lax.dynamic_slice(padded, (lh - shift[0], lw - shift[1], 0), image.shape)
+  return shift(key, image, round(ratio * h), round(ratio * w))
 
 
 def rotate(key, image, degrees=15.0):

@@ -319,8 +319,9 @@ def tuned_inner_solve(inner_loss: InnerLoss, support: Support, ctx: dict, delta0
 
   Adam's first steps have size ~lr whatever the gradient, and the support loss at delta = 0
   is often already small (the ridge readout nearly interpolates a small support set), so a
-  fixed rate can raise the loss (or overflow it). Like the paper's auto-tuning, the rate shrinks after a solve that
-  raised the loss (whose result is then discarded for delta0) and grows slowly otherwise.
+  fixed rate can raise the loss (or overflow it). Like the paper's auto-tuning, the rate
+  shrinks after a solve that raised the loss (whose result is then discarded for delta0) and
+  grows slowly otherwise.
   """
   delta = inner_solve(inner_loss, support, ctx, delta0, steps, lr)
   value = _inner_value(inner_loss)

@@ -31,7 +31,6 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from ntkdd.common import architectures
 from ntkdd.common import augment as augment_lib
@@ -221,20 +220,17 @@ def _squared_norm(params: Params):
 
 
 def augment(key, images, crop_padding: int):
-  """Random horizontal flips and random crops of zero-padded NHWC images (shapes kept)."""
+  """Random horizontal flips and random crops of zero-padded NHWC images (shapes kept): each
+  image flipped with probability 1/2, then shifted by up to `crop_padding` pixels."""
   if images.ndim != 4:
     raise ValueError(f'augment needs NHWC images, got shape {images.shape}.')
-  n, h, w, c = images.shape
   flip_key, crop_key = jax.random.split(key)
-  flip = jax.random.bernoulli(flip_key, 0.5, (n,))
-  images = jnp.where(flip[:, None, None, None], images[:, :, ::-1, :], images)
+  keys = lambda k: jax.random.split(k, images.shape[0])
+  images = jax.vmap(augment_lib.flip)(keys(flip_key), images)
   if crop_padding == 0:
     return images
-  p = crop_padding
-  padded = jnp.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
-  corners = jax.random.randint(crop_key, (n, 2), 0, 2 * p + 1)
-  crop = lambda image, corner: lax.dynamic_slice(image, (corner[0], corner[1], 0), (h, w, c))
-  return jax.vmap(crop)(padded, corners)
+  crop = lambda k, image: augment_lib.shift(k, image, crop_padding, crop_padding)
+  return jax.vmap(crop)(keys(crop_key), images)
 
 
 def _optimizer(config: TrainConfig, learning_rate):
