@@ -58,6 +58,12 @@ def _add_kernel_flags(p: argparse.ArgumentParser, default_arch: str, default_dep
                       'ray need N >= 1).')
   g.add_argument('--block', type=int, default=64,
                  help='coordinator tile side (images) when --workers >= 1. Default %(default)s.')
+  g.add_argument('--expose-courier-ports', action='store_true',
+                 help='with --launch launchpad where no private network namespace can be made '
+                      '(unshare -n): run anyway, with every Courier port listening on all '
+                      'interfaces of this machine. Courier executes what its callers send, so '
+                      'anyone who can reach these ports can run code as you. Only for machines '
+                      'whose whole network is trusted.')
 
 
 def _add_data_flags(p: argparse.ArgumentParser) -> None:
@@ -223,7 +229,8 @@ def _backend_factory(args, dataset: Optional[dict] = None):
   if args.launch == 'launchpad':
     from ntkdd.launch import launchpad_program
     return lambda arch: launchpad_program.make_launchpad_backend(
-        arch, workers=args.workers, tile=args.tile, dtype=args.dtype, block=args.block)
+        arch, workers=args.workers, tile=args.tile, dtype=args.dtype, block=args.block,
+        expose_courier_ports=args.expose_courier_ports)
   if args.launch == 'ray':
     from ntkdd.launch import ray_launch
     return lambda arch: ray_launch.make_ray_backend(
@@ -235,6 +242,23 @@ def _backend_factory(args, dataset: Optional[dict] = None):
   return lambda arch: inprocess.make_inprocess_backend(
       arch, workers=args.workers, tile=args.tile, dtype=args.dtype, block=args.block,
       dataset=dataset)
+
+
+def _rerun_in_private_network(argv: Sequence[str]) -> Optional[int]:
+  """`ntkdd kernel --launch launchpad` coordinates its Courier workers from this process, so
+  the whole command re-runs inside a private network namespace (see launchpad_program); the
+  exit code of that run, or None when this process may go on as it is."""
+  from ntkdd.launch import launchpad_program, private_network
+  try:
+    prefix = launchpad_program.network_prefix()
+  except launchpad_program.PrivateNetworkUnavailable as e:
+    raise SystemExit(f'ntkdd kernel: {e}') from None
+  if not prefix:
+    return None
+  code = 'import sys; from ntkdd.launch.cli import main; sys.exit(main(sys.argv[1:]))'
+  done = private_network.run([sys.executable, '-c', code, *argv], prefix, timeout_s=None,
+                             capture=False, new_session=False)
+  return done.returncode if isinstance(done.returncode, int) else 1
 
 
 def _cmd_kernel(args) -> int:
@@ -319,10 +343,11 @@ def _cmd_distill(args) -> int:
     if args.launch == 'launchpad':
       from ntkdd.launch import launchpad_program
       try:
-        summary = launchpad_program.run_local_mp(cfg, args.out, workers=args.workers,
-                                                 resume=args.resume, block=args.block,
-                                                 worker_tile=args.tile)
-      except launchpad_program.CoordinatorFailed as e:
+        summary = launchpad_program.run_local_mp(
+            cfg, args.out, workers=args.workers, resume=args.resume, block=args.block,
+            worker_tile=args.tile, expose_courier_ports=args.expose_courier_ports)
+      except (launchpad_program.CoordinatorFailed,
+              launchpad_program.PrivateNetworkUnavailable) as e:
         print(f'ntkdd distill: the coordinator failed: {e}', file=sys.stderr)
         return 1
     elif args.launch == 'ray':
@@ -397,6 +422,10 @@ def _default_initialisation(args: argparse.Namespace) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = _parser().parse_args(argv)
+  if args.command == 'kernel' and args.launch == 'launchpad' and not args.expose_courier_ports:
+    code = _rerun_in_private_network(sys.argv[1:] if argv is None else list(argv))
+    if code is not None:
+      return code
   _default_initialisation(args)
   logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                       format='%(asctime)s %(levelname)s %(message)s', datefmt='%H:%M:%S')

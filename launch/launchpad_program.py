@@ -19,20 +19,28 @@ type) and returns the run's summary. What it does, and why (Launchpad 0.5.2 on t
   tmux or xterm when it finds one). Each node's output goes to `run_dir/launchpad_logs/<group>/
   <index>`; that launcher reads its folder from the module global `_LOGGING_DIR` (set from
   $LAUNCHPAD_LOGGING_DIR at import), which the launcher sets before launching.
-* Addresses: local launches bind every Courier address with `SimpleLocalAddressBuilder`,
-  `localhost:<port from portpicker>`, so every handle (and coordinator_address.txt) points at
-  loopback. The Courier server itself listens on `[::]:<port>` (and 0.0.0.0): `courier.Server`
-  takes only a port, and the bind address is fixed in its compiled `server.so`, so it cannot be
-  narrowed to 127.0.0.1 from Python. Use a firewall where other hosts must not reach it.
+* Network: local launches bind every Courier address with `SimpleLocalAddressBuilder`,
+  `localhost:<port from portpicker>`, but the Courier server itself listens on `[::]:<port>`
+  (and 0.0.0.0): `courier.Server` takes only a port, and the bind address is fixed in its
+  compiled `server.so`. Courier rebuilds call arguments through `__reduce__`, so whoever
+  reaches a port runs code in that node. The launcher therefore starts under `unshare -n` (see
+  launch/private_network.py): the launcher, every node and the coordinator live in a network
+  namespace of their own where only loopback exists, and no Courier port exists outside the
+  run. Where no namespace can be made, the launch is refused (`PrivateNetworkUnavailable`)
+  unless the caller opts in with `expose_courier_ports=True` (`--expose-courier-ports`).
+  Status reaches the host through the run directory instead: the coordinator serves it on
+  the Unix socket status.sock (mode 0600) and keeps status.json (server/status.py).
 * Worker handles are Courier clients. The coordinator first pings each with `wait_for_ready`
   (so it waits for workers still importing JAX/TensorFlow), then calls them through clients with
   `wait_for_ready=False`, so a dead worker fails its call at once instead of waiting for it
   to come back; `DistributedKernels` re-queues its blocks and pings it later.
 * Only bytes/ints/strs cross Courier (a numpy argument hangs on this stack).
 
-Files in the run directory besides distill's: coordinator_address.txt (HOST:PORT of status()),
+Files in the run directory besides distill's: coordinator_address.txt (HOST:PORT of status(),
+reachable only inside the run's namespace), status.sock and status.json (status from the host),
 coordinator_result.json (ok / error / interrupted, written when the coordinator ends),
-launchpad_processes.json (pids), launchpad_logs/ (each node's output, launcher.log).
+launchpad_processes.json (pids, the namespace), launchpad_logs/ (each node's output,
+launcher.log).
 """
 from __future__ import annotations
 
@@ -50,6 +58,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ntkdd.launch import private_network
 from ntkdd.server import coordinator as coordinator_lib
 from ntkdd.server import status as status_lib
 
@@ -66,8 +75,63 @@ INSTALL_HINT = ("the Launchpad launch type needs dm-launchpad 0.5.2 (with Courie
                 "(make venv-lp builds that environment as .venv-lp).")
 
 
+EXPOSE_FLAG = '--expose-courier-ports'
+NETNS_FILE = 'netns'   # in the log folder: the namespace the launcher entered
+
+
 class CoordinatorFailed(RuntimeError):
   """The Launchpad coordinator ended without finishing the run; the message says why."""
+
+
+class PrivateNetworkUnavailable(RuntimeError):
+  """No private network namespace for a local program, and no opt-in to expose its ports."""
+
+
+def _exposure_warning() -> str:
+  return (f'{EXPOSE_FLAG}: the Courier servers of this run listen on every network interface '
+          f'of this machine, and Courier executes what its callers send: anyone who can reach '
+          f'these ports can run code as user {_user()} while the run lasts.')
+
+
+def _user() -> str:
+  try:
+    import pwd  # pylint: disable=import-outside-toplevel
+    return pwd.getpwuid(os.getuid()).pw_name
+  except (ImportError, KeyError):
+    return str(os.getuid())
+
+
+def network_prefix(expose_courier_ports: bool = False, caller_coordinates: bool = False) -> list:
+  """The command prefix that starts a local program's launcher in a private network.
+
+  Returns `unshare -n` (or `-rn`) when this process is on the host's network; [] when it
+  already runs in a namespace with only loopback (a CLI that re-ran itself there, a test) or
+  when `expose_courier_ports` opts out (logged as a warning). `caller_coordinates`: this
+  process talks to the workers itself (`ntkdd kernel`), so it must already be inside.
+  Raises `PrivateNetworkUnavailable` (why, and how to proceed) otherwise.
+  """
+  if expose_courier_ports:
+    logging.warning(_exposure_warning())
+    return []
+  if private_network.only_loopback():
+    return []
+  how = (f'Ways on: run ntkdd as root or enable unprivileged user namespaces '
+         f'(sysctl kernel.unprivileged_userns_clone=1, user.max_user_namespaces > 0); use '
+         f'--launch ray (its workers authenticate callers) or --launch inprocess --workers N; '
+         f'or, only if every host that can reach this machine is trusted, pass {EXPOSE_FLAG}.')
+  if caller_coordinates:
+    raise PrivateNetworkUnavailable(
+        'This process coordinates Launchpad kernel workers over Courier, so it must itself run '
+        'in the private network namespace of the program (the ntkdd CLI re-runs itself under '
+        '`unshare -n`; from Python, start your program under `unshare -n` and bring up lo). '
+        + how)
+  prefix, why = private_network.probe_unshare()
+  if prefix is None:
+    raise PrivateNetworkUnavailable(
+        f'The Launchpad launch type runs its nodes in a private network namespace, because a '
+        f'Courier server listens on every interface and executes what its callers send; this '
+        f'machine cannot make one ({why}). ' + how)
+  return prefix
 
 
 def import_launchpad():
@@ -178,6 +242,11 @@ class CoordinatorNode:
     self._started.set()
     from ntkdd.server import coordinator, distill
     result: dict = {'ok': False, 'pid': os.getpid()}
+    # Status for this machine without the network (the Courier port may live in a private
+    # namespace): status.sock and status.json in the run directory.
+    self._run_dir.mkdir(parents=True, exist_ok=True)
+    publisher = status_lib.StatusPublisher(self._status, str(self._run_dir)).start()
+    ended_by: Optional[BaseException] = None
     try:
       (self._run_dir / RESULT_FILE).unlink(missing_ok=True)   # a stale one of a killed run
       if self._server is None:   # not under Launchpad: no status RPC, still a run
@@ -201,20 +270,23 @@ class CoordinatorNode:
         return backend
 
       summary = distill.distill(cfg, str(self._run_dir), factory, resume=self._resume,
-                                progress=False)
+                                progress=False, run_status=self._status)
       # The backend's totals (blocks, bytes, index blocks, faults) for the record.
       result.update(ok=True, summary=summary, backend=backends[-1].status() if backends else None)
       self._status.set_phase('done')
     except distill.Interrupted as e:
+      ended_by = e
       result.update(interrupted=True, error=str(e))
       self._status.set_phase('interrupted', str(e))
     except BaseException as e:  # reported through the run directory, then the node ends
+      ended_by = e
       result.update(error=f'{type(e).__name__}: {e}', traceback=traceback.format_exc())
       self._status.set_phase('failed', result['error'])
       logging.exception('Coordinator failed.')
     finally:
       try:
         _write_json(self._run_dir / RESULT_FILE, result)
+        publisher.finish(ended_by)
       finally:
         if self._server is not None:
           self._server.Stop()
@@ -332,7 +404,8 @@ def _launcher_main(spec_path: str) -> None:
   nodes: dict = {}
   for title, procs in titled:
     nodes.setdefault(title.split('/')[0], []).extend(procs)
-  info = {'launcher': os.getpid(),
+  info = {'launcher': os.getpid(), 'netns': os.readlink('/proc/self/ns/net'),
+          'network': spec.get('network', 'host'),
           'nodes': {label: [p.pid for p in procs] for label, procs in nodes.items()},
           'addresses': {label: [n.courier_address.resolve() for n in program.groups[label]]
                         for label in program.groups}}
@@ -370,21 +443,36 @@ class LocalProgram:
   Use as a context manager: leaving it ends the launcher's process group (every node).
   """
 
-  def __init__(self, spec: dict, base_dir: Path, python: Optional[str] = None):
+  def __init__(self, spec: dict, base_dir: Path, python: Optional[str] = None,
+               prefix: Sequence[str] = ()):
     self.base_dir = Path(base_dir)
     self.log_dir = Path(spec['log_dir'])
     self.log_dir.mkdir(parents=True, exist_ok=True)
     self.processes_file = Path(spec['processes_file'])
     self.processes_file.unlink(missing_ok=True)
+    spec = dict(spec, network='private' if prefix else spec.get('network', 'host'))
     spec_path = self.base_dir / SPEC_FILE
     _write_json(spec_path, spec)
     self._log = open(self.log_dir / 'launcher.log', 'ab')
     code = ('import sys; from ntkdd.launch import launchpad_program as m; '
             'm._launcher_main(sys.argv[1])')
-    self.process = subprocess.Popen([python or sys.executable, '-c', code, str(spec_path)],
-                                    stdin=subprocess.DEVNULL, stdout=self._log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+    argv = [python or sys.executable, '-c', code, str(spec_path)]
+    env = None
+    netns_file = self.log_dir / NETNS_FILE
+    netns_file.unlink(missing_ok=True)
+    if prefix:   # `unshare -n` execs (no fork), so the pid stays the launcher's
+      argv = list(prefix) + ['bash', '-c', private_network.ENTER, 'enter'] + argv
+      env = dict(os.environ, NTKDD_NETNS_FILE=str(netns_file))
+    self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log,
+                                    stderr=subprocess.STDOUT, start_new_session=True, env=env)
     self.pid = self.process.pid    # also the process group id of every node
+    self._namespace = None
+    if prefix:
+      self._namespace = private_network.NamespaceGuard(netns_file, self.pid)
+      if not self._namespace.acquire(timeout_s=30):
+        self.stop()
+        raise CoordinatorFailed(f'The Launchpad launcher did not enter its private network '
+                                f'namespace.\n{self.log_tail()}')
 
   def processes(self, timeout_s: float = 120.0) -> dict:
     """{'launcher': pid, 'nodes': {group: [pids]}, 'addresses': {group: [HOST:PORT]}}."""
@@ -433,6 +521,8 @@ class LocalProgram:
       if self.process.poll() is None:
         self.process.kill()
       self.process.wait()
+      if self._namespace is not None:   # anything left in the run's namespace, by pid
+        self._namespace.kill_all()
       self._log.close()
 
   def __enter__(self) -> 'LocalProgram':
@@ -460,20 +550,27 @@ def start_local_mp(cfg, run_dir: str, workers: int, resume: bool = False, block:
                    worker_tile: Optional[int] = None, deadline_s: float = 600.0,
                    startup_timeout_s: float = 300.0, env: Optional[dict] = None,
                    coordinator_kwargs: Optional[dict] = None,
-                   python: Optional[str] = None) -> LocalProgram:
-  """Starts the distillation program (local_mp) in a launcher process; does not wait."""
+                   python: Optional[str] = None,
+                   expose_courier_ports: bool = False) -> LocalProgram:
+  """Starts the distillation program (local_mp) in a launcher process; does not wait.
+
+  The launcher and every node run in a private network namespace (see `network_prefix`);
+  `expose_courier_ports` lets their Courier ports listen on the host's network instead.
+  """
   import_launchpad()   # fail here, clearly, rather than in the launcher process
   cfg.validate()
   if workers < 1:
     raise ValueError(f'--workers must be >= 1 with --launch launchpad, got {workers}.')
+  prefix = network_prefix(expose_courier_ports)
   run_dir = open_run_dir(run_dir, resume, (RESULT_FILE, ADDRESS_FILE, WORKER_PIDS_FILE))
   spec = {'kind': 'distill', 'config': dataclasses.asdict(cfg), 'run_dir': str(run_dir),
           'workers': int(workers), 'resume': bool(resume), 'block': int(block),
           'worker_tile': worker_tile, 'deadline_s': float(deadline_s),
           'startup_timeout_s': float(startup_timeout_s), 'env': env or {},
           'coordinator_kwargs': coordinator_kwargs or {},
-          'log_dir': str(run_dir / LOG_DIR), 'processes_file': str(run_dir / PROCESSES_FILE)}
-  return LocalProgram(spec, run_dir, python=python)
+          'log_dir': str(run_dir / LOG_DIR), 'processes_file': str(run_dir / PROCESSES_FILE),
+          'network': 'exposed' if expose_courier_ports else 'host'}
+  return LocalProgram(spec, run_dir, python=python, prefix=prefix)
 
 
 def wait_for_result(program: LocalProgram, run_dir: str, timeout_s: Optional[float] = None,
@@ -502,7 +599,8 @@ def run_local_mp(cfg, run_dir: str, workers: int, resume: bool = False,
                  timeout_s: Optional[float] = None, block: int = 64,
                  worker_tile: Optional[int] = None, deadline_s: float = 600.0,
                  startup_timeout_s: float = 300.0, env: Optional[dict] = None,
-                 coordinator_kwargs: Optional[dict] = None) -> dict:
+                 coordinator_kwargs: Optional[dict] = None,
+                 expose_courier_ports: bool = False) -> dict:
   """Runs `ntkdd distill --launch launchpad --workers N`: local_mp, waits, ends every process.
 
   Returns the summary dict (as `distill.distill`). Raises `distill.Interrupted` if the run was
@@ -514,7 +612,8 @@ def run_local_mp(cfg, run_dir: str, workers: int, resume: bool = False,
   program = start_local_mp(cfg, run_dir, workers, resume=resume, block=block,
                            worker_tile=worker_tile, deadline_s=deadline_s,
                            startup_timeout_s=startup_timeout_s, env=env,
-                           coordinator_kwargs=coordinator_kwargs)
+                           coordinator_kwargs=coordinator_kwargs,
+                           expose_courier_ports=expose_courier_ports)
   try:
     try:
       result = wait_for_result(program, run_dir, timeout_s)
@@ -546,16 +645,21 @@ class LaunchpadKernels(coordinator_lib.OwnedWorkersKernels):
   def __init__(self, arch, workers: int, tile: Optional[int] = None, dtype: str = 'float32',
                block: int = 64, startup_timeout_s: float = 300.0,
                log_dir: Optional[str] = None, env: Optional[dict] = None,
-               dataset: Optional[dict] = None, **coordinator_kwargs):
+               dataset: Optional[dict] = None, expose_courier_ports: bool = False,
+               **coordinator_kwargs):
     import_launchpad()
     from ntkdd.server import coordinator
     if workers < 1:
       raise ValueError(f'--workers must be >= 1 with --launch launchpad, got {workers}.')
+    # This process calls the workers, so the program shares its network: a private one
+    # (checked here) or, opted in, the host's.
+    network_prefix(expose_courier_ports, caller_coordinates=True)
     base = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix='ntkdd-launchpad-'))
     spec = {'kind': 'workers', 'arch': _arch_dict(arch), 'workers': int(workers),
             'dtype': dtype, 'tile': tile, 'env': env or {}, 'dataset': dataset,
             'log_dir': str(base / LOG_DIR),
-            'processes_file': str(base / PROCESSES_FILE)}
+            'processes_file': str(base / PROCESSES_FILE),
+            'network': 'exposed' if expose_courier_ports else 'inherited'}
     self.program = LocalProgram(spec, base)
     self._backend = None
     try:

@@ -186,8 +186,13 @@ def _render(run_dir: Path) -> None:
 
 
 def distill(cfg: DistillConfig, run_dir: str, backend_factory: Callable, resume: bool = False,
-            progress: bool = True, prepared: Optional[PreparedData] = None) -> dict[str, Any]:
-  """Runs KIP or LS into `run_dir`; returns the summary (also written to summary.json)."""
+            progress: bool = True, prepared: Optional[PreparedData] = None,
+            run_status: Any = None) -> dict[str, Any]:
+  """Runs KIP or LS into `run_dir`; returns the summary (also written to summary.json).
+
+  `run_status`: the caller's `status.RunStatus`, which the caller publishes (the Launchpad and
+  Ray coordinators); without one the run publishes its own (status.sock, status.json).
+  """
   cfg.validate()
   run_dir = Path(run_dir)
   config_path = run_dir / 'config.json'
@@ -205,13 +210,30 @@ def distill(cfg: DistillConfig, run_dir: str, backend_factory: Callable, resume:
                   'class_names': list(prepared.dataset.class_names),
                   'preprocess': prepared.preprocessor.kind},
       'versions': versions(), 'created': time.strftime('%Y-%m-%dT%H:%M:%S%z')})
-  backend = backend_factory(cfg.architecture())
+  publisher = None
+  if run_status is None:
+    from ntkdd.server import status
+    publisher = status.StatusPublisher(status.RunStatus(str(run_dir), total_steps=cfg.steps),
+                                       str(run_dir)).start()
+    publisher.holder.set_phase('running')
+  try:
+    backend = backend_factory(cfg.architecture())
+  except BaseException as e:
+    if publisher:
+      publisher.finish(e)
+    raise
   try:
     if cfg.algorithm == 'ls':
       return _run_label_solve(cfg, run_dir, prepared, backend)
     return _run_kip(cfg, run_dir, prepared, backend, saved, progress)
+  except BaseException as e:
+    if publisher:
+      publisher.finish(e)   # the final status.json says how the run ended
+    raise
   finally:
     getattr(backend, 'close', lambda: None)()  # distributed backends stop their threads
+    if publisher:
+      publisher.finish()
 
 
 def _run_label_solve(cfg, run_dir, prepared, backend) -> dict:

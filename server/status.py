@@ -4,23 +4,38 @@ A snapshot is a JSON-able dict. It is built from the run directory (config.json,
 checkpoint.npz, summary.json, coordinator_result.json), which the distill loop already writes
 atomically, plus the live kernel backend's `status()` (per-worker health) where one is given.
 `RunStatus` is the thread-safe holder a coordinator keeps: its phase, error and any fields set
-directly, merged over the run directory's view. Served over Courier as `status() -> bytes`
-(JSON, never numpy: Courier hangs on array arguments and bytes are the safe answer type);
-`query_status` is the client side, `format_status` the human-readable table.
+directly, merged over the run directory's view. `StatusPublisher` gives it to the host without
+any network: it serves the snapshot on the Unix socket RUN_DIR/status.sock (mode 0600, so the
+file system's permissions are the authentication) and keeps RUN_DIR/status.json, replaced
+atomically every few seconds and once more, final, when the run ends. Multi-host Launchpad
+programs also serve it over Courier as `status() -> bytes` (JSON, never numpy: Courier hangs on
+array arguments and bytes are the safe answer type). `query_status` is the client side: the
+socket, else the snapshot (judged against what the run left behind: a summary, a result file,
+a writer pid that no longer exists), else the bare run directory; `format_status` is the
+human-readable table.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
+import socket
+import struct
+import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 PHASES = ('starting', 'running', 'done', 'failed', 'interrupted')
+ENDED_PHASES = ('done', 'failed', 'interrupted', 'crashed')   # 'crashed' is only ever inferred
 RESULT_FILE = 'coordinator_result.json'     # written by the Launchpad coordinator when it ends
 ADDRESS_FILE = 'coordinator_address.txt'    # HOST:PORT of the coordinator's status RPC
+SOCKET_FILE = 'status.sock'                 # the live status, for processes of this machine
+SNAPSHOT_FILE = 'status.json'               # the latest (at the end: the final) status
+SNAPSHOT_EVERY_S = 5.0
 
 
 class StatusQueryError(RuntimeError):
@@ -194,6 +209,10 @@ class RunStatus:
     with self._lock:
       self._phase, self._error = phase, error
 
+  def phase(self) -> str:
+    with self._lock:
+      return self._phase
+
   def attach_backend(self, backend: Any) -> None:
     with self._lock:
       self._backend = backend
@@ -262,6 +281,170 @@ def _clean(value):
   return str(value)
 
 
+# -- Publishing through the run directory. -------------------------------------------------------
+
+@contextlib.contextmanager
+def _short_path(path: Path) -> Iterator[str]:
+  """`path` as a Unix socket address: as is, or through /proc/self/fd when it is longer than
+  sun_path (108 bytes) allows."""
+  path = Path(path)
+  if len(os.fsencode(str(path))) < 100:
+    yield str(path)
+    return
+  fd = os.open(path.parent, os.O_PATH)
+  try:
+    yield f'/proc/self/fd/{fd}/{path.name}'
+  finally:
+    os.close(fd)
+
+
+def _bind_private_socket(path: Path) -> socket.socket:
+  """A listening Unix socket at `path`, mode 0600 from the moment it is reachable there: bound
+  in a fresh 0700 folder, chmod-ed, then renamed into place (replacing a stale one)."""
+  folder = tempfile.mkdtemp(prefix='.status-sock-', dir=path.parent)
+  server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+  try:
+    bound = Path(folder) / 's'
+    with _short_path(bound) as address:
+      server.bind(address)
+    os.chmod(bound, 0o600)
+    server.listen(16)
+    os.replace(bound, path)
+  except BaseException:
+    server.close()
+    raise
+  finally:
+    shutil.rmtree(folder, ignore_errors=True)
+  return server
+
+
+def _peer_uid(conn: socket.socket) -> Optional[int]:
+  try:
+    _, uid, _ = struct.unpack('3i', conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                    struct.calcsize('3i')))
+    return uid
+  except (OSError, AttributeError):
+    return None
+
+
+class StatusPublisher:
+  """Gives a `RunStatus` to this machine through the run directory, without any network.
+
+  Serves the snapshot (JSON) to each connection on RUN_DIR/status.sock, which is mode 0600 and
+  answers only its owner's uid (and root); keeps RUN_DIR/status.json, atomically replaced every
+  `every_s` seconds. `finish` records how the run ended (phase, error, `ended`), writes the
+  final snapshot and removes the socket. Publishing never fails the run: a problem is logged.
+  One thread; `serve=False` writes only the snapshot.
+  """
+
+  def __init__(self, holder: 'RunStatus', run_dir: str, every_s: float = SNAPSHOT_EVERY_S,
+               serve: bool = True):
+    self.holder, self.run_dir = holder, Path(run_dir)
+    self.every_s = float(every_s)
+    self.socket_path = self.run_dir / SOCKET_FILE
+    self.snapshot_path = self.run_dir / SNAPSHOT_FILE
+    self._serve = serve
+    self._server: Optional[socket.socket] = None
+    self._socket_inode: Optional[int] = None
+    self._stop = threading.Event()
+    self._thread: Optional[threading.Thread] = None
+    self._write_lock = threading.Lock()
+    self._finished = False
+
+  def start(self) -> 'StatusPublisher':
+    import logging  # pylint: disable=import-outside-toplevel
+    self.holder.set_extra(status_pid=os.getpid(), status_host=socket.gethostname(),
+                          status_socket=str(self.socket_path) if self._serve else None)
+    if self._serve:
+      try:
+        self._server = _bind_private_socket(self.socket_path)
+        self._server.settimeout(0.25)
+        self._socket_inode = self.socket_path.stat().st_ino
+      except OSError as e:
+        logging.warning('No status socket at %s (%s); status.json is still kept.',
+                        self.socket_path, e)
+        self.holder.set_extra(status_socket=None)
+    self.write_snapshot()
+    self._thread = threading.Thread(target=self._loop, daemon=True, name='ntkdd-status')
+    self._thread.start()
+    return self
+
+  def write_snapshot(self, final: bool = False) -> None:
+    import logging  # pylint: disable=import-outside-toplevel
+    from ntkdd.server import checkpoint  # pylint: disable=import-outside-toplevel
+    try:
+      snap = self.holder.snapshot()
+      snap['snapshot_final'] = final
+      with self._write_lock:
+        checkpoint.atomic_write_bytes(self.snapshot_path, encode(snap))
+    except Exception as e:  # a full disk must not end the run
+      logging.warning('Could not write %s: %s', self.snapshot_path, e)
+
+  def _loop(self) -> None:
+    next_write = time.monotonic() + self.every_s
+    while not self._stop.is_set():
+      if self._server is None:
+        self._stop.wait(max(0.0, next_write - time.monotonic()))
+      else:
+        self._answer_one()
+      if time.monotonic() >= next_write and not self._stop.is_set():
+        self.write_snapshot()
+        next_write = time.monotonic() + self.every_s
+
+  def _answer_one(self) -> None:
+    try:
+      conn, _ = self._server.accept()
+    except (socket.timeout, OSError):
+      return
+    with conn:
+      uid = _peer_uid(conn)
+      if uid is not None and uid not in (os.getuid(), 0):
+        return    # the file mode already keeps others out; this is the second lock
+      try:
+        conn.settimeout(5.0)
+        conn.sendall(self.holder.to_bytes())
+      except OSError:
+        pass      # the client went away
+
+  def finish(self, error: Optional[BaseException] = None) -> None:
+    """Records the end (`error`: what ended the run, None for success), writes the final
+    snapshot and stops serving. Only the first call counts."""
+    if self._finished:
+      return
+    self._finished = True
+    if error is None:
+      if self.holder.phase() not in ENDED_PHASES:
+        self.holder.set_phase('done')
+    elif type(error).__name__ == 'Interrupted' or isinstance(error, KeyboardInterrupt):
+      self.holder.set_phase('interrupted', str(error) or 'Interrupted.')
+    else:
+      self.holder.set_phase('failed', f'{type(error).__name__}: {error}')
+    self.holder.set_extra(ended=time.time())
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join(10)
+    self.write_snapshot(final=True)
+    if self._server is not None:
+      self._server.close()
+      try:   # only our own socket: a newer coordinator may have replaced it
+        if self.socket_path.stat().st_ino == self._socket_inode:
+          self.socket_path.unlink()
+      except OSError:
+        pass
+
+
+@contextlib.contextmanager
+def publishing(holder: 'RunStatus', run_dir: str, **kwargs) -> Iterator[StatusPublisher]:
+  """A started `StatusPublisher` for the block; finished with the block's exception (if any)."""
+  publisher = StatusPublisher(holder, run_dir, **kwargs).start()
+  try:
+    yield publisher
+  except BaseException as e:
+    publisher.finish(e)
+    raise
+  publisher.finish()
+
+
 # -- Printing. ----------------------------------------------------------------------------------
 
 def _duration(seconds) -> str:
@@ -319,10 +502,21 @@ def format_status(snapshot: dict) -> str:
       ('ETA', _duration(s.get('eta_s'))),
       ('checkpoint', ckpt),
   ]
+  if s.get('ended'):
+    rows.insert(2, ('ended', time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(s['ended']))
+                    + f" ({_duration(time.time() - s['ended'])} ago)"))
   if s.get('coordinator_pid') or s.get('address'):
     rows.append(('coordinator', f"{s.get('address') or '-'} pid {s.get('coordinator_pid') or '-'}"))
-  if s.get('source') == 'run_dir':
-    rows.append(('source', 'the run directory (no live coordinator RPC: an in-process run)'))
+  source = s.get('source')
+  if source == 'socket':
+    rows.append(('source', f"{SOCKET_FILE} (live)"))
+  elif source == 'snapshot':
+    rows.append(('source', f"{SNAPSHOT_FILE}, written {_duration(s.get('source_age_s'))} ago"
+                 + (' (the final one)' if s.get('snapshot_final') else '')
+                 + (f"; live status unavailable: {s['socket_error']}" if s.get('socket_error')
+                    else '')))
+  elif source == 'run_dir':
+    rows.append(('source', f'the run directory\'s files (no {SNAPSHOT_FILE})'))
   width = max(len(k) for k, _ in rows)
   lines = [f'{k.ljust(width)}  {v}' for k, v in rows]
   workers = s.get('workers') or []
@@ -367,14 +561,133 @@ def resolve_address(address: str) -> str:
   return address
 
 
+def query_socket(path, timeout_s: float = 10) -> dict:
+  """The live status served on a run directory's status.sock (see `StatusPublisher`)."""
+  chunks = []
+  with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+    client.settimeout(float(timeout_s))
+    with _short_path(Path(path)) as address:
+      client.connect(address)
+    while True:
+      chunk = client.recv(1 << 16)
+      if not chunk:
+        break
+      chunks.append(chunk)
+  if not chunks:
+    raise StatusQueryError(f'{path} closed the connection without an answer (another user '
+                           f'than the run\'s?).')
+  return decode(b''.join(chunks))
+
+
+def _pid_alive(pid) -> bool:
+  try:
+    os.kill(int(pid), 0)
+  except ProcessLookupError:
+    return False
+  except (PermissionError, TypeError, ValueError):
+    return True    # someone's process: not ours to judge
+  try:   # a zombie has ended
+    with open(f'/proc/{int(pid)}/stat') as f:
+      return f.read().rsplit(')', 1)[-1].split()[0] != 'Z'
+  except OSError:
+    return True
+
+
+def _mtime(path: Path) -> Optional[float]:
+  try:
+    return path.stat().st_mtime
+  except OSError:
+    return None
+
+
+def _settle(snap: dict, run_dir: Path, now: float) -> dict:
+  """`snap` (a snapshot file's or the run directory's view) judged against what the run left
+  behind: a run that has ended shows as done, interrupted, failed or crashed, with when and
+  why, its elapsed time frozen at its end and no ETA."""
+  snap = dict(snap)
+  phase = snap.get('phase')
+  ended = snap.get('ended')
+  summary_time = _mtime(run_dir / 'summary.json')
+  result = _read_json(run_dir / RESULT_FILE)
+  if phase not in ENDED_PHASES and result is not None:
+    phase = 'done' if result.get('ok') else ('interrupted' if result.get('interrupted')
+                                             else 'failed')
+    snap['error'] = snap.get('error') or result.get('error')
+    ended = ended or _mtime(run_dir / RESULT_FILE)
+  if phase not in ENDED_PHASES and summary_time is not None and (
+      ended is None or summary_time >= snap.get('time', 0)):
+    phase, ended = 'done', ended or summary_time
+  if phase not in ENDED_PHASES:
+    pid, host = snap.get('status_pid'), snap.get('status_host')
+    if pid is not None and host == socket.gethostname() and not _pid_alive(pid):
+      phase, ended = 'crashed', snap.get('time')
+      snap['error'] = (f'the process that ran it (pid {pid}) is gone without recording an end '
+                       f'(killed, or the machine stopped); its last status is from '
+                       f'{_duration(now - (snap.get("time") or now))} ago. Continue with '
+                       f'--resume.')
+    elif pid is None:
+      last = max((t for t in (_mtime(run_dir / name) for name in (
+          'metrics.jsonl', 'checkpoint.npz', 'config.json', SNAPSHOT_FILE)) if t), default=None)
+      phase = 'unknown'
+      snap['error'] = ('no status.json from a live process: ntkdd cannot tell whether this run '
+                       'still runs' + (f'; the run directory was last written '
+                                       f'{_duration(now - last)} ago.' if last else '.'))
+      snap['eta_s'] = None
+  snap['phase'] = phase
+  if phase in ENDED_PHASES:
+    snap['eta_s'] = 0.0 if phase == 'done' else None
+    if ended is not None:
+      snap['ended'] = ended
+      if snap.get('elapsed_s') is not None and not snap.get('snapshot_final'):
+        # elapsed_s was measured at snap['time']: the run's time is up to its end only.
+        started = snap.get('time', now) - snap['elapsed_s']
+        snap['elapsed_s'] = max(0.0, ended - started)
+  return snap
+
+
+def status_of_run_dir(run_dir, timeout_s: float = 10) -> dict:
+  """The status of the run in `run_dir` from this machine, without any network: its live
+  status.sock; else its status.json snapshot, settled against what the run left behind; else
+  the run directory's files. `source` says which, `source_age_s` how old it is."""
+  run_dir = Path(run_dir)
+  now = time.time()
+  why_not_live = None
+  sock = run_dir / SOCKET_FILE
+  if sock.exists():
+    try:
+      snap = query_socket(sock, timeout_s)
+      return {**snap, 'source': 'socket', 'source_age_s': max(0.0, now - snap.get('time', now))}
+    except PermissionError as e:
+      why_not_live = f'{sock}: {e.strerror} (it answers only the user that runs the run)'
+    except (OSError, ValueError, StatusQueryError) as e:
+      why_not_live = f'{sock}: {e}'
+  snapshot = _read_json(run_dir / SNAPSHOT_FILE)
+  if isinstance(snapshot, dict):
+    snap = _settle(snapshot, run_dir, now)
+    snap.update(source='snapshot', source_age_s=max(0.0, now - snapshot.get('time', now)))
+  elif (run_dir / 'config.json').exists():
+    snap = _settle(status_from_run_dir(str(run_dir), now=now), run_dir, now)
+    snap.update(source='run_dir', source_age_s=None)
+  elif (run_dir / SNAPSHOT_FILE).exists():
+    raise StatusQueryError(f'{run_dir / SNAPSHOT_FILE} cannot be read (it is readable only by '
+                           f'the user that runs the run).')
+  else:
+    raise StatusQueryError(f'{run_dir} holds no run: no {SOCKET_FILE}, {SNAPSHOT_FILE} or '
+                           f'config.json.')
+  if why_not_live:
+    snap['socket_error'] = why_not_live
+  return snap
+
+
 def query_status(address: str, timeout_s: float = 10) -> dict:
-  """The status snapshot of the coordinator serving at HOST:PORT (Courier RPC `status()`), or
-  for a run directory without a coordinator address (an in-process run), what the directory
-  says (metrics, checkpoint, summary)."""
+  """The status of a run directory (see `status_of_run_dir`; no network), or of the
+  coordinator serving Courier RPC `status()` at HOST:PORT (multi-host programs)."""
   path = Path(address)
-  if path.is_dir() and not (path / ADDRESS_FILE).exists() and (path / 'config.json').exists():
-    return {**status_from_run_dir(str(path)), 'source': 'run_dir'}
-  address = resolve_address(address)
+  if path.is_dir():
+    return status_of_run_dir(path, timeout_s)
+  if ':' not in address:
+    raise StatusQueryError(f'Give a run directory, or HOST:PORT of a coordinator (multi-host '
+                           f'Launchpad) with --address; got {address!r}.')
   try:
     import courier  # pylint: disable=import-outside-toplevel
   except ImportError as e:

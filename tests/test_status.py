@@ -1,13 +1,21 @@
 """Run status: snapshots from a run directory and a backend, the table, the RPC encoding."""
 import json
 import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from ntkdd.server import checkpoint, status
+from run_helpers import wait_for
 
 
 class FakeBackend:
@@ -174,5 +182,143 @@ def test_an_in_process_run_directory_is_read_directly(tmp_path, capsys):
   snap = status.query_status(str(rcig_run))
   assert snap['last_accuracy'] == 0.7 and snap['initial_accuracy'] == 0.4
   assert 'NN test acc' in status.format_status(snap)
-  with pytest.raises(status.StatusQueryError, match='coordinator_address.txt'):
+  with pytest.raises(status.StatusQueryError, match='holds no run'):
     status.query_status(str(tmp_path))    # not a run directory at all
+
+
+def test_a_run_directory_without_a_live_status_is_not_called_running(tmp_path):
+  run = tmp_path / 'run'
+  _fabricate(run)   # metrics and a checkpoint, but nothing says whether a process still runs
+  snap = status.query_status(str(run))
+  assert snap['source'] == 'run_dir' and snap['phase'] == 'unknown' and snap['eta_s'] is None
+  assert 'cannot tell' in snap['error']
+  text = status.format_status(snap)
+  assert 'unknown' in text and 'running' not in text
+
+
+# -- Publishing: status.sock and status.json. ---------------------------------------------------
+
+def _dead_pid():
+  child = subprocess.Popen([sys.executable, '-c', 'pass'])
+  child.wait(30)
+  return child.pid
+
+
+def test_publisher_serves_the_socket_then_leaves_a_final_snapshot(tmp_path):
+  run = tmp_path / 'run'
+  _fabricate(run)
+  holder = status.RunStatus(str(run), total_steps=100)
+  holder.set_phase('running')
+  publisher = status.StatusPublisher(holder, str(run), every_s=0.05).start()
+  try:
+    sock, snapshot = run / status.SOCKET_FILE, run / status.SNAPSHOT_FILE
+    assert stat.S_ISSOCK(sock.stat().st_mode) and stat.S_IMODE(sock.stat().st_mode) == 0o600
+    assert stat.S_IMODE(snapshot.stat().st_mode) == 0o600
+    live = status.query_status(str(run))
+    assert live['source'] == 'socket' and live['phase'] == 'running' and live['step'] == 30
+    assert live['status_pid'] == os.getpid()
+    assert 'status.sock (live)' in status.format_status(live)
+    holder.update(step=31)
+    first = json.loads(snapshot.read_text())['time']
+    wait_for(lambda: json.loads(snapshot.read_text())['time'] > first, 30, 'a newer snapshot')
+    assert json.loads(snapshot.read_text())['step'] == 31
+  finally:
+    publisher.finish()
+  assert not (run / status.SOCKET_FILE).exists()
+  final = json.loads((run / status.SNAPSHOT_FILE).read_text())
+  assert final['snapshot_final'] and final['phase'] == 'done' and final['ended']
+  after = status.query_status(str(run))
+  assert after['source'] == 'snapshot' and after['phase'] == 'done' and after['eta_s'] == 0.0
+  assert after['elapsed_s'] == pytest.approx(final['elapsed_s'], abs=1.0)   # frozen at the end
+  text = status.format_status(after)
+  assert 'status.json, written' in text and 'the final one' in text and 'ended' in text
+
+
+def test_publishing_records_interruptions_and_failures(tmp_path):
+  class Interrupted(RuntimeError):
+    pass
+
+  for error, phase in ((Interrupted('Stopped by signal at step 3'), 'interrupted'),
+                       (ValueError('boom'), 'failed')):
+    run = tmp_path / phase
+    run.mkdir()
+    with pytest.raises(type(error)):
+      with status.publishing(status.RunStatus(str(run)), str(run)):
+        raise error
+    snap = status.query_status(str(run))
+    assert snap['source'] == 'snapshot' and snap['phase'] == phase and snap['eta_s'] is None
+    assert str(error) in snap['error']
+
+
+def test_a_killed_run_shows_as_crashed_not_running(tmp_path):
+  run = tmp_path / 'run'
+  _fabricate(run)
+  holder = status.RunStatus(str(run), total_steps=100)
+  holder.set_phase('running')
+  snap = holder.snapshot()
+  assert snap['eta_s'] > 0
+  # What a SIGKILLed run leaves: a snapshot in phase running from a pid that no longer exists,
+  # and a stale socket nobody answers on.
+  snap.update(status_pid=_dead_pid(), status_host=socket.gethostname(),
+              time=time.time() - 50)
+  checkpoint.write_json(run / status.SNAPSHOT_FILE, snap)
+  stale = socket.socket(socket.AF_UNIX)
+  stale.bind(str(run / status.SOCKET_FILE))
+  stale.close()
+  got = status.query_status(str(run))
+  assert got['source'] == 'snapshot' and got['phase'] == 'crashed'
+  assert got['eta_s'] is None and 'is gone' in got['error'] and '--resume' in got['error']
+  assert got['socket_error'] and 49 <= got['source_age_s'] < 120
+  assert got['elapsed_s'] == pytest.approx(snap['elapsed_s'], abs=1.0)   # not growing
+  # A coordinator that recorded its end wins over the pid.
+  checkpoint.write_json(run / status.RESULT_FILE, {'ok': False, 'interrupted': True,
+                                                   'error': 'Stopped by signal at step 30'})
+  got = status.query_status(str(run))
+  assert got['phase'] == 'interrupted' and 'step 30' in got['error']
+
+
+def _world_traversable_dir():
+  folder = tempfile.mkdtemp(prefix='ntkdd-status-test-')
+  os.chmod(folder, 0o755)
+  return Path(folder)
+
+
+def test_another_user_cannot_connect_or_read(tmp_path):
+  if os.getuid() != 0 or not shutil.which('setpriv'):
+    pytest.skip('needs root and setpriv to act as another user')
+  base = _world_traversable_dir()
+  try:
+    run = base / 'run'
+    run.mkdir()
+    os.chmod(run, 0o755)
+    holder = status.RunStatus(str(run))
+    with status.publishing(holder, str(run)):
+      code = ('import errno, socket, sys\n'
+              's = socket.socket(socket.AF_UNIX)\n'
+              'try:\n'
+              '  s.connect(sys.argv[1]); print("connected")\n'
+              'except OSError as e:\n'
+              '  print(errno.errorcode[e.errno])\n'
+              'try:\n'
+              '  open(sys.argv[2]).read(); print("read")\n'
+              'except OSError as e:\n'
+              '  print(errno.errorcode[e.errno])\n')
+      argv = [str(run / status.SOCKET_FILE), str(run / status.SNAPSHOT_FILE)]
+      nobody = subprocess.run(['setpriv', '--reuid=65534', '--regid=65534', '--clear-groups',
+                               sys.executable, '-c', code] + argv,
+                              capture_output=True, text=True, timeout=60)
+      assert nobody.stdout.split() == ['EACCES', 'EACCES'], nobody.stdout + nobody.stderr
+      # The same program as this user does connect (so the refusal above is the permissions).
+      me = subprocess.run([sys.executable, '-c', code] + argv, capture_output=True, text=True,
+                          timeout=60)
+      assert me.stdout.split() == ['connected', 'read'], me.stdout + me.stderr
+  finally:
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_long_run_directory_path_still_gets_a_socket(tmp_path):
+  run = tmp_path / ('d' * 60) / ('e' * 60)
+  run.mkdir(parents=True)
+  with status.publishing(status.RunStatus(str(run)), str(run)):
+    assert status.query_status(str(run))['source'] == 'socket'
+  assert status.query_status(str(run))['source'] == 'snapshot'
