@@ -11,10 +11,17 @@ where the header is {'fields': {...JSON values...}, 'arrays': [{'name', 'dtype',
 its `offset` (a multiple of 8) into the data section. There is no pickle: decoding never runs
 code, and bytes from another version of ntkdd fail with a clear `WireError` instead of a
 wrong array. Only bytes cross the RPC boundary because Courier hangs on numpy arguments.
+
+Decoding trusts nothing it reads: a header or array that claims more bytes than the message
+carries, a shape that is negative or does not match its byte count, a dtype that is not a plain
+number, bool or string, more than MAX_ARRAYS arrays or MAX_DIMS dimensions, an array over
+MAX_ARRAY_BYTES or a header over MAX_HEADER_BYTES is refused with a `WireError` (code
+MALFORMED) before anything is allocated; arrays are views on the message's own bytes.
 """
 from __future__ import annotations
 
 import json
+import math
 import struct
 from typing import Any, Union
 
@@ -25,6 +32,11 @@ VERSION = 1
 _PREFIX = struct.Struct('<4sHI')    # magic, format version, header length
 _ALIGN = 8                          # array data starts 8-byte aligned, so views are aligned
 _FORBIDDEN_KINDS = ('O', 'V')       # object arrays need pickle; void/structured lose fields
+_DECODABLE_KINDS = 'biufcSU'        # bool, integers, floats, complex, bytes and str
+MAX_HEADER_BYTES = 1 << 22          # 4 MiB of JSON: headers hold names, shapes and small fields
+MAX_ARRAY_BYTES = 1 << 32           # 4 GiB per array (gRPC carries at most 2 GiB anyway)
+MAX_ARRAYS = 256
+MAX_DIMS = 8
 
 BytesLike = Union[bytes, bytearray, memoryview]
 
@@ -33,10 +45,12 @@ STALE_CACHE = 'stale_cache'          # a cache entry (name, version) the worker 
 MISSING_DATASET = 'missing_dataset'  # a dataset key the worker does not hold
 BAD_REQUEST = 'bad_request'
 EXCEPTION = 'exception'
+MALFORMED = 'malformed_message'      # bytes that are not a well-formed message: refused unread
 
 
 class WireError(ValueError):
   """Bytes that are not a well-formed message of this wire format version."""
+  code = MALFORMED
 
 
 def _padding(n: int) -> int:
@@ -90,36 +104,81 @@ def _read_header(data: memoryview) -> tuple[dict, int]:
   if version != VERSION:
     raise WireError(f'Wire format version {version}, but this ntkdd reads version {VERSION}; '
                     f'run the same ntkdd version on the coordinator and the workers.')
+  if header_len > MAX_HEADER_BYTES:
+    raise WireError(f'Header of {header_len} bytes claimed; the limit is {MAX_HEADER_BYTES}.')
   header_end = _PREFIX.size + header_len
   if len(data) < header_end:
     raise WireError(f'Truncated message: header needs {header_end} bytes, got {len(data)}.')
   try:
     header = json.loads(bytes(data[_PREFIX.size:header_end]).decode('utf-8'))
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise WireError(f'Corrupt message header: {e}') from e
+  except (UnicodeDecodeError, ValueError, RecursionError) as e:
+    raise WireError(f'Corrupt message header: {type(e).__name__}: {e}') from e
+  if not (isinstance(header, dict) and isinstance(header.get('fields', {}), dict)
+          and isinstance(header.get('arrays', []), list)
+          and _is_count(header.get('data_nbytes', 0))):
+    raise WireError('Corrupt message header: expected {"fields": {...}, "arrays": [...], '
+                    '"data_nbytes": N}.')
+  if len(header.get('arrays', [])) > MAX_ARRAYS:
+    raise WireError(f"{len(header['arrays'])} arrays claimed; the limit is {MAX_ARRAYS}.")
   return header, header_end + _padding(header_end)
 
 
+def _is_count(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _array_spec(spec, data_nbytes: int) -> tuple[str, np.dtype, tuple, int, int]:
+  """(name, dtype, shape, offset, nbytes) of an array description, checked against the data
+  section's size and the limits; WireError if anything is off. Allocates nothing."""
+  if not isinstance(spec, dict):
+    raise WireError(f'Corrupt array description {spec!r}: not an object.')
+  name, dtype_text, shape = spec.get('name'), spec.get('dtype'), spec.get('shape')
+  offset, nbytes = spec.get('offset'), spec.get('nbytes')
+  if not (isinstance(name, str) and isinstance(dtype_text, str) and len(dtype_text) <= 16
+          and isinstance(shape, list) and len(shape) <= MAX_DIMS
+          and all(_is_count(n) for n in shape) and _is_count(offset) and _is_count(nbytes)):
+    raise WireError(f'Corrupt array description {_short(spec)}: needs a name, a dtype string, '
+                    f'a shape of at most {MAX_DIMS} non-negative ints, offset and nbytes.')
+  try:
+    dtype = np.dtype(dtype_text)
+  except (TypeError, ValueError) as e:
+    raise WireError(f'Array {name!r}: unknown dtype {dtype_text!r}.') from e
+  if dtype.kind not in _DECODABLE_KINDS or dtype.fields is not None or dtype.shape != ():
+    raise WireError(f'Array {name!r}: dtype {dtype_text!r} is not a plain number, bool or '
+                    f'string type.')
+  if nbytes > MAX_ARRAY_BYTES:
+    raise WireError(f'Array {name!r} of {nbytes} bytes claimed; the limit is {MAX_ARRAY_BYTES}.')
+  if nbytes != dtype.itemsize * math.prod(shape):   # exact: Python ints do not overflow
+    raise WireError(f'Array {name!r}: shape {shape} of {dtype} is not {nbytes} bytes.')
+  if offset % _ALIGN or offset + nbytes > data_nbytes:
+    raise WireError(f'Array {name!r} at offset {offset} (+{nbytes} bytes) lies outside the '
+                    f'{data_nbytes}-byte data section or is not {_ALIGN}-byte aligned.')
+  return name, dtype, tuple(shape), offset, nbytes
+
+
+def _short(value, limit: int = 200) -> str:
+  text = repr(value)
+  return text if len(text) <= limit else text[:limit] + '...'
+
+
 def decode(data: BytesLike) -> dict:
-  """The message in `data`; arrays are read-only views on `data` (copy to modify)."""
-  view = memoryview(data).cast('B')
+  """The message in `data`; arrays are read-only views on `data` (copy to modify).
+
+  Raises `WireError` (code MALFORMED) for anything but a well-formed message within the limits.
+  """
+  try:
+    view = memoryview(data).cast('B')
+  except TypeError as e:
+    raise WireError(f'A wire message is bytes, got {type(data).__name__}.') from e
   header, data_start = _read_header(view)
-  expected = data_start + int(header.get('data_nbytes', 0))
+  data_nbytes = header.get('data_nbytes', 0)
+  expected = data_start + data_nbytes
   if len(view) != expected:
     kind = 'Truncated' if len(view) < expected else 'Oversized'
     raise WireError(f'{kind} message: header promises {expected} bytes, got {len(view)}.')
   message = dict(header.get('fields', {}))
   for spec in header.get('arrays', []):
-    try:
-      dtype = np.dtype(spec['dtype'])
-      shape = tuple(int(s) for s in spec['shape'])
-      start, nbytes = data_start + int(spec['offset']), int(spec['nbytes'])
-    except (KeyError, TypeError, ValueError) as e:
-      raise WireError(f'Corrupt array description {spec!r}: {e}') from e
-    if dtype.kind in _FORBIDDEN_KINDS or nbytes != dtype.itemsize * int(np.prod(shape)):
-      raise WireError(f'Corrupt array description {spec!r}.')
-    if start + nbytes > len(view):
-      raise WireError(f'Truncated message: array {spec["name"]!r} runs past the end.')
-    array = np.frombuffer(view, dtype=np.uint8, count=nbytes, offset=start)
-    message[spec['name']] = array.view(dtype).reshape(shape)
+    name, dtype, shape, offset, nbytes = _array_spec(spec, data_nbytes)
+    array = np.frombuffer(view, dtype=np.uint8, count=nbytes, offset=data_start + offset)
+    message[name] = array.view(dtype).reshape(shape)
   return message

@@ -95,7 +95,7 @@ def test_worker_reports_stale_cache_and_rejects_numpy_arguments():
   with pytest.raises(TypeError, match='Courier'):
     LocalWorkerHandle(worker).kernel_block(x)
   garbage = wire.decode(worker.kernel_block(b'not a message'))
-  assert not garbage['ok'] and garbage['error'] == 'bad_request'
+  assert not garbage['ok'] and garbage['error'] == 'malformed_message'
 
 
 # -- Coordinator against the in-process engine. --------------------------------------------------

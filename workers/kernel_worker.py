@@ -16,7 +16,11 @@ cotangent blocks `g_ntk` / `g_nngp` (either may be absent).
 Responses carry `ok`. On failure they carry `error`: 'stale_cache' when a request names a
 cache entry (name, version) the worker does not hold (the coordinator re-sends the images),
 'missing_dataset' when it names a dataset key the worker does not hold (the coordinator then
-sends pixels), 'bad_request' or 'exception' otherwise, and a human-readable `message`.
+sends pixels), 'malformed_message' for bytes that are not a well-formed wire message (see
+common/wire.py: refused before anything is allocated), 'bad_request' for a well-formed request
+this worker cannot serve (a block side or padding over MAX_BLOCK_SIDE included, so no request
+makes it allocate without bound) or 'exception', and a human-readable `message`. No request
+ends the worker: every failure is an answer.
 """
 from __future__ import annotations
 
@@ -32,7 +36,8 @@ import numpy as np
 from ntkdd.common import architectures, kernels, prepared, wire
 
 STALE_CACHE, MISSING_DATASET = wire.STALE_CACHE, wire.MISSING_DATASET
-BAD_REQUEST, EXCEPTION = wire.BAD_REQUEST, wire.EXCEPTION
+BAD_REQUEST, EXCEPTION, MALFORMED = wire.BAD_REQUEST, wire.EXCEPTION, wire.MALFORMED
+MAX_BLOCK_SIDE = 1 << 16    # rows (or columns) of one block, padding included
 
 
 class RequestError(Exception):
@@ -97,12 +102,21 @@ class KernelWorker:
   def set_images(self, name: str, version: int, payload: bytes) -> bytes:
     """Caches the array `images` of the wire message `payload` as (`name`, `version`)."""
     try:
+      if not isinstance(name, str) or not isinstance(version, int) or isinstance(version, bool):
+        raise RequestError(BAD_REQUEST, 'set_images needs a str name and an int version.')
       images = wire.decode(payload).get('images')
-      if not isinstance(images, np.ndarray) or images.ndim not in (2, 4):
-        raise RequestError(BAD_REQUEST, 'set_images needs an `images` array, NHWC or (N, D).')
+      if (not isinstance(images, np.ndarray) or images.ndim not in (2, 4)
+          or images.dtype.kind not in 'biuf'):
+        raise RequestError(BAD_REQUEST, 'set_images needs a numeric `images` array, NHWC or '
+                                        '(N, D).')
       images = images.astype(self.dtype, copy=False)
-    except (wire.WireError, RequestError) as e:
-      return error_response(getattr(e, 'kind', BAD_REQUEST), str(e))
+    except wire.WireError as e:
+      return self._refuse(MALFORMED, f'set_images: {e}')
+    except RequestError as e:
+      return self._refuse(e.kind, str(e))
+    except Exception as e:  # never the end of the worker
+      logging.exception('Worker %d: set_images failed.', self.worker_id)
+      return error_response(EXCEPTION, f'Worker {self.worker_id}: {type(e).__name__}: {e}')
     with self._lock:
       self._images[name] = (int(version), images)
     logging.debug('Worker %d cached %r version %d: %s.', self.worker_id, name, version,
@@ -119,14 +133,20 @@ class KernelWorker:
 
   # -- Block computations. --------------------------------------------------------------------
 
+  def _refuse(self, kind: str, message: str) -> bytes:
+    """The error answer of a refused request; malformed bytes are logged here too."""
+    if kind == MALFORMED:
+      logging.warning('Worker %d refused a malformed message: %s', self.worker_id, message)
+    return error_response(kind, f'Worker {self.worker_id}: {message}')
+
   def _serve(self, request: bytes, compute) -> bytes:
     start = time.perf_counter()
     try:
       response = compute(wire.decode(request))
     except wire.WireError as e:
-      return error_response(BAD_REQUEST, f'Worker {self.worker_id}: {e}')
+      return self._refuse(MALFORMED, str(e))
     except RequestError as e:
-      return error_response(e.kind, f'Worker {self.worker_id}: {e}')
+      return self._refuse(e.kind, str(e))
     except Exception as e:  # Reported to the coordinator, which retries elsewhere.
       logging.exception('Worker %d failed on a block.', self.worker_id)
       return error_response(EXCEPTION, f'Worker {self.worker_id}: {type(e).__name__}: {e}')
@@ -157,9 +177,9 @@ class KernelWorker:
       if g is None:
         cotangents[name] = None
         continue
-      if g.shape != (len(rows), len(cols)):
-        raise RequestError(BAD_REQUEST, f'{name} has shape {g.shape}, expected '
-                                        f'{(len(rows), len(cols))}.')
+      if not isinstance(g, np.ndarray) or g.shape != (len(rows), len(cols)):
+        raise RequestError(BAD_REQUEST, f'{name} has shape {getattr(g, "shape", None)}, '
+                                        f'expected {(len(rows), len(cols))}.')
       # Zero cotangents on padded pairs: they contribute nothing to the gradient.
       cotangents[name] = kernels.pad_matrix(g.astype(self.dtype), pad_rows, pad_cols)
     grad = kernels.kernel_vjp(self.arch, kernels.pad_rows(rows, pad_rows),
@@ -169,14 +189,28 @@ class KernelWorker:
 
   def _images_for(self, request: dict, side: str) -> np.ndarray:
     """The `side` ('rows' or 'cols') images of a request: inline, or a cached range."""
-    if isinstance(request.get(side), np.ndarray):
-      return request[side].astype(self.dtype, copy=False)
+    images = self._images_unchecked(request, side)
+    if len(images) > MAX_BLOCK_SIDE:
+      raise RequestError(BAD_REQUEST, f'{len(images)} {side} in one block; the limit is '
+                                      f'{MAX_BLOCK_SIDE}.')
+    return images
+
+  def _images_unchecked(self, request: dict, side: str) -> np.ndarray:
+    inline = request.get(side)
+    if isinstance(inline, np.ndarray):
+      if inline.ndim not in (2, 4) or inline.dtype.kind not in 'biuf':
+        raise RequestError(BAD_REQUEST, f'{side} must be a numeric NHWC or (N, D) array.')
+      return inline.astype(self.dtype, copy=False)
     key = request.get(f'{side}_dataset')
     if key is not None:
+      if not isinstance(key, str):
+        raise RequestError(BAD_REQUEST, f'{side}_dataset must be a str.')
       return self._dataset_rows(key, request.get(f'{side}_indices'), side)
     name = request.get(f'{side}_cache')
     if name is None:
       raise RequestError(BAD_REQUEST, f'The request gives neither {side} nor {side}_cache.')
+    if not isinstance(name, str):
+      raise RequestError(BAD_REQUEST, f'{side}_cache must be a str.')
     version = request.get(f'{side}_version')
     with self._lock:
       held = self._images.get(name)
@@ -185,7 +219,9 @@ class KernelWorker:
       raise RequestError(STALE_CACHE, f'Cache {name!r} version {version} requested, but this '
                                       f'worker holds {have}.')
     images = held[1]
-    start, stop = int(request[f'{side}_start']), int(request[f'{side}_stop'])
+    start, stop = request.get(f'{side}_start'), request.get(f'{side}_stop')
+    if not (isinstance(start, int) and isinstance(stop, int)):
+      raise RequestError(BAD_REQUEST, f'{side}_start and {side}_stop must be ints.')
     if not 0 <= start < stop <= len(images):
       raise RequestError(BAD_REQUEST, f'{side} range [{start}, {stop}) is outside cache '
                                       f'{name!r} of {len(images)} images.')
@@ -208,7 +244,11 @@ class KernelWorker:
 
 
 def _pad_size(request: dict, side: str, images: np.ndarray) -> int:
-  return max(len(images), int(request.get(f'pad_{side}') or 0))
+  pad = request.get(f'pad_{side}') or 0
+  if not isinstance(pad, int) or isinstance(pad, bool) or not 0 <= pad <= MAX_BLOCK_SIDE:
+    raise RequestError(BAD_REQUEST, f'pad_{side} must be an int in [0, {MAX_BLOCK_SIDE}], got '
+                                    f'{pad!r}.')
+  return max(len(images), pad)
 
 
 def _same_source(request: dict) -> bool:
