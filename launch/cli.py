@@ -203,14 +203,19 @@ def _parser() -> argparse.ArgumentParser:
   s.add_argument('run_dir', help='a directory made by ntkdd distill.')
 
   st = sub.add_parser(
-      'status', help="query a running coordinator's status over RPC.",
-      description='Prints step, loss, accuracies, kernel pairs/s, ETA, checkpoint age and each '
-                  'worker\'s state. The coordinator writes its address to '
-                  'RUN_DIR/coordinator_address.txt at start. The RPC has no authentication.')
+      'status', help="a run's status: live, or how it ended.",
+      description='Prints phase, step, loss, accuracies, kernel pairs/s, ETA, checkpoint age and '
+                  'each worker\'s state. For RUN_DIR it asks the run\'s Unix socket '
+                  'RUN_DIR/status.sock (mode 0600: only the run\'s user), else reads the '
+                  'snapshot RUN_DIR/status.json that the run keeps and leaves at its end, and '
+                  'says which it read, how old it is, and whether the run ended, was '
+                  'interrupted or crashed. No network is used.')
+  st.add_argument('run_dir', nargs='?', default=None,
+                  help='the run directory (any launch type: inprocess, launchpad, ray).')
   st.add_argument('--address', default=None,
-                  help='HOST:PORT of the coordinator, or a run directory holding '
-                       'coordinator_address.txt (Launchpad runs); the run directory of an '
-                       'in-process run (KIP, LS, RCIG) is read directly.')
+                  help='HOST:PORT of a multi-host Launchpad coordinator\'s status RPC (Courier, '
+                       'no authentication: only inside the job\'s private network), or a run '
+                       'directory.')
   st.add_argument('--ray-address', default=None,
                   help="Ray runs: the cluster's HOST:PORT, 'auto', or a run directory holding "
                        'ray_address.txt.')
@@ -395,12 +400,13 @@ def _cmd_show(args) -> int:
 def _cmd_status(args) -> int:
   from ntkdd.server import status
   if args.ray_address is None:
-    if args.address is None:
-      print('ntkdd status: error: give --address (a Launchpad run: HOST:PORT or its run '
-            'directory) or --ray-address (a Ray run: the cluster address or its run '
-            'directory, plus --run NAME).', file=sys.stderr)
+    address = args.run_dir or args.address
+    if address is None:
+      print('ntkdd status: error: give the run directory (ntkdd status RUN_DIR), --address '
+            'HOST:PORT (a multi-host Launchpad coordinator) or --ray-address (a Ray run: the '
+            'cluster address or its run directory, plus --run NAME).', file=sys.stderr)
       return 2
-    return status.main([args.address] + (['--json'] if args.json else []))
+    return status.main([address] + (['--json'] if args.json else []))
   from ntkdd.launch import ray_launch
   return ray_launch.status_main(args.ray_address, args.run, as_json=args.json)
 

@@ -105,7 +105,7 @@ def network_prefix(expose_courier_ports: bool = False, caller_coordinates: bool 
   """The command prefix that starts a local program's launcher in a private network.
 
   Returns `unshare -n` (or `-rn`) when this process is on the host's network; [] when it
-  already runs in a namespace with only loopback (a CLI that re-ran itself there, a test) or
+  already runs in a private namespace of ntkdd's (a CLI that re-ran itself there, a test) or
   when `expose_courier_ports` opts out (logged as a warning). `caller_coordinates`: this
   process talks to the workers itself (`ntkdd kernel`), so it must already be inside.
   Raises `PrivateNetworkUnavailable` (why, and how to proceed) otherwise.
@@ -113,7 +113,7 @@ def network_prefix(expose_courier_ports: bool = False, caller_coordinates: bool 
   if expose_courier_ports:
     logging.warning(_exposure_warning())
     return []
-  if private_network.only_loopback():
+  if private_network.inside_private_namespace():
     return []
   how = (f'Ways on: run ntkdd as root or enable unprivileged user namespaces '
          f'(sysctl kernel.unprivileged_userns_clone=1, user.max_user_namespaces > 0); use '

@@ -32,6 +32,19 @@ def only_loopback() -> bool:
   return {line.split(':')[0].strip() for line in lines} <= {'lo'}
 
 
+def inside_private_namespace() -> bool:
+  """True when this process runs in a namespace that ENTER made (this module's `run`, a local
+  Launchpad launcher) and only loopback exists there. A host that merely has no interface but
+  `lo` does not count: other users of the machine share its loopback."""
+  netns_file = os.environ.get('NTKDD_NETNS_FILE')
+  if not netns_file or not only_loopback():
+    return False
+  try:
+    return Path(netns_file).read_text().strip() == os.readlink('/proc/self/ns/net')
+  except OSError:
+    return False
+
+
 def probe_unshare() -> tuple[Optional[list], str]:
   """(`unshare -n` or `unshare -rn` if this machine allows one, else None; why not, or '')."""
   missing = [tool for tool in ('unshare', 'ip') if not shutil.which(tool)]

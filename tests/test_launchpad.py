@@ -2,11 +2,15 @@
 
 Every program runs under a launcher process in its own process group, which each test ends
 (SIGTERM, then SIGKILL of the group, by its id) in a `finally`; every wait has a timeout.
-All addresses are localhost.
+All addresses are localhost, inside the run's private network namespace (`unshare -n`): no
+Courier port of a run is reachable from the host, whose terminals see status through the run
+directory (status.sock, status.json).
 """
+import errno
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -50,6 +54,48 @@ def _assert_all_gone(program):
   _wait_for(lambda: not any(_alive(p) for p in pids), 30, 'every program process to end')
 
 
+def _run_pids(program):
+  info = json.loads(program.processes_file.read_text())
+  return info, [info['launcher']] + [p for pids in info['nodes'].values() for p in pids]
+
+
+def _listening_inodes(net_dir):
+  """Inodes of the TCP sockets in state LISTEN in /proc/.../net/tcp and tcp6."""
+  inodes = set()
+  for name in ('tcp', 'tcp6'):
+    try:
+      lines = open(f'{net_dir}/{name}').read().splitlines()[1:]
+    except OSError:
+      continue
+    for line in lines:
+      fields = line.split()
+      if fields[3] == '0A':
+        inodes.add(fields[9])
+  return inodes
+
+
+def _socket_inodes(pid):
+  inodes = set()
+  try:
+    for fd in os.listdir(f'/proc/{pid}/fd'):
+      try:
+        target = os.readlink(f'/proc/{pid}/fd/{fd}')
+      except OSError:
+        continue
+      if target.startswith('socket:['):
+        inodes.add(target[len('socket:['):-1])
+  except OSError:
+    pass
+  return inodes
+
+
+def _ntkdd_status(run_dir, *flags):
+  out = subprocess.run([sys.executable, '-m', 'ntkdd.launch.cli', 'status', str(run_dir),
+                        *flags], capture_output=True, text=True, timeout=60)
+  assert out.returncode == 0, out.stdout + out.stderr
+  return out.stdout
+
+
 def test_local_mp_matches_inprocess(tiny_npz, tmp_path):
   cfg = _cfg(tiny_npz)
   _inprocess(cfg, tmp_path / 'inprocess')
@@ -72,6 +118,7 @@ def test_local_mp_matches_inprocess(tiny_npz, tmp_path):
   address = (tmp_path / 'lp' / 'coordinator_address.txt').read_text().strip()
   assert address.startswith('localhost:')
   info = json.loads(program.processes_file.read_text())
+  assert info['network'] == 'private' and info['netns'] != os.readlink('/proc/self/ns/net')
   assert len(info['nodes']['workers']) == 2 and len(info['nodes']['coordinator']) == 1
   assert all(a.startswith('localhost:') for addrs in info['addresses'].values() for a in addrs)
   _assert_all_gone(program)
@@ -81,6 +128,10 @@ def test_run_local_mp_returns_the_summary(tiny_npz, tmp_path):
   summary = lpp.run_local_mp(_cfg(tiny_npz, steps=2), str(tmp_path / 'run'), workers=1,
                              block=BLOCK, timeout_s=TIMEOUT_S, deadline_s=60)
   assert summary['steps'] == 2 and (tmp_path / 'run' / 'summary.json').exists()
+  # The finished run's outcome comes from its run directory, not a connection error.
+  snap = status.query_status(str(tmp_path / 'run'))
+  assert snap['source'] == 'snapshot' and snap['phase'] == 'done' and snap['step'] == 2
+  assert not (tmp_path / 'run' / status.SOCKET_FILE).exists()
   with pytest.raises(ValueError, match='already holds a run'):
     lpp.run_local_mp(_cfg(tiny_npz, steps=2), str(tmp_path / 'run'), workers=1)
 
@@ -91,16 +142,9 @@ def test_status_query_from_another_process(tiny_npz, tmp_path):
   program = lpp.start_local_mp(cfg, str(run), workers=2, block=BLOCK, deadline_s=60)
   try:
     _wait_for(lambda: _last_step(run) >= 1, TIMEOUT_S, 'step 1', program)
-    address = (run / 'coordinator_address.txt').read_text().strip()
-    code = ('import json, sys; from ntkdd.server import status; '
-            'print(json.dumps(status.query_status(sys.argv[1], timeout_s=20)))')
-    start = time.time()
-    out = subprocess.run([sys.executable, '-c', code, address], capture_output=True,
-                         text=True, timeout=60)
-    print(f'status query process: {time.time() - start:.1f} s')
-    assert out.returncode == 0, out.stderr[-3000:]
-    snap = json.loads(out.stdout.strip().splitlines()[-1])
-    assert snap['phase'] == 'running', snap
+    # Another process of the host: the run directory's socket (no network).
+    snap = json.loads(_ntkdd_status(run, '--json'))
+    assert snap['source'] == 'socket' and snap['phase'] == 'running', snap
     assert 1 <= snap['step'] < 300 and snap['total_steps'] == 300
     assert snap['loss'] is not None and snap['initial_accuracy'] is not None
     assert len(snap['workers']) == 2 and snap['alive_workers'] == 2
@@ -109,14 +153,64 @@ def test_status_query_from_another_process(tiny_npz, tmp_path):
         'nodes']['coordinator'][0]
     table = status.format_status(snap)
     assert 'step' in table and '/300' in table and 'workers: 2' in table
-    # The in-process client too, and by run directory.
+    assert 'status.sock (live)' in _ntkdd_status(run)
     assert status.query_status(str(run), timeout_s=20)['step'] >= snap['step']
   finally:
     program.stop()
   _assert_all_gone(program)
-  # The coordinator checkpointed on the launcher's SIGTERM and says so.
+  # The coordinator checkpointed on the launcher's SIGTERM and says so, and so does status.
   result = json.loads((run / 'coordinator_result.json').read_text())
   assert result['interrupted'] and not result['ok']
+  after = json.loads(_ntkdd_status(run, '--json'))
+  assert after['source'] == 'snapshot' and after['phase'] == 'interrupted', after
+  assert after['snapshot_final'] and after['eta_s'] is None and after['ended']
+  assert 'status.json, written' in _ntkdd_status(run)
+
+
+def test_no_port_of_a_run_is_reachable_from_the_host(tiny_npz, tmp_path):
+  run = tmp_path / 'run'
+  cfg = _cfg(tiny_npz, steps=300, eval_every=100, checkpoint_every=100)
+  program = lpp.start_local_mp(cfg, str(run), workers=2, block=BLOCK, deadline_s=60)
+  try:
+    _wait_for(lambda: _last_step(run) >= 1, TIMEOUT_S, 'step 1', program)
+    info, pids = _run_pids(program)
+    assert len(pids) == 4 and info['network'] == 'private'
+    host_netns = os.readlink('/proc/self/ns/net')
+    assert all(os.readlink(f'/proc/{pid}/ns/net') == info['netns'] != host_netns
+               for pid in pids)
+    host_listening = _listening_inodes('/proc/self/net')
+    for pid in pids:
+      assert not _socket_inodes(pid) & host_listening, f'pid {pid} listens on the host'
+    # The check can fail: the coordinator and the workers do listen, inside the namespace.
+    for pid in info['nodes']['coordinator'] + info['nodes']['workers']:
+      assert _socket_inodes(pid) & _listening_inodes(f'/proc/{pid}/net'), pid
+    ports = [int(a.rsplit(':', 1)[1]) for addrs in info['addresses'].values() for a in addrs]
+    assert len(ports) == 3
+    for port in ports:
+      for family, host in ((socket.AF_INET, '127.0.0.1'), (socket.AF_INET6, '::1')):
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+          probe.settimeout(5)
+          assert probe.connect_ex((host, port)) == errno.ECONNREFUSED, (host, port)
+    # Status still reaches this (host) process, through the run directory's socket.
+    snap = json.loads(_ntkdd_status(run, '--json'))
+    assert snap['source'] == 'socket' and snap['alive_workers'] == 2
+  finally:
+    program.stop()
+  _assert_all_gone(program)
+
+
+def test_without_a_namespace_the_launch_is_refused_unless_exposed(tiny_npz, tmp_path,
+                                                                 monkeypatch):
+  from ntkdd.launch import private_network
+  monkeypatch.setattr(private_network, 'inside_private_namespace', lambda: False)
+  monkeypatch.setattr(private_network, 'probe_unshare',
+                      lambda: (None, '`unshare -n`: Operation not permitted'))
+  with pytest.raises(lpp.PrivateNetworkUnavailable) as refused:
+    lpp.start_local_mp(_cfg(tiny_npz), str(tmp_path / 'run'), workers=1)
+  message = str(refused.value)
+  assert 'Operation not permitted' in message and lpp.EXPOSE_FLAG in message
+  assert '--launch ray' in message and 'executes what' in message
+  assert not (tmp_path / 'run' / lpp.PROCESSES_FILE).exists()
 
 
 def test_a_killed_worker_does_not_stop_the_run(tiny_npz, tmp_path):
@@ -130,7 +224,8 @@ def test_a_killed_worker_does_not_stop_the_run(tiny_npz, tmp_path):
         (run / 'worker_pids.json').read_text()), TIMEOUT_S, 'worker pids', program)
     _wait_for(lambda: _last_step(run) >= 2, TIMEOUT_S, 'step 2', program)
     victim = int(pids['workers']['1'])
-    assert victim in json.loads(program.processes_file.read_text())['nodes']['workers']
+    info = json.loads(program.processes_file.read_text())
+    assert victim in info['nodes']['workers'] and info['network'] == 'private'
     os.kill(victim, signal.SIGKILL)
     killed_at = _last_step(run)
     assert killed_at < 12, 'the run finished before the worker was killed'
@@ -150,7 +245,9 @@ def test_a_killed_coordinator_resumes_exactly(tiny_npz, tmp_path):
   program = lpp.start_local_mp(cfg, str(run), workers=2, block=BLOCK, deadline_s=60)
   try:
     _wait_for(lambda: _last_step(run) >= 3, TIMEOUT_S, 'step 3', program)
-    coordinator = json.loads(program.processes_file.read_text())['nodes']['coordinator'][0]
+    info = json.loads(program.processes_file.read_text())
+    assert info['network'] == 'private'
+    coordinator = info['nodes']['coordinator'][0]
     os.kill(coordinator, signal.SIGKILL)
     killed_at = _last_step(run)
     assert killed_at < 12, 'the run finished before the coordinator was killed'
@@ -160,6 +257,10 @@ def test_a_killed_coordinator_resumes_exactly(tiny_npz, tmp_path):
     program.stop()
   _assert_all_gone(program)
   assert not (run / 'summary.json').exists()
+  # Status says what happened: the coordinator's pid is gone and it recorded no end.
+  snap = status.query_status(str(run))
+  assert snap['source'] == 'snapshot' and snap['phase'] == 'crashed', snap
+  assert str(coordinator) in snap['error'] and snap['eta_s'] is None
   summary = lpp.run_local_mp(cfg, str(run), workers=2, resume=True, block=BLOCK,
                              timeout_s=TIMEOUT_S, deadline_s=60)
   assert summary['steps'] == 12
@@ -167,14 +268,26 @@ def test_a_killed_coordinator_resumes_exactly(tiny_npz, tmp_path):
   _assert_same_support(tmp_path / 'inprocess', run)
 
 
-def test_kernel_local_mp_matches_inprocess():
+def test_kernel_local_mp_matches_inprocess(tmp_path):
+  """`ntkdd kernel --launch launchpad` coordinates the workers itself, so the CLI re-runs
+  itself inside the private namespace; this process stays on the host."""
   from ntkdd.common import architectures
   arch = architectures.Architecture('fc', 1, 2 ** 0.5, 0.1)
   rng = np.random.default_rng(0)
   x1, x2 = rng.normal(size=(20, 12)).astype(np.float32), rng.normal(size=(9, 12)).astype(
       np.float32)
-  out = lpp.kernel_local_mp(arch, x1, x2, workers=2, block=BLOCK, startup_timeout_s=120)
+  np.save(tmp_path / 'x1.npy', x1)
+  np.save(tmp_path / 'x2.npy', x2)
+  with pytest.raises(lpp.PrivateNetworkUnavailable, match='coordinates'):
+    lpp.kernel_local_mp(arch, x1, x2, workers=2, block=BLOCK)   # not from the host's network
+  out = subprocess.run(
+      [sys.executable, '-m', 'ntkdd.launch.cli', 'kernel', '--arch', 'fc', '--depth', '1',
+       '--x1', str(tmp_path / 'x1.npy'), '--x2', str(tmp_path / 'x2.npy'),
+       '--out', str(tmp_path / 'k.npz'), '--launch', 'launchpad', '--workers', '2',
+       '--block', str(BLOCK)], capture_output=True, text=True, timeout=TIMEOUT_S)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   with inprocess.make_inprocess_backend(arch, workers=1, block=BLOCK) as backend:
     want = backend.kernel(x1, x2)
-  for name in ('ntk', 'nngp'):
-    np.testing.assert_allclose(out[name], want[name], rtol=1e-5, atol=1e-6)
+  with np.load(tmp_path / 'k.npz') as got:
+    for name in ('ntk', 'nngp'):
+      np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6)
