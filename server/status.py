@@ -347,7 +347,7 @@ class StatusPublisher:
     self._server: Optional[socket.socket] = None
     self._socket_inode: Optional[int] = None
     self._stop = threading.Event()
-    self._thread: Optional[threading.Thread] = None
+    self._threads: list[threading.Thread] = []
     self._write_lock = threading.Lock()
     self._finished = False
 
@@ -365,8 +365,14 @@ class StatusPublisher:
                         self.socket_path, e)
         self.holder.set_extra(status_socket=None)
     self.write_snapshot()
-    self._thread = threading.Thread(target=self._loop, daemon=True, name='ntkdd-status')
-    self._thread.start()
+    # Two threads: a slow disk (fsync) never delays an answer on the socket.
+    self._threads = [threading.Thread(target=self._snapshots, daemon=True,
+                                      name='ntkdd-status-snapshots')]
+    if self._server is not None:
+      self._threads.append(threading.Thread(target=self._serve_socket, daemon=True,
+                                            name='ntkdd-status-socket'))
+    for thread in self._threads:
+      thread.start()
     return self
 
   def write_snapshot(self, final: bool = False) -> None:
@@ -380,16 +386,13 @@ class StatusPublisher:
     except Exception as e:  # a full disk must not end the run
       logging.warning('Could not write %s: %s', self.snapshot_path, e)
 
-  def _loop(self) -> None:
-    next_write = time.monotonic() + self.every_s
+  def _snapshots(self) -> None:
+    while not self._stop.wait(self.every_s):
+      self.write_snapshot()
+
+  def _serve_socket(self) -> None:
     while not self._stop.is_set():
-      if self._server is None:
-        self._stop.wait(max(0.0, next_write - time.monotonic()))
-      else:
-        self._answer_one()
-      if time.monotonic() >= next_write and not self._stop.is_set():
-        self.write_snapshot()
-        next_write = time.monotonic() + self.every_s
+      self._answer_one()
 
   def _answer_one(self) -> None:
     try:
@@ -421,8 +424,8 @@ class StatusPublisher:
       self.holder.set_phase('failed', f'{type(error).__name__}: {error}')
     self.holder.set_extra(ended=time.time())
     self._stop.set()
-    if self._thread is not None:
-      self._thread.join(10)
+    for thread in self._threads:
+      thread.join(10)
     self.write_snapshot(final=True)
     if self._server is not None:
       self._server.close()
@@ -653,14 +656,21 @@ def status_of_run_dir(run_dir, timeout_s: float = 10) -> dict:
   now = time.time()
   why_not_live = None
   sock = run_dir / SOCKET_FILE
-  if sock.exists():
+  for attempt in range(3):
+    if not sock.exists():
+      break
     try:
       snap = query_socket(sock, timeout_s)
       return {**snap, 'source': 'socket', 'source_age_s': max(0.0, now - snap.get('time', now))}
     except PermissionError as e:
       why_not_live = f'{sock}: {e.strerror} (it answers only the user that runs the run)'
-    except (OSError, ValueError, StatusQueryError) as e:
+      break
+    except (ConnectionRefusedError, FileNotFoundError) as e:   # nobody serves it any more
+      why_not_live = f'{sock}: {e.strerror or e}'
+      break
+    except (OSError, ValueError, StatusQueryError) as e:   # busy, or cut short: ask again
       why_not_live = f'{sock}: {e}'
+      time.sleep(0.2 * (attempt + 1))
   snapshot = _read_json(run_dir / SNAPSHOT_FILE)
   if isinstance(snapshot, dict):
     snap = _settle(snapshot, run_dir, now)
@@ -721,7 +731,7 @@ def main(argv=None) -> int:
   import argparse
   import sys
   p = argparse.ArgumentParser(prog='ntkdd status', description=__doc__.splitlines()[0])
-  p.add_argument('address', help='HOST:PORT of the coordinator, or its run directory.')
+  p.add_argument('address', help='a run directory, or HOST:PORT of a coordinator.')
   p.add_argument('--json', action='store_true', help='print the raw JSON snapshot.')
   p.add_argument('--timeout', type=float, default=10, help='seconds to wait for an answer.')
   args = p.parse_args(argv)

@@ -153,7 +153,8 @@ def test_status_query_from_another_process(tiny_npz, tmp_path):
         'nodes']['coordinator'][0]
     table = status.format_status(snap)
     assert 'step' in table and '/300' in table and 'workers: 2' in table
-    assert 'status.sock (live)' in _ntkdd_status(run)
+    table = _ntkdd_status(run)
+    assert 'status.sock (live)' in table, table
     assert status.query_status(str(run), timeout_s=20)['step'] >= snap['step']
   finally:
     program.stop()
