@@ -7,6 +7,7 @@ from typing import Optional
 import numpy as np
 
 from ntkdd.common import architectures, kernels, sources
+from ntkdd.server import status
 
 
 class InProcessKernels:
@@ -23,8 +24,12 @@ class InProcessKernels:
     start = time.perf_counter()
     x1 = sources.as_array(x1)
     x2 = None if x2 is None else sources.as_array(x2)
-    out = kernels.compute_kernel(self.arch, x1, x2, tile=self.tile, dtype=self.dtype)
-    self._count(len(x1) * (len(x1) if x2 is None else len(x2)), start)
+    pairs = len(x1) * (len(x1) if x2 is None else len(x2))
+    progress = status.KernelProgress('kernel', pairs)
+    out = kernels.compute_kernel(self.arch, x1, x2, tile=self.tile, dtype=self.dtype,
+                                 progress=lambda done, of: progress.update(pairs * done // of))
+    progress.close()
+    self._count(pairs, start)
     return out
 
   def vjp(self, x1: np.ndarray, x2: np.ndarray, g_ntk: Optional[np.ndarray] = None,

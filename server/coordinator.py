@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from ntkdd.common import kernels, sources, wire
+from ntkdd.server import status
 
 STALE_CACHE, MISSING_DATASET = wire.STALE_CACHE, wire.MISSING_DATASET   # workers' error codes
 ROWS, COLS = 'rows', 'cols'      # names of the per-call image caches on the workers
@@ -214,11 +215,15 @@ class DistributedKernels:
             out[name][r0:r1, c0:c1] = block
             if symmetric and (r0, r1) != (c0, c1):
               out[name][c0:c1, r0:r1] = block.T
+          progress.add((r1 - r0) * (c1 - c0))
 
         call = _Call('kernel_block', caches, build_request, deliver)
         blocks = [(r, c, part) for r in row_blocks for c, part in col_blocks
                   if not symmetric or c[0] >= r[0]]
+        progress = status.KernelProgress('kernel', sum((r1 - r0) * (c1 - c0)
+                                                       for (r0, r1), (c0, c1), _ in blocks))
         self._run(call, blocks)
+        progress.close()
       self._count(n1 * n2, start)
       return out
 

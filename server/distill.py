@@ -210,15 +210,18 @@ def distill(cfg: DistillConfig, run_dir: str, backend_factory: Callable, resume:
                   'class_names': list(prepared.dataset.class_names),
                   'preprocess': prepared.preprocessor.kind},
       'versions': versions(), 'created': time.strftime('%Y-%m-%dT%H:%M:%S%z')})
+  from ntkdd.server import status
   publisher = None
   if run_status is None:
-    from ntkdd.server import status
     publisher = status.StatusPublisher(status.RunStatus(str(run_dir), total_steps=cfg.steps),
                                        str(run_dir)).start()
     publisher.holder.set_phase('running')
+  # Long kernel computations (LS, KRR evaluation) report their progress to the run's status.
+  progress_to = status.KERNEL_PROGRESS_HOLDER.set(run_status or publisher.holder)
   try:
     backend = backend_factory(cfg.architecture())
   except BaseException as e:
+    status.KERNEL_PROGRESS_HOLDER.reset(progress_to)
     if publisher:
       publisher.finish(e)
     raise
@@ -232,6 +235,7 @@ def distill(cfg: DistillConfig, run_dir: str, backend_factory: Callable, resume:
     raise
   finally:
     getattr(backend, 'close', lambda: None)()  # distributed backends stop their threads
+    status.KERNEL_PROGRESS_HOLDER.reset(progress_to)
     if publisher:
       publisher.finish()
 

@@ -17,6 +17,7 @@ human-readable table.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import math
 import os
@@ -281,6 +282,76 @@ def _clean(value):
   return str(value)
 
 
+# -- Progress of long kernel computations. ------------------------------------------------------
+
+# The RunStatus that kernel computations of this context report to (set by distill.distill).
+KERNEL_PROGRESS_HOLDER: contextvars.ContextVar = contextvars.ContextVar(
+    'ntkdd_kernel_progress_holder', default=None)
+KERNEL_LOG_EVERY_S = 30.0
+
+
+def progress_text(state: dict) -> str:
+  """'kernel: 1,234/5,678 pairs (21.7%), 95 pairs/s, ETA 46.7s'."""
+  done, total = state.get('pairs_done') or 0, state.get('pairs_total') or 0
+  percent = f' ({100 * done / total:.1f}%)' if total else ''
+  return (f"{state.get('what', 'kernel')}: {done:,}/{total:,} pairs{percent}, "
+          f"{_number(state.get('pairs_per_second'), ',.0f')} pairs/s, "
+          f"ETA {_duration(state.get('eta_s'))}")
+
+
+class KernelProgress:
+  """Progress of one kernel computation: pairs done of total, rate and ETA.
+
+  Each update goes to the run's status (field `kernel_progress`, while it lasts) when a
+  `RunStatus` is given or set in KERNEL_PROGRESS_HOLDER, and a log line goes out every
+  `log_every_s` seconds, terminal or not; a computation shorter than that logs nothing.
+  Thread-safe: the coordinator's worker threads report blocks as they arrive.
+  """
+
+  def __init__(self, what: str, pairs_total: int, holder: Optional['RunStatus'] = None,
+               log_every_s: float = KERNEL_LOG_EVERY_S, clock=time.monotonic):
+    self.what, self.pairs_total = what, int(pairs_total)
+    self.holder = holder if holder is not None else KERNEL_PROGRESS_HOLDER.get()
+    self.log_every_s, self._clock = float(log_every_s), clock
+    self.pairs_done = 0
+    self._start = self._last_log = clock()
+    self._logged = False
+    self._lock = threading.Lock()
+
+  def add(self, pairs: int) -> None:
+    self.update(self.pairs_done + int(pairs))
+
+  def update(self, pairs_done: int) -> None:
+    import logging  # pylint: disable=import-outside-toplevel
+    with self._lock:
+      self.pairs_done = max(self.pairs_done, int(pairs_done))
+      now = self._clock()
+      state = self._state(now)
+      log = now - self._last_log >= self.log_every_s
+      if log:
+        self._last_log, self._logged = now, True
+    if self.holder is not None:
+      self.holder.update(kernel_progress=state)
+    if log:
+      logging.info('%s', progress_text(state))
+
+  def _state(self, now: float) -> dict:
+    elapsed = now - self._start
+    rate = self.pairs_done / elapsed if elapsed > 0 and self.pairs_done else None
+    left = max(0, self.pairs_total - self.pairs_done)
+    return {'what': self.what, 'pairs_done': self.pairs_done, 'pairs_total': self.pairs_total,
+            'pairs_per_second': rate, 'eta_s': left / rate if rate else None,
+            'elapsed_s': elapsed}
+
+  def close(self) -> None:
+    """The end: a last log line if any was logged, and the status field cleared."""
+    import logging  # pylint: disable=import-outside-toplevel
+    if self._logged:
+      logging.info('%s (done)', progress_text(self._state(self._clock())))
+    if self.holder is not None:
+      self.holder.update(kernel_progress=None)
+
+
 # -- Publishing through the run directory. -------------------------------------------------------
 
 @contextlib.contextmanager
@@ -508,6 +579,8 @@ def format_status(snapshot: dict) -> str:
   if s.get('ended'):
     rows.insert(2, ('ended', time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(s['ended']))
                     + f" ({_duration(time.time() - s['ended'])} ago)"))
+  if s.get('kernel_progress') and s.get('phase') not in ENDED_PHASES:
+    rows.append(('kernel', progress_text(s['kernel_progress'])))
   if s.get('coordinator_pid') or s.get('address'):
     rows.append(('coordinator', f"{s.get('address') or '-'} pid {s.get('coordinator_pid') or '-'}"))
   source = s.get('source')

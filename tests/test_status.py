@@ -322,3 +322,62 @@ def test_a_long_run_directory_path_still_gets_a_socket(tmp_path):
   with status.publishing(status.RunStatus(str(run)), str(run)):
     assert status.query_status(str(run))['source'] == 'socket'
   assert status.query_status(str(run))['source'] == 'snapshot'
+
+
+# -- Progress of long kernel computations. ------------------------------------------------------
+
+class _Clock:
+  def __init__(self):
+    self.now = 0.0
+
+  def __call__(self):
+    return self.now
+
+
+def test_kernel_progress_goes_to_status_and_to_the_log(caplog):
+  holder = status.RunStatus(total_steps=10)
+  holder.set_phase('running')
+  clock = _Clock()
+  progress = status.KernelProgress('kernel', 1000, holder=holder, log_every_s=30, clock=clock)
+  with caplog.at_level('INFO'):
+    clock.now = 10.0
+    progress.update(100)                     # 10 s in: status only, no log line yet
+    snap = holder.snapshot()
+    assert snap['kernel_progress']['pairs_done'] == 100
+    assert snap['kernel_progress']['pairs_per_second'] == pytest.approx(10.0)
+    assert snap['kernel_progress']['eta_s'] == pytest.approx(90.0)
+    assert 'kernel' in status.format_status(snap) and '100/1,000 pairs' in status.format_status(snap)
+    assert 'pairs' not in caplog.text
+    clock.now = 31.0
+    progress.add(210)                        # 31 s in: a log line
+    assert '310/1,000 pairs (31.0%)' in caplog.text and 'ETA' in caplog.text
+    clock.now = 40.0
+    progress.update(1000)
+    progress.close()
+  assert '(done)' in caplog.text
+  assert 'kernel_progress' not in holder.snapshot()
+
+
+def test_kernel_computations_report_to_the_run_status(caplog):
+  from ntkdd.common import architectures
+  from ntkdd.launch.inprocess import make_inprocess_backend
+  from ntkdd.server import backend as backend_lib
+  holder = status.RunStatus()
+  seen = []
+  holder.update = lambda **fields: seen.append(fields.get('kernel_progress'))
+  token = status.KERNEL_PROGRESS_HOLDER.set(holder)
+  x = np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32)
+  arch = architectures.Architecture('fc', 1)
+  try:
+    backend_lib.InProcessKernels(arch, tile=4).kernel(x)
+    in_process = [s['pairs_done'] for s in seen if s]
+    seen.clear()
+    with make_inprocess_backend(arch, workers=2, block=4) as distributed:
+      distributed.kernel(x, x[:6])
+    distributed_done = [s['pairs_done'] for s in seen if s]
+  finally:
+    status.KERNEL_PROGRESS_HOLDER.reset(token)
+  assert in_process == sorted(in_process) and in_process[-1] == 100 and len(in_process) > 1
+  assert seen[-1] is None    # cleared at the end
+  assert sorted(distributed_done) == distributed_done and distributed_done[-1] == 60
+  assert len(distributed_done) == 6     # 3 x 2 blocks of 4
