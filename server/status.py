@@ -701,14 +701,21 @@ def _settle(snap: dict, run_dir: Path, now: float) -> dict:
                        f'(killed, or the machine stopped); its last status is from '
                        f'{_duration(now - (snap.get("time") or now))} ago. Continue with '
                        f'--resume.')
-    elif pid is None:
+    elif pid is None:   # no process to ask (a run without status.json: RCIG, older ntkdd)
       last = max((t for t in (_mtime(run_dir / name) for name in (
-          'metrics.jsonl', 'checkpoint.npz', 'config.json', SNAPSHOT_FILE)) if t), default=None)
-      phase = 'unknown'
-      snap['error'] = ('no status.json from a live process: ntkdd cannot tell whether this run '
-                       'still runs' + (f'; the run directory was last written '
-                                       f'{_duration(now - last)} ago.' if last else '.'))
-      snap['eta_s'] = None
+          'metrics.jsonl', 'checkpoint.npz', 'config.json')) if t), default=None)
+      quiet_s = None if last is None else now - last
+      # Written to within a few steps' time: probably running; else nobody can tell.
+      recent_s = max(300.0, 5 * (_finite(snap.get('seconds_per_step')) or 0.0))
+      if quiet_s is not None and quiet_s <= recent_s:
+        snap['error'] = (f'no live status (no {SNAPSHOT_FILE}); judged running from the run '
+                         f'directory, last written {_duration(quiet_s)} ago.')
+      else:
+        phase = 'unknown'
+        snap['error'] = (f'no live status (no {SNAPSHOT_FILE}) and the run directory was last '
+                         f'written {_duration(quiet_s)} ago: ntkdd cannot tell whether this '
+                         f'run still runs or was stopped.')
+        snap['eta_s'] = None
   snap['phase'] = phase
   if phase in ENDED_PHASES:
     snap['eta_s'] = 0.0 if phase == 'done' else None

@@ -190,6 +190,11 @@ def test_a_run_directory_without_a_live_status_is_not_called_running(tmp_path):
   run = tmp_path / 'run'
   _fabricate(run)   # metrics and a checkpoint, but nothing says whether a process still runs
   snap = status.query_status(str(run))
+  assert snap['phase'] == 'running' and 'judged running' in snap['error']   # written just now
+  past = time.time() - 3600
+  for name in ('metrics.jsonl', 'checkpoint.npz', 'config.json'):
+    os.utime(run / name, (past, past))
+  snap = status.query_status(str(run))
   assert snap['source'] == 'run_dir' and snap['phase'] == 'unknown' and snap['eta_s'] is None
   assert 'cannot tell' in snap['error']
   text = status.format_status(snap)
@@ -381,3 +386,52 @@ def test_kernel_computations_report_to_the_run_status(caplog):
   assert seen[-1] is None    # cleared at the end
   assert sorted(distributed_done) == distributed_done and distributed_done[-1] == 60
   assert len(distributed_done) == 6     # 3 x 2 blocks of 4
+
+
+# -- An in-process run, live and after it was stopped or killed. -------------------------------
+
+def _start_distill(tiny_npz, run):
+  argv = [sys.executable, '-m', 'ntkdd.launch.cli', 'distill', '--algorithm', 'kip',
+          '--dataset', str(tiny_npz), '--data-dir', '.', '--ipc', '2', '--steps', '100000',
+          '--arch', 'fc', '--depth', '1', '--target-batch', '12', '--eval-every', '1000',
+          '--checkpoint-every', '1000', '--out', str(run), '--no-progress']
+  return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _steps_done(run):
+  try:
+    return sum(1 for _ in open(run / 'metrics.jsonl')) - 1
+  except OSError:
+    return -1
+
+
+@pytest.mark.parametrize('stop', ['SIGINT', 'SIGKILL'])
+def test_an_in_process_run_that_was_stopped_or_killed_says_so(tiny_npz, tmp_path, stop):
+  import signal
+  run = tmp_path / 'run'
+  process = _start_distill(tiny_npz, run)
+  try:
+    wait_for(lambda: _steps_done(run) >= 2, 180, 'step 2',
+             running=lambda: process.poll() is None)
+    live = status.query_status(str(run))
+    assert live['source'] == 'socket' and live['phase'] == 'running', live
+    assert live['status_pid'] == process.pid and live['eta_s'] is not None
+    process.send_signal(getattr(signal, stop))
+    process.wait(120)
+  finally:
+    if process.poll() is None:
+      process.kill()
+      process.wait()
+  snap = status.query_status(str(run))
+  assert snap['source'] == 'snapshot' and snap['eta_s'] is None, snap
+  if stop == 'SIGINT':
+    assert snap['phase'] == 'interrupted' and snap['snapshot_final']
+    assert 'Stopped by signal' in snap['error'] and snap['ended']
+    assert not (run / status.SOCKET_FILE).exists()
+  else:
+    assert snap['phase'] == 'crashed' and str(process.pid) in snap['error']
+  elapsed = snap['elapsed_s']
+  time.sleep(1.5)
+  assert status.query_status(str(run))['elapsed_s'] == elapsed   # run time, not age
+  text = status.format_status(snap)
+  assert snap['phase'] in text and 'ended' in text and 'status.json, written' in text
