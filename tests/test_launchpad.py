@@ -89,6 +89,12 @@ def _socket_inodes(pid):
   return inodes
 
 
+def _start_long_run(tiny_npz, run):
+  """A 300-step run over two workers, long enough to look at while it runs."""
+  cfg = _cfg(tiny_npz, steps=300, eval_every=100, checkpoint_every=100)
+  return lpp.start_local_mp(cfg, str(run), workers=2, block=BLOCK, deadline_s=60)
+
+
 def _ntkdd_status(run_dir, *flags):
   out = subprocess.run([sys.executable, '-m', 'ntkdd.launch.cli', 'status', str(run_dir),
                         *flags], capture_output=True, text=True, timeout=60)
@@ -138,8 +144,7 @@ def test_run_local_mp_returns_the_summary(tiny_npz, tmp_path):
 
 def test_status_query_from_another_process(tiny_npz, tmp_path):
   run = tmp_path / 'run'
-  cfg = _cfg(tiny_npz, steps=300, eval_every=100, checkpoint_every=100)
-  program = lpp.start_local_mp(cfg, str(run), workers=2, block=BLOCK, deadline_s=60)
+  program = _start_long_run(tiny_npz, run)
   try:
     _wait_for(lambda: _last_step(run) >= 1, TIMEOUT_S, 'step 1', program)
     # Another process of the host: the run directory's socket (no network).
@@ -170,8 +175,7 @@ def test_status_query_from_another_process(tiny_npz, tmp_path):
 
 def test_no_port_of_a_run_is_reachable_from_the_host(tiny_npz, tmp_path):
   run = tmp_path / 'run'
-  cfg = _cfg(tiny_npz, steps=300, eval_every=100, checkpoint_every=100)
-  program = lpp.start_local_mp(cfg, str(run), workers=2, block=BLOCK, deadline_s=60)
+  program = _start_long_run(tiny_npz, run)
   try:
     _wait_for(lambda: _last_step(run) >= 1, TIMEOUT_S, 'step 1', program)
     info, pids = _run_pids(program)
