@@ -1,7 +1,9 @@
 """Run a command in a network namespace of its own, where only loopback exists.
 
 Ray advertises the machine's non-loopback address even when told 127.0.0.1, so a local Ray
-started by a test or a benchmark would listen beyond this machine. Inside `unshare -n`
+started by a test or a benchmark would listen beyond this machine; Courier servers (the local
+Launchpad launch type, see launchpad_program) listen on every interface and execute what their
+callers send, so a local program's launcher and nodes always run here. Inside `unshare -n`
 (root) or `unshare -rn` (a user namespace) only `lo` exists, every connection stays on
 127.0.0.1, and the namespace names exactly which processes to kill afterwards.
 """

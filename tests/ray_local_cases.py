@@ -135,6 +135,9 @@ class TestLocalRay:
     assert all(s['ray_run'] == 'ray-run' and s['total_steps'] == 4 for s in snapshots)
     running = [s for s in snapshots if s['phase'] == 'running' and s['workers']]
     assert running and all(len(s['workers']) == 2 for s in running)
+    # The coordinator actor left its final status in the run directory as well.
+    final = status.query_status(str(run_dir))
+    assert final['source'] == 'snapshot' and final['phase'] == 'done' and final['step'] == 4
     _assert_actors_gone('ray-run', 2)
 
   def test_status_from_another_process_and_a_restarted_worker(self, tiny_npz, tmp_path,
