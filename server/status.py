@@ -719,6 +719,8 @@ def _settle(snap: dict, run_dir: Path, now: float) -> dict:
   snap['phase'] = phase
   if phase in ENDED_PHASES:
     snap['eta_s'] = 0.0 if phase == 'done' else None
+    if ended is None:   # a run without a final snapshot: its last file tells when it ended
+      ended = summary_time or _mtime(run_dir / RESULT_FILE) or _mtime(run_dir / 'metrics.jsonl')
     if ended is not None:
       snap['ended'] = ended
       if snap.get('elapsed_s') is not None and not snap.get('snapshot_final'):

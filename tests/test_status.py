@@ -73,6 +73,17 @@ def test_status_from_run_dir(tmp_path):
   json.dumps(snap)   # JSON-able
 
 
+def test_a_finished_run_without_a_snapshot_counts_run_time_not_age(tmp_path):
+  run = tmp_path / 'run'
+  _fabricate(run, steps_done=100, with_summary=True)   # created 120 s ago
+  finished = time.time() - 60
+  os.utime(run / 'summary.json', (finished, finished))
+  snap = status.query_status(str(run))
+  assert snap['source'] == 'run_dir' and snap['phase'] == 'done' and snap['eta_s'] == 0.0
+  assert snap['ended'] == pytest.approx(finished, abs=1)
+  assert 50 <= snap['elapsed_s'] <= 70   # from its start to its summary, not to now
+
+
 def test_status_with_backend_and_phases(tmp_path):
   run = tmp_path / 'run'
   _fabricate(run, steps_done=100, with_summary=True)
