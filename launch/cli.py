@@ -351,8 +351,10 @@ def _cmd_distill(args) -> int:
         summary = launchpad_program.run_local_mp(
             cfg, args.out, workers=args.workers, resume=args.resume, block=args.block,
             worker_tile=args.tile, expose_courier_ports=args.expose_courier_ports)
-      except (launchpad_program.CoordinatorFailed,
-              launchpad_program.PrivateNetworkUnavailable) as e:
+      except launchpad_program.PrivateNetworkUnavailable as e:
+        print(f'ntkdd distill: error: {e}', file=sys.stderr)
+        return 2
+      except launchpad_program.CoordinatorFailed as e:
         print(f'ntkdd distill: the coordinator failed: {e}', file=sys.stderr)
         return 1
     elif args.launch == 'ray':

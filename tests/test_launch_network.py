@@ -92,3 +92,4 @@ def _state(pid):
       return f.read().rsplit(')', 1)[-1].split()[0]
   except OSError:
     return 'gone'
+

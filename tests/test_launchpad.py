@@ -205,7 +205,7 @@ def test_no_port_of_a_run_is_reachable_from_the_host(tiny_npz, tmp_path):
 
 
 def test_without_a_namespace_the_launch_is_refused_unless_exposed(tiny_npz, tmp_path,
-                                                                 monkeypatch):
+                                                                 monkeypatch, capsys):
   from ntkdd.launch import private_network
   monkeypatch.setattr(private_network, 'inside_private_namespace', lambda: False)
   monkeypatch.setattr(private_network, 'probe_unshare',
@@ -216,6 +216,14 @@ def test_without_a_namespace_the_launch_is_refused_unless_exposed(tiny_npz, tmp_
   assert 'Operation not permitted' in message and lpp.EXPOSE_FLAG in message
   assert '--launch ray' in message and 'executes what' in message
   assert not (tmp_path / 'run' / lpp.PROCESSES_FILE).exists()
+  # The command line: one message, no traceback.
+  from ntkdd.launch import cli
+  code = cli.main(['distill', '--dataset', tiny_npz, '--data-dir', '.', '--ipc', '2',
+                   '--steps', '2', '--out', str(tmp_path / 'cli'), '--launch', 'launchpad',
+                   '--workers', '1'])
+  err = capsys.readouterr().err
+  assert code == 2 and 'Operation not permitted' in err and lpp.EXPOSE_FLAG in err
+  assert 'Traceback' not in err
 
 
 def test_a_killed_worker_does_not_stop_the_run(tiny_npz, tmp_path):
