@@ -349,4 +349,9 @@ def main(args) -> None:
 
 
 if __name__ == '__main__':
+  if 'launchpad' in ARGS.launches:   # this process coordinates Courier workers: in private
+    from ntkdd.launch import launchpad_program
+    code = launchpad_program.rerun_in_private_network([sys.executable, *sys.argv])
+    if code is not None:
+      sys.exit(code)
   main(ARGS)

@@ -249,23 +249,6 @@ def _backend_factory(args, dataset: Optional[dict] = None):
       dataset=dataset)
 
 
-def _rerun_in_private_network(argv: Sequence[str]) -> Optional[int]:
-  """`ntkdd kernel --launch launchpad` coordinates its Courier workers from this process, so
-  the whole command re-runs inside a private network namespace (see launchpad_program); the
-  exit code of that run, or None when this process may go on as it is."""
-  from ntkdd.launch import launchpad_program, private_network
-  try:
-    prefix = launchpad_program.network_prefix()
-  except launchpad_program.PrivateNetworkUnavailable as e:
-    raise SystemExit(f'ntkdd kernel: {e}') from None
-  if not prefix:
-    return None
-  code = 'import sys; from ntkdd.launch.cli import main; sys.exit(main(sys.argv[1:]))'
-  done = private_network.run([sys.executable, '-c', code, *argv], prefix, timeout_s=None,
-                             capture=False, new_session=False)
-  return done.returncode if isinstance(done.returncode, int) else 1
-
-
 def _cmd_kernel(args) -> int:
   from ntkdd.common import architectures, kernels
   kernels.enable_float64_if(args.dtype)
@@ -431,9 +414,16 @@ def _default_initialisation(args: argparse.Namespace) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = _parser().parse_args(argv)
   if args.command == 'kernel' and args.launch == 'launchpad' and not args.expose_courier_ports:
-    code = _rerun_in_private_network(sys.argv[1:] if argv is None else list(argv))
-    if code is not None:
-      return code
+    # This process coordinates Courier workers: the whole command runs in a private network.
+    from ntkdd.launch import launchpad_program
+    code = 'import sys; from ntkdd.launch.cli import main; sys.exit(main(sys.argv[1:]))'
+    try:
+      exit_code = launchpad_program.rerun_in_private_network(
+          [sys.executable, '-c', code, *(sys.argv[1:] if argv is None else argv)])
+    except launchpad_program.PrivateNetworkUnavailable as e:
+      raise SystemExit(f'ntkdd kernel: {e}') from None
+    if exit_code is not None:
+      return exit_code
   _default_initialisation(args)
   logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                       format='%(asctime)s %(levelname)s %(message)s', datefmt='%H:%M:%S')

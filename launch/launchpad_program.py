@@ -302,6 +302,19 @@ def _stop_launchpad_program() -> None:
     logging.info('lp.stop() skipped: %s', e)
 
 
+def rerun_in_private_network(argv: Sequence[str]) -> Optional[int]:
+  """For a process that coordinates Launchpad workers itself (`ntkdd kernel`, a benchmark):
+  runs the command `argv` (this process's own, typically) inside a private network namespace
+  and returns its exit code; None when this process already runs in one and may go on.
+  Raises `PrivateNetworkUnavailable` where no namespace can be made."""
+  prefix = network_prefix()
+  if not prefix:
+    return None
+  done = private_network.run(list(argv), prefix, timeout_s=None, capture=False,
+                             new_session=False)
+  return done.returncode if isinstance(done.returncode, int) else 1
+
+
 # -- The program. -------------------------------------------------------------------------------
 
 def _arch_dict(arch) -> dict:

@@ -89,9 +89,12 @@ def _socket_inodes(pid):
   return inodes
 
 
+LONG_STEPS = 5000   # ~60 steps/s on a quiet machine: it never ends before the test stops it
+
+
 def _start_long_run(tiny_npz, run):
-  """A 300-step run over two workers, long enough to look at while it runs."""
-  cfg = _cfg(tiny_npz, steps=300, eval_every=100, checkpoint_every=100)
+  """A run over two workers, long enough to look at while it runs."""
+  cfg = _cfg(tiny_npz, steps=LONG_STEPS, eval_every=500, checkpoint_every=500)
   return lpp.start_local_mp(cfg, str(run), workers=2, block=BLOCK, deadline_s=60)
 
 
@@ -150,14 +153,14 @@ def test_status_query_from_another_process(tiny_npz, tmp_path):
     # Another process of the host: the run directory's socket (no network).
     snap = json.loads(_ntkdd_status(run, '--json'))
     assert snap['source'] == 'socket' and snap['phase'] == 'running', snap
-    assert 1 <= snap['step'] < 300 and snap['total_steps'] == 300
+    assert 1 <= snap['step'] < LONG_STEPS and snap['total_steps'] == LONG_STEPS
     assert snap['loss'] is not None and snap['initial_accuracy'] is not None
     assert len(snap['workers']) == 2 and snap['alive_workers'] == 2
     assert all(w['blocks_done'] >= 1 for w in snap['workers'])
     assert snap['coordinator_pid'] == json.loads(program.processes_file.read_text())[
         'nodes']['coordinator'][0]
     table = status.format_status(snap)
-    assert 'step' in table and '/300' in table and 'workers: 2' in table
+    assert 'step' in table and f'/{LONG_STEPS}' in table and 'workers: 2' in table
     table = _ntkdd_status(run)
     assert 'status.sock (live)' in table, table
     assert status.query_status(str(run), timeout_s=20)['step'] >= snap['step']
