@@ -56,7 +56,8 @@ def test_this_machine_makes_private_namespaces():
   prefix, why = private_network.probe_unshare()
   if prefix is None:
     pytest.skip(f'no private network namespace here: {why}')
-  code = 'from ntkdd.launch import private_network as p; print(p.only_loopback(), p.inside_private_namespace())'
+  code = ('from ntkdd.launch import private_network as p; '
+          'print(p.only_loopback(), p.inside_private_namespace())')
   done = private_network.run([sys.executable, '-c', code], prefix, timeout_s=120)
   assert done.returncode == 0 and done.output.strip().endswith('True True'), done.output
   assert done.leftover_pids == []

@@ -362,7 +362,8 @@ def test_kernel_progress_goes_to_status_and_to_the_log(caplog):
     assert snap['kernel_progress']['pairs_done'] == 100
     assert snap['kernel_progress']['pairs_per_second'] == pytest.approx(10.0)
     assert snap['kernel_progress']['eta_s'] == pytest.approx(90.0)
-    assert 'kernel' in status.format_status(snap) and '100/1,000 pairs' in status.format_status(snap)
+    table = status.format_status(snap)
+    assert 'kernel' in table and '100/1,000 pairs' in table
     assert 'pairs' not in caplog.text
     clock.now = 31.0
     progress.add(210)                        # 31 s in: a log line
