@@ -210,7 +210,8 @@ class CoordinatorNode:
     self._coordinator_kwargs = dict(coordinator_kwargs or {})
     self._server = None
     self._started = threading.Event()
-    self._status = status_lib.RunStatus(str(self._run_dir), total_steps=config.get('steps'))
+    self._status = status_lib.RunStatus(str(self._run_dir),
+                                        total_steps=status_lib.total_steps(config))
     self._status.set_extra(coordinator_pid=os.getpid(), workers_expected=len(self._handles))
 
   # -- Courier: Launchpad hands over the server; we start it before run() so status() answers

@@ -213,8 +213,8 @@ def distill(cfg: DistillConfig, run_dir: str, backend_factory: Callable, resume:
   from ntkdd.server import status
   publisher = None
   if run_status is None:
-    publisher = status.StatusPublisher(status.RunStatus(str(run_dir), total_steps=cfg.steps),
-                                       str(run_dir)).start()
+    holder = status.RunStatus(str(run_dir), total_steps=status.total_steps(_config_to_json(cfg)))
+    publisher = status.StatusPublisher(holder, str(run_dir)).start()
     publisher.holder.set_phase('running')
   # Long kernel computations (LS, KRR evaluation) report their progress to the run's status.
   progress_to = status.KERNEL_PROGRESS_HOLDER.set(run_status or publisher.holder)

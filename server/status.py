@@ -82,6 +82,12 @@ def _finite(value) -> Optional[float]:
   return value if math.isfinite(value) else None
 
 
+def total_steps(flags: dict) -> Optional[int]:
+  """The steps a run's flags ask for; None for Label Solve, which has no steps (its time goes
+  to kernel computations, shown as `kernel_progress`)."""
+  return None if flags.get('algorithm') == 'ls' else flags.get('steps')
+
+
 def status_from_run_dir(run_dir: str, backend: Any = None, now: Optional[float] = None) -> dict:
   """A status snapshot of the run in `run_dir`, plus `backend.status()` if a backend is given."""
   run_dir = Path(run_dir)
@@ -94,7 +100,8 @@ def status_from_run_dir(run_dir: str, backend: Any = None, now: Optional[float] 
   snap: dict[str, Any] = {
       'run_dir': str(run_dir), 'time': now, 'algorithm': flags.get('algorithm'),
       'dataset': (config.get('dataset') or {}).get('name') or flags.get('dataset'),
-      'ipc': flags.get('ipc'), 'arch': flags.get('arch'), 'total_steps': flags.get('steps'),
+      'ipc': flags.get('ipc'), 'arch': flags.get('arch'),
+      'total_steps': total_steps(flags),
       'step': 0, 'loss': None, 'last_accuracy': None, 'last_accuracy_step': None,
       'initial_accuracy': None, 'best_accuracy': None, 'best_accuracy_step': None,
       'pairs_per_second': None, 'elapsed_s': None, 'eta_s': None, 'seconds_per_step': None,

@@ -447,3 +447,16 @@ def test_an_in_process_run_that_was_stopped_or_killed_says_so(tiny_npz, tmp_path
   assert status.query_status(str(run))['elapsed_s'] == elapsed   # run time, not age
   text = status.format_status(snap)
   assert snap['phase'] in text and 'ended' in text and 'status.json, written' in text
+
+
+def test_label_solve_has_no_steps_to_count(tmp_path):
+  run = tmp_path / 'ls'
+  run.mkdir()
+  checkpoint.write_json(run / 'config.json', {'flags': {'algorithm': 'ls', 'steps': 1000}})
+  holder = status.RunStatus(str(run), total_steps=status.total_steps({'algorithm': 'ls'}))
+  holder.set_phase('running')
+  holder.update(kernel_progress={'what': 'kernel', 'pairs_done': 5, 'pairs_total': 10})
+  snap = holder.snapshot()
+  assert snap['total_steps'] is None and snap['eta_s'] is None
+  text = status.format_status(snap)
+  assert '/1000' not in text and '5/10 pairs' in text
