@@ -48,10 +48,12 @@ def _add_kernel_flags(p: argparse.ArgumentParser, default_arch: str, default_dep
                       'launchpad (a local_mp program: one Courier process per worker plus the '
                       'coordinator; needs the Python 3.10 environment, ntkdd[launchpad]) or ray '
                       '(worker actors and a coordinator actor on a Ray cluster; ntkdd[ray]).')
-  g.add_argument('--ray-address', default='auto',
-                 help="with --launch ray: 'auto' (the cluster started on this machine with "
-                      "`ray start`; the default), HOST:PORT of a cluster's head, or 'local' to "
-                      'start a private Ray on this machine for this command only.')
+  g.add_argument('--ray-address', default=None,
+                 help='with --launch ray: HOST:PORT of a cluster\'s head; \'auto\' (the cluster '
+                      'started on this machine with `ray start`, else an error); \'local\' (a '
+                      'private Ray on this machine for this command only). Default: a running '
+                      'cluster (RAY_ADDRESS, or the one `ray start` began here) if there is '
+                      'one, else a private local Ray, as ray.init() does; the log says which.')
   g.add_argument('--workers', type=int, default=0,
                  help='kernel workers; 0 computes kernels directly, N >= 1 farms tiles of '
                       '--block images to N workers through the coordinator (launchpad and '
