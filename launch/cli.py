@@ -72,7 +72,8 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
                       'Default %(default)s.')
   g.add_argument('--cache-dir', default=None, help='where decoded arrays are cached.')
   g.add_argument('--download', action='store_true',
-                 help='fetch missing standard datasets from their official locations.')
+                 help='fetch missing standard datasets from their official locations (or '
+                      'from the mirror in $NTKDD_DOWNLOAD_URL), checksums verified.')
 
 
 def _parser() -> argparse.ArgumentParser:
