@@ -159,6 +159,11 @@ def _parser() -> argparse.ArgumentParser:
   r.add_argument('--eval-models', type=int, default=1,
                  help='finite ConvNets trained per evaluation (--eval-every).')
   d.add_argument('--no-progress', action='store_true', help='no progress bar.')
+  d.add_argument('--tensorboard', action='store_true',
+                 help='also write TensorBoard events into --out (loss, KRR and finite-net '
+                      'accuracy, kernel pairs/s per step, the support images at every '
+                      'evaluation): `tensorboard --logdir runs/`. Needs tensorboardX '
+                      "(pip install 'ntkdd[tensorboard]'); in-process runs.")
 
   e = sub.add_parser(
       'evaluate', help='KRR and finite-width accuracy of a support set.',
@@ -300,7 +305,8 @@ def _run_rcig(args) -> dict:
       eval_models=args.eval_models, flip_support=flip, batch_norm=args.batch_norm)
   return rcig_loop.run_rcig(rcig_cfg, prepared, args.out, ipc=args.ipc, steps=args.steps,
                             seed=args.seed, resume=args.resume, progress=not args.no_progress,
-                            eval_every=args.eval_every, eval_test_size=args.eval_test_size)
+                            eval_every=args.eval_every, eval_test_size=args.eval_test_size,
+                            tensorboard=args.tensorboard)
 
 
 def _cmd_distill(args) -> int:
@@ -318,6 +324,10 @@ def _cmd_distill(args) -> int:
           f"Run directory: {args.out}")
     return 0
   cfg = _distill_config(args)
+  if args.tensorboard and args.launch != 'inprocess':
+    raise ValueError(f'--tensorboard writes events from in-process runs; with --launch '
+                     f'{args.launch} leave it out (metrics.jsonl and `ntkdd status` still '
+                     f'follow the run).')
   try:
     if args.launch == 'launchpad':
       from ntkdd.launch import launchpad_program
@@ -340,7 +350,7 @@ def _cmd_distill(args) -> int:
     else:
       factory = _backend_factory(args, dataset=cfg.data_spec().to_dict())
       summary = distill.distill(cfg, args.out, factory, resume=args.resume,
-                                progress=not args.no_progress)
+                                progress=not args.no_progress, tensorboard=args.tensorboard)
   except distill.Interrupted as e:
     print(e, file=sys.stderr)
     return 130

@@ -186,8 +186,10 @@ def _render(run_dir: Path) -> None:
 
 
 def distill(cfg: DistillConfig, run_dir: str, backend_factory: Callable, resume: bool = False,
-            progress: bool = True, prepared: Optional[PreparedData] = None) -> dict[str, Any]:
-  """Runs KIP or LS into `run_dir`; returns the summary (also written to summary.json)."""
+            progress: bool = True, prepared: Optional[PreparedData] = None,
+            tensorboard: bool = False) -> dict[str, Any]:
+  """Runs KIP or LS into `run_dir`; returns the summary (also written to summary.json).
+  `tensorboard`: also TensorBoard events in `run_dir` (needs tensorboardX)."""
   cfg.validate()
   run_dir = Path(run_dir)
   config_path = run_dir / 'config.json'
@@ -205,16 +207,35 @@ def distill(cfg: DistillConfig, run_dir: str, backend_factory: Callable, resume:
                   'class_names': list(prepared.dataset.class_names),
                   'preprocess': prepared.preprocessor.kind},
       'versions': versions(), 'created': time.strftime('%Y-%m-%dT%H:%M:%S%z')})
+  board = open_board(run_dir, prepared) if tensorboard else None
   backend = backend_factory(cfg.architecture())
   try:
     if cfg.algorithm == 'ls':
-      return _run_label_solve(cfg, run_dir, prepared, backend)
-    return _run_kip(cfg, run_dir, prepared, backend, saved, progress)
+      return _run_label_solve(cfg, run_dir, prepared, backend, board)
+    return _run_kip(cfg, run_dir, prepared, backend, saved, progress, board)
   finally:
     getattr(backend, 'close', lambda: None)()  # distributed backends stop their threads
+    if board:
+      board.close()
 
 
-def _run_label_solve(cfg, run_dir, prepared, backend) -> dict:
+def open_board(run_dir: Path, prepared: PreparedData) -> Callable:
+  """A `board(record, images, label_ids)` that writes TensorBoard events into `run_dir`: the
+  record's scalars, and the grid of `images` (model space; None: none) when the record is an
+  evaluation; `board.close()` ends the event file."""
+  from ntkdd.server import tensorboard_log
+  log = tensorboard_log.TensorBoardLog(run_dir)
+
+  def board(record: dict, images: Optional[np.ndarray], label_ids) -> None:
+    pixels = (prepared.preprocessor.inverse(np.asarray(images))
+              if images is not None and tensorboard_log.is_evaluation(record) else None)
+    log.log(record, pixels, label_ids, prepared.num_classes)
+
+  board.close = log.close
+  return board
+
+
+def _run_label_solve(cfg, run_dir, prepared, backend, board=None) -> dict:
   start = time.time()
   rng = np.random.default_rng(cfg.seed)
   images, labels, label_ids = initial_support(prepared, cfg.ipc, cfg.init, rng)
@@ -232,14 +253,17 @@ def _run_label_solve(cfg, run_dir, prepared, backend) -> dict:
   summary = {'algorithm': 'ls', 'krr_test_accuracy_before': before,
              'krr_test_accuracy_after': after, 'targets': int(len(targets)),
              'minutes': (time.time() - start) / 60, 'steps': 0}
-  checkpoint.append_metrics(run_dir / 'metrics.jsonl', {
-      'step': 0, 'loss': None, 'krr_test_accuracy': after, 'wall_time': time.time() - start})
+  record = {'step': 0, 'loss': None, 'krr_test_accuracy': after,
+            'wall_time': time.time() - start}
+  checkpoint.append_metrics(run_dir / 'metrics.jsonl', record)
+  if board:
+    board(record, images, label_ids)
   checkpoint.write_json(run_dir / 'summary.json', summary)
   _render(run_dir)
   return summary
 
 
-def _run_kip(cfg, run_dir, prepared, backend, saved, show_progress) -> dict:
+def _run_kip(cfg, run_dir, prepared, backend, saved, show_progress, board=None) -> dict:
   metrics_path = run_dir / 'metrics.jsonl'
   optimizer = optim.adam(optim.cosine_schedule(cfg.learning_rate, cfg.steps)
                          if cfg.lr_schedule == 'cosine' else cfg.learning_rate)
@@ -252,8 +276,10 @@ def _run_kip(cfg, run_dir, prepared, backend, saved, show_progress) -> dict:
     before = _evaluate(backend, prepared, images, labels, cfg, cfg.seed)
     best = {'accuracy': before, 'step': 0}
     checkpoint.truncate_metrics(metrics_path, -1)
-    checkpoint.append_metrics(metrics_path, {'step': 0, 'loss': None,
-                                             'krr_test_accuracy': before, 'wall_time': 0.0})
+    first = {'step': 0, 'loss': None, 'krr_test_accuracy': before, 'wall_time': 0.0}
+    checkpoint.append_metrics(metrics_path, first)
+    if board:
+      board(first, images, label_ids)
     logging.info('Step 0: KRR test accuracy %.4f (initial support).', before)
   else:
     arrays, meta = saved
@@ -310,6 +336,8 @@ def _run_kip(cfg, run_dir, prepared, backend, saved, show_progress) -> dict:
         if accuracy > best['accuracy']:
           best = {'accuracy': accuracy, 'step': step}
       checkpoint.append_metrics(metrics_path, record)
+      if board:
+        board(record, params['images'], label_ids)
       if bar:
         bar.update(step, loss=record['loss'], acc=accuracy)
       if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop.signal:

@@ -232,6 +232,28 @@ def _class_names_for(label_ids: np.ndarray, class_names: Optional[Sequence[str]]
   return names + [str(k) for k in range(len(names), largest)]  # ids past the names: numbers
 
 
+def support_grid_array(images_pixels: np.ndarray, label_ids: Sequence[int], num_classes: int,
+                       max_per_class: int = 10, gap: int = GRID_GAP) -> np.ndarray:
+  """The support set as one uint8 (H, W, 3) picture, numpy only: a row per class (class order),
+  up to `max_per_class` images each, `gap` px of GRID_GAP_COLOR between cells (no names: for
+  viewers that label the picture themselves, such as TensorBoard)."""
+  pixels = _to_uint8_nhwc(images_pixels)
+  if pixels.shape[-1] == 1:
+    pixels = np.repeat(pixels, 3, axis=-1)
+  label_ids = np.asarray(label_ids, dtype=np.int64).reshape(-1)
+  rows = _row_indices(label_ids, num_classes, max_per_class)
+  columns = max([len(r) for r in rows] + [1])
+  height, width = pixels.shape[1:3]
+  grid = np.empty((gap + num_classes * (height + gap), gap + columns * (width + gap), 3),
+                  np.uint8)
+  grid[...] = GRID_GAP_COLOR
+  for row, indices in enumerate(rows):
+    for column, index in enumerate(indices):
+      top, left = gap + row * (height + gap), gap + column * (width + gap)
+      grid[top:top + height, left:left + width] = pixels[index]
+  return grid
+
+
 def write_support_grid(path: PathLike, images_pixels: np.ndarray, label_ids: Sequence[int],
                        class_names: Optional[Sequence[str]], max_per_class: int = 10,
                        min_cell: int = 56) -> Path:
