@@ -204,6 +204,17 @@ def _parser() -> argparse.ArgumentParser:
   s = sub.add_parser('show', help='summarise a run directory and re-render its pictures.')
   s.add_argument('run_dir', help='a directory made by ntkdd distill.')
 
+  x = sub.add_parser(
+      'export', help='write a distilled set as an image-folder tree or an npz.',
+      description='folders: OUT/<id>_<class>/NNNN.png (8-bit PNG of the images in [0, 1]; '
+                  'the id prefix keeps the class order when tools sort folder names) plus '
+                  'OUT/labels.csv (file, label_id, class_name, then the label vector, learned '
+                  'or one-hot minus 1/C). npz: OUT.npz with the keys of support.npz.')
+  x.add_argument('run_dir', help='a directory made by ntkdd distill.')
+  x.add_argument('--format', choices=('folders', 'npz'), default='folders',
+                 help='Default %(default)s.')
+  x.add_argument('--out', required=True, help='a new folder (folders) or a .npz file (npz).')
+
   st = sub.add_parser(
       'status', help="query a running coordinator's status over RPC.",
       description='Prints step, loss, accuracies, kernel pairs/s, ETA, checkpoint age and each '
@@ -380,6 +391,16 @@ def _cmd_show(args) -> int:
   return 0
 
 
+def _cmd_export(args) -> int:
+  from ntkdd.server import report
+  try:
+    written = report.export_support(args.run_dir, args.out, args.format)
+  except ImportError as e:
+    raise ValueError(str(e)) from e
+  print(f'Wrote the distilled set of {args.run_dir} to {written} ({args.format}).')
+  return 0
+
+
 def _cmd_status(args) -> int:
   from ntkdd.server import status
   if args.ray_address is None:
@@ -394,7 +415,7 @@ def _cmd_status(args) -> int:
 
 
 COMMANDS = {'kernel': _cmd_kernel, 'distill': _cmd_distill, 'evaluate': _cmd_evaluate,
-            'show': _cmd_show, 'status': _cmd_status}
+            'show': _cmd_show, 'status': _cmd_status, 'export': _cmd_export}
 
 
 def _default_initialisation(args: argparse.Namespace) -> None:
