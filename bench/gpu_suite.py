@@ -51,6 +51,21 @@ PARTS = ('environment', 'kernel', 'ls', 'kip', 'rcig')
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_OUT = BENCH_DIR / 'results' / 'gpu_suite.json'
 PAPER = {'ls': 0.536, 'kip': 0.634}
+# What each part records when it runs to the end (smoke or not: the same keys).
+PART_KEYS = {
+    'environment': ('backend', 'device_kind', 'device_count', 'python', 'jax', 'jaxlib', 'numpy',
+                    'jax_memory_limit_bytes', 'cuda', 'nvidia_smi', 'peak_fp32_flops',
+                    'optional_modules', 'cpu_count'),
+    'kernel': ('peak_fp32_flops', 'matmul_error', 'measured_matmul_fp32_gflops', 'sizes'),
+    'ls': ('load_s', 'support', 'targets', 'test_images', 'solve_s', 'eval_s',
+           'krr_test_accuracy', 'paper_accuracy', 'pairs_per_s'),
+    'kip': ('load_s', 'budget_s', 'target_batch', 'distill_s', 'steps',
+            'krr_test_accuracy_initial', 'steps_per_s', 'pairs_per_s', 'eval_s', 'test_images',
+            'krr_test_accuracy', 'paper_accuracy'),
+    'rcig': ('config', 'budget_s', 'steps', 'first_step_s', 'steps_per_s'),
+}
+KERNEL_SIZE_KEYS = ('size', 'auto_tile', 'auto_forward', 'auto_vjp', 'tile_sweep_forward',
+                    'sweep_stopped', 'largest_tile', 'largest_forward', 'largest_vjp')
 
 # float32 peak without tensor cores (TFLOP/s), from the vendors' data sheets; the first name
 # found in the device kind wins, so the specific ones come first.
@@ -76,8 +91,9 @@ def peak_fp32_flops(device_kind: str) -> Optional[float]:
 def settings(smoke: bool) -> dict[str, Any]:
   """Every size the parts use; --smoke shrinks them to seconds on a CPU."""
   if smoke:
-    # Tile 4 everywhere: the auto and explicit calls share one compiled forward and one vjp.
-    return {'kernel_sizes': [(8, 8, 3)], 'kernel_rows': 4, 'kernel_columns': 4,
+    # Tile 4 everywhere: the auto and explicit calls share one compiled forward and one vjp;
+    # depth 1 compiles in a fraction of depth 3's time.
+    return {'depth': 1, 'kernel_sizes': [(8, 8, 3)], 'kernel_rows': 4, 'kernel_columns': 4,
             'kernel_min_call_s': 0.0, 'kernel_max_call_s': 2.0, 'kernel_sweep_start': 4,
             'kernel_max_tile': 4, 'kernel_tile_factor': 4,
             'matmul_size': 256, 'image_size': 8, 'ls_ipc': 1, 'ls_targets': 40,
@@ -85,21 +101,21 @@ def settings(smoke: bool) -> dict[str, Any]:
             'rcig': dict(width=4, depth=2, inner_steps=1, hinv_steps=1, pool_size=2,
                          pool_train_steps=1, target_batch=8), 'rcig_image_size': 14,
             'rcig_seconds': 8}
-  return {'kernel_sizes': [(32, 32, 3), (28, 28, 1)], 'kernel_rows': 64,
+  return {'depth': 3, 'kernel_sizes': [(32, 32, 3), (28, 28, 1)], 'kernel_rows': 64,
           'kernel_columns': 64, 'kernel_min_call_s': 1.0, 'kernel_max_call_s': 15.0,
           'kernel_sweep_start': None, 'kernel_max_tile': 4096, 'kernel_tile_factor': 4,
           'matmul_size': 8192, 'image_size': None, 'ls_ipc': 10, 'ls_targets': 0,
           'test_size': 0, 'kip_ipc': 1, 'kip_target_batch': 1000, 'rcig': {},
-          'rcig_image_size': None, 'rcig_seconds': 55}
+          'rcig_image_size': None, 'rcig_seconds': 80}
 
 
 def limits(args: argparse.Namespace) -> dict[str, float]:
   """Per-part time limits (s); the suite's total stays within --total-seconds."""
   if args.smoke:
     # Limits, not durations: about 70 s in all on two quiet cores, more on a busy machine.
-    return {'environment': 30, 'kernel': 60, 'ls': 45, 'kip': 45, 'rcig': 45}
-  return {'environment': 45, 'kernel': 150, 'ls': 150, 'kip': args.kip_seconds + 60,
-          'rcig': 75}   # 580 s with the default --kip-seconds
+    return {'environment': 30, 'kernel': 60, 'ls': 60, 'kip': 60, 'rcig': 60}
+  return {'environment': 45, 'kernel': 140, 'ls': 140, 'kip': args.kip_seconds + 60,
+          'rcig': 100}   # 575 s with the default --kip-seconds
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,13 +243,14 @@ def part_kernel(spec: dict, rec: Recorder) -> None:
   backend = jax.default_backend()
   peak = peak_fp32_flops(jax.devices()[0].device_kind) if backend == 'gpu' else None
   rec.record('peak_fp32_flops', peak if peak else 'unknown')
+  matmul, error = None, None
   try:
     matmul = flops.measure_jax_matmul_peak_gflops(size=cfg['matmul_size'], repeats=3)
-  except Exception as e:  # out of memory on a small device: no measured peak
-    matmul = None
-    rec.record('matmul_error', str(e)[:300])
+  except Exception as e:  # pylint: disable=broad-except  # out of memory: no measured peak
+    error = str(e)[:300]
+  rec.record('matmul_error', error)
   rec.record('measured_matmul_fp32_gflops', matmul)
-  arch = architectures.Architecture('convnet', 3)
+  arch = architectures.Architecture('convnet', cfg['depth'])
   rng = np.random.default_rng(0)
   sizes = {}
   for size in map(tuple, cfg["kernel_sizes"]):
@@ -243,7 +260,7 @@ def part_kernel(spec: dict, rec: Recorder) -> None:
     rec.record('sizes', sizes)
 
     def rate(pairs: int, seconds: float, tile: Optional[int], kind: str) -> dict[str, Any]:
-      per_pair = flops.flops_per_pair(*size, 3, tile=tile)
+      per_pair = flops.flops_per_pair(*size, cfg['depth'], tile=tile)
       if kind == 'vjp':
         per_pair *= flops.VJP_FLOP_FACTOR
       achieved = pairs / seconds * per_pair
@@ -268,8 +285,10 @@ def part_kernel(spec: dict, rec: Recorder) -> None:
           call = lambda: kernels.kernel_vjp(arch, x1, x2, g_ntk=g, g_nngp=g)
         first = _timed(call)   # compiles
         seconds = _timed(call)
-        entry[f'auto_{kind}'] = dict(rate(rows * n2, seconds, entry['auto_tile'], kind),
-                                     first_call_s=first, shape=[rows, n2])
+        used = None if entry['auto_tile'] is None else [min(entry['auto_tile'], rows),
+                                                         min(entry['auto_tile'], n2)]
+        entry[f'auto_{kind}'] = dict(rate(rows * n2, seconds, used and used[0], kind),
+                                     first_call_s=first, shape=[rows, n2], tile_used=used)
         rec.record('sizes', sizes)
         if (seconds >= cfg['kernel_min_call_s'] or 4 * n2 > 64 * columns
             or time.monotonic() + 6 * seconds > deadline):
@@ -345,9 +364,10 @@ def _auto_tile(arch, size) -> Optional[int]:
     return None
 
 
-def _prepare(dataset: str, data_dir: str, image_size: Optional[int], arch: str = 'convnet'):
+def _prepare(dataset: str, data_dir: str, image_size: Optional[int], depth: int,
+             arch: str = 'convnet'):
   from ntkdd.server import distill
-  cfg = distill.DistillConfig(dataset=dataset, data_dir=data_dir, arch=arch, depth=3,
+  cfg = distill.DistillConfig(dataset=dataset, data_dir=data_dir, arch=arch, depth=depth,
                               image_size=image_size)
   return distill.prepare_data(cfg)
 
@@ -369,9 +389,10 @@ def part_ls(spec: dict, rec: Recorder) -> None:
   cfg = spec['settings']
   dataset, data_dir = _cifar10(spec)
   start = time.perf_counter()
-  prepared = _prepare(dataset, data_dir, cfg['image_size'])
+  prepared = _prepare(dataset, data_dir, cfg['image_size'], cfg['depth'])
   rec.record('load_s', time.perf_counter() - start)
-  run = distill.DistillConfig(algorithm='ls', arch='convnet', depth=3, ipc=cfg['ls_ipc'])
+  run = distill.DistillConfig(algorithm='ls', arch='convnet', depth=cfg['depth'],
+                              ipc=cfg['ls_ipc'])
   backend = backend_lib.InProcessKernels(run.architecture())
   rng = np.random.default_rng(0)
   images, labels, _ = distill.initial_support(prepared, cfg['ls_ipc'], 'real', rng)
@@ -427,10 +448,10 @@ def part_kip(spec: dict, rec: Recorder) -> None:
   cfg = spec['settings']
   dataset, data_dir = _cifar10(spec)
   start = time.perf_counter()
-  prepared = _prepare(dataset, data_dir, cfg['image_size'])
+  prepared = _prepare(dataset, data_dir, cfg['image_size'], cfg['depth'])
   rec.record('load_s', time.perf_counter() - start)
   run = distill.DistillConfig(
-      algorithm='kip', dataset=dataset, data_dir=data_dir, arch='convnet', depth=3,
+      algorithm='kip', dataset=dataset, data_dir=data_dir, arch='convnet', depth=cfg['depth'],
       image_size=cfg['image_size'], ipc=cfg['kip_ipc'], steps=10 ** 9, learn_labels=True,
       learning_rate=0.01, target_batch=cfg['kip_target_batch'], eval_every=10 ** 9,
       eval_test_size=cfg['test_size'] or 0, checkpoint_every=10 ** 9, seed=0)
@@ -478,7 +499,7 @@ def part_rcig(spec: dict, rec: Recorder) -> None:
     dataset, data_dir = spec['smoke_data']['mnist'], '.'
   else:
     dataset, data_dir = 'mnist', spec['data_dir']
-  prepared = _prepare(dataset, data_dir, cfg['rcig_image_size'], arch='convnet')
+  prepared = _prepare(dataset, data_dir, cfg['rcig_image_size'], cfg['depth'])
   rcig_cfg = rcig.RcigConfig(**cfg['rcig'])
   rec.record('config', rcig_cfg.to_dict())
   run_dir = Path(spec['work_dir']) / 'rcig'
@@ -532,12 +553,15 @@ def launch_part(name: str, spec: dict, limit_s: float) -> dict[str, Any]:
   spec = dict(spec, limit_s=limit_s, partial=str(partial))
   command = [sys.executable, os.path.abspath(__file__), '--part', name, '--spec',
              json.dumps(spec)]
+  env = dict(os.environ)
+  if spec.get('compilation_cache'):   # later parts and reruns reuse compiled kernels
+    env.setdefault('JAX_COMPILATION_CACHE_DIR', spec['compilation_cache'])
   start = time.monotonic()
   record: dict[str, Any] = {'limit_s': round(limit_s, 1)}
   log_path = Path(spec['work_dir']) / f'{name}.log'
   with open(log_path, 'w') as log:
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True,
-                            start_new_session=True)
+                            start_new_session=True, env=env)
     try:
       stdout, _ = proc.communicate(timeout=limit_s)
     except subprocess.TimeoutExpired:
@@ -619,7 +643,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines.append(f"| {name} | {p['status']} | {p.get('wall_s', '-')} | {p.get('limit_s', '-')} "
                  f"| {(p.get('error') or '')[:120]} |")
   kernel = parts['kernel'].get('result', {})
-  lines += ['', f"Kernel (ConvNet depth 3, float32); measured fp32 matmul "
+  lines += ['', f"Kernel (ConvNet depth {report['settings']['depth']}, float32); measured fp32 matmul "
                 f"{_num(kernel.get('measured_matmul_fp32_gflops'), '.4g')} GFLOP/s", '',
             '| size | call | tile | pairs/s | GFLOP/s | % peak | % matmul |',
             '|---|---|---:|---:|---:|---:|---:|']
@@ -630,7 +654,8 @@ def markdown(report: dict[str, Any]) -> str:
       m = entry.get(name)
       if not m:
         continue
-      tile = m.get('tile', entry.get('auto_tile'))
+      tile = m.get('tile', m.get('tile_used'))
+      tile = 'x'.join(map(str, tile)) if isinstance(tile, list) else tile
       lines.append(f"| {key} | {label} | {tile if tile is not None else 'auto'} | "
                    f"{_num(m['pairs_per_s'], '.4g')} | {_num(m['achieved_flops'] / 1e9, '.4g')} | "
                    f"{_num(m.get('percent_of_peak'), '.2f')} | "
@@ -659,7 +684,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                       'python tarball)')
   p.add_argument('--smoke', action='store_true',
                  help='every part at tiny sizes on synthetic data (a CPU, under two minutes)')
-  p.add_argument('--kip-seconds', type=float, default=100.0,
+  p.add_argument('--kip-seconds', type=float, default=90.0,
                  help='KIP: distillation time budget before the final evaluation')
   p.add_argument('--total-seconds', type=float, default=590.0,
                  help='the whole suite stops within this (later parts get what is left)')
@@ -686,7 +711,8 @@ def main(argv=None) -> int:
   with tempfile.TemporaryDirectory(prefix='ntkdd-gpu-suite-') as work_dir:
     spec = {'smoke': args.smoke, 'data_dir': os.path.abspath(args.data_dir),
             'work_dir': work_dir, 'settings': settings(args.smoke),
-            'kip_seconds': args.kip_seconds}
+            'kip_seconds': args.kip_seconds,
+            'compilation_cache': str(Path(args.out).resolve().parent / 'jax_cache')}
     if args.smoke:
       spec['smoke_data'] = write_smoke_data(Path(work_dir))
     parts: dict[str, Any] = {}
