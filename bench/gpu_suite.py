@@ -18,7 +18,8 @@ bench/results/gpu_suite.json and a Markdown table (bench/results/gpu_suite.md, a
   rcig         RCIG steps per second at MNIST, 1 image per class (paper settings).
 
 Nothing is installed or downloaded: `pip install --no-deps --no-build-isolation .` into the
-machine's Python (with JAX) is enough. The core needs only jax and numpy; CIFAR-10 from the
+machine's Python (with JAX) is enough, and without it the parts import this checkout (a
+symlink tree on PYTHONPATH). The core needs only jax and numpy; CIFAR-10 from the
 JPEG tarball needs Pillow and RCIG needs optax: without them those parts say so and are
 recorded as `skipped`. `--smoke` runs every part at tiny sizes on synthetic data (CPU, under
 two minutes) and writes the same JSON keys.
@@ -554,6 +555,9 @@ def launch_part(name: str, spec: dict, limit_s: float) -> dict[str, Any]:
   command = [sys.executable, os.path.abspath(__file__), '--part', name, '--spec',
              json.dumps(spec)]
   env = dict(os.environ)
+  if spec.get('pythonpath'):   # ntkdd not installed: the checkout, through a symlink tree
+    env['PYTHONPATH'] = os.pathsep.join(filter(None, [spec['pythonpath'],
+                                                      env.get('PYTHONPATH')]))
   if spec.get('compilation_cache'):   # later parts and reruns reuse compiled kernels
     env.setdefault('JAX_COMPILATION_CACHE_DIR', spec['compilation_cache'])
   start = time.monotonic()
@@ -598,6 +602,25 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text())
   except (OSError, ValueError):
     return {}
+
+
+def importable_checkout(folder: Path) -> Optional[str]:
+  """None when `import ntkdd` works; else a folder whose `ntkdd/` links to this checkout's code
+  folders (as setup.py maps them), to put on PYTHONPATH: the suite then needs no install."""
+  try:
+    subprocess.run([sys.executable, '-c', 'import ntkdd.common.kernels'], check=True,
+                   capture_output=True, timeout=120)
+    return None
+  except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+    pass
+  repo = BENCH_DIR.parent
+  package = folder / 'ntkdd_path' / 'ntkdd'
+  package.mkdir(parents=True)
+  (package / '__init__.py').symlink_to(repo / 'ntkdd' / '__init__.py')
+  for name in ('common', 'server', 'workers', 'launch'):
+    (package / name).symlink_to(repo / name, target_is_directory=True)
+  print(f'[gpu_suite] ntkdd is not installed: using this checkout ({repo})', file=sys.stderr)
+  return str(package.parent)
 
 
 def write_smoke_data(folder: Path) -> dict[str, str]:
@@ -713,6 +736,7 @@ def main(argv=None) -> int:
             'work_dir': work_dir, 'settings': settings(args.smoke),
             'kip_seconds': args.kip_seconds,
             'compilation_cache': str(Path(args.out).resolve().parent / 'jax_cache')}
+    spec['pythonpath'] = importable_checkout(Path(work_dir))
     if args.smoke:
       spec['smoke_data'] = write_smoke_data(Path(work_dir))
     parts: dict[str, Any] = {}
