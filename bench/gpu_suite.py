@@ -303,18 +303,12 @@ def part_kernel(spec: dict, rec: Recorder) -> None:
       if time.monotonic() >= deadline:
         stopped = 'time_budget'
         break
-      xa = rng.standard_normal((tile,) + size).astype(np.float32)
-      xb = rng.standard_normal((tile,) + size).astype(np.float32)
-      call = lambda: kernels.compute_kernel(arch, xa, xb, tile=tile)
-      try:
-        first = _timed(call)
-        seconds = _timed(call)
-      except Exception as e:  # pylint: disable=broad-except
-        if not _is_out_of_memory(e):
-          raise
-        sweep.append({'tile': tile, 'out_of_memory': True, 'error': str(e)[:300]})
+      timed = _time_square_tile(arch, size, tile, 'forward', rng)
+      if timed is None:
+        sweep.append({'tile': tile, 'out_of_memory': True})
         stopped = 'out_of_memory'
         break
+      first, seconds = timed
       sweep.append(dict(rate(tile * tile, seconds, tile, 'forward'), tile=tile,
                         first_call_s=first))
       largest = tile
@@ -338,22 +332,35 @@ def part_kernel(spec: dict, rec: Recorder) -> None:
                  s['seconds'] * flops.VJP_FLOP_FACTOR <= max(cfg['kernel_max_call_s'], 1e-9)]
       tile = max(fitting) if fitting else min(s['tile'] for s in sweep if 'seconds' in s)
       while tile >= 1 and time.monotonic() < deadline:
-        xa = rng.standard_normal((tile,) + size).astype(np.float32)
-        xb = rng.standard_normal((tile,) + size).astype(np.float32)
-        g = rng.standard_normal((tile, tile)).astype(np.float32)
-        call = lambda: kernels.kernel_vjp(arch, xa, xb, g_ntk=g, g_nngp=g, tile=tile)
-        try:
-          first = _timed(call)
-          seconds = _timed(call)
-        except Exception as e:  # pylint: disable=broad-except
-          if not _is_out_of_memory(e):
-            raise
+        timed = _time_square_tile(arch, size, tile, 'vjp', rng)
+        if timed is None:
           tile //= 2
           continue
+        first, seconds = timed
         entry['largest_vjp'] = dict(rate(tile * tile, seconds, tile, 'vjp'), tile=tile,
                                     first_call_s=first)
         break
     rec.record('sizes', sizes)
+
+
+def _time_square_tile(arch, size, tile: int, kind: str,
+                      rng: np.random.Generator) -> Optional[tuple[float, float]]:
+  """(first call s, second call s) of one tile x tile block of random images through the
+  public compute_kernel / kernel_vjp with this explicit tile; None when it runs out of memory."""
+  from ntkdd.common import kernels
+  xa = rng.standard_normal((tile,) + size).astype(np.float32)
+  xb = rng.standard_normal((tile,) + size).astype(np.float32)
+  if kind == 'forward':
+    call = lambda: kernels.compute_kernel(arch, xa, xb, tile=tile)
+  else:
+    g = rng.standard_normal((tile, tile)).astype(np.float32)
+    call = lambda: kernels.kernel_vjp(arch, xa, xb, g_ntk=g, g_nngp=g, tile=tile)
+  try:
+    return _timed(call), _timed(call)
+  except Exception as e:  # pylint: disable=broad-except  # XLA raises its own error types
+    if not _is_out_of_memory(e):
+      raise
+    return None
 
 
 def _auto_tile(arch, size) -> Optional[int]:
@@ -373,14 +380,21 @@ def _prepare(dataset: str, data_dir: str, image_size: Optional[int], depth: int,
   return distill.prepare_data(cfg)
 
 
-def _cifar10(spec: dict) -> tuple[str, str]:
-  """(dataset, data dir) for the CIFAR-10 parts: the smoke's synthetic npz, else CIFAR-10."""
+def _load_cifar10(spec: dict, rec: Recorder):
+  """(dataset, data dir, prepared data) of the CIFAR-10 parts: the smoke's synthetic npz, else
+  CIFAR-10 from --data-dir; the load time is recorded."""
   if spec['smoke']:
-    return spec['smoke_data']['cifar10'], '.'
-  data_dir = Path(spec['data_dir'])
-  if (data_dir / 'cifar10-jpg.tar.gz').exists() or (data_dir / 'cifar10').is_dir():
-    _require('PIL', 'CIFAR-10 from the JPEG copy (decoding the images)')
-  return 'cifar10', spec['data_dir']
+    dataset, data_dir = spec['smoke_data']['cifar10'], '.'
+  else:
+    dataset, data_dir = 'cifar10', spec['data_dir']
+    folder = Path(data_dir)
+    if (folder / 'cifar10-jpg.tar.gz').exists() or (folder / 'cifar10').is_dir():
+      _require('PIL', 'CIFAR-10 from the JPEG copy (decoding the images)')
+  start = time.perf_counter()
+  prepared = _prepare(dataset, data_dir, spec['settings']['image_size'],
+                      spec['settings']['depth'])
+  rec.record('load_s', time.perf_counter() - start)
+  return dataset, data_dir, prepared
 
 
 def part_ls(spec: dict, rec: Recorder) -> None:
@@ -388,10 +402,7 @@ def part_ls(spec: dict, rec: Recorder) -> None:
   from ntkdd.server import backend as backend_lib
   from ntkdd.server import distill
   cfg = spec['settings']
-  dataset, data_dir = _cifar10(spec)
-  start = time.perf_counter()
-  prepared = _prepare(dataset, data_dir, cfg['image_size'], cfg['depth'])
-  rec.record('load_s', time.perf_counter() - start)
+  _, _, prepared = _load_cifar10(spec, rec)
   run = distill.DistillConfig(algorithm='ls', arch='convnet', depth=cfg['depth'],
                               ipc=cfg['ls_ipc'])
   backend = backend_lib.InProcessKernels(run.architecture())
@@ -445,12 +456,9 @@ class _StopAfter:
 def part_kip(spec: dict, rec: Recorder) -> None:
   from ntkdd.common import kip
   from ntkdd.server import backend as backend_lib
-  from ntkdd.server import distill
+  from ntkdd.server import distill, report
   cfg = spec['settings']
-  dataset, data_dir = _cifar10(spec)
-  start = time.perf_counter()
-  prepared = _prepare(dataset, data_dir, cfg['image_size'], cfg['depth'])
-  rec.record('load_s', time.perf_counter() - start)
+  dataset, data_dir, prepared = _load_cifar10(spec, rec)
   run = distill.DistillConfig(
       algorithm='kip', dataset=dataset, data_dir=data_dir, arch='convnet', depth=cfg['depth'],
       image_size=cfg['image_size'], ipc=cfg['kip_ipc'], steps=10 ** 9, learn_labels=True,
@@ -470,8 +478,7 @@ def part_kip(spec: dict, rec: Recorder) -> None:
   finally:
     timer.cancel()
   rec.record('distill_s', time.perf_counter() - start)
-  records = [json.loads(line) for line in (run_dir / 'metrics.jsonl').read_text().splitlines()
-             if line.strip()]
+  records = report.read_metrics(run_dir)
   steps = max(r['step'] for r in records)
   rec.record('steps', steps)
   rec.record('krr_test_accuracy_initial', records[0].get('krr_test_accuracy'))
@@ -494,7 +501,7 @@ def part_kip(spec: dict, rec: Recorder) -> None:
 def part_rcig(spec: dict, rec: Recorder) -> None:
   _require('optax', 'RCIG (its optimisers)')
   from ntkdd.common import rcig
-  from ntkdd.server import distill, rcig_loop
+  from ntkdd.server import distill, rcig_loop, report
   cfg = spec['settings']
   if spec['smoke']:
     dataset, data_dir = spec['smoke_data']['mnist'], '.'
@@ -513,8 +520,7 @@ def part_rcig(spec: dict, rec: Recorder) -> None:
     pass
   finally:
     timer.cancel()
-  records = [json.loads(line) for line in (run_dir / 'metrics.jsonl').read_text().splitlines()
-             if line.strip()]
+  records = report.read_metrics(run_dir)
   wall = {r['step']: r['wall_time'] for r in records}
   steps = max(wall)
   rec.record('steps', steps)

@@ -380,12 +380,17 @@ def http_server(tmp_path):
         thread.join()
 
 
+def served_digests(served: Path) -> dict:
+    """The sha256 of each MNIST file a test server serves, as download_dataset's `checksums`."""
+    return {name: ('sha256', hashlib.sha256((served / name).read_bytes()).hexdigest())
+            for name in data.DOWNLOAD_CHECKSUMS['mnist']}
+
+
 def test_download_verifies_and_loads(tmp_path, http_server):
     served, url = http_server
     arrays = tiny_idx_arrays(np.random.default_rng(12))
     write_idx_set(served, arrays)
-    sums = {name: ('sha256', hashlib.sha256((served / name).read_bytes()).hexdigest())
-            for name in data.DOWNLOAD_CHECKSUMS['mnist']}
+    sums = served_digests(served)
     data_dir = tmp_path / 'data'
     paths = data.download_dataset('mnist', data_dir, base_url=url, checksums=sums)
     assert [p.name for p in paths] == list(data.DOWNLOAD_CHECKSUMS['mnist'])
@@ -440,8 +445,7 @@ def test_mirror_from_the_environment_is_used(tmp_path, http_server, monkeypatch)
     served, url = http_server
     arrays = tiny_idx_arrays(np.random.default_rng(16))
     write_idx_set(served, arrays)
-    sums = {name: ('sha256', hashlib.sha256((served / name).read_bytes()).hexdigest())
-            for name in data.DOWNLOAD_CHECKSUMS['mnist']}
+    sums = served_digests(served)
     monkeypatch.setitem(data.DOWNLOAD_CHECKSUMS, 'mnist', sums)   # the tiny files' own digests
     monkeypatch.setenv(data.DOWNLOAD_URL_ENV, url)
     ds = data.load_dataset('mnist', tmp_path / 'data', cache_dir=tmp_path / 'cache', download=True)
@@ -472,8 +476,7 @@ def test_load_with_download_fetches_missing_files(tmp_path, http_server, monkeyp
     served, url = http_server
     arrays = tiny_idx_arrays(np.random.default_rng(14))
     write_idx_set(served, arrays)
-    sums = {name: ('sha256', hashlib.sha256((served / name).read_bytes()).hexdigest())
-            for name in data.DOWNLOAD_CHECKSUMS['mnist']}
+    sums = served_digests(served)
     monkeypatch.setitem(data.DOWNLOAD_BASE_URLS, 'mnist', url)
     monkeypatch.setitem(data.DOWNLOAD_CHECKSUMS, 'mnist', sums)
     ds = data.load_dataset('mnist', tmp_path / 'data', cache_dir=tmp_path / 'cache', download=True)

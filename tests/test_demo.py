@@ -3,19 +3,16 @@
 The Makefile's own demo recipe runs, with the installed `ntkdd` (this Python), tiny flags and
 tiny idx files; `-o .venv/.installed` keeps make from building a virtual environment.
 """
-import functools
-import http.server
 import os
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from test_data import write_idx_set  # the idx writer
+from test_data import http_server, write_idx_set  # noqa: F401  (a loopback server, idx files)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_DEMO_FLAGS = ('--algorithm kip --ipc 1 --steps 2 --target-batch 10 --eval-every 1 '
@@ -41,28 +38,6 @@ def make_demo(tmp_path, data_dir, download_url=''):
              f'DOWNLOAD_URL={download_url}']
   return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
                         env=env)
-
-
-@pytest.fixture
-def mirror(tmp_path):
-  """A loopback HTTP server over tmp_path/served: (folder, URL)."""
-  served = tmp_path / 'served'
-  served.mkdir()
-
-  class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-      pass
-  server = http.server.ThreadingHTTPServer(('127.0.0.1', 0),
-                                           functools.partial(QuietHandler, directory=str(served)))
-  thread = threading.Thread(target=server.serve_forever, kwargs={'poll_interval': 0.05},
-                            daemon=True)
-  thread.start()
-  try:
-    yield served, f'http://127.0.0.1:{server.server_address[1]}/'
-  finally:
-    server.shutdown()
-    server.server_close()
-    thread.join()
 
 
 def test_demo_twice_starts_then_continues_its_run(tmp_path):
@@ -93,8 +68,8 @@ def test_demo_offline_stops_with_one_message_naming_the_files(tmp_path):
   assert 'Traceback' not in done.stderr
 
 
-def test_demo_refuses_a_mirror_whose_files_are_not_the_official_ones(tmp_path, mirror):
-  served, url = mirror
+def test_demo_refuses_a_mirror_whose_files_are_not_the_official_ones(tmp_path, http_server):
+  served, url = http_server
   write_idx_set(served, tiny_mnist_arrays())   # a mirror with other files than MNIST's
   done = make_demo(tmp_path, tmp_path / 'data', download_url=url)
   assert done.returncode != 0
