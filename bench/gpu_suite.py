@@ -58,9 +58,9 @@ PART_KEYS = {
                     'jax_memory_limit_bytes', 'cuda', 'nvidia_smi', 'peak_fp32_flops',
                     'optional_modules', 'cpu_count'),
     'kernel': ('peak_fp32_flops', 'matmul_error', 'measured_matmul_fp32_gflops', 'sizes'),
-    'ls': ('load_s', 'support', 'targets', 'test_images', 'solve_s', 'eval_s',
+    'ls': ('load_s', 'kernel_progress', 'support', 'targets', 'test_images', 'solve_s', 'eval_s',
            'krr_test_accuracy', 'paper_accuracy', 'pairs_per_s'),
-    'kip': ('load_s', 'budget_s', 'target_batch', 'distill_s', 'steps',
+    'kip': ('load_s', 'kernel_progress', 'budget_s', 'target_batch', 'distill_s', 'steps',
             'krr_test_accuracy_initial', 'steps_per_s', 'pairs_per_s', 'eval_s', 'test_images',
             'krr_test_accuracy', 'paper_accuracy'),
     'rcig': ('config', 'budget_s', 'steps', 'first_step_s', 'steps_per_s'),
@@ -240,7 +240,8 @@ def part_kernel(spec: dict, rec: Recorder) -> None:
   import jax
   from ntkdd.common import architectures, kernels
   cfg = spec['settings']
-  deadline = time.monotonic() + spec['limit_s'] - 10
+  start = time.monotonic()
+  budget = spec['limit_s'] - 10
   backend = jax.default_backend()
   peak = peak_fp32_flops(jax.devices()[0].device_kind) if backend == 'gpu' else None
   rec.record('peak_fp32_flops', peak if peak else 'unknown')
@@ -254,7 +255,9 @@ def part_kernel(spec: dict, rec: Recorder) -> None:
   arch = architectures.Architecture('convnet', cfg['depth'])
   rng = np.random.default_rng(0)
   sizes = {}
-  for size in map(tuple, cfg["kernel_sizes"]):
+  for index, size in enumerate(map(tuple, cfg['kernel_sizes'])):
+    # Each size gets its share of the part's time, so the last is measured too.
+    deadline = start + budget * (index + 1) / len(cfg['kernel_sizes'])
     key = 'x'.join(map(str, size))
     entry: dict[str, Any] = {'size': key, 'auto_tile': _auto_tile(arch, size)}
     sizes[key] = entry
@@ -397,15 +400,28 @@ def _load_cifar10(spec: dict, rec: Recorder):
   return dataset, data_dir, prepared
 
 
+def _recording_backend(arch, rec: Recorder):
+  """The in-process kernel backend, recording its pairs and pairs/s after each kernel call
+  (`kernel_progress`), so a part stopped at its limit still says how far it got."""
+  from ntkdd.server import backend as backend_lib
+
+  class Recording(backend_lib.InProcessKernels):
+    def _count(self, pairs: int, start: float) -> None:
+      super()._count(pairs, start)
+      rec.record('kernel_progress', {'pairs': self.pairs, 'seconds': self.seconds,
+                                     'pairs_per_s': self.pairs_per_second()})
+
+  return Recording(arch)
+
+
 def part_ls(spec: dict, rec: Recorder) -> None:
   from ntkdd.common import kip, preprocess
-  from ntkdd.server import backend as backend_lib
   from ntkdd.server import distill
   cfg = spec['settings']
   _, _, prepared = _load_cifar10(spec, rec)
   run = distill.DistillConfig(algorithm='ls', arch='convnet', depth=cfg['depth'],
                               ipc=cfg['ls_ipc'])
-  backend = backend_lib.InProcessKernels(run.architecture())
+  backend = _recording_backend(run.architecture(), rec)
   rng = np.random.default_rng(0)
   images, labels, _ = distill.initial_support(prepared, cfg['ls_ipc'], 'real', rng)
   targets = np.arange(len(prepared.x_train))
@@ -455,7 +471,6 @@ class _StopAfter:
 
 def part_kip(spec: dict, rec: Recorder) -> None:
   from ntkdd.common import kip
-  from ntkdd.server import backend as backend_lib
   from ntkdd.server import distill, report
   cfg = spec['settings']
   dataset, data_dir, prepared = _load_cifar10(spec, rec)
@@ -468,7 +483,7 @@ def part_kip(spec: dict, rec: Recorder) -> None:
   budget = spec['kip_seconds']
   rec.record('budget_s', budget)
   rec.record('target_batch', run.target_batch)
-  backend = backend_lib.InProcessKernels(run.architecture())
+  backend = _recording_backend(run.architecture(), rec)
   timer = _StopAfter(budget)
   start = time.perf_counter()
   try:
@@ -715,6 +730,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help='every part at tiny sizes on synthetic data (a CPU, under two minutes)')
   p.add_argument('--kip-seconds', type=float, default=90.0,
                  help='KIP: distillation time budget before the final evaluation')
+  p.add_argument('--ls-targets', type=int, default=None,
+                 help='LS: class-balanced target images; default: the whole train split '
+                      '(a rerun that timed out can size this from its kernel_progress)')
   p.add_argument('--total-seconds', type=float, default=590.0,
                  help='the whole suite stops within this (later parts get what is left)')
   p.add_argument('--parts', default=','.join(PARTS), help='comma list of ' + ', '.join(PARTS))
@@ -737,9 +755,12 @@ def main(argv=None) -> int:
     args.kip_seconds = min(args.kip_seconds, 6.0)
   started = time.monotonic()
   part_limits = limits(args)
+  run_settings = settings(args.smoke)
+  if args.ls_targets is not None:
+    run_settings['ls_targets'] = args.ls_targets
   with tempfile.TemporaryDirectory(prefix='ntkdd-gpu-suite-') as work_dir:
     spec = {'smoke': args.smoke, 'data_dir': os.path.abspath(args.data_dir),
-            'work_dir': work_dir, 'settings': settings(args.smoke),
+            'work_dir': work_dir, 'settings': run_settings,
             'kip_seconds': args.kip_seconds,
             'compilation_cache': str(Path(args.out).resolve().parent / 'jax_cache')}
     spec['pythonpath'] = importable_checkout(Path(work_dir))
@@ -765,7 +786,7 @@ def main(argv=None) -> int:
             'created': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
             'wall_s': round(time.monotonic() - started, 1),
             'command': ' '.join([os.path.basename(sys.executable)] + sys.argv),
-            'settings': {k: v for k, v in settings(args.smoke).items()},
+            'settings': run_settings,
             'limits_s': part_limits, 'kip_seconds': args.kip_seconds,
             'environment': parts['environment'].get('result', {}),
             'parts': parts}
