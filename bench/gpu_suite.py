@@ -55,7 +55,8 @@ PAPER = {'ls': 0.536, 'kip': 0.634}
 # What each part records when it runs to the end (smoke or not: the same keys).
 PART_KEYS = {
     'environment': ('backend', 'device_kind', 'device_count', 'python', 'jax', 'jaxlib', 'numpy',
-                    'jax_memory_limit_bytes', 'cuda', 'nvidia_smi', 'peak_fp32_flops',
+                    'jax_memory_limit_bytes', 'cuda', 'nvidia_smi', 'jax_environment_info',
+                    'peak_fp32_flops',
                     'optional_modules', 'cpu_count'),
     'kernel': ('peak_fp32_flops', 'matmul_error', 'measured_matmul_fp32_gflops', 'sizes'),
     'ls': ('load_s', 'kernel_progress', 'support', 'targets', 'test_images', 'solve_s', 'eval_s',
@@ -182,6 +183,11 @@ def part_environment(spec: dict, rec: Recorder) -> None:
   rec.record('jax_memory_limit_bytes', stats.get('bytes_limit'))
   rec.record('cuda', _cuda_versions())
   rec.record('nvidia_smi', _nvidia_smi())
+  try:
+    info = jax.print_environment_info(return_string=True)
+  except Exception as e:  # pylint: disable=broad-except  # informative only
+    info = f'unavailable: {e}'
+  rec.record('jax_environment_info', info)
   peak = peak_fp32_flops(device.device_kind) if jax.default_backend() == 'gpu' else None
   rec.record('peak_fp32_flops', peak if peak else 'unknown')
   optional = {}
@@ -289,8 +295,8 @@ def part_kernel(spec: dict, rec: Recorder) -> None:
           call = lambda: kernels.kernel_vjp(arch, x1, x2, g_ntk=g, g_nngp=g)
         first = _timed(call)   # compiles
         seconds = _timed(call)
-        used = None if entry['auto_tile'] is None else [min(entry['auto_tile'], rows),
-                                                         min(entry['auto_tile'], n2)]
+        auto = _auto_tile(arch, size, vjp=kind == 'vjp')
+        used = None if auto is None else [min(auto, rows), min(auto, n2)]
         entry[f'auto_{kind}'] = dict(rate(rows * n2, seconds, used and used[0], kind),
                                      first_call_s=first, shape=[rows, n2], tile_used=used)
         rec.record('sizes', sizes)
@@ -366,11 +372,12 @@ def _time_square_tile(arch, size, tile: int, kind: str,
     return None
 
 
-def _auto_tile(arch, size) -> Optional[int]:
-  """The tile compute_kernel picks for these images, where kernels can say (else None)."""
+def _auto_tile(arch, size, vjp: bool = False) -> Optional[int]:
+  """The tile compute_kernel (kernel_vjp with `vjp`) picks for these images, where kernels
+  can say (else None)."""
   from ntkdd.common import kernels
   try:
-    return int(kernels.auto_tile(arch, size, 'float32'))
+    return int(kernels.auto_tile(arch, size, 'float32', vjp=vjp))
   except Exception:  # the tile policy's signature may change; the measurement does not need it
     return None
 
