@@ -1,15 +1,25 @@
 # ntkdd: environments, tests, demo and benchmarks.
 #   make test   builds .venv (python3 >= 3.11, current JAX) and .venv-lp (Python 3.10, the pinned
 #               Launchpad + neural-tangents stack) from nothing, then runs the whole suite.
-#   make demo   distils MNIST to 10 images per class with KIP and prints the gain.
+#   make demo   distils MNIST to 10 images per class with KIP and prints the gain (downloading
+#               MNIST when DATA_DIR lacks it; a second call continues the run).
+#   make bench-gpu [SMOKE=1]  the one-call GPU suite (bench/gpu_suite.py), about 10 minutes.
 SHELL := /bin/bash
 PYTHON ?= python3
 # python3.10 for the Launchpad environment: on PATH, else any pyenv 3.10 install.
 PYTHON310 ?= $(shell command -v python3.10 >/dev/null 2>&1 && python3.10 -c 'print(1)' >/dev/null 2>&1 && command -v python3.10 || ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.10*/bin/python3.10 2>/dev/null | tail -n 1)
 DATA_DIR ?= ../shared/data
 PYTEST_ARGS ?=
+NTKDD ?= .venv/bin/ntkdd
+DEMO_DIR ?= runs/demo
+DEMO_FLAGS ?= --algorithm kip --ipc 10 --steps 600 --depth 3 --lr 0.04 --lr-schedule cosine --learn-labels --target-batch 5000 --eval-every 100
+DOWNLOAD_URL ?=
+# The GPU suite runs with the machine's Python (nothing installed; see bench/gpu_suite.py) or
+# .venv's where it exists; SMOKE=1: tiny sizes on a CPU.
+BENCH_PYTHON ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,$(PYTHON))
+SMOKE ?=
 
-.PHONY: test test-core test-lp venv venv-lp demo bench clean
+.PHONY: test test-core test-lp venv venv-lp demo bench bench-gpu clean
 
 test: test-core test-lp
 
@@ -44,11 +54,22 @@ test-core: .venv/.installed
 test-lp: .venv-lp/.installed
 	.venv-lp/bin/python -m pytest -q -m lp tests $(PYTEST_ARGS)
 
+# The demo owns DEMO_DIR: a second `make demo` continues the run there (--resume; a finished
+# run just reports again). MNIST missing from DATA_DIR is downloaded (checksums verified), from
+# DOWNLOAD_URL when set (a mirror of the official files).
 demo: .venv/.installed
-	.venv/bin/ntkdd distill --algorithm kip --dataset mnist --data-dir $(DATA_DIR) --ipc 10 --steps 600 --depth 3 --lr 0.04 --lr-schedule cosine --learn-labels --target-batch 5000 --eval-every 100 --out runs/demo
+	@if [ -f $(DEMO_DIR)/checkpoint.npz ]; then \
+	  echo "make demo: $(DEMO_DIR) holds an earlier demo run: continuing it (--resume). To start over: rm -rf $(DEMO_DIR)"; \
+	else \
+	  echo "make demo: starting a new demo run in $(DEMO_DIR)"; \
+	fi
+	NTKDD_DOWNLOAD_URL='$(DOWNLOAD_URL)' $(NTKDD) distill --dataset mnist --data-dir $(DATA_DIR) --download $(DEMO_FLAGS) --out $(DEMO_DIR) --resume
 
 bench: .venv/.installed
 	.venv/bin/python bench/kernel_throughput.py
+
+bench-gpu:
+	$(BENCH_PYTHON) bench/gpu_suite.py --data-dir $(DATA_DIR) $(if $(SMOKE),--smoke)
 
 clean:
 	rm -rf .venv .venv-lp build *.egg-info

@@ -31,7 +31,11 @@ setup(
         'launchpad': ['dm-launchpad==0.5.2', 'tensorflow-cpu==2.8.4'],
         # The Ray launch type (--launch ray), on the driver and every node of the cluster.
         'ray': ['ray>=2.9'],
-        'dev': ['pytest', 'optax', 'pillow', 'matplotlib', 'ray>=2.9'],
+        # Progress bars on a terminal (without it: plain log lines).
+        'progress': ['tqdm'],
+        # --tensorboard: event files for `tensorboard --logdir runs/` (no TensorFlow needed).
+        'tensorboard': ['tensorboardX'],
+        'dev': ['pytest', 'optax', 'pillow', 'matplotlib', 'ray>=2.9', 'tqdm', 'tensorboardX'],
     },
     entry_points={'console_scripts': ['ntkdd = ntkdd.launch.cli:main']},
 )

@@ -65,6 +65,8 @@ DOWNLOAD_CHECKSUMS: dict[str, dict[str, tuple[str, str]]] = {
     'cifar10': {CIFAR10_TARBALL: ('md5', 'c58f30108f718f92721af3b95e74349a')},
     'cifar100': {CIFAR100_TARBALL: ('md5', 'eb9058c3a382ffc7106e4002c42a8d85')},
 }
+# A mirror of the official files (same names, same digests) to download from instead.
+DOWNLOAD_URL_ENV = 'NTKDD_DOWNLOAD_URL'
 # Where download_dataset puts each dataset's files, relative to data_dir.
 DOWNLOAD_SUBDIRS = {'mnist': 'mnist', 'fashion_mnist': 'fashion_mnist', 'cifar10': '', 'cifar100': ''}
 
@@ -178,28 +180,38 @@ def download_dataset(name: str, data_dir: str | os.PathLike, *, base_url: str | 
                      checksums: Mapping[str, tuple[str, str]] | None = None) -> list[Path]:
     """Fetches the official files of a standard dataset into data_dir and verifies their digests.
 
-    `base_url` replaces the official location (the file names are appended to it); `checksums`
-    maps file name -> (hash algorithm, hex digest) and replaces the official digests. Files
-    already present are kept. A file whose digest differs is left at `<file>.rejected`, never at
-    its real name, and a DataError names both digests. Returns the paths of the dataset's files.
+    `base_url` replaces the official location (the file names are appended to it); without it,
+    $NTKDD_DOWNLOAD_URL (a mirror holding the same files) does, else the official location.
+    `checksums` maps file name -> (hash algorithm, hex digest) and replaces the official
+    digests (a mirror's files are checked against the official ones). Files already present
+    are kept. A file whose digest differs is left at `<file>.rejected`, never at its real name,
+    and a DataError names both digests. When the location cannot be reached (offline), one
+    DataError names every missing file and the folder to put them in. Returns the paths of the
+    dataset's files.
     """
     if name not in DOWNLOAD_CHECKSUMS:
         raise DataError(f'No download for {name!r}: downloadable datasets are {", ".join(DOWNLOAD_CHECKSUMS)}.')
     expected = dict(DOWNLOAD_CHECKSUMS[name] if checksums is None else checksums)
-    base_url = base_url or DOWNLOAD_BASE_URLS[name]
+    base_url = base_url or os.environ.get(DOWNLOAD_URL_ENV) or DOWNLOAD_BASE_URLS[name]
     target_dir = Path(data_dir) / DOWNLOAD_SUBDIRS[name]
     target_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for file_name in DOWNLOAD_CHECKSUMS[name]:
-        target = target_dir / file_name
-        paths.append(target)
+    paths = [target_dir / file_name for file_name in DOWNLOAD_CHECKSUMS[name]]
+    for target in paths:
         if target.exists():
             log.info('download %s: %s already present, kept', name, target)
             continue
-        url = base_url.rstrip('/') + '/' + file_name
-        if file_name not in expected:
-            raise DataError(f'No checksum given for {file_name}: add it to `checksums`.')
-        _download_verified(url, target, *expected[file_name])
+        url = base_url.rstrip('/') + '/' + target.name
+        if target.name not in expected:
+            raise DataError(f'No checksum given for {target.name}: add it to `checksums`.')
+        try:
+            _download_verified(url, target, *expected[target.name])
+        except _Unreachable as error:
+            missing = [p.name for p in paths if not p.exists()]
+            raise DataError(
+                f'{name}: could not download {url} ({error.reason}). Fetch {", ".join(missing)} '
+                f'(from {base_url}, or a mirror of them) and put them in {target_dir}, then run '
+                f'again; or point ${DOWNLOAD_URL_ENV} (make demo DOWNLOAD_URL=...) at a mirror '
+                f'that serves them.') from None
     return paths
 
 
@@ -698,6 +710,14 @@ def _load_npz(path: Path) -> Dataset:
 # Downloads.
 
 
+class _Unreachable(Exception):
+    """A download failed for want of a connection or a file at the URL; download_dataset says what to do."""
+
+    def __init__(self, reason):
+        super().__init__(str(reason))
+        self.reason = reason
+
+
 def _download_verified(url: str, target: Path, algorithm: str, expected: str) -> None:
     """Streams url into a temp file beside target, hashing; renames it into place only if the digest matches."""
     log.info('downloading %s -> %s', url, target)
@@ -710,8 +730,7 @@ def _download_verified(url: str, target: Path, algorithm: str, expected: str) ->
                 handle.write(block)
     except (urllib.error.URLError, OSError) as error:
         Path(handle.name).unlink(missing_ok=True)
-        raise DataError(f'could not download {url} ({error}): check the connection, or fetch the file by hand '
-                        f'and put it at {target}.') from None
+        raise _Unreachable(getattr(error, 'reason', None) or error) from None
     got = digest.hexdigest()
     if got != expected.lower():
         rejected = target.with_name(target.name + '.rejected')

@@ -48,10 +48,12 @@ def _add_kernel_flags(p: argparse.ArgumentParser, default_arch: str, default_dep
                       'launchpad (a local_mp program: one Courier process per worker plus the '
                       'coordinator; needs the Python 3.10 environment, ntkdd[launchpad]) or ray '
                       '(worker actors and a coordinator actor on a Ray cluster; ntkdd[ray]).')
-  g.add_argument('--ray-address', default='auto',
-                 help="with --launch ray: 'auto' (the cluster started on this machine with "
-                      "`ray start`; the default), HOST:PORT of a cluster's head, or 'local' to "
-                      'start a private Ray on this machine for this command only.')
+  g.add_argument('--ray-address', default=None,
+                 help='with --launch ray: HOST:PORT of a cluster\'s head; \'auto\' (the cluster '
+                      'started on this machine with `ray start`, else an error); \'local\' (a '
+                      'private Ray on this machine for this command only). Default: a running '
+                      'cluster (RAY_ADDRESS, or the one `ray start` began here) if there is '
+                      'one, else a private local Ray, as ray.init() does; the log says which.')
   g.add_argument('--workers', type=int, default=0,
                  help='kernel workers; 0 computes kernels directly, N >= 1 farms tiles of '
                       '--block images to N workers through the coordinator (launchpad and '
@@ -76,7 +78,8 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
                       'Default %(default)s.')
   g.add_argument('--cache-dir', default=None, help='where decoded arrays are cached.')
   g.add_argument('--download', action='store_true',
-                 help='fetch missing standard datasets from their official locations.')
+                 help='fetch missing standard datasets from their official locations (or '
+                      'from the mirror in $NTKDD_DOWNLOAD_URL), checksums verified.')
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -162,6 +165,11 @@ def _parser() -> argparse.ArgumentParser:
   r.add_argument('--eval-models', type=int, default=1,
                  help='finite ConvNets trained per evaluation (--eval-every).')
   d.add_argument('--no-progress', action='store_true', help='no progress bar.')
+  d.add_argument('--tensorboard', action='store_true',
+                 help='also write TensorBoard events into --out (loss, KRR and finite-net '
+                      'accuracy, kernel pairs/s per step, the support images at every '
+                      'evaluation): `tensorboard --logdir runs/`. Needs tensorboardX '
+                      "(pip install 'ntkdd[tensorboard]'); in-process runs.")
 
   e = sub.add_parser(
       'evaluate', help='KRR and finite-width accuracy of a support set.',
@@ -201,6 +209,17 @@ def _parser() -> argparse.ArgumentParser:
 
   s = sub.add_parser('show', help='summarise a run directory and re-render its pictures.')
   s.add_argument('run_dir', help='a directory made by ntkdd distill.')
+
+  x = sub.add_parser(
+      'export', help='write a distilled set as an image-folder tree or an npz.',
+      description='folders: OUT/<id>_<class>/NNNN.png (8-bit PNG of the images in [0, 1]; '
+                  'the id prefix keeps the class order when tools sort folder names) plus '
+                  'OUT/labels.csv (file, label_id, class_name, then the label vector, learned '
+                  'or one-hot minus 1/C). npz: OUT.npz with the keys of support.npz.')
+  x.add_argument('run_dir', help='a directory made by ntkdd distill.')
+  x.add_argument('--format', choices=('folders', 'npz'), default='folders',
+                 help='Default %(default)s.')
+  x.add_argument('--out', required=True, help='a new folder (folders) or a .npz file (npz).')
 
   st = sub.add_parser(
       'status', help="a run's status: live, or how it ended.",
@@ -309,7 +328,8 @@ def _run_rcig(args) -> dict:
       eval_models=args.eval_models, flip_support=flip, batch_norm=args.batch_norm)
   return rcig_loop.run_rcig(rcig_cfg, prepared, args.out, ipc=args.ipc, steps=args.steps,
                             seed=args.seed, resume=args.resume, progress=not args.no_progress,
-                            eval_every=args.eval_every, eval_test_size=args.eval_test_size)
+                            eval_every=args.eval_every, eval_test_size=args.eval_test_size,
+                            tensorboard=args.tensorboard)
 
 
 def _cmd_distill(args) -> int:
@@ -327,6 +347,10 @@ def _cmd_distill(args) -> int:
           f"Run directory: {args.out}")
     return 0
   cfg = _distill_config(args)
+  if args.tensorboard and args.launch != 'inprocess':
+    raise ValueError(f'--tensorboard writes events from in-process runs; with --launch '
+                     f'{args.launch} leave it out (metrics.jsonl and `ntkdd status` still '
+                     f'follow the run).')
   try:
     if args.launch == 'launchpad':
       from ntkdd.launch import launchpad_program
@@ -352,7 +376,7 @@ def _cmd_distill(args) -> int:
     else:
       factory = _backend_factory(args, dataset=cfg.data_spec().to_dict())
       summary = distill.distill(cfg, args.out, factory, resume=args.resume,
-                                progress=not args.no_progress)
+                                progress=not args.no_progress, tensorboard=args.tensorboard)
   except distill.Interrupted as e:
     print(e, file=sys.stderr)
     return 130
@@ -382,6 +406,16 @@ def _cmd_show(args) -> int:
   return 0
 
 
+def _cmd_export(args) -> int:
+  from ntkdd.server import report
+  try:
+    written = report.export_support(args.run_dir, args.out, args.format)
+  except ImportError as e:
+    raise ValueError(str(e)) from e
+  print(f'Wrote the distilled set of {args.run_dir} to {written} ({args.format}).')
+  return 0
+
+
 def _cmd_status(args) -> int:
   from ntkdd.server import status
   if args.ray_address is None:
@@ -397,7 +431,7 @@ def _cmd_status(args) -> int:
 
 
 COMMANDS = {'kernel': _cmd_kernel, 'distill': _cmd_distill, 'evaluate': _cmd_evaluate,
-            'show': _cmd_show, 'status': _cmd_status}
+            'show': _cmd_show, 'status': _cmd_status, 'export': _cmd_export}
 
 
 def _default_initialisation(args: argparse.Namespace) -> None:

@@ -110,28 +110,71 @@ def _use_token_if_available(ray_address: Optional[str]) -> None:
     logging.debug('Ray token set-up skipped: %s', e)
 
 
-def connect(ray_address: Optional[str] = 'auto', local_cpus: Optional[int] = None) -> bool:
+def running_cluster_address() -> tuple[Optional[str], str]:
+  """(HOST:PORT of the Ray cluster `ray.init()` would join, where it was found), or (None, why).
+
+  As `ray.init()` looks: RAY_ADDRESS, else the cluster the last `ray start` on this machine
+  began (Ray's temp dir, $RAY_TMPDIR or /tmp/ray); no local GCS process is guessed at.
+  """
+  env_address = os.environ.get('RAY_ADDRESS', '').strip()
+  if env_address:
+    return env_address, 'RAY_ADDRESS'
+  try:
+    from ray._private import services  # pylint: disable=import-outside-toplevel
+    found = services.find_bootstrap_address(None)
+  except Exception as e:  # a private Ray API: without it, no cluster is found
+    logging.debug('Looking for a running Ray cluster failed: %s', e)
+    found = None
+  if found:
+    return found, 'the cluster `ray start` began on this machine'
+  return None, 'no RAY_ADDRESS and no cluster started with `ray start` on this machine'
+
+
+def _default_address() -> str:
+  """A running cluster's address if there is one that answers, else 'local' (logged)."""
+  address, where = running_cluster_address()
+  if address is not None:
+    try:
+      check_reachable(address)
+    except (ConnectionError, ValueError) as e:
+      if where == 'RAY_ADDRESS':   # the user named it: no silent fallback
+        raise ConnectionError(f'RAY_ADDRESS={address} names no running Ray cluster ({e}). '
+                              f'Unset it to start a private local Ray.') from e
+      logging.warning('The last Ray cluster started on this machine (%s) does not answer: '
+                      'starting a private local Ray for this command instead.', address)
+      return 'local'
+    logging.info('Ray: using the running cluster at %s (%s).', address, where)
+    return address
+  logging.info('Ray: no running cluster (%s): starting a private local Ray for this command '
+               '(it ends with it; --ray-address HOST:PORT joins a cluster instead).', where)
+  return 'local'
+
+
+def connect(ray_address: Optional[str] = None, local_cpus: Optional[int] = None) -> bool:
   """Connects this process to Ray unless it already is; True if this call connected it.
 
-  `ray_address`: 'auto' (the cluster started on this machine with `ray start`, found through
-  RAY_ADDRESS or Ray's temp dir), 'HOST:PORT' (a cluster's GCS address), or None / 'local'
-  (start a private local Ray for this process, with `local_cpus` CPUs; ended by `ray.shutdown`).
+  `ray_address`: None (the default: a running cluster, found as `ray.init()` finds one, else
+  a private local Ray, as `ray.init()` does; the log says which), 'auto' (the cluster started
+  on this machine with `ray start`, found through RAY_ADDRESS or Ray's temp dir; an error if
+  there is none), 'HOST:PORT' (a cluster's GCS address), or 'local' (start a private local Ray
+  for this process, with `local_cpus` CPUs, on loopback; ended by `ray.shutdown`).
   """
   ray = import_ray()
   if ray.is_initialized():
     return False
-  address = 'local' if ray_address in (None, '', 'local') else ray_address
+  address = _default_address() if ray_address in (None, '') else ray_address
   check_reachable(address)
   _use_token_if_available(address)
   kwargs: dict = dict(namespace=NAMESPACE, logging_level=logging.WARNING)
   if address == 'local':
-    kwargs.update(num_cpus=local_cpus, include_dashboard=False)
+    kwargs.update(num_cpus=local_cpus, include_dashboard=False,
+                  _node_ip_address='127.0.0.1')
   try:
     ray.init(address=address, **kwargs)
   except ConnectionError as e:
     raise ConnectionError(f'No Ray cluster at --ray-address {address}: {e} Start one with '
-                          f'`ray start --head`, give its HOST:PORT, or pass --ray-address local '
-                          f'for a private one on this machine.') from e
+                          f'`ray start --head`, give its HOST:PORT, or leave --ray-address '
+                          f'out for a private one on this machine.') from e
   return True
 
 
@@ -375,7 +418,7 @@ class RayRun:
     self.stop()
 
 
-def start_ray(cfg, run_dir: str, workers: int, ray_address: Optional[str] = 'auto',
+def start_ray(cfg, run_dir: str, workers: int, ray_address: Optional[str] = None,
               resume: bool = False, block: int = 64, worker_tile: Optional[int] = None,
               deadline_s: float = 600.0, startup_timeout_s: float = 300.0,
               run_name: Optional[str] = None, worker_kwargs: Optional[dict] = None,
@@ -454,7 +497,7 @@ def start_ray(cfg, run_dir: str, workers: int, ray_address: Optional[str] = 'aut
   return RayRun(coordinator, actors[1:], run_ref, run_dir, run_name, address, connected_here)
 
 
-def run_ray(cfg, run_dir: str, workers: int, ray_address: Optional[str] = 'auto',
+def run_ray(cfg, run_dir: str, workers: int, ray_address: Optional[str] = None,
             resume: bool = False, block: int = 64, timeout_s: Optional[float] = None,
             **kwargs) -> dict:
   """Runs `ntkdd distill --launch ray --workers N`: starts, waits, kills every actor.
@@ -604,7 +647,7 @@ class RayKernels(coordinator_lib.OwnedWorkersKernels):
   Arguments as `start_ray`'s where they share a name; `call_timeout_s` bounds each block call.
   """
 
-  def __init__(self, arch, workers: int, ray_address: Optional[str] = 'auto',
+  def __init__(self, arch, workers: int, ray_address: Optional[str] = None,
                tile: Optional[int] = None, dtype: str = 'float32', block: int = 64,
                startup_timeout_s: float = 300.0, worker_kwargs: Optional[dict] = None,
                worker_cpus: float = 1, worker_gpus: Optional[float] = None,
@@ -642,7 +685,7 @@ class RayKernels(coordinator_lib.OwnedWorkersKernels):
       import_ray().shutdown()
 
 
-def make_ray_backend(arch, workers: int, ray_address: Optional[str] = 'auto',
+def make_ray_backend(arch, workers: int, ray_address: Optional[str] = None,
                      tile: Optional[int] = None, dtype: str = 'float32', block: int = 64,
                      **kwargs) -> RayKernels:
   """The backend factory of `--launch ray` where this process coordinates (`ntkdd kernel`).

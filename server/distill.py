@@ -187,11 +187,12 @@ def _render(run_dir: Path) -> None:
 
 def distill(cfg: DistillConfig, run_dir: str, backend_factory: Callable, resume: bool = False,
             progress: bool = True, prepared: Optional[PreparedData] = None,
-            run_status: Any = None) -> dict[str, Any]:
+            run_status: Any = None, tensorboard: bool = False) -> dict[str, Any]:
   """Runs KIP or LS into `run_dir`; returns the summary (also written to summary.json).
 
   `run_status`: the caller's `status.RunStatus`, which the caller publishes (the Launchpad and
   Ray coordinators); without one the run publishes its own (status.sock, status.json).
+  `tensorboard`: also TensorBoard events in `run_dir` (needs tensorboardX).
   """
   cfg.validate()
   run_dir = Path(run_dir)
@@ -218,17 +219,21 @@ def distill(cfg: DistillConfig, run_dir: str, backend_factory: Callable, resume:
     publisher.holder.set_phase('running')
   # Long kernel computations (LS, KRR evaluation) report their progress to the run's status.
   progress_to = status.KERNEL_PROGRESS_HOLDER.set(run_status or publisher.holder)
+  board = None
   try:
+    board = open_board(run_dir, prepared) if tensorboard else None
     backend = backend_factory(cfg.architecture())
   except BaseException as e:
     status.KERNEL_PROGRESS_HOLDER.reset(progress_to)
+    if board:
+      board.close()
     if publisher:
       publisher.finish(e)
     raise
   try:
     if cfg.algorithm == 'ls':
-      return _run_label_solve(cfg, run_dir, prepared, backend)
-    return _run_kip(cfg, run_dir, prepared, backend, saved, progress)
+      return _run_label_solve(cfg, run_dir, prepared, backend, board)
+    return _run_kip(cfg, run_dir, prepared, backend, saved, progress, board)
   except BaseException as e:
     if publisher:
       publisher.finish(e)   # the final status.json says how the run ended
@@ -236,11 +241,29 @@ def distill(cfg: DistillConfig, run_dir: str, backend_factory: Callable, resume:
   finally:
     getattr(backend, 'close', lambda: None)()  # distributed backends stop their threads
     status.KERNEL_PROGRESS_HOLDER.reset(progress_to)
+    if board:
+      board.close()
     if publisher:
       publisher.finish()
 
 
-def _run_label_solve(cfg, run_dir, prepared, backend) -> dict:
+def open_board(run_dir: Path, prepared: PreparedData) -> Callable:
+  """A `board(record, images, label_ids)` that writes TensorBoard events into `run_dir`: the
+  record's scalars, and the grid of `images` (model space; None: none) when the record is an
+  evaluation; `board.close()` ends the event file."""
+  from ntkdd.server import tensorboard_log
+  log = tensorboard_log.TensorBoardLog(run_dir)
+
+  def board(record: dict, images: Optional[np.ndarray], label_ids) -> None:
+    pixels = (prepared.preprocessor.inverse(np.asarray(images))
+              if images is not None and tensorboard_log.is_evaluation(record) else None)
+    log.log(record, pixels, label_ids, prepared.num_classes)
+
+  board.close = log.close
+  return board
+
+
+def _run_label_solve(cfg, run_dir, prepared, backend, board=None) -> dict:
   start = time.time()
   rng = np.random.default_rng(cfg.seed)
   images, labels, label_ids = initial_support(prepared, cfg.ipc, cfg.init, rng)
@@ -258,14 +281,17 @@ def _run_label_solve(cfg, run_dir, prepared, backend) -> dict:
   summary = {'algorithm': 'ls', 'krr_test_accuracy_before': before,
              'krr_test_accuracy_after': after, 'targets': int(len(targets)),
              'minutes': (time.time() - start) / 60, 'steps': 0}
-  checkpoint.append_metrics(run_dir / 'metrics.jsonl', {
-      'step': 0, 'loss': None, 'krr_test_accuracy': after, 'wall_time': time.time() - start})
+  record = {'step': 0, 'loss': None, 'krr_test_accuracy': after,
+            'wall_time': time.time() - start}
+  checkpoint.append_metrics(run_dir / 'metrics.jsonl', record)
+  if board:
+    board(record, images, label_ids)
   checkpoint.write_json(run_dir / 'summary.json', summary)
   _render(run_dir)
   return summary
 
 
-def _run_kip(cfg, run_dir, prepared, backend, saved, show_progress) -> dict:
+def _run_kip(cfg, run_dir, prepared, backend, saved, show_progress, board=None) -> dict:
   metrics_path = run_dir / 'metrics.jsonl'
   optimizer = optim.adam(optim.cosine_schedule(cfg.learning_rate, cfg.steps)
                          if cfg.lr_schedule == 'cosine' else cfg.learning_rate)
@@ -278,8 +304,10 @@ def _run_kip(cfg, run_dir, prepared, backend, saved, show_progress) -> dict:
     before = _evaluate(backend, prepared, images, labels, cfg, cfg.seed)
     best = {'accuracy': before, 'step': 0}
     checkpoint.truncate_metrics(metrics_path, -1)
-    checkpoint.append_metrics(metrics_path, {'step': 0, 'loss': None,
-                                             'krr_test_accuracy': before, 'wall_time': 0.0})
+    first = {'step': 0, 'loss': None, 'krr_test_accuracy': before, 'wall_time': 0.0}
+    checkpoint.append_metrics(metrics_path, first)
+    if board:
+      board(first, images, label_ids)
     logging.info('Step 0: KRR test accuracy %.4f (initial support).', before)
   else:
     arrays, meta = saved
@@ -336,6 +364,8 @@ def _run_kip(cfg, run_dir, prepared, backend, saved, show_progress) -> dict:
         if accuracy > best['accuracy']:
           best = {'accuracy': accuracy, 'step': step}
       checkpoint.append_metrics(metrics_path, record)
+      if board:
+        board(record, params['images'], label_ids)
       if bar:
         bar.update(step, loss=record['loss'], acc=accuracy)
       if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop.signal:

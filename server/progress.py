@@ -1,4 +1,8 @@
-"""The terminal progress bar of long loops: redrawn in place on a TTY, sparse full lines in logs."""
+"""Progress of long loops: a tqdm bar on a terminal, sparse plain log lines elsewhere.
+
+tqdm is optional (`pip install tqdm`, in ntkdd[progress] and ntkdd[dev]): without it, or when
+the stream is not a terminal (CI logs, files), the loop prints a full line now and then.
+"""
 from __future__ import annotations
 
 import math
@@ -7,6 +11,9 @@ import time
 from typing import Any, Callable, Optional, TextIO
 
 BAR_WIDTH = 24
+# The tqdm line: description, bar, steps, rate, ETA, then loss/accuracy (tqdm adds ', ').
+TQDM_FORMAT = ('{desc} {percentage:3.0f}%|{bar:24}| {n_fmt}/{total_fmt}  {rate_fmt}  '
+               'ETA {remaining}{postfix}')
 LOG_EVERY_FRACTION = 0.1   # not a TTY: a line each time another tenth of the work is done ...
 LOG_EVERY_SECONDS = 30.0   # ... or when this long has passed since the last line
 
@@ -51,9 +58,10 @@ def format_field(name: str, value: Any) -> str:
 class ProgressBar:
   """`desc [#####.....] step/total  rate  ETA mm:ss  loss=… acc=…`.
 
-  On a TTY the line is redrawn in place (at most every `min_interval` seconds); elsewhere (CI
-  logs, files) a full line is printed at most every tenth of the work or every 30 s. `initial`
-  is the step a resumed run starts from: rate and ETA count only the steps done since.
+  On a terminal, with tqdm installed, a tqdm bar redrawn in place (at most every
+  `min_interval` seconds) carries the same fields; elsewhere (CI logs, files, or no tqdm) a
+  full line is printed at most every tenth of the work or every 30 s. `initial` is the step a
+  resumed run starts from: rate and ETA count only the steps done since.
   """
 
   def __init__(self, total: int, desc: str = '', stream: Optional[TextIO] = None,
@@ -69,12 +77,16 @@ class ProgressBar:
     self._clock = clock
     self._start = clock()
     self._first_update: Optional[tuple[int, float]] = None  # (step, time): warm-up excluded
-    self._is_tty = _stream_is_tty(self.stream)
+    self._tqdm = _make_tqdm(self) if _stream_is_tty(self.stream) else None
     self._last_draw: Optional[float] = None
-    self._last_width = 0
     self._next_log_step = self._milestone_after(self.step)
     self._drawn_step: Optional[int] = None
     self._closed = False
+
+  @property
+  def uses_tqdm(self) -> bool:
+    """True when a tqdm bar draws on a terminal (else plain lines)."""
+    return self._tqdm is not None
 
   # -- public -------------------------------------------------------------------------------
 
@@ -85,23 +97,21 @@ class ProgressBar:
     if self._first_update is None:
       self._first_update = (self.step, now)
     self.fields.update({name: value for name, value in fields.items() if value is not None})
-    if self._is_tty:
-      if self._last_draw is None or now - self._last_draw >= self.min_interval or self._done():
-        self._redraw(now)
+    if self._tqdm is not None:
+      self._tqdm.set_postfix_str(self._fields_text(), refresh=False)
+      self._tqdm.update(self.step - self._tqdm.n)
     elif self._should_log(now):
       self._print_line(now)
 
   def close(self) -> None:
-    """Ends the line (TTY) or prints the final state if it was not printed yet."""
+    """Ends the bar (terminal) or prints the final state if it was not printed yet."""
     if self._closed:
       return
     self._closed = True
-    now = self._clock()
-    if self._is_tty:
-      self._redraw(now)
-      self.stream.write('\n')
+    if self._tqdm is not None:
+      self._tqdm.close()
     elif self._drawn_step != self.step:
-      self._print_line(now)
+      self._print_line(self._clock())
     self.stream.flush()
 
   def __enter__(self) -> 'ProgressBar':
@@ -124,7 +134,7 @@ class ProgressBar:
     return new_steps / elapsed
 
   def line(self, now: Optional[float] = None) -> str:
-    """The text of the bar as it stands."""
+    """The text of the plain log line as it stands."""
     now = self._clock() if now is None else now
     rate = self.rate(now)
     if self._done():
@@ -135,10 +145,13 @@ class ProgressBar:
     parts = [f'{self.desc} ' if self.desc else '',
              f'[{self._bar()}] {self.step}/{self.total}  {format_rate(rate)}  {timing}']
     if self.fields:
-      parts.append('  ' + ' '.join(format_field(k, v) for k, v in self.fields.items()))
+      parts.append('  ' + self._fields_text())
     return ''.join(parts)
 
   # -- drawing ------------------------------------------------------------------------------
+
+  def _fields_text(self) -> str:
+    return ' '.join(format_field(k, v) for k, v in self.fields.items())
 
   def _done(self) -> bool:
     return self.step >= self.total
@@ -147,15 +160,6 @@ class ProgressBar:
     fraction = 1.0 if self.total == 0 else min(1.0, max(0.0, self.step / self.total))
     filled = int(round(fraction * BAR_WIDTH))
     return '#' * filled + '.' * (BAR_WIDTH - filled)
-
-  def _redraw(self, now: float) -> None:
-    text = self.line(now)
-    padding = ' ' * max(0, self._last_width - len(text))  # wipe what a longer line left
-    self.stream.write('\r' + text + padding)
-    self.stream.flush()
-    self._last_width = len(text)
-    self._last_draw = now
-    self._drawn_step = self.step
 
   def _milestone_after(self, step: int) -> int:
     """The next step that completes another tenth of the total."""
@@ -176,6 +180,17 @@ class ProgressBar:
     self._last_draw = now
     self._drawn_step = self.step
     self._next_log_step = self._milestone_after(self.step)
+
+
+def _make_tqdm(bar: ProgressBar):
+  """A tqdm bar on the bar's stream, or None without tqdm (then plain lines)."""
+  try:
+    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return None
+  return tqdm(total=bar.total, initial=bar.initial, desc=bar.desc, file=bar.stream,
+              mininterval=bar.min_interval, bar_format=TQDM_FORMAT, dynamic_ncols=True,
+              leave=True)
 
 
 def _stream_is_tty(stream: TextIO) -> bool:

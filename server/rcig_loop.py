@@ -176,10 +176,12 @@ def rcig_step(cfg: rcig.RcigConfig, state: dict, prepared, rng: np.random.Genera
 
 def run_rcig(cfg: rcig.RcigConfig, prepared: distill.PreparedData, run_dir, *, ipc: int,
              steps: int, seed: int = 0, resume: bool = False, progress: bool = False,
-             eval_every: int = 0, eval_test_size: int = 0) -> dict[str, Any]:
+             eval_every: int = 0, eval_test_size: int = 0,
+             tensorboard: bool = False) -> dict[str, Any]:
   """Distils `prepared` with RCIG into `run_dir` (config.json, metrics.jsonl, support.npz,
   checkpoint.npz, summary.json); returns the summary. eval_every = 0: no finite-net
-  evaluation (it trains cfg.eval_models ConvNets each time, minutes on CPU)."""
+  evaluation (it trains cfg.eval_models ConvNets each time, minutes on CPU). `tensorboard`:
+  also TensorBoard events in `run_dir` (needs tensorboardX)."""
   run_dir = Path(run_dir)
   run_dir.mkdir(parents=True, exist_ok=True)
   if ipc < 1 or steps < 0:
@@ -199,6 +201,7 @@ def run_rcig(cfg: rcig.RcigConfig, prepared: distill.PreparedData, run_dir, *, i
                   'preprocess': prepared.preprocessor.kind},
       'versions': distill.versions(), 'created': time.strftime('%Y-%m-%dT%H:%M:%S%z')})
   metrics_path = run_dir / 'metrics.jsonl'
+  board = distill.open_board(run_dir, prepared) if tensorboard else None
   rng = np.random.default_rng(seed)
   state, label_ids = _initial_state(cfg, prepared, ipc, rng)
   measure = lambda step: evaluate(cfg, prepared, *saved_support(cfg, state, step),
@@ -212,6 +215,8 @@ def run_rcig(cfg: rcig.RcigConfig, prepared: distill.PreparedData, run_dir, *, i
       best = {'accuracy': before, 'step': 0}
       record['test_accuracy'] = before
     checkpoint.append_metrics(metrics_path, record)
+    if board:
+      board(record, saved_support(cfg, state, 0)[0], label_ids)
   else:
     arrays, meta = saved
     state = _unflatten(state, arrays)
@@ -250,6 +255,9 @@ def run_rcig(cfg: rcig.RcigConfig, prepared: distill.PreparedData, run_dir, *, i
         if best is None or accuracy > best['accuracy']:
           best = {'accuracy': accuracy, 'step': step}
       checkpoint.append_metrics(metrics_path, record)
+      if board:
+        board(record, saved_support(cfg, state, step)[0] if eval_every and
+              'test_accuracy' in record else None, label_ids)
       if bar:
         bar.update(step, loss=record['loss'], acc=accuracy)
       if step % cfg.checkpoint_every == 0 or step == steps or stop.signal:
@@ -257,10 +265,14 @@ def run_rcig(cfg: rcig.RcigConfig, prepared: distill.PreparedData, run_dir, *, i
       if stop.signal:
         if bar:
           bar.close()
+        if board:
+          board.close()
         raise distill.Interrupted(f'Stopped by signal at step {step}; checkpoint saved in '
                                   f'{run_dir}. Continue with the same command plus --resume.')
   if bar:
     bar.close()
+  if board:
+    board.close()
   summary = {'algorithm': 'rcig', 'steps': step, 'test_accuracy_before': before,
              'test_accuracy_after': accuracy, 'best': best, 'minutes': elapsed / 60,
              'seconds_per_step': elapsed / max(step, 1),

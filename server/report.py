@@ -232,6 +232,28 @@ def _class_names_for(label_ids: np.ndarray, class_names: Optional[Sequence[str]]
   return names + [str(k) for k in range(len(names), largest)]  # ids past the names: numbers
 
 
+def support_grid_array(images_pixels: np.ndarray, label_ids: Sequence[int], num_classes: int,
+                       max_per_class: int = 10, gap: int = GRID_GAP) -> np.ndarray:
+  """The support set as one uint8 (H, W, 3) picture, numpy only: a row per class (class order),
+  up to `max_per_class` images each, `gap` px of GRID_GAP_COLOR between cells (no names: for
+  viewers that label the picture themselves, such as TensorBoard)."""
+  pixels = _to_uint8_nhwc(images_pixels)
+  if pixels.shape[-1] == 1:
+    pixels = np.repeat(pixels, 3, axis=-1)
+  label_ids = np.asarray(label_ids, dtype=np.int64).reshape(-1)
+  rows = _row_indices(label_ids, num_classes, max_per_class)
+  columns = max([len(r) for r in rows] + [1])
+  height, width = pixels.shape[1:3]
+  grid = np.empty((gap + num_classes * (height + gap), gap + columns * (width + gap), 3),
+                  np.uint8)
+  grid[...] = GRID_GAP_COLOR
+  for row, indices in enumerate(rows):
+    for column, index in enumerate(indices):
+      top, left = gap + row * (height + gap), gap + column * (width + gap)
+      grid[top:top + height, left:left + width] = pixels[index]
+  return grid
+
+
 def write_support_grid(path: PathLike, images_pixels: np.ndarray, label_ids: Sequence[int],
                        class_names: Optional[Sequence[str]], max_per_class: int = 10,
                        min_cell: int = 56) -> Path:
@@ -538,6 +560,69 @@ def render_run(run_dir: PathLike) -> list[Path]:
   else:
     _LOG.info('%s has no %s yet; curves.png not written.', run_dir, METRICS)
   return written
+
+
+# -- export ---------------------------------------------------------------------------------
+
+EXPORT_FORMATS = ('folders', 'npz')
+LABELS_CSV = 'labels.csv'
+
+
+def _folder_name(class_id: int, name: str, width: int) -> str:
+  """`07_horse`: the id first (zero-padded, so sorting the folders keeps the class order, as
+  torchvision's ImageFolder does), then the name made safe for a path."""
+  safe = ''.join(c if c.isalnum() or c in '-_.' else '_' for c in name).strip('.') or 'class'
+  return f'{class_id:0{width}d}_{safe}'
+
+
+def export_support(run_dir: PathLike, out: PathLike, fmt: str = 'folders') -> Path:
+  """Writes a run's distilled set for other tools; returns what was written.
+
+  `folders`: `out/<id>_<class>/<n>.png` (the images in [0, 1] as 8-bit PNG, grayscale or RGB)
+  and `out/labels.csv` (file, label_id, class_name and the label vector, learned or one-hot
+  minus 1/C, one column per class). `npz`: `out` (a .npz) with the keys of support.npz.
+  """
+  if fmt not in EXPORT_FORMATS:
+    raise ValueError(f'Unknown export format {fmt!r}: choose one of {", ".join(EXPORT_FORMATS)}.')
+  run_dir = _require_run_dir(run_dir)
+  if not (run_dir / SUPPORT).exists():
+    raise NotARunDirectoryError(f'{run_dir} has no {SUPPORT} yet: nothing to export.')
+  out = Path(out)
+  config = _read_json(run_dir / CONFIG)
+  with np.load(run_dir / SUPPORT, allow_pickle=False) as support:
+    arrays = {key: support[key] for key in support.files}
+  if fmt == 'npz':
+    if out.suffix != '.npz':
+      raise ValueError(f'--out {out}: the npz format writes one file; name it *.npz.')
+    out.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.save_npz(out, arrays)
+    return out
+  Image, _, _ = _import_pillow()
+  pixels, label_ids, names = _load_support(run_dir / SUPPORT, config)
+  labels = arrays.get('labels')
+  names = _class_names_for(np.asarray(label_ids), names)
+  if out.exists() and any(out.iterdir()):
+    raise ValueError(f'--out {out} is not empty: export into a new folder.')
+  out.mkdir(parents=True, exist_ok=True)
+  images = _to_uint8_nhwc(pixels)
+  width = len(str(max(len(names) - 1, 0)))
+  rows = ['file,label_id,class_name' + ''.join(f',label_{k}' for k in range(
+      labels.shape[1] if labels is not None else 0))]
+  counts: dict[int, int] = {}
+  for image, class_id in zip(images, np.asarray(label_ids, dtype=np.int64)):
+    folder = out / _folder_name(int(class_id), names[class_id], width)
+    folder.mkdir(exist_ok=True)
+    index = counts.get(int(class_id), 0)
+    counts[int(class_id)] = index + 1
+    path = folder / f'{index:04d}.png'
+    picture = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    _save_png(picture, path)
+    row = [str(path.relative_to(out)), str(int(class_id)), '"' + names[class_id].replace('"', '""') + '"']
+    if labels is not None:
+      row += [repr(float(v)) for v in labels[len(rows) - 1]]
+    rows.append(','.join(row))
+  checkpoint.atomic_write_bytes(out / LABELS_CSV, ('\n'.join(rows) + '\n').encode())
+  return out
 
 
 # -- text summary ---------------------------------------------------------------------------

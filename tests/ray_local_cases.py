@@ -216,3 +216,40 @@ class TestLocalRay:
     for actor in actors:   # close() killed them
       with pytest.raises(ray.exceptions.RayActorError):
         ray.get(actor.ping.remote(), timeout=30)
+
+  def test_no_address_joins_the_running_cluster(self, tiny_npz, tmp_path, local_ray):
+    env = dict(os.environ, RAY_ADDRESS=local_ray)
+    done = _distill_without_address(tiny_npz, tmp_path / 'joined', env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert f'using the running cluster at {local_ray} (RAY_ADDRESS)' in done.stderr, done.stderr
+    assert (tmp_path / 'joined' / 'ray_address.txt').read_text().split() == [local_ray, 'joined']
+    assert _steps(tmp_path / 'joined') == list(range(5))
+
+
+# -- --launch ray without --ray-address and no cluster: a private Ray for the command. ------
+
+def _distill_without_address(tiny_npz, run_dir, env):
+  """`ntkdd distill --launch ray` with no --ray-address, in a separate process."""
+  return subprocess.run(
+      [sys.executable, '-m', 'ntkdd.launch.cli', 'distill', '--dataset', tiny_npz, *TINY_FLAGS,
+       '--launch', 'ray', '--out', str(run_dir)],
+      capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
+
+
+def test_no_address_and_no_cluster_starts_a_private_ray(tiny_npz, tmp_path):
+  if not private_network.only_loopback():
+    pytest.skip('runs inside a private network namespace (tests/test_ray.py starts it)')
+  # Ray's temp dir of its own: no `ray start` cluster file from anything else on the machine.
+  ray_tmp = tempfile.mkdtemp(prefix='ntkdd-ray-', dir='/tmp')
+  env = dict(os.environ, RAY_TMPDIR=ray_tmp, RAY_AUTH_TOKEN=secrets.token_hex(32))
+  env.pop('RAY_ADDRESS', None)
+  try:
+    done = _distill_without_address(tiny_npz, tmp_path / 'private', env)
+  finally:
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+  assert done.returncode == 0, done.stderr[-4000:]
+  assert 'no running cluster' in done.stderr and 'private local Ray' in done.stderr, done.stderr
+  assert _steps(tmp_path / 'private') == list(range(5))
+  address = (tmp_path / 'private' / 'ray_address.txt').read_text().split()[0]
+  assert address.startswith('127.0.0.1:'), address
+

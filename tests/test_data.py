@@ -380,12 +380,17 @@ def http_server(tmp_path):
         thread.join()
 
 
+def served_digests(served: Path) -> dict:
+    """The sha256 of each MNIST file a test server serves, as download_dataset's `checksums`."""
+    return {name: ('sha256', hashlib.sha256((served / name).read_bytes()).hexdigest())
+            for name in data.DOWNLOAD_CHECKSUMS['mnist']}
+
+
 def test_download_verifies_and_loads(tmp_path, http_server):
     served, url = http_server
     arrays = tiny_idx_arrays(np.random.default_rng(12))
     write_idx_set(served, arrays)
-    sums = {name: ('sha256', hashlib.sha256((served / name).read_bytes()).hexdigest())
-            for name in data.DOWNLOAD_CHECKSUMS['mnist']}
+    sums = served_digests(served)
     data_dir = tmp_path / 'data'
     paths = data.download_dataset('mnist', data_dir, base_url=url, checksums=sums)
     assert [p.name for p in paths] == list(data.DOWNLOAD_CHECKSUMS['mnist'])
@@ -408,9 +413,43 @@ def test_download_checksum_mismatch_is_refused(tmp_path, http_server):
 
 def test_download_unreachable_names_the_target(tmp_path, http_server):
     _, url = http_server  # served folder is empty: 404
-    with pytest.raises(DataError, match='put it at'):
+    with pytest.raises(DataError, match=f'put them in {tmp_path}'):
         data.download_dataset('cifar10', tmp_path, base_url=url)
     assert not list(tmp_path.glob('*.part'))
+
+
+def test_offline_download_is_one_message_naming_every_file_and_the_folder(tmp_path):
+    # Nothing listens on port 1 of loopback: as offline as a machine gets.
+    with pytest.raises(DataError) as error:
+        data.download_dataset('mnist', tmp_path / 'data', base_url='http://127.0.0.1:1/')
+    message = str(error.value)
+    assert all(name in message for name in data.DOWNLOAD_CHECKSUMS['mnist'])
+    assert f'put them in {tmp_path / "data" / "mnist"}' in message and 'NTKDD_DOWNLOAD_URL' in message
+    assert not list((tmp_path / 'data' / 'mnist').iterdir())
+
+
+def test_mirror_from_the_environment_is_checked_against_the_official_digests(tmp_path, http_server,
+                                                                           monkeypatch):
+    """A mirror serving files that are not the official ones is refused by the real digests."""
+    served, url = http_server
+    write_idx_set(served, tiny_idx_arrays(np.random.default_rng(15)))
+    monkeypatch.setenv(data.DOWNLOAD_URL_ENV, url)
+    with pytest.raises(DataError, match='md5 digest mismatch: expected f68b3c2dcbeaaa9fbdd348bbdeb94873'):
+        data.load_dataset('mnist', tmp_path / 'data', cache_dir=tmp_path / 'cache', download=True)
+    folder = tmp_path / 'data' / 'mnist'
+    assert (folder / 'train-images-idx3-ubyte.gz.rejected').exists()
+    assert not (folder / 'train-images-idx3-ubyte.gz').exists()
+
+
+def test_mirror_from_the_environment_is_used(tmp_path, http_server, monkeypatch):
+    served, url = http_server
+    arrays = tiny_idx_arrays(np.random.default_rng(16))
+    write_idx_set(served, arrays)
+    sums = served_digests(served)
+    monkeypatch.setitem(data.DOWNLOAD_CHECKSUMS, 'mnist', sums)   # the tiny files' own digests
+    monkeypatch.setenv(data.DOWNLOAD_URL_ENV, url)
+    ds = data.load_dataset('mnist', tmp_path / 'data', cache_dir=tmp_path / 'cache', download=True)
+    np.testing.assert_array_equal(ds.y_train, arrays[1])
 
 
 def test_official_digests_are_well_formed():
@@ -437,8 +476,7 @@ def test_load_with_download_fetches_missing_files(tmp_path, http_server, monkeyp
     served, url = http_server
     arrays = tiny_idx_arrays(np.random.default_rng(14))
     write_idx_set(served, arrays)
-    sums = {name: ('sha256', hashlib.sha256((served / name).read_bytes()).hexdigest())
-            for name in data.DOWNLOAD_CHECKSUMS['mnist']}
+    sums = served_digests(served)
     monkeypatch.setitem(data.DOWNLOAD_BASE_URLS, 'mnist', url)
     monkeypatch.setitem(data.DOWNLOAD_CHECKSUMS, 'mnist', sums)
     ds = data.load_dataset('mnist', tmp_path / 'data', cache_dir=tmp_path / 'cache', download=True)

@@ -55,6 +55,35 @@ def test_a_hung_status_query_is_abandoned(monkeypatch):
   assert time.monotonic() - start < 5
 
 
+def test_default_address_is_a_running_cluster_else_a_private_local_ray(monkeypatch, tmp_path,
+                                                                       caplog):
+  """No --ray-address: RAY_ADDRESS, else the `ray start` cluster file, else 'local'."""
+  caplog.set_level('INFO')
+  monkeypatch.delenv('RAY_ADDRESS', raising=False)
+  monkeypatch.setenv('RAY_TMPDIR', str(tmp_path))   # Ray's cluster file lives here: none yet
+  assert ray_launch.running_cluster_address()[0] is None
+  assert ray_launch._default_address() == 'local'
+  assert 'no running cluster' in caplog.text and 'private local Ray' in caplog.text
+  # A cluster file left by a `ray start` whose cluster is gone: a private Ray, with a warning.
+  (tmp_path / 'ray').mkdir()
+  (tmp_path / 'ray' / 'ray_current_cluster').write_text('127.0.0.1:1')
+  assert ray_launch.running_cluster_address() == (
+      '127.0.0.1:1', 'the cluster `ray start` began on this machine')
+  caplog.clear()
+  assert ray_launch._default_address() == 'local'
+  assert 'does not answer' in caplog.text
+  # RAY_ADDRESS wins, and naming a cluster that is not there is an error, not a fallback.
+  monkeypatch.setenv('RAY_ADDRESS', '127.0.0.1:1')
+  assert ray_launch.running_cluster_address() == ('127.0.0.1:1', 'RAY_ADDRESS')
+  with pytest.raises(ConnectionError, match='RAY_ADDRESS=127.0.0.1:1 names no running Ray'):
+    ray_launch._default_address()
+
+
+def test_cli_ray_address_defaults_to_none():
+  args = cli._parser().parse_args(['distill', '--out', 'x', '--launch', 'ray'])
+  assert args.ray_address is None
+
+
 # -- A private local Ray, in a network namespace of its own. -----------------------------------
 
 def _private_network():

@@ -289,20 +289,38 @@ def test_progress_eta_counts_only_new_steps_of_a_resumed_run():
   assert stream.getvalue().count('\n') == 2  # at 60 (first update) and 70 (a tenth more)
 
 
-def test_progress_on_a_tty_redraws_in_place():
-  class TtyStream(io.StringIO):
-    def isatty(self):
-      return True
-  stream, clock = TtyStream(), FakeClock()
-  bar = progress.ProgressBar(10, desc='LS', stream=stream, clock=clock, min_interval=0.2)
-  for step in range(1, 11):
-    clock.now += 0.1  # draws every other step, and the last
-    bar.update(step, loss=0.5)
+class TtyStream(io.StringIO):
+  def isatty(self):
+    return True
+
+
+def test_progress_on_a_tty_is_a_tqdm_bar_with_loss_accuracy_and_eta():
+  pytest.importorskip('tqdm')
+  stream = TtyStream()
+  bar = progress.ProgressBar(10, desc='LS', stream=stream, min_interval=0.0, initial=2)
+  assert bar.uses_tqdm
+  for step in range(3, 11):
+    bar.update(step, loss=0.5, acc=0.25 if step > 5 else None)
   bar.close()
   text = stream.getvalue()
-  assert text.endswith('\n') and text.count('\n') == 1
-  assert 5 <= text.count('\r') <= 8
-  assert text.rstrip('\n').split('\r')[-1].startswith('LS [')
+  assert text.endswith('\n') and text.count('\n') == 1 and text.count('\r') >= 8
+  last = text.rstrip('\n').split('\r')[-1]
+  assert last.startswith('LS 100%|') and '10/10' in last and 'ETA 00:00' in last
+  assert 'loss=0.5 acc=25.00%' in last and 'it/s' in last
+
+
+def test_progress_without_tqdm_prints_plain_lines_on_a_tty(monkeypatch):
+  monkeypatch.setitem(sys.modules, 'tqdm', None)   # `from tqdm import tqdm` raises ImportError
+  stream, clock = TtyStream(), FakeClock()
+  bar = progress.ProgressBar(10, desc='LS', stream=stream, clock=clock)
+  assert not bar.uses_tqdm
+  for step in range(1, 11):
+    clock.now += 1.0
+    bar.update(step, loss=0.5)
+  bar.close()
+  lines = stream.getvalue().splitlines()
+  assert '\r' not in stream.getvalue() and len(lines) == 10
+  assert lines[-1].startswith('LS [') and 'loss=0.5' in lines[-1] and '10/10' in lines[-1]
 
 
 def test_progress_formats():
