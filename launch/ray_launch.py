@@ -37,6 +37,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -129,7 +130,9 @@ def connect(ray_address: Optional[str] = 'auto', local_cpus: Optional[int] = Non
   try:
     ray.init(address=address, **kwargs)
   except ConnectionError as e:
-    raise ConnectionError(f'No Ray cluster at --ray-address {address}: {e} Start one with '
+    # Ray's own hint names its CLI's --address flag; ntkdd's flag is --ray-address.
+    hint = re.sub(r'(the )?`--address`( flag)?', '--ray-address', str(e))
+    raise ConnectionError(f'No Ray cluster at --ray-address {address}: {hint} Start one with '
                           f'`ray start --head`, give its HOST:PORT, or pass --ray-address local '
                           f'for a private one on this machine.') from e
   return True
