@@ -41,7 +41,7 @@ def _add_kernel_flags(p: argparse.ArgumentParser, default_arch: str, default_dep
                       'normal, as its paper).')
   g.add_argument('--b-std', type=flags.nonnegative_float, default=None,
                  help='bias standard deviation. Default 0.1 for kernels; 0 for RCIG.')
-  g.add_argument('--tile', type=flags.positive_int, default=None,
+  g.add_argument('--tile', type=flags.tile, default=None,
                  help='pair-block side (>= 1) for blocked evaluation; default: chosen from free '
                       'memory.')
   g.add_argument('--dtype', choices=('float32', 'float64'), default='float32',

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import Any, Callable
 
 SEED_MAX = 2 ** 32 - 1   # numpy's and JAX's PRNG seeds
 
@@ -28,41 +29,22 @@ def _float(text: str) -> float:
   return value
 
 
-def positive_int(text: str) -> int:
-  """An int >= 1."""
-  value = _int(text)
-  if value < 1:
-    raise argparse.ArgumentTypeError(f'must be >= 1, got {value}.')
-  return value
+def _checked(parse: Callable[[str], Any], in_range: Callable[[Any], bool], rule: str,
+             name: str, hint: str = '') -> Callable[[str], Any]:
+  """An argparse type: `parse`, then `in_range` or 'must be RULE, got VALUE[; HINT].'"""
+  def convert(text: str):
+    value = parse(text)
+    if not in_range(value):
+      raise argparse.ArgumentTypeError(f'must be {rule}, got {text}{hint}.')
+    return value
+  convert.__name__ = name
+  return convert
 
 
-def nonnegative_int(text: str) -> int:
-  """An int >= 0."""
-  value = _int(text)
-  if value < 0:
-    raise argparse.ArgumentTypeError(f'must be >= 0, got {value}.')
-  return value
-
-
-def seed(text: str) -> int:
-  """A PRNG seed in 0..2^32-1."""
-  value = _int(text)
-  if not 0 <= value <= SEED_MAX:
-    raise argparse.ArgumentTypeError(f'must be in 0..{SEED_MAX}, got {value}.')
-  return value
-
-
-def positive_float(text: str) -> float:
-  """A finite float > 0."""
-  value = _float(text)
-  if value <= 0:
-    raise argparse.ArgumentTypeError(f'must be > 0, got {text}.')
-  return value
-
-
-def nonnegative_float(text: str) -> float:
-  """A finite float >= 0."""
-  value = _float(text)
-  if value < 0:
-    raise argparse.ArgumentTypeError(f'must be >= 0, got {text}.')
-  return value
+positive_int = _checked(_int, lambda v: v >= 1, '>= 1', 'positive_int')
+nonnegative_int = _checked(_int, lambda v: v >= 0, '>= 0', 'nonnegative_int')
+seed = _checked(_int, lambda v: 0 <= v <= SEED_MAX, f'in 0..{SEED_MAX}', 'seed')
+positive_float = _checked(_float, lambda v: v > 0, '> 0', 'positive_float')
+nonnegative_float = _checked(_float, lambda v: v >= 0, '>= 0', 'nonnegative_float')
+tile = _checked(_int, lambda v: v >= 1, '>= 1', 'tile',
+                '; leave --tile out to have it chosen from free memory')

@@ -166,8 +166,9 @@ def nan_advice(step: int, last_checkpoint: int, run_dir: Path, lr_flag: str, lr:
   """The message of a run whose support set turned NaN/inf: what to do that works."""
   return (f'Step {step}: the support set or its kernel became NaN or inf; the learning rate '
           f'({lr_flag} {lr:g}) is probably too large for this data. The run in {run_dir} keeps '
-          f'its checkpoint of step {last_checkpoint}. Run again with a smaller {lr_flag} (e.g. '
-          f'{lr / 10:g}) or a larger --reg, into a new --out directory or with --overwrite.')
+          f'its last good checkpoint (step {last_checkpoint}). Run again with a smaller '
+          f'{lr_flag} (e.g. {lr / 10:g}) or a larger --reg, into a new --out directory or with '
+          f'--overwrite.')
 
 
 def versions() -> dict[str, str]:

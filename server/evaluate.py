@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from pathlib import Path
@@ -70,11 +69,12 @@ def load_support(path: str, prepared: distill.PreparedData, pixels: bool = False
     label_ids = arrays.get('label_ids', np.argmax(labels, -1)).astype(np.int32)
   else:
     label_ids = arrays['label_ids']
-    if (label_ids.shape != (len(images),) or not np.issubdtype(label_ids.dtype, np.integer)
-        or label_ids.min() < 0 or label_ids.max() >= num_classes):
-      raise ValueError(f'{path}: label_ids must be {len(images)} integer class ids in '
-                       f'0..{num_classes - 1}, got {label_ids.dtype} {label_ids.shape} '
-                       f'spanning [{label_ids.min()}, {label_ids.max()}].')
+    if label_ids.shape != (len(images),) or not np.issubdtype(label_ids.dtype, np.integer):
+      raise ValueError(f'{path}: label_ids must be {len(images)} integer class ids, one per '
+                       f'image, got {label_ids.dtype} {label_ids.shape}.')
+    if label_ids.min() < 0 or label_ids.max() >= num_classes:
+      raise ValueError(f'{path}: label_ids span [{label_ids.min()}, {label_ids.max()}], outside '
+                       f'the class ids 0..{num_classes - 1} of {prepared.dataset.name}.')
     label_ids = label_ids.astype(np.int32)
     labels = preprocess.one_hot_centered(label_ids, num_classes)
   if not np.all(np.isfinite(images)) or not np.all(np.isfinite(labels)):
@@ -164,11 +164,12 @@ def _config_for(args, run_config: Optional[tuple[Path, dict]] = None) -> distill
   if run_config is not None:
     config_path, config = run_config
     saved = config['flags']
-    if 'dataset' not in saved:
-      raise ValueError(f'{config_path} (an RCIG run from before runs recorded their data flags) '
-                       f'does not say how its data was loaded; give --run pointing at a '
-                       f'directory without config.json, and --dataset, --data-dir, --image-size '
-                       f'and --preprocess as the run used them.')
+    if 'dataset' not in saved:   # an RCIG run from before runs recorded their data flags
+      logging.warning('%s does not say how the run loaded its data: using --dataset, --data-dir '
+                      'and --image-size as given (the data\'s checksum is checked).', config_path)
+      recorded = config.get('dataset') or {}
+      if recorded.get('preprocess'):
+        fields['preprocess'] = recorded['preprocess']
     keys = DATA_KEYS + (KERNEL_KEYS if saved.get('algorithm') != 'rcig' else ())
     fields.update({key: saved[key] for key in keys if key in saved})
     if args.data_dir is None and saved.get('data_dir'):

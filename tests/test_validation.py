@@ -152,6 +152,7 @@ def test_a_label_solve_run_is_not_overwritten(tiny, tmp_path, capsys):
   refused(distill_args(tiny, out), capsys, str(out), 'already holds a run', '--overwrite',
           '--resume')
   refused(distill_args(tiny, out, base=LS), capsys, 'already holds a run')
+  refused(distill_args(tiny, out, '--resume', '--overwrite'), capsys, 'give one of them')
   assert snapshot(out) == before
   # --resume of an LS run has nothing to resume: refused, with the fix.
   refused(distill_args(tiny, out, '--resume', base=LS), capsys, 'Label Solve', '--overwrite')
@@ -338,31 +339,21 @@ def test_evaluate_on_a_config_without_flags(kip_copy, capsys):
   assert snapshot(kip_copy) == before
 
 
-def test_evaluate_an_rcig_run_takes_its_data_from_config(tiny, tmp_path, capsys):
-  data_dir = tmp_path / 'data'
+@pytest.mark.parametrize('algorithm', ['kip', 'rcig'])
+def test_evaluate_takes_the_data_from_the_run(tiny, tmp_path, capsys, algorithm):
+  # The README recipe: evaluate RUN/support.npz without repeating --dataset or --data-dir
+  # (which is not the default 'data'); an RCIG run records them too.
+  data_dir = tmp_path / 'data-elsewhere'
   data_dir.mkdir()
   shutil.copy(tiny, data_dir / 'tiny.npz')
-  out = tmp_path / 'rcig'
-  assert run(['distill', '--dataset', 'tiny.npz', '--data-dir', data_dir, *RCIG, '--out', out],
-             capsys)[0] == 0
-  # No --dataset, no --data-dir: both from the run's config.json.
+  out = tmp_path / algorithm
+  assert run(['distill', '--dataset', 'tiny.npz', '--data-dir', data_dir,
+              *(KIP if algorithm == 'kip' else RCIG), '--out', out], capsys)[0] == 0
   code, err = run(['evaluate', '--support', out / 'support.npz', '--transfer', ''], capsys)
   assert code == 0, err
   report = json.loads((out / 'evaluation.json').read_text())
-  assert report['dataset'] == 'tiny' and report['images'] == 3
+  assert report['dataset'] == 'tiny' and report['images'] == (6 if algorithm == 'kip' else 3)
   assert np.isfinite(report['distilled']['krr']['test_accuracy'])
-
-
-def test_evaluate_takes_data_dir_from_the_run(kip_copy, tiny, tmp_path, capsys):
-  # The README recipe: evaluate RUN/support.npz without repeating --data-dir.
-  data_dir = tmp_path / 'd'
-  data_dir.mkdir()
-  shutil.copy(tiny, data_dir / 'tiny.npz')
-  out = tmp_path / 'run'
-  assert run(['distill', '--dataset', 'tiny.npz', '--data-dir', data_dir, *KIP, '--out', out],
-             capsys)[0] == 0
-  code, err = run(['evaluate', '--support', out / 'support.npz', '--transfer', ''], capsys)
-  assert code == 0, err
 
 
 def test_evaluate_checks_the_support_file_before_loading_data(tmp_path, capsys):
