@@ -72,7 +72,9 @@ def _check(argv, bad_flags, written, capsys) -> int:
 def _distill_case(rng, tiny, out):
   """argv and the flags drawn outside their (flag- or data-given) ranges."""
   algorithm = ['kip', 'ls'][rng.integers(2)]
-  arch = ['fc', 'convnet'][rng.integers(2)]
+  # The ConvNet with LS only: KIP's ConvNet vjp takes a minute to compile on a busy CPU (the
+  # depth check, which refuses before computing, is the same for both).
+  arch = ['fc', 'convnet'][rng.integers(2)] if algorithm == 'ls' else 'fc'
   image_size = [None, '8', '4'][rng.integers(3)]
   deepest = _deepest(SIDE if image_size is None else int(image_size))
   spec = {
@@ -107,9 +109,10 @@ def _distill_case(rng, tiny, out):
 
 def test_distill_random_flags(tmp_path, capsys):
   tiny = str(make_tiny_npz(tmp_path / 'tiny.npz'))
-  rng = np.random.default_rng(1414)
+  rng = np.random.default_rng(1484)   # its 12 draws include a too-deep ConvNet and a
+  # --target-batch larger than a class allows (refusals that depend on the data)
   outcomes = []
-  for i in range(10):
+  for i in range(12):
     out = tmp_path / f'run{i}'
     argv, bad = _distill_case(rng, tiny, out)
     code = _check(argv, bad, [out], capsys)
