@@ -133,6 +133,13 @@ def test_learning_rate_defaults_come_from_none_not_falsy_values():
   parse = lambda *a: cli._parser().parse_args(['distill', '--out', 'x', *a])
   assert cli._distill_config(parse()).learning_rate == 0.01
   assert cli._distill_config(parse('--lr', '1e-9')).learning_rate == 1e-9
+  # A zero that got past the flag check stays zero (and is refused), not the default.
+  args = parse()
+  args.lr = 0.0
+  config = cli._distill_config(args)
+  assert config.learning_rate == 0.0
+  with pytest.raises(ValueError, match='--lr must be > 0'):
+    config.validate()
   from ntkdd.server import evaluate
   assert evaluate.TransferSettings().learning_rate is None
 
