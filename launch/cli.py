@@ -102,8 +102,10 @@ def _parser() -> argparse.ArgumentParser:
                  help='kip: learn images (and --learn-labels); ls: solve labels in closed form; '
                       'rcig: finite-width ConvNet with convexified implicit gradients (Loo et '
                       'al. 2023) on the coordinator.')
-  d.add_argument('--ipc', type=flags.positive_int, default=10, help='images per class in the support set.')
-  d.add_argument('--steps', type=flags.nonnegative_int, default=1000, help='KIP optimisation steps.')
+  d.add_argument('--ipc', type=flags.positive_int, default=10,
+                 help='images per class in the support set.')
+  d.add_argument('--steps', type=flags.nonnegative_int, default=1000,
+                 help='KIP optimisation steps.')
   d.add_argument('--out', required=True, help='run directory.')
   d.add_argument('--resume', action='store_true', help='continue the run in --out.')
   d.add_argument('--overwrite', action='store_true',
@@ -137,18 +139,22 @@ def _parser() -> argparse.ArgumentParser:
                  help='steps between test evaluations (>= 1 for KIP; 0: none, RCIG only).')
   o.add_argument('--eval-test-size', type=flags.nonnegative_int, default=0,
                  help='test images per evaluation (a fixed subset); 0 = all.')
-  o.add_argument('--checkpoint-every', type=flags.positive_int, default=50, help='steps between checkpoints.')
+  o.add_argument('--checkpoint-every', type=flags.positive_int, default=50,
+                 help='steps between checkpoints.')
   o.add_argument('--ls-target-size', type=flags.nonnegative_int, default=0,
                  help='LS: class-balanced target images to solve over; 0 = the whole train split.')
   o.add_argument('--ls-rcond', type=flags.nonnegative_float, default=1e-6,
                  help='LS: pseudo-inverse cut-off relative to the largest singular value.')
   r = d.add_argument_group('rcig (finite-width ConvNet; paper defaults)')
   r.add_argument('--width', type=flags.positive_int, default=128, help='ConvNet channels.')
-  r.add_argument('--l2-rate', type=flags.positive_float, default=5e-4, help='L2 rate of the inner problem.')
-  r.add_argument('--inner-steps', type=flags.positive_int, default=20, help='Adam steps on the inner problem.')
+  r.add_argument('--l2-rate', type=flags.positive_float, default=5e-4,
+                 help='L2 rate of the inner problem.')
+  r.add_argument('--inner-steps', type=flags.positive_int, default=20,
+                 help='Adam steps on the inner problem.')
   r.add_argument('--hinv-steps', type=flags.positive_int, default=20,
                  help='optimisation steps of the Hessian-inverse-vector product.')
-  r.add_argument('--pool-size', type=flags.positive_int, default=30, help='partially trained models.')
+  r.add_argument('--pool-size', type=flags.positive_int, default=30,
+                 help='partially trained models.')
   r.add_argument('--max-pool-steps', type=flags.positive_int, default=100,
                  help='training steps after which a pool model is re-initialised.')
   r.add_argument('--pool-train-steps', type=flags.positive_int, default=15,
@@ -194,7 +200,8 @@ def _parser() -> argparse.ArgumentParser:
   e.add_argument('--train-lr', type=flags.positive_float, default=None,
                  help='Adam learning rate for the finite networks; default 1e-3 (ntk) or '
                       '1e-4 (standard, as RCIG evaluates).')
-  e.add_argument('--train-steps', type=flags.positive_int, default=1000, help='training steps per network.')
+  e.add_argument('--train-steps', type=flags.positive_int, default=1000,
+                 help='training steps per network.')
   e.add_argument('--seeds', type=flags.positive_int, default=3, help='networks per architecture.')
   e.add_argument('--augment', action='store_true', help='flip/crop augmentation in training.')
   e.add_argument('--baselines', action='store_true',
