@@ -78,3 +78,23 @@ def build(arch: Architecture, num_outputs: int = 10) -> stax.Layer:
       layers += [stax.Dense(width, w, b, param), stax.Relu()]
     layers += [stax.Dense(num_outputs, w, b, param)]
   return stax.serial(*layers)
+
+
+def check_input_shape(arch: Architecture, image_shape: tuple) -> None:
+  """Refuses images too small for the ConvNets' `depth` 2x2 average pools (each halves the
+  side, rounding down, and needs a side >= 2), before any kernel or net is computed: a pool of
+  a 1-pixel side leaves nothing, and the kernel would be NaN."""
+  if arch.name == 'fc' or len(image_shape) != 3:
+    return
+  height, width, channels = image_shape
+  pad = 4 if arch.name == 'rcig_convnet' and channels == 1 else 0   # rcig_convnet_body's ZeroPad
+  side = min(height, width) + pad
+  smallest = side
+  for _ in range(arch.depth):
+    smallest //= 2
+  if smallest < 1:
+    deepest = max(0, int(math.log2(side)))
+    raise ValueError(f'{arch.name} depth {arch.depth} is too deep for {height}x{width} images: '
+                     f'each of its {arch.depth} 2x2 average pools halves the side, and a side of '
+                     f'{side} allows at most {deepest} pools. Use --depth {deepest} or less, or '
+                     f'larger images.')

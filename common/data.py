@@ -16,6 +16,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import zipfile
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
 
@@ -172,8 +173,8 @@ def load_dataset(name: str, data_dir: str | os.PathLike, *, cache_dir: str | os.
             f'Unknown dataset {name!r}: use one of {", ".join(STANDARD_DATASETS)}, a path to an .npz '
             'with keys x_train, y_train, x_test, y_test (optional class_names), or a path to a folder '
             'with train/ and test/, each holding one sub-folder of PNG/JPEG images per class.')
-    raw = _cached_decode(source, _resolve_cache_dir(cache_dir, data_dir))
-    return _to_dataset(display_name, raw, source.cache_name)
+    return _cached_decode(source, _resolve_cache_dir(cache_dir, data_dir),
+                          lambda raw: _to_dataset(display_name, raw, source.cache_name))
 
 
 def download_dataset(name: str, data_dir: str | os.PathLike, *, base_url: str | None = None,
@@ -277,11 +278,25 @@ def _cache_key(source: _Source) -> str:
     return digest.hexdigest()[:20]
 
 
-def _cached_decode(source: _Source, cache_dir: Path | None) -> _RawSplits:
-    """Reads the source's decoded arrays from the cache, or decodes them and writes the cache."""
+def _source_id(source: _Source) -> str:
+    """Which files a cache entry was decoded from (their paths, not their state): entries of two
+    copies of one dataset in different folders coexist."""
+    digest = hashlib.sha256('\n'.join(str(path.resolve()) for path in source.files).encode())
+    return digest.hexdigest()[:8]
+
+
+def _cached_decode(source: _Source, cache_dir: Path | None,
+                   build: Callable[[_RawSplits], Dataset]) -> Dataset:
+    """The source's dataset (`build` of its decoded arrays), read from the cache, or decoded,
+    validated by `build` and then cached.
+
+    Entries are keyed by source (the files' paths) and state (their sizes and mtimes): an entry
+    of another folder's copy is never touched, and a source that fails validation writes and
+    removes nothing, so a good entry is never replaced by a bad one.
+    """
     if cache_dir is None:
-        return source.decode()
-    stem = re.sub(r'[^A-Za-z0-9_.-]', '_', source.cache_name)
+        return build(source.decode())
+    stem = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', source.cache_name)}-{_source_id(source)}"
     cache_file = cache_dir / f'{stem}-{_cache_key(source)}.npz'
     if cache_file.exists():
         try:
@@ -289,18 +304,19 @@ def _cached_decode(source: _Source, cache_dir: Path | None) -> _RawSplits:
                 raw = _RawSplits(cached['x_train'], cached['y_train'], cached['x_test'], cached['y_test'],
                                  tuple(str(c) for c in cached['class_names']))
             log.info('%s: read from cache %s', source.cache_name, cache_file)
-            return raw
+            return build(raw)
         except (OSError, KeyError, ValueError) as error:
             log.warning('%s: unreadable cache %s (%s): decoding again', source.cache_name, cache_file, error)
     raw = source.decode()
-    # Entries of this dataset under older source keys are stale now.
+    dataset = build(raw)   # raises on data that fail validation: then the cache stays as it was
+    # Entries of this same source under older states (sizes, mtimes) are stale now.
     for stale in cache_dir.glob(f'{stem}-*.npz'):
         if stale != cache_file and re.fullmatch(re.escape(stem) + r'-[0-9a-f]{20}\.npz', stale.name):
             stale.unlink(missing_ok=True)
     _write_npz_atomically(cache_file, x_train=raw.x_train, y_train=raw.y_train, x_test=raw.x_test,
                           y_test=raw.y_test, class_names=np.array(raw.class_names, dtype=str))
     log.info('%s: cached at %s', source.cache_name, cache_file)
-    return raw
+    return dataset
 
 
 def _write_npz_atomically(path: Path, **arrays: np.ndarray) -> None:
@@ -370,14 +386,18 @@ def _to_unit_float(x: np.ndarray, split: str, source: str) -> np.ndarray:
     return pixels
 
 
-def _check_labels(y: np.ndarray, num_images: int, num_classes: int, split: str, source: str) -> None:
+def _check_labels(y: np.ndarray, num_images: int, num_classes: int | None, split: str, source: str) -> None:
+    """Integer class ids, one per image, in 0..num_classes-1 (num_classes None: any id >= 0)."""
     if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) and y.dtype != bool):
         raise DataError(f'{source}: y_{split} must be a 1-D array of integer class ids, got {y.dtype} '
                         f'{y.shape}: convert one-hot labels with argmax(axis=1).')
     if y.shape[0] != num_images:
         raise DataError(f'{source}: {num_images} {split} images but {y.shape[0]} {split} labels: '
                         'each image needs exactly one label.')
-    if y.size and (y.min() < 0 or y.max() >= num_classes):
+    if y.size and y.min() < 0:
+        raise DataError(f'{source}: y_{split} holds negative class ids (smallest {y.min()}), outside '
+                        '0..(number of classes - 1): relabel those images or drop them.')
+    if y.size and num_classes is not None and y.max() >= num_classes:
         raise DataError(f'{source}: y_{split} spans [{y.min()}, {y.max()}], outside 0..{num_classes - 1} '
                         f'for {num_classes} classes: fix the labels or the class names.')
 
@@ -681,6 +701,12 @@ def _decode_images(entries: list[tuple[str, Callable[[], bytes], int]], source: 
 
 def _load_npz(path: Path) -> Dataset:
     source = str(path)
+    with open(path, 'rb') as f:
+        head = f.read(6)
+    if not head.startswith(b'PK'):
+        kind = 'a .npy file (one array)' if head.startswith(b'\x93NUMPY') else 'not an .npz archive'
+        raise DataError(f'{source} is {kind}: an npz dataset is written with numpy.savez(path, x_train=..., '
+                        'y_train=..., x_test=..., y_test=...).')
     try:
         with np.load(path, allow_pickle=False) as archive:
             missing = [k for k in ('x_train', 'y_train', 'x_test', 'y_test') if k not in archive.files]
@@ -689,14 +715,14 @@ def _load_npz(path: Path) -> Dataset:
                                 'x_train, y_train, x_test, y_test and optionally class_names.')
             arrays = {k: archive[k] for k in ('x_train', 'y_train', 'x_test', 'y_test')}
             names = archive['class_names'] if 'class_names' in archive.files else None
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
         if isinstance(error, DataError):
             raise
         raise DataError(f'{source}: unreadable npz ({error}): save it with numpy.savez and without '
                         'object arrays.') from None
     for split in ('train', 'test'):
         labels = arrays[f'y_{split}']
-        _check_labels(labels, len(labels), np.iinfo(np.int64).max, split, source)
+        _check_labels(labels, len(labels), None, split, source)
     if names is not None:
         class_names = tuple(str(n) for n in np.asarray(names).ravel())
     else:

@@ -219,7 +219,7 @@ def compute_kernel(arch: architectures.Architecture, x1: np.ndarray,
   x1 = np.asarray(x1, dtype)
   symmetric = x2 is None
   x2 = x1 if symmetric else np.asarray(x2, dtype)
-  _check_pair(x1, x2)
+  _check_pair(x1, x2, arch, tile)
   tile = tile or auto_tile(arch, x1.shape[1:], dtype)
   t1, t2 = min(tile, len(x1)), min(tile, len(x2))
   f = tile_fn(arch)
@@ -235,6 +235,10 @@ def compute_kernel(arch: architectures.Architecture, x1: np.ndarray,
         out[name][c0:c1, r0:r1] = block.T
     if progress:
       progress(i + 1, len(pairs))
+  for name in KERNELS:
+    if not np.all(np.isfinite(out[name])):
+      raise FloatingPointError(f'The {name} kernel of {arch.name} depth {arch.depth} came out NaN '
+                               f'or inf; try --dtype float64 or another --w-std/--b-std.')
   return out
 
 
@@ -247,7 +251,7 @@ def kernel_vjp(arch: architectures.Architecture, x1: np.ndarray, x2: np.ndarray,
   and the symmetrised cotangent G + G^T.
   """
   x1, x2 = np.asarray(x1, dtype), np.asarray(x2, dtype)
-  _check_pair(x1, x2)
+  _check_pair(x1, x2, arch, tile)
   shape = (len(x1), len(x2))
   g_ntk = np.zeros(shape, dtype) if g_ntk is None else np.asarray(g_ntk, dtype)
   g_nngp = np.zeros(shape, dtype) if g_nngp is None else np.asarray(g_nngp, dtype)
@@ -268,7 +272,12 @@ def kernel_vjp(arch: architectures.Architecture, x1: np.ndarray, x2: np.ndarray,
   return grad
 
 
-def _check_pair(x1: np.ndarray, x2: np.ndarray) -> None:
+def _check_pair(x1: np.ndarray, x2: np.ndarray, arch: architectures.Architecture,
+                tile: Optional[int]) -> None:
+  if tile is not None and tile < 1:   # a tile < 1 walks no pairs: an all-zero kernel
+    raise ValueError(f'tile must be >= 1 (or None: chosen from free memory), got {tile}.')
+  if x1.ndim == 4:
+    architectures.check_input_shape(arch, x1.shape[1:])
   if x1.shape[1:] != x2.shape[1:]:
     raise ValueError(f'x1 and x2 must have the same image shape, got {x1.shape[1:]} and '
                      f'{x2.shape[1:]}.')

@@ -11,6 +11,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ntkdd.launch import flags
+
 DESCRIPTION = """\
 ntkdd distils a labelled image dataset into a few synthetic images per class with
 neural tangent kernels: KIP (Kernel Inducing Points) learns the images (and optionally
@@ -31,16 +33,17 @@ def _add_kernel_flags(p: argparse.ArgumentParser, default_arch: str, default_dep
   g.add_argument('--arch', choices=('fc', 'convnet'), default=default_arch,
                  help='fc: fully-connected ReLU net; convnet: the KIP ConvNet (3x3 conv + ReLU, '
                       'then DEPTH x [conv, ReLU, 2x2 avg pool], dense). Default %(default)s.')
-  g.add_argument('--depth', type=int, default=default_depth,
+  g.add_argument('--depth', type=flags.nonnegative_int, default=default_depth,
                  help='hidden layers (fc) or conv+pool blocks (convnet). Default %(default)s.')
-  g.add_argument('--w-std', type=float, default=None,
+  g.add_argument('--w-std', type=flags.positive_float, default=None,
                  help='weight standard deviation. Default sqrt(2) for kernels (NTK '
                       'parameterisation); 1 for RCIG\'s standard-parameterised net (LeCun '
                       'normal, as its paper).')
-  g.add_argument('--b-std', type=float, default=None,
+  g.add_argument('--b-std', type=flags.nonnegative_float, default=None,
                  help='bias standard deviation. Default 0.1 for kernels; 0 for RCIG.')
-  g.add_argument('--tile', type=int, default=None,
-                 help='pair-block side for blocked evaluation; default: chosen from free memory.')
+  g.add_argument('--tile', type=flags.tile, default=None,
+                 help='pair-block side (>= 1) for blocked evaluation; default: chosen from free '
+                      'memory.')
   g.add_argument('--dtype', choices=('float32', 'float64'), default='float32',
                  help='kernel precision. Default %(default)s.')
   g.add_argument('--launch', choices=('inprocess', 'launchpad', 'ray'), default='inprocess',
@@ -54,11 +57,11 @@ def _add_kernel_flags(p: argparse.ArgumentParser, default_arch: str, default_dep
                       'private Ray on this machine for this command only). Default: a running '
                       'cluster (RAY_ADDRESS, or the one `ray start` began here) if there is '
                       'one, else a private local Ray, as ray.init() does; the log says which.')
-  g.add_argument('--workers', type=int, default=0,
+  g.add_argument('--workers', type=flags.nonnegative_int, default=0,
                  help='kernel workers; 0 computes kernels directly, N >= 1 farms tiles of '
                       '--block images to N workers through the coordinator (launchpad and '
                       'ray need N >= 1).')
-  g.add_argument('--block', type=int, default=64,
+  g.add_argument('--block', type=flags.positive_int, default=64,
                  help='coordinator tile side (images) when --workers >= 1. Default %(default)s.')
   g.add_argument('--expose-courier-ports', action='store_true',
                  help='with --launch launchpad where no private network namespace can be made '
@@ -68,14 +71,15 @@ def _add_kernel_flags(p: argparse.ArgumentParser, default_arch: str, default_dep
                       'whose whole network is trusted.')
 
 
-def _add_data_flags(p: argparse.ArgumentParser) -> None:
+def _add_data_flags(p: argparse.ArgumentParser, data_dir_default: Optional[str] = 'data') -> None:
   g = p.add_argument_group('data')
   g.add_argument('--dataset', default='mnist',
                  help='mnist, fashion_mnist, cifar10, cifar100, a .npz with x_train, y_train, '
                       'x_test, y_test, or a folder with train/ and test/ class sub-folders.')
-  g.add_argument('--data-dir', default='data',
+  g.add_argument('--data-dir', default=data_dir_default,
                  help='folder holding the dataset files (idx .gz, CIFAR python tarballs). '
-                      'Default %(default)s.')
+                      + ('Default %(default)s.' if data_dir_default else
+                         "Default: the run's (config.json), else data."))
   g.add_argument('--cache-dir', default=None, help='where decoded arrays are cached.')
   g.add_argument('--download', action='store_true',
                  help='fetch missing standard datasets from their official locations (or '
@@ -107,54 +111,64 @@ def _parser() -> argparse.ArgumentParser:
                  help='kip: learn images (and --learn-labels); ls: solve labels in closed form; '
                       'rcig: finite-width ConvNet with convexified implicit gradients (Loo et '
                       'al. 2023) on the coordinator.')
-  d.add_argument('--ipc', type=int, default=10, help='images per class in the support set.')
-  d.add_argument('--steps', type=int, default=1000, help='KIP optimisation steps.')
+  d.add_argument('--ipc', type=flags.positive_int, default=10,
+                 help='images per class in the support set.')
+  d.add_argument('--steps', type=flags.nonnegative_int, default=1000,
+                 help='KIP optimisation steps.')
   d.add_argument('--out', required=True, help='run directory.')
   d.add_argument('--resume', action='store_true', help='continue the run in --out.')
-  d.add_argument('--seed', type=int, default=0, help='fixes every random draw.')
+  d.add_argument('--overwrite', action='store_true',
+                 help='replace the run already in --out (its config, checkpoint, support set, '
+                      'metrics and summary); without it such a directory is refused.')
+  d.add_argument('--seed', type=flags.seed, default=0, help='fixes every random draw.')
   _add_data_flags(d)
   _add_kernel_flags(d, 'fc', 1)
   o = d.add_argument_group('optimisation')
   o.add_argument('--kernel', choices=('ntk', 'nngp'), default='ntk', help='which kernel KRR uses.')
-  o.add_argument('--reg', type=float, default=1e-6,
+  o.add_argument('--reg', type=flags.positive_float, default=1e-6,
                  help='ridge lambda: K_ss + reg * tr(K_ss)/n * I.')
-  o.add_argument('--lr', type=float, default=None,
+  o.add_argument('--lr', type=flags.positive_float, default=None,
                  help='support-image learning rate (default 0.01 for KIP\'s Adam, 0.003 for '
                       'RCIG\'s AdaBelief).')
   o.add_argument('--lr-schedule', choices=('constant', 'cosine'), default='constant',
                  help='cosine decays the learning rate to 0 at --steps.')
   o.add_argument('--learn-labels', action='store_true', help='KIP: learn the support labels too.')
-  o.add_argument('--target-batch', type=int, default=1000,
+  o.add_argument('--target-batch', type=flags.positive_int, default=1000,
                  help='class-balanced target images per step.')
   o.add_argument('--init', choices=('real', 'noise'), default='real',
                  help='support initialisation: class-balanced real images, or noise.')
   o.add_argument('--preprocess', choices=('auto', 'none', 'standardize', 'zca'), default='auto',
                  help='auto: per-channel standardisation (ZCA measured worse on our CIFAR-10 '
                       'copy; see BENCHMARKS.md).')
-  o.add_argument('--zca-strength', type=float, default=0.1,
+  o.add_argument('--zca-strength', type=flags.positive_float, default=0.1,
                  help='ZCA regulariser, as a fraction of the mean eigenvalue.')
-  o.add_argument('--image-size', type=int, default=None,
+  o.add_argument('--image-size', type=flags.positive_int, default=None,
                  help='average-pool images to this side first (cheaper ConvNet kernels).')
-  o.add_argument('--eval-every', type=int, default=50, help='steps between KRR test evaluations.')
-  o.add_argument('--eval-test-size', type=int, default=0,
+  o.add_argument('--eval-every', type=flags.nonnegative_int, default=50,
+                 help='steps between test evaluations (>= 1 for KIP; 0: none, RCIG only).')
+  o.add_argument('--eval-test-size', type=flags.nonnegative_int, default=0,
                  help='test images per evaluation (a fixed subset); 0 = all.')
-  o.add_argument('--checkpoint-every', type=int, default=50, help='steps between checkpoints.')
-  o.add_argument('--ls-target-size', type=int, default=0,
+  o.add_argument('--checkpoint-every', type=flags.positive_int, default=50,
+                 help='steps between checkpoints.')
+  o.add_argument('--ls-target-size', type=flags.nonnegative_int, default=0,
                  help='LS: class-balanced target images to solve over; 0 = the whole train split.')
-  o.add_argument('--ls-rcond', type=float, default=1e-6,
+  o.add_argument('--ls-rcond', type=flags.nonnegative_float, default=1e-6,
                  help='LS: pseudo-inverse cut-off relative to the largest singular value.')
   r = d.add_argument_group('rcig (finite-width ConvNet; paper defaults)')
-  r.add_argument('--width', type=int, default=128, help='ConvNet channels.')
-  r.add_argument('--l2-rate', type=float, default=5e-4, help='L2 rate of the inner problem.')
-  r.add_argument('--inner-steps', type=int, default=20, help='Adam steps on the inner problem.')
-  r.add_argument('--hinv-steps', type=int, default=20,
+  r.add_argument('--width', type=flags.positive_int, default=128, help='ConvNet channels.')
+  r.add_argument('--l2-rate', type=flags.positive_float, default=5e-4,
+                 help='L2 rate of the inner problem.')
+  r.add_argument('--inner-steps', type=flags.positive_int, default=20,
+                 help='Adam steps on the inner problem.')
+  r.add_argument('--hinv-steps', type=flags.positive_int, default=20,
                  help='optimisation steps of the Hessian-inverse-vector product.')
-  r.add_argument('--pool-size', type=int, default=30, help='partially trained models.')
-  r.add_argument('--max-pool-steps', type=int, default=100,
+  r.add_argument('--pool-size', type=flags.positive_int, default=30,
+                 help='partially trained models.')
+  r.add_argument('--max-pool-steps', type=flags.positive_int, default=100,
                  help='training steps after which a pool model is re-initialised.')
-  r.add_argument('--pool-train-steps', type=int, default=15,
+  r.add_argument('--pool-train-steps', type=flags.positive_int, default=15,
                  help='each meta-step trains its pool model for 1 to this many Adam steps.')
-  r.add_argument('--rcig-target-batch', type=int, default=256,
+  r.add_argument('--rcig-target-batch', type=flags.positive_int, default=256,
                  help='real images per outer loss (the paper uses 1024).')
   r.add_argument('--batch-norm', action='store_true',
                  help='batch normalisation after each convolution of the distillation net '
@@ -162,7 +176,7 @@ def _parser() -> argparse.ArgumentParser:
   r.add_argument('--rcig-flip', choices=('auto', 'on', 'off'), default='auto',
                  help='also use the support mirrored left-right in the inner problem and pool '
                       'training (auto: on for RGB images, as the paper does).')
-  r.add_argument('--eval-models', type=int, default=1,
+  r.add_argument('--eval-models', type=flags.positive_int, default=1,
                  help='finite ConvNets trained per evaluation (--eval-every).')
   d.add_argument('--no-progress', action='store_true', help='no progress bar.')
   d.add_argument('--tensorboard', action='store_true',
@@ -183,25 +197,26 @@ def _parser() -> argparse.ArgumentParser:
                  'dataset, preprocessing and kernel; default: the support file\'s folder.')
   e.add_argument('--pixels', action='store_true',
                  help='the support images are raw pixels in [0,1]; preprocess them first.')
-  _add_data_flags(e)
+  _add_data_flags(e, data_dir_default=None)
   _add_kernel_flags(e, 'fc', 1)
   e.add_argument('--kernel', choices=('ntk', 'nngp'), default='ntk')
-  e.add_argument('--reg', type=float, default=1e-6)
+  e.add_argument('--reg', type=flags.positive_float, default=1e-6)
   e.add_argument('--preprocess', choices=('auto', 'none', 'standardize', 'zca'), default='auto',
                  help='as in distill (a run directory\'s config.json overrides it).')
-  e.add_argument('--zca-strength', type=float, default=0.1)
-  e.add_argument('--image-size', type=int, default=None)
+  e.add_argument('--zca-strength', type=flags.positive_float, default=0.1)
+  e.add_argument('--image-size', type=flags.positive_int, default=None)
   e.add_argument('--transfer', default='convnet,fc',
                  help='finite networks to train on the support set (comma list; empty: none).')
-  e.add_argument('--width', type=int, default=128, help='finite network width.')
+  e.add_argument('--width', type=flags.positive_int, default=128, help='finite network width.')
   e.add_argument('--parameterization', choices=('ntk', 'standard'), default='ntk',
                  help='finite networks in the NTK parameterisation (as the kernel) or the '
                       'standard one (as the papers train them).')
-  e.add_argument('--train-lr', type=float, default=None,
+  e.add_argument('--train-lr', type=flags.positive_float, default=None,
                  help='Adam learning rate for the finite networks; default 1e-3 (ntk) or '
                       '1e-4 (standard, as RCIG evaluates).')
-  e.add_argument('--train-steps', type=int, default=1000, help='training steps per network.')
-  e.add_argument('--seeds', type=int, default=3, help='networks per architecture.')
+  e.add_argument('--train-steps', type=flags.positive_int, default=1000,
+                 help='training steps per network.')
+  e.add_argument('--seeds', type=flags.positive_int, default=3, help='networks per architecture.')
   e.add_argument('--augment', action='store_true', help='flip/crop augmentation in training.')
   e.add_argument('--baselines', action='store_true',
                  help='also evaluate random real images of the same size.')
@@ -248,8 +263,6 @@ def _parser() -> argparse.ArgumentParser:
 def _backend_factory(args, dataset: Optional[dict] = None):
   """arch -> kernel backend for the chosen launch type; workers load `dataset` themselves."""
   from ntkdd.server import backend
-  if args.workers < 0:
-    raise ValueError(f'--workers must be >= 0, got {args.workers}.')
   if args.launch == 'launchpad':
     from ntkdd.launch import launchpad_program
     return lambda arch: launchpad_program.make_launchpad_backend(
@@ -270,25 +283,37 @@ def _backend_factory(args, dataset: Optional[dict] = None):
 
 def _cmd_kernel(args) -> int:
   from ntkdd.common import architectures, kernels
+  from ntkdd.server import checkpoint
+  checkpoint.check_output_file(Path(args.out), '--out', 'kernel.npz')
   kernels.enable_float64_if(args.dtype)
   arch = architectures.Architecture(args.arch, args.depth, args.w_std, args.b_std)
-  x1 = _load_array(args.x1, args.arch)
-  x2 = None if args.x2 is None else _load_array(args.x2, args.arch)
+  x1 = _load_array(args.x1, args.arch, '--x1')
+  x2 = None if args.x2 is None else _load_array(args.x2, args.arch, '--x2')
+  if x1.ndim == 4:
+    architectures.check_input_shape(arch, x1.shape[1:])
   backend = _backend_factory(args)(arch)
   try:
     out = backend.kernel(x1, x2)
   finally:
     getattr(backend, 'close', lambda: None)()
-  from ntkdd.server import checkpoint
+  for name, matrix in out.items():
+    if not np.all(np.isfinite(matrix)):
+      raise FloatingPointError(f'the {name} kernel came out NaN or inf, so nothing was written to '
+                               f'{args.out}; try --dtype float64 or other --w-std/--b-std.')
   checkpoint.save_npz(Path(args.out), out)
   logging.info('Wrote ntk and nngp %s to %s.', out['ntk'].shape, args.out)
   return 0
 
 
-def _load_array(path: str, arch: str) -> np.ndarray:
-  if not Path(path).exists():
-    raise SystemExit(f'ntkdd kernel: {path} does not exist.')
-  x = np.load(path, allow_pickle=False)
+def _load_array(path: str, arch: str, flag: str) -> np.ndarray:
+  from ntkdd.server import checkpoint
+  x = checkpoint.load_npy_file(Path(path), flag)
+  if not (np.issubdtype(x.dtype, np.number) and not np.issubdtype(x.dtype, np.complexfloating)):
+    raise ValueError(f'{flag} {path} holds {x.dtype} values; the kernel needs real numbers.')
+  if x.ndim >= 1 and len(x) == 0:
+    raise ValueError(f'{flag} {path} holds no rows (shape {x.shape}); give at least one input.')
+  if not np.all(np.isfinite(x)):
+    raise ValueError(f'{flag} {path} holds NaN or inf values; replace or drop those inputs.')
   if arch == 'convnet' and x.ndim != 4:
     raise SystemExit(f'ntkdd kernel: {path} has shape {x.shape}; the convnet kernel needs NHWC '
                      f'images (n, height, width, channels). Add a channel axis for grayscale.')
@@ -305,7 +330,8 @@ def _distill_config(args):
       seed=args.seed, arch=args.arch, depth=args.depth, w_std=args.w_std, b_std=args.b_std,
       kernel=args.kernel, reg=args.reg, dtype=args.dtype, tile=args.tile,
       preprocess=args.preprocess, zca_strength=args.zca_strength, image_size=args.image_size,
-      init=args.init, learning_rate=args.lr or 0.01, lr_schedule=args.lr_schedule,
+      init=args.init, learning_rate=0.01 if args.lr is None else args.lr,
+      lr_schedule=args.lr_schedule,
       learn_labels=args.learn_labels,
       target_batch=args.target_batch, eval_every=args.eval_every,
       eval_test_size=args.eval_test_size, checkpoint_every=args.checkpoint_every,
@@ -314,8 +340,10 @@ def _distill_config(args):
 
 def _run_rcig(args) -> dict:
   from ntkdd.common import rcig
-  from ntkdd.server import distill, rcig_loop
-  prepared = distill.prepare_data(_distill_config(args))
+  from ntkdd.server import checkpoint, distill, rcig_loop
+  checkpoint.check_run_dir(Path(args.out), args.resume, args.overwrite)  # before the data load
+  cfg = _distill_config(args)
+  prepared = distill.prepare_data(cfg)
   flip = (args.rcig_flip == 'on' or
           (args.rcig_flip == 'auto' and prepared.x_train.shape[-1] == 3))
   rcig_cfg = rcig.RcigConfig(
@@ -324,12 +352,14 @@ def _run_rcig(args) -> dict:
       hinv_steps=args.hinv_steps, target_batch=args.rcig_target_batch,
       pool_size=args.pool_size, max_pool_steps=args.max_pool_steps,
       pool_train_steps=args.pool_train_steps, init=args.init,
-      learn_labels=True, lr_images=args.lr or 3e-3, checkpoint_every=args.checkpoint_every,
+      learn_labels=True, lr_images=3e-3 if args.lr is None else args.lr,
+      checkpoint_every=args.checkpoint_every,
       eval_models=args.eval_models, flip_support=flip, batch_norm=args.batch_norm)
   return rcig_loop.run_rcig(rcig_cfg, prepared, args.out, ipc=args.ipc, steps=args.steps,
                             seed=args.seed, resume=args.resume, progress=not args.no_progress,
                             eval_every=args.eval_every, eval_test_size=args.eval_test_size,
-                            tensorboard=args.tensorboard)
+                            tensorboard=args.tensorboard, overwrite=args.overwrite,
+                            data_spec=cfg.data_spec().to_dict())
 
 
 def _cmd_distill(args) -> int:
@@ -351,6 +381,14 @@ def _cmd_distill(args) -> int:
     raise ValueError(f'--tensorboard writes events from in-process runs; with --launch '
                      f'{args.launch} leave it out (metrics.jsonl and `ntkdd status` still '
                      f'follow the run).')
+  if args.launch in ('launchpad', 'ray'):
+    # The coordinator runs elsewhere: check --out here, and clear it for --overwrite only
+    # once the flags are known good.
+    from ntkdd.server import checkpoint
+    cfg.validate()
+    checkpoint.check_run_dir(Path(args.out), args.resume, args.overwrite)
+    if args.overwrite:
+      checkpoint.remove_run_files(Path(args.out))
   try:
     if args.launch == 'launchpad':
       from ntkdd.launch import launchpad_program
@@ -376,7 +414,8 @@ def _cmd_distill(args) -> int:
     else:
       factory = _backend_factory(args, dataset=cfg.data_spec().to_dict())
       summary = distill.distill(cfg, args.out, factory, resume=args.resume,
-                                progress=not args.no_progress, tensorboard=args.tensorboard)
+                                progress=not args.no_progress, tensorboard=args.tensorboard,
+                                overwrite=args.overwrite)
   except distill.Interrupted as e:
     print(e, file=sys.stderr)
     return 130
@@ -446,7 +485,10 @@ def _default_initialisation(args: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  args = _parser().parse_args(argv)
+  try:
+    args = _parser().parse_args(argv)
+  except SystemExit as e:  # argparse: --help (0) or a refused flag (2), already printed
+    return e.code if isinstance(e.code, int) else 2
   if args.command == 'kernel' and args.launch == 'launchpad' and not args.expose_courier_ports:
     # This process coordinates Courier workers: the whole command runs in a private network.
     from ntkdd.launch import launchpad_program
@@ -455,7 +497,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       exit_code = launchpad_program.rerun_in_private_network(
           [sys.executable, '-c', code, *(sys.argv[1:] if argv is None else argv)])
     except launchpad_program.PrivateNetworkUnavailable as e:
-      raise SystemExit(f'ntkdd kernel: {e}') from None
+      print(f'ntkdd kernel: error: {e}', file=sys.stderr)
+      return 2
     if exit_code is not None:
       return exit_code
   _default_initialisation(args)
@@ -463,12 +506,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       format='%(asctime)s %(levelname)s %(message)s', datefmt='%H:%M:%S')
   try:
     return COMMANDS[args.command](args)
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
-    # Bad input: one clear line, no traceback (use -v for one).
+  except (ValueError, OSError, FloatingPointError) as e:
+    # Bad input (DataError is a ValueError; ConnectionError and FileNotFoundError are
+    # OSErrors): one clear line, no traceback (use -v for one).
     if args.verbose:
       raise
     print(f'ntkdd {args.command}: error: {e}', file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    if args.verbose:
+      raise
+    after = (' A run that had not reached its first checkpoint left nothing behind; one that '
+             'had continues with the same command plus --resume.'
+             if args.command == 'distill' else '')
+    print(f'ntkdd {args.command}: interrupted (Ctrl-C).{after}', file=sys.stderr)
+    return 130
 
 
 if __name__ == '__main__':

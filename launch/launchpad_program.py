@@ -551,10 +551,8 @@ def open_run_dir(run_dir, resume: bool, stale_files: Sequence[str]) -> Path:
   the files a previous coordinator left (`stale_files`), so none is mistaken for this run's."""
   from ntkdd.server import checkpoint
   run_dir = Path(run_dir).resolve()
+  checkpoint.check_run_dir(run_dir, resume)
   run_dir.mkdir(parents=True, exist_ok=True)
-  if not resume and (run_dir / checkpoint.CHECKPOINT).exists():
-    raise ValueError(f'{run_dir} already holds a run. Pass --resume to continue it, or choose '
-                     f'another --out directory.')
   for name in stale_files:
     (run_dir / name).unlink(missing_ok=True)
   return run_dir

@@ -37,6 +37,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -172,7 +173,9 @@ def connect(ray_address: Optional[str] = None, local_cpus: Optional[int] = None)
   try:
     ray.init(address=address, **kwargs)
   except ConnectionError as e:
-    raise ConnectionError(f'No Ray cluster at --ray-address {address}: {e} Start one with '
+    # Ray's own hint names its CLI's --address flag; ntkdd's flag is --ray-address.
+    hint = re.sub(r'(the )?`--address`( flag)?', '--ray-address', str(e))
+    raise ConnectionError(f'No Ray cluster at --ray-address {address}: {hint} Start one with '
                           f'`ray start --head`, give its HOST:PORT, or leave --ray-address '
                           f'out for a private one on this machine.') from e
   return True

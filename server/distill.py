@@ -73,6 +73,21 @@ class DistillConfig:
       raise ValueError(f'--init must be one of {INITS}, got {self.init!r}.')
     if self.target_batch < 1:
       raise ValueError(f'--target-batch must be >= 1, got {self.target_batch}.')
+    if self.tile is not None and self.tile < 1:
+      raise ValueError(f'--tile must be >= 1, got {self.tile}; leave it out to have it chosen '
+                       f'from free memory.')
+    if self.algorithm == 'kip' and self.eval_every < 1:
+      raise ValueError(f'--eval-every must be >= 1 step for KIP, got {self.eval_every}.')
+    if self.checkpoint_every < 1:
+      raise ValueError(f'--checkpoint-every must be >= 1 step, got {self.checkpoint_every}.')
+    for name in ('eval_test_size', 'ls_target_size'):
+      if getattr(self, name) < 0:
+        raise ValueError(f'--{name.replace("_", "-")} must be >= 0 (0: all), got '
+                         f'{getattr(self, name)}.')
+    if self.image_size is not None and self.image_size < 1:
+      raise ValueError(f'--image-size must be >= 1 pixel, got {self.image_size}.')
+    if self.seed < 0:
+      raise ValueError(f'--seed must be >= 0, got {self.seed}.')
     if self.preprocess not in ('auto',) + preprocess.PREPROCESSOR_KINDS:
       raise ValueError(f'--preprocess must be auto or one of {preprocess.PREPROCESSOR_KINDS}.')
     architectures.Architecture(self.arch, self.depth, self.w_std, self.b_std)
@@ -99,6 +114,61 @@ downsample = prepared_lib.downsample
 def prepare_data(cfg: DistillConfig) -> PreparedData:
   """The run's data in model space (shared with in-process workers that hold the same spec)."""
   return prepared_lib.prepare(cfg.data_spec())
+
+
+def check_batch_fits(prepared: PreparedData, size: int, flag: str) -> None:
+  """A class-balanced draw of `size` train images (each class size // C, the remainder one more
+  each) must fit every class; refuses with the largest size that does."""
+  counts = np.bincount(prepared.y_train, minlength=prepared.num_classes)
+  classes = len(counts)
+  need = size // classes + (1 if size % classes else 0)
+  smallest = int(counts.min())
+  if need > smallest:
+    raise ValueError(f'{flag} {size} draws up to {need} images of each class, but class '
+                     f'{int(counts.argmin())} of {prepared.dataset.name} has {smallest} training '
+                     f'images: use {flag} {classes * smallest} or less.')
+
+
+def check_ipc_fits(prepared: PreparedData, ipc: int) -> None:
+  """ipc real images of every class must exist (the support starts from them)."""
+  counts = np.bincount(prepared.y_train, minlength=prepared.num_classes)
+  if not counts.all():
+    empty = np.flatnonzero(counts == 0).tolist()
+    raise ValueError(f'{prepared.dataset.name}: classes {empty} of {prepared.num_classes} have no '
+                     f'training images (the labels skip those ids), so no support set can hold '
+                     f'every class. Relabel the classes consecutively from 0, or drop the empty '
+                     f'ones from class_names.')
+  if ipc > counts.min():
+    raise ValueError(f'--ipc {ipc} exceeds the smallest class of {prepared.dataset.name} '
+                     f'(class {int(counts.argmin())}: {int(counts.min())} training images); use '
+                     f'--ipc {int(counts.min())} or less.')
+
+
+def check_fits_data(cfg: DistillConfig, prepared: PreparedData) -> None:
+  """Checks the settings that depend on the data (before any file of the run is written)."""
+  check_ipc_fits(prepared, cfg.ipc)
+  if cfg.algorithm == 'kip':
+    check_batch_fits(prepared, cfg.target_batch, '--target-batch')
+  if cfg.algorithm == 'ls' and cfg.ls_target_size and cfg.ls_target_size < len(prepared.y_train):
+    check_batch_fits(prepared, cfg.ls_target_size, '--ls-target-size')
+  architectures.check_input_shape(cfg.architecture(), prepared.x_train.shape[1:])
+
+
+def dataset_record(prepared: PreparedData) -> dict:
+  """What config.json records of the data: resume compares its name and checksum."""
+  return {'name': prepared.dataset.name, 'checksum': prepared.dataset.checksum(),
+          'image_shape': list(prepared.x_train.shape[1:]), 'num_classes': prepared.num_classes,
+          'class_names': list(prepared.dataset.class_names),
+          'preprocess': prepared.preprocessor.kind}
+
+
+def nan_advice(step: int, last_checkpoint: int, run_dir: Path, lr_flag: str, lr: float) -> str:
+  """The message of a run whose support set turned NaN/inf: what to do that works."""
+  return (f'Step {step}: the support set or its kernel became NaN or inf; the learning rate '
+          f'({lr_flag} {lr:g}) is probably too large for this data. The run in {run_dir} keeps '
+          f'its last good checkpoint (step {last_checkpoint}). Run again with a smaller '
+          f'{lr_flag} (e.g. {lr / 10:g}) or a larger --reg, into a new --out directory or with '
+          f'--overwrite.')
 
 
 def versions() -> dict[str, str]:
@@ -187,8 +257,14 @@ def _render(run_dir: Path) -> None:
 
 def distill(cfg: DistillConfig, run_dir: str, backend_factory: Callable, resume: bool = False,
             progress: bool = True, prepared: Optional[PreparedData] = None,
-            run_status: Any = None, tensorboard: bool = False) -> dict[str, Any]:
+            run_status: Any = None, tensorboard: bool = False,
+            overwrite: bool = False) -> dict[str, Any]:
   """Runs KIP or LS into `run_dir`; returns the summary (also written to summary.json).
+
+  Everything that can be checked (flags, the run directory, the data against the flags, on
+  --resume the data's fingerprint) is checked before the first file is written; overwrite
+  replaces a run already there. A fresh run that fails before its first checkpoint leaves
+  nothing behind.
 
   `run_status`: the caller's `status.RunStatus`, which the caller publishes (the Launchpad and
   Ray coordinators); without one the run publishes its own (status.sock, status.json).
@@ -196,53 +272,52 @@ def distill(cfg: DistillConfig, run_dir: str, backend_factory: Callable, resume:
   """
   cfg.validate()
   run_dir = Path(run_dir)
-  config_path = run_dir / 'config.json'
-  saved = checkpoint.open_run(run_dir, _config_to_json(cfg), DistillConfig.RESUMABLE, resume)
-
+  checkpoint.check_run_dir(run_dir, resume, overwrite)   # before the (slow) data load
+  if resume and cfg.algorithm == 'ls':
+    raise ValueError('--resume: Label Solve runs in one go and has no steps to resume; run it '
+                     'again with --overwrite (or into a new --out directory).')
   prepared = prepared or prepare_data(cfg)
-  if cfg.ipc > np.bincount(prepared.y_train, minlength=prepared.num_classes).min():
-    raise ValueError(f'--ipc {cfg.ipc} exceeds the smallest class of {cfg.dataset} '
-                     f'({np.bincount(prepared.y_train).min()} images).')
-  checkpoint.write_json(config_path, {
-      'command': 'distill', 'flags': _config_to_json(cfg),
-      'dataset': {'name': prepared.dataset.name, 'checksum': prepared.dataset.checksum(),
-                  'image_shape': list(prepared.x_train.shape[1:]),
-                  'num_classes': prepared.num_classes,
-                  'class_names': list(prepared.dataset.class_names),
-                  'preprocess': prepared.preprocessor.kind},
-      'versions': versions(), 'created': time.strftime('%Y-%m-%dT%H:%M:%S%z')})
+  check_fits_data(cfg, prepared)
+  record = dataset_record(prepared)
+  made_dir = not run_dir.exists()
+  saved = checkpoint.open_run(run_dir, _config_to_json(cfg), DistillConfig.RESUMABLE, resume,
+                              dataset=record, overwrite=overwrite,
+                              arrays_needed=('images', 'labels', 'label_ids'))
   from ntkdd.server import status
-  publisher = None
-  if run_status is None:
-    holder = status.RunStatus(str(run_dir), total_steps=status.total_steps(_config_to_json(cfg)))
-    publisher = status.StatusPublisher(holder, str(run_dir)).start()
-    publisher.holder.set_phase('running')
-  # Long kernel computations (LS, KRR evaluation) report their progress to the run's status.
-  progress_to = status.KERNEL_PROGRESS_HOLDER.set(run_status or publisher.holder)
-  board = None
+  publisher = board = None
   try:
-    board = open_board(run_dir, prepared) if tensorboard else None
-    backend = backend_factory(cfg.architecture())
-  except BaseException as e:
-    status.KERNEL_PROGRESS_HOLDER.reset(progress_to)
-    if board:
-      board.close()
-    if publisher:
-      publisher.finish(e)
-    raise
-  try:
-    if cfg.algorithm == 'ls':
-      return _run_label_solve(cfg, run_dir, prepared, backend, board)
-    return _run_kip(cfg, run_dir, prepared, backend, saved, progress, board)
+    checkpoint.write_json(run_dir / checkpoint.CONFIG, {
+        'command': 'distill', 'flags': _config_to_json(cfg), 'dataset': record,
+        'versions': versions(), 'created': time.strftime('%Y-%m-%dT%H:%M:%S%z')})
+    if run_status is None:
+      holder = status.RunStatus(str(run_dir),
+                                total_steps=status.total_steps(_config_to_json(cfg)))
+      publisher = status.StatusPublisher(holder, str(run_dir)).start()
+      publisher.holder.set_phase('running')
+    # Long kernel computations (LS, KRR evaluation) report their progress to the run's status.
+    progress_to = status.KERNEL_PROGRESS_HOLDER.set(run_status or publisher.holder)
+    try:
+      board = open_board(run_dir, prepared) if tensorboard else None
+      backend = backend_factory(cfg.architecture())
+      try:
+        if cfg.algorithm == 'ls':
+          return _run_label_solve(cfg, run_dir, prepared, backend, board)
+        return _run_kip(cfg, run_dir, prepared, backend, saved, progress, board)
+      finally:
+        getattr(backend, 'close', lambda: None)()  # distributed backends stop their threads
+    finally:
+      status.KERNEL_PROGRESS_HOLDER.reset(progress_to)
+      if board:
+        board.close()
   except BaseException as e:
     if publisher:
       publisher.finish(e)   # the final status.json says how the run ended
+      publisher = None
+    if saved is None:
+      checkpoint.discard_failed_start(run_dir, made_dir,
+                                      also=(status.SNAPSHOT_FILE, status.SOCKET_FILE))
     raise
   finally:
-    getattr(backend, 'close', lambda: None)()  # distributed backends stop their threads
-    status.KERNEL_PROGRESS_HOLDER.reset(progress_to)
-    if board:
-      board.close()
     if publisher:
       publisher.finish()
 
@@ -328,6 +403,7 @@ def _run_kip(cfg, run_dir, prepared, backend, saved, show_progress, board=None) 
         'before': before, 'best': best})
     write_support(run_dir, prepared, params['images'], params['labels'], label_ids)
 
+  last_saved = step
   if saved is None:
     save(0)
   bar = None
@@ -341,17 +417,20 @@ def _run_kip(cfg, run_dir, prepared, backend, saved, show_progress, board=None) 
       t0 = time.time()
       target = preprocess.class_balanced_batch(prepared.y_train, cfg.target_batch, rng,
                                                num_classes=prepared.num_classes)
-      result = kip.kip_gradients(backend, params['images'], params['labels'],
-                                 prepared.rows('train', target), y_train_centered[target],
-                                 prepared.y_train[target], cfg.kernel, cfg.reg)
+      try:
+        result = kip.kip_gradients(backend, params['images'], params['labels'],
+                                   prepared.rows('train', target), y_train_centered[target],
+                                   prepared.y_train[target], cfg.kernel, cfg.reg)
+      except FloatingPointError:   # K_ss or the loss non-finite: the support set has blown up
+        raise FloatingPointError(nan_advice(step + 1, last_saved, run_dir, '--lr',
+                                            cfg.learning_rate)) from None
       grads = {'images': result.grad_images}
       if cfg.learn_labels:
         grads['labels'] = result.grad_labels
       new_params, new_state = optimizer.update(grads, opt_state, params)
       if not all(np.all(np.isfinite(v)) for v in new_params.values()):
-        raise FloatingPointError(
-            f'Step {step + 1}: NaN or inf in the support set. The last good checkpoint '
-            f'(step {step}) is kept in {run_dir}; lower --lr or raise --reg and --resume.')
+        raise FloatingPointError(nan_advice(step + 1, last_saved, run_dir, '--lr',
+                                            cfg.learning_rate))
       params, opt_state = new_params, new_state
       step += 1
       elapsed += time.time() - t0
@@ -359,7 +438,12 @@ def _run_kip(cfg, run_dir, prepared, backend, saved, show_progress, board=None) 
                 'target_accuracy': result.target_accuracy, 'wall_time': elapsed,
                 'pairs_per_second': backend.pairs_per_second()}
       if step % cfg.eval_every == 0 or step == cfg.steps:
-        accuracy = _evaluate(backend, prepared, params['images'], params['labels'], cfg, cfg.seed)
+        try:
+          accuracy = _evaluate(backend, prepared, params['images'], params['labels'], cfg,
+                               cfg.seed)
+        except FloatingPointError:   # the support set is finite but its kernel is not
+          raise FloatingPointError(nan_advice(step, last_saved, run_dir, '--lr',
+                                              cfg.learning_rate)) from None
         record['krr_test_accuracy'] = accuracy
         if accuracy > best['accuracy']:
           best = {'accuracy': accuracy, 'step': step}
@@ -370,6 +454,7 @@ def _run_kip(cfg, run_dir, prepared, backend, saved, show_progress, board=None) 
         bar.update(step, loss=record['loss'], acc=accuracy)
       if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop.signal:
         save(step)
+        last_saved = step
       if stop.signal:
         if bar:
           bar.close()

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from pathlib import Path
@@ -22,18 +21,34 @@ class SupportSet:
   label_ids: np.ndarray     # (n,) int
 
 
-def load_support(path: str, prepared: distill.PreparedData, pixels: bool = False) -> SupportSet:
-  """Reads a support .npz: `images` (model space) or `images_pixels` ([0,1] pixels, then
-  preprocessed like the dataset), and `labels` (n, C) or `label_ids` (n,)."""
+def read_support_file(path: str) -> dict[str, np.ndarray]:
+  """The arrays of a support .npz, checked for what needs no dataset: a readable .npz holding
+  images (or images_pixels) and labels (or label_ids), at least one image."""
   path = Path(path)
   if not path.exists():
-    raise FileNotFoundError(f'{path} does not exist; `ntkdd distill --out DIR` writes '
+    raise FileNotFoundError(f'--support {path} does not exist; `ntkdd distill --out DIR` writes '
                             f'DIR/support.npz.')
-  with np.load(path, allow_pickle=False) as f:
-    arrays = {k: f[k] for k in f.files}
+  arrays = checkpoint.load_npz_file(path, '--support')
+  if 'images_pixels' not in arrays and 'images' not in arrays:
+    raise ValueError(f'--support {path} has neither images nor images_pixels (found '
+                     f'{sorted(arrays)}); a support set holds images and labels (or label_ids).')
+  if 'labels' not in arrays and 'label_ids' not in arrays:
+    raise ValueError(f'--support {path} has no labels or label_ids (found {sorted(arrays)}).')
+  images = arrays.get('images', arrays.get('images_pixels'))
+  if images.ndim < 1 or len(images) == 0:
+    raise ValueError(f'--support {path} holds no images (shape {images.shape}); an empty support '
+                     f'set has nothing to evaluate.')
+  return arrays
+
+
+def load_support(path: str, prepared: distill.PreparedData, pixels: bool = False,
+                 arrays: Optional[dict] = None) -> SupportSet:
+  """Reads a support .npz: `images` (model space) or `images_pixels` ([0,1] pixels, then
+  preprocessed like the dataset), and `labels` (n, C) or `label_ids` (n,). `arrays`: the file's
+  arrays where `read_support_file` already read them."""
+  path = Path(path)
+  arrays = read_support_file(path) if arrays is None else arrays
   if pixels or 'images' not in arrays:
-    if 'images_pixels' not in arrays and 'images' not in arrays:
-      raise ValueError(f'{path} has neither images nor images_pixels (found {sorted(arrays)}).')
     raw = arrays.get('images_pixels', arrays.get('images')).astype(np.float32)
     if raw.ndim == 3:
       raw = raw[..., None]
@@ -52,11 +67,16 @@ def load_support(path: str, prepared: distill.PreparedData, pixels: bool = False
       raise ValueError(f'labels have shape {labels.shape}, expected ({len(images)}, '
                        f'{num_classes}).')
     label_ids = arrays.get('label_ids', np.argmax(labels, -1)).astype(np.int32)
-  elif 'label_ids' in arrays:
-    label_ids = arrays['label_ids'].astype(np.int32)
-    labels = preprocess.one_hot_centered(label_ids, num_classes)
   else:
-    raise ValueError(f'{path} has no labels or label_ids.')
+    label_ids = arrays['label_ids']
+    if label_ids.shape != (len(images),) or not np.issubdtype(label_ids.dtype, np.integer):
+      raise ValueError(f'{path}: label_ids must be {len(images)} integer class ids, one per '
+                       f'image, got {label_ids.dtype} {label_ids.shape}.')
+    if label_ids.min() < 0 or label_ids.max() >= num_classes:
+      raise ValueError(f'{path}: label_ids span [{label_ids.min()}, {label_ids.max()}], outside '
+                       f'the class ids 0..{num_classes - 1} of {prepared.dataset.name}.')
+    label_ids = label_ids.astype(np.int32)
+    labels = preprocess.one_hot_centered(label_ids, num_classes)
   if not np.all(np.isfinite(images)) or not np.all(np.isfinite(labels)):
     raise ValueError(f'{path} holds NaN or inf values.')
   return SupportSet(images, labels, label_ids)
@@ -84,8 +104,9 @@ def transfer_accuracy(arch_name: str, support: SupportSet, prepared,
   arch = architectures.Architecture(arch_name, depth=depth,
                                     width=settings.width,
                                     parameterization=settings.parameterization)
-  learning_rate = settings.learning_rate or (
-      1e-3 if settings.parameterization == 'ntk' else 1e-4)
+  learning_rate = settings.learning_rate
+  if learning_rate is None:
+    learning_rate = 1e-3 if settings.parameterization == 'ntk' else 1e-4
   steps, augment = settings.steps, settings.augment
   # RCIG's optimiser and schedule, but this evaluator's steps, augmentation and zero readout.
   config = dataclasses.replace(train.rcig_protocol(len(support.images), learning_rate),
@@ -116,33 +137,73 @@ def evaluate_support(support: SupportSet, prepared, cfg: distill.DistillConfig,
   return out
 
 
-def _config_for(args) -> distill.DistillConfig:
-  """Data and kernel settings: the run's config.json where there is one, else the flags."""
+DATA_KEYS = ('dataset', 'preprocess', 'zca_strength', 'image_size')
+KERNEL_KEYS = ('arch', 'depth', 'w_std', 'b_std', 'kernel', 'reg')
+
+
+def _run_config(args) -> Optional[tuple[Path, dict]]:
+  """(path, contents) of the run's config.json: --run's, else beside the support file."""
   run_dir = Path(args.run) if args.run else Path(args.support).parent
+  config_path = run_dir / checkpoint.CONFIG
+  if not config_path.exists():
+    if args.run:
+      raise ValueError(f'--run {run_dir} holds no {checkpoint.CONFIG}; give the directory of an '
+                       f'ntkdd distill run, or leave --run out and give --dataset etc.')
+    return None
+  return config_path, checkpoint.read_run_config(run_dir)
+
+
+def _config_for(args, run_config: Optional[tuple[Path, dict]] = None) -> distill.DistillConfig:
+  """Data and kernel settings: the run's config.json where there is one, else the flags. An
+  RCIG run records its data but no kernel: the kernel flags apply."""
   fields = dict(dataset=args.dataset, data_dir=args.data_dir, cache_dir=args.cache_dir,
                 download=args.download, arch=args.arch, depth=args.depth, w_std=args.w_std,
                 b_std=args.b_std, kernel=args.kernel, reg=args.reg, dtype=args.dtype,
                 tile=args.tile, preprocess=args.preprocess, zca_strength=args.zca_strength,
                 image_size=args.image_size)
-  config_path = run_dir / 'config.json'
-  if config_path.exists():
-    saved = json.loads(config_path.read_text())['flags']
-    for key in ('dataset', 'arch', 'depth', 'w_std', 'b_std', 'kernel', 'reg', 'preprocess',
-                'zca_strength', 'image_size'):
-      fields[key] = saved[key]
-    logging.info('Dataset, preprocessing and kernel from %s.', config_path)
+  if run_config is not None:
+    config_path, config = run_config
+    saved = config['flags']
+    if 'dataset' not in saved:   # an RCIG run from before runs recorded their data flags
+      logging.warning('%s does not say how the run loaded its data: using --dataset, --data-dir '
+                      'and --image-size as given (the data\'s checksum is checked).', config_path)
+      recorded = config.get('dataset') or {}
+      if recorded.get('preprocess'):
+        fields['preprocess'] = recorded['preprocess']
+    keys = DATA_KEYS + (KERNEL_KEYS if saved.get('algorithm') != 'rcig' else ())
+    fields.update({key: saved[key] for key in keys if key in saved})
+    if args.data_dir is None and saved.get('data_dir'):
+      fields['data_dir'] = saved['data_dir']
+    if args.cache_dir is None and saved.get('cache_dir'):
+      fields['cache_dir'] = saved['cache_dir']
+    logging.info('Dataset and preprocessing%s from %s.',
+                 '' if saved.get('algorithm') == 'rcig' else ' and kernel', config_path)
+  if fields['data_dir'] is None:
+    fields['data_dir'] = 'data'
   return distill.DistillConfig(**fields)
 
 
 def evaluate_from_args(args) -> dict[str, Any]:
-  cfg = _config_for(args)
-  prepared = distill.prepare_data(cfg)
-  support = load_support(args.support, prepared, pixels=args.pixels)
   transfer = tuple(t for t in args.transfer.split(',') if t)
   for name in transfer:
     if name not in architectures.ARCHITECTURES:
       raise ValueError(f'--transfer: unknown network {name!r}; choose from '
                        f'{architectures.ARCHITECTURES}.')
+  arrays = read_support_file(args.support)   # before the (slow) dataset load
+  out = Path(args.out) if args.out else Path(args.support).parent / 'evaluation.json'
+  checkpoint.check_output_file(out, '--out', 'evaluation.json')
+  run_config = _run_config(args)
+  cfg = _config_for(args, run_config)
+  cfg.validate()
+  prepared = distill.prepare_data(cfg)
+  if run_config is not None:
+    recorded = run_config[1].get('dataset') or {}
+    if recorded.get('checksum') not in (None, prepared.dataset.checksum()):
+      raise ValueError(f'The data loaded from --data-dir {cfg.data_dir} differ from those the run '
+                       f'in {run_config[0].parent} was made with (dataset checksum); give the '
+                       f'--data-dir holding the same files.')
+  architectures.check_input_shape(cfg.architecture(), prepared.x_train.shape[1:])
+  support = load_support(args.support, prepared, pixels=args.pixels, arrays=arrays)
   settings = TransferSettings(networks=transfer, width=args.width, steps=args.train_steps,
                               seeds=args.seeds, augment=args.augment,
                               parameterization=args.parameterization,
@@ -157,7 +218,6 @@ def evaluate_from_args(args) -> dict[str, Any]:
     real = SupportSet(prepared.x_train[idx], preprocess.one_hot_centered(
         prepared.y_train[idx], prepared.num_classes), prepared.y_train[idx])
     report['random_real'] = evaluate_support(real, prepared, cfg, settings)
-  out = Path(args.out) if args.out else Path(args.support).parent / 'evaluation.json'
   checkpoint.write_json(out, report)
   report['written_to'] = str(out)
   return report

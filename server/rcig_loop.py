@@ -5,7 +5,7 @@ import functools
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -14,8 +14,10 @@ import numpy as np
 from ntkdd.common import architectures, preprocess, rcig
 from ntkdd.server import checkpoint, distill
 
-# Settings that may differ on resume without changing the result.
-RESUMABLE = ('steps', 'checkpoint_every', 'eval_every', 'eval_test_size')
+# Settings that may differ on resume without changing the result (the data's path may: its
+# name and content fingerprint are checked instead).
+RESUMABLE = ('steps', 'checkpoint_every', 'eval_every', 'eval_test_size', 'data_dir',
+             'cache_dir', 'download')
 
 
 def _optimizer(cfg: rcig.RcigConfig, lr: float):
@@ -75,6 +77,11 @@ def _flatten(state: dict) -> dict[str, np.ndarray]:
 
 def _unflatten(template: dict, arrays: dict) -> dict:
   leaves, treedef = jax.tree_util.tree_flatten(template)
+  missing = [f'state/{i:05d}' for i in range(len(leaves)) if f'state/{i:05d}' not in arrays]
+  if missing:
+    raise ValueError(f'The checkpoint lacks {len(missing)} of the {len(leaves)} state arrays this '
+                     f'configuration needs ({missing[0]}, ...): it is damaged or from another '
+                     f'version. Start the run again with --overwrite or into a new --out.')
   saved = [arrays[f'state/{i:05d}'] for i in range(len(leaves))]
   for old, new in zip(leaves, saved):
     if np.shape(old) != new.shape:
@@ -176,30 +183,47 @@ def rcig_step(cfg: rcig.RcigConfig, state: dict, prepared, rng: np.random.Genera
 
 def run_rcig(cfg: rcig.RcigConfig, prepared: distill.PreparedData, run_dir, *, ipc: int,
              steps: int, seed: int = 0, resume: bool = False, progress: bool = False,
-             eval_every: int = 0, eval_test_size: int = 0,
-             tensorboard: bool = False) -> dict[str, Any]:
+             eval_every: int = 0, eval_test_size: int = 0, overwrite: bool = False,
+             data_spec: Optional[dict] = None, tensorboard: bool = False) -> dict[str, Any]:
   """Distils `prepared` with RCIG into `run_dir` (config.json, metrics.jsonl, support.npz,
   checkpoint.npz, summary.json); returns the summary. eval_every = 0: no finite-net
-  evaluation (it trains cfg.eval_models ConvNets each time, minutes on CPU). `tensorboard`:
-  also TensorBoard events in `run_dir` (needs tensorboardX)."""
+  evaluation (it trains cfg.eval_models ConvNets each time, minutes on CPU). data_spec (a
+  `DataSpec` dict) is recorded in config.json's flags, so that `ntkdd evaluate` can load the
+  same data. Everything is checked before the first file is written; overwrite replaces a run
+  already in `run_dir`; a fresh run that fails before its first checkpoint leaves nothing.
+  `tensorboard`: also TensorBoard events in `run_dir` (needs tensorboardX)."""
   run_dir = Path(run_dir)
-  run_dir.mkdir(parents=True, exist_ok=True)
-  if ipc < 1 or steps < 0:
-    raise ValueError(f'Need ipc >= 1 and steps >= 0, got {ipc}, {steps}.')
-  if ipc > np.bincount(prepared.y_train, minlength=prepared.num_classes).min():
-    raise ValueError(f'ipc {ipc} exceeds the smallest class of the training set.')
-  flags = dict(cfg.to_dict(), algorithm='rcig', ipc=ipc, steps=steps, seed=seed,
-               eval_every=eval_every, eval_test_size=eval_test_size)
-  config_path = run_dir / 'config.json'
-  saved = checkpoint.open_run(run_dir, flags, RESUMABLE, resume)
-  checkpoint.write_json(config_path, {
-      'command': 'distill', 'flags': flags,
-      'dataset': {'name': prepared.dataset.name, 'checksum': prepared.dataset.checksum(),
-                  'image_shape': list(prepared.x_train.shape[1:]),
-                  'num_classes': prepared.num_classes,
-                  'class_names': list(prepared.dataset.class_names),
-                  'preprocess': prepared.preprocessor.kind},
-      'versions': distill.versions(), 'created': time.strftime('%Y-%m-%dT%H:%M:%S%z')})
+  if ipc < 1 or steps < 0 or eval_every < 0 or eval_test_size < 0 or seed < 0:
+    raise ValueError(f'Need --ipc >= 1, --steps >= 0, --eval-every >= 0, --eval-test-size >= 0 '
+                     f'and --seed >= 0, got {ipc}, {steps}, {eval_every}, {eval_test_size}, '
+                     f'{seed}.')
+  distill.check_ipc_fits(prepared, ipc)
+  distill.check_batch_fits(prepared, cfg.target_batch, '--rcig-target-batch')
+  architectures.check_input_shape(
+      architectures.Architecture('rcig_convnet', cfg.depth, cfg.w_std, cfg.b_std, cfg.width,
+                                 'standard'), prepared.x_train.shape[1:])
+  flags = dict(data_spec or {}, **cfg.to_dict(), algorithm='rcig', ipc=ipc, steps=steps,
+               seed=seed, eval_every=eval_every, eval_test_size=eval_test_size)
+  record = distill.dataset_record(prepared)
+  made_dir = not run_dir.exists()
+  saved = checkpoint.open_run(run_dir, flags, RESUMABLE, resume, dataset=record,
+                              overwrite=overwrite, arrays_needed=('label_ids',))
+  try:
+    checkpoint.write_json(run_dir / checkpoint.CONFIG, {
+        'command': 'distill', 'flags': flags, 'dataset': record,
+        'versions': distill.versions(), 'created': time.strftime('%Y-%m-%dT%H:%M:%S%z')})
+    return _run_rcig_steps(cfg, prepared, run_dir, saved, ipc=ipc, steps=steps, seed=seed,
+                           progress=progress, eval_every=eval_every,
+                           eval_test_size=eval_test_size, tensorboard=tensorboard)
+  except BaseException:
+    if saved is None:
+      checkpoint.discard_failed_start(run_dir, made_dir)
+    raise
+
+
+def _run_rcig_steps(cfg, prepared, run_dir: Path, saved, *, ipc: int, steps: int, seed: int,
+                    progress: bool, eval_every: int, eval_test_size: int,
+                    tensorboard: bool) -> dict[str, Any]:
   metrics_path = run_dir / 'metrics.jsonl'
   board = distill.open_board(run_dir, prepared) if tensorboard else None
   rng = np.random.default_rng(seed)
@@ -235,6 +259,7 @@ def run_rcig(cfg: rcig.RcigConfig, prepared: distill.PreparedData, run_dir, *, i
     images, labels = saved_support(cfg, state, step_done)
     distill.write_support(run_dir, prepared, images, labels, label_ids)
 
+  last_saved = step
   if saved is None:
     save(0)
   bar = None
@@ -245,7 +270,11 @@ def run_rcig(cfg: rcig.RcigConfig, prepared: distill.PreparedData, run_dir, *, i
   with distill._StopFlag() as stop:  # pylint: disable=protected-access
     while step < steps:
       t0 = time.time()
-      state, record = rcig_step(cfg, state, prepared, rng, step)
+      try:
+        state, record = rcig_step(cfg, state, prepared, rng, step)
+      except FloatingPointError:
+        raise FloatingPointError(distill.nan_advice(step + 1, last_saved, run_dir, '--lr',
+                                                    cfg.lr_images)) from None
       step += 1
       elapsed += time.time() - t0
       record = dict(step=step, **record, wall_time=elapsed)
@@ -262,6 +291,7 @@ def run_rcig(cfg: rcig.RcigConfig, prepared: distill.PreparedData, run_dir, *, i
         bar.update(step, loss=record['loss'], acc=accuracy)
       if step % cfg.checkpoint_every == 0 or step == steps or stop.signal:
         save(step)
+        last_saved = step
       if stop.signal:
         if bar:
           bar.close()
