@@ -114,7 +114,7 @@ def test_support_grid_array_places_each_class_on_its_row():
 def test_missing_tensorboardx_is_one_clear_error(tiny_npz, tmp_path, capsys, monkeypatch):
   monkeypatch.setitem(sys.modules, 'tensorboardX', None)
   code = cli.main(['distill', '--dataset', tiny_npz, '--data-dir', '.', '--ipc', '1',
-                   '--steps', '1', '--no-progress', '--tensorboard', '--out',
+                   '--steps', '1', '--target-batch', '12', '--no-progress', '--tensorboard', '--out',
                    str(tmp_path / 'x')])
   assert code == 2
   assert "pip install 'ntkdd[tensorboard]'" in capsys.readouterr().err
