@@ -155,19 +155,19 @@ class FlakyHandle(LocalWorkerHandle):
 
 class DeadHandle:
   """A worker that is gone: every call raises, or, given `release`, first hangs until it is set.
-  `hanging` counts the calls under way."""
+  `hung` counts the calls that hung, `returned` those of them that have returned."""
 
   def __init__(self, release=None):
-    self.release, self.hanging = release, 0
+    self.release, self.hung, self.returned = release, 0, 0
     self._lock = threading.Lock()
 
   def _fail(self, *args):
     if self.release is not None:
       with self._lock:
-        self.hanging += 1
+        self.hung += 1
       self.release.wait(HANG_LIMIT_S)
       with self._lock:
-        self.hanging -= 1
+        self.returned += 1
     raise ConnectionError('connection refused')
 
   ping = set_images = kernel_block = vjp_block = _fail
@@ -222,8 +222,8 @@ def test_all_workers_down_raises_without_waiting_for_hung_calls():
         distributed.kernel(_images(4, 0))
       assert not any(w['alive'] for w in distributed.status()['workers'])
       distributed.close()
-      if hang:   # it raised and closed while the hung calls were still under way
-        assert all(h.hanging for h in handles), [h.hanging for h in handles]
+      if hang:   # it raised and closed while every hung call was still under way
+        assert [(h.hung > 0, h.returned) for h in handles] == [(True, 0)] * 2
     finally:
       if release is not None:
         release.set()
