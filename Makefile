@@ -21,7 +21,9 @@ SMOKE ?=
 
 .PHONY: test test-core test-lp venv venv-lp demo bench bench-gpu clean
 
-test: test-core test-lp
+# Both environments first: the core suite's tests/test_reference_cross_env.py runs .venv-lp's
+# neural-tangents (it skips without .venv-lp, and fails so where CI=true).
+test: venv venv-lp test-core test-lp
 
 venv: .venv/.installed
 venv-lp: .venv-lp/.installed

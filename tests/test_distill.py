@@ -8,7 +8,16 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import make_tiny_npz
 from ntkdd.server import backend, checkpoint, distill
+
+
+@pytest.fixture
+def hard_npz(tmp_path):
+  """10 classes of 2x2 images, patterns plus noise: one real image per class with one-hot labels
+  scores only ~50% on its 200 test images, so better support sets can show it."""
+  return str(make_tiny_npz(tmp_path / 'hard.npz', classes=10, per_class=12, test_per_class=20,
+                           side=2))
 
 
 def _cfg(tiny_npz, **kw):
@@ -33,12 +42,11 @@ def _support(out):
 
 def test_kip_lowers_loss_and_writes_the_run_directory(tiny_npz, tmp_path):
   cfg = _cfg(tiny_npz, steps=30, eval_every=10, learn_labels=True)
-  summary = _run(cfg, tmp_path / 'run')
+  _run(cfg, tmp_path / 'run')
   records = [json.loads(l) for l in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
   losses = [r['loss'] for r in records if r['loss'] is not None]
   assert len(losses) == 30 and [r['step'] for r in records] == list(range(31))
   assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
-  assert summary['krr_test_accuracy_after'] >= summary['krr_test_accuracy_before'] - 1e-9
   support = _support(tmp_path / 'run')
   assert support['images'].shape == (6, 8, 8, 1) and support['labels'].shape == (6, 3)
   assert 0 <= support['images_pixels'].min() and support['images_pixels'].max() <= 1
@@ -82,14 +90,25 @@ def test_resume_refuses_changed_flags_and_fresh_run_refuses_existing(tiny_npz, t
     _run(_cfg(tiny_npz, steps=4, learning_rate=0.5), out, resume=True)
 
 
-def test_label_solve_beats_one_hot_labels(tiny_npz, tmp_path):
-  cfg = _cfg(tiny_npz, algorithm='ls', ipc=3, reg=1e-3)
+def test_kip_raises_test_accuracy(hard_npz, tmp_path):
+  cfg = _cfg(hard_npz, ipc=1, steps=30, eval_every=10, learn_labels=True, learning_rate=0.04,
+             target_batch=120)
+  summary = _run(cfg, tmp_path / 'kip')
+  # Measured: 0.52 -> 0.765 (0.47 -> 0.69 and 0.46 -> 0.64 on data of seeds 1 and 2).
+  assert summary['krr_test_accuracy_before'] < 0.7
+  assert summary['krr_test_accuracy_after'] >= summary['krr_test_accuracy_before'] + 0.1
+
+
+def test_label_solve_beats_one_hot_labels(hard_npz, tmp_path):
+  cfg = _cfg(hard_npz, algorithm='ls', ipc=1, reg=1e-3)
   summary = _run(cfg, tmp_path / 'ls')
   support = _support(tmp_path / 'ls')
-  assert support['labels'].shape == (9, 3)
+  assert support['labels'].shape == (10, 10)
   # The solved labels are no longer one-hot minus 1/C.
   assert not np.allclose(support['labels'], support['labels'].round(3))
-  assert summary['krr_test_accuracy_after'] >= summary['krr_test_accuracy_before'] - 1e-9
+  # Measured: 0.52 -> 0.72 (0.47 -> 0.665 and 0.46 -> 0.64 on data of seeds 1 and 2).
+  assert summary['krr_test_accuracy_before'] < 0.7
+  assert summary['krr_test_accuracy_after'] >= summary['krr_test_accuracy_before'] + 0.1
 
 
 @pytest.mark.parametrize('kw,message', [

@@ -57,7 +57,10 @@ def _fabricate(run_dir, steps_done=30, total=100, with_summary=False):
 def test_status_from_run_dir(tmp_path):
   run = tmp_path / 'run'
   _fabricate(run)
-  snap = status.status_from_run_dir(str(run))
+  # The clock fixed 30 s after the checkpoint was written: ages are exact, not time windows.
+  now = (run / 'checkpoint.npz').stat().st_mtime + 30
+  created = json.loads((run / 'config.json').read_text())['created']
+  snap = status.status_from_run_dir(str(run), now=now)
   assert snap['phase'] == 'running' and snap['algorithm'] == 'kip' and snap['dataset'] == 'mnist'
   assert snap['step'] == 30 and snap['total_steps'] == 100
   assert snap['loss'] == pytest.approx(1 / 30)
@@ -67,8 +70,9 @@ def test_status_from_run_dir(tmp_path):
   assert snap['pairs_per_second'] == 1030.0
   assert snap['seconds_per_step'] == pytest.approx(2.0)
   assert snap['eta_s'] == pytest.approx(70 * 2.0)
-  assert snap['checkpoint_step'] == 20 and 29 <= snap['checkpoint_age_s'] < 60
-  assert 110 <= snap['elapsed_s'] < 200
+  assert snap['checkpoint_step'] == 20 and snap['checkpoint_age_s'] == pytest.approx(30)
+  assert snap['elapsed_s'] == pytest.approx(
+      now - time.mktime(time.strptime(created, '%Y-%m-%dT%H:%M:%S%z')))
   assert snap['workers'] == []
   json.dumps(snap)   # JSON-able
 
