@@ -5,14 +5,14 @@ import functools
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ntkdd.common import architectures, preprocess, rcig
-from ntkdd.server import checkpoint, distill
+from ntkdd.server import checkpoint, distill, status
 
 # Settings that may differ on resume without changing the result.
 RESUMABLE = ('steps', 'checkpoint_every', 'eval_every', 'eval_test_size')
@@ -135,6 +135,14 @@ def evaluate(cfg: rcig.RcigConfig, prepared, images, labels, test_size: int,
                          models=cfg.eval_models, train_steps=cfg.eval_train_steps)['mean']
 
 
+def _krr_record(krr_eval: Optional[Callable], cfg: rcig.RcigConfig, state: dict,
+                step: int) -> dict[str, float]:
+  """{'krr_test_accuracy': ...} of the saved support at `step`; {} without a KRR evaluator."""
+  if krr_eval is None:
+    return {}
+  return {'krr_test_accuracy': float(krr_eval(*saved_support(cfg, state, step)))}
+
+
 def rcig_step(cfg: rcig.RcigConfig, state: dict, prepared, rng: np.random.Generator,
               step: int) -> tuple[dict, dict]:
   """One meta-step (draw a pool model and a target batch, meta-gradient, update the support,
@@ -176,10 +184,19 @@ def rcig_step(cfg: rcig.RcigConfig, state: dict, prepared, rng: np.random.Genera
 
 def run_rcig(cfg: rcig.RcigConfig, prepared: distill.PreparedData, run_dir, *, ipc: int,
              steps: int, seed: int = 0, resume: bool = False, progress: bool = False,
-             eval_every: int = 0, eval_test_size: int = 0) -> dict[str, Any]:
+             eval_every: int = 0, eval_test_size: int = 0,
+             krr_eval: Optional[Callable[[Any, Any], float]] = None,
+             krr_flags: Optional[dict] = None, run_status: Any = None) -> dict[str, Any]:
   """Distils `prepared` with RCIG into `run_dir` (config.json, metrics.jsonl, support.npz,
   checkpoint.npz, summary.json); returns the summary. eval_every = 0: no finite-net
-  evaluation (it trains cfg.eval_models ConvNets each time, minutes on CPU)."""
+  evaluation (it trains cfg.eval_models ConvNets each time, minutes on CPU).
+
+  krr_eval: (images, labels) -> the infinite-width KRR test accuracy of the support set (a
+    kernel backend's, see server/jobs.py), logged as krr_test_accuracy at each evaluation;
+    krr_flags: its settings, saved in config.json. run_status: the caller's published
+    `status.RunStatus` (the Launchpad and Ray coordinators); without one the run publishes
+    its own (status.sock, status.json).
+  """
   run_dir = Path(run_dir)
   run_dir.mkdir(parents=True, exist_ok=True)
   if ipc < 1 or steps < 0:
@@ -187,7 +204,7 @@ def run_rcig(cfg: rcig.RcigConfig, prepared: distill.PreparedData, run_dir, *, i
   if ipc > np.bincount(prepared.y_train, minlength=prepared.num_classes).min():
     raise ValueError(f'ipc {ipc} exceeds the smallest class of the training set.')
   flags = dict(cfg.to_dict(), algorithm='rcig', ipc=ipc, steps=steps, seed=seed,
-               eval_every=eval_every, eval_test_size=eval_test_size)
+               eval_every=eval_every, eval_test_size=eval_test_size, **(krr_flags or {}))
   config_path = run_dir / 'config.json'
   saved = checkpoint.open_run(run_dir, flags, RESUMABLE, resume)
   checkpoint.write_json(config_path, {
@@ -198,6 +215,16 @@ def run_rcig(cfg: rcig.RcigConfig, prepared: distill.PreparedData, run_dir, *, i
                   'class_names': list(prepared.dataset.class_names),
                   'preprocess': prepared.preprocessor.kind},
       'versions': distill.versions(), 'created': time.strftime('%Y-%m-%dT%H:%M:%S%z')})
+  with status.published(run_status, run_dir, steps):
+    return _run_steps(cfg, prepared, run_dir, saved, ipc=ipc, steps=steps, seed=seed,
+                      progress=progress, eval_every=eval_every,
+                      eval_test_size=eval_test_size, krr_eval=krr_eval)
+
+
+def _run_steps(cfg: rcig.RcigConfig, prepared: distill.PreparedData, run_dir: Path, saved, *,
+               ipc: int, steps: int, seed: int, progress: bool, eval_every: int,
+               eval_test_size: int, krr_eval: Optional[Callable]) -> dict[str, Any]:
+  """`run_rcig` in an opened run directory (`saved`: its checkpoint, None for a new run)."""
   metrics_path = run_dir / 'metrics.jsonl'
   rng = np.random.default_rng(seed)
   state, label_ids = _initial_state(cfg, prepared, ipc, rng)
@@ -211,6 +238,7 @@ def run_rcig(cfg: rcig.RcigConfig, prepared: distill.PreparedData, run_dir, *, i
       before = measure(0)
       best = {'accuracy': before, 'step': 0}
       record['test_accuracy'] = before
+      record.update(_krr_record(krr_eval, cfg, state, 0))
     checkpoint.append_metrics(metrics_path, record)
   else:
     arrays, meta = saved
@@ -236,7 +264,7 @@ def run_rcig(cfg: rcig.RcigConfig, prepared: distill.PreparedData, run_dir, *, i
   if progress:
     from ntkdd.server import progress as progress_bar  # pylint: disable=import-outside-toplevel
     bar = progress_bar.ProgressBar(steps, desc=f'RCIG {prepared.dataset.name}', initial=step)
-  accuracy = None
+  accuracy = krr_after = None
   with distill._StopFlag() as stop:  # pylint: disable=protected-access
     while step < steps:
       t0 = time.time()
@@ -247,6 +275,8 @@ def run_rcig(cfg: rcig.RcigConfig, prepared: distill.PreparedData, run_dir, *, i
       if eval_every and (step % eval_every == 0 or step == steps):
         accuracy = measure(step)
         record['test_accuracy'] = accuracy
+        record.update(_krr_record(krr_eval, cfg, state, step))
+        krr_after = record.get('krr_test_accuracy')
         if best is None or accuracy > best['accuracy']:
           best = {'accuracy': accuracy, 'step': step}
       checkpoint.append_metrics(metrics_path, record)
@@ -265,6 +295,8 @@ def run_rcig(cfg: rcig.RcigConfig, prepared: distill.PreparedData, run_dir, *, i
              'test_accuracy_after': accuracy, 'best': best, 'minutes': elapsed / 60,
              'seconds_per_step': elapsed / max(step, 1),
              'eval_test_size': eval_test_size or len(prepared.x_test)}
+  if krr_eval is not None:
+    summary['krr_test_accuracy_after'] = krr_after
   checkpoint.write_json(run_dir / 'summary.json', summary)
   try:
     distill._render(run_dir)  # pylint: disable=protected-access
