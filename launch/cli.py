@@ -56,7 +56,7 @@ def _add_kernel_flags(p: argparse.ArgumentParser, default_arch: str, default_dep
   g.add_argument('--workers', type=int, default=0,
                  help='kernel workers; 0 computes kernels directly, N >= 1 farms tiles of '
                       '--block images to N workers through the coordinator (launchpad and '
-                      'ray need N >= 1).')
+                      'ray need N >= 1; RCIG uses them for its KRR evaluation only).')
   g.add_argument('--block', type=int, default=64,
                  help='coordinator tile side (images) when --workers >= 1. Default %(default)s.')
   g.add_argument('--expose-courier-ports', action='store_true',
@@ -104,7 +104,9 @@ def _parser() -> argparse.ArgumentParser:
   d.add_argument('--algorithm', choices=('kip', 'ls', 'rcig'), default='kip',
                  help='kip: learn images (and --learn-labels); ls: solve labels in closed form; '
                       'rcig: finite-width ConvNet with convexified implicit gradients (Loo et '
-                      'al. 2023) on the coordinator.')
+                      'al. 2023) on the coordinator; its --workers serve the ConvNet NTK for the '
+                      'KRR accuracy logged at --eval-every. Flags the chosen mode does not use '
+                      'are refused.')
   d.add_argument('--ipc', type=int, default=10, help='images per class in the support set.')
   d.add_argument('--steps', type=int, default=1000, help='KIP optimisation steps.')
   d.add_argument('--out', required=True, help='run directory.')
