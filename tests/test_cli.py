@@ -87,7 +87,8 @@ def test_distill_rcig_from_the_command_line(tiny_npz, tmp_path, capsys):
     (['--algorithm', 'ls'], ['--pool-size', '3'], '--pool-size'),
     (['--algorithm', 'kip'], ['--block', '8'], '--block'),                   # --workers 0
     (['--algorithm', 'kip'], ['--ray-address', 'local'], '--ray-address'),
-    (['--algorithm', 'kip', '--workers', '2'], ['--expose-courier-ports'], '--expose-courier-ports'),
+    (['--algorithm', 'kip', '--workers', '2'], ['--expose-courier-ports'],
+     '--expose-courier-ports'),
 ])
 def test_flags_a_mode_does_not_use_are_refused(tiny_npz, tmp_path, capsys, mode, extra, flag):
   run = tmp_path / 'run'
