@@ -123,3 +123,26 @@ def test_rcig_without_optax_is_refused_before_anything_starts(tiny_npz, tmp_path
   with pytest.raises(ImportError, match=r'optax==0.1.7'):
     lpp.start_local_mp(tiny_rcig_job(tiny_npz), str(tmp_path / 'run'), workers=2)
   assert not (tmp_path / 'run').exists()
+
+
+@needs_optax
+def test_rcig_from_the_command_line(tiny_npz, tmp_path, capsys):
+  """`ntkdd distill --algorithm rcig --launch launchpad --workers 2` end to end."""
+  from ntkdd.launch import cli
+  run = tmp_path / 'cli'
+  code = cli.main(['distill', '--algorithm', 'rcig', '--dataset', tiny_npz, '--data-dir', '.',
+                   '--ipc', '1', '--steps', '2', '--depth', '1', '--width', '8', '--pool-size',
+                   '2', '--inner-steps', '2', '--hinv-steps', '2', '--rcig-target-batch', '12',
+                   '--eval-every', '2', '--eval-test-size', '12', '--launch', 'launchpad',
+                   '--workers', '2', '--block', str(BLOCK), '--out', str(run)])
+  out = capsys.readouterr().out
+  assert code == 0
+  assert 'finite ConvNet test accuracy' in out and 'KRR test accuracy (ConvNet NTK)' in out
+  assert [r['step'] for r in metrics(run) if 'krr_test_accuracy' in r] == [0, 2]
+  result = json.loads((run / 'coordinator_result.json').read_text())
+  assert result['ok'] and result['summary']['algorithm'] == 'rcig'
+  flags = json.loads((run / 'config.json').read_text())['flags']
+  assert flags['depth'] == 1 and flags['width'] == 8 and flags['krr_arch']['depth'] == 1
+  out = subprocess.run([sys.executable, '-m', 'ntkdd.launch.cli', 'status', str(run)],
+                       capture_output=True, text=True, timeout=60)
+  assert out.returncode == 0 and 'KRR test acc' in out.stdout and 'done' in out.stdout
