@@ -519,8 +519,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       format='%(asctime)s %(levelname)s %(message)s', datefmt='%H:%M:%S')
   try:
     return COMMANDS[args.command](args)
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
-    # Bad input: one clear line, no traceback (use -v for one).
+  except (ValueError, FileNotFoundError, FloatingPointError, ImportError) as e:
+    # Bad input or a missing optional package (the message says how to install it): one
+    # clear line, no traceback (use -v for one).
     if args.verbose:
       raise
     print(f'ntkdd {args.command}: error: {e}', file=sys.stderr)

@@ -1,5 +1,6 @@
 """The ntkdd command line, end to end on tiny data."""
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -115,3 +116,13 @@ def test_flags_a_mode_uses_are_accepted():
   with pytest.raises(ValueError, match='--kernel is not used'):
     cli.refuse_unused_flags(cli._parser().parse_args(
         ['distill', '--out', 'x', '--algorithm', 'rcig', '--kernel', 'nngp']), {'kernel'})
+
+
+def test_rcig_without_optax_says_how_to_install_it(tiny_npz, tmp_path, capsys, monkeypatch):
+  monkeypatch.setitem(sys.modules, 'optax', None)   # `import optax` raises ImportError
+  code = cli.main(['distill', '--algorithm', 'rcig', '--dataset', tiny_npz, '--data-dir', '.',
+                   '--ipc', '1', '--steps', '1', '--no-progress', '--out', str(tmp_path / 'r')])
+  err = capsys.readouterr().err
+  assert code == 2 and 'optax' in err and 'pip install optax' in err, err
+  assert 'Traceback' not in err and len(err.strip().splitlines()) == 1, err
+  assert not (tmp_path / 'r').exists()
