@@ -67,9 +67,10 @@ class RcigJob:
     return self.settings.data_spec()
 
 
-OPTAX_HINT = ("RCIG needs optax (its support-set optimisers): pip install optax; in the "
-              "Launchpad environment (Python 3.10, JAX 0.4.23) pip install optax==0.1.7 -c "
-              "constraints/launchpad.txt, which `make venv-lp` does.")
+OPTAX_HINT = ("RCIG needs optax (its support-set optimisers): pip install optax (or "
+              "'ntkdd[train]'); in the Launchpad environment (Python 3.10, JAX 0.4.23): pip "
+              "install optax==0.1.7 chex==0.1.86 -c constraints/launchpad.txt, which `make "
+              "venv-lp` does.")
 
 
 def require_optax() -> None:
