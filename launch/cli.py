@@ -359,7 +359,11 @@ DISTILL_FLAG_USES = {
     'dtype': (_rcig_krr, _RCIG_KERNEL),
     **{dest: (lambda a: a.algorithm == 'rcig', 'is an RCIG setting') for dest in (
         'width', 'l2_rate', 'inner_steps', 'hinv_steps', 'pool_size', 'max_pool_steps',
-        'pool_train_steps', 'rcig_target_batch', 'batch_norm', 'rcig_flip', 'eval_models')},
+        'pool_train_steps', 'rcig_target_batch', 'batch_norm', 'rcig_flip')},
+    'eval_models': (lambda a: a.algorithm == 'rcig' and a.eval_every > 0,
+                    "sets RCIG's evaluation (at --eval-every > 0)"),
+    'eval_test_size': (lambda a: a.algorithm != 'rcig' or a.eval_every > 0,
+                       'sets the evaluations, which RCIG runs at --eval-every > 0'),
 }
 
 

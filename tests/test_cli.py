@@ -80,6 +80,8 @@ def test_distill_rcig_from_the_command_line(tiny_npz, tmp_path, capsys):
     (['--algorithm', 'rcig', '--launch', 'launchpad', '--workers', '2', '--eval-every', '0'], [],
      '--launch'),
     (['--algorithm', 'kip'], ['--width', '8'], '--width'),
+    (['--algorithm', 'rcig', '--eval-every', '0'], ['--eval-models', '3'], '--eval-models'),
+    (['--algorithm', 'rcig', '--eval-every', '0'], ['--eval-test-size', '9'], '--eval-test-size'),
     (['--algorithm', 'kip'], ['--rcig-flip', 'on'], '--rcig-flip'),
     (['--algorithm', 'kip'], ['--ls-rcond', '1e-3'], '--ls-rcond'),
     (['--algorithm', 'ls'], ['--steps', '10'], '--steps'),
