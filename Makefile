@@ -44,7 +44,7 @@ venv-lp: .venv-lp/.installed
 	  exit 1; fi
 	$(PYTHON310) -m venv .venv-lp
 	.venv-lp/bin/pip install -q --upgrade pip
-	.venv-lp/bin/pip install -q -c constraints/launchpad.txt dm-launchpad tensorflow-cpu jax jaxlib numpy scipy ml_dtypes protobuf frozendict typing_extensions absl-py pytest pillow
+	.venv-lp/bin/pip install -q -c constraints/launchpad.txt dm-launchpad tensorflow-cpu jax jaxlib numpy scipy ml_dtypes protobuf frozendict typing_extensions absl-py pytest pillow optax chex
 	# neural-tangents 0.6.4 and tf2jax 0.3.0 without their dependencies: newer ones need newer TensorFlow.
 	.venv-lp/bin/pip install -q --no-deps neural-tangents==0.6.4 tf2jax==0.3.0
 	.venv-lp/bin/pip install -q --no-deps -e .

@@ -34,7 +34,8 @@ def _add_kernel_flags(p: argparse.ArgumentParser, default_arch: str, default_dep
                  help='fc: fully-connected ReLU net; convnet: the KIP ConvNet (3x3 conv + ReLU, '
                       'then DEPTH x [conv, ReLU, 2x2 avg pool], dense). Default %(default)s.')
   g.add_argument('--depth', type=flags.nonnegative_int, default=default_depth,
-                 help='hidden layers (fc) or conv+pool blocks (convnet). Default %(default)s.')
+                 help='hidden layers (fc) or conv+pool blocks (convnet; and RCIG\'s ConvNet, '
+                      'default 3 there). Default %(default)s.')
   g.add_argument('--w-std', type=flags.positive_float, default=None,
                  help='weight standard deviation. Default sqrt(2) for kernels (NTK '
                       'parameterisation); 1 for RCIG\'s standard-parameterised net (LeCun '
@@ -60,7 +61,7 @@ def _add_kernel_flags(p: argparse.ArgumentParser, default_arch: str, default_dep
   g.add_argument('--workers', type=flags.nonnegative_int, default=0,
                  help='kernel workers; 0 computes kernels directly, N >= 1 farms tiles of '
                       '--block images to N workers through the coordinator (launchpad and '
-                      'ray need N >= 1).')
+                      'ray need N >= 1; RCIG uses them for its KRR evaluation only).')
   g.add_argument('--block', type=flags.positive_int, default=64,
                  help='coordinator tile side (images) when --workers >= 1. Default %(default)s.')
   g.add_argument('--expose-courier-ports', action='store_true',
@@ -110,7 +111,9 @@ def _parser() -> argparse.ArgumentParser:
   d.add_argument('--algorithm', choices=('kip', 'ls', 'rcig'), default='kip',
                  help='kip: learn images (and --learn-labels); ls: solve labels in closed form; '
                       'rcig: finite-width ConvNet with convexified implicit gradients (Loo et '
-                      'al. 2023) on the coordinator.')
+                      'al. 2023) on the coordinator; its --workers serve the ConvNet NTK for the '
+                      'KRR accuracy logged at --eval-every. Flags the chosen mode does not use '
+                      'are refused.')
   d.add_argument('--ipc', type=flags.positive_int, default=10,
                  help='images per class in the support set.')
   d.add_argument('--steps', type=flags.nonnegative_int, default=1000,
@@ -338,16 +341,15 @@ def _distill_config(args):
       ls_target_size=args.ls_target_size, ls_rcond=args.ls_rcond)
 
 
-def _run_rcig(args) -> dict:
+def _rcig_job(args, cfg):
+  """The `jobs.RcigJob` of `ntkdd distill --algorithm rcig` and its prepared data."""
   from ntkdd.common import rcig
-  from ntkdd.server import checkpoint, distill, rcig_loop
-  checkpoint.check_run_dir(Path(args.out), args.resume, args.overwrite)  # before the data load
-  cfg = _distill_config(args)
+  from ntkdd.server import distill, jobs
   prepared = distill.prepare_data(cfg)
   flip = (args.rcig_flip == 'on' or
           (args.rcig_flip == 'auto' and prepared.x_train.shape[-1] == 3))
   rcig_cfg = rcig.RcigConfig(
-      width=args.width, depth=args.depth if args.arch != 'fc' else 3, w_std=args.w_std,
+      width=args.width, depth=args.depth, w_std=args.w_std,
       b_std=args.b_std, l2_rate=args.l2_rate, inner_steps=args.inner_steps,
       hinv_steps=args.hinv_steps, target_batch=args.rcig_target_batch,
       pool_size=args.pool_size, max_pool_steps=args.max_pool_steps,
@@ -355,38 +357,110 @@ def _run_rcig(args) -> dict:
       learn_labels=True, lr_images=3e-3 if args.lr is None else args.lr,
       checkpoint_every=args.checkpoint_every,
       eval_models=args.eval_models, flip_support=flip, batch_norm=args.batch_norm)
-  return rcig_loop.run_rcig(rcig_cfg, prepared, args.out, ipc=args.ipc, steps=args.steps,
-                            seed=args.seed, resume=args.resume, progress=not args.no_progress,
-                            eval_every=args.eval_every, eval_test_size=args.eval_test_size,
-                            tensorboard=args.tensorboard, overwrite=args.overwrite,
-                            data_spec=cfg.data_spec().to_dict())
+  return jobs.RcigJob(cfg, rcig_cfg), prepared
+
+
+# -- Flags a distill mode does not use: refused, never silently ignored. -------------------------
+
+def _kip(a) -> bool:
+  return a.algorithm == 'kip'
+
+
+def _rcig_krr(a) -> bool:
+  """RCIG computes kernels only for its KRR evaluation: with workers, at --eval-every."""
+  return a.algorithm != 'rcig' or (a.workers >= 1 and a.eval_every > 0)
+
+
+_RCIG_KERNEL = ('sets the kernel computations, which RCIG runs only for the KRR evaluation '
+                'of its support set: with --workers N >= 1 and --eval-every > 0')
+_RCIG_WORKERS = ('RCIG runs its loop on the coordinator; the workers only serve the ConvNet '
+                 'NTK for the KRR evaluation at --eval-every, which is 0 here')
+# dest -> (is the flag used by these arguments?, what the flag is for). Checked in this order.
+DISTILL_FLAG_USES = {
+    'launch': (lambda a: a.algorithm != 'rcig' or a.eval_every > 0, _RCIG_WORKERS),
+    'workers': (lambda a: a.algorithm != 'rcig' or a.eval_every > 0, _RCIG_WORKERS),
+    'ray_address': (lambda a: a.launch == 'ray', 'is the Ray cluster of --launch ray'),
+    'expose_courier_ports': (lambda a: a.launch == 'launchpad',
+                             'concerns the Courier ports of --launch launchpad'),
+    'block': (lambda a: a.workers >= 1, 'is the tile side farmed to --workers N >= 1'),
+    'steps': (lambda a: a.algorithm != 'ls', 'counts KIP and RCIG steps (LS solves in closed '
+                                             'form)'),
+    'lr': (lambda a: a.algorithm != 'ls', 'is the support learning rate of KIP and RCIG'),
+    'lr_schedule': (_kip, "is KIP's learning-rate schedule"),
+    'learn_labels': (_kip, 'makes KIP learn labels (RCIG always learns them; LS solves them)'),
+    'target_batch': (_kip, "is KIP's target batch (RCIG: --rcig-target-batch; LS: "
+                           '--ls-target-size)'),
+    'eval_every': (lambda a: a.algorithm != 'ls', 'is the evaluation cadence of KIP and RCIG '
+                                                  '(LS evaluates once, at the end)'),
+    'checkpoint_every': (lambda a: a.algorithm != 'ls',
+                         'is the checkpoint cadence of KIP and RCIG (LS keeps no checkpoint)'),
+    'ls_target_size': (lambda a: a.algorithm == 'ls', 'is an LS setting'),
+    'ls_rcond': (lambda a: a.algorithm == 'ls', 'is an LS setting'),
+    'arch': (lambda a: a.algorithm != 'rcig',
+             "chooses KIP's and LS's kernel (RCIG distils with its ConvNet, evaluates KRR with "
+             'the ConvNet NTK, and --depth sets both)'),
+    'kernel': (_rcig_krr, _RCIG_KERNEL),
+    'reg': (_rcig_krr, _RCIG_KERNEL),
+    'tile': (_rcig_krr, _RCIG_KERNEL),
+    'dtype': (_rcig_krr, _RCIG_KERNEL),
+    **{dest: (lambda a: a.algorithm == 'rcig', 'is an RCIG setting') for dest in (
+        'width', 'l2_rate', 'inner_steps', 'hinv_steps', 'pool_size', 'max_pool_steps',
+        'pool_train_steps', 'rcig_target_batch', 'batch_norm', 'rcig_flip')},
+    'eval_models': (lambda a: a.algorithm == 'rcig' and a.eval_every > 0,
+                    "sets RCIG's evaluation (at --eval-every > 0)"),
+    'eval_test_size': (lambda a: a.algorithm != 'rcig' or a.eval_every > 0,
+                       'sets the evaluations, which RCIG runs at --eval-every > 0'),
+}
+
+
+def _mode(args) -> str:
+  text = f'--algorithm {args.algorithm} --launch {args.launch} --workers {args.workers}'
+  if args.algorithm == 'rcig':
+    text += f' --eval-every {args.eval_every}'
+  return text
+
+
+def refuse_unused_flags(args, given: set) -> None:
+  """ValueError naming the first flag given on the command line that this mode would ignore.
+
+  `given`: the dests of the flags on the command line (`given_flags`).
+  """
+  for dest, (used, what) in DISTILL_FLAG_USES.items():
+    if dest in given and not used(args):
+      flag = '--' + dest.replace('_', '-')
+      raise ValueError(f'{flag} is not used by {_mode(args)}: it {what}. Drop {flag}, or '
+                       f'choose the mode that uses it.')
+
+
+def given_flags(argv: Sequence[str]) -> set:
+  """The dests of the flags given on the command line (defaults left out)."""
+  parser = _parser()
+  parsers = [parser]
+  while parsers:
+    p = parsers.pop()
+    for action in p._actions:  # pylint: disable=protected-access
+      if isinstance(action, argparse._SubParsersAction):  # pylint: disable=protected-access
+        parsers.extend(action.choices.values())
+      elif action.dest != 'help':
+        action.default = argparse.SUPPRESS
+  return set(vars(parser.parse_args(list(argv))))
 
 
 def _cmd_distill(args) -> int:
-  from ntkdd.server import distill
-  if args.algorithm == 'rcig':
-    try:
-      summary = _run_rcig(args)
-    except distill.Interrupted as e:
-      print(e, file=sys.stderr)
-      return 130
-    pct = lambda v: 'not measured' if v is None else f'{100 * v:.2f}%'
-    print(f"RCIG {args.dataset} ipc={args.ipc}: finite ConvNet test accuracy "
-          f"{pct(summary.get('test_accuracy_before'))} -> "
-          f"{pct(summary.get('test_accuracy_after'))} in {summary['minutes']:.1f} min. "
-          f"Run directory: {args.out}")
-    return 0
-  cfg = _distill_config(args)
+  from ntkdd.server import checkpoint, distill, jobs
+  refuse_unused_flags(args, getattr(args, 'given', set()))
   if args.tensorboard and args.launch != 'inprocess':
     raise ValueError(f'--tensorboard writes events from in-process runs; with --launch '
                      f'{args.launch} leave it out (metrics.jsonl and `ntkdd status` still '
                      f'follow the run).')
+  checkpoint.check_run_dir(Path(args.out), args.resume, args.overwrite)  # before the data load
+  cfg, prepared = _distill_config(args), None
+  if args.algorithm == 'rcig':
+    cfg, prepared = _rcig_job(args, cfg)
   if args.launch in ('launchpad', 'ray'):
-    # The coordinator runs elsewhere: check --out here, and clear it for --overwrite only
-    # once the flags are known good.
-    from ntkdd.server import checkpoint
+    # The coordinator runs elsewhere: clear --out for --overwrite here, once the flags are
+    # known good.
     cfg.validate()
-    checkpoint.check_run_dir(Path(args.out), args.resume, args.overwrite)
     if args.overwrite:
       checkpoint.remove_run_files(Path(args.out))
   try:
@@ -412,13 +486,24 @@ def _cmd_distill(args) -> int:
         print(f'ntkdd distill: {e}', file=sys.stderr)
         return 1
     else:
-      factory = _backend_factory(args, dataset=cfg.data_spec().to_dict())
-      summary = distill.distill(cfg, args.out, factory, resume=args.resume,
-                                progress=not args.no_progress, tensorboard=args.tensorboard,
-                                overwrite=args.overwrite)
+      # RCIG without workers evaluates the finite net only; with them, KRR too.
+      factory = (None if args.algorithm == 'rcig' and args.workers == 0 else
+                 _backend_factory(args, dataset=cfg.data_spec().to_dict()))
+      summary = jobs.run(cfg, args.out, factory, resume=args.resume,
+                         progress=not args.no_progress, prepared=prepared,
+                         tensorboard=args.tensorboard, overwrite=args.overwrite)
   except distill.Interrupted as e:
     print(e, file=sys.stderr)
     return 130
+  pct = lambda v: 'not measured' if v is None else f'{100 * v:.2f}%'
+  if args.algorithm == 'rcig':
+    krr = (f"; KRR test accuracy (ConvNet NTK) {pct(summary['krr_test_accuracy_after'])}"
+           if 'krr_test_accuracy_after' in summary else '')
+    print(f"RCIG {args.dataset} ipc={args.ipc}: finite ConvNet test accuracy "
+          f"{pct(summary.get('test_accuracy_before'))} -> "
+          f"{pct(summary.get('test_accuracy_after'))}{krr} in {summary['minutes']:.1f} min. "
+          f"Run directory: {args.out}")
+    return 0
   before, after = summary['krr_test_accuracy_before'], summary['krr_test_accuracy_after']
   print(f'{cfg.algorithm.upper()} {cfg.dataset} ipc={cfg.ipc}: KRR test accuracy '
         f'{100 * before:.2f}% (random real images) -> {100 * after:.2f}% '
@@ -474,10 +559,13 @@ COMMANDS = {'kernel': _cmd_kernel, 'distill': _cmd_distill, 'evaluate': _cmd_eva
 
 
 def _default_initialisation(args: argparse.Namespace) -> None:
-  """--w-std / --b-std left unset: the kernels' sqrt(2) / 0.1, or RCIG's paper init 1 / 0."""
+  """--w-std / --b-std left unset: the kernels' sqrt(2) / 0.1, or RCIG's paper init 1 / 0;
+  --depth left unset with RCIG: its paper's 3."""
   if not hasattr(args, 'w_std'):
     return
   rcig_net = getattr(args, 'algorithm', None) == 'rcig'
+  if rcig_net and 'depth' not in getattr(args, 'given', ()):
+    args.depth = 3
   if args.w_std is None:
     args.w_std = 1.0 if rcig_net else math.sqrt(2.0)
   if args.b_std is None:
@@ -489,6 +577,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
   except SystemExit as e:  # argparse: --help (0) or a refused flag (2), already printed
     return e.code if isinstance(e.code, int) else 2
+  args.given = given_flags(sys.argv[1:] if argv is None else argv)
   if args.command == 'kernel' and args.launch == 'launchpad' and not args.expose_courier_ports:
     # This process coordinates Courier workers: the whole command runs in a private network.
     from ntkdd.launch import launchpad_program
@@ -506,9 +595,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       format='%(asctime)s %(levelname)s %(message)s', datefmt='%H:%M:%S')
   try:
     return COMMANDS[args.command](args)
-  except (ValueError, OSError, FloatingPointError) as e:
+  except (ValueError, OSError, FloatingPointError, ImportError) as e:
     # Bad input (DataError is a ValueError; ConnectionError and FileNotFoundError are
-    # OSErrors): one clear line, no traceback (use -v for one).
+    # OSErrors) or a missing optional package (the message says how to install it): one
+    # clear line, no traceback (use -v for one).
     if args.verbose:
       raise
     print(f'ntkdd {args.command}: error: {e}', file=sys.stderr)

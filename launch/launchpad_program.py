@@ -2,7 +2,8 @@
 
 `make_program` builds the Launchpad program: one `lp.CourierNode(KernelWorker, ...)` per worker
 in the 'workers' group and one `lp.CourierNode(CoordinatorNode, ...)` in the 'coordinator'
-group, which gets the workers' Courier handles, runs `distill.distill` over a
+group, which gets the workers' Courier handles, runs `jobs.run` (KIP/LS: `distill.distill`;
+RCIG: `rcig_loop.run_rcig`, the workers serving its KRR evaluation) over a
 `DistributedKernels` of them and serves `status()` (JSON bytes) while it runs.
 
 `run_local_mp` runs such a program on this machine (Launchpad's LOCAL_MULTI_PROCESSING launch
@@ -44,7 +45,6 @@ launcher.log).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -188,7 +188,7 @@ class CoordinatorNode:
   """The Launchpad coordinator: runs the distillation over worker handles; serves status().
 
   Args:
-    config: a `DistillConfig` as a dict (`dataclasses.asdict(cfg)`); JSON-able.
+    config: the run as `jobs.to_dict(cfg)` (a KIP/LS `DistillConfig` or an RCIG `RcigJob`).
     run_dir: the run directory (shared with the launching process).
     resume: continue the run from its checkpoint.npz.
     worker_handles: one handle per kernel worker (Courier clients under Launchpad).
@@ -241,7 +241,7 @@ class CoordinatorNode:
     if self._started.is_set():
       raise RuntimeError('CoordinatorNode.run() runs once per coordinator.')
     self._started.set()
-    from ntkdd.server import coordinator, distill
+    from ntkdd.server import coordinator, distill, jobs
     result: dict = {'ok': False, 'pid': os.getpid()}
     # Status for this machine without the network (the Courier port may live in a private
     # namespace): status.sock and status.json in the run directory.
@@ -252,7 +252,7 @@ class CoordinatorNode:
       (self._run_dir / RESULT_FILE).unlink(missing_ok=True)   # a stale one of a killed run
       if self._server is None:   # not under Launchpad: no status RPC, still a run
         logging.info('Coordinator running without a Courier server.')
-      cfg = distill.DistillConfig(**self._config)
+      cfg = jobs.from_dict(self._config)
       clients, answers = _rpc_clients(self._handles, self._startup_timeout_s)
       pids = {str(i): a.get('pid') for i, a in answers.items()}
       _write_json(self._run_dir / WORKER_PIDS_FILE, {'coordinator': os.getpid(), 'workers': pids})
@@ -270,8 +270,9 @@ class CoordinatorNode:
         backends.append(backend)
         return backend
 
-      summary = distill.distill(cfg, str(self._run_dir), factory, resume=self._resume,
-                                progress=False, run_status=self._status)
+      # KIP/LS or RCIG: the loops of the in-process path (server/jobs.py).
+      summary = jobs.run(cfg, str(self._run_dir), factory, resume=self._resume,
+                         progress=False, run_status=self._status)
       # The backend's totals (blocks, bytes, index blocks, faults) for the record.
       result.update(ok=True, summary=summary, backend=backends[-1].status() if backends else None)
       self._status.set_phase('done')
@@ -345,8 +346,12 @@ def make_program(cfg, run_dir: str, workers: int, resume: bool = False, block: i
                  worker_tile: Optional[int] = None, deadline_s: float = 600.0,
                  startup_timeout_s: float = 300.0, stop_program: bool = True,
                  coordinator_kwargs: Optional[dict] = None):
-  """The Launchpad program of a distillation: kernel workers plus the coordinator."""
+  """The Launchpad program of a distillation: kernel workers plus the coordinator.
+
+  `cfg`: a `DistillConfig` (KIP, LS) or a `jobs.RcigJob` (the workers serve its KRR
+  evaluation's kernel)."""
   lp = import_launchpad()
+  from ntkdd.server import jobs
   cfg.validate()
   program = lp.Program('ntkdd-distill')
   tile = worker_tile if worker_tile is not None else cfg.tile
@@ -354,7 +359,7 @@ def make_program(cfg, run_dir: str, workers: int, resume: bool = False, block: i
                              dataset=cfg.data_spec().to_dict())
   with program.group(COORDINATOR):
     program.add_node(lp.CourierNode(
-        CoordinatorNode, dataclasses.asdict(cfg), str(run_dir), bool(resume), handles,
+        CoordinatorNode, jobs.to_dict(cfg), str(run_dir), bool(resume), handles,
         block=block, deadline_s=deadline_s, startup_timeout_s=startup_timeout_s,
         stop_program=stop_program, coordinator_kwargs=coordinator_kwargs))
   return program
@@ -388,9 +393,9 @@ def _launcher_main(spec_path: str) -> None:
   from launchpad.nodes.python import local_multi_processing
   launch_local_output_to_files._LOGGING_DIR = spec['log_dir']  # pylint: disable=protected-access
   from ntkdd.common import architectures
-  from ntkdd.server import distill
+  from ntkdd.server import jobs
   if spec['kind'] == 'distill':
-    cfg = distill.DistillConfig(**spec['config'])
+    cfg = jobs.from_dict(spec['config'])
     program = make_program(cfg, spec['run_dir'], spec['workers'], resume=spec['resume'],
                            block=spec['block'], worker_tile=spec['worker_tile'],
                            deadline_s=spec['deadline_s'],
@@ -570,12 +575,13 @@ def start_local_mp(cfg, run_dir: str, workers: int, resume: bool = False, block:
   `expose_courier_ports` lets their Courier ports listen on the host's network instead.
   """
   import_launchpad()   # fail here, clearly, rather than in the launcher process
+  from ntkdd.server import jobs
   cfg.validate()
   if workers < 1:
     raise ValueError(f'--workers must be >= 1 with --launch launchpad, got {workers}.')
   prefix = network_prefix(expose_courier_ports)
   run_dir = open_run_dir(run_dir, resume, (RESULT_FILE, ADDRESS_FILE, WORKER_PIDS_FILE))
-  spec = {'kind': 'distill', 'config': dataclasses.asdict(cfg), 'run_dir': str(run_dir),
+  spec = {'kind': 'distill', 'config': jobs.to_dict(cfg), 'run_dir': str(run_dir),
           'workers': int(workers), 'resume': bool(resume), 'block': int(block),
           'worker_tile': worker_tile, 'deadline_s': float(deadline_s),
           'startup_timeout_s': float(startup_timeout_s), 'env': env or {},

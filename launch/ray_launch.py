@@ -33,7 +33,6 @@ the coordinator must share a node, and so the run directory, with the `ntkdd` co
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -440,6 +439,7 @@ def start_ray(cfg, run_dir: str, workers: int, ray_address: Optional[str] = None
   """
   ray = import_ray()
   from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+  from ntkdd.server import jobs
   cfg.validate()
   if workers < 1:
     raise ValueError(f'--workers must be >= 1 with --launch ray, got {workers}.')
@@ -477,7 +477,7 @@ def start_ray(cfg, run_dir: str, workers: int, ray_address: Optional[str] = None
           scheduling_strategy=NodeAffinitySchedulingStrategy(
               ray.get_runtime_context().get_node_id(), soft=False),
           runtime_env=_actor_env(env)).remote(
-              dataclasses.asdict(cfg), str(run_dir), bool(resume), handles, block=block,
+              jobs.to_dict(cfg), str(run_dir), bool(resume), handles, block=block,
               deadline_s=deadline_s, startup_timeout_s=startup_timeout_s, stop_program=False,
               coordinator_kwargs=coordinator_kwargs)
     except ValueError as e:  # the name is taken

@@ -5,14 +5,14 @@ import functools
 import logging
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ntkdd.common import architectures, preprocess, rcig
-from ntkdd.server import checkpoint, distill
+from ntkdd.server import checkpoint, distill, status
 
 # Settings that may differ on resume without changing the result (the data's path may: its
 # name and content fingerprint are checked instead).
@@ -142,6 +142,14 @@ def evaluate(cfg: rcig.RcigConfig, prepared, images, labels, test_size: int,
                          models=cfg.eval_models, train_steps=cfg.eval_train_steps)['mean']
 
 
+def _krr_record(krr_eval: Optional[Callable], cfg: rcig.RcigConfig, state: dict,
+                step: int) -> dict[str, float]:
+  """{'krr_test_accuracy': ...} of the saved support at `step`; {} without a KRR evaluator."""
+  if krr_eval is None:
+    return {}
+  return {'krr_test_accuracy': float(krr_eval(*saved_support(cfg, state, step)))}
+
+
 def rcig_step(cfg: rcig.RcigConfig, state: dict, prepared, rng: np.random.Generator,
               step: int) -> tuple[dict, dict]:
   """One meta-step (draw a pool model and a target batch, meta-gradient, update the support,
@@ -184,14 +192,24 @@ def rcig_step(cfg: rcig.RcigConfig, state: dict, prepared, rng: np.random.Genera
 def run_rcig(cfg: rcig.RcigConfig, prepared: distill.PreparedData, run_dir, *, ipc: int,
              steps: int, seed: int = 0, resume: bool = False, progress: bool = False,
              eval_every: int = 0, eval_test_size: int = 0, overwrite: bool = False,
-             data_spec: Optional[dict] = None, tensorboard: bool = False) -> dict[str, Any]:
+             data_spec: Optional[dict] = None, tensorboard: bool = False,
+             krr_eval: Optional[Callable[[Any, Any], float]] = None,
+             krr_flags: Optional[dict] = None, run_status: Any = None) -> dict[str, Any]:
   """Distils `prepared` with RCIG into `run_dir` (config.json, metrics.jsonl, support.npz,
   checkpoint.npz, summary.json); returns the summary. eval_every = 0: no finite-net
-  evaluation (it trains cfg.eval_models ConvNets each time, minutes on CPU). data_spec (a
-  `DataSpec` dict) is recorded in config.json's flags, so that `ntkdd evaluate` can load the
-  same data. Everything is checked before the first file is written; overwrite replaces a run
-  already in `run_dir`; a fresh run that fails before its first checkpoint leaves nothing.
-  `tensorboard`: also TensorBoard events in `run_dir` (needs tensorboardX)."""
+  evaluation (it trains cfg.eval_models ConvNets each time, minutes on CPU).
+
+  Everything is checked before the first file is written; overwrite replaces a run already in
+  `run_dir`; a fresh run that fails before its first checkpoint leaves nothing.
+
+  data_spec: a `DataSpec` dict, recorded in config.json's flags, so that `ntkdd evaluate` can
+    load the same data. tensorboard: also TensorBoard events in `run_dir` (needs tensorboardX).
+  krr_eval: (images, labels) -> the infinite-width KRR test accuracy of the support set (a
+    kernel backend's, see server/jobs.py), logged as krr_test_accuracy at each evaluation;
+    krr_flags: its settings, saved in config.json. run_status: the caller's published
+    `status.RunStatus` (the Launchpad and Ray coordinators); without one the run publishes
+    its own (status.sock, status.json).
+  """
   run_dir = Path(run_dir)
   if ipc < 1 or steps < 0 or eval_every < 0 or eval_test_size < 0 or seed < 0:
     raise ValueError(f'Need --ipc >= 1, --steps >= 0, --eval-every >= 0, --eval-test-size >= 0 '
@@ -203,7 +221,8 @@ def run_rcig(cfg: rcig.RcigConfig, prepared: distill.PreparedData, run_dir, *, i
       architectures.Architecture('rcig_convnet', cfg.depth, cfg.w_std, cfg.b_std, cfg.width,
                                  'standard'), prepared.x_train.shape[1:])
   flags = dict(data_spec or {}, **cfg.to_dict(), algorithm='rcig', ipc=ipc, steps=steps,
-               seed=seed, eval_every=eval_every, eval_test_size=eval_test_size)
+               seed=seed, eval_every=eval_every, eval_test_size=eval_test_size,
+               **(krr_flags or {}))
   record = distill.dataset_record(prepared)
   made_dir = not run_dir.exists()
   saved = checkpoint.open_run(run_dir, flags, RESUMABLE, resume, dataset=record,
@@ -212,18 +231,23 @@ def run_rcig(cfg: rcig.RcigConfig, prepared: distill.PreparedData, run_dir, *, i
     checkpoint.write_json(run_dir / checkpoint.CONFIG, {
         'command': 'distill', 'flags': flags, 'dataset': record,
         'versions': distill.versions(), 'created': time.strftime('%Y-%m-%dT%H:%M:%S%z')})
-    return _run_rcig_steps(cfg, prepared, run_dir, saved, ipc=ipc, steps=steps, seed=seed,
-                           progress=progress, eval_every=eval_every,
-                           eval_test_size=eval_test_size, tensorboard=tensorboard)
+    with status.published(run_status, run_dir, steps):
+      return _run_steps(cfg, prepared, run_dir, saved, ipc=ipc, steps=steps, seed=seed,
+                        progress=progress, eval_every=eval_every,
+                        eval_test_size=eval_test_size, krr_eval=krr_eval,
+                        tensorboard=tensorboard)
   except BaseException:
     if saved is None:
-      checkpoint.discard_failed_start(run_dir, made_dir)
+      checkpoint.discard_failed_start(run_dir, made_dir,
+                                      also=(status.SNAPSHOT_FILE, status.SOCKET_FILE))
     raise
 
 
-def _run_rcig_steps(cfg, prepared, run_dir: Path, saved, *, ipc: int, steps: int, seed: int,
-                    progress: bool, eval_every: int, eval_test_size: int,
-                    tensorboard: bool) -> dict[str, Any]:
+def _run_steps(cfg: rcig.RcigConfig, prepared: distill.PreparedData, run_dir: Path, saved, *,
+               ipc: int, steps: int, seed: int, progress: bool, eval_every: int,
+               eval_test_size: int, krr_eval: Optional[Callable],
+               tensorboard: bool) -> dict[str, Any]:
+  """`run_rcig` in an opened run directory (`saved`: its checkpoint, None for a new run)."""
   metrics_path = run_dir / 'metrics.jsonl'
   board = distill.open_board(run_dir, prepared) if tensorboard else None
   rng = np.random.default_rng(seed)
@@ -238,6 +262,7 @@ def _run_rcig_steps(cfg, prepared, run_dir: Path, saved, *, ipc: int, steps: int
       before = measure(0)
       best = {'accuracy': before, 'step': 0}
       record['test_accuracy'] = before
+      record.update(_krr_record(krr_eval, cfg, state, 0))
     checkpoint.append_metrics(metrics_path, record)
     if board:
       board(record, saved_support(cfg, state, 0)[0], label_ids)
@@ -266,7 +291,7 @@ def _run_rcig_steps(cfg, prepared, run_dir: Path, saved, *, ipc: int, steps: int
   if progress:
     from ntkdd.server import progress as progress_bar  # pylint: disable=import-outside-toplevel
     bar = progress_bar.ProgressBar(steps, desc=f'RCIG {prepared.dataset.name}', initial=step)
-  accuracy = None
+  accuracy = krr_after = None
   with distill._StopFlag() as stop:  # pylint: disable=protected-access
     while step < steps:
       t0 = time.time()
@@ -281,6 +306,8 @@ def _run_rcig_steps(cfg, prepared, run_dir: Path, saved, *, ipc: int, steps: int
       if eval_every and (step % eval_every == 0 or step == steps):
         accuracy = measure(step)
         record['test_accuracy'] = accuracy
+        record.update(_krr_record(krr_eval, cfg, state, step))
+        krr_after = record.get('krr_test_accuracy')
         if best is None or accuracy > best['accuracy']:
           best = {'accuracy': accuracy, 'step': step}
       checkpoint.append_metrics(metrics_path, record)
@@ -307,6 +334,8 @@ def _run_rcig_steps(cfg, prepared, run_dir: Path, saved, *, ipc: int, steps: int
              'test_accuracy_after': accuracy, 'best': best, 'minutes': elapsed / 60,
              'seconds_per_step': elapsed / max(step, 1),
              'eval_test_size': eval_test_size or len(prepared.x_test)}
+  if krr_eval is not None:
+    summary['krr_test_accuracy_after'] = krr_after
   checkpoint.write_json(run_dir / 'summary.json', summary)
   try:
     distill._render(run_dir)  # pylint: disable=protected-access

@@ -123,8 +123,11 @@ def status_from_run_dir(run_dir: str, backend: Any = None, now: Optional[float] 
       snap['loss'] = _finite(record['loss'])
     if record.get('pairs_per_second') is not None:
       snap['pairs_per_second'] = _finite(record['pairs_per_second'])
-    # KIP/LS log KRR test accuracy; RCIG the finite ConvNet's test accuracy.
-    accuracy = _finite(record.get('krr_test_accuracy', record.get('test_accuracy')))
+    # KIP/LS log KRR test accuracy; RCIG the finite ConvNet's test accuracy (and, with kernel
+    # workers, the KRR test accuracy beside it: last_krr_accuracy).
+    accuracy = _finite(record.get('test_accuracy', record.get('krr_test_accuracy')))
+    if 'test_accuracy' in record and _finite(record.get('krr_test_accuracy')) is not None:
+      snap['last_krr_accuracy'] = _finite(record['krr_test_accuracy'])
     if accuracy is not None:
       if step == 0 and snap['initial_accuracy'] is None:
         snap['initial_accuracy'] = accuracy
@@ -526,6 +529,31 @@ def publishing(holder: 'RunStatus', run_dir: str, **kwargs) -> Iterator[StatusPu
   publisher.finish()
 
 
+@contextlib.contextmanager
+def published(run_status: Optional['RunStatus'], run_dir: str,
+              total_steps: Optional[int]) -> Iterator['RunStatus']:
+  """The run's status holder for the block: the caller's `run_status` (which the caller
+  publishes), else a new one published on RUN_DIR/status.sock and status.json (phase
+  'running', finished with the block's exception). Either way long kernel computations
+  (KRR evaluations) report their progress to it."""
+  holder, publisher = run_status, None
+  if holder is None:
+    holder = RunStatus(str(run_dir), total_steps=total_steps)
+    publisher = StatusPublisher(holder, str(run_dir)).start()
+    holder.set_phase('running')
+  progress_to = KERNEL_PROGRESS_HOLDER.set(holder)
+  try:
+    yield holder
+  except BaseException as e:
+    if publisher is not None:
+      publisher.finish(e)   # the final status.json says how the run ended
+    raise
+  finally:
+    KERNEL_PROGRESS_HOLDER.reset(progress_to)
+  if publisher is not None:
+    publisher.finish()
+
+
 # -- Printing. ----------------------------------------------------------------------------------
 
 def _duration(seconds) -> str:
@@ -579,6 +607,8 @@ def format_status(snapshot: dict) -> str:
       ('NN test acc' if s.get('algorithm') == 'rcig' else 'KRR test acc',
        f"last {acc_last}, best {acc_best}, initial {_percent(s.get('initial_accuracy'))}"),
       ('kernel pairs/s', _number(s.get('pairs_per_second'), ',.0f')),
+      *([('KRR test acc', f"last {_percent(s['last_krr_accuracy'])} (infinite-width ConvNet "
+                          f"NTK)")] if s.get('last_krr_accuracy') is not None else []),
       ('elapsed', _duration(s.get('elapsed_s'))),
       ('ETA', _duration(s.get('eta_s'))),
       ('checkpoint', ckpt),

@@ -217,6 +217,30 @@ class TestLocalRay:
       with pytest.raises(ray.exceptions.RayActorError):
         ray.get(actor.ping.remote(), timeout=30)
 
+  def test_rcig_on_the_coordinator_actor_matches_inprocess(self, tiny_npz, tmp_path, local_ray):
+    """`--launch ray --algorithm rcig`: the RCIG loop runs in the coordinator actor, the
+    worker actors serve the ConvNet NTK of its KRR evaluation."""
+    from run_helpers import metrics, run_rcig_inprocess, tiny_rcig_job
+    pytest.importorskip('optax')
+    job = tiny_rcig_job(tiny_npz)
+    reference = run_rcig_inprocess(job, tmp_path / 'inprocess')
+    run_dir = tmp_path / 'ray-rcig'
+    summary = ray_launch.run_ray(job, str(run_dir), workers=2, block=BLOCK, deadline_s=60,
+                                 timeout_s=TIMEOUT_S)
+    assert summary['algorithm'] == 'rcig' and summary['steps'] == 4
+    assert summary['krr_test_accuracy_after'] == reference['krr_test_accuracy_after']
+    _assert_same_support(tmp_path / 'inprocess', run_dir)
+    got, want = metrics(run_dir), metrics(tmp_path / 'inprocess')
+    for key in ('step', 'loss', 'test_accuracy', 'krr_test_accuracy'):
+      assert [r.get(key) for r in got] == [r.get(key) for r in want], key
+    assert [r['step'] for r in got if 'krr_test_accuracy' in r] == [0, 2, 4]
+    result = json.loads((run_dir / 'coordinator_result.json').read_text())
+    assert result['ok'] and all(w['blocks_done'] > 0 for w in result['backend']['workers'])
+    final = status.query_status(str(run_dir))
+    assert final['source'] == 'snapshot' and final['phase'] == 'done' and final['step'] == 4
+    assert final['last_krr_accuracy'] == reference['krr_test_accuracy_after']
+    _assert_actors_gone('ray-rcig', 2)
+
   def test_no_address_joins_the_running_cluster(self, tiny_npz, tmp_path, local_ray):
     env = dict(os.environ, RAY_ADDRESS=local_ray)
     done = _distill_without_address(tiny_npz, tmp_path / 'joined', env)

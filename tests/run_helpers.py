@@ -63,3 +63,33 @@ def wait_for(predicate, timeout_s, what, running=None, poll_s=0.02, details=lamb
       raise AssertionError(f'The run ended while waiting for {what}.\n{details()}')
     time.sleep(poll_s)
   raise AssertionError(f'Timed out after {timeout_s} s waiting for {what}.')
+
+
+def tiny_rcig_job(tiny_npz, **kw):
+  """A tiny RCIG run (width 8, depth 1, 3-step solves, 20-step evaluation nets): seconds.
+
+  Its KRR evaluation over kernel workers uses the ConvNet NTK at depth 1."""
+  from ntkdd.common import rcig
+  from ntkdd.server import jobs
+  net = dict(width=8, depth=1, inner_steps=3, hinv_steps=3, target_batch=12, pool_size=2,
+             max_pool_steps=4, pool_train_steps=2, lr_images=0.03, lr_labels=0.03,
+             checkpoint_every=2, ema_decay=0.9, eval_width=8, eval_train_steps=20)
+  settings = dict(algorithm='rcig', dataset=tiny_npz, data_dir='.', ipc=1, steps=4, arch='fc',
+                  depth=1, eval_every=2, eval_test_size=12, seed=5, dtype='float32')
+  for key, value in kw.items():
+    (net if key in rcig.RcigConfig.__dataclass_fields__ else settings)[key] = value
+  return jobs.RcigJob(distill.DistillConfig(**settings), rcig.RcigConfig(**net))
+
+
+def run_rcig_inprocess(job, out, workers: int = 2):
+  """The RCIG reference: the same run, its KRR evaluation over in-process workers."""
+  from ntkdd.server import jobs
+  return jobs.run(job, str(out),
+                  lambda arch: inprocess.make_inprocess_backend(arch, workers=workers,
+                                                                block=BLOCK),
+                  progress=False)
+
+
+def metrics(run_dir) -> list:
+  return [json.loads(line)
+          for line in (Path(run_dir) / 'metrics.jsonl').read_text().splitlines()]

@@ -1,5 +1,6 @@
 """The ntkdd command line, end to end on tiny data."""
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -59,9 +60,71 @@ def test_bad_input_gives_one_clear_line(tmp_path, capsys):
 def test_distill_rcig_from_the_command_line(tiny_npz, tmp_path, capsys):
   run = tmp_path / 'rcig'
   assert cli.main(['distill', '--algorithm', 'rcig', '--dataset', tiny_npz, '--data-dir', '.',
-                   '--ipc', '2', '--steps', '2', '--arch', 'convnet', '--depth', '1',
+                   '--ipc', '2', '--steps', '2', '--depth', '1',
                    '--width', '8', '--pool-size', '2', '--inner-steps', '2', '--hinv-steps', '2',
                    '--rcig-target-batch', '12', '--no-progress', '--out', str(run)]) == 0
   assert 'RCIG' in capsys.readouterr().out
   with np.load(run / 'support.npz') as f:
     assert f['images'].shape == (6, 8, 8, 1)
+
+
+# -- Flags a mode does not use are refused (one line: the flag, the mode, the fix). ------------
+
+@pytest.mark.parametrize('mode, extra, flag', [
+    (['--algorithm', 'rcig'], ['--lr-schedule', 'cosine'], '--lr-schedule'),
+    (['--algorithm', 'rcig'], ['--learn-labels'], '--learn-labels'),
+    (['--algorithm', 'rcig'], ['--target-batch', '12'], '--target-batch'),
+    (['--algorithm', 'rcig'], ['--arch', 'convnet'], '--arch'),
+    (['--algorithm', 'rcig'], ['--kernel', 'nngp'], '--kernel'),            # no workers: no KRR
+    (['--algorithm', 'rcig', '--workers', '2', '--eval-every', '0'], [], '--workers'),
+    (['--algorithm', 'rcig', '--launch', 'launchpad', '--workers', '2', '--eval-every', '0'], [],
+     '--launch'),
+    (['--algorithm', 'kip'], ['--width', '8'], '--width'),
+    (['--algorithm', 'rcig', '--eval-every', '0'], ['--eval-models', '3'], '--eval-models'),
+    (['--algorithm', 'rcig', '--eval-every', '0'], ['--eval-test-size', '9'], '--eval-test-size'),
+    (['--algorithm', 'kip'], ['--rcig-flip', 'on'], '--rcig-flip'),
+    (['--algorithm', 'kip'], ['--ls-rcond', '1e-3'], '--ls-rcond'),
+    (['--algorithm', 'ls'], ['--steps', '10'], '--steps'),
+    (['--algorithm', 'ls'], ['--lr', '0.1'], '--lr'),
+    (['--algorithm', 'ls'], ['--checkpoint-every', '5'], '--checkpoint-every'),
+    (['--algorithm', 'ls'], ['--pool-size', '3'], '--pool-size'),
+    (['--algorithm', 'kip'], ['--block', '8'], '--block'),                   # --workers 0
+    (['--algorithm', 'kip'], ['--ray-address', 'local'], '--ray-address'),
+    (['--algorithm', 'kip', '--workers', '2'], ['--expose-courier-ports'],
+     '--expose-courier-ports'),
+])
+def test_flags_a_mode_does_not_use_are_refused(tiny_npz, tmp_path, capsys, mode, extra, flag):
+  run = tmp_path / 'run'
+  code = cli.main(['distill', '--dataset', tiny_npz, '--data-dir', '.', '--out', str(run),
+                   '--no-progress', *mode, *extra])
+  err = capsys.readouterr().err
+  assert code == 2, err
+  assert f'{flag} is not used by --algorithm' in err and f'Drop {flag}' in err, err
+  assert 'Traceback' not in err and len(err.strip().splitlines()) == 1, err
+  assert not run.exists()   # refused before anything ran
+
+
+def test_flags_a_mode_uses_are_accepted():
+  """The refusal looks at the flags given, and at the mode: the same flag passes where used."""
+  args = cli._parser().parse_args(['distill', '--out', 'x', '--algorithm', 'rcig', '--workers',
+                                   '2', '--kernel', 'nngp', '--reg', '1e-4', '--block', '8',
+                                   '--width', '8', '--eval-every', '5'])
+  given = cli.given_flags(['distill', '--out', 'x', '--algorithm', 'rcig', '--workers', '2',
+                           '--kernel', 'nngp', '--reg', '1e-4', '--block', '8', '--width', '8',
+                           '--eval-every', '5'])
+  assert {'kernel', 'reg', 'block', 'width', 'workers', 'eval_every'} <= given
+  assert 'lr_schedule' not in given and 'arch' not in given
+  cli.refuse_unused_flags(args, given)   # RCIG with workers evaluates KRR: all used
+  with pytest.raises(ValueError, match='--kernel is not used'):
+    cli.refuse_unused_flags(cli._parser().parse_args(
+        ['distill', '--out', 'x', '--algorithm', 'rcig', '--kernel', 'nngp']), {'kernel'})
+
+
+def test_rcig_without_optax_says_how_to_install_it(tiny_npz, tmp_path, capsys, monkeypatch):
+  monkeypatch.setitem(sys.modules, 'optax', None)   # `import optax` raises ImportError
+  code = cli.main(['distill', '--algorithm', 'rcig', '--dataset', tiny_npz, '--data-dir', '.',
+                   '--ipc', '1', '--steps', '1', '--no-progress', '--out', str(tmp_path / 'r')])
+  err = capsys.readouterr().err
+  assert code == 2 and 'optax' in err and 'pip install optax' in err, err
+  assert 'Traceback' not in err and len(err.strip().splitlines()) == 1, err
+  assert not (tmp_path / 'r').exists()

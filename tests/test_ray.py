@@ -113,7 +113,7 @@ def test_local_ray_cases_in_a_private_network():
   start = time.time()
   done = private_network.run(
       [sys.executable, '-m', 'pytest', '-q', '-rs', '-p', 'no:cacheprovider',
-       str(tests / 'ray_local_cases.py')], prefix, timeout_s=480, cwd=str(tests.parent))
+       str(tests / 'ray_local_cases.py')], prefix, timeout_s=720, cwd=str(tests.parent))
   print(done.output[-6000:])
   print(f'local Ray cases: {time.time() - start:.1f} s')
   assert done.returncode == 0, done.output[-12000:]

@@ -227,6 +227,11 @@ def test_run_rcig_writes_the_run_directory_and_resumes_exactly(prepared, tmp_pat
   assert [r['step'] for r in records] == [0, 1, 2, 3, 4]
   assert all(np.isfinite(r['loss']) for r in records[1:])
   assert 0 <= records[-1]['test_accuracy'] <= 1 and summary['test_accuracy_after'] is not None
+  # An in-process run publishes its status like KIP's: the final snapshot says it ended.
+  snap = json.loads((straight / 'status.json').read_text())
+  assert snap['phase'] == 'done' and snap['snapshot_final'] and snap['step'] == 4
+  assert snap['algorithm'] == 'rcig' and snap['last_accuracy'] == records[-1]['test_accuracy']
+  assert 'krr_test_accuracy' not in records[-1] and 'krr_test_accuracy_after' not in summary
   with pytest.raises(ValueError, match='already holds'):
     rcig_loop.run_rcig(cfg, prepared, straight, ipc=1, steps=4, seed=5)
 
@@ -307,3 +312,32 @@ def test_batch_norm_option_normalises_and_trains():
   images = support['images']
   trained, _ = rcig.pool_train(cfg, params, rcig.adam_init(params), images, support['labels'], 2)
   assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(trained))
+
+
+def test_rcig_logs_the_krr_accuracy_of_its_kernel_backend(tiny_npz, tmp_path):
+  """With kernel workers, each evaluation also logs the ConvNet-NTK KRR accuracy of the saved
+  support set, on the finite net's test subset; the distillation itself is unchanged."""
+  from run_helpers import metrics, run_rcig_inprocess, tiny_rcig_job
+  from ntkdd.server import backend, distill, jobs
+  job = tiny_rcig_job(tiny_npz, steps=2, eval_every=2)
+  with_krr = run_rcig_inprocess(job, tmp_path / 'krr', workers=1)
+  without = jobs.run(job, str(tmp_path / 'plain'), None, progress=False)
+  got, plain = metrics(tmp_path / 'krr'), metrics(tmp_path / 'plain')
+  assert [r['loss'] for r in got] == [r['loss'] for r in plain]
+  assert [r.get('test_accuracy') for r in got] == [r.get('test_accuracy') for r in plain]
+  assert [r['step'] for r in got if 'krr_test_accuracy' in r] == [0, 2]
+  assert not any('krr_test_accuracy' in r for r in plain)
+  assert 'krr_test_accuracy_after' not in without
+  # The last one, recomputed directly with the ConvNet kernel on the saved support.
+  with np.load(tmp_path / 'krr' / 'support.npz') as f:
+    images, labels = f['images'], f['labels']
+  prepared = distill.prepare_data(job.settings)
+  direct = distill._evaluate(backend.InProcessKernels(job.architecture()), prepared, images,
+                             labels, job.settings, job.settings.seed)
+  assert job.architecture().name == 'convnet'
+  assert abs(direct - got[-1]['krr_test_accuracy']) <= 1 / 12 + 1e-9   # at most one image
+  assert with_krr['krr_test_accuracy_after'] == got[-1]['krr_test_accuracy']
+  snap = json.loads((tmp_path / 'krr' / 'status.json').read_text())
+  assert snap['last_krr_accuracy'] == got[-1]['krr_test_accuracy'] and snap['phase'] == 'done'
+  config = json.loads((tmp_path / 'krr' / 'config.json').read_text())['flags']
+  assert config['krr_kernel'] == 'ntk' and config['krr_arch']['name'] == 'convnet'
