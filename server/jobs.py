@@ -53,8 +53,10 @@ class RcigJob:
     if self.settings.algorithm != 'rcig':
       raise ValueError(f'An RcigJob needs settings with algorithm rcig, got '
                        f'{self.settings.algorithm!r}.')
-    # The shared settings are checked as for KIP (the RCIG ones in RcigConfig's constructor).
-    dataclasses.replace(self.settings, algorithm='kip').validate()
+    # The shared settings are checked as for KIP (the RCIG ones in RcigConfig's constructor),
+    # but for --eval-every, where RCIG's 0 means no evaluation.
+    dataclasses.replace(self.settings, algorithm='kip',
+                        eval_every=max(1, self.settings.eval_every)).validate()
     if self.settings.eval_every < 0:
       raise ValueError(f'--eval-every must be >= 0, got {self.settings.eval_every}.')
     require_optax()

@@ -87,7 +87,7 @@ def test_kip_events_hold_the_scalars_and_the_support_grid_of_each_evaluation(tin
 def test_rcig_events_hold_the_finite_net_accuracy(tiny_npz, tmp_path):
   run = tmp_path / 'rcig'
   assert cli.main(['distill', '--algorithm', 'rcig', '--dataset', tiny_npz, '--data-dir', '.',
-                   '--ipc', '2', '--steps', '2', '--arch', 'convnet', '--depth', '1',
+                   '--ipc', '2', '--steps', '2', '--depth', '1',
                    '--width', '8', '--pool-size', '2', '--inner-steps', '2', '--hinv-steps', '2',
                    '--rcig-target-batch', '12', '--eval-every', '2', '--eval-test-size', '6',
                    '--no-progress', '--tensorboard', '--out', str(run)]) == 0

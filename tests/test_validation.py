@@ -19,7 +19,7 @@ from ntkdd.server import checkpoint, distill
 KIP = ['--ipc', '2', '--steps', '2', '--target-batch', '12', '--eval-every', '1',
        '--checkpoint-every', '1', '--lr', '0.05', '--no-progress']
 LS = ['--algorithm', 'ls', '--ipc', '2', '--no-progress']
-RCIG = ['--algorithm', 'rcig', '--ipc', '1', '--steps', '1', '--arch', 'convnet', '--depth', '1',
+RCIG = ['--algorithm', 'rcig', '--ipc', '1', '--steps', '1', '--depth', '1',
         '--width', '4', '--pool-size', '1', '--inner-steps', '1', '--hinv-steps', '1',
         '--rcig-target-batch', '6', '--eval-every', '0', '--no-progress']
 

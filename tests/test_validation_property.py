@@ -95,6 +95,9 @@ def _distill_case(rng, tiny, out):
                          else ['0']),
       '--eval-every': (['1', '2'], ['0', '-1'] if algorithm == 'kip' else ['-1']),
   }
+  if algorithm == 'ls':   # flags LS does not use are refused as such (tested in test_cli)
+    for flag in ('--steps', '--lr', '--checkpoint-every', '--eval-every', '--target-batch'):
+      del spec[flag]
   chosen = _choose(rng, spec)
   argv = ['distill', '--algorithm', algorithm, '--arch', arch, '--dataset', tiny, '--data-dir',
           '.', '--no-progress', '--out', out]
