@@ -31,7 +31,9 @@ setup(
         'launchpad': ['dm-launchpad==0.5.2', 'tensorflow-cpu==2.8.4'],
         # The Ray launch type (--launch ray), on the driver and every node of the cluster.
         'ray': ['ray>=2.9'],
-        'dev': ['pytest', 'optax', 'pillow', 'matplotlib', 'ray>=2.9'],
+        # Reading support sets from the RCIG and FRePo code's flax checkpoints (evaluate).
+        'foreign': ['msgpack'],
+        'dev': ['pytest', 'optax', 'pillow', 'matplotlib', 'ray>=2.9', 'msgpack'],
     },
     entry_points={'console_scripts': ['ntkdd = ntkdd.launch.cli:main']},
 )

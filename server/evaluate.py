@@ -29,6 +29,16 @@ def load_support(path: str, prepared: distill.PreparedData, pixels: bool = False
   if not path.exists():
     raise FileNotFoundError(f'{path} does not exist; `ntkdd distill --out DIR` writes '
                             f'DIR/support.npz.')
+  from ntkdd.server import foreign_sets  # pylint: disable=import-outside-toplevel
+  if foreign_sets.is_flax_checkpoint(path):
+    if pixels:
+      raise ValueError(f'{path} is an RCIG/FRePo checkpoint: its x_proto is in that code\'s '
+                       f'preprocessed space, not pixels; drop --pixels.')
+    images, labels, label_ids, place = foreign_sets.load_flax_support(
+        path, prepared.x_train.shape[1:], prepared.num_classes)
+    logging.info('Support from %s (%s), in the %r preprocessed space.', path,
+                 place or 'top level', prepared.preprocessor.kind)
+    return SupportSet(images, labels, label_ids)
   with np.load(path, allow_pickle=False) as f:
     arrays = {k: f[k] for k in f.files}
   if pixels or 'images' not in arrays:
@@ -90,6 +100,7 @@ def transfer_accuracy(arch_name: str, support: SupportSet, prepared,
   # RCIG's optimiser and schedule, but this evaluator's steps, augmentation and zero readout.
   config = dataclasses.replace(train.rcig_protocol(len(support.images), learning_rate),
                                steps=steps, warmup_steps=min(500, steps // 4), augment=augment,
+                               schedule_steps=0, final_lr_fraction=0.0, warmup_from_zero=False,
                                zero_readout=True,
                                crop_padding=2 if prepared.x_train.shape[1] <= 28 else 4)
   result = train.evaluate_transfer(arch, support.images, support.labels, prepared.x_test,
@@ -135,6 +146,11 @@ def _config_for(args) -> distill.DistillConfig:
 
 
 def evaluate_from_args(args) -> dict[str, Any]:
+  from ntkdd.server import foreign_sets  # pylint: disable=import-outside-toplevel
+  if foreign_sets.is_flax_checkpoint(args.support) and args.preprocess == 'auto':
+    raise ValueError(f'{args.support} is an RCIG/FRePo checkpoint, made in that code\'s '
+                     f'preprocessed space: name that preprocessing with --preprocess (the '
+                     f'test split gets the same).')
   cfg = _config_for(args)
   prepared = distill.prepare_data(cfg)
   support = load_support(args.support, prepared, pixels=args.pixels)
