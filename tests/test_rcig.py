@@ -356,3 +356,21 @@ def test_structured_loop_step_equals_the_reference_loop_step(prepared):
     for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(fast)):
       np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
     assert rng_fast.bit_generator.state == rng.bit_generator.state
+
+
+def test_structured_steps_compile_once(prepared):
+  """Every jitted phase of the structured step is traced once for a run: not again in later
+  steps, for another pool model, a re-initialised one or a new inner learning rate."""
+  from ntkdd.server import rcig_loop
+  cfg = _tiny_cfg(pool_size=2, max_pool_steps=2, pool_train_steps=2)
+  rng = np.random.default_rng(8)
+  state, _ = rcig_loop._initial_state(cfg, prepared, 1, rng)
+  phases = rcig._structured_phases(rcig._network_key(cfg), cfg.l2_rate, cfg.flip_support)
+  pool_step = rcig._pool_step(rcig._network_key(cfg), prepared.num_classes)
+  rates = set()
+  for step in range(6):
+    state, record = rcig_loop.rcig_step(cfg, state, prepared, rng, step)
+    rates.add(record['inner_lr'])
+  assert len(rates) > 1
+  for name, fn in dict(phases, pool_step=pool_step).items():
+    assert fn._cache_size() == 1, name
