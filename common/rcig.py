@@ -217,7 +217,7 @@ def with_flips(images, labels):
 
 
 class FeatureLosses(NamedTuple):
-  """The losses' pieces in the space of the body's features (see `structured_step`)."""
+  """The losses' pieces in the space of the body's features (see `structured_step_gradients`)."""
   body_apply: Callable        # (body params, images) -> features
   readout_apply: Callable     # (readout params, features) -> logits
   support_inputs: Callable    # support dict -> (images, labels), mirrored copies added if set
