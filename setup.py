@@ -35,7 +35,10 @@ setup(
         'progress': ['tqdm'],
         # --tensorboard: event files for `tensorboard --logdir runs/` (no TensorFlow needed).
         'tensorboard': ['tensorboardX'],
-        'dev': ['pytest', 'optax', 'pillow', 'matplotlib', 'ray>=2.9', 'tqdm', 'tensorboardX'],
+        # Reading support sets from the RCIG and FRePo code's flax checkpoints (evaluate).
+        'foreign': ['msgpack'],
+        'dev': ['pytest', 'optax', 'pillow', 'matplotlib', 'ray>=2.9', 'tqdm', 'tensorboardX',
+                'msgpack'],
     },
     entry_points={'console_scripts': ['ntkdd = ntkdd.launch.cli:main']},
 )

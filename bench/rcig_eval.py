@@ -3,8 +3,9 @@
 For each run directory (made by `ntkdd distill --algorithm rcig`), trains `--models` ReLU
 ConvNets of RCIG's architecture (depth from the run, widths 128/256/512) on its support.npz
 (the EMA support and its learned labels, as the run saves them; with its mirror images when
-the run used flips) with `train.rcig_protocol` (Adam, 500 warm-up steps then cosine, MSE on
-the labels, batch 256; 1000 steps for 10 images, else 2000), and tests them on the whole test
+the run used flips) with `train.rcig_protocol` (Adam, 500 warm-up steps then cosine to 1%, MSE
+on the labels, batch 256; as RCIG's eval.py runs it: 2500 steps over a 1000-step schedule for 10
+images, else 5000 over 2000; with augmentation 1000, else 2000), and tests them on the whole test
 split: mean ± std over the models. Settings: `paper` (standard parameterisation, LeCun
 initialisation, Adam 1e-4: the paper's code), `paper-da` (the same with its augmentation, one
 op per image from crop/rotate/translate/cutout, plus flip/colour for RGB; its code reports

@@ -216,26 +216,64 @@ def with_flips(images, labels):
           jnp.concatenate([labels, labels], axis=0))
 
 
+class FeatureLosses(NamedTuple):
+  """The losses' pieces in the space of the body's features (see `structured_step_gradients`)."""
+  body_apply: Callable        # (body params, images) -> features
+  readout_apply: Callable     # (readout params, features) -> logits
+  support_inputs: Callable    # support dict -> (images, labels), mirrored copies added if set
+  fit: Callable               # (phi_S, labels, readout0) -> (residual, ridge correction)
+  feature_loss: Callable      # (phi_S, labels, readout0) -> inner loss without the L2 on delta
+  outer_from_features: Callable  # (phi_T, phi_S, labels, readout0, log_temp, y_target)
+                              # -> (outer loss, target accuracy)
+
+
 @functools.lru_cache(maxsize=16)
-def _losses(width, depth, w_std, b_std, parameterization, softplus_beta, l2_rate,
-            flip_support=False, batch_norm=False):
-  # Cached on the settings that matter, so that the losses keep their identity across calls
-  # (and configs differing elsewhere) and the jitted helpers below compile once.
+def _feature_losses(width, depth, w_std, b_std, parameterization, softplus_beta, l2_rate,
+                    flip_support=False, batch_norm=False) -> FeatureLosses:
+  # Cached on the settings that matter, so that the functions keep their identity across calls
+  # (and configs differing elsewhere) and the jitted helpers built on them compile once.
   cfg = RcigConfig(width=width, depth=depth, w_std=w_std, b_std=b_std,
                    parameterization=parameterization, softplus_beta=softplus_beta,
                    l2_rate=l2_rate, batch_norm=batch_norm)
   body_apply = build_body(cfg).apply_fn
   readout_apply = stax.Dense(1, w_std, b_std, parameterization).apply_fn
 
+  def support_inputs(support):
+    images, labels = support['images'], support['labels']
+    return with_flips(images, labels) if flip_support else (images, labels)
+
+  def fit(phi, labels, readout0):
+    """(residual on the support, ridge correction of the readout) at the optimal readout."""
+    prior = labels - readout_apply(readout0, phi)
+    correction = closed_form_last_layer(phi, prior, l2_rate * phi.shape[0])
+    return prior - phi @ correction, correction
+
+  def feature_loss(phi, labels, readout0):
+    residual, correction = fit(phi, labels, readout0)
+    return (0.5 * jnp.sum(jnp.square(residual)) / residual.shape[0]
+            + 0.5 * l2_rate * jnp.sum(jnp.square(correction)))
+
+  def outer_from_features(phi_target, phi_support, labels, readout0, log_temp, y_target):
+    _, correction = fit(phi_support, labels, readout0)
+    predictions = readout_apply(readout0, phi_target) + phi_target @ correction
+    return cross_entropy(predictions * jnp.exp(log_temp), y_target)
+
+  return FeatureLosses(body_apply, readout_apply, support_inputs, fit, feature_loss,
+                       outer_from_features)
+
+
+@functools.lru_cache(maxsize=16)
+def _losses(width, depth, w_std, b_std, parameterization, softplus_beta, l2_rate,
+            flip_support=False, batch_norm=False):
+  pieces = _feature_losses(width, depth, w_std, b_std, parameterization, softplus_beta,
+                           l2_rate, flip_support, batch_norm)
+  body_apply = pieces.body_apply
+
   def support_fit(delta, support, ctx):
     """(residual on the support, ridge correction of the readout) at the optimal readout."""
-    images, labels = support['images'], support['labels']
-    if flip_support:
-      images, labels = with_flips(images, labels)
+    images, labels = pieces.support_inputs(support)
     _, phi = linearized_features(body_apply, ctx['params0'], delta, images)
-    prior = labels - readout_apply(ctx['readout0'], phi)
-    correction = closed_form_last_layer(phi, prior, l2_rate * images.shape[0])
-    return prior - phi @ correction, correction
+    return pieces.fit(phi, labels, ctx['readout0'])
 
   def inner_loss(delta, support, ctx):
     residual, correction = support_fit(delta, support, ctx)
@@ -247,7 +285,7 @@ def _losses(width, depth, w_std, b_std, parameterization, softplus_beta, l2_rate
   def outer_loss(delta, support, log_temp, ctx):
     _, correction = support_fit(delta, support, ctx)
     _, phi = linearized_features(body_apply, ctx['params0'], delta, ctx['x_target'])
-    predictions = readout_apply(ctx['readout0'], phi) + phi @ correction
+    predictions = pieces.readout_apply(ctx['readout0'], phi) + phi @ correction
     return cross_entropy(predictions * jnp.exp(log_temp), ctx['y_target'])
 
   return inner_loss, outer_loss
@@ -346,6 +384,16 @@ def hessian_inverse_vector_product(hvp_fn: Callable, v: Params, steps: int, lr: 
   alpha uses |v'Hv| or, failing that, the Rayleigh scale ||Hv|| ||v||; where even that is
   zero or not finite the product is taken as 0 (the meta-gradient is then the direct one).
   """
+  x, step_size = _hinv_start(hvp_fn, v, lr)
+  state = adam_init(x)
+  for _ in range(steps):
+    grad = jax.tree_util.tree_map(jnp.subtract, hvp_fn(x), v)
+    x, state = adam_update(grad, state, x, step_size)
+  return x
+
+
+def _hinv_start(hvp_fn: Callable, v: Params, lr) -> tuple[Params, jax.Array]:
+  """The start alpha v and the Adam step size of `hessian_inverse_vector_product`."""
   hv = hvp_fn(v)
   vv, vhv = _vdot(v, v), _vdot(v, hv)
   scale = jnp.sqrt(vv * _vdot(hv, hv))
@@ -354,12 +402,7 @@ def hessian_inverse_vector_product(hvp_fn: Callable, v: Params, steps: int, lr: 
   alpha = jnp.where(usable, vv / jnp.where(usable, curvature, 1.0), 0.0)
   x = jax.tree_util.tree_map(lambda t: alpha * t, v)
   size = jnp.sqrt(_vdot(x, x) / sum(t.size for t in jax.tree_util.tree_leaves(x)))
-  step_size = lr * size
-  state = adam_init(x)
-  for _ in range(steps):
-    grad = jax.tree_util.tree_map(jnp.subtract, hvp_fn(x), v)
-    x, state = adam_update(grad, state, x, step_size)
-  return x
+  return x, lr * size
 
 
 @functools.lru_cache(maxsize=32)
@@ -401,14 +444,19 @@ def meta_gradient(inner_loss: InnerLoss, outer_loss: OuterLoss, delta_star: Para
   x = hessian_inverse_vector_product(lambda t: hvp(t, delta_star, support, ctx), g_delta,
                                      hinv_steps, hinv_lr)
   implicit = jax.tree_util.tree_map(jnp.negative, mixed(x, delta_star, support, ctx))
-  # As the paper's code: a non-finite implicit part (a Hessian-inverse product that blew up
-  # on a non-convex inner loss) counts as zero, leaving the direct gradient.
+  total = _combine(direct, implicit, clip_implicit)
+  return MetaGradient(total, g_temp, loss, accuracy, direct, implicit)
+
+
+def _combine(direct: Support, implicit: Support, clip_implicit: bool) -> Support:
+  """direct + implicit, per leaf. As the paper's code: a non-finite implicit part (a
+  Hessian-inverse product that blew up on a non-convex inner loss) counts as zero, leaving the
+  direct gradient; with clip_implicit its norm is at most the direct part's."""
   used = jax.tree_util.tree_map(
       lambda g: jnp.where(jnp.all(jnp.isfinite(g)), g, jnp.zeros_like(g)), implicit)
   if clip_implicit:
     used = jax.tree_util.tree_map(_clip_to, used, direct)
-  total = jax.tree_util.tree_map(jnp.add, direct, used)
-  return MetaGradient(total, g_temp, loss, accuracy, direct, implicit)
+  return jax.tree_util.tree_map(jnp.add, direct, used)
 
 
 @jax.jit
@@ -436,12 +484,27 @@ def _network_key(cfg: RcigConfig) -> tuple:
           cfg.batch_norm)
 
 
+@functools.lru_cache(maxsize=16)
+def _pool_step(cfg_key: tuple, num_classes: int) -> Callable:
+  """A jitted (params, state, images, labels, lr) -> (params, state): one Adam step of
+  `pool_train`, gradient and update in one dispatch."""
+  grad_fn = _pool_grad(cfg_key, num_classes)
+  return jax.jit(lambda params, state, images, labels, lr: adam_update(
+      grad_fn(params, images, labels), state, params, lr))
+
+
 def pool_train(cfg: RcigConfig, params: Params, state: AdamState, images, labels,
-               steps: int) -> tuple[Params, AdamState]:
-  """`steps` Adam steps (cfg.pool_lr, MSE on the support's labels) of one pool model."""
-  grad_fn = _pool_grad(_network_key(cfg), int(labels.shape[1]))
+               steps: int, fused: bool = True) -> tuple[Params, AdamState]:
+  """`steps` Adam steps (cfg.pool_lr, MSE on the support's labels) of one pool model; fused:
+  gradient and update in one jitted call per step (else two, as before; the same numbers)."""
   if cfg.flip_support:
     images, labels = with_flips(images, labels)
+  if fused:
+    step = _pool_step(_network_key(cfg), int(labels.shape[1]))
+    for _ in range(steps):
+      params, state = step(params, state, images, labels, cfg.pool_lr)
+    return params, state
+  grad_fn = _pool_grad(_network_key(cfg), int(labels.shape[1]))
   for _ in range(steps):
     params, state = adam_update(grad_fn(params, images, labels), state, params, cfg.pool_lr)
   return params, state
@@ -466,3 +529,139 @@ def rcig_step_gradients(cfg: RcigConfig, params0: Params, support: Support, log_
                        hinv_steps=cfg.hinv_steps, hinv_lr=cfg.hinv_lr,
                        clip_implicit=cfg.clip_implicit)
   return meta, next_lr
+
+
+# ----------------------------------------------------------------------------------------------
+# The structured step: `rcig_step_gradients`'s math with far fewer passes through the body.
+#
+# The inner loss depends on delta only through the support's linearised features
+# phi_S = phi(S; theta0) + J_S delta (and the L2 term), and the outer loss through phi_S and
+# the target's phi_T = phi(T; theta0) + J_T delta. So the body is linearised once per step at
+# theta0, on the support and on the target batch (`jax.vjp`: the forward pass and the
+# activations' derivatives are computed once, not again in every inner and Hessian-inverse
+# step), and every derivative in delta goes through J^T (the vjp) and J (its transpose):
+#   dL_i/ddelta = J_S^T F'(phi_S) + l2 delta,    H x = J_S^T F''(phi_S) J_S x + l2 x,
+#   dL_o/ddelta = J_T^T dL_o/dphi_T + J_S^T dL_o/dphi_S,
+# with F the inner loss as a function of the support's features (`FeatureLosses`), and the
+# mixed term d/dS <dL_i/ddelta, x> = d/dS <F'(phi_S), J_S x>. Each phase is one jitted call
+# (an Adam step fused with its gradient); the vjp closures travel between them as pytrees of
+# their residuals, so nothing is re-traced or recompiled per step. The loops over the inner
+# and Hessian-inverse steps stay in Python: dispatch is asynchronous (no host round trip until
+# the step's end), while XLA:CPU runs convolutions inside while loops far slower (see
+# train._train_step) and unrolling them into one jit multiplies the compile time.
+
+class _Linearised(NamedTuple):
+  phi0: jax.Array         # the body's features at theta0
+  vjp: Callable           # cotangent of phi -> (J^T cotangent,): a jax.tree_util.Partial
+
+
+def _jvp(lin: _Linearised, tangent: Params) -> jax.Array:
+  """J tangent, the transpose of the linearisation's vjp."""
+  return jax.linear_transpose(lin.vjp, lin.phi0)((tangent,))[0]
+
+
+@functools.lru_cache(maxsize=16)
+def _structured_phases(network_key: tuple, l2_rate: float, flip_support: bool) -> dict:
+  """The jitted phases of `structured_step_gradients` for one network and ridge setting."""
+  width, depth, w_std, b_std, parameterization, softplus_beta, batch_norm = network_key
+  pieces = _feature_losses(width, depth, w_std, b_std, parameterization, softplus_beta,
+                           l2_rate, flip_support, batch_norm)
+  feature_grad = jax.grad(pieces.feature_loss)  # (phi_S, labels, readout0) -> dF/dphi_S
+  add_l2 = lambda g, d: jax.tree_util.tree_map(lambda a, b: a + l2_rate * b, g, d)
+
+  @jax.jit
+  def linearise_support(body0, support):
+    images, labels = pieces.support_inputs(support)
+    return _Linearised(*jax.vjp(lambda p: pieces.body_apply(p, images), body0)), labels
+
+  def inner_grad(lin, delta, labels, readout0):
+    return add_l2(lin.vjp(feature_grad(lin.phi0 + _jvp(lin, delta), labels, readout0))[0],
+                  delta)
+
+  @jax.jit
+  def inner_step(lin, delta, state, labels, readout0, lr):
+    return adam_update(inner_grad(lin, delta, labels, readout0), state, delta, lr)
+
+  def hvp(lin, phi, x, labels, readout0):
+    feature_hvp = jax.jvp(lambda f: feature_grad(f, labels, readout0), (phi,),
+                          (_jvp(lin, x),))[1]
+    return add_l2(lin.vjp(feature_hvp)[0], x)
+
+  @jax.jit
+  def outer(params0, lin, delta, support, labels, log_temp, x_target, y_target, hinv_lr):
+    """delta* (the inner solve's delta if it lowered the inner loss below delta = 0's, else
+    0, as `tuned_inner_solve`; a NaN counts as not lowered) and whether it did; the outer loss
+    and its gradients at delta* (`meta_gradient`'s outer_value_and_grads); the start of the
+    Hessian-inverse solve."""
+    body0, readout0 = params0
+    value = lambda phi, d: (pieces.feature_loss(phi, labels, readout0)
+                            + 0.5 * l2_rate * squared_norm(d))
+    phi_delta = lin.phi0 + _jvp(lin, delta)
+    zero = jax.tree_util.tree_map(jnp.zeros_like, delta)
+    improved = value(phi_delta, delta) <= value(lin.phi0, zero)
+    delta = jax.tree_util.tree_map(lambda a, b: jnp.where(improved, a, b), delta, zero)
+    phi_s = jnp.where(improved, phi_delta, lin.phi0)
+    target = _Linearised(*jax.vjp(lambda p: pieces.body_apply(p, x_target), body0))
+    (loss, accuracy), (g_t, g_s, g_labels, g_temp) = jax.value_and_grad(
+        lambda pt, ps, y, lt: pieces.outer_from_features(pt, ps, y, readout0, lt, y_target),
+        argnums=(0, 1, 2, 3), has_aux=True)(target.phi0 + _jvp(target, delta), phi_s, labels,
+                                            log_temp)
+    g_delta = jax.tree_util.tree_map(jnp.add, target.vjp(g_t)[0], lin.vjp(g_s)[0])
+    # The direct gradient: through the support's (mirrored) images and labels at fixed delta.
+    _, support_vjp = jax.vjp(lambda s: _support_features(pieces, body0, delta, s), support)
+    (direct,) = support_vjp((g_s, g_labels))
+    x, step_size = _hinv_start(lambda t: hvp(lin, phi_s, t, labels, readout0), g_delta, hinv_lr)
+    return delta, improved, phi_s, g_delta, x, step_size, (loss, accuracy, g_temp, direct)
+
+  @jax.jit
+  def hinv_step(lin, phi, x, state, v, labels, readout0, step_size):
+    grad = jax.tree_util.tree_map(jnp.subtract, hvp(lin, phi, x, labels, readout0), v)
+    return adam_update(grad, state, x, step_size)
+
+  def finish(body0, readout0, delta, x, support, outer_parts, clip_implicit):
+    """The mixed term d/dS <F'(phi_S(S)), J_S(S) x>, and the meta-gradient."""
+    loss, accuracy, g_temp, direct = outer_parts
+
+    def coupling(s):
+      phi, s_labels = _support_features(pieces, body0, delta, s)
+      s_images = pieces.support_inputs(s)[0]
+      tangent = jax.jvp(lambda p: pieces.body_apply(p, s_images), (body0,), (x,))[1]
+      return _vdot(feature_grad(phi, s_labels, readout0), tangent)
+
+    implicit = jax.tree_util.tree_map(jnp.negative, jax.grad(coupling)(support))
+    total = _combine(direct, implicit, clip_implicit)
+    return MetaGradient(total, g_temp, loss, accuracy, direct, implicit)
+
+  return {'linearise_support': linearise_support, 'inner_step': inner_step, 'outer': outer,
+          'hinv_step': hinv_step,
+          'finish': jax.jit(finish, static_argnames='clip_implicit')}
+
+
+def _support_features(pieces: FeatureLosses, body0: Params, delta: Params,
+                      support: Support) -> tuple[jax.Array, jax.Array]:
+  """(phi_S = the support's linearised features at delta, the support's labels), with the
+  mirrored copies where the losses use them."""
+  images, labels = pieces.support_inputs(support)
+  return linearized_features(pieces.body_apply, body0, delta, images)[1], labels
+
+
+def structured_step_gradients(cfg: RcigConfig, params0: Params, support: Support, log_temp,
+                              x_target, y_target, inner_lr: float) -> tuple[MetaGradient, float]:
+  """`rcig_step_gradients` (the same meta-gradient and next inner learning rate, to float
+  rounding) through the linearised body, see above."""
+  phases = _structured_phases(_network_key(cfg), cfg.l2_rate, cfg.flip_support)
+  body0, readout0 = params0
+  lin, labels = phases['linearise_support'](body0, support)
+  delta0 = zeros_like_body(params0)
+  delta, state = delta0, adam_init(delta0)
+  for _ in range(cfg.inner_steps):
+    delta, state = phases['inner_step'](lin, delta, state, labels, readout0, inner_lr)
+  delta, improved, phi_s, g_delta, x, step_size, outer_parts = phases['outer'](
+      params0, lin, delta, support, labels, log_temp, x_target, y_target, cfg.hinv_lr)
+  state = adam_init(x)
+  for _ in range(cfg.hinv_steps):
+    x, state = phases['hinv_step'](lin, phi_s, x, state, g_delta, labels, readout0, step_size)
+  meta = phases['finish'](body0, readout0, delta, x, support, outer_parts,
+                          clip_implicit=cfg.clip_implicit)
+  factor = cfg.inner_lr_increase if bool(improved) else cfg.inner_lr_decrease
+  return meta, inner_lr * factor

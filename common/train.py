@@ -65,6 +65,12 @@ class TrainConfig:
     every seed. Only for 'sgd_momentum' (Adam's step size is not governed by the NTK).
   batch_size: capped at the support-set size at train time (then every step is full-batch).
   warmup_steps: linear warm-up from ~0 to the peak, then the `schedule` over the rest.
+  schedule_steps: the length of warm-up plus decay; 0: `steps`. Steps past it keep the
+    schedule's last rate (RCIG's evaluation trains 2.5 times its schedule's length, see
+    `rcig_protocol`).
+  final_lr_fraction: the cosine decays to this fraction of the peak (optax's `alpha`).
+  warmup_from_zero: the warm-up rate is peak * step / warmup_steps (optax's linear_schedule
+    from 0: the first step has rate 0) instead of peak * (step + 1) / warmup_steps.
   weight_decay: L2 penalty 0.5 * wd * ||params||^2 added to the loss.
   augment: random horizontal flip and random crop after zero-padding by `crop_padding` pixels
     (4 is the usual choice for 32x32 images, 2 for 28x28).
@@ -83,6 +89,9 @@ class TrainConfig:
   momentum: float = 0.9
   schedule: str = 'cosine'
   warmup_steps: int = 0
+  schedule_steps: int = 0
+  final_lr_fraction: float = 0.0
+  warmup_from_zero: bool = False
   weight_decay: float = 0.0
   loss: str = 'mse'
   augment: bool = False
@@ -116,6 +125,12 @@ class TrainConfig:
     if not 0 <= self.warmup_steps < self.steps:
       raise ValueError(f'warmup_steps must be in [0, steps), got {self.warmup_steps} '
                        f'with steps={self.steps}.')
+    if self.schedule_steps and not self.warmup_steps < self.schedule_steps <= self.steps:
+      raise ValueError(f'schedule_steps must be 0 or in (warmup_steps, steps], got '
+                       f'{self.schedule_steps} with warmup_steps={self.warmup_steps}, '
+                       f'steps={self.steps}.')
+    if not 0 <= self.final_lr_fraction < 1:
+      raise ValueError(f'final_lr_fraction must be in [0, 1), got {self.final_lr_fraction}.')
     if self.weight_decay < 0:
       raise ValueError(f'weight_decay must be >= 0, got {self.weight_decay}.')
     if self.crop_padding < 0:
@@ -131,10 +146,18 @@ class TrainConfig:
 
 def rcig_protocol(support_size: int, learning_rate: float = 1e-4,
                   augmentations: str = '') -> TrainConfig:
-  """RCIG's evaluation: Adam, 500 warm-up steps then cosine decay, MSE on the given labels,
-  batch 256 (capped at the support size), a randomly initialised readout; 1000 steps for a
-  support of 10 images, else 2000 (its code's rule); optionally its augmentation (one op per
-  image, e.g. `augment.default_strategy(channels)`).
+  """RCIG's evaluation as its code's loop runs it (yolky/RCIG eval.py, lines 203-267): Adam
+  whose rate warms up linearly from 0 over 500 steps (optax's linear_schedule) and then
+  decays by a cosine to 1% of the peak (optax's cosine_decay_schedule, alpha=0.01) at the end
+  of a schedule of 1000 steps for a support of 10 images, else 2000; MSE on the given labels;
+  batch 256 (the whole support when it has at most 256 images); a randomly initialised readout.
+
+  The steps actually taken differ from the schedule's length: the code trains in chunks of
+  500 steps (`do_training_steps(..., n_steps=500)`), 1000 // 200 = 5 chunks (2000 // 200 = 10)
+  without augmentation, so 2500 steps (5000), the last 1500 (3000) at the final 1% rate; and
+  1000 // 500 = 2 chunks (2000 // 500 = 4) with augmentation, so 1000 steps (2000), the
+  schedule's length. `augmentations` (one op per image, e.g.
+  `augment.default_strategy(channels)`) selects the second.
 
   RCIG trains standard-parameterised networks with Adam at 1e-4 (the default here; use it with
   Architecture('rcig_convnet', w_std=1, b_std=0, parameterization='standard')). In the NTK
@@ -145,9 +168,13 @@ def rcig_protocol(support_size: int, learning_rate: float = 1e-4,
   """
   if support_size <= 0:
     raise ValueError(f'support_size (images) must be > 0, got {support_size}.')
-  return TrainConfig(steps=1000 if support_size == 10 else 2000, batch_size=256,
-                     learning_rate=learning_rate, optimizer='adam', schedule='cosine',
-                     warmup_steps=500, loss='mse', augmentations=augmentations,
+  schedule_steps = 1000 if support_size == 10 else 2000
+  chunk, chunks_per = 500, (500 if augmentations else 200)
+  steps = chunk * (schedule_steps // chunks_per)
+  return TrainConfig(steps=steps, batch_size=256, learning_rate=learning_rate,
+                     optimizer='adam', schedule='cosine', warmup_steps=500,
+                     schedule_steps=schedule_steps, final_lr_fraction=0.01,
+                     warmup_from_zero=True, loss='mse', augmentations=augmentations,
                      zero_readout=False)
 
 
@@ -163,16 +190,22 @@ def kip_protocol(lr_factor: float = 0.5, steps: int = 5000) -> TrainConfig:
 
 
 def learning_rate_schedule(config: TrainConfig) -> Callable:
-  """Multiplier in (0, 1] of the peak learning rate at each step (jnp-traceable)."""
-  warmup, steps = config.warmup_steps, config.steps
+  """Multiplier in [0, 1] of the peak learning rate at each step (jnp-traceable)."""
+  warmup, steps = config.warmup_steps, config.schedule_steps or config.steps
+  floor = config.final_lr_fraction
+  # (step + 1) so that the first warm-up step already moves the parameters, unless the
+  # warm-up is optax's (from 0).
+  offset = 0.0 if config.warmup_from_zero else 1.0
 
   def schedule(step):
     step = jnp.asarray(step, jnp.float32)
-    # (step + 1) so that the first warm-up step already moves the parameters.
-    factor = jnp.minimum(1.0, (step + 1.0) / warmup) if warmup > 0 else jnp.float32(1.0)
+    factor = jnp.minimum(1.0, (step + offset) / warmup) if warmup > 0 else jnp.float32(1.0)
     if config.schedule == 'cosine':
       progress = jnp.clip((step - warmup) / max(steps - warmup, 1), 0.0, 1.0)
-      factor = factor * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+      if floor:
+        factor = factor * (floor + (1.0 - floor) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress)))
+      else:
+        factor = factor * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
     return factor
 
   return schedule

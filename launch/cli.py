@@ -195,7 +195,10 @@ def _parser() -> argparse.ArgumentParser:
                   'KRR test accuracy with the kernel, and networks trained on the support set.')
   e.add_argument('--support', required=True,
                  help='support .npz: images (model space) or images_pixels (raw [0,1] pixels, '
-                      'then preprocessed as the run was) plus labels (n x C) or label_ids.')
+                      'then preprocessed as the run was) plus labels (n x C) or label_ids; or '
+                      'a checkpoint of the RCIG or FRePo code (a flax msgpack checkpoint_<step> '
+                      'file or its folder: x_proto, y_proto, the ema_average copy first; '
+                      'needs msgpack and --preprocess naming the space it was made in).')
   e.add_argument('--run', default=None, help='run directory whose config.json sets the '
                  'dataset, preprocessing and kernel; default: the support file\'s folder.')
   e.add_argument('--pixels', action='store_true',
@@ -205,7 +208,9 @@ def _parser() -> argparse.ArgumentParser:
   e.add_argument('--kernel', choices=('ntk', 'nngp'), default='ntk')
   e.add_argument('--reg', type=flags.positive_float, default=1e-6)
   e.add_argument('--preprocess', choices=('auto', 'none', 'standardize', 'zca'), default='auto',
-                 help='as in distill (a run directory\'s config.json overrides it).')
+                 help='as in distill (a run directory\'s config.json overrides it); for an '
+                      'RCIG/FRePo checkpoint, the preprocessing the set was made in (the test '
+                      'split gets the same).')
   e.add_argument('--zca-strength', type=flags.positive_float, default=0.1)
   e.add_argument('--image-size', type=flags.positive_int, default=None)
   e.add_argument('--transfer', default='convnet,fc',

@@ -44,9 +44,20 @@ def read_support_file(path: str) -> dict[str, np.ndarray]:
 def load_support(path: str, prepared: distill.PreparedData, pixels: bool = False,
                  arrays: Optional[dict] = None) -> SupportSet:
   """Reads a support .npz: `images` (model space) or `images_pixels` ([0,1] pixels, then
-  preprocessed like the dataset), and `labels` (n, C) or `label_ids` (n,). `arrays`: the file's
-  arrays where `read_support_file` already read them."""
+  preprocessed like the dataset), and `labels` (n, C) or `label_ids` (n,); or a checkpoint of
+  the RCIG/FRePo code (`foreign_sets`). `arrays`: the .npz's arrays where `read_support_file`
+  already read them."""
   path = Path(path)
+  from ntkdd.server import foreign_sets  # pylint: disable=import-outside-toplevel
+  if foreign_sets.is_flax_checkpoint(path):
+    if pixels:
+      raise ValueError(f'{path} is an RCIG/FRePo checkpoint: its x_proto is in that code\'s '
+                       f'preprocessed space, not pixels; drop --pixels.')
+    images, labels, label_ids, place = foreign_sets.load_flax_support(
+        path, prepared.x_train.shape[1:], prepared.num_classes)
+    logging.info('Support from %s (%s), in the %r preprocessed space.', path,
+                 place or 'top level', prepared.preprocessor.kind)
+    return SupportSet(images, labels, label_ids)
   arrays = read_support_file(path) if arrays is None else arrays
   if pixels or 'images' not in arrays:
     raw = arrays.get('images_pixels', arrays.get('images')).astype(np.float32)
@@ -111,6 +122,7 @@ def transfer_accuracy(arch_name: str, support: SupportSet, prepared,
   # RCIG's optimiser and schedule, but this evaluator's steps, augmentation and zero readout.
   config = dataclasses.replace(train.rcig_protocol(len(support.images), learning_rate),
                                steps=steps, warmup_steps=min(500, steps // 4), augment=augment,
+                               schedule_steps=0, final_lr_fraction=0.0, warmup_from_zero=False,
                                zero_readout=True,
                                crop_padding=2 if prepared.x_train.shape[1] <= 28 else 4)
   result = train.evaluate_transfer(arch, support.images, support.labels, prepared.x_test,
@@ -184,12 +196,19 @@ def _config_for(args, run_config: Optional[tuple[Path, dict]] = None) -> distill
 
 
 def evaluate_from_args(args) -> dict[str, Any]:
+  from ntkdd.server import foreign_sets  # pylint: disable=import-outside-toplevel
+  foreign = foreign_sets.is_flax_checkpoint(args.support)
+  if foreign and args.preprocess == 'auto':
+    raise ValueError(f'{args.support} is an RCIG/FRePo checkpoint, made in that code\'s '
+                     f'preprocessed space: name that preprocessing with --preprocess (the '
+                     f'test split gets the same).')
   transfer = tuple(t for t in args.transfer.split(',') if t)
   for name in transfer:
     if name not in architectures.ARCHITECTURES:
       raise ValueError(f'--transfer: unknown network {name!r}; choose from '
                        f'{architectures.ARCHITECTURES}.')
-  arrays = read_support_file(args.support)   # before the (slow) dataset load
+  # Before the (slow) dataset load.
+  arrays = None if foreign else read_support_file(args.support)
   out = Path(args.out) if args.out else Path(args.support).parent / 'evaluation.json'
   checkpoint.check_output_file(out, '--out', 'evaluation.json')
   run_config = _run_config(args)

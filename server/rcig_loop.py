@@ -118,7 +118,7 @@ def finite_accuracy(images, labels, x_test, y_test, num_classes: int, *, depth: 
   # The protocol's step count follows the distilled set's size, before any mirror images.
   protocol = train.rcig_protocol(len(images), learning_rate, augmentations)
   if train_steps:
-    protocol = dataclasses.replace(protocol, steps=train_steps,
+    protocol = dataclasses.replace(protocol, steps=train_steps, schedule_steps=0,
                                    warmup_steps=min(protocol.warmup_steps, train_steps // 2))
   if flip:
     images, labels = rcig.with_flips(jnp.asarray(images), jnp.asarray(labels))
@@ -151,9 +151,11 @@ def _krr_record(krr_eval: Optional[Callable], cfg: rcig.RcigConfig, state: dict,
 
 
 def rcig_step(cfg: rcig.RcigConfig, state: dict, prepared, rng: np.random.Generator,
-              step: int) -> tuple[dict, dict]:
+              step: int, structured: bool = True) -> tuple[dict, dict]:
   """One meta-step (draw a pool model and a target batch, meta-gradient, update the support,
-  train the pool model); returns the new state and the step's record."""
+  train the pool model); returns the new state and the step's record. structured: the
+  meta-gradient by `rcig.structured_step_gradients` and fused pool steps (the default), else
+  by the reference `rcig.rcig_step_gradients` (the same numbers to float rounding; slower)."""
   num_classes = prepared.num_classes
   pool = list(state['pool'])
   i = int(rng.integers(cfg.pool_size))
@@ -164,7 +166,9 @@ def rcig_step(cfg: rcig.RcigConfig, state: dict, prepared, rng: np.random.Genera
                                            num_classes=num_classes)
   learned = state['learned']
   support = {'images': learned['images'], 'labels': learned['labels']}
-  meta, inner_lr = rcig.rcig_step_gradients(
+  step_gradients = (rcig.structured_step_gradients if structured
+                    else rcig.rcig_step_gradients)
+  meta, inner_lr = step_gradients(
       cfg, pool[i]['params'], support, learned['log_temp'],
       jnp.asarray(prepared.x_train[target]),
       jnp.asarray(prepared.y_train[target].astype(np.int32)), float(state['inner_lr']))
@@ -177,7 +181,7 @@ def rcig_step(cfg: rcig.RcigConfig, state: dict, prepared, rng: np.random.Genera
                              f'learning rates and resume from the last checkpoint.')
   train_steps = int(rng.integers(1, cfg.pool_train_steps + 1))
   params, adam = rcig.pool_train(cfg, pool[i]['params'], pool[i]['adam'], learned['images'],
-                                 learned['labels'], train_steps)
+                                 learned['labels'], train_steps, fused=structured)
   pool[i] = {'params': params, 'adam': adam, 'age': np.int64(pool[i]['age'] + train_steps)}
   d = cfg.ema_decay
   ema = {k: d * state['ema'][k] + (1 - d) * learned[k] for k in ('images', 'labels')}

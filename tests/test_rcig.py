@@ -341,3 +341,68 @@ def test_rcig_logs_the_krr_accuracy_of_its_kernel_backend(tiny_npz, tmp_path):
   assert snap['last_krr_accuracy'] == got[-1]['krr_test_accuracy'] and snap['phase'] == 'done'
   config = json.loads((tmp_path / 'krr' / 'config.json').read_text())['flags']
   assert config['krr_kernel'] == 'ntk' and config['krr_arch']['name'] == 'convnet'
+@pytest.mark.parametrize('options', [dict(depth=2), dict(flip_support=True),
+                                     dict(batch_norm=True)])
+def test_structured_step_equals_the_reference_step(options):
+  """The structured step (linearised body, J and J^T, one jit) computes the reference's
+  meta-gradient to float rounding, for an inner solve that is kept (lr 1e-3) and one that is
+  discarded (lr 10: Adam overshoots, the inner loss rises)."""
+  cfg = rcig.RcigConfig(**dict(dict(width=8, depth=1, inner_steps=4, hinv_steps=4), **options))
+  rng = np.random.default_rng(11)
+  shape = (8, 8, 3)
+  params = rcig.init_model(cfg, jax.random.PRNGKey(4), shape, 4)
+  support = {'images': jnp.asarray(rng.normal(size=(4,) + shape), jnp.float32),
+             'labels': jnp.asarray(rng.normal(size=(4, 4)), jnp.float32)}
+  x_target = jnp.asarray(rng.normal(size=(12,) + shape), jnp.float32)
+  y_target = jnp.asarray(rng.integers(0, 4, size=12))
+  for inner_lr, next_lr in ((1e-3, 1.1e-3), (10.0, 5.0)):
+    reference, reference_lr = rcig.rcig_step_gradients(cfg, params, support, jnp.float32(0.2),
+                                                       x_target, y_target, inner_lr)
+    fast, fast_lr = rcig.structured_step_gradients(cfg, params, support, jnp.float32(0.2),
+                                                   x_target, y_target, inner_lr)
+    assert reference_lr == fast_lr == pytest.approx(next_lr)
+    for name in rcig.MetaGradient._fields:
+      for a, b in zip(jax.tree_util.tree_leaves(getattr(reference, name)),
+                      jax.tree_util.tree_leaves(getattr(fast, name))):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * max(np.abs(a).max(), 1e-3),
+                                   err_msg=name)
+    assert np.abs(np.asarray(fast.implicit['images'])).max() > 0
+
+
+def test_structured_loop_step_equals_the_reference_loop_step(prepared):
+  """rcig_loop.rcig_step with the structured meta-gradient and fused pool steps follows the
+  reference from one state and random generator: the same draws, the same support, pool model
+  and inner learning rate to float rounding."""
+  from ntkdd.server import rcig_loop
+  cfg = _tiny_cfg()
+  rng = np.random.default_rng(3)
+  state, _ = rcig_loop._initial_state(cfg, prepared, 1, rng)
+  for step in range(2):
+    rng_fast = np.random.default_rng()
+    rng_fast.bit_generator.state = rng.bit_generator.state
+    fast, fast_record = rcig_loop.rcig_step(cfg, state, prepared, rng_fast, step)
+    state, record = rcig_loop.rcig_step(cfg, state, prepared, rng, step, structured=False)
+    assert fast_record['pool_model'] == record['pool_model']
+    assert fast_record['loss'] == pytest.approx(record['loss'], rel=1e-5)
+    assert float(fast['inner_lr']) == float(state['inner_lr'])
+    for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(fast)):
+      np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+    assert rng_fast.bit_generator.state == rng.bit_generator.state
+
+
+def test_structured_steps_compile_once(prepared):
+  """Every jitted phase of the structured step is traced once for a run: not again in later
+  steps, for another pool model, a re-initialised one or a new inner learning rate."""
+  from ntkdd.server import rcig_loop
+  cfg = _tiny_cfg(pool_size=2, max_pool_steps=2, pool_train_steps=2)
+  rng = np.random.default_rng(8)
+  state, _ = rcig_loop._initial_state(cfg, prepared, 1, rng)
+  phases = rcig._structured_phases(rcig._network_key(cfg), cfg.l2_rate, cfg.flip_support)
+  pool_step = rcig._pool_step(rcig._network_key(cfg), prepared.num_classes)
+  rates = set()
+  for step in range(6):
+    state, record = rcig_loop.rcig_step(cfg, state, prepared, rng, step)
+    rates.add(record['inner_lr'])
+  assert len(rates) > 1
+  for name, fn in dict(phases, pool_step=pool_step).items():
+    assert fn._cache_size() == 1, name

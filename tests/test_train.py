@@ -57,7 +57,9 @@ def test_rcig_protocol_trains_the_ntk_parameterised_convnet():
   # 2000 steps, 500 of warm-up, full batch (256 capped at the 32 support images); 1e-3 for the
   # NTK parameterisation.
   config = train.rcig_protocol(len(SUPPORT_X), learning_rate=1e-3)
-  assert config.steps == 2000 and not config.zero_readout
+  assert (config.steps, config.schedule_steps) == (5000, 2000) and not config.zero_readout
+  # The schedule's 2000 steps (RCIG's code trains 3000 more at 1% of the peak rate).
+  config = dataclasses.replace(config, steps=config.schedule_steps)
   params = train.train_network(CONVNET, SUPPORT_X, SUPPORT_Y, config, seed=0,
                                num_classes=CLASSES)
   assert _test_accuracy(CONVNET, params) >= 0.9
@@ -69,15 +71,17 @@ RCIG_NET = architectures.Architecture('rcig_convnet', depth=2, w_std=1.0, b_std=
 
 def test_rcig_protocol_trains_rcigs_convnet_as_the_paper_with_and_without_augmentation():
   # The paper's setting: standard parameterisation, LeCun initialisation, Adam 1e-4, a random
-  # readout; 10 support images give its 1000 steps.
+  # readout; 10 support images give its schedule of 1000 steps, of which its loop takes 2500
+  # without augmentation.
   x, y = SUPPORT_X[::3][:10], SUPPORT_Y[::3][:10]
   config = train.rcig_protocol(len(x))
-  assert (config.steps, config.learning_rate) == (1000, 1e-4)
+  assert (config.steps, config.schedule_steps, config.learning_rate) == (2500, 1000, 1e-4)
   untrained = train.init_params(RCIG_NET, x.shape, CLASSES, seed=0, zero_readout=False)
   assert _test_accuracy(RCIG_NET, untrained) <= 0.5
   params = train.train_network(RCIG_NET, x, y, config, seed=0, num_classes=CLASSES)
   assert _test_accuracy(RCIG_NET, params) >= 0.9
-  augmented = dataclasses.replace(config, augmentations='crop_rotate_translate_cutout')
+  augmented = train.rcig_protocol(len(x), augmentations='crop_rotate_translate_cutout')
+  assert (augmented.steps, augmented.schedule_steps) == (1000, 1000)
   params, losses = train.train_network(RCIG_NET, x, y, augmented, seed=0, num_classes=CLASSES,
                                        return_losses=True)
   assert np.all(np.isfinite(losses)) and _test_accuracy(RCIG_NET, params) >= 0.8
@@ -170,6 +174,8 @@ def test_bad_inputs_name_the_problem(support_x, support_y, x_test, match):
     (dict(optimizer='rmsprop'), 'optimizer must be one of'),
     (dict(learning_rate=None), "needs optimizer='sgd_momentum'"),
     (dict(warmup_steps=10, steps=10), 'warmup_steps'),
+    (dict(warmup_steps=10, steps=100, schedule_steps=200), 'schedule_steps'),
+    (dict(final_lr_fraction=1.0), 'final_lr_fraction'),
 ])
 def test_bad_configs_name_the_problem(fields, match):
   with pytest.raises(ValueError, match=match):
@@ -177,8 +183,18 @@ def test_bad_configs_name_the_problem(fields, match):
 
 
 def test_protocol_presets_and_schedule():
-  # RCIG's code: 1000 steps for a support of 10 images (1 per class), else 2000.
-  assert train.rcig_protocol(10).steps == 1000 and train.rcig_protocol(100).steps == 2000
+  # RCIG's code (eval.py): a schedule of 1000 steps for a support of 10 images (1 per class),
+  # else 2000; its loop takes 2.5 times that without augmentation, the schedule with it.
+  for size, augmentations, steps, schedule_steps in ((10, '', 2500, 1000),
+                                                     (10, 'crop', 1000, 1000),
+                                                     (100, '', 5000, 2000),
+                                                     (100, 'crop', 2000, 2000)):
+    protocol = train.rcig_protocol(size, augmentations=augmentations)
+    assert (protocol.steps, protocol.schedule_steps) == (steps, schedule_steps)
+  # optax's linear warm-up from 0, then the cosine to 1% of the peak, held to the end.
+  unit = train.learning_rate_schedule(train.rcig_protocol(10))
+  values = np.array([float(unit(s)) for s in (0, 250, 500, 750, 1000, 2499)])
+  np.testing.assert_allclose(values, [0, 0.5, 1, 0.505, 0.01, 0.01], rtol=1e-5, atol=1e-7)
   rcig = train.rcig_protocol(500)
   assert (rcig.optimizer, rcig.warmup_steps, rcig.batch_size, rcig.loss) == (
       'adam', 500, 256, 'mse')
