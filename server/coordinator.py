@@ -31,9 +31,11 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from ntkdd.common import kernels, sources, wire
+from ntkdd.server import block_plan
 
 STALE_CACHE, MISSING_DATASET = wire.STALE_CACHE, wire.MISSING_DATASET   # workers' error codes
 ROWS, COLS = 'rows', 'cols'      # names of the per-call image caches on the workers
+BROADCASTS = ('direct', 'tree')   # how cached images reach the workers
 
 
 class WorkersUnavailable(RuntimeError):
@@ -61,6 +63,7 @@ class _Worker:
   retry_at: float = 0.0                      # monotonic time of the next ping while down
   backoff_s: float = 0.0
   info: dict = dataclasses.field(default_factory=dict)   # pid, device, ... from ping
+  peer_id: Optional[str] = None              # its name in its peers' tables, if it has peers
   datasets: dict = dataclasses.field(default_factory=dict)   # split key -> rows, from ping
   held: dict = dataclasses.field(default_factory=dict)   # cache name -> version it holds
   cache_epoch: int = 0                       # counts set_images sent, to spot races on `held`
@@ -142,9 +145,11 @@ class DistributedKernels:
   def __init__(self, workers: Sequence, block: int = 64, deadline_s: float = 600,
                max_in_flight_per_worker: int = 2, version_fn: Optional[Callable[[], int]] = None,
                *, dtype: str = 'float32', grace_s: float = 120.0, retry_backoff_s: float = 1.0,
-               max_backoff_s: float = 30.0, max_task_attempts: int = 4, poll_s: float = 0.1):
+               max_backoff_s: float = 30.0, max_task_attempts: int = 4, poll_s: float = 0.1,
+               plan: str = 'tiles', tasks_per_worker: int = 2, tail_halvings: int = 2,
+               broadcast: str = 'direct', tree_fanout: int = 2):
     """Args beyond the protocol's:
-      block: rows and columns of the square blocks a worker computes per call.
+      block: rows and columns of the square blocks a worker computes per call (plan 'tiles').
       deadline_s: a worker call taking longer marks the worker down (the call is abandoned).
       max_in_flight_per_worker: concurrent calls per worker, so the next block is waiting.
       version_fn: `() -> int`, a fresh cache version per new image set. The default (a
@@ -155,11 +160,24 @@ class DistributedKernels:
       retry_backoff_s, max_backoff_s: first and longest wait before pinging a down worker.
       max_task_attempts: failures of one block before its call raises WorkersUnavailable.
       poll_s: how often waiting threads check for close, deadlines and the grace period.
+      plan: 'tiles' (squares of `block`) or 'balanced' (strips sized from the worker count,
+        shrinking at the end of a round): see `server/block_plan`.
+      tasks_per_worker, tail_halvings: the balanced plan's equal shares per worker and
+        halving tail waves.
+      broadcast: how the per-call image caches reach the workers: 'direct' (the coordinator
+        sends every copy) or 'tree' (workers that already hold them pass them on: each
+        worker whose ping reports peers fetches from a holder, at most `tree_fanout` fetches
+        per holder at once; the coordinator sends only while no holder is free).
     """
     if not workers:
       raise ValueError('DistributedKernels needs at least one worker handle.')
     if block < 1 or max_in_flight_per_worker < 1 or deadline_s <= 0:
       raise ValueError('Need block >= 1, max_in_flight_per_worker >= 1 and deadline_s > 0.')
+    if plan not in block_plan.PLANS or broadcast not in BROADCASTS or tree_fanout < 1:
+      raise ValueError(f'plan must be one of {block_plan.PLANS} (got {plan!r}), broadcast one '
+                       f'of {BROADCASTS} (got {broadcast!r}) and tree_fanout >= 1.')
+    self.plan, self.broadcast, self.tree_fanout = plan, broadcast, int(tree_fanout)
+    self.tasks_per_worker, self.tail_halvings = int(tasks_per_worker), int(tail_halvings)
     self.block, self.deadline_s, self.dtype = int(block), float(deadline_s), np.dtype(dtype)
     self.grace_s, self.poll_s = float(grace_s), float(poll_s)
     self.retry_backoff_s, self.max_backoff_s = float(retry_backoff_s), float(max_backoff_s)
@@ -167,6 +185,9 @@ class DistributedKernels:
     self._version_fn = version_fn or itertools.count(time.time_ns() // 1000).__next__
     self._workers = [_Worker(i, handle) for i, handle in enumerate(workers)]
     self._published: dict[str, _Published] = {}
+    self._tree = threading.Condition()     # guards _holders and _root_sends (broadcast 'tree')
+    self._holders: dict[tuple, dict[int, int]] = {}   # (cache, version) -> holder -> fetches
+    self._root_sends: dict[tuple, int] = {}           # (cache, version) -> coordinator sends
     self._queue: queue.Queue = queue.Queue()
     self._lock = threading.Lock()          # worker states and counters
     self._call_lock = threading.Lock()     # one kernel()/vjp() at a time: they share caches
@@ -177,7 +198,9 @@ class DistributedKernels:
                        blocks_requeued=0, cache_sends=0, stale_cache_resends=0,
                        index_blocks=0,           # blocks whose columns went as dataset indices
                        pixel_fallback_blocks=0,  # dataset columns sent as pixels instead
-                       missing_dataset_resends=0)
+                       missing_dataset_resends=0,
+                       tree_fetches=0,           # caches a worker fetched from a peer
+                       tree_fetch_failures=0)    # a peer could not serve: fetched elsewhere
     self.pairs, self.seconds = 0, 0.0      # as InProcessKernels: pairs per call, call time
     self._started = time.monotonic()
     self._threads = [
@@ -199,25 +222,21 @@ class DistributedKernels:
       n1, n2 = len(x1), (parts[-1].stop if parts else 0)
       out = {name: np.zeros((n1, n2), self.dtype) for name in kernels.KERNELS}
       if n1 and n2:
-        row_blocks = list(kernels.tile_ranges(n1, self.block))
-        col_blocks = self._column_blocks(parts)
-        fields, caches = self._sources(x1, parts, len(row_blocks))
-        pads = {'pad_rows': min(self.block, n1), 'pad_cols': min(self.block, n2)}
+        blocks, pads = self._plan_blocks(n1, parts, symmetric)
+        fields, caches = self._sources(x1, parts, len({rows for rows, _, _ in blocks}))
 
         def build_request(task: _Task, worker: _Worker) -> dict:
-          return {**fields(task, worker), **pads}
+          return {**fields(task, worker), **pads(task)}
 
         def deliver(task: _Task, response: dict) -> None:
           (r0, r1), (c0, c1) = task.rows, task.cols
           for name in kernels.KERNELS:
             block = _checked(response, name, (r1 - r0, c1 - c0))
             out[name][r0:r1, c0:c1] = block
-            if symmetric and (r0, r1) != (c0, c1):
+            if symmetric and (r0, r1) != (c0, c1):   # off the diagonal: c0 >= r1
               out[name][c0:c1, r0:r1] = block.T
 
         call = _Call('kernel_block', caches, build_request, deliver)
-        blocks = [(r, c, part) for r in row_blocks for c, part in col_blocks
-                  if not symmetric or c[0] >= r[0]]
         self._run(call, blocks)
       self._count(n1 * n2, start)
       return out
@@ -234,25 +253,24 @@ class DistributedKernels:
                     for name, g in (('g_ntk', g_ntk), ('g_nngp', g_nngp)) if g is not None}
       grad = np.zeros(x1.shape, self.dtype)
       if n1 and n2 and cotangents:
-        row_blocks = list(kernels.tile_ranges(n1, self.block))
-        col_blocks = self._column_blocks(parts)
-        fields, caches = self._sources(x1, parts, len(row_blocks))
-        pads = {'pad_rows': min(self.block, n1), 'pad_cols': min(self.block, n2)}
+        blocks, pads = self._plan_blocks(n1, parts, False)
+        fields, caches = self._sources(x1, parts, len({rows for rows, _, _ in blocks}))
         partials: dict[int, np.ndarray] = {}
 
         def build_request(task: _Task, worker: _Worker) -> dict:
           (r0, r1), (c0, c1) = task.rows, task.cols
-          blocks = {name: np.ascontiguousarray(g[r0:r1, c0:c1]) for name, g in cotangents.items()}
-          return {**fields(task, worker), **pads, **blocks}
+          g_blocks = {name: np.ascontiguousarray(g[r0:r1, c0:c1])
+                      for name, g in cotangents.items()}
+          return {**fields(task, worker), **pads(task), **g_blocks}
 
         def deliver(task: _Task, response: dict) -> None:
           (r0, r1) = task.rows
           partials[task.index] = _checked(response, 'grad', (r1 - r0,) + x1.shape[1:])
 
         call = _Call('vjp_block', caches, build_request, deliver)
-        self._run(call, [(r, c, part) for r in row_blocks for c, part in col_blocks])
-        # Sum the partial gradients in block order, so the result is the same whichever
-        # worker finished first.
+        self._run(call, blocks)
+        # Sum the partial gradients in plan order (a function of the shapes and the worker
+        # count only), so the result is the same whichever worker finished first.
         for task in call.tasks:
           grad[task.rows[0]:task.rows[1]] += partials[task.index]
       self._count(n1 * n2, start)
@@ -331,6 +349,10 @@ class DistributedKernels:
     published = _Published(int(self._version_fn()), wire.decode(payload)['images'], payload)
     self._add_stats(seconds_serialising=time.perf_counter() - start)
     self._published[name] = published
+    with self._tree:    # holders of the old version are of no use any more
+      for table in (self._holders, self._root_sends):
+        for key in [k for k in table if k[0] == name]:
+          del table[key]
     return published
 
   def _column_parts(self, x1: np.ndarray, x2: Any) -> list[_Part]:
@@ -349,10 +371,22 @@ class DistributedKernels:
         parts.append(_Part(start, stop, 'array', images))
     return parts
 
-  def _column_blocks(self, parts: list[_Part]) -> list[tuple[tuple, _Part]]:
-    """((c0, c1), part) column blocks of at most `block` columns, none straddling parts."""
-    return [((part.start + a, part.start + b), part) for part in parts
-            for a, b in kernels.tile_ranges(part.stop - part.start, self.block)]
+  def _plan_blocks(self, n1: int, parts: list[_Part],
+                   symmetric: bool) -> tuple[list, Callable[[_Task], dict]]:
+    """((rows, cols, part) blocks in queue order, task -> its pad fields); see block_plan."""
+    spans = [(part.start, part.stop) for part in parts]
+    if self.plan == 'tiles':
+      planned = block_plan.tile_blocks(n1, spans, self.block, symmetric)
+      fixed = {'pad_rows': min(self.block, n1), 'pad_cols': min(self.block, spans[-1][1])}
+      return [(r, c, parts[i]) for r, c, i in planned], lambda task: fixed
+    planned = block_plan.balanced_blocks(n1, spans, len(self._workers), symmetric,
+                                         self.tasks_per_worker, self.tail_halvings)
+
+    def pads(task: _Task) -> dict:   # each block at its own shape: the plan repeats per step
+      (r0, r1), (c0, c1) = task.rows, task.cols
+      return {'pad_rows': r1 - r0, 'pad_cols': c1 - c0}
+
+    return [(r, c, parts[i]) for r, c, i in planned], pads
 
   def _sources(self, x1: np.ndarray, parts: list[_Part],
                row_blocks: int) -> tuple[Callable[[_Task, _Worker], dict], dict]:
@@ -512,7 +546,7 @@ class DistributedKernels:
         self._stats['block_pairs_done'] += task.pairs
 
   def _ensure_caches(self, worker: _Worker, task: _Task) -> None:
-    """Sends the images a block reads to the worker, unless it already holds them."""
+    """Gets the images a block reads to the worker, unless it already holds them."""
     for name, version in task.call.caches.items():
       with worker.cache_lock:
         if worker.held.get(name) == version:
@@ -520,12 +554,79 @@ class DistributedKernels:
         published = self._published[name]
         if published.version != version:
           raise _WorkerFault(f'internal: cache {name!r} moved on to another call')
-        response = self._call(worker, 'set_images', name, version, published.payload)
-        if not response.get('ok'):
-          raise _WorkerFault(f"set_images {response.get('error')}: {response.get('message')}")
+        if self.broadcast == 'tree' and worker.peer_id is not None:
+          self._fetch_via_tree(worker, name, published)
+        else:
+          self._send_images(worker, name, published)
         worker.held[name] = version
         worker.cache_epoch += 1
-        self._add_stats(cache_sends=1)
+
+  def _send_images(self, worker: _Worker, name: str, published: _Published) -> None:
+    response = self._call(worker, 'set_images', name, published.version, published.payload)
+    if not response.get('ok'):
+      raise _WorkerFault(f"set_images {response.get('error')}: {response.get('message')}")
+    self._add_stats(cache_sends=1)
+
+  def _fetch_via_tree(self, worker: _Worker, name: str, published: _Published) -> None:
+    """The worker fetches the cache from a peer holding it, or (none free) is sent it.
+
+    Every worker that gets a copy becomes a source, so copies double (times `tree_fanout`)
+    per round trip, and the coordinator sends only a few of them. A source that cannot serve
+    (lost the images, down) is dropped as a source and another one tried.
+    """
+    key = (name, published.version)
+    while True:
+      source = self._acquire_source(key, worker)
+      if source is None:
+        try:
+          self._send_images(worker, name, published)
+        finally:
+          self._release_source(key, None)
+        break
+      try:
+        response = self._call(worker, 'fetch_images', name, published.version, source.peer_id)
+      finally:
+        self._release_source(key, source)
+      if response.get('ok'):
+        self._add_stats(tree_fetches=1)
+        break
+      logging.info('Worker %d could not fetch %r from worker %d: %s', worker.index, name,
+                   source.index, response.get('message'))
+      self._add_stats(tree_fetch_failures=1)
+      with self._tree:
+        self._holders.get(key, {}).pop(source.index, None)
+    with self._tree:
+      if key in self._holders or self._published[name].version == key[1]:
+        self._holders.setdefault(key, {})[worker.index] = 0
+      self._tree.notify_all()
+
+  def _acquire_source(self, key: tuple, worker: _Worker) -> Optional[_Worker]:
+    """A holder of `key` with a free fetch slot (None: the coordinator), waiting for one."""
+    with self._tree:
+      while True:
+        holders = self._holders.setdefault(key, {})
+        free = [(fetches, index) for index, fetches in holders.items()
+                if fetches < self.tree_fanout and index != worker.index
+                and self._workers[index].alive and self._workers[index].peer_id is not None]
+        if free:
+          index = min(free)[1]
+          holders[index] += 1
+          return self._workers[index]
+        if self._root_sends.get(key, 0) < self.tree_fanout:
+          self._root_sends[key] = self._root_sends.get(key, 0) + 1
+          return None
+        if self._closed.is_set():
+          raise _WorkerFault('the coordinator was closed')
+        self._tree.wait(self.poll_s)
+
+  def _release_source(self, key: tuple, source: Optional[_Worker]) -> None:
+    with self._tree:
+      if source is None:
+        if key in self._root_sends:
+          self._root_sends[key] -= 1
+      elif source.index in self._holders.get(key, {}):
+        self._holders[key][source.index] -= 1
+      self._tree.notify_all()
 
   def _call(self, worker: _Worker, method: str, *args) -> dict:
     """The decoded answer of `worker.method(*args)`; _WorkerFault if it fails or is late."""
@@ -609,6 +710,8 @@ class DistributedKernels:
       worker.info = {k: response.get(k) for k in ('pid', 'device', 'dtype', 'worker_id',
                                                   'dataset_error')}
       worker.datasets = dict(response.get('datasets') or {})
+      # Workers wired to their peers (ping says how many) can fetch caches from them.
+      worker.peer_id = (str(response.get('worker_id')) if response.get('peers') else None)
     logging.info('Kernel worker %d is up (pid %s, %s).', worker.index, response.get('pid'),
                  response.get('device'))
 

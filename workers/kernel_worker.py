@@ -62,6 +62,7 @@ class KernelWorker:
     self.blocks_done = 0
     self.compute_seconds = 0.0
     self._datasets: dict[str, np.ndarray] = {}   # split key -> model-space images
+    self._peers: dict = {}            # peer worker id (str) -> handle, for fetch_images
     self.dataset_error: Optional[str] = None
     if dataset:
       self._load_dataset(dataset)
@@ -92,7 +93,7 @@ class KernelWorker:
                         'device': str(jax.devices()[0]), 'dtype': self.dtype.name,
                         'arch': self.arch.to_dict(), 'caches': caches,
                         'datasets': {key: len(x) for key, x in self._datasets.items()},
-                        'dataset_error': self.dataset_error})
+                        'dataset_error': self.dataset_error, 'peers': len(self._peers)})
 
   def set_images(self, name: str, version: int, payload: bytes) -> bytes:
     """Caches the array `images` of the wire message `payload` as (`name`, `version`)."""
@@ -108,6 +109,41 @@ class KernelWorker:
     logging.debug('Worker %d cached %r version %d: %s.', self.worker_id, name, version,
                   images.shape)
     return wire.encode({'ok': True, 'name': name, 'version': int(version)})
+
+  def cached_images(self, name: str, version: int) -> bytes:
+    """The cache entry (`name`, `version`) as a set_images payload, for a peer to fetch."""
+    with self._lock:
+      held = self._images.get(name)
+    if held is None or held[0] != int(version):
+      have = 'nothing' if held is None else f'version {held[0]}'
+      return error_response(STALE_CACHE, f'Worker {self.worker_id}: cache {name!r} version '
+                                         f'{version} asked for, but it holds {have}.')
+    return wire.encode({'ok': True, 'images': held[1]})
+
+  def fetch_images(self, name: str, version: int, peer: str) -> bytes:
+    """Caches (`name`, `version`) fetched from the peer worker `peer` (the tree broadcast).
+
+    Answers as set_images; when the peer cannot serve, its error (e.g. 'stale_cache') with
+    a message naming the peer, and the coordinator fetches elsewhere.
+    """
+    handle = self._peers.get(str(peer))
+    if handle is None:
+      return error_response(BAD_REQUEST, f'Worker {self.worker_id} has no peer {peer!r} '
+                                         f'(peers: {sorted(self._peers)}).')
+    try:
+      payload = handle.cached_images(name, int(version))
+      answer = wire.decode(payload)
+    except Exception as e:  # the peer is down or answered garbage: its fault, not ours
+      return error_response(EXCEPTION, f'Worker {self.worker_id}: peer {peer} failed: '
+                                       f'{type(e).__name__}: {e}')
+    if not answer.get('ok'):
+      return error_response(answer.get('error', EXCEPTION),
+                            f'Worker {self.worker_id}: peer {peer}: {answer.get("message")}')
+    return self.set_images(name, version, payload)
+
+  def connect_peers(self, peers: dict) -> None:
+    """Not an RPC: the launcher hands this worker its peers' handles, {worker id: handle}."""
+    self._peers = {str(k): h for k, h in peers.items() if str(k) != str(self.worker_id)}
 
   def kernel_block(self, request: bytes) -> bytes:
     """{'ntk', 'nngp'}: the (rows, cols) kernel blocks of the request's images."""
