@@ -71,19 +71,21 @@ def balanced_blocks(n_rows: int, col_spans: Sequence[tuple[int, int]], workers: 
     return []
   total = n_rows * (n_rows + 1) // 2 if symmetric else n_rows * n_cols
   sizes = piece_sizes(total, workers, tasks_per_worker, tail_halvings)
-  # Rows per strip: as few as lets the first share fit in one strip's width.
-  width = n_rows / 2 if symmetric else n_cols
-  height = max(1, min(n_rows, math.ceil(sizes[0] / max(width, 1))))
+
+  def height(width: float) -> int:   # rows per strip: as few as fit a share in `width`
+    return max(1, min(n_rows, math.ceil(sizes[0] / max(width, 1))))
+
   segments = []            # (rows, (c0, c1), span, splittable)
-  for r0, r1 in kernels.tile_ranges(n_rows, height):
-    if symmetric:
+  if symmetric:
+    for r0, r1 in kernels.tile_ranges(n_rows, height(n_rows / 2)):
       segments.append(((r0, r1), (r0, r1), 0, False))
       if r1 < n_rows:
         segments.append(((r0, r1), (r1, n_rows), 0, True))
-    else:
-      for span, (start, stop) in enumerate(col_spans):
-        if stop > start:
-          segments.append(((r0, r1), (start, stop), span, True))
+  else:   # each span in strips of its own height: a narrow span gets taller strips
+    for span, (start, stop) in enumerate(col_spans):
+      if stop > start:
+        segments += [((r0, r1), (start, stop), span, True)
+                     for r0, r1 in kernels.tile_ranges(n_rows, height(stop - start))]
   blocks, piece = [], 0
   for rows, (c0, c1), span, splittable in segments:
     h = rows[1] - rows[0]

@@ -167,7 +167,7 @@ class DistributedKernels:
       broadcast: how the per-call image caches reach the workers: 'direct' (the coordinator
         sends every copy) or 'tree' (workers that already hold them pass them on: each
         worker whose ping reports peers fetches from a holder, at most `tree_fanout` fetches
-        per holder at once; the coordinator sends only while no holder is free).
+        per holder at once; the coordinator sends one copy at a time, while no holder is free).
     """
     if not workers:
       raise ValueError('DistributedKernels needs at least one worker handle.')
@@ -192,6 +192,7 @@ class DistributedKernels:
     self._lock = threading.Lock()          # worker states and counters
     self._call_lock = threading.Lock()     # one kernel()/vjp() at a time: they share caches
     self._closed = threading.Event()
+    self._slot = threading.local()         # per slot thread: its `_Caller`
     self._stats = dict(calls=0, blocks_done=0, block_pairs_done=0, bytes_sent=0,
                        bytes_received=0, seconds_serialising=0.0,
                        seconds_waiting=0.0,      # summed over threads: may exceed wall time
@@ -321,14 +322,15 @@ class DistributedKernels:
 
   # -- Planning. ------------------------------------------------------------------------------
 
-  def _as_images(self, x: Any, name: str, like: Optional[np.ndarray] = None) -> np.ndarray:
+  def _as_images(self, x: Any, name: str, like: Optional[np.ndarray] = None,
+                 check_finite: bool = True) -> np.ndarray:
     x = np.asarray(x, self.dtype)
     if x.ndim not in (2, 4):
       raise ValueError(f'{name} must be NHWC images or (N, D) vectors, got shape {x.shape}.')
     if like is not None and x.shape[1:] != like.shape[1:]:
       raise ValueError(f'x1 and x2 must have the same image shape, got {like.shape[1:]} and '
                        f'{x.shape[1:]}.')
-    if not np.all(np.isfinite(x)):
+    if check_finite and not np.all(np.isfinite(x)):
       raise ValueError(f'{name} contains NaN or inf; check the data or the preprocessing.')
     return x
 
@@ -361,7 +363,10 @@ class DistributedKernels:
       return [_Part(0, len(x1), 'rows', x1)] if len(x1) else []
     parts = []
     for start, piece in sources.parts_of(x2):
-      images = self._as_images(piece, 'x2', like=x1)
+      # Dataset rows are the prepared split the workers hold: no finiteness scan (15 M
+      # values for a 5000-image CIFAR batch, twice a step) on the coordinator's CPU.
+      images = self._as_images(piece, 'x2', like=x1,
+                               check_finite=not isinstance(piece, sources.DatasetRows))
       stop = start + len(images)
       if isinstance(piece, sources.DatasetRows):
         parts.append(_Part(start, stop, 'dataset', images, piece.key, piece.indices))
@@ -455,6 +460,13 @@ class DistributedKernels:
 
   def _serve_worker(self, worker: _Worker, slot: int) -> None:
     """One in-flight slot of a worker: pulls blocks while it is up; slot 0 pings it when down."""
+    self._slot.caller = _Caller()
+    try:
+      self._serve_slot(worker, slot)
+    finally:
+      self._slot.caller.stop()
+
+  def _serve_slot(self, worker: _Worker, slot: int) -> None:
     if slot == 0:
       try:
         self._probe(worker)   # learn its pid, device, caches, datasets; down if it is not up
@@ -612,7 +624,7 @@ class DistributedKernels:
           index = min(free)[1]
           holders[index] += 1
           return self._workers[index]
-        if self._root_sends.get(key, 0) < self.tree_fanout:
+        if not self._root_sends.get(key, 0):   # one copy at a time over its own link
           self._root_sends[key] = self._root_sends.get(key, 0) + 1
           return None
         if self._closed.is_set():
@@ -649,25 +661,27 @@ class DistributedKernels:
     return response
 
   def _call_with_deadline(self, fn: Callable, args: tuple) -> Any:
-    """fn(*args) on a helper thread, abandoned (left to finish alone) past `deadline_s`."""
-    box: dict = {}
-    done = threading.Event()
-
-    def run() -> None:
-      try:
-        box['answer'] = fn(*args)
-      except BaseException as e:  # Any failure of the handle is the worker's fault.
-        box['error'] = e
-      finally:
-        done.set()
-
-    threading.Thread(target=run, daemon=True, name='ntkdd-worker-call').start()
+    """fn(*args) on the slot's caller thread, abandoned (left to finish alone, the slot
+    gets a new caller) past `deadline_s`."""
+    caller = getattr(self._slot, 'caller', None)
+    if caller is None:     # not on a slot thread: a caller for this call only
+      caller = _Caller()
+    box, done = caller.submit(fn, args)
     deadline = time.monotonic() + self.deadline_s
-    while not done.wait(min(self.poll_s, max(deadline - time.monotonic(), 0.0))):
-      if self._closed.is_set():
-        raise _WorkerFault('the coordinator was closed')
-      if time.monotonic() >= deadline:
-        raise _WorkerFault(f'no answer within deadline_s={self.deadline_s:g}')
+    try:
+      while not done.wait(min(self.poll_s, max(deadline - time.monotonic(), 0.0))):
+        if self._closed.is_set():
+          raise _WorkerFault('the coordinator was closed')
+        if time.monotonic() >= deadline:
+          raise _WorkerFault(f'no answer within deadline_s={self.deadline_s:g}')
+    except _WorkerFault:
+      caller.stop()        # it exits when the abandoned call returns, if ever
+      if getattr(self._slot, 'caller', None) is caller:
+        self._slot.caller = _Caller()
+      raise
+    finally:
+      if caller is not getattr(self._slot, 'caller', None):
+        caller.stop()
     if 'error' in box:
       error = box['error']
       raise _WorkerFault(f'{type(error).__name__}: {error}')
@@ -745,6 +759,36 @@ class DistributedKernels:
   def _count(self, pairs: int, start: float) -> None:
     self.pairs += pairs
     self.seconds += time.perf_counter() - start
+
+
+class _Caller:
+  """A thread that makes one slot's worker calls, one at a time, so that a call does not
+  start a thread of its own (at hundreds of workers that is much of the coordinator's CPU)."""
+
+  def __init__(self):
+    self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+    threading.Thread(target=self._loop, daemon=True, name='ntkdd-worker-call').start()
+
+  def submit(self, fn: Callable, args: tuple) -> tuple[dict, threading.Event]:
+    box, done = {}, threading.Event()
+    self._jobs.put((fn, args, box, done))
+    return box, done
+
+  def stop(self) -> None:
+    self._jobs.put(None)
+
+  def _loop(self) -> None:
+    while True:
+      job = self._jobs.get()
+      if job is None:
+        return
+      fn, args, box, done = job
+      try:
+        box['answer'] = fn(*args)
+      except BaseException as e:  # Any failure of the handle is the worker's fault.
+        box['error'] = e
+      finally:
+        done.set()
 
 
 def _cached_fields(side: str, name: str, version: int, span: tuple) -> dict:

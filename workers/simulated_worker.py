@@ -115,21 +115,37 @@ _SHARED_FEATURES = _FeatureCache()
 # -- Links. ----------------------------------------------------------------------------------------
 
 class Link:
-  """One direction of a network link, shared FIFO by its transfers."""
+  """One direction of a network link: transfers take bytes / bandwidth, one at a time.
+
+  Calls book their transfers ahead (an answer is booked when its block is booked on the
+  device), so a booking takes the earliest free gap at or after its start, not the end of
+  the queue: a transfer booked late for an early time does not wait behind one booked early
+  for a late time.
+  """
 
   def __init__(self, bandwidth: float, time_scale: float):
     self.bandwidth, self.time_scale = float(bandwidth), float(time_scale)
-    self._free_at = 0.0
+    self._busy: list[tuple[float, float]] = []    # booked (start, end), sorted by start
     self._lock = threading.Lock()
     self.bytes = 0
 
   def reserve(self, nbytes: int, not_before: float) -> float:
-    """Books `nbytes` after the transfers booked before; the monotonic time it finishes."""
+    """Books `nbytes` in the first gap from `not_before`; the monotonic time it finishes."""
+    duration = self.time_scale * nbytes / self.bandwidth
     with self._lock:
-      start = max(not_before, self._free_at)
-      self._free_at = start + self.time_scale * nbytes / self.bandwidth
+      now = time.monotonic()
+      self._busy = [b for b in self._busy if b[1] > now]
+      start, position = not_before, len(self._busy)
+      for i, (busy_start, busy_end) in enumerate(self._busy):
+        if busy_end <= start:
+          continue
+        if busy_start >= start + duration:
+          position = i
+          break
+        start = busy_end
+      self._busy.insert(position, (start, start + duration))
       self.bytes += nbytes
-      return self._free_at
+      return start + duration
 
 
 # -- Workers and their handles. --------------------------------------------------------------------
@@ -227,6 +243,8 @@ class SimulatedHandle(LocalWorkerHandle):
       done = fleet.book(len(answer), [worker.link_out, fleet.coordinator_in], clock.ready)
     finally:
       fleet.add_sim_cpu(time.thread_time() - start_cpu)
+    if fleet.trace is not None:
+      fleet.trace.append((worker.worker_id, method, clock.arrived, clock.ready, done))
     time.sleep(max(0.0, done - time.monotonic()))
     fleet.check_up(worker)       # died while it computed: the answer is lost
     return answer
@@ -274,6 +292,7 @@ class Fleet:
                             for source in self.workers})
     self._cpu_lock = threading.Lock()
     self.sim_cpu_s = 0.0
+    self.trace: Optional[list] = None   # a list: (worker, method, arrived, ready, done) per call
 
   def book(self, nbytes: int, links: list, not_before: float) -> float:
     """When `nbytes` sent at `not_before` have crossed `links` (booked on each, FIFO) and
