@@ -85,7 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--block', type=int, default=64, help="the 'tiles' plan's block")
   p.add_argument('--in-flight', type=int, default=2, help='blocks in flight per worker')
   p.add_argument('--tasks-per-worker', type=int, default=2)
-  p.add_argument('--tree-fanout', type=int, default=2)
+  p.add_argument('--tree-fanout', type=int, default=8)
   p.add_argument('--solve-flops', type=float, default=5e10, help="the model's coordinator")
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--json', default='bench/results/scale_sim.json')

@@ -147,7 +147,7 @@ class DistributedKernels:
                *, dtype: str = 'float32', grace_s: float = 120.0, retry_backoff_s: float = 1.0,
                max_backoff_s: float = 30.0, max_task_attempts: int = 4, poll_s: float = 0.1,
                plan: str = 'tiles', tasks_per_worker: int = 2, tail_halvings: int = 2,
-               broadcast: str = 'direct', tree_fanout: int = 2):
+               broadcast: str = 'direct', tree_fanout: int = 8):
     """Args beyond the protocol's:
       block: rows and columns of the square blocks a worker computes per call (plan 'tiles').
       deadline_s: a worker call taking longer marks the worker down (the call is abandoned).
@@ -186,7 +186,8 @@ class DistributedKernels:
     self._workers = [_Worker(i, handle) for i, handle in enumerate(workers)]
     self._published: dict[str, _Published] = {}
     self._tree = threading.Condition()     # guards _holders and _root_sends (broadcast 'tree')
-    self._holders: dict[tuple, dict[int, int]] = {}   # (cache, version) -> holder -> fetches
+    # (cache, version) -> holder -> [fetches from it now, its depth in the tree]
+    self._holders: dict[tuple, dict[int, list]] = {}
     self._root_sends: dict[tuple, int] = {}           # (cache, version) -> coordinator sends
     self._queue: queue.Queue = queue.Queue()
     self._lock = threading.Lock()          # worker states and counters
@@ -582,51 +583,66 @@ class DistributedKernels:
   def _fetch_via_tree(self, worker: _Worker, name: str, published: _Published) -> None:
     """The worker fetches the cache from a peer holding it, or (none free) is sent it.
 
-    Every worker that gets a copy becomes a source, so copies double (times `tree_fanout`)
-    per round trip, and the coordinator sends only a few of them. A source that cannot serve
-    (lost the images, down) is dropped as a source and another one tried.
+    Every worker becomes a source as soon as its fetch starts (its peers' fetches wait for
+    its copy: cut-through), so copies multiply by `tree_fanout` per hop and the coordinator
+    sends only a few of them. A source that cannot serve (lost the images, down) is dropped
+    and another one tried.
     """
     key = (name, published.version)
     while True:
-      source = self._acquire_source(key, worker)
+      source, depth = self._acquire_source(key, worker)
       if source is None:
         try:
           self._send_images(worker, name, published)
         finally:
           self._release_source(key, None)
         break
+      # A source from now on (cut-through): a peer asking it waits until its copy is in.
+      # It picked its own source among earlier holders, so sources never form a cycle.
+      self._add_holder(key, worker, depth + 1)
       try:
         response = self._call(worker, 'fetch_images', name, published.version, source.peer_id)
+      except _WorkerFault:
+        self._drop_holder(key, worker)
+        raise
       finally:
         self._release_source(key, source)
       if response.get('ok'):
         self._add_stats(tree_fetches=1)
-        break
+        return
       logging.info('Worker %d could not fetch %r from worker %d: %s', worker.index, name,
                    source.index, response.get('message'))
       self._add_stats(tree_fetch_failures=1)
-      with self._tree:
-        self._holders.get(key, {}).pop(source.index, None)
+      self._drop_holder(key, worker)
+      self._drop_holder(key, source)   # it lost them, or is down: another source next
+    self._add_holder(key, worker, 1)
+
+  def _add_holder(self, key: tuple, worker: _Worker, depth: int) -> None:
     with self._tree:
-      if key in self._holders or self._published[name].version == key[1]:
-        self._holders.setdefault(key, {})[worker.index] = 0
+      if self._published[key[0]].version == key[1]:
+        self._holders.setdefault(key, {}).setdefault(worker.index, [0, depth])
       self._tree.notify_all()
 
-  def _acquire_source(self, key: tuple, worker: _Worker) -> Optional[_Worker]:
-    """A holder of `key` with a free fetch slot (None: the coordinator), waiting for one."""
+  def _drop_holder(self, key: tuple, worker: _Worker) -> None:
+    with self._tree:
+      self._holders.get(key, {}).pop(worker.index, None)
+
+  def _acquire_source(self, key: tuple, worker: _Worker) -> tuple[Optional[_Worker], int]:
+    """(a holder of `key` with a free fetch slot, its depth), waiting for one; (None, 0): the
+    coordinator sends. The shallowest holder first, so the tree stays log_fanout deep."""
     with self._tree:
       while True:
         holders = self._holders.setdefault(key, {})
-        free = [(fetches, index) for index, fetches in holders.items()
+        free = [(depth, fetches, index) for index, (fetches, depth) in holders.items()
                 if fetches < self.tree_fanout and index != worker.index
                 and self._workers[index].alive and self._workers[index].peer_id is not None]
         if free:
-          index = min(free)[1]
-          holders[index] += 1
-          return self._workers[index]
+          depth, _, index = min(free)
+          holders[index][0] += 1
+          return self._workers[index], depth
         if not self._root_sends.get(key, 0):   # one copy at a time over its own link
           self._root_sends[key] = self._root_sends.get(key, 0) + 1
-          return None
+          return None, 0
         if self._closed.is_set():
           raise _WorkerFault('the coordinator was closed')
         self._tree.wait(self.poll_s)
@@ -637,7 +653,7 @@ class DistributedKernels:
         if key in self._root_sends:
           self._root_sends[key] -= 1
       elif source.index in self._holders.get(key, {}):
-        self._holders[key][source.index] -= 1
+        self._holders[key][source.index][0] -= 1
       self._tree.notify_all()
 
   def _call(self, worker: _Worker, method: str, *args) -> dict:

@@ -35,6 +35,10 @@ STALE_CACHE, MISSING_DATASET = wire.STALE_CACHE, wire.MISSING_DATASET
 BAD_REQUEST, EXCEPTION = wire.BAD_REQUEST, wire.EXCEPTION
 
 
+PEER_WAIT_S = 30.0    # how long cached_images waits for a version this worker is fetching
+PEER_ANNOUNCE_S = 1.0   # ... and for one it has not started fetching yet
+
+
 class RequestError(Exception):
   """A request this worker cannot serve; `kind` is the response's `error` field."""
 
@@ -63,6 +67,8 @@ class KernelWorker:
     self.compute_seconds = 0.0
     self._datasets: dict[str, np.ndarray] = {}   # split key -> model-space images
     self._peers: dict = {}            # peer worker id (str) -> handle, for fetch_images
+    self._arriving: dict[str, int] = {}   # cache name -> version being fetched from a peer
+    self._cache_changed = threading.Condition(self._lock)
     self.dataset_error: Optional[str] = None
     if dataset:
       self._load_dataset(dataset)
@@ -106,13 +112,27 @@ class KernelWorker:
       return error_response(getattr(e, 'kind', BAD_REQUEST), str(e))
     with self._lock:
       self._images[name] = (int(version), images)
+      self._cache_changed.notify_all()
     logging.debug('Worker %d cached %r version %d: %s.', self.worker_id, name, version,
                   images.shape)
     return wire.encode({'ok': True, 'name': name, 'version': int(version)})
 
   def cached_images(self, name: str, version: int) -> bytes:
-    """The cache entry (`name`, `version`) as a set_images payload, for a peer to fetch."""
+    """The cache entry (`name`, `version`) as a set_images payload, for a peer to fetch.
+
+    While this worker is itself still fetching that version, it waits for it (up to
+    PEER_WAIT_S), so a fetch can start before its source holds the images (cut-through);
+    a version it has not heard of it awaits PEER_ANNOUNCE_S (its own fetch may be on the way).
+    """
+    version = int(version)
+    start = time.monotonic()
     with self._lock:
+      while self._images.get(name, (None,))[0] != version:
+        waited = time.monotonic() - start
+        limit = PEER_WAIT_S if self._arriving.get(name) == version else PEER_ANNOUNCE_S
+        if waited >= limit:
+          break
+        self._cache_changed.wait(limit - waited)
       held = self._images.get(name)
     if held is None or held[0] != int(version):
       have = 'nothing' if held is None else f'version {held[0]}'
@@ -130,16 +150,25 @@ class KernelWorker:
     if handle is None:
       return error_response(BAD_REQUEST, f'Worker {self.worker_id} has no peer {peer!r} '
                                          f'(peers: {sorted(self._peers)}).')
+    with self._lock:
+      self._arriving[name] = int(version)
+      self._cache_changed.notify_all()
     try:
-      payload = handle.cached_images(name, int(version))
-      answer = wire.decode(payload)
-    except Exception as e:  # the peer is down or answered garbage: its fault, not ours
-      return error_response(EXCEPTION, f'Worker {self.worker_id}: peer {peer} failed: '
-                                       f'{type(e).__name__}: {e}')
-    if not answer.get('ok'):
-      return error_response(answer.get('error', EXCEPTION),
-                            f'Worker {self.worker_id}: peer {peer}: {answer.get("message")}')
-    return self.set_images(name, version, payload)
+      try:
+        payload = handle.cached_images(name, int(version))
+        answer = wire.decode(payload)
+      except Exception as e:  # the peer is down or answered garbage: its fault, not ours
+        return error_response(EXCEPTION, f'Worker {self.worker_id}: peer {peer} failed: '
+                                         f'{type(e).__name__}: {e}')
+      if not answer.get('ok'):
+        return error_response(answer.get('error', EXCEPTION),
+                              f'Worker {self.worker_id}: peer {peer}: {answer.get("message")}')
+      return self.set_images(name, version, payload)
+    finally:
+      with self._lock:
+        if self._arriving.get(name) == int(version):
+          del self._arriving[name]
+        self._cache_changed.notify_all()
 
   def connect_peers(self, peers: dict) -> None:
     """Not an RPC: the launcher hands this worker its peers' handles, {worker id: handle}."""

@@ -172,6 +172,7 @@ class SimulatedWorker(kernel_worker.KernelWorker):
     self.state = 'up'                   # 'up', 'dead' (calls fail) or 'hung' (calls hang)
     self.hang_s = 0.0
     self.clock = _CallClock()           # per calling thread: when its request arrived, ...
+    self.cache_ready_at: dict = {}      # cache name -> (version, virtual time it arrived)
 
   def _occupy(self, seconds: float) -> None:
     """Books the device for `seconds` (modelled) after the request arrived and the blocks
@@ -206,6 +207,12 @@ class SimulatedWorker(kernel_worker.KernelWorker):
                                          f'{name} has shape {g.shape}, expected {shape}.')
     self._occupy(self._padded_pairs(request, rows, cols) * self.params.t_vjp)
     return {'grad': surrogate_vjp(rows, cols, request.get('g_ntk'), request.get('g_nngp'))}
+
+  def set_images(self, name: str, version: int, payload: bytes) -> bytes:
+    """As KernelWorker's, and notes when (virtual time) the images were all here."""
+    answer = super().set_images(name, version, payload)
+    self.cache_ready_at[name] = (int(version), self.clock.ready)
+    return answer
 
   def restart(self) -> None:
     """As a restarted process: up again, its caches gone."""
@@ -261,8 +268,10 @@ class _PeerHandle:
     self.fleet.check_up(self.source)
     clock = self.dest.clock
     asked = self.fleet.book(64, [self.dest.link_out, self.source.link_in], clock.ready)
-    answer = self.source.cached_images(name, version)
-    clock.ready = self.fleet.book(len(answer), [self.source.link_out, self.dest.link_in], asked)
+    answer = self.source.cached_images(name, version)   # waits if the source is fetching it
+    held_version, arrived = self.source.cache_ready_at.get(name, (None, 0.0))
+    start = max(asked, arrived) if held_version == int(version) else asked
+    clock.ready = self.fleet.book(len(answer), [self.source.link_out, self.dest.link_in], start)
     return answer
 
 
