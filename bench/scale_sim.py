@@ -233,12 +233,16 @@ def _limit(r: dict) -> str:
   return max(parts, key=parts.get)
 
 
-def model_row(args, workers: int, ipc: int) -> dict:
+def model_row(args, stage: str, workers: int, ipc: int) -> dict:
+  """bench/scaling_model.py's prediction for the stage's design, on the same inputs."""
+  plan, broadcast, tail_halvings = STAGES[stage]
   h, w, c = (int(v) for v in args.image_shape.split('x'))
   n_s = ipc * args.classes
   m = scaling_model.step_model(workers, n_s, args.target_batch, h * w * c * 4, args.t_fwd,
                                args.t_vjp, args.block, args.coordinator_bandwidth,
-                               args.round_trip, args.solve_flops, 'indices')
+                               args.round_trip, args.solve_flops, 'indices', plan, broadcast,
+                               args.worker_bandwidth, args.tree_fanout, args.tasks_per_worker,
+                               tail_halvings, args.classes)
   ideal = n_s * (n_s + args.target_batch) * (args.t_fwd + args.t_vjp) / workers
   m['efficiency'] = ideal / m['step_s']
   return m
@@ -254,17 +258,18 @@ def main(argv=None) -> int:
   train = np.random.default_rng(args.seed + 1).standard_normal(
       (args.train_size, h, w, c)).astype(np.float32)
   key = 'train:' + sources.fingerprint(train[:64])
-  rows, models = [], {}
+  rows = []
   print(f'| stage | ipc | workers | k | step s | ideal s | efficiency | device % | MB/step | '
         f'coord CPU s | solve s | link s | blocks | limit | model step s | model eff |')
   print('|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|')
   for ipc in (int(v) for v in args.ipc.split(',')):
     for workers in (int(v) for v in args.workers.split(',')):
-      m = models[(workers, ipc)] = model_row(args, workers, ipc)
       for stage in stages:
+        m = model_row(args, stage, workers, ipc)
         r = run_config(args, stage, workers, ipc, train, key)
         r['model'] = {k_: m[k_] for k_ in ('step_s', 'efficiency', 'compute_s', 'straggler_s',
-                                            'transfer_s', 'solve_s', 'bytes_per_step')}
+                                            'broadcast_s', 'transfer_s', 'solve_s',
+                                            'bytes_per_step')}
         rows.append(r)
         print(f"| {stage} | {ipc} | {workers} | {r['time_scale']:.3g} | {r['step_s']:.3g} | "
               f"{r['ideal_step_s']:.3g} | {100 * r['efficiency']:.0f}% | "
@@ -272,13 +277,12 @@ def main(argv=None) -> int:
               f"{r['coordinator_cpu_s']:.3g} | {r['solve_s']:.3g} | {r['link_s']:.3g} | "
               f"{r['blocks']:.0f} | {r['limit']} | {m['step_s']:.3g} | "
               f"{100 * m['efficiency']:.0f}% |", flush=True)
-  print('\nSim (stage before) against the model (same inputs; model = bench/scaling_model.py):')
+  print('\nSim against the model (same inputs and design; model = bench/scaling_model.py):')
   for r in rows:
-    if r['stage'] == 'before':
-      gap = r['model']['step_s'] / r['step_s'] - 1
-      flag = '  <-- differ by more than 10%' if abs(gap) > 0.1 else ''
-      print(f"  {r['ipc']} ipc, {r['workers']} workers: sim {r['step_s']:.3g} s, model "
-            f"{r['model']['step_s']:.3g} s ({100 * gap:+.0f}%){flag}")
+    gap = r['model']['step_s'] / r['step_s'] - 1
+    flag = '  <-- differ by more than 10%' if abs(gap) > 0.1 else ''
+    print(f"  {r['stage']}, {r['ipc']} ipc, {r['workers']} workers: sim {r['step_s']:.3g} s, "
+          f"model {r['model']['step_s']:.3g} s ({100 * gap:+.0f}%){flag}")
   Path(args.json).parent.mkdir(parents=True, exist_ok=True)
   Path(args.json).write_text(json.dumps({
       'args': vars(args), 'host': platform.node(), 'cpus': os.cpu_count(),
