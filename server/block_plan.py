@@ -91,9 +91,9 @@ def balanced_blocks(n_rows: int, col_spans: Sequence[tuple[int, int]], workers: 
     h = rows[1] - rows[0]
     while c0 < c1:
       target = max(sizes[min(piece, len(sizes) - 1)], min_pairs)
-      w = c1 - c0 if not splittable else max(1, round(target / h))
-      if c1 - (c0 + w) < w / 4:   # no sliver at the end of a segment
-        w = c1 - c0
+      # The rest of the segment in equal pieces of about `target` pairs: no slivers.
+      pieces = max(1, round((c1 - c0) * h / target)) if splittable else 1
+      w = -(-(c1 - c0) // pieces)
       blocks.append((rows, (c0, c0 + w), span))
       c0 += w
       piece += 1
