@@ -19,6 +19,8 @@ timing, so summing vjp blocks in plan order is bitwise reproducible.
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from typing import Sequence
 
@@ -72,8 +74,15 @@ def balanced_blocks(n_rows: int, col_spans: Sequence[tuple[int, int]], workers: 
   total = n_rows * (n_rows + 1) // 2 if symmetric else n_rows * n_cols
   sizes = piece_sizes(total, workers, tasks_per_worker, tail_halvings)
 
-  def height(width: float) -> int:   # rows per strip: as few as fit a share in `width`
-    return max(1, min(n_rows, math.ceil(sizes[0] / max(width, 1))))
+  def height(width: float) -> int:
+    """Rows per strip: as few as fit a share in `width`, or a few more, so that a strip
+    cuts into whole shares (at most 10% smaller than planned)."""
+    fewest = max(1, min(n_rows, math.ceil(sizes[0] / max(width, 1))))
+    for rows in range(fewest, min(n_rows, 8 * fewest) + 1):
+      shares = rows * width / sizes[0]
+      if math.ceil(shares - 1e-9) <= 1.1 * shares:
+        return rows
+    return fewest
 
   segments = []            # (rows, (c0, c1), span, splittable)
   if symmetric:
@@ -86,17 +95,19 @@ def balanced_blocks(n_rows: int, col_spans: Sequence[tuple[int, int]], workers: 
       if stop > start:
         segments += [((r0, r1), (start, stop), span, True)
                      for r0, r1 in kernels.tile_ranges(n_rows, height(stop - start))]
-  blocks, piece = [], 0
+  # The planned size of the piece that starts `done` pairs into the plan.
+  ends = list(itertools.accumulate(sizes))
+  blocks, done = [], 0
   for rows, (c0, c1), span, splittable in segments:
     h = rows[1] - rows[0]
     while c0 < c1:
-      target = max(sizes[min(piece, len(sizes) - 1)], min_pairs)
+      target = max(sizes[min(bisect.bisect_right(ends, done), len(sizes) - 1)], min_pairs)
       # The rest of the segment in equal pieces of about `target` pairs: no slivers.
-      pieces = max(1, round((c1 - c0) * h / target)) if splittable else 1
+      pieces = max(1, math.ceil((c1 - c0) * h / target - 1e-9)) if splittable else 1
       w = -(-(c1 - c0) // pieces)
       blocks.append((rows, (c0, c0 + w), span))
       c0 += w
-      piece += 1
+      done += w * h
   # Largest first, so the small blocks are the last ones taken; stable, so ties keep order.
   order = sorted(range(len(blocks)), key=lambda i: -_pairs(blocks[i]))
   return [blocks[i] for i in order]
