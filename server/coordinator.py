@@ -483,6 +483,11 @@ class DistributedKernels:
         else:
           self._closed.wait(self.poll_s)
         continue
+      if slot and worker.in_flight and self._queue.qsize() <= len(self._workers):
+        # The end of a round: a block queued behind this worker's running one would wait
+        # while other workers sit idle, so the last blocks go to workers with nothing to do.
+        self._closed.wait(self.poll_s / 4)
+        continue
       try:
         task = self._queue.get(timeout=self.poll_s)
       except queue.Empty:
