@@ -13,6 +13,11 @@ others; other images go as the 'cols' cache when that costs fewer bytes than sen
 column block inline. Every worker runs `max_in_flight_per_worker` daemon threads pulling from one
 shared queue, so fast workers take more blocks and each worker has its next block waiting.
 
+Scale (see README, "Scaling to hundreds of workers"): `plan` chooses the blocks
+(`server/block_plan`: fixed tiles, or strips sized from the worker count with a shrinking
+tail), `broadcast='tree'` lets workers fetch the caches from peers that hold them (or are
+receiving them) instead of the coordinator sending every copy.
+
 Faults: a call that raises, answers an error, or misses `deadline_s` marks its worker down
 and puts the block back on the queue for the others. A down worker is pinged after a back-off
 (doubling up to `max_backoff_s`) and used again when it answers. A block that fails
