@@ -32,7 +32,7 @@ from typing import Optional
 
 import numpy as np
 
-from ntkdd.common import architectures, wire
+from ntkdd.common import architectures
 from ntkdd.launch.inprocess import LocalWorkerHandle
 from ntkdd.workers import kernel_worker
 
