@@ -3,18 +3,27 @@
 From per-pair kernel costs (forward and vjp seconds per pair on one worker, measured with
 bench/kernel_throughput.py) and per-message costs, it predicts one KIP step for W workers:
 
-  compute   = (forward pairs * t_fwd + vjp pairs * t_vjp) / W       (perfect tiling)
-  straggler = one block's time (the last block lands on one worker: block^2 * t_vjp)
-  transfer  = bytes per step / coordinator bandwidth   (the coordinator's NIC is the funnel)
-  solve     = coordinator's closed-form KRR work (n_s^3 + n_s^2 n_t flops) / its flop rate
-  step      = compute + straggler + transfer + solve + per-round latency * rounds
+  rounds    = the kernel round and the vjp round, each of n_s (n_s + n_t) pairs (the code
+              computes K(support, [support; targets]): K_ss whole, not a triangle).
+              --plan tiles: every block padded to block x block; equal blocks on equal
+              workers take ceil(blocks / W) block times per round (the straggler is what
+              that adds to pairs / W). --plan balanced: pairs / W plus the last (smallest)
+              tail block.
+  broadcast = the wait for the support images before a worker can start: direct, one copy
+              per worker receiving blocks over the coordinator's link (all of them before
+              the last starts when there is one wave of blocks, about half otherwise); tree,
+              one copy from the coordinator then log_(fanout+1) W hops over the workers' links.
+  transfer  = bytes per step / coordinator bandwidth; only what the rounds cannot hide counts.
+  solve     = coordinator's closed-form KRR work (n_s^3 / 3 + 4 n_s^2 C + 3 n_t n_s C flops,
+              C classes) / its flop rate, plus reading K_ts (float64) three times
+  step      = rounds + broadcast + unhidden transfer + solve + a latency per round
 
-Forward pairs: K_ss (one triangle, n_s (n_s + 1) / 2) plus K_st (n_s n_t); vjp pairs:
-n_s (n_s + n_t). Bytes: support images to every worker once per step; target images as
-indices (the default: workers hold the dataset; 8 bytes an image in every block request of
-both rounds) or, with --targets pixels, as pixels to every worker once per step (the cols
-cache); kernel blocks back (8 bytes per pair, NTK and NNGP in float32), cotangent blocks out
-(4 bytes per pair) and partial gradients back (one row block of images per block).
+Bytes: support images (see broadcast); target images as indices (the default: workers hold
+the dataset; 8 bytes an image in every block request of both rounds) or, with --targets
+pixels, as pixels to every worker once per step (the cols cache); kernel blocks back (8 bytes
+per pair, NTK and NNGP in float32), cotangent blocks out (4 bytes per pair) and partial
+gradients back (one row block of images per block). bench/scale_sim.py runs the real
+coordinator against simulated workers on the same inputs; BENCHMARKS.md compares the two.
 
   python bench/scaling_model.py                                 # CIFAR-10 defaults
   python bench/scaling_model.py --t-fwd 2e-4 --t-vjp 6e-4       # your measured GPU costs
@@ -23,35 +32,63 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 
 def step_model(workers: int, n_s: int, n_t: int, image_bytes: int, t_fwd: float, t_vjp: float,
                block: int, bandwidth: float, latency: float, solve_flops: float,
-               targets: str = 'indices') -> dict:
-  """Predicted seconds of one KIP step and their parts."""
-  forward_pairs = n_s * (n_s + 1) / 2 + n_s * n_t
-  vjp_pairs = n_s * (n_s + n_t)
-  compute = (forward_pairs * t_fwd + vjp_pairs * t_vjp) / workers
-  straggler = block * block * t_vjp if workers > 1 else 0.0
-  row_blocks = -(-n_s // block)
-  col_blocks = -(-(n_s + n_t) // block)
-  blocks = row_blocks * col_blocks
+               targets: str = 'indices', plan: str = 'tiles', broadcast: str = 'direct',
+               worker_bandwidth: float = 1.25e10, fanout: int = 8, tasks_per_worker: int = 2,
+               tail_halvings: int = 2, classes: int = 10,
+               memory_bandwidth: float = 1e10) -> dict:
+  """Predicted seconds of one KIP step and their parts (see the module docstring)."""
+  pairs = n_s * (n_s + n_t)     # per round: K(support, [support; targets]), then its vjp
+  support_bytes = n_s * image_bytes
+  if plan == 'tiles':
+    row_blocks = -(-n_s // block)
+    blocks = row_blocks * (-(-n_s // block) + -(-n_t // block))
+    block_pairs = min(block, n_s) * min(block, n_s + n_t)    # every tile padded to this
+    waves = -(-blocks // workers)
+    rounds_compute = waves * block_pairs * (t_fwd + t_vjp)
+    compute = blocks * block_pairs * (t_fwd + t_vjp) / workers
+    receivers = min(workers, blocks)
+    gradient_rows = blocks * min(block, n_s)
+  else:   # balanced: no padding; the last blocks are the smallest tail wave's
+    weights = tasks_per_worker + sum(0.5 ** h for h in range(1, tail_halvings + 1))
+    last_block = pairs / (workers * weights) * 0.5 ** tail_halvings
+    compute = pairs * (t_fwd + t_vjp) / workers
+    rounds_compute = compute + last_block * (t_fwd + t_vjp)
+    blocks = int(workers * (tasks_per_worker + tail_halvings))
+    row_blocks = max(1, min(n_s, blocks))
+    receivers = workers
+    gradient_rows = blocks      # flat strips: about one row per block
+  straggler = rounds_compute - compute
+  copy_s = support_bytes / bandwidth
+  if broadcast == 'tree':   # one copy from the coordinator, then log_(fanout+1) W hops
+    hops = math.ceil(math.log(max(workers, 1)) / math.log(fanout + 1)) if workers > 1 else 0
+    support_sent = support_bytes
+    broadcast_s = copy_s + hops * (latency + fanout * support_bytes / worker_bandwidth)
+  else:     # a copy per worker over the coordinator's link: starts spread over that time
+    support_sent = receivers * support_bytes
+    broadcast_s = receivers * copy_s / (1 if plan == 'tiles' and waves == 1 else 2)
   if targets == 'indices':
     target_bytes = 2 * row_blocks * n_t * 8    # indices in each block request, both rounds
   else:
     target_bytes = workers * n_t * image_bytes   # the pixels to every worker
-  sent = (workers * n_s * image_bytes          # support images to every worker
-          + target_bytes
-          + 4 * vjp_pairs)                     # cotangent blocks
-  received = 8 * (forward_pairs) + blocks * block * image_bytes
+  sent = support_sent + target_bytes + 4 * pairs          # + cotangent blocks
+  received = 8 * pairs + gradient_rows * image_bytes      # kernel blocks, partial gradients
   transfer = (sent + received) / bandwidth
-  solve = (n_s ** 3 + 2 * n_s ** 2 * n_t) / solve_flops
-  rounds = 2  # the forward round, then the vjp round
-  total = compute + straggler + transfer + solve + rounds * latency * max(1, blocks / workers)
+  excess = max(0.0, transfer - support_sent / bandwidth - rounds_compute)   # not overlapped
+  # common/krr.loss_and_gradients: a Cholesky of K_ss, four solves with it, and three
+  # (n_t x n_s) by (n_s or n_t x classes) products; K_ts as float64 read a few times.
+  solve = (n_s ** 3 / 3 + 4 * n_s ** 2 * classes + 3 * n_t * n_s * classes) / solve_flops
+  solve += 3 * 8 * n_s * n_t / memory_bandwidth
+  total = rounds_compute + broadcast_s + excess + solve + 2 * latency
   return {'workers': workers, 'step_s': total, 'compute_s': compute, 'straggler_s': straggler,
-          'transfer_s': transfer, 'solve_s': solve, 'bytes_per_step': sent + received}
+          'transfer_s': transfer, 'broadcast_s': broadcast_s, 'solve_s': solve,
+          'bytes_per_step': sent + received}
 
 
 def main(argv=None) -> int:
@@ -73,6 +110,10 @@ def main(argv=None) -> int:
   p.add_argument('--solve-flops', type=float, default=5e10, help="coordinator's flop/s")
   p.add_argument('--targets', default='indices', choices=('indices', 'pixels'),
                  help='how target images reach the workers (default indices, as ntkdd does)')
+  p.add_argument('--plan', default='tiles', choices=('tiles', 'balanced'))
+  p.add_argument('--broadcast', default='direct', choices=('direct', 'tree'))
+  p.add_argument('--worker-bandwidth', type=float, default=1.25e10, help='bytes/s per worker')
+  p.add_argument('--fanout', type=int, default=8, help='tree: fetches per source at once')
   p.add_argument('--json', default='bench/results/scaling_model.json')
   args = p.parse_args(argv)
   h, w, c = (int(v) for v in args.image_shape.split('x'))
@@ -83,24 +124,29 @@ def main(argv=None) -> int:
     base = None
     for workers in (int(v) for v in args.workers.split(',')):
       r = step_model(workers, n_s, args.target_batch, image_bytes, args.t_fwd, args.t_vjp,
-                     args.block, args.bandwidth, args.latency, args.solve_flops, args.targets)
+                     args.block, args.bandwidth, args.latency, args.solve_flops, args.targets,
+                     args.plan, args.broadcast, args.worker_bandwidth, args.fanout,
+                     classes=args.classes)
       base = base or step_model(1, n_s, args.target_batch, image_bytes, args.t_fwd,
                                 args.t_vjp, args.block, args.bandwidth, args.latency,
-                                args.solve_flops, args.targets)
+                                args.solve_flops, args.targets, args.plan, args.broadcast,
+                                args.worker_bandwidth, args.fanout, classes=args.classes)
       r['ipc'] = ipc
       r['efficiency'] = base['step_s'] / (workers * r['step_s'])
-      parts = {k: r[k] for k in ('compute_s', 'straggler_s', 'transfer_s', 'solve_s')}
+      parts = {k: r[k] for k in ('compute_s', 'straggler_s', 'broadcast_s', 'transfer_s',
+                                 'solve_s')}
       r['limit'] = max(parts, key=parts.get).replace('_s', '')
       rows.append(r)
   print(f'KIP step model: {args.image_shape}, target batch {args.target_batch}, '
         f't_fwd {args.t_fwd:.3g} s, t_vjp {args.t_vjp:.3g} s per pair, block {args.block}, '
-        f'targets as {args.targets}')
-  print('| ipc | workers | step s | compute s | straggler s | transfer s | solve s | MB/step '
-        '| efficiency | limited by |')
-  print('|---|---|---|---|---|---|---|---|---|---|')
+        f'targets as {args.targets}, plan {args.plan}, broadcast {args.broadcast}')
+  print('| ipc | workers | step s | compute s | straggler s | broadcast s | transfer s | solve s '
+        '| MB/step | efficiency | limited by |')
+  print('|---|---|---|---|---|---|---|---|---|---|---|')
   for r in rows:
     print(f"| {r['ipc']} | {r['workers']} | {r['step_s']:.3g} | {r['compute_s']:.3g} | "
-          f"{r['straggler_s']:.3g} | {r['transfer_s']:.3g} | {r['solve_s']:.3g} | "
+          f"{r['straggler_s']:.3g} | {r['broadcast_s']:.3g} | {r['transfer_s']:.3g} | "
+          f"{r['solve_s']:.3g} | "
           f"{r['bytes_per_step'] / 1e6:.1f} | {100 * r['efficiency']:.0f}% | {r['limit']} |")
   Path(args.json).parent.mkdir(parents=True, exist_ok=True)
   Path(args.json).write_text(json.dumps({'args': vars(args), 'rows': rows}, indent=2))

@@ -40,6 +40,12 @@ class LocalWorkerHandle:
   def set_images(self, name: str, version: int, payload: bytes) -> bytes:
     return self._invoke('set_images', name, version, payload)
 
+  def cached_images(self, name: str, version: int) -> bytes:
+    return self._invoke('cached_images', name, version)
+
+  def fetch_images(self, name: str, version: int, peer: str) -> bytes:
+    return self._invoke('fetch_images', name, version, peer)
+
   def kernel_block(self, request: bytes) -> bytes:
     return self._invoke('kernel_block', request)
 
@@ -62,4 +68,6 @@ def make_inprocess_backend(arch: Union[architectures.Architecture, dict], worker
   handles = [LocalWorkerHandle(kernel_worker.KernelWorker(arch_dict, dtype, tile, worker_id=i,
                                                           dataset=dataset))
              for i in range(workers)]
+  for handle in handles:    # so that broadcast='tree' can pass caches from worker to worker
+    handle.worker.connect_peers(dict(enumerate(handles)))
   return coordinator.DistributedKernels(handles, block=block, dtype=dtype, **coordinator_kwargs)

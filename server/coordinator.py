@@ -13,6 +13,11 @@ others; other images go as the 'cols' cache when that costs fewer bytes than sen
 column block inline. Every worker runs `max_in_flight_per_worker` daemon threads pulling from one
 shared queue, so fast workers take more blocks and each worker has its next block waiting.
 
+Scale (see README, "Scaling to hundreds of workers"): `plan` chooses the blocks
+(`server/block_plan`: fixed tiles, or strips sized from the worker count with a shrinking
+tail), `broadcast='tree'` lets workers fetch the caches from peers that hold them (or are
+receiving them) instead of the coordinator sending every copy.
+
 Faults: a call that raises, answers an error, or misses `deadline_s` marks its worker down
 and puts the block back on the queue for the others. A down worker is pinged after a back-off
 (doubling up to `max_backoff_s`) and used again when it answers. A block that fails
@@ -31,10 +36,11 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from ntkdd.common import kernels, sources, wire
-from ntkdd.server import status
+from ntkdd.server import block_plan, status
 
 STALE_CACHE, MISSING_DATASET = wire.STALE_CACHE, wire.MISSING_DATASET   # workers' error codes
 ROWS, COLS = 'rows', 'cols'      # names of the per-call image caches on the workers
+BROADCASTS = ('direct', 'tree')   # how cached images reach the workers
 
 
 class WorkersUnavailable(RuntimeError):
@@ -62,6 +68,7 @@ class _Worker:
   retry_at: float = 0.0                      # monotonic time of the next ping while down
   backoff_s: float = 0.0
   info: dict = dataclasses.field(default_factory=dict)   # pid, device, ... from ping
+  peer_id: Optional[str] = None              # its name in its peers' tables, if it has peers
   datasets: dict = dataclasses.field(default_factory=dict)   # split key -> rows, from ping
   held: dict = dataclasses.field(default_factory=dict)   # cache name -> version it holds
   cache_epoch: int = 0                       # counts set_images sent, to spot races on `held`
@@ -143,9 +150,11 @@ class DistributedKernels:
   def __init__(self, workers: Sequence, block: int = 64, deadline_s: float = 600,
                max_in_flight_per_worker: int = 2, version_fn: Optional[Callable[[], int]] = None,
                *, dtype: str = 'float32', grace_s: float = 120.0, retry_backoff_s: float = 1.0,
-               max_backoff_s: float = 30.0, max_task_attempts: int = 4, poll_s: float = 0.1):
+               max_backoff_s: float = 30.0, max_task_attempts: int = 4, poll_s: float = 0.1,
+               plan: str = 'tiles', tasks_per_worker: int = 2, tail_halvings: int = 2,
+               broadcast: str = 'direct', tree_fanout: int = 8):
     """Args beyond the protocol's:
-      block: rows and columns of the square blocks a worker computes per call.
+      block: rows and columns of the square blocks a worker computes per call (plan 'tiles').
       deadline_s: a worker call taking longer marks the worker down (the call is abandoned).
       max_in_flight_per_worker: concurrent calls per worker, so the next block is waiting.
       version_fn: `() -> int`, a fresh cache version per new image set. The default (a
@@ -156,11 +165,24 @@ class DistributedKernels:
       retry_backoff_s, max_backoff_s: first and longest wait before pinging a down worker.
       max_task_attempts: failures of one block before its call raises WorkersUnavailable.
       poll_s: how often waiting threads check for close, deadlines and the grace period.
+      plan: 'tiles' (squares of `block`) or 'balanced' (strips sized from the worker count,
+        shrinking at the end of a round): see `server/block_plan`.
+      tasks_per_worker, tail_halvings: the balanced plan's equal shares per worker and
+        halving tail waves.
+      broadcast: how the per-call image caches reach the workers: 'direct' (the coordinator
+        sends every copy) or 'tree' (workers that already hold them pass them on: each
+        worker whose ping reports peers fetches from a holder, at most `tree_fanout` fetches
+        per holder at once; the coordinator sends one copy at a time, while no holder is free).
     """
     if not workers:
       raise ValueError('DistributedKernels needs at least one worker handle.')
     if block < 1 or max_in_flight_per_worker < 1 or deadline_s <= 0:
       raise ValueError('Need block >= 1, max_in_flight_per_worker >= 1 and deadline_s > 0.')
+    if plan not in block_plan.PLANS or broadcast not in BROADCASTS or tree_fanout < 1:
+      raise ValueError(f'plan must be one of {block_plan.PLANS} (got {plan!r}), broadcast one '
+                       f'of {BROADCASTS} (got {broadcast!r}) and tree_fanout >= 1.')
+    self.plan, self.broadcast, self.tree_fanout = plan, broadcast, int(tree_fanout)
+    self.tasks_per_worker, self.tail_halvings = int(tasks_per_worker), int(tail_halvings)
     self.block, self.deadline_s, self.dtype = int(block), float(deadline_s), np.dtype(dtype)
     self.grace_s, self.poll_s = float(grace_s), float(poll_s)
     self.retry_backoff_s, self.max_backoff_s = float(retry_backoff_s), float(max_backoff_s)
@@ -168,17 +190,24 @@ class DistributedKernels:
     self._version_fn = version_fn or itertools.count(time.time_ns() // 1000).__next__
     self._workers = [_Worker(i, handle) for i, handle in enumerate(workers)]
     self._published: dict[str, _Published] = {}
+    self._tree = threading.Condition()     # guards _holders and _root_sends (broadcast 'tree')
+    # (cache, version) -> holder -> [fetches from it now, its depth in the tree]
+    self._holders: dict[tuple, dict[int, list]] = {}
+    self._root_sends: dict[tuple, int] = {}           # (cache, version) -> coordinator sends
     self._queue: queue.Queue = queue.Queue()
     self._lock = threading.Lock()          # worker states and counters
     self._call_lock = threading.Lock()     # one kernel()/vjp() at a time: they share caches
     self._closed = threading.Event()
+    self._slot = threading.local()         # per slot thread: its `_Caller`
     self._stats = dict(calls=0, blocks_done=0, block_pairs_done=0, bytes_sent=0,
                        bytes_received=0, seconds_serialising=0.0,
                        seconds_waiting=0.0,      # summed over threads: may exceed wall time
                        blocks_requeued=0, cache_sends=0, stale_cache_resends=0,
                        index_blocks=0,           # blocks whose columns went as dataset indices
                        pixel_fallback_blocks=0,  # dataset columns sent as pixels instead
-                       missing_dataset_resends=0)
+                       missing_dataset_resends=0,
+                       tree_fetches=0,           # caches a worker fetched from a peer
+                       tree_fetch_failures=0)    # a peer could not serve: fetched elsewhere
     self.pairs, self.seconds = 0, 0.0      # as InProcessKernels: pairs per call, call time
     self._started = time.monotonic()
     self._threads = [
@@ -200,26 +229,22 @@ class DistributedKernels:
       n1, n2 = len(x1), (parts[-1].stop if parts else 0)
       out = {name: np.zeros((n1, n2), self.dtype) for name in kernels.KERNELS}
       if n1 and n2:
-        row_blocks = list(kernels.tile_ranges(n1, self.block))
-        col_blocks = self._column_blocks(parts)
-        fields, caches = self._sources(x1, parts, len(row_blocks))
-        pads = {'pad_rows': min(self.block, n1), 'pad_cols': min(self.block, n2)}
+        blocks, pads = self._plan_blocks(n1, parts, symmetric)
+        fields, caches = self._sources(x1, parts, len({rows for rows, _, _ in blocks}))
 
         def build_request(task: _Task, worker: _Worker) -> dict:
-          return {**fields(task, worker), **pads}
+          return {**fields(task, worker), **pads(task)}
 
         def deliver(task: _Task, response: dict) -> None:
           (r0, r1), (c0, c1) = task.rows, task.cols
           for name in kernels.KERNELS:
             block = _checked(response, name, (r1 - r0, c1 - c0))
             out[name][r0:r1, c0:c1] = block
-            if symmetric and (r0, r1) != (c0, c1):
+            if symmetric and (r0, r1) != (c0, c1):   # off the diagonal: c0 >= r1
               out[name][c0:c1, r0:r1] = block.T
           progress.add((r1 - r0) * (c1 - c0))
 
         call = _Call('kernel_block', caches, build_request, deliver)
-        blocks = [(r, c, part) for r in row_blocks for c, part in col_blocks
-                  if not symmetric or c[0] >= r[0]]
         progress = status.KernelProgress('kernel', sum((r1 - r0) * (c1 - c0)
                                                        for (r0, r1), (c0, c1), _ in blocks))
         self._run(call, blocks)
@@ -239,25 +264,24 @@ class DistributedKernels:
                     for name, g in (('g_ntk', g_ntk), ('g_nngp', g_nngp)) if g is not None}
       grad = np.zeros(x1.shape, self.dtype)
       if n1 and n2 and cotangents:
-        row_blocks = list(kernels.tile_ranges(n1, self.block))
-        col_blocks = self._column_blocks(parts)
-        fields, caches = self._sources(x1, parts, len(row_blocks))
-        pads = {'pad_rows': min(self.block, n1), 'pad_cols': min(self.block, n2)}
+        blocks, pads = self._plan_blocks(n1, parts, False)
+        fields, caches = self._sources(x1, parts, len({rows for rows, _, _ in blocks}))
         partials: dict[int, np.ndarray] = {}
 
         def build_request(task: _Task, worker: _Worker) -> dict:
           (r0, r1), (c0, c1) = task.rows, task.cols
-          blocks = {name: np.ascontiguousarray(g[r0:r1, c0:c1]) for name, g in cotangents.items()}
-          return {**fields(task, worker), **pads, **blocks}
+          g_blocks = {name: np.ascontiguousarray(g[r0:r1, c0:c1])
+                      for name, g in cotangents.items()}
+          return {**fields(task, worker), **pads(task), **g_blocks}
 
         def deliver(task: _Task, response: dict) -> None:
           (r0, r1) = task.rows
           partials[task.index] = _checked(response, 'grad', (r1 - r0,) + x1.shape[1:])
 
         call = _Call('vjp_block', caches, build_request, deliver)
-        self._run(call, [(r, c, part) for r in row_blocks for c, part in col_blocks])
-        # Sum the partial gradients in block order, so the result is the same whichever
-        # worker finished first.
+        self._run(call, blocks)
+        # Sum the partial gradients in plan order (a function of the shapes and the worker
+        # count only), so the result is the same whichever worker finished first.
         for task in call.tasks:
           grad[task.rows[0]:task.rows[1]] += partials[task.index]
       self._count(n1 * n2, start)
@@ -308,14 +332,15 @@ class DistributedKernels:
 
   # -- Planning. ------------------------------------------------------------------------------
 
-  def _as_images(self, x: Any, name: str, like: Optional[np.ndarray] = None) -> np.ndarray:
+  def _as_images(self, x: Any, name: str, like: Optional[np.ndarray] = None,
+                 check_finite: bool = True) -> np.ndarray:
     x = np.asarray(x, self.dtype)
     if x.ndim not in (2, 4):
       raise ValueError(f'{name} must be NHWC images or (N, D) vectors, got shape {x.shape}.')
     if like is not None and x.shape[1:] != like.shape[1:]:
       raise ValueError(f'x1 and x2 must have the same image shape, got {like.shape[1:]} and '
                        f'{x.shape[1:]}.')
-    if not np.all(np.isfinite(x)):
+    if check_finite and not np.all(np.isfinite(x)):
       raise ValueError(f'{name} contains NaN or inf; check the data or the preprocessing.')
     return x
 
@@ -336,6 +361,10 @@ class DistributedKernels:
     published = _Published(int(self._version_fn()), wire.decode(payload)['images'], payload)
     self._add_stats(seconds_serialising=time.perf_counter() - start)
     self._published[name] = published
+    with self._tree:    # holders of the old version are of no use any more
+      for table in (self._holders, self._root_sends):
+        for key in [k for k in table if k[0] == name]:
+          del table[key]
     return published
 
   def _column_parts(self, x1: np.ndarray, x2: Any) -> list[_Part]:
@@ -344,7 +373,10 @@ class DistributedKernels:
       return [_Part(0, len(x1), 'rows', x1)] if len(x1) else []
     parts = []
     for start, piece in sources.parts_of(x2):
-      images = self._as_images(piece, 'x2', like=x1)
+      # Dataset rows are the prepared split the workers hold: no finiteness scan (15 M
+      # values for a 5000-image CIFAR batch, twice a step) on the coordinator's CPU.
+      images = self._as_images(piece, 'x2', like=x1,
+                               check_finite=not isinstance(piece, sources.DatasetRows))
       stop = start + len(images)
       if isinstance(piece, sources.DatasetRows):
         parts.append(_Part(start, stop, 'dataset', images, piece.key, piece.indices))
@@ -354,10 +386,22 @@ class DistributedKernels:
         parts.append(_Part(start, stop, 'array', images))
     return parts
 
-  def _column_blocks(self, parts: list[_Part]) -> list[tuple[tuple, _Part]]:
-    """((c0, c1), part) column blocks of at most `block` columns, none straddling parts."""
-    return [((part.start + a, part.start + b), part) for part in parts
-            for a, b in kernels.tile_ranges(part.stop - part.start, self.block)]
+  def _plan_blocks(self, n1: int, parts: list[_Part],
+                   symmetric: bool) -> tuple[list, Callable[[_Task], dict]]:
+    """((rows, cols, part) blocks in queue order, task -> its pad fields); see block_plan."""
+    spans = [(part.start, part.stop) for part in parts]
+    if self.plan == 'tiles':
+      planned = block_plan.tile_blocks(n1, spans, self.block, symmetric)
+      fixed = {'pad_rows': min(self.block, n1), 'pad_cols': min(self.block, spans[-1][1])}
+      return [(r, c, parts[i]) for r, c, i in planned], lambda task: fixed
+    planned = block_plan.balanced_blocks(n1, spans, len(self._workers), symmetric,
+                                         self.tasks_per_worker, self.tail_halvings)
+
+    def pads(task: _Task) -> dict:   # each block at its own shape: the plan repeats per step
+      (r0, r1), (c0, c1) = task.rows, task.cols
+      return {'pad_rows': r1 - r0, 'pad_cols': c1 - c0}
+
+    return [(r, c, parts[i]) for r, c, i in planned], pads
 
   def _sources(self, x1: np.ndarray, parts: list[_Part],
                row_blocks: int) -> tuple[Callable[[_Task, _Worker], dict], dict]:
@@ -426,6 +470,13 @@ class DistributedKernels:
 
   def _serve_worker(self, worker: _Worker, slot: int) -> None:
     """One in-flight slot of a worker: pulls blocks while it is up; slot 0 pings it when down."""
+    self._slot.caller = _Caller()
+    try:
+      self._serve_slot(worker, slot)
+    finally:
+      self._slot.caller.stop()
+
+  def _serve_slot(self, worker: _Worker, slot: int) -> None:
     if slot == 0:
       try:
         self._probe(worker)   # learn its pid, device, caches, datasets; down if it is not up
@@ -440,6 +491,11 @@ class DistributedKernels:
           self._probe(worker)
         else:
           self._closed.wait(self.poll_s)
+        continue
+      if slot and worker.in_flight and self._queue.qsize() <= len(self._workers):
+        # The end of a round: a block queued behind this worker's running one would wait
+        # while other workers sit idle, so the last blocks go to workers with nothing to do.
+        self._closed.wait(self.poll_s / 4)
         continue
       try:
         task = self._queue.get(timeout=self.poll_s)
@@ -517,7 +573,7 @@ class DistributedKernels:
         self._stats['block_pairs_done'] += task.pairs
 
   def _ensure_caches(self, worker: _Worker, task: _Task) -> None:
-    """Sends the images a block reads to the worker, unless it already holds them."""
+    """Gets the images a block reads to the worker, unless it already holds them."""
     for name, version in task.call.caches.items():
       with worker.cache_lock:
         if worker.held.get(name) == version:
@@ -525,12 +581,94 @@ class DistributedKernels:
         published = self._published[name]
         if published.version != version:
           raise _WorkerFault(f'internal: cache {name!r} moved on to another call')
-        response = self._call(worker, 'set_images', name, version, published.payload)
-        if not response.get('ok'):
-          raise _WorkerFault(f"set_images {response.get('error')}: {response.get('message')}")
+        if self.broadcast == 'tree' and worker.peer_id is not None:
+          self._fetch_via_tree(worker, name, published)
+        else:
+          self._send_images(worker, name, published)
         worker.held[name] = version
         worker.cache_epoch += 1
-        self._add_stats(cache_sends=1)
+
+  def _send_images(self, worker: _Worker, name: str, published: _Published) -> None:
+    response = self._call(worker, 'set_images', name, published.version, published.payload)
+    if not response.get('ok'):
+      raise _WorkerFault(f"set_images {response.get('error')}: {response.get('message')}")
+    self._add_stats(cache_sends=1)
+
+  def _fetch_via_tree(self, worker: _Worker, name: str, published: _Published) -> None:
+    """The worker fetches the cache from a peer holding it, or (none free) is sent it.
+
+    Every worker becomes a source as soon as its fetch starts (its peers' fetches wait for
+    its copy: cut-through), so copies multiply by `tree_fanout` per hop and the coordinator
+    sends only a few of them. A source that cannot serve (lost the images, down) is dropped
+    and another one tried.
+    """
+    key = (name, published.version)
+    while True:
+      source, depth = self._acquire_source(key, worker)
+      if source is None:
+        try:
+          self._send_images(worker, name, published)
+        finally:
+          self._release_source(key, None)
+        break
+      # A source from now on (cut-through): a peer asking it waits until its copy is in.
+      # It picked its own source among earlier holders, so sources never form a cycle.
+      self._add_holder(key, worker, depth + 1)
+      try:
+        response = self._call(worker, 'fetch_images', name, published.version, source.peer_id)
+      except _WorkerFault:
+        self._drop_holder(key, worker)
+        raise
+      finally:
+        self._release_source(key, source)
+      if response.get('ok'):
+        self._add_stats(tree_fetches=1)
+        return
+      logging.info('Worker %d could not fetch %r from worker %d: %s', worker.index, name,
+                   source.index, response.get('message'))
+      self._add_stats(tree_fetch_failures=1)
+      self._drop_holder(key, worker)
+      self._drop_holder(key, source)   # it lost them, or is down: another source next
+    self._add_holder(key, worker, 1)
+
+  def _add_holder(self, key: tuple, worker: _Worker, depth: int) -> None:
+    with self._tree:
+      if self._published[key[0]].version == key[1]:
+        self._holders.setdefault(key, {}).setdefault(worker.index, [0, depth])
+      self._tree.notify_all()
+
+  def _drop_holder(self, key: tuple, worker: _Worker) -> None:
+    with self._tree:
+      self._holders.get(key, {}).pop(worker.index, None)
+
+  def _acquire_source(self, key: tuple, worker: _Worker) -> tuple[Optional[_Worker], int]:
+    """(a holder of `key` with a free fetch slot, its depth), waiting for one; (None, 0): the
+    coordinator sends. The shallowest holder first, so the tree stays log_fanout deep."""
+    with self._tree:
+      while True:
+        holders = self._holders.setdefault(key, {})
+        free = [(depth, fetches, index) for index, (fetches, depth) in holders.items()
+                if fetches < self.tree_fanout and index != worker.index
+                and self._workers[index].alive and self._workers[index].peer_id is not None]
+        if free:
+          depth, _, index = min(free)
+          holders[index][0] += 1
+          return self._workers[index], depth
+        if not self._root_sends.get(key, 0):   # one copy at a time over its own link
+          self._root_sends[key] = self._root_sends.get(key, 0) + 1
+          return None, 0
+        if self._closed.is_set():
+          raise _WorkerFault('the coordinator was closed')
+        self._tree.wait(self.poll_s)
+
+  def _release_source(self, key: tuple, source: Optional[_Worker]) -> None:
+    with self._tree:
+      if source is None:
+        if key in self._root_sends:
+          self._root_sends[key] -= 1
+      elif source.index in self._holders.get(key, {}):
+        self._holders[key][source.index][0] -= 1
+      self._tree.notify_all()
 
   def _call(self, worker: _Worker, method: str, *args) -> dict:
     """The decoded answer of `worker.method(*args)`; _WorkerFault if it fails or is late."""
@@ -553,25 +691,27 @@ class DistributedKernels:
     return response
 
   def _call_with_deadline(self, fn: Callable, args: tuple) -> Any:
-    """fn(*args) on a helper thread, abandoned (left to finish alone) past `deadline_s`."""
-    box: dict = {}
-    done = threading.Event()
-
-    def run() -> None:
-      try:
-        box['answer'] = fn(*args)
-      except BaseException as e:  # Any failure of the handle is the worker's fault.
-        box['error'] = e
-      finally:
-        done.set()
-
-    threading.Thread(target=run, daemon=True, name='ntkdd-worker-call').start()
+    """fn(*args) on the slot's caller thread, abandoned (left to finish alone, the slot
+    gets a new caller) past `deadline_s`."""
+    caller = getattr(self._slot, 'caller', None)
+    if caller is None:     # not on a slot thread: a caller for this call only
+      caller = _Caller()
+    box, done = caller.submit(fn, args)
     deadline = time.monotonic() + self.deadline_s
-    while not done.wait(min(self.poll_s, max(deadline - time.monotonic(), 0.0))):
-      if self._closed.is_set():
-        raise _WorkerFault('the coordinator was closed')
-      if time.monotonic() >= deadline:
-        raise _WorkerFault(f'no answer within deadline_s={self.deadline_s:g}')
+    try:
+      while not done.wait(min(self.poll_s, max(deadline - time.monotonic(), 0.0))):
+        if self._closed.is_set():
+          raise _WorkerFault('the coordinator was closed')
+        if time.monotonic() >= deadline:
+          raise _WorkerFault(f'no answer within deadline_s={self.deadline_s:g}')
+    except _WorkerFault:
+      caller.stop()        # it exits when the abandoned call returns, if ever
+      if getattr(self._slot, 'caller', None) is caller:
+        self._slot.caller = _Caller()
+      raise
+    finally:
+      if caller is not getattr(self._slot, 'caller', None):
+        caller.stop()
     if 'error' in box:
       error = box['error']
       raise _WorkerFault(f'{type(error).__name__}: {error}')
@@ -614,6 +754,8 @@ class DistributedKernels:
       worker.info = {k: response.get(k) for k in ('pid', 'device', 'dtype', 'worker_id',
                                                   'dataset_error')}
       worker.datasets = dict(response.get('datasets') or {})
+      # Workers wired to their peers (ping says how many) can fetch caches from them.
+      worker.peer_id = (str(response.get('worker_id')) if response.get('peers') else None)
     logging.info('Kernel worker %d is up (pid %s, %s).', worker.index, response.get('pid'),
                  response.get('device'))
 
@@ -647,6 +789,36 @@ class DistributedKernels:
   def _count(self, pairs: int, start: float) -> None:
     self.pairs += pairs
     self.seconds += time.perf_counter() - start
+
+
+class _Caller:
+  """A thread that makes one slot's worker calls, one at a time, so that a call does not
+  start a thread of its own (at hundreds of workers that is much of the coordinator's CPU)."""
+
+  def __init__(self):
+    self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+    threading.Thread(target=self._loop, daemon=True, name='ntkdd-worker-call').start()
+
+  def submit(self, fn: Callable, args: tuple) -> tuple[dict, threading.Event]:
+    box, done = {}, threading.Event()
+    self._jobs.put((fn, args, box, done))
+    return box, done
+
+  def stop(self) -> None:
+    self._jobs.put(None)
+
+  def _loop(self) -> None:
+    while True:
+      job = self._jobs.get()
+      if job is None:
+        return
+      fn, args, box, done = job
+      try:
+        box['answer'] = fn(*args)
+      except BaseException as e:  # Any failure of the handle is the worker's fault.
+        box['error'] = e
+      finally:
+        done.set()
 
 
 def _cached_fields(side: str, name: str, version: int, span: tuple) -> dict:

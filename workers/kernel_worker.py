@@ -40,6 +40,10 @@ BAD_REQUEST, EXCEPTION, MALFORMED = wire.BAD_REQUEST, wire.EXCEPTION, wire.MALFO
 MAX_BLOCK_SIDE = 1 << 16    # rows (or columns) of one block, padding included
 
 
+PEER_WAIT_S = 30.0    # how long cached_images waits for a version this worker is fetching
+PEER_ANNOUNCE_S = 1.0   # ... and for one it has not started fetching yet
+
+
 class RequestError(Exception):
   """A request this worker cannot serve; `kind` is the response's `error` field."""
 
@@ -67,6 +71,9 @@ class KernelWorker:
     self.blocks_done = 0
     self.compute_seconds = 0.0
     self._datasets: dict[str, np.ndarray] = {}   # split key -> model-space images
+    self._peers: dict = {}            # peer worker id (str) -> handle, for fetch_images
+    self._arriving: dict[str, int] = {}   # cache name -> version being fetched from a peer
+    self._cache_changed = threading.Condition(self._lock)
     self.dataset_error: Optional[str] = None
     if dataset:
       self._load_dataset(dataset)
@@ -97,7 +104,7 @@ class KernelWorker:
                         'device': str(jax.devices()[0]), 'dtype': self.dtype.name,
                         'arch': self.arch.to_dict(), 'caches': caches,
                         'datasets': {key: len(x) for key, x in self._datasets.items()},
-                        'dataset_error': self.dataset_error})
+                        'dataset_error': self.dataset_error, 'peers': len(self._peers)})
 
   def set_images(self, name: str, version: int, payload: bytes) -> bytes:
     """Caches the array `images` of the wire message `payload` as (`name`, `version`)."""
@@ -119,9 +126,67 @@ class KernelWorker:
       return error_response(EXCEPTION, f'Worker {self.worker_id}: {type(e).__name__}: {e}')
     with self._lock:
       self._images[name] = (int(version), images)
+      self._cache_changed.notify_all()
     logging.debug('Worker %d cached %r version %d: %s.', self.worker_id, name, version,
                   images.shape)
     return wire.encode({'ok': True, 'name': name, 'version': int(version)})
+
+  def cached_images(self, name: str, version: int) -> bytes:
+    """The cache entry (`name`, `version`) as a set_images payload, for a peer to fetch.
+
+    While this worker is itself still fetching that version, it waits for it (up to
+    PEER_WAIT_S), so a fetch can start before its source holds the images (cut-through);
+    a version it has not heard of it awaits PEER_ANNOUNCE_S (its own fetch may be on the way).
+    """
+    version = int(version)
+    start = time.monotonic()
+    with self._lock:
+      while self._images.get(name, (None,))[0] != version:
+        waited = time.monotonic() - start
+        limit = PEER_WAIT_S if self._arriving.get(name) == version else PEER_ANNOUNCE_S
+        if waited >= limit:
+          break
+        self._cache_changed.wait(limit - waited)
+      held = self._images.get(name)
+    if held is None or held[0] != int(version):
+      have = 'nothing' if held is None else f'version {held[0]}'
+      return error_response(STALE_CACHE, f'Worker {self.worker_id}: cache {name!r} version '
+                                         f'{version} asked for, but it holds {have}.')
+    return wire.encode({'ok': True, 'images': held[1]})
+
+  def fetch_images(self, name: str, version: int, peer: str) -> bytes:
+    """Caches (`name`, `version`) fetched from the peer worker `peer` (the tree broadcast).
+
+    Answers as set_images; when the peer cannot serve, its error (e.g. 'stale_cache') with
+    a message naming the peer, and the coordinator fetches elsewhere.
+    """
+    handle = self._peers.get(str(peer))
+    if handle is None:
+      return error_response(BAD_REQUEST, f'Worker {self.worker_id} has no peer {peer!r} '
+                                         f'(peers: {sorted(self._peers)}).')
+    with self._lock:
+      self._arriving[name] = int(version)
+      self._cache_changed.notify_all()
+    try:
+      try:
+        payload = handle.cached_images(name, int(version))
+        answer = wire.decode(payload)
+      except Exception as e:  # the peer is down or answered garbage: its fault, not ours
+        return error_response(EXCEPTION, f'Worker {self.worker_id}: peer {peer} failed: '
+                                         f'{type(e).__name__}: {e}')
+      if not answer.get('ok'):
+        return error_response(answer.get('error', EXCEPTION),
+                              f'Worker {self.worker_id}: peer {peer}: {answer.get("message")}')
+      return self.set_images(name, version, payload)
+    finally:
+      with self._lock:
+        if self._arriving.get(name) == int(version):
+          del self._arriving[name]
+        self._cache_changed.notify_all()
+
+  def connect_peers(self, peers: dict) -> None:
+    """Not an RPC: the launcher hands this worker its peers' handles, {worker id: handle}."""
+    self._peers = {str(k): h for k, h in peers.items() if str(k) != str(self.worker_id)}
 
   def kernel_block(self, request: bytes) -> bytes:
     """{'ntk', 'nngp'}: the (rows, cols) kernel blocks of the request's images."""

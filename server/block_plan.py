@@ -1,0 +1,118 @@
+"""Plans the blocks of one coordinator call: fixed square tiles, or strips sized from the worker count.
+
+A plan is a list of `(rows, cols, span)` in queue order: `rows` and `cols` are [start, stop)
+ranges and `span` the index of the column span (a part of the call's columns that no block
+straddles) the columns lie in. Two plans:
+
+  tiles     squares of `block` rows and columns (the historical default): the number of blocks
+            grows with the problem, not the fleet, and the last block of a round is a whole
+            tile on one worker while the others wait.
+  balanced  row strips sized from the worker count. The first `tasks_per_worker * workers`
+            blocks carry most of the pairs in equal shares; then `tail_halvings` waves of
+            `workers` blocks, each half the size of the one before, so the blocks left when
+            workers run dry are small. Strips are as flat as the share allows (few rows, many
+            columns): a vjp block returns one partial gradient per row, summed over its
+            columns on the worker, so flat strips mean few gradient bytes to the coordinator.
+
+Both plans are a function of the shapes and the configured worker count only, never of
+timing, so summing vjp blocks in plan order is bitwise reproducible.
+"""
+from __future__ import annotations
+
+import bisect
+import itertools
+import math
+from typing import Sequence
+
+from ntkdd.common import kernels
+
+Block = tuple[tuple[int, int], tuple[int, int], int]
+PLANS = ('tiles', 'balanced')
+
+
+def tile_blocks(n_rows: int, col_spans: Sequence[tuple[int, int]], block: int,
+                symmetric: bool = False) -> list[Block]:
+  """Square tiles of `block`; `symmetric`: only those on or above the diagonal (K(x, x))."""
+  col_blocks = [((start + a, start + b), span)
+                for span, (start, stop) in enumerate(col_spans)
+                for a, b in kernels.tile_ranges(stop - start, block)]
+  return [(rows, cols, span) for rows in kernels.tile_ranges(n_rows, block)
+          for cols, span in col_blocks if not symmetric or cols[0] >= rows[0]]
+
+
+def piece_sizes(total_pairs: int, workers: int, tasks_per_worker: int = 2,
+                tail_halvings: int = 2) -> list[float]:
+  """Target pairs of each block in queue order: equal shares, then halving tail waves."""
+  weights = [1.0] * (tasks_per_worker * workers)
+  for halving in range(1, tail_halvings + 1):
+    weights += [0.5 ** halving] * workers
+  unit = total_pairs / sum(weights)
+  return [unit * w for w in weights]
+
+
+def balanced_blocks(n_rows: int, col_spans: Sequence[tuple[int, int]], workers: int,
+                    symmetric: bool = False, tasks_per_worker: int = 2, tail_halvings: int = 2,
+                    min_pairs: int = 16) -> list[Block]:
+  """Row strips of about `piece_sizes` pairs each, largest first (see the module docstring).
+
+  Args:
+    n_rows: rows of the call.
+    col_spans: [start, stop) column spans no block may straddle, in column order.
+    workers: the fleet size the plan is for.
+    symmetric: K(x, x) with the columns equal to the rows: blocks cover the upper triangle;
+      each diagonal square is one block of its own (its worker mirrors it exactly).
+    tasks_per_worker: equal-share blocks per worker before the tail (one per in-flight slot).
+    tail_halvings: waves of `workers` blocks after those, each half the size of the last.
+    min_pairs: no block is planned smaller than this (tiny problems, huge fleets).
+  """
+  if workers < 1 or tasks_per_worker < 1 or tail_halvings < 0:
+    raise ValueError('balanced_blocks needs workers >= 1, tasks_per_worker >= 1 and '
+                     'tail_halvings >= 0.')
+  n_cols = sum(stop - start for start, stop in col_spans)
+  if not n_rows or not n_cols:
+    return []
+  total = n_rows * (n_rows + 1) // 2 if symmetric else n_rows * n_cols
+  sizes = piece_sizes(total, workers, tasks_per_worker, tail_halvings)
+
+  def height(width: float) -> int:
+    """Rows per strip: as few as fit a share in `width`, or a few more, so that a strip
+    cuts into whole shares (at most 10% smaller than planned)."""
+    fewest = max(1, min(n_rows, math.ceil(sizes[0] / max(width, 1))))
+    for rows in range(fewest, min(n_rows, 8 * fewest) + 1):
+      shares = rows * width / sizes[0]
+      if math.ceil(shares - 1e-9) <= 1.1 * shares:
+        return rows
+    return fewest
+
+  segments = []            # (rows, (c0, c1), span, splittable)
+  if symmetric:
+    for r0, r1 in kernels.tile_ranges(n_rows, height(n_rows / 2)):
+      segments.append(((r0, r1), (r0, r1), 0, False))
+      if r1 < n_rows:
+        segments.append(((r0, r1), (r1, n_rows), 0, True))
+  else:   # each span in strips of its own height: a narrow span gets taller strips
+    for span, (start, stop) in enumerate(col_spans):
+      if stop > start:
+        segments += [((r0, r1), (start, stop), span, True)
+                     for r0, r1 in kernels.tile_ranges(n_rows, height(stop - start))]
+  # The planned size of the piece that starts `done` pairs into the plan.
+  ends = list(itertools.accumulate(sizes))
+  blocks, done = [], 0
+  for rows, (c0, c1), span, splittable in segments:
+    h = rows[1] - rows[0]
+    while c0 < c1:
+      target = max(sizes[min(bisect.bisect_right(ends, done), len(sizes) - 1)], min_pairs)
+      # The rest of the segment in equal pieces of about `target` pairs: no slivers.
+      pieces = max(1, math.ceil((c1 - c0) * h / target - 1e-9)) if splittable else 1
+      w = -(-(c1 - c0) // pieces)
+      blocks.append((rows, (c0, c0 + w), span))
+      c0 += w
+      done += w * h
+  # Largest first, so the small blocks are the last ones taken; stable, so ties keep order.
+  order = sorted(range(len(blocks)), key=lambda i: -_pairs(blocks[i]))
+  return [blocks[i] for i in order]
+
+
+def _pairs(block: Block) -> int:
+  (r0, r1), (c0, c1), _ = block
+  return (r1 - r0) * (c1 - c0)

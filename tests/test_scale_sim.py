@@ -1,0 +1,205 @@
+"""The coordinator against simulated fleets: block plans, tree broadcast, exactness, faults."""
+import itertools
+import time
+
+import numpy as np
+import pytest
+
+from ntkdd.common import architectures, kip, sources, wire
+from ntkdd.launch.inprocess import LocalWorkerHandle
+from ntkdd.server import backend, block_plan, coordinator
+from ntkdd.workers import kernel_worker
+from ntkdd.workers import simulated_worker as sim
+
+FC = architectures.Architecture('fc', depth=1)
+FAST = dict(deadline_s=5.0, retry_backoff_s=0.05, max_backoff_s=0.2, grace_s=10.0, poll_s=0.02)
+QUICK = sim.SimParams(time_scale=1e-3)          # modelled times x 1e-3: a step in milliseconds
+
+
+def _images(n, seed, shape=(8, 8, 1)):
+  return np.random.default_rng(seed).normal(size=(n,) + shape).astype(np.float32)
+
+
+def _kip_problem(seed=0, n_s=6, n_t=20, n_train=60, classes=3, dtype=np.float32):
+  rng = np.random.default_rng(seed)
+  train = rng.normal(size=(n_train, 8, 8, 1)).astype(dtype)
+  key = 'train:' + sources.fingerprint(train)
+  rows = rng.choice(n_train, n_t, replace=False)
+  support = rng.normal(size=(n_s, 8, 8, 1)).astype(dtype)
+  ids = rows % classes
+  eye = np.eye(classes, dtype=dtype)
+  args = (support, eye[np.arange(n_s) % classes] - 1 / classes,
+          sources.DatasetRows(train[rows], key, rows), eye[ids] - 1 / classes, ids)
+  return train, key, args
+
+
+# -- Block plans. --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('n_rows,spans,workers,symmetric', [
+    (7, [(0, 7), (7, 30)], 16, False), (100, [(0, 100), (100, 5100)], 256, False),
+    (13, [(0, 13)], 3, True), (40, [(0, 40)], 64, True), (5, [(0, 2), (2, 2), (2, 9)], 1, False)])
+def test_balanced_plan_covers_every_pair_once_and_ends_small(n_rows, spans, workers, symmetric):
+  blocks = block_plan.balanced_blocks(n_rows, spans, workers, symmetric)
+  n_cols = spans[-1][1]
+  covered = np.zeros((n_rows, n_cols), int)
+  for (r0, r1), (c0, c1), span in blocks:
+    assert spans[span][0] <= c0 < c1 <= spans[span][1] and 0 <= r0 < r1 <= n_rows
+    covered[r0:r1, c0:c1] += 1
+    if symmetric:
+      assert c0 >= r1 or (r0, r1) == (c0, c1)   # above the diagonal, or a diagonal square
+  want = np.triu(np.ones((n_rows, n_cols), int)) if symmetric else np.ones_like(covered)
+  if symmetric:   # diagonal squares cover a little below the diagonal too
+    assert np.all(covered[want == 1] == 1) and covered.max() == 1
+  else:
+    np.testing.assert_array_equal(covered, want)
+  pairs = [(r1 - r0) * (c1 - c0) for (r0, r1), (c0, c1), _ in blocks]
+  assert pairs == sorted(pairs, reverse=True)        # the small blocks go last
+  assert block_plan.balanced_blocks(n_rows, spans, workers, symmetric) == blocks  # deterministic
+
+
+def test_balanced_plan_sizes_from_the_worker_count():
+  spans = [(0, 100), (100, 5100)]
+  for workers in (8, 64, 256):
+    blocks = block_plan.balanced_blocks(100, spans, workers)
+    pairs = np.array([(r1 - r0) * (c1 - c0) for (r0, r1), (c0, c1), _ in blocks])
+    assert pairs.sum() == 100 * 5100
+    # About 2 equal shares per worker, then smaller ones; the last ones a quarter of a share.
+    assert 2 * workers <= len(blocks) <= 6 * workers
+    assert pairs[:workers].min() > 2 * pairs[-workers // 2:].max()
+  tiles = block_plan.tile_blocks(100, spans, 64)
+  assert len(tiles) == 2 * (2 + 79)
+
+
+# -- Simulated workers give the right answers. ---------------------------------------------------
+
+@pytest.mark.parametrize('plan,broadcast', list(itertools.product(block_plan.PLANS,
+                                                                  coordinator.BROADCASTS)))
+def test_simulated_fleet_answers_the_surrogate_kernel(plan, broadcast):
+  train, key, (support, *_) = _kip_problem()
+  rows = np.arange(0, 60, 3)
+  targets = sources.DatasetRows(train[rows], key, rows)
+  both = sources.concat([support, targets])
+  g = np.random.default_rng(5).normal(size=(6, 26)).astype(np.float32)
+  fleet = sim.Fleet(16, QUICK, datasets={key: train})
+  with coordinator.DistributedKernels(fleet.handles, block=4, plan=plan, broadcast=broadcast,
+                                      **FAST) as distributed:
+    full = sources.as_array(both)
+    k = distributed.kernel(support, both)
+    np.testing.assert_allclose(k['ntk'], sim.surrogate_kernel(support, full)['ntk'], atol=1e-6)
+    np.testing.assert_allclose(k['nngp'], 0.5 * k['ntk'], atol=1e-6)
+    np.testing.assert_allclose(distributed.vjp(support, both, g, g),
+                               sim.surrogate_vjp(support, full, g, g), atol=1e-5)
+    symmetric = distributed.kernel(support)['ntk']
+    np.testing.assert_allclose(symmetric, sim.surrogate_kernel(support, support)['ntk'],
+                               atol=1e-6)
+    status = distributed.status()
+  assert status['index_blocks'] > 0 and status['pixel_fallback_blocks'] == 0
+  assert status['alive_workers'] == 16
+  used = sum(w['blocks_done'] > 0 for w in status['workers'])
+  if broadcast == 'tree':
+    # Most copies of the support went worker to worker, not from the coordinator.
+    assert status['tree_fetches'] >= used - 2 and status['cache_sends'] < status['tree_fetches']
+  else:
+    assert status['tree_fetches'] == 0 and status['cache_sends'] >= used
+
+
+def test_simulated_kip_step_equals_the_inprocess_step_exactly():
+  """Simulated workers computing for real on the same plan give the in-process bits."""
+  train, key, args = _kip_problem(seed=1)
+  spec = dict(plan='balanced', broadcast='tree', block=4, **FAST)
+  fleet = sim.Fleet(16, sim.SimParams(time_scale=1e-3, compute='real'), arch=FC.to_dict(),
+                    datasets={key: train})
+  with coordinator.DistributedKernels(fleet.handles, **spec) as simulated:
+    sim_step = kip.kip_gradients(simulated, *args)
+    assert simulated.status()['tree_fetches'] > 0
+  # The in-process launch's path: 16 real KernelWorkers holding the same dataset rows.
+  workers = [kernel_worker.KernelWorker(FC.to_dict(), worker_id=i) for i in range(16)]
+  handles = [LocalWorkerHandle(w) for w in workers]
+  for w in workers:
+    w._datasets[key] = train
+    w.connect_peers(dict(enumerate(handles)))
+  with coordinator.DistributedKernels(handles, **spec) as distributed:
+    real_step = kip.kip_gradients(distributed, *args)
+    assert distributed.status()['index_blocks'] > 0
+  assert sim_step.loss == real_step.loss
+  np.testing.assert_array_equal(sim_step.grad_images, real_step.grad_images)
+  np.testing.assert_array_equal(sim_step.grad_labels, real_step.grad_labels)
+  # And both agree with the engine called directly (other tile shapes: float32 rounding,
+  # which the KRR solve amplifies; see test_coordinator's KIP test).
+  direct = kip.kip_gradients(backend.InProcessKernels(FC), *args)
+  np.testing.assert_allclose(sim_step.grad_images, direct.grad_images, rtol=0,
+                             atol=1e-2 * np.abs(direct.grad_images).max())
+  assert abs(sim_step.loss - direct.loss) < 1e-4 * abs(direct.loss)
+
+
+# -- Faults at scale. ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize('broadcast', coordinator.BROADCASTS)
+def test_coordinator_survives_workers_that_die_hang_and_come_back(broadcast):
+  train, key, args = _kip_problem(seed=2, n_s=9, n_t=30)
+  support, _, targets = args[:3]
+  both = sources.concat([support, targets])
+  full = sources.as_array(both)
+  fleet = sim.Fleet(16, QUICK, datasets={key: train})
+  faults = dict(FAST, deadline_s=0.5)
+  with coordinator.DistributedKernels(fleet.handles, block=3, plan='balanced',
+                                      broadcast=broadcast, **faults) as distributed:
+    want = sim.surrogate_kernel(support, full)['ntk']
+    np.testing.assert_allclose(distributed.kernel(support, both)['ntk'], want, atol=1e-6)
+    for i in (1, 2, 3):
+      fleet.kill(i)
+    for i in (4, 5):
+      fleet.hang(i, 2.0)
+    support = support + 0.1       # a new support: a new broadcast, through dead holders
+    both = sources.concat([support, targets])
+    full = sources.as_array(both)
+    for _ in range(2):
+      np.testing.assert_allclose(distributed.kernel(support, both)['ntk'],
+                                 sim.surrogate_kernel(support, full)['ntk'], atol=1e-6)
+    status = distributed.status()
+    down = {w['worker'] for w in status['workers'] if not w['alive']}
+    assert {1, 2, 3} <= down and all(status['workers'][i]['failures'] for i in (1, 2, 3, 4, 5))
+    for i in (1, 2, 3, 4, 5):       # back, as restarted processes without their caches
+      fleet.restart(i)
+    deadline = time.monotonic() + 10
+    while distributed.status()['alive_workers'] < 16 and time.monotonic() < deadline:
+      time.sleep(0.05)
+    assert distributed.status()['alive_workers'] == 16
+    before = {w['worker']: w['blocks_done'] for w in distributed.status()['workers']}
+    g = np.ones((9, len(full)), np.float32)
+    for _ in range(3):
+      np.testing.assert_allclose(distributed.vjp(support, both, g, None),
+                                 sim.surrogate_vjp(support, full, g), atol=1e-5)
+    after = {w['worker']: w['blocks_done'] for w in distributed.status()['workers']}
+  assert any(after[i] > before[i] for i in (1, 2, 3, 4, 5))   # the returned ones work again
+
+
+def test_all_simulated_workers_dead_raises():
+  fleet = sim.Fleet(16, QUICK)
+  for i in range(16):
+    fleet.kill(i)
+  with coordinator.DistributedKernels(fleet.handles, plan='balanced', broadcast='tree',
+                                      **dict(FAST, grace_s=0.3)) as distributed:
+    with pytest.raises(coordinator.WorkersUnavailable, match='All 16 kernel workers'):
+      distributed.kernel(_images(4, 0))
+
+
+# -- The worker side of the tree. ----------------------------------------------------------------
+
+def test_fetch_images_from_a_peer_and_its_errors(monkeypatch):
+  monkeypatch.setattr(kernel_worker, 'PEER_ANNOUNCE_S', 0.05)
+  workers = [kernel_worker.KernelWorker(FC.to_dict(), worker_id=i) for i in range(3)]
+  lonely = kernel_worker.KernelWorker(FC.to_dict(), worker_id=9)
+  for w in workers:
+    w.connect_peers(dict(enumerate(workers)))
+  images = _images(5, 3)
+  assert wire.decode(workers[0].set_images('rows', 7, wire.encode({'images': images})))['ok']
+  assert wire.decode(workers[1].fetch_images('rows', 7, '0'))['ok']
+  assert wire.decode(workers[2].fetch_images('rows', 7, '1'))['ok']     # a copy of a copy
+  np.testing.assert_array_equal(wire.decode(workers[2].cached_images('rows', 7))['images'],
+                                images)
+  assert wire.decode(workers[2].ping())['peers'] == 2
+  stale = wire.decode(workers[1].fetch_images('rows', 8, '0'))
+  assert not stale['ok'] and stale['error'] == 'stale_cache' and 'peer 0' in stale['message']
+  unknown = wire.decode(lonely.fetch_images('rows', 7, '0'))
+  assert not unknown['ok'] and unknown['error'] == 'bad_request' and 'no peer' in unknown['message']
