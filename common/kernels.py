@@ -23,7 +23,7 @@ KERNELS = ('ntk', 'nngp')
 
 
 def kernel_fn(arch: architectures.Architecture, split: Optional[bool] = None,
-              band: Optional[bool] = None) -> Callable:
+              band: Optional[bool] = None, legacy: bool = False) -> Callable:
   """Pure `f(x1, x2) -> (ntk, nngp)` for batches of images (NHWC) or vectors (N, D).
 
   split (default: for the ConvNet on images) computes each image's self-covariance once, image
@@ -36,18 +36,23 @@ def kernel_fn(arch: architectures.Architecture, split: Optional[bool] = None,
   pixel displacements the readout and the ReLU variances depend on (stax's displacement
   bands): at 32x32, depth 3, 225 of 1024 per pixel in the cross pass and 49 in the self pass.
   band=True uses bands whenever the layers allow, band=False never.
+
+  legacy=True evaluates the previous formulation (bands whose vjp scatters; see `stax.Kernel`):
+  equal values and gradients to float rounding, slower vjp.
+  It is kept callable for side-by-side benchmarks (bench/kernel_throughput.py --compare-legacy)
+  and the equality tests.
   """
   layer = architectures.build(_ntk_parameterized(arch))
 
   def batched(x1, x2):
-    k = layer.kernel_fn(stax.inputs_to_kernel(x1, x2))
+    k = layer.kernel_fn(stax.inputs_to_kernel(x1, x2, legacy=legacy))
     return k.ntk, k.nngp
 
   def f(x1, x2):
     if not (split if split is not None else (x1.ndim == 4 and arch.name == 'convnet')):
       return batched(x1, x2)
     radii = band_radii(layer, x1.shape[1:3], band) if x1.ndim == 4 else (None, None)
-    return _split_kernel(layer, x1, x2, *radii)
+    return _split_kernel(layer, x1, x2, *radii, legacy=legacy)
 
   return f
 
@@ -69,10 +74,10 @@ def band_radii(layer: stax.Layer, image_size: tuple,
 
 
 def _split_kernel(layer: stax.Layer, x1, x2, cross_band: Optional[int] = None,
-                  self_band: Optional[int] = None):
+                  self_band: Optional[int] = None, legacy: bool = False):
   """(ntk, nngp) of `layer` by a per-image self pass and a per-pair cross pass."""
-  var1 = _self_variances(layer, x1, self_band)
-  var2 = _self_variances(layer, x2, self_band)
+  var1 = _self_variances(layer, x1, self_band, legacy)
+  var2 = _self_variances(layer, x2, self_band, legacy)
   variances = tuple(zip(var1, var2))
   n1, n2 = x1.shape[0], x2.shape[0]
 
@@ -83,21 +88,22 @@ def _split_kernel(layer: stax.Layer, x1, x2, cross_band: Optional[int] = None,
     take2 = lambda a: jax.lax.dynamic_slice_in_dim(a, j, 1)
     given = tuple((take1(v1), take2(v2)) for v1, v2 in variances)
     k = layer.kernel_fn(stax.inputs_to_kernel(take1(x1), take2(x2), 'cross', given,
-                                              band=cross_band))
+                                              band=cross_band, legacy=legacy))
     return k.ntk.reshape(()), k.nngp.reshape(())
 
   ntk, nngp = jax.lax.map(pair, jnp.arange(n1 * n2))
   return ntk.reshape(n1, n2), nngp.reshape(n1, n2)
 
 
-def _self_variances(layer: stax.Layer, x, band: Optional[int] = None):
+def _self_variances(layer: stax.Layer, x, band: Optional[int] = None, legacy: bool = False):
   """Per ReLU, the per-pixel variances (n, H, W) of each image's own covariance, image by image
   (the second batch of the self pass is empty, so only cov1 is computed)."""
 
   @jax.checkpoint
   def one(image):
     image = image[None]
-    k = layer.kernel_fn(stax.inputs_to_kernel(image, image[:0], parts='self', band=band))
+    k = layer.kernel_fn(stax.inputs_to_kernel(image, image[:0], parts='self', band=band,
+                                              legacy=legacy))
     return tuple(v1[0] for v1, _ in k.variances)
 
   return jax.lax.map(one, x)
@@ -109,15 +115,15 @@ def _ntk_parameterized(arch: architectures.Architecture) -> architectures.Archit
 
 
 @functools.lru_cache(maxsize=None)
-def tile_fn(arch: architectures.Architecture) -> Callable:
-  """Jitted `(x1_tile, x2_tile) -> (ntk, nngp)`."""
-  return jax.jit(kernel_fn(arch))
+def tile_fn(arch: architectures.Architecture, legacy: bool = False) -> Callable:
+  """Jitted `(x1_tile, x2_tile) -> (ntk, nngp)`; legacy: see `kernel_fn`."""
+  return jax.jit(kernel_fn(arch, legacy=legacy))
 
 
 @functools.lru_cache(maxsize=None)
-def tile_vjp_fn(arch: architectures.Architecture) -> Callable:
+def tile_vjp_fn(arch: architectures.Architecture, legacy: bool = False) -> Callable:
   """Jitted `(x1_tile, x2_tile, g_ntk, g_nngp) -> d<G, K>/dx1` (x2 held fixed)."""
-  f = kernel_fn(arch)
+  f = kernel_fn(arch, legacy=legacy)
 
   def vjp(x1, x2, g_ntk, g_nngp):
     _, pullback = jax.vjp(lambda a: f(a, x2), x1)
