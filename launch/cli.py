@@ -11,6 +11,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+# --preprocess names (ntkdd.common.preprocess.PREPROCESSOR_KINDS, plus auto); zca = kip_zca.
+PREPROCESS_CHOICES = ('auto', 'none', 'standardize', 'kip_zca', 'channel_zca', 'zca')
+
 DESCRIPTION = """\
 ntkdd distils a labelled image dataset into a few synthetic images per class with
 neural tangent kernels: KIP (Kernel Inducing Points) learns the images (and optionally
@@ -119,9 +122,12 @@ def _parser() -> argparse.ArgumentParser:
                  help='class-balanced target images per step.')
   o.add_argument('--init', choices=('real', 'noise'), default='real',
                  help='support initialisation: class-balanced real images, or noise.')
-  o.add_argument('--preprocess', choices=('auto', 'none', 'standardize', 'zca'), default='auto',
+  o.add_argument('--preprocess', choices=PREPROCESS_CHOICES, default='auto',
                  help='auto: per-channel standardisation (ZCA measured worse on our CIFAR-10 '
-                      'copy; see BENCHMARKS.md).')
+                      'copy; see BENCHMARKS.md). kip_zca: KIP\'s ZCA (per-image centring and '
+                      'unit norm, then ZCA); channel_zca: RCIG/FRePo\'s (per-channel '
+                      'standardisation, then ZCA; grayscale: standardisation only); zca: '
+                      'the old name of kip_zca.')
   o.add_argument('--zca-strength', type=float, default=0.1,
                  help='ZCA regulariser, as a fraction of the mean eigenvalue.')
   o.add_argument('--image-size', type=int, default=None,
@@ -173,7 +179,7 @@ def _parser() -> argparse.ArgumentParser:
   _add_kernel_flags(e, 'fc', 1)
   e.add_argument('--kernel', choices=('ntk', 'nngp'), default='ntk')
   e.add_argument('--reg', type=float, default=1e-6)
-  e.add_argument('--preprocess', choices=('auto', 'none', 'standardize', 'zca'), default='auto',
+  e.add_argument('--preprocess', choices=PREPROCESS_CHOICES, default='auto',
                  help='as in distill (a run directory\'s config.json overrides it).')
   e.add_argument('--zca-strength', type=float, default=0.1)
   e.add_argument('--image-size', type=int, default=None)
