@@ -313,3 +313,20 @@ def test_band_vjps_equal_the_gathers_autodiff(h, w, f, r, x64):
   expected = jax.vjp(lambda u: stax._shifted_band_gather(u, r), v)[1](gv)[0]
   got = jax.vjp(lambda u: stax._shifted_band(u, r), v)[1](gv)[0]
   np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-13 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize('shape,r', [((1, 1, 8, 8, 15, 15), 7), ((1, 7, 9, 7, 7), 3),
+                                     ((1, 1, 6, 6, 3, 3), 1)])
+def test_band_pool_vjp_equals_the_strided_slices_autodiff(shape, r, x64):
+  from ntkdd.common import stax
+  rng = np.random.default_rng(r)
+  r_out = stax._pooled_radius((2, 2), r)
+  cov = rng.normal(size=shape)
+  out = stax._band_pool(cov, (2, 2), r, r_out, legacy=True)
+  g = rng.normal(size=out.shape)
+  np.testing.assert_array_equal(stax._band_pool(cov, (2, 2), r, r_out), out)
+  np.testing.assert_allclose(stax._band_pool_reshaped(cov, (2, 2), r, r_out), out, rtol=1e-13,
+                             atol=1e-14)
+  expected = jax.vjp(lambda c: stax._band_pool(c, (2, 2), r, r_out, legacy=True), cov)[1](g)[0]
+  got = jax.vjp(lambda c: stax._band_pool(c, (2, 2), r, r_out), cov)[1](g)[0]
+  np.testing.assert_allclose(got, expected, rtol=1e-13, atol=1e-14)
