@@ -1,12 +1,15 @@
-"""Owns the ConvNet NTK+NNGP kernel benchmark: compile time, forward and vjp pairs/s, peak memory, ours vs neural-tangents.
+"""Owns the ConvNet NTK+NNGP kernel benchmark: compile time, forward and vjp pairs/s, peak memory, ours vs neural-tangents, current vs legacy code.
 
 Each (size, implementation, dtype) runs in its own fresh subprocess, so that peak memory
 (ru_maxrss growth on CPU, peak_bytes_in_use on an accelerator) belongs to one configuration
-and float64 (jax_enable_x64) never leaks into a float32 run.
+and float64 (jax_enable_x64) never leaks into a float32 run. --compare-legacy instead times
+compute_kernel / kernel_vjp at the shapes runs use, the current code against legacy=True,
+taking turns in one process.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -59,6 +62,16 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
   parser.add_argument('--no-peak', action='store_true',
                       help='skip measuring the matmul peak and copy bandwidth (no %% of peak)')
   parser.add_argument('--seed', type=int, default=0, help='seed of the random inputs')
+  parser.add_argument('--compare-legacy', action='store_true',
+                      help='instead of the tile table: time the blocked entry points '
+                           'compute_kernel / kernel_vjp on --problems, the current code against '
+                           'legacy=True (previous formulation and tiling), alternately in this '
+                           'one process, and print their ratios (first size of --sizes)')
+  parser.add_argument('--problems', default='10x100,10,8x8',
+                      help='with --compare-legacy: comma-separated problems, RxC for K(R rows, '
+                           'C columns) and its vjp, or N for the symmetric K(x, x) (forward only)')
+  parser.add_argument('--rounds', type=int, default=3,
+                      help='with --compare-legacy: alternating timed rounds (median reported)')
   parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)
   return parser.parse_args(argv)
 
@@ -441,10 +454,87 @@ def print_report(report: dict[str, Any]) -> None:
                           'ours vjp', 'nt vjp', 'nt dtype', 'vjp ratio'], ratio_rows))
 
 
+# ----------------------------------------------------------------------------------------------
+# Current code against legacy=True, side by side in one process.
+
+def parse_problem(text: str) -> tuple[int, Optional[int]]:
+  parts = [int(v) for v in text.lower().split('x')]
+  if len(parts) not in (1, 2) or min(parts) < 1:
+    raise SystemExit(f'--problems: expected RxC or N, got {text!r}')
+  return parts[0], (parts[1] if len(parts) == 2 else None)
+
+
+def compare_legacy(args: argparse.Namespace) -> dict[str, Any]:
+  """Median seconds of compute_kernel and kernel_vjp per problem, legacy and current taking
+  turns within each round (same inputs, same process, so load hits both alike)."""
+  import jax
+  from ntkdd.common import architectures, kernels
+  size = parse_size(args.sizes.split(',')[0])
+  arch = architectures.Architecture(name='convnet', depth=args.depth)
+  rng = np.random.RandomState(args.seed)
+  rows = []
+  for text in args.problems.split(','):
+    n1, n2 = parse_problem(text.strip())
+    x1 = rng.standard_normal((n1,) + size).astype('float32')
+    x2 = None if n2 is None else rng.standard_normal((n2,) + size).astype('float32')
+    cols = n1 if n2 is None else n2
+    g = rng.standard_normal((2, n1, cols)).astype('float32')
+    calls = {}
+    for legacy in (True, False):
+      tile = args.tile
+      calls[(legacy, 'forward')] = functools.partial(
+          kernels.compute_kernel, arch, x1, x2, tile=tile, legacy=legacy)
+      if n2 is not None:
+        calls[(legacy, 'vjp')] = functools.partial(
+            kernels.kernel_vjp, arch, x1, x2, g[0], g[1], tile=tile, legacy=legacy)
+    first = {}
+    for key, call in calls.items():          # compiles (and the first call) outside the timing
+      start = time.perf_counter()
+      jax.block_until_ready(call())
+      first[key] = time.perf_counter() - start
+      print(f'  {text} {"legacy" if key[0] else "current"} {key[1]}: first call '
+            f'{first[key]:.1f} s', file=sys.stderr, flush=True)
+    times: dict = {key: [] for key in calls}
+    for _ in range(args.rounds):
+      for key, call in calls.items():
+        start = time.perf_counter()
+        jax.block_until_ready(call())
+        times[key].append(time.perf_counter() - start)
+    pairs = n1 * cols
+    for kind in ('forward', 'vjp'):
+      if (False, kind) not in times:
+        continue
+      old, new = (float(np.median(times[(legacy, kind)])) for legacy in (True, False))
+      rows.append({'problem': text, 'kind': kind, 'pairs': pairs,
+                   'legacy_s': old, 'current_s': new,
+                   'legacy_pairs_per_s': pairs / old, 'current_pairs_per_s': pairs / new,
+                   'speedup': old / new, 'first_call_s': {'legacy': first[(True, kind)],
+                                                          'current': first[(False, kind)]},
+                   'rounds': args.rounds})
+  return {'size': list(size), 'depth': args.depth, 'tile': args.tile, 'rows': rows}
+
+
+def print_comparison(result: dict[str, Any]) -> None:
+  print(f"\n{'x'.join(map(str, result['size']))}, depth {result['depth']}, tile "
+        f"{result['tile'] or 'auto'}: legacy=True against the current code, alternating\n")
+  print(markdown_table(
+      ['problem', 'kind', 'pairs', 'legacy pairs/s', 'current pairs/s', 'speedup'],
+      [[r['problem'], r['kind'], str(r['pairs']), _fmt(r['legacy_pairs_per_s']),
+        _fmt(r['current_pairs_per_s']), f"{r['speedup']:.2f}x"] for r in result['rows']]))
+
+
 def main(argv: Optional[list[str]] = None) -> None:
   args = parse_args(argv)
   if args.worker:
     print(WORKER_MARKER + json.dumps(run_worker(json.loads(args.worker))), flush=True)
+    return
+  if args.compare_legacy:
+    env = environment()
+    result = compare_legacy(args)
+    print_comparison(result)
+    report = {'config': {k: v for k, v in vars(args).items() if k != 'worker'}, 'env': env,
+              'comparison': result}
+    write_json(report, args.json, f'kernel_legacy_comparison_{env_name(env)}.json')
     return
   sizes = [parse_size(s) for s in args.sizes.split(',') if s.strip()]
   env = environment()
@@ -459,12 +549,18 @@ def main(argv: Optional[list[str]] = None) -> None:
                                  'vjp_flop_factor': flops.VJP_FLOP_FACTOR},
             'results': results}
   print_report(report)
-  path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results',
-                                   f'kernel_throughput_{env_name(env)}.json')
+  write_json(report, args.json, f'kernel_throughput_{env_name(env)}.json')
+
+
+def write_json(report: dict[str, Any], path: Optional[str], default_name: str) -> str:
+  """Writes `report` to `path`, by default bench/results/<default_name>; returns the path."""
+  path = path or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results',
+                              default_name)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, 'w') as f:
     json.dump(report, f, indent=1)
   print(f'\nwrote {path}')
+  return path
 
 
 if __name__ == '__main__':

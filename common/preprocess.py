@@ -1,4 +1,16 @@
-"""Image preprocessing (standardisation, KIP/RCIG-style ZCA), centred one-hot labels and class-balanced sampling."""
+"""Image preprocessing (standardisation, KIP's ZCA, RCIG/FRePo's channel ZCA), centred one-hot labels and class-balanced sampling.
+
+Preprocessing kinds (`make_preprocessor`, `--preprocess`):
+  * 'standardize': per-channel standardisation with the train split's mean and std.
+  * 'kip_zca' (alias 'zca', the name older run configs use): KIP's ZCA. Each image is centred
+    on its own mean and scaled to unit norm, then whitened with the train split's covariance,
+    regularised by strength * tr(cov) / d (strength 0.1 by default).
+  * 'channel_zca': RCIG's and FRePo's ZCA. Per-channel standardisation with the train split's
+    mean and std, no per-image step, then whitened with the second-moment matrix X^T X / n of
+    the standardised train split, regularised by strength * tr / d. Grayscale images are only
+    standardised (RCIG does not whiten MNIST / Fashion-MNIST).
+  * 'none': pixels as they are.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -6,7 +18,10 @@ from typing import Mapping
 
 import numpy as np
 
-PREPROCESSOR_KINDS = ('none', 'standardize', 'zca')
+PREPROCESSOR_KINDS = ('none', 'standardize', 'kip_zca', 'channel_zca', 'zca')
+# Names accepted for backward compatibility: 'zca' is what run configs before 'kip_zca' say.
+ALIASES = {'zca': 'kip_zca'}
+KIP_ZCA_KINDS = ('kip_zca', 'zca')
 # Rows per chunk when streaming images through float64 maths: bounds memory on 50k CIFAR images.
 _CHUNK = 4096
 
@@ -53,12 +68,18 @@ def standardize_inverse(z: np.ndarray, stats: tuple[np.ndarray, np.ndarray]) -> 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ZCA:
-    """A fitted ZCA transform over flattened, per-image normalised images of shape image_shape."""
-    mean: np.ndarray       # (d,) feature mean of the normalised train images
+    """A fitted ZCA transform over flattened images of shape image_shape.
+
+    per_image=True (KIP's): each image is first centred on its own mean and scaled to unit
+    norm (`normalize_images`), and `mean` is the feature mean of those. per_image=False (the
+    channel ZCA's): images enter as they are (already standardised per channel) and mean is 0.
+    """
+    mean: np.ndarray       # (d,) feature mean subtracted before whitening
     whiten: np.ndarray     # (d, d) U diag(1/sqrt(s + reg)) U^T
     unwhiten: np.ndarray   # (d, d) U diag(sqrt(s + reg)) U^T, the inverse of whiten
     strength: float
     image_shape: tuple[int, ...]
+    per_image: bool = True
 
 
 def normalize_images(x: np.ndarray) -> np.ndarray:
@@ -72,11 +93,26 @@ def normalize_images(x: np.ndarray) -> np.ndarray:
     return flat / np.where(norms > 0, norms, 1.0)
 
 
-def zca_fit(x_train: np.ndarray, strength: float = 0.1) -> ZCA:
-    """Fits ZCA on NHWC train images: eigendecomposition (float64) of the normalised images' covariance.
+def _flat_rows(x: np.ndarray, per_image: bool) -> np.ndarray:
+    """(N, d) float64 rows that ZCA whitens: per-image normalised (KIP) or as they are."""
+    return normalize_images(x) if per_image else np.asarray(x, np.float64).reshape(len(x), -1)
 
-    reg = strength * tr(cov) / d is added to every eigenvalue before the inverse square root.
+
+def zca_fit(x_train: np.ndarray, strength: float = 0.1, per_image: bool = True) -> ZCA:
+    """Fits ZCA on NHWC train images: eigendecomposition (float64) of their covariance.
+
+    per_image=True (KIP's ZCA): rows are the per-image normalised images and the covariance is
+    centred on their mean. per_image=False (the channel ZCA's whitening step, on images already
+    standardised per channel): the uncentred second-moment matrix X^T X / n, as RCIG's and
+    FRePo's code compute it. reg = strength * tr / d is added to every eigenvalue before the
+    inverse square root.
     """
+    return _zca_fit_rows(x_train, strength, per_image, stats=None)
+
+
+def _zca_fit_rows(x_train: np.ndarray, strength: float, per_image: bool,
+                  stats: tuple[np.ndarray, np.ndarray] | None) -> ZCA:
+    """zca_fit on x_train, standardised chunk by chunk with `stats` first when given."""
     x_train = np.asarray(x_train)
     if x_train.ndim != 4 or len(x_train) < 2:
         raise ValueError(f'zca_fit needs NHWC images and at least 2 of them, got shape {x_train.shape}')
@@ -86,11 +122,14 @@ def zca_fit(x_train: np.ndarray, strength: float = 0.1) -> ZCA:
     total = np.zeros(d)
     gram = np.zeros((d, d))
     for start in range(0, len(x_train), _CHUNK):
-        flat = normalize_images(x_train[start:start + _CHUNK])
+        chunk = x_train[start:start + _CHUNK]
+        if stats is not None:
+            chunk = standardize_apply(chunk, stats)
+        flat = _flat_rows(chunk, per_image)
         total += flat.sum(axis=0)
         gram += flat.T @ flat
     n = len(x_train)
-    mean = total / n
+    mean = total / n if per_image else np.zeros(d)
     # The normalised rows have unit norm, so gram/n - mean mean^T loses no meaningful precision.
     cov = gram / n - np.outer(mean, mean)
     eigvals, eigvecs = np.linalg.eigh(cov)
@@ -103,7 +142,33 @@ def zca_fit(x_train: np.ndarray, strength: float = 0.1) -> ZCA:
     whiten = (eigvecs / np.sqrt(shifted)) @ eigvecs.T
     unwhiten = (eigvecs * np.sqrt(shifted)) @ eigvecs.T
     return ZCA(mean=mean, whiten=whiten, unwhiten=unwhiten, strength=float(strength),
-               image_shape=tuple(int(s) for s in x_train.shape[1:]))
+               image_shape=tuple(int(s) for s in x_train.shape[1:]), per_image=per_image)
+
+
+def kip_zca_fit(x_train: np.ndarray, strength: float = 0.1) -> ZCA:
+    """KIP's ZCA: per-image centring and unit norm, then ZCA regularised by strength * tr / d."""
+    return zca_fit(x_train, strength, per_image=True)
+
+
+def channel_zca_fit(x_train: np.ndarray, strength: float = 0.1
+                    ) -> tuple[tuple[np.ndarray, np.ndarray], ZCA | None]:
+    """RCIG's / FRePo's channel ZCA: ((mean, std), zca) fitted on NHWC train images.
+
+    The per-channel mean and std are the train split's (`standardize_fit`: for CIFAR-10 the
+    dataset's fixed statistics); the ZCA is fitted on the standardised train split with no
+    per-image step. Grayscale images (one channel) are only standardised: zca is None.
+    Apply with `channel_zca_apply`.
+    """
+    stats = standardize_fit(x_train)
+    if np.shape(x_train)[-1] == 1:
+        return stats, None
+    return stats, _zca_fit_rows(x_train, strength, per_image=False, stats=stats)
+
+
+def channel_zca_apply(x: np.ndarray, stats: tuple[np.ndarray, np.ndarray], zca: ZCA | None) -> np.ndarray:
+    """Per-channel standardisation with `stats`, then (for RGB) the channel ZCA's whitening."""
+    z = standardize_apply(x, stats)
+    return z if zca is None else zca_apply(z, zca)
 
 
 def _check_shape(x: np.ndarray, zca: ZCA) -> None:
@@ -112,18 +177,20 @@ def _check_shape(x: np.ndarray, zca: ZCA) -> None:
 
 
 def zca_apply(x: np.ndarray, zca: ZCA) -> np.ndarray:
-    """Normalises each image (see normalize_images), centres and whitens it: NHWC in, NHWC float32 out."""
+    """Normalises each image (KIP's ZCA only; see normalize_images), centres and whitens it:
+    NHWC in, NHWC float32 out."""
     x = np.asarray(x)
     _check_shape(x, zca)
     out = np.empty(x.shape, np.float32)
     for start in range(0, len(x), _CHUNK):
-        flat = normalize_images(x[start:start + _CHUNK]) - zca.mean
+        flat = _flat_rows(x[start:start + _CHUNK], zca.per_image) - zca.mean
         out[start:start + _CHUNK] = (flat @ zca.whiten).reshape((-1,) + zca.image_shape)
     return out
 
 
 def zca_inverse(z: np.ndarray, zca: ZCA) -> np.ndarray:
-    """Undoes whitening and centring: returns the per-image normalised images (float32 NHWC).
+    """Undoes whitening and centring: returns the per-image normalised images (float32 NHWC),
+    or for a channel ZCA (per_image=False) the standardised images.
 
     The per-image normalisation (own mean removed, unit norm) cannot be undone: brightness and
     contrast are lost. Pass the result to `to_display` to get pictures in [0, 1].
@@ -150,7 +217,11 @@ def to_display(x: np.ndarray) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Preprocessor:
-    """One of 'none', 'standardize' (stats) or 'zca' (zca); apply() maps pixels to model inputs."""
+    """One of PREPROCESSOR_KINDS with its fitted parameters; apply() maps pixels to model inputs.
+
+    'standardize' has stats; 'kip_zca' / 'zca' has zca (per_image); 'channel_zca' has stats and,
+    for RGB, zca (not per_image); 'none' has neither.
+    """
     kind: str
     stats: tuple[np.ndarray, np.ndarray] | None = None
     zca: ZCA | None = None
@@ -158,21 +229,34 @@ class Preprocessor:
     def __post_init__(self):
         if self.kind not in PREPROCESSOR_KINDS:
             raise ValueError(f'unknown preprocessing {self.kind!r}: choose one of {", ".join(PREPROCESSOR_KINDS)}')
-        if (self.kind == 'standardize') != (self.stats is not None) or (self.kind == 'zca') != (self.zca is not None):
+        needs_stats = self.kind in ('standardize', 'channel_zca')
+        if needs_stats != (self.stats is not None):
+            raise ValueError(f'a {self.kind!r} preprocessor needs exactly its own parameters')
+        if self.kind in KIP_ZCA_KINDS:
+            zca_ok = self.zca is not None and self.zca.per_image
+        elif self.kind == 'channel_zca':
+            zca_ok = self.zca is None or not self.zca.per_image
+        else:
+            zca_ok = self.zca is None
+        if not zca_ok:
             raise ValueError(f'a {self.kind!r} preprocessor needs exactly its own parameters')
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         if self.kind == 'standardize':
             return standardize_apply(x, self.stats)
-        if self.kind == 'zca':
+        if self.kind in KIP_ZCA_KINDS:
             return zca_apply(x, self.zca)
+        if self.kind == 'channel_zca':
+            return channel_zca_apply(x, self.stats, self.zca)
         return np.asarray(x, np.float32)
 
     def inverse(self, z: np.ndarray) -> np.ndarray:
-        """Back to displayable pixels in [0, 1] (for ZCA: up to each image's brightness and contrast)."""
-        if self.kind == 'standardize':
+        """Back to displayable pixels in [0, 1] (for KIP's ZCA: up to each image's brightness and contrast)."""
+        if self.kind == 'standardize' or (self.kind == 'channel_zca' and self.zca is None):
             return np.clip(standardize_inverse(z, self.stats), 0.0, 1.0)
-        if self.kind == 'zca':
+        if self.kind == 'channel_zca':
+            return np.clip(standardize_inverse(zca_inverse(z, self.zca), self.stats), 0.0, 1.0)
+        if self.kind in KIP_ZCA_KINDS:
             return to_display(zca_inverse(z, self.zca))
         return np.clip(np.asarray(z, np.float32), 0.0, 1.0)
 
@@ -183,31 +267,39 @@ class Preprocessor:
             arrays['mean'], arrays['std'] = self.stats
         if self.zca is not None:
             arrays.update(zca_mean=self.zca.mean, zca_whiten=self.zca.whiten, zca_unwhiten=self.zca.unwhiten,
-                          zca_strength=np.array(self.zca.strength), zca_image_shape=np.array(self.zca.image_shape))
+                          zca_strength=np.array(self.zca.strength), zca_image_shape=np.array(self.zca.image_shape),
+                          zca_per_image=np.array(self.zca.per_image))
         return {prefix + key: value for key, value in arrays.items()}
 
     @classmethod
     def from_dict(cls, arrays: Mapping[str, np.ndarray], prefix: str = 'preprocess_') -> Preprocessor:
         kind = str(np.asarray(arrays[prefix + 'kind']).item())
         stats = zca = None
-        if kind == 'standardize':
+        if prefix + 'mean' in arrays:
             stats = (np.asarray(arrays[prefix + 'mean']), np.asarray(arrays[prefix + 'std']))
-        if kind == 'zca':
+        if prefix + 'zca_whiten' in arrays:
+            # Files written before the channel ZCA have no zca_per_image: theirs is KIP's.
+            per_image = bool(np.asarray(arrays[prefix + 'zca_per_image'])) if prefix + 'zca_per_image' in arrays else True
             zca = ZCA(mean=np.asarray(arrays[prefix + 'zca_mean']), whiten=np.asarray(arrays[prefix + 'zca_whiten']),
                       unwhiten=np.asarray(arrays[prefix + 'zca_unwhiten']),
                       strength=float(np.asarray(arrays[prefix + 'zca_strength'])),
-                      image_shape=tuple(int(s) for s in np.asarray(arrays[prefix + 'zca_image_shape'])))
+                      image_shape=tuple(int(s) for s in np.asarray(arrays[prefix + 'zca_image_shape'])),
+                      per_image=per_image)
         return cls(kind, stats=stats, zca=zca)
 
 
 def make_preprocessor(kind: str, x_train: np.ndarray, zca_strength: float = 0.1) -> Preprocessor:
-    """Fits the preprocessing `kind` ('none', 'standardize' or 'zca') on the train images."""
+    """Fits the preprocessing `kind` (one of PREPROCESSOR_KINDS; see the module docstring) on the
+    train images. The kind is kept as given ('zca' stays 'zca', computing exactly 'kip_zca')."""
     if kind not in PREPROCESSOR_KINDS:
         raise ValueError(f'unknown preprocessing {kind!r}: choose one of {", ".join(PREPROCESSOR_KINDS)}')
     if kind == 'standardize':
         return Preprocessor(kind, stats=standardize_fit(x_train))
-    if kind == 'zca':
-        return Preprocessor(kind, zca=zca_fit(x_train, strength=zca_strength))
+    if kind in KIP_ZCA_KINDS:
+        return Preprocessor(kind, zca=kip_zca_fit(x_train, strength=zca_strength))
+    if kind == 'channel_zca':
+        stats, zca = channel_zca_fit(x_train, strength=zca_strength)
+        return Preprocessor(kind, stats=stats, zca=zca)
     return Preprocessor(kind)
 
 

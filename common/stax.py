@@ -47,6 +47,9 @@ class Kernel(NamedTuple):
   ntk; each ReLU takes its variances from the front of `given` instead of from cov1, cov2).
   Splitting lets the cross kernel be computed pair by pair, with a working set that stays in
   cache, while the self-covariances are computed once per image (see `kernels.kernel_fn`).
+
+  `legacy` selects the previous formulation of the same maps (bands whose vjp scatters: see
+  `_gram_band`, `_shifted_band`), kept callable for side-by-side benchmarks and equality tests.
   """
   nngp: Any
   ntk: Any
@@ -57,6 +60,7 @@ class Kernel(NamedTuple):
   variances: tuple = ()
   given: tuple = ()
   band: Optional[int] = None
+  legacy: bool = False
 
 
 class Layer(NamedTuple):
@@ -73,13 +77,14 @@ class Layer(NamedTuple):
 # Inputs.
 
 def inputs_to_kernel(x1, x2, parts: str = 'all', given: tuple = (),
-                     band: Optional[int] = None) -> Kernel:
+                     band: Optional[int] = None, legacy: bool = False) -> Kernel:
   """The kernel of the inputs themselves; materialised lazily by the first layer.
 
   parts='self' computes only the self-covariances and records the ReLU variances;
   parts='cross' computes only nngp and ntk, taking the ReLU variances from `given` (the
   `variances` of a 'self' pass over the same inputs, one (var1, var2) per ReLU).
   band=R (split passes of one image or pair only) keeps displacements up to R (see above).
+  legacy=True: the previous formulation (see `Kernel`), equal to float rounding.
   """
   if parts not in ('all', 'self', 'cross'):
     raise ValueError(f"parts must be 'all', 'self' or 'cross', got {parts!r}.")
@@ -87,7 +92,7 @@ def inputs_to_kernel(x1, x2, parts: str = 'all', given: tuple = (),
                            or x2.shape[0] > 1):
     raise ValueError('Displacement bands are for split passes over one image or one pair.')
   return Kernel(nngp=None, ntk=None, cov1=None, cov2=None, inputs=(x1, x2), parts=parts,
-                given=tuple(given), band=band)
+                given=tuple(given), band=band, legacy=legacy)
 
 
 def _opt(f: Callable, x):
@@ -113,10 +118,10 @@ def _materialize(k: Kernel) -> Kernel:
     r = k.band
     mask = _band_mask(x1.shape[1], x1.shape[2], r)
     if cross:
-      nngp = _gram_band(x1, x2, r, pair=True) * (mask / channels)
+      nngp = _gram_band(x1, x2, r, pair=True, legacy=k.legacy) * (mask / channels)
     if self_:
-      cov1 = _gram_band(x1, x1, r) * (mask / channels)
-      cov2 = _gram_band(x2, x2, r) * (mask / channels)
+      cov1 = _gram_band(x1, x1, r, legacy=k.legacy) * (mask / channels)
+      cov2 = _gram_band(x2, x2, r, legacy=k.legacy) * (mask / channels)
   else:
     if cross:
       nngp = jnp.einsum('ahwc,bxyc->abhwxy', x1, x2) / channels
@@ -168,25 +173,129 @@ def _band_indices(h: int, w: int, r: int) -> tuple:
   return y, x, y + d[None, None, :, None], x + d[None, None, None, :]
 
 
-def _shifted_band(v, r: int):
+def _skew_band(a, row_axis: int, partner_axis: int, r: int):
+  """The band of `a` along a (row, partner) axis pair of equal length n, row before partner:
+  out[..., i, ..., d, ...] = a[..., i, ..., i + d - r, ...] for d in [0, 2r], zero where
+  i + d - r falls outside [0, n); the partner axis becomes the displacement axis.
+
+  Pads, reshapes and slices only: with the partner axis padded by r, moving one row down
+  moves the partner index one step right, which is a flat array read with rows one element
+  longer (the 'skew'). Their transposes are again pads and slices, so a vjp has no scatter
+  (a gather's transpose, which XLA on CPU runs element by element).
+  """
+  row_axis, partner_axis = row_axis % a.ndim, partner_axis % a.ndim
+  if not row_axis < partner_axis or a.shape[row_axis] != a.shape[partner_axis]:
+    raise ValueError(f'_skew_band needs row axis < partner axis of equal length, got axes '
+                     f'{row_axis}, {partner_axis} of shape {a.shape}.')
+  n = a.shape[row_axis]
+  pad = [(0, 0)] * a.ndim
+  pad[partner_axis] = (r, r)
+  a = jnp.pad(a, pad)
+  lead, block = a.shape[:row_axis], a.shape[row_axis + 1:]
+  m = math.prod(block)                               # one row's entries
+  s = math.prod(a.shape[partner_axis + 1:])          # stride of the partner axis
+  flat = jnp.pad(a.reshape(lead + (n * m,)), [(0, 0)] * len(lead) + [(0, n * s)])
+  skewed = flat.reshape(lead + (n, m + s))[..., :m].reshape(lead + (n,) + block)
+  return lax.slice_in_dim(skewed, 0, 2 * r + 1, axis=partner_axis)
+
+
+def _shifted_band(v, r: int, legacy: bool = False):
   """v (..., H, W) -> (..., H, W, 2r+1, 2r+1) holding v[..., y + dy, x + dx], 0 outside."""
+  if legacy:
+    return _shifted_band_gather(v, r)
+  return _shifted_band_dense_vjp(v, r)
+
+
+def _shifted_band_gather(v, r: int):
   h, w = v.shape[-2:]
   padded = jnp.pad(v, [(0, 0)] * (v.ndim - 2) + [(r, r), (r, r)])
   _, _, y2, x2 = _band_indices(h, w, r)
   return padded[..., y2, x2]
 
 
-def _gram_band(a, b, r: int, pair: bool = False):
+def _shifted_band_skewed(v, r: int):
+  """`_shifted_band_gather` by broadcasts and `_skew_band` (no gather)."""
+  h, w = v.shape[-2:]
+  lead = v.shape[:-2]
+  rows = jnp.broadcast_to(v[..., None, :], lead + (h, w, w))           # [y, x, u] = v[y, u]
+  along_x = _skew_band(rows, -2, -1, r)                                # [y, x, dx]
+  full = jnp.broadcast_to(jnp.swapaxes(along_x, -3, -2)[..., None, :, :, :],
+                          lead + (h, w, h, 2 * r + 1))                 # [y, x, v, dx]
+  return _skew_band(full, -4, -2, r)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _shifted_band_dense_vjp(v, r: int):
+  """The gather forward (fastest), with the skewed form's transpose as its vjp (pads and
+  slices instead of a scatter)."""
+  return _shifted_band_gather(v, r)
+
+
+def _shifted_band_fwd(v, r):
+  return _shifted_band_gather(v, r), v
+
+
+def _shifted_band_bwd(r, v, g):
+  return jax.vjp(lambda u: _shifted_band_skewed(u, r), v)[1](g)
+
+
+_shifted_band_dense_vjp.defvjp(_shifted_band_fwd, _shifted_band_bwd)
+
+
+def _gram_band(a, b, r: int, pair: bool = False, legacy: bool = False):
   """Band of the Gram matrix <a_p, b_q> of feature maps a, b (n, H, W, F) with n <= 1:
   (n, H, W, 2r+1, 2r+1), or (1, 1, ...) with pair=True. One matrix product, then the
   displacements |q - p| <= r taken out of it (the product is cheap next to the layers)."""
   n, h, w, f = a.shape
   if n == 0:
     return jnp.zeros((0, h, w, 2 * r + 1, 2 * r + 1), a.dtype)
+  band = (_gram_band_gather if legacy else _local_gram)(a[0], b[0], r)[None]
+  return band[None] if pair else band
+
+
+def _gram_band_gather(a, b, r: int):
+  """(H, W, 2r+1, 2r+1) band of <a_p, b_q> for feature maps (H, W, F): the full Gram matrix,
+  then a gather of the band (autodiff transposes the gather into a scatter)."""
+  h, w, f = a.shape
   gram = (a.reshape(-1, f) @ b.reshape(-1, f).T).reshape(h, w, h, w)
   gram = jnp.pad(gram, [(0, 0), (0, 0), (r, r), (r, r)])
-  band = gram[_band_indices(h, w, r)][None]
-  return band[None] if pair else band
+  return gram[_band_indices(h, w, r)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _local_gram(a, b, r: int):
+  """`_gram_band_gather` with a hand-written vjp: band[y, x, dy, dx] = <a[y, x], b[y + dy - r,
+  x + dx - r]> is, for each row shift dy, a batch (over y) of matrix products between a's row
+  and b's row y + dy, banded along x. The vjp un-bands the cotangent along x (pads and
+  reshapes) and runs those matrix products backwards, instead of scattering it into the full
+  (H, W, H, W) Gram matrix."""
+  return _gram_band_gather(a, b, r)
+
+
+def _local_gram_fwd(a, b, r):
+  return _gram_band_gather(a, b, r), (a, b)
+
+
+def _local_gram_bwd(r, residuals, g):
+  a, b = residuals
+  h, w, f = a.shape
+  n = 2 * r + 1
+  # rows[dy, y, x, u] = g[y, x, dy, u - x] for 0 <= u - x <= 2r (u indexes b padded by r).
+  rows = jnp.moveaxis(g, 2, 0)                                        # (dy, y, x, dx)
+  rows = jnp.pad(rows, [(0, 0)] * 3 + [(0, w + 2 * r + 1 - n)])
+  rows = rows.reshape(n, h, w * (w + 2 * r + 1))[..., :w * (w + 2 * r)]
+  rows = rows.reshape(n, h, w, w + 2 * r)
+  padded_b = jnp.pad(b, [(r, r), (r, r), (0, 0)])
+  shifted_b = jnp.stack([padded_b[dy:dy + h] for dy in range(n)])     # (dy, y, u, F)
+  grad_a = jnp.einsum('dyxu,dyuf->yxf', rows, shifted_b)
+  # b's rows receive from each dy the products with a's rows, shifted back by dy.
+  per_shift = jnp.einsum('dyxu,yxf->dyuf', rows, a)                   # (dy, y, u, F)
+  grad_padded_b = sum(jnp.pad(per_shift[dy], [(dy, n - 1 - dy), (0, 0), (0, 0)])
+                      for dy in range(n))
+  return grad_a, grad_padded_b[r:r + h, r:r + w]
+
+
+_local_gram.defvjp(_local_gram_fwd, _local_gram_bwd)
 
 
 def _band_diagonal_conv(cov, filter_shape: Sequence[int]):
@@ -208,7 +317,52 @@ def _pooled_radius(window: Sequence[int], r: int) -> int:
   return min((r - (size - 1)) // size for size in window)
 
 
-def _band_pool(cov, window: Sequence[int], r: int, r_out: int):
+def _band_pool(cov, window: Sequence[int], r: int, r_out: int, legacy: bool = False):
+  """Average pooling of a band of radius r into one of radius r_out = _pooled_radius(window, r)
+  (see `_band_pool_strided`). Strided slices forward, the fastest; as its vjp the transpose of
+  `_band_pool_reshaped`, which is dense, where autodiff would transpose the strided slices
+  into interior pads, 3x slower on XLA:CPU (legacy: autodiff)."""
+  if legacy:
+    return _band_pool_strided(cov, window, r, r_out)
+  return _band_pool_dense_vjp(cov, tuple(window), r, r_out)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _band_pool_dense_vjp(cov, window: tuple, r: int, r_out: int):
+  return _band_pool_strided(cov, window, r, r_out)
+
+
+def _band_pool_fwd(cov, window, r, r_out):
+  return _band_pool_strided(cov, window, r, r_out), cov
+
+
+def _band_pool_bwd(window, r, r_out, cov, g):
+  return jax.vjp(lambda c: _band_pool_reshaped(c, window, r, r_out), cov)[1](g)
+
+
+_band_pool_dense_vjp.defvjp(_band_pool_fwd, _band_pool_bwd)
+
+
+def _band_pool_reshaped(cov, window: Sequence[int], r: int, r_out: int):
+  """`_band_pool_strided` by slices and reshapes: for each row offset a the partner offsets b
+  of an output displacement are a contiguous run, so each (a_y, a_x) is a slice, a reshape and
+  a sum, whose transposes are dense."""
+  wh, ww = window
+  h, w = cov.shape[-4:-2]
+  oh, ow, n = h // wh, w // ww, 2 * r_out + 1
+  lead = cov.shape[:-4]
+  rows = cov[..., :oh * wh, :ow * ww, :, :].reshape(lead + (oh, wh, ow, ww) + cov.shape[-2:])
+  total = 0.
+  for ay in range(wh):
+    sy = r - wh * r_out - ay
+    for ax in range(ww):
+      sx = r - ww * r_out - ax
+      part = rows[..., :, ay, :, ax, sy:sy + wh * n, sx:sx + ww * n]
+      total = total + part.reshape(lead + (oh, ow, n, wh, n, ww)).sum(axis=(-3, -1))
+  return total * (1.0 / (wh * ww) ** 2)
+
+
+def _band_pool_strided(cov, window: Sequence[int], r: int, r_out: int):
   """Average pooling of a band of radius r into one of radius r_out = _pooled_radius(window, r).
   Output displacement D of pooled pixels q, q + D averages the input pairs
   (w q + a, w (q + D) + b) over window offsets a, b: displacement w D + b - a."""
@@ -422,10 +576,10 @@ def _conv_on_inputs(k: Kernel, filter_shape, padding, W_std: float, b_std: float
   if k.band is not None:
     mask = _band_mask(p1.shape[1], p1.shape[2], k.band)
     if k.parts == 'cross':
-      nngp = (scale * _gram_band(p1, p2, k.band, pair=True) + b2) * mask
+      nngp = (scale * _gram_band(p1, p2, k.band, pair=True, legacy=k.legacy) + b2) * mask
     else:
-      cov1 = (scale * _gram_band(p1, p1, k.band) + b2) * mask
-      cov2 = (scale * _gram_band(p2, p2, k.band) + b2) * mask
+      cov1 = (scale * _gram_band(p1, p1, k.band, legacy=k.legacy) + b2) * mask
+      cov2 = (scale * _gram_band(p2, p2, k.band, legacy=k.legacy) + b2) * mask
     return k._replace(nngp=nngp, ntk=nngp, cov1=cov1, cov2=cov2, inputs=None)
   if k.parts != 'self':
     if x1.shape[0] == 1 and x2.shape[0] == 1:
@@ -497,7 +651,11 @@ def _safe_arctan2_jvp(primals, tangents):
 
 def _relu_maps(cov, prod):
   """Arc-cosine maps: E[relu(u) relu(v)] and E[relu'(u) relu'(v)] for Cov(u, v) = cov,
-  Var(u) Var(v) = prod."""
+  Var(u) Var(v) = prod.
+
+  Differentiated by autodiff through the guarded sqrt and arctan2: a hand-written vjp of
+  the maps (closed-form derivatives, one fused loop) measured slower on XLA:CPU, 2.9 against
+  2.1 ms per 32x32 band (BENCHMARKS.md, kernel speed log)."""
   sin_part = _safe_sqrt(prod - cov * cov)
   angle = _safe_arctan2(sin_part, cov)
   derivative = (jnp.pi - angle) * (0.5 / jnp.pi)
@@ -527,11 +685,11 @@ def Relu() -> Layer:
     # On a band, a partner outside the image has variance 0 there and a zero covariance, so
     # both maps give 0 and the band stays clean.
     if k.nngp is not None:
-      nngp, derivative = _relu_maps(k.nngp, _outer(var1, var2, k.band))
+      nngp, derivative = _relu_maps(k.nngp, _outer(var1, var2, k.band, k.legacy))
       ntk = k.ntk * derivative
     if k.cov1 is not None:
-      cov1, _ = _relu_maps(k.cov1, _outer_self(var1, k.band))
-      cov2, _ = _relu_maps(k.cov2, _outer_self(var2, k.band))
+      cov1, _ = _relu_maps(k.cov1, _outer_self(var1, k.band, k.legacy))
+      cov2, _ = _relu_maps(k.cov2, _outer_self(var2, k.band, k.legacy))
     variances = k.variances + ((var1, var2),) if k.parts == 'self' else k.variances
     return k._replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, variances=variances)
 
@@ -542,21 +700,21 @@ def Relu() -> Layer:
   return Layer(init_fn, apply_fn, kernel_fn, band_fn)
 
 
-def _outer(var1, var2, band: Optional[int] = None):
+def _outer(var1, var2, band: Optional[int] = None, legacy: bool = False):
   """var1[a, p] * var2[b, q] laid out like a cross covariance (a, b, p..., q...) or its band."""
   if var1.ndim == 1:
     return var1[:, None] * var2[None, :]
   if band is not None:
-    return var1[:, None, :, :, None, None] * _shifted_band(var2, band)[None, :]
+    return var1[:, None, :, :, None, None] * _shifted_band(var2, band, legacy)[None, :]
   return var1[:, None, :, :, None, None] * var2[None, :, None, None, :, :]
 
 
-def _outer_self(var, band: Optional[int] = None):
+def _outer_self(var, band: Optional[int] = None, legacy: bool = False):
   """var[a, p] * var[a, q] laid out like a self covariance (a, p..., q...) or its band."""
   if var.ndim == 1:
     return var * var
   if band is not None:
-    return var[:, :, :, None, None] * _shifted_band(var, band)
+    return var[:, :, :, None, None] * _shifted_band(var, band, legacy)
   return var[:, :, :, None, None] * var[:, None, None, :, :]
 
 
@@ -594,7 +752,7 @@ def AvgPool(window_shape: Sequence[int] = (2, 2), strides: Optional[Sequence[int
       r_out = _pooled_radius((wh, ww), k.band)
       if r_out < 0:   # only a 'self' pass past its last ReLU, which needs nothing more
         return k._replace(nngp=None, ntk=None, cov1=None, cov2=None, band=0)
-      pool = lambda c: _band_pool(c, (wh, ww), k.band, r_out)
+      pool = lambda c: _band_pool(c, (wh, ww), k.band, r_out, k.legacy)
       return k._replace(nngp=_opt(pool, k.nngp), ntk=_opt(pool, k.ntk),
                         cov1=_opt(pool, k.cov1), cov2=_opt(pool, k.cov2), band=r_out)
     return k._replace(nngp=_opt(spatial_op, k.nngp), ntk=_opt(spatial_op, k.ntk),

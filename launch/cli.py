@@ -13,6 +13,9 @@ import numpy as np
 
 from ntkdd.launch import flags
 
+# --preprocess names (ntkdd.common.preprocess.PREPROCESSOR_KINDS, plus auto); zca = kip_zca.
+PREPROCESS_CHOICES = ('auto', 'none', 'standardize', 'kip_zca', 'channel_zca', 'zca')
+
 DESCRIPTION = """\
 ntkdd distils a labelled image dataset into a few synthetic images per class with
 neural tangent kernels: KIP (Kernel Inducing Points) learns the images (and optionally
@@ -140,9 +143,12 @@ def _parser() -> argparse.ArgumentParser:
                  help='class-balanced target images per step.')
   o.add_argument('--init', choices=('real', 'noise'), default='real',
                  help='support initialisation: class-balanced real images, or noise.')
-  o.add_argument('--preprocess', choices=('auto', 'none', 'standardize', 'zca'), default='auto',
+  o.add_argument('--preprocess', choices=PREPROCESS_CHOICES, default='auto',
                  help='auto: per-channel standardisation (ZCA measured worse on our CIFAR-10 '
-                      'copy; see BENCHMARKS.md).')
+                      'copy; see BENCHMARKS.md). kip_zca: KIP\'s ZCA (per-image centring and '
+                      'unit norm, then ZCA); channel_zca: RCIG/FRePo\'s (per-channel '
+                      'standardisation, then ZCA; grayscale: standardisation only); zca: '
+                      'the old name of kip_zca.')
   o.add_argument('--zca-strength', type=flags.positive_float, default=0.1,
                  help='ZCA regulariser, as a fraction of the mean eigenvalue.')
   o.add_argument('--image-size', type=flags.positive_int, default=None,
@@ -207,7 +213,7 @@ def _parser() -> argparse.ArgumentParser:
   _add_kernel_flags(e, 'fc', 1)
   e.add_argument('--kernel', choices=('ntk', 'nngp'), default='ntk')
   e.add_argument('--reg', type=flags.positive_float, default=1e-6)
-  e.add_argument('--preprocess', choices=('auto', 'none', 'standardize', 'zca'), default='auto',
+  e.add_argument('--preprocess', choices=PREPROCESS_CHOICES, default='auto',
                  help='as in distill (a run directory\'s config.json overrides it); for an '
                       'RCIG/FRePo checkpoint, the preprocessing the set was made in (the test '
                       'split gets the same).')

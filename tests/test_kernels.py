@@ -125,10 +125,49 @@ def test_bad_inputs_are_named():
     kernels.kernel_vjp(CONVNET, _images(2), _images(3), g_ntk=np.zeros((3, 2)))
 
 
-def test_auto_tile_is_positive_and_shrinks_with_image_size():
-  small = kernels.auto_tile(CONVNET, (8, 8, 3))
-  large = kernels.auto_tile(CONVNET, (32, 32, 3), vjp=True)
-  assert 1 <= large < small
+def test_auto_tile_follows_memory_and_the_architecture(monkeypatch):
+  arch = architectures.Architecture('convnet', depth=3)
+  # The memory model grows with the image, and a vjp needs more than a forward.
+  small, large = kernels.tile_memory(arch, (8, 8, 3)), kernels.tile_memory(arch, (32, 32, 3))
+  assert small.bytes(4, 4) < large.bytes(4, 4) < kernels.tile_memory(
+      arch, (32, 32, 3), vjp=True).bytes(4, 4)
+  assert kernels.tile_memory(FC, (8, 8, 3)).per_pair > 0
+  # A budget of the fixed working set plus 200 images' worth: the tile shrinks to fit.
+  budget = large.fixed + 200 * large.per_image
+  monkeypatch.setattr(kernels, 'available_memory_bytes', lambda: 4 * budget)
+  tile = kernels.auto_tile(arch, (32, 32, 3))
+  assert 1 <= tile < 256 and large.bytes(tile, tile) <= budget
+  monkeypatch.setattr(kernels, 'available_memory_bytes', lambda: 1 << 40)
+  assert kernels.auto_tile(arch, (32, 32, 3), max_tile=64) == 64
+
+
+def test_tiles_fit_the_problem_shape():
+  assert [kernels.fitted_tile(n, 8) for n in (1, 5, 8, 10, 16, 17, 100)] == [1, 5, 8, 5, 8, 6, 8]
+  assert kernels.fitted_tile(10, 256) == 10
+  for bad in (0, -1, 2.5):
+    with pytest.raises(ValueError, match='tile must be an integer >= 1'):
+      kernels.fitted_tile(10, bad)
+  with pytest.raises(ValueError, match='tile must be'):
+    kernels.compute_kernel(CONVNET, _images(2), tile=0)
+
+
+def test_compute_kernel_runs_fitted_tiles(monkeypatch):
+  shapes = []
+  real = kernels.tile_fn(CONVNET)
+
+  def spy(x1, x2):
+    shapes.append((len(x1), len(x2)))
+    return real(x1, x2)
+
+  monkeypatch.setattr(kernels, 'tile_fn', lambda arch, legacy=False: spy)
+  x1, x2 = _images(10), _images(7, seed=1)
+  out = kernels.compute_kernel(CONVNET, x1, x2, tile=8)
+  assert set(shapes) == {(5, 7)} and len(shapes) == 2    # not (8, 7) with 6 padded rows
+  ntk, nngp = kernels.kernel_fn(CONVNET)(x1, x2)
+  np.testing.assert_allclose(out['ntk'], ntk, rtol=1e-5)
+  shapes.clear()
+  kernels.compute_kernel(CONVNET, x1, x2, tile=8, legacy=True)
+  assert set(shapes) == {(8, 7)}                          # the previous tiling, kept callable
 
 
 # The split path (per-image self pass, per-pair cross pass) against the plain batched stax path.
@@ -233,3 +272,61 @@ def test_shifted_sum_vjp_is_its_transpose(size):
   ref = sum(padded[:, i:i + 5, j:j + 4, i:i + 5, j:j + 4]
             for i in range(size) for j in range(size)) / size ** 2
   np.testing.assert_allclose(op(cov), ref, rtol=1e-5, atol=1e-6)
+
+
+# The current formulation (band vjps without scatters) against the legacy one, in float64.
+
+@pytest.mark.parametrize('depth,shape', [(1, (9, 7, 1)), (2, (12, 10, 3)), (3, (16, 16, 2))])
+def test_current_formulation_equals_legacy_to_float64_rounding(depth, shape, x64):
+  arch = architectures.Architecture('convnet', depth=depth)
+  rng = np.random.default_rng(depth)
+  x1, x2 = rng.normal(size=(3,) + shape), rng.normal(size=(2,) + shape)
+  g_ntk, g_nngp = rng.normal(size=(3, 2)), rng.normal(size=(3, 2))
+  results = []
+  for legacy in (True, False):
+    f = kernels.kernel_fn(arch, band=True, legacy=legacy)
+    inner = lambda a: jnp.sum(f(a, x2)[0] * g_ntk) + jnp.sum(f(a, x2)[1] * g_nngp)
+    results.append((jax.jit(f)(x1, x2), jax.jit(jax.grad(inner))(x1)))
+  (v_old, g_old), (v_new, g_new) = results
+  for a, b in zip(v_new, v_old):
+    np.testing.assert_allclose(a, b, rtol=1e-12)
+  np.testing.assert_allclose(g_new, g_old, rtol=1e-11, atol=1e-12 * np.abs(g_old).max())
+  # And through the blocked entry points (fitted tiles against the legacy tiling).
+  blocked = [kernels.kernel_vjp(arch, x1, x2, g_ntk, g_nngp, tile=2, dtype='float64',
+                                legacy=legacy) for legacy in (True, False)]
+  np.testing.assert_allclose(blocked[1], blocked[0], rtol=1e-11, atol=1e-12 * np.abs(g_old).max())
+
+
+@pytest.mark.parametrize('h,w,f,r', [(5, 7, 3, 2), (9, 9, 4, 3), (4, 4, 2, 7)])
+def test_band_vjps_equal_the_gathers_autodiff(h, w, f, r, x64):
+  from ntkdd.common import stax
+  rng = np.random.default_rng(h + r)
+  a, b = rng.normal(size=(h, w, f)), rng.normal(size=(h, w, f))
+  g = rng.normal(size=(h, w, 2 * r + 1, 2 * r + 1))
+  expected = jax.vjp(lambda a, b: stax._gram_band_gather(a, b, r), a, b)[1](g)
+  got = jax.vjp(lambda a, b: stax._local_gram(a, b, r), a, b)[1](g)
+  for e, o in zip(expected, got):      # both arguments: the self pass differentiates both
+    np.testing.assert_allclose(o, e, rtol=1e-12, atol=1e-13 * np.abs(e).max())
+  v = rng.normal(size=(2, h, w))
+  gv = rng.normal(size=(2, h, w, 2 * r + 1, 2 * r + 1))
+  np.testing.assert_array_equal(stax._shifted_band_skewed(v, r), stax._shifted_band_gather(v, r))
+  expected = jax.vjp(lambda u: stax._shifted_band_gather(u, r), v)[1](gv)[0]
+  got = jax.vjp(lambda u: stax._shifted_band(u, r), v)[1](gv)[0]
+  np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-13 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize('shape,r', [((1, 1, 8, 8, 15, 15), 7), ((1, 7, 9, 7, 7), 3),
+                                     ((1, 1, 6, 6, 3, 3), 1)])
+def test_band_pool_vjp_equals_the_strided_slices_autodiff(shape, r, x64):
+  from ntkdd.common import stax
+  rng = np.random.default_rng(r)
+  r_out = stax._pooled_radius((2, 2), r)
+  cov = rng.normal(size=shape)
+  out = stax._band_pool(cov, (2, 2), r, r_out, legacy=True)
+  g = rng.normal(size=out.shape)
+  np.testing.assert_array_equal(stax._band_pool(cov, (2, 2), r, r_out), out)
+  np.testing.assert_allclose(stax._band_pool_reshaped(cov, (2, 2), r, r_out), out, rtol=1e-13,
+                             atol=1e-14)
+  expected = jax.vjp(lambda c: stax._band_pool(c, (2, 2), r, r_out, legacy=True), cov)[1](g)[0]
+  got = jax.vjp(lambda c: stax._band_pool(c, (2, 2), r, r_out), cov)[1](g)[0]
+  np.testing.assert_allclose(got, expected, rtol=1e-13, atol=1e-14)

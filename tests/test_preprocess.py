@@ -1,4 +1,4 @@
-"""Tests of ntkdd.common.preprocess: standardisation, ZCA, preprocessor save/load, labels, sampling."""
+"""Tests of ntkdd.common.preprocess: standardisation, both ZCAs, preprocessor save/load, labels, sampling."""
 from __future__ import annotations
 
 import numpy as np
@@ -85,20 +85,85 @@ def test_preprocessor_apply_inverse_and_save(tmp_path, kind):
     assert p.kind == kind and z.dtype == np.float32 and z.shape == x.shape
     shown = p.inverse(z)
     assert shown.min() >= 0 and shown.max() <= 1
-    if kind != 'zca':  # the other two invert exactly
+    if kind not in pp.KIP_ZCA_KINDS:  # KIP's per-image step loses brightness and contrast
         np.testing.assert_allclose(shown, x, atol=1e-5)
     np.savez(tmp_path / 'run.npz', other=np.zeros(1), **p.to_dict())
     with np.load(tmp_path / 'run.npz') as saved:
         loaded = pp.Preprocessor.from_dict(saved)
     assert loaded.kind == kind
     np.testing.assert_array_equal(loaded.apply(x), z)
-    if kind == 'zca':
+    if kind in pp.KIP_ZCA_KINDS + ('channel_zca',):
         assert loaded.zca.strength == 0.05 and loaded.zca.image_shape == (3, 3, 2)
+        assert loaded.zca.per_image == (kind != 'channel_zca')
 
 
 def test_unknown_preprocessor_names_choices():
-    with pytest.raises(ValueError, match="'none', 'standardize', 'zca'|none, standardize, zca"):
+    with pytest.raises(ValueError, match='none, standardize, kip_zca, channel_zca, zca'):
         pp.make_preprocessor('pca', images(10))
+
+
+# The two ZCAs: KIP's (per-image step) and RCIG/FRePo's channel ZCA (standardisation, no per-image step).
+
+
+def test_zca_alias_is_kip_zca_bitwise():
+    x = images(300)
+    old, new = pp.make_preprocessor('zca', x), pp.make_preprocessor('kip_zca', x)
+    assert old.kind == 'zca' and new.kind == 'kip_zca' and pp.ALIASES['zca'] == 'kip_zca'
+    np.testing.assert_array_equal(old.apply(x), new.apply(x))
+    np.testing.assert_array_equal(old.apply(x), pp.zca_apply(x, pp.zca_fit(x)))
+
+
+def test_channel_zca_whitens_the_standardised_train_split():
+    x = images(1500)
+    stats, zca = pp.channel_zca_fit(x, strength=0.1)
+    np.testing.assert_array_equal(stats[0], pp.standardize_fit(x)[0])
+    flat = pp.standardize_apply(x, stats).reshape(len(x), -1).astype(np.float64)
+    second_moment = flat.T @ flat / len(flat)              # uncentred, as RCIG/FRePo compute it
+    d = second_moment.shape[0]
+    reg = 0.1 * np.trace(second_moment) / d
+    eigvals, eigvecs = np.linalg.eigh(second_moment)
+    z = pp.channel_zca_apply(x, stats, zca).reshape(len(x), -1).astype(np.float64)
+    # Whitened second moment: U diag(s / (s + reg)) U^T, the regularised identity.
+    expected = (eigvecs * (eigvals / (eigvals + reg))) @ eigvecs.T
+    np.testing.assert_allclose(z.T @ z / len(z), expected, atol=2e-5)
+    assert not zca.per_image and not zca.mean.any()
+    # Nearly unregularised, the whitened split has identity second moment.
+    tiny = pp.channel_zca_apply(x, *pp.channel_zca_fit(x, strength=1e-9)).reshape(len(x), -1)
+    np.testing.assert_allclose(tiny.T.astype(np.float64) @ tiny / len(x), np.eye(d), atol=2e-3)
+
+
+def test_per_image_step_only_in_kip_zca():
+    x = images(400)
+    # A brighter, higher-contrast copy of every image: KIP's ZCA normalises each image first, so
+    # its output does not change; the channel ZCA has no per-image step and is affine in pixels.
+    changed = x * np.linspace(0.5, 2.0, len(x))[:, None, None, None].astype(np.float32) + 0.2
+    kip = pp.make_preprocessor('kip_zca', x)
+    np.testing.assert_allclose(kip.apply(changed), kip.apply(x), atol=1e-4)
+    channel = pp.make_preprocessor('channel_zca', x)
+    assert np.abs(channel.apply(changed) - channel.apply(x)).max() > 0.1
+    a, b = x[:5], x[5:10]
+    affine = channel.apply(0.3 * a + 0.7 * b) - (0.3 * channel.apply(a) + 0.7 * channel.apply(b))
+    np.testing.assert_allclose(affine, 0, atol=1e-4)
+
+
+def test_channel_zca_on_grayscale_is_standardisation():
+    x = images(200, shape=(4, 4, 1))
+    p = pp.make_preprocessor('channel_zca', x)
+    assert p.zca is None
+    np.testing.assert_array_equal(p.apply(x), pp.make_preprocessor('standardize', x).apply(x))
+    np.testing.assert_allclose(p.inverse(p.apply(x)), x, atol=1e-6)
+    # KIP's ZCA on grayscale still whitens (unchanged behaviour).
+    assert pp.make_preprocessor('kip_zca', x).zca is not None
+
+
+def test_files_saved_before_the_channel_zca_load_as_kip_zca(tmp_path):
+    x = images(100)
+    p = pp.make_preprocessor('zca', x)
+    arrays = p.to_dict()
+    del arrays['preprocess_zca_per_image']                 # as older files were written
+    loaded = pp.Preprocessor.from_dict(arrays)
+    assert loaded.kind == 'zca' and loaded.zca.per_image
+    np.testing.assert_array_equal(loaded.apply(x), p.apply(x))
 
 
 def test_one_hot_centered():
@@ -136,3 +201,8 @@ def test_class_balanced_batch_counts():
                                   pp.class_balanced_batch(labels, 37, np.random.default_rng(1)))
     with pytest.raises(ValueError, match='fewer than the 21 batch_size=210'):
         pp.class_balanced_batch(labels, 210, rng)
+
+
+def test_cli_offers_every_preprocessing_kind():
+    from ntkdd.launch import cli
+    assert set(cli.PREPROCESS_CHOICES) == {'auto', *pp.PREPROCESSOR_KINDS}

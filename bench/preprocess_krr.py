@@ -1,0 +1,136 @@
+"""Owns the preprocessing comparison: KRR test accuracy of random real images per class under standardisation, KIP's ZCA and the channel ZCA, with one kernel.
+
+For each seed, the same class-balanced random real train images (drawn from the labels, before
+any preprocessing) are the support set of every variant; each variant is fitted on the whole
+train split, applied to the support and test images, and scored by kernel ridge regression
+(K_ss + reg tr(K_ss)/n I, centred one-hot labels) on the test images. The issue's measurement is
+CIFAR-10, 10 images per class, the ConvNet kernel at 32x32, depth 3, the whole test split
+(--test-size 0): 10^6 kernel pairs per variant and seed.
+
+  .venv/bin/python bench/preprocess_krr.py --data-dir /work/shared/data            # the full run
+  .venv/bin/python bench/preprocess_krr.py --data-dir /work/shared/data --ipc 1 --test-size 300
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from typing import Any, Optional
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernel_throughput import write_json  # noqa: E402  (bench/kernel_throughput.py)
+
+DEFAULT_VARIANTS = 'standardize,kip_zca,channel_zca'
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      description=__doc__.split('\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  parser.add_argument('--dataset', default='cifar10')
+  parser.add_argument('--data-dir', default='data')
+  parser.add_argument('--cache-dir', default=None, help='decoded-dataset cache (ntkdd default)')
+  parser.add_argument('--variants', default=DEFAULT_VARIANTS,
+                      help='comma-separated preprocessing kinds (ntkdd.common.preprocess)')
+  parser.add_argument('--ipc', type=int, default=10, help='random real images per class')
+  parser.add_argument('--seeds', default='0', help='comma-separated seeds of the support draw')
+  parser.add_argument('--test-size', type=int, default=0,
+                      help='test images (a fixed class-balanced subset, seed 0); 0: the whole '
+                           'test split (the measurement; anything else is a smoke run)')
+  parser.add_argument('--arch', default='convnet', choices=('convnet', 'fc'))
+  parser.add_argument('--depth', type=int, default=3)
+  parser.add_argument('--kernel', default='ntk', choices=('ntk', 'nngp'))
+  parser.add_argument('--reg', type=float, default=1e-6)
+  parser.add_argument('--zca-strength', type=float, default=0.1)
+  parser.add_argument('--tile', type=int, default=None,
+                      help='largest kernel tile side (default: the largest that fits memory)')
+  parser.add_argument('--dtype', default='float32', choices=('float32', 'float64'))
+  parser.add_argument('--json', default=None,
+                      help='default bench/results/preprocess_krr_<dataset>_<ipc>ipc_<test>.json')
+  return parser.parse_args(argv)
+
+
+def test_subset(labels: np.ndarray, size: int) -> np.ndarray:
+  """All test indices (size 0 or >= the split), else a fixed class-balanced subset."""
+  from ntkdd.common import preprocess
+  if size <= 0 or size >= len(labels):
+    return np.arange(len(labels))
+  return np.sort(preprocess.class_balanced_batch(labels, size, np.random.default_rng(0)))
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+  from ntkdd.common import architectures, data, kip, preprocess
+  from ntkdd.server import backend
+  dataset = data.load_dataset(args.dataset, args.data_dir, cache_dir=args.cache_dir)
+  arch = architectures.Architecture(args.arch, depth=args.depth)
+  kernels_backend = backend.InProcessKernels(arch, tile=args.tile, dtype=args.dtype)
+  seeds = [int(s) for s in args.seeds.split(',') if s.strip()]
+  variants = [v.strip() for v in args.variants.split(',') if v.strip()]
+  test_idx = test_subset(np.asarray(dataset.y_test), args.test_size)
+  y_test = np.asarray(dataset.y_test)[test_idx]
+  supports = {seed: preprocess.class_balanced_indices(
+      np.asarray(dataset.y_train), args.ipc, np.random.default_rng(seed),
+      num_classes=dataset.num_classes) for seed in seeds}
+  results = []
+  for variant in variants:
+    start = time.perf_counter()
+    pre = preprocess.make_preprocessor(variant, dataset.x_train, args.zca_strength)
+    fit_s = time.perf_counter() - start
+    x_test = pre.apply(dataset.x_test[test_idx])
+    for seed in seeds:
+      idx = supports[seed]
+      labels = preprocess.one_hot_centered(np.asarray(dataset.y_train)[idx], dataset.num_classes)
+      start = time.perf_counter()
+      accuracy = kip.krr_accuracy(kernels_backend, pre.apply(dataset.x_train[idx]), labels,
+                                  x_test, y_test, kernel_name=args.kernel, reg=args.reg)
+      seconds = time.perf_counter() - start
+      results.append({'variant': variant, 'seed': seed, 'accuracy': accuracy,
+                      'kernel_s': seconds, 'fit_s': fit_s, 'support_indices': idx.tolist()})
+      print(f'{variant:12s} seed {seed}: {100 * accuracy:.2f}% ({seconds:.0f} s of kernels, '
+            f'{fit_s:.0f} s fitting)', file=sys.stderr, flush=True)
+  return {'results': results, 'test_images': int(len(test_idx)),
+          'whole_test_split': bool(len(test_idx) == len(dataset.y_test)),
+          'support_size': args.ipc * dataset.num_classes}
+
+
+def summary_rows(report: dict[str, Any]) -> list[list[str]]:
+  rows = []
+  by_variant: dict[str, list[float]] = {}
+  for r in report['results']:
+    by_variant.setdefault(r['variant'], []).append(r['accuracy'])
+  for variant, accs in by_variant.items():
+    accs = 100 * np.asarray(accs)
+    spread = f' +- {accs.std():.2f}' if len(accs) > 1 else ''
+    rows.append([variant, str(len(accs)), f'{accs.mean():.2f}{spread}'])
+  return rows
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+  args = parse_args(argv)
+  from ntkdd.common import kernels
+  kernels.enable_float64_if(args.dtype)
+  start = time.perf_counter()
+  report = run(args)
+  import jax
+  report.update(config=vars(args), seconds=time.perf_counter() - start,
+                env={'python': platform.python_version(), 'jax': jax.__version__,
+                     'backend': jax.default_backend(), 'cpu_count': os.cpu_count()})
+  label = ('whole test split' if report['whole_test_split']
+           else f"SUBSET of {report['test_images']} test images (a smoke run, not the measurement)")
+  print(f"\n{args.dataset}, {args.ipc} random real images per class, {args.arch} depth "
+        f"{args.depth} {args.kernel}, reg {args.reg}, {label}:\n")
+  header = ['preprocessing', 'seeds', 'KRR test accuracy %']
+  rows = summary_rows(report)
+  print('| ' + ' | '.join(header) + ' |\n|' + '---|' * len(header))
+  for row in rows:
+    print('| ' + ' | '.join(row) + ' |')
+  write_json(report, args.json,
+             f'preprocess_krr_{args.dataset}_{args.ipc}ipc_{report["test_images"]}test.json')
+  print(f'{report["seconds"]:.0f} s in all')
+
+
+if __name__ == '__main__':
+  main()
