@@ -62,10 +62,13 @@ test-lp: .venv-lp/.installed
 demo: .venv/.installed
 	@if [ -f $(DEMO_DIR)/checkpoint.npz ]; then \
 	  echo "make demo: $(DEMO_DIR) holds an earlier demo run: continuing it (--resume). To start over: rm -rf $(DEMO_DIR)"; \
+	  continue_flag=--resume; \
 	else \
 	  echo "make demo: starting a new demo run in $(DEMO_DIR)"; \
-	fi
-	NTKDD_DOWNLOAD_URL='$(DOWNLOAD_URL)' $(NTKDD) distill --dataset mnist --data-dir $(DATA_DIR) --download $(DEMO_FLAGS) --out $(DEMO_DIR) --resume
+	  continue_flag=--overwrite; \
+	fi; \
+	echo "NTKDD_DOWNLOAD_URL='$(DOWNLOAD_URL)' $(NTKDD) distill --dataset mnist --data-dir $(DATA_DIR) --download $(DEMO_FLAGS) --out $(DEMO_DIR) $$continue_flag"; \
+	NTKDD_DOWNLOAD_URL='$(DOWNLOAD_URL)' $(NTKDD) distill --dataset mnist --data-dir $(DATA_DIR) --download $(DEMO_FLAGS) --out $(DEMO_DIR) $$continue_flag
 
 bench: .venv/.installed
 	.venv/bin/python bench/kernel_throughput.py

@@ -44,10 +44,11 @@ def test_a_caller_that_coordinates_must_be_inside(monkeypatch):
 
 def test_cli_kernel_refuses_with_one_message(monkeypatch, tmp_path, capsys):
   _no_namespace(monkeypatch)
-  with pytest.raises(SystemExit) as ended:
-    cli.main(['kernel', '--x1', str(tmp_path / 'x.npy'), '--out', str(tmp_path / 'k.npz'),
-              '--launch', 'launchpad', '--workers', '1'])
-  assert 'Operation not permitted' in str(ended.value) and lpp.EXPOSE_FLAG in str(ended.value)
+  code = cli.main(['kernel', '--x1', str(tmp_path / 'x.npy'), '--out', str(tmp_path / 'k.npz'),
+                   '--launch', 'launchpad', '--workers', '1'])
+  err = capsys.readouterr().err
+  assert code == 2 and err.startswith('ntkdd kernel: error: ') and len(err.splitlines()) == 1
+  assert 'Operation not permitted' in err and lpp.EXPOSE_FLAG in err
   assert not (tmp_path / 'k.npz').exists()
 
 
