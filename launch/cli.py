@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -357,6 +358,11 @@ def _rcig_job(args, cfg):
   from ntkdd.common import rcig
   from ntkdd.server import distill, jobs
   prepared = distill.prepare_data(cfg)
+  if cfg.preprocess == 'auto' and prepared.x_train.shape[-1] == 3:
+    # RCIG's paper and code whiten RGB data with the channel ZCA (grayscale: standardisation,
+    # which `auto` already is), so RCIG's `auto` is theirs.
+    cfg = dataclasses.replace(cfg, preprocess='channel_zca')
+    prepared = distill.prepare_data(cfg)
   flip = (args.rcig_flip == 'on' or
           (args.rcig_flip == 'auto' and prepared.x_train.shape[-1] == 3))
   rcig_cfg = rcig.RcigConfig(

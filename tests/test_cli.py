@@ -68,6 +68,23 @@ def test_distill_rcig_from_the_command_line(tiny_npz, tmp_path, capsys):
     assert f['images'].shape == (6, 8, 8, 1)
 
 
+@pytest.mark.parametrize('channels, expected', [(3, 'channel_zca'), (1, 'auto')])
+def test_rcig_auto_preprocessing_is_the_papers(tmp_path, capsys, channels, expected):
+  """RCIG's `auto` is its paper's preprocessing: the channel ZCA for RGB data, per-channel
+  standardisation (KIP's `auto`) for grayscale; config.json records which."""
+  from conftest import make_tiny_npz
+  data = make_tiny_npz(tmp_path / 'tiny.npz', channels=channels)
+  run = tmp_path / 'rcig'
+  assert cli.main(['distill', '--algorithm', 'rcig', '--dataset', str(data), '--data-dir', '.',
+                   '--ipc', '1', '--steps', '1', '--depth', '1', '--width', '4',
+                   '--pool-size', '1', '--inner-steps', '1', '--hinv-steps', '1',
+                   '--rcig-target-batch', '6', '--eval-every', '0', '--no-progress',
+                   '--out', str(run)]) == 0
+  config = json.loads((run / 'config.json').read_text())
+  assert config['flags']['preprocess'] == expected
+  assert config['dataset']['preprocess'] == ('channel_zca' if channels == 3 else 'standardize')
+
+
 # -- Flags a mode does not use are refused (one line: the flag, the mode, the fix). ------------
 
 @pytest.mark.parametrize('mode, extra, flag', [
