@@ -34,6 +34,7 @@ import numpy as np
 
 from ntkdd.common import architectures
 from ntkdd.common import augment as augment_lib
+from ntkdd.common import optional
 from ntkdd.common import stax
 from ntkdd.common.preprocess import one_hot_centered
 
@@ -45,12 +46,7 @@ Params = Any
 
 
 def _import_optax():
-  try:
-    import optax  # pylint: disable=import-outside-toplevel
-  except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError('Training finite-width networks needs optax: `pip install optax` '
-                      '(or `pip install ntkdd[train]`).') from e
-  return optax
+  return optional.require('optax', 'Training finite-width networks', 'train')
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from ntkdd.common import optional
+
 _NDARRAY, _COMPLEX, _NPSCALAR = 1, 2, 3
 _CHUNKED = '__msgpack_chunked_array__'
 # Where a set lies in the state dict, in the order looked at: the EMA the papers evaluate, then
@@ -26,12 +28,7 @@ _PLACES = (('ema_average',), ('ema_average', 'params'), ('params',), ('params', 
 
 
 def _import_msgpack():
-  try:
-    import msgpack  # pylint: disable=import-outside-toplevel
-  except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError('Reading RCIG/FRePo checkpoints needs msgpack: `pip install msgpack` (or '
-                      '`pip install ntkdd[foreign]`).') from e
-  return msgpack
+  return optional.require('msgpack', 'Reading RCIG/FRePo checkpoints', 'foreign')
 
 
 def is_flax_checkpoint(path: str | Path) -> bool:

@@ -93,3 +93,19 @@ def run_rcig_inprocess(job, out, workers: int = 2):
 def metrics(run_dir) -> list:
   return [json.loads(line)
           for line in (Path(run_dir) / 'metrics.jsonl').read_text().splitlines()]
+
+
+def kill_coordinator(program, run_dir, before_step: int, timeout_s: float) -> dict:
+  """SIGKILLs a Launchpad program's coordinator by pid while its run is short of `before_step`,
+  and checks that waiting for its result then fails; returns the program's processes record."""
+  import os   # pylint: disable=import-outside-toplevel
+  import signal   # pylint: disable=import-outside-toplevel
+  import pytest   # pylint: disable=import-outside-toplevel
+  from ntkdd.launch import launchpad_program   # pylint: disable=import-outside-toplevel
+  info = json.loads(program.processes_file.read_text())
+  os.kill(info['nodes']['coordinator'][0], signal.SIGKILL)
+  assert last_step(run_dir) < before_step, (
+      f'the run passed step {before_step} before the coordinator was killed')
+  with pytest.raises(launchpad_program.CoordinatorFailed, match='without a result'):
+    launchpad_program.wait_for_result(program, str(run_dir), timeout_s=timeout_s)
+  return info

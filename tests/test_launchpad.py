@@ -27,7 +27,7 @@ else:                            # Launchpad exists for Python <= 3.10 only
 
 from ntkdd.launch import inprocess, launchpad_program as lpp  # noqa: E402
 from ntkdd.server import status  # noqa: E402
-from run_helpers import BLOCK, TIMEOUT_S, wait_for  # noqa: E402
+from run_helpers import BLOCK, TIMEOUT_S, kill_coordinator, wait_for  # noqa: E402
 from run_helpers import assert_same_support as _assert_same_support  # noqa: E402
 from run_helpers import last_step as _last_step, steps as _steps  # noqa: E402
 from run_helpers import run_inprocess as _inprocess, tiny_cfg as _cfg  # noqa: E402
@@ -264,14 +264,8 @@ def test_a_killed_coordinator_resumes_exactly(tiny_npz, tmp_path):
   program = lpp.start_local_mp(cfg, str(run), workers=2, block=BLOCK, deadline_s=60)
   try:
     _wait_for(lambda: _last_step(run) >= 3, TIMEOUT_S, 'step 3', program)
-    info = json.loads(program.processes_file.read_text())
+    info = kill_coordinator(program, run, 12, TIMEOUT_S)
     assert info['network'] == 'private'
-    coordinator = info['nodes']['coordinator'][0]
-    os.kill(coordinator, signal.SIGKILL)
-    killed_at = _last_step(run)
-    assert killed_at < 12, 'the run finished before the coordinator was killed'
-    with pytest.raises(lpp.CoordinatorFailed, match='without a result'):
-      lpp.wait_for_result(program, str(run), timeout_s=TIMEOUT_S)
   finally:
     program.stop()
   _assert_all_gone(program)

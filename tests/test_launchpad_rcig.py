@@ -6,8 +6,6 @@ workers serve the ConvNet NTK of the KRR evaluation. The runs are tiny (width 8,
 """
 import importlib.util
 import json
-import os
-import signal
 import subprocess
 import sys
 
@@ -22,7 +20,7 @@ needs_optax = pytest.mark.skipif(importlib.util.find_spec('optax') is None,
 
 from ntkdd.launch import launchpad_program as lpp  # noqa: E402
 from ntkdd.server import status  # noqa: E402
-from run_helpers import BLOCK, TIMEOUT_S, wait_for  # noqa: E402
+from run_helpers import BLOCK, TIMEOUT_S, kill_coordinator, wait_for  # noqa: E402
 from run_helpers import assert_same_support, last_step, metrics, steps  # noqa: E402
 from run_helpers import run_rcig_inprocess, tiny_rcig_job  # noqa: E402
 
@@ -93,13 +91,7 @@ def test_rcig_killed_coordinator_resumes_exactly(tiny_npz, tmp_path):
     assert out.returncode == 0, out.stderr
     assert 'NN test acc' in out.stdout and 'KRR test acc' in out.stdout
     assert 'status.sock (live)' in out.stdout
-    info = json.loads(program.processes_file.read_text())
-    coordinator = info['nodes']['coordinator'][0]
-    os.kill(coordinator, signal.SIGKILL)
-    killed_at = last_step(run)
-    assert killed_at < 24, 'the run passed step 24 before the coordinator was killed'
-    with pytest.raises(lpp.CoordinatorFailed, match='without a result'):
-      lpp.wait_for_result(program, str(run), timeout_s=TIMEOUT_S)
+    kill_coordinator(program, run, 24, TIMEOUT_S)
   finally:
     program.stop()
   assert not (run / 'summary.json').exists()
