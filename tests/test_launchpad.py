@@ -266,6 +266,7 @@ def test_a_killed_coordinator_resumes_exactly(tiny_npz, tmp_path):
     _wait_for(lambda: _last_step(run) >= 3, TIMEOUT_S, 'step 3', program)
     info = kill_coordinator(program, run, 12, TIMEOUT_S)
     assert info['network'] == 'private'
+    coordinator = info['nodes']['coordinator'][0]
   finally:
     program.stop()
   _assert_all_gone(program)

@@ -70,11 +70,11 @@ def test_rcig_local_mp_matches_inprocess_with_krr_from_the_workers(tiny_npz, tmp
 
 @needs_optax
 def test_rcig_killed_coordinator_resumes_exactly(tiny_npz, tmp_path):
-  # A run far longer than the test: the coordinator is killed early, then resumed to 24 steps
-  # (--steps may change on resume), which must equal 24 steps in one go.
+  # A run far longer than the test: the coordinator is killed early, then resumed to a step
+  # count past the kill (--steps may change on resume), which must equal that many steps in
+  # one go. The count is chosen after the kill: tiny steps are fast, and how far the run got
+  # during the status checks depends on the machine.
   long_job = tiny_rcig_job(tiny_npz, steps=100000, eval_every=12, checkpoint_every=2)
-  job = tiny_rcig_job(tiny_npz, steps=24, eval_every=12, checkpoint_every=2)
-  run_rcig_inprocess(job, tmp_path / 'inprocess')
   run = tmp_path / 'lp'
   program = lpp.start_local_mp(long_job, str(run), workers=2, block=BLOCK, deadline_s=60)
   try:
@@ -91,17 +91,20 @@ def test_rcig_killed_coordinator_resumes_exactly(tiny_npz, tmp_path):
     assert out.returncode == 0, out.stderr
     assert 'NN test acc' in out.stdout and 'KRR test acc' in out.stdout
     assert 'status.sock (live)' in out.stdout
-    kill_coordinator(program, run, 24, TIMEOUT_S)
+    coordinator = kill_coordinator(program, run, 100000, TIMEOUT_S)['nodes']['coordinator'][0]
   finally:
     program.stop()
   assert not (run / 'summary.json').exists()
   snap = status.query_status(str(run))
   assert snap['source'] == 'snapshot' and snap['phase'] == 'crashed', snap
   assert str(coordinator) in snap['error']
+  total = max(24, 12 * (last_step(run) // 12 + 2))   # past the kill, a multiple of eval_every
+  job = tiny_rcig_job(tiny_npz, steps=total, eval_every=12, checkpoint_every=2)
+  run_rcig_inprocess(job, tmp_path / 'inprocess')
   summary = lpp.run_local_mp(job, str(run), workers=2, resume=True, block=BLOCK,
                              timeout_s=TIMEOUT_S, deadline_s=60)
-  assert summary['steps'] == 24
-  assert steps(run) == list(range(25))   # each step exactly once
+  assert summary['steps'] == total
+  assert steps(run) == list(range(total + 1))   # each step exactly once
   _assert_same_run(tmp_path / 'inprocess', run)
   np.testing.assert_array_equal(  # the saved support (the EMA) bit for bit
       np.load(run / 'support.npz')['images'],
