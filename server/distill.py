@@ -284,42 +284,30 @@ def distill(cfg: DistillConfig, run_dir: str, backend_factory: Callable, resume:
                               dataset=record, overwrite=overwrite,
                               arrays_needed=('images', 'labels', 'label_ids'))
   from ntkdd.server import status
-  publisher = board = None
   try:
     checkpoint.write_json(run_dir / checkpoint.CONFIG, {
         'command': 'distill', 'flags': _config_to_json(cfg), 'dataset': record,
         'versions': versions(), 'created': time.strftime('%Y-%m-%dT%H:%M:%S%z')})
-    if run_status is None:
-      holder = status.RunStatus(str(run_dir),
-                                total_steps=status.total_steps(_config_to_json(cfg)))
-      publisher = status.StatusPublisher(holder, str(run_dir)).start()
-      publisher.holder.set_phase('running')
-    # Long kernel computations (LS, KRR evaluation) report their progress to the run's status.
-    progress_to = status.KERNEL_PROGRESS_HOLDER.set(run_status or publisher.holder)
-    try:
+    # The run's status (the caller's, or published here), which long kernel computations (LS,
+    # KRR evaluation) report their progress to; its final status.json says how the run ended.
+    with status.published(run_status, run_dir, status.total_steps(_config_to_json(cfg))):
       board = open_board(run_dir, prepared) if tensorboard else None
-      backend = backend_factory(cfg.architecture())
       try:
-        if cfg.algorithm == 'ls':
-          return _run_label_solve(cfg, run_dir, prepared, backend, board)
-        return _run_kip(cfg, run_dir, prepared, backend, saved, progress, board)
+        backend = backend_factory(cfg.architecture())
+        try:
+          if cfg.algorithm == 'ls':
+            return _run_label_solve(cfg, run_dir, prepared, backend, board)
+          return _run_kip(cfg, run_dir, prepared, backend, saved, progress, board)
+        finally:
+          getattr(backend, 'close', lambda: None)()  # distributed backends stop their threads
       finally:
-        getattr(backend, 'close', lambda: None)()  # distributed backends stop their threads
-    finally:
-      status.KERNEL_PROGRESS_HOLDER.reset(progress_to)
-      if board:
-        board.close()
-  except BaseException as e:
-    if publisher:
-      publisher.finish(e)   # the final status.json says how the run ended
-      publisher = None
+        if board:
+          board.close()
+  except BaseException:
     if saved is None:
       checkpoint.discard_failed_start(run_dir, made_dir,
                                       also=(status.SNAPSHOT_FILE, status.SOCKET_FILE))
     raise
-  finally:
-    if publisher:
-      publisher.finish()
 
 
 def open_board(run_dir: Path, prepared: PreparedData) -> Callable:
