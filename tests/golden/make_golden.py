@@ -1,0 +1,90 @@
+"""Writes the fixed-seed golden runs that tests/test_fixed_seed_golden.py compares bitwise.
+
+Run it only when a change is *meant* to move the numbers (and say so in the commit):
+  .venv/bin/python tests/golden/make_golden.py
+It writes, next to itself, `tiny_rgb.npz` (the data), `golden.npz` (each case's support set and
+per-step losses after its full run) and `old_runs/<case>/` (each case's run directory stopped
+part-way, the way an older checkout left it, for the resume-across-versions check).
+"""
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from conftest import make_tiny_npz  # pylint: disable=wrong-import-position
+
+DATA = HERE / 'tiny_rgb.npz'
+
+# name -> (flags without --out/--steps, total steps, steps of the stored part-way run or None)
+CASES = {
+    'kip_fc': (['--algorithm', 'kip', '--arch', 'fc', '--depth', '2', '--ipc', '2',
+                '--target-batch', '12', '--lr', '0.05', '--learn-labels', '--eval-every', '3'],
+               6, 3),
+    # A schedule over the whole run: a part-way run would be a different run, so no old_runs.
+    'kip_fc_cosine': (['--algorithm', 'kip', '--arch', 'fc', '--depth', '1', '--ipc', '2',
+                       '--target-batch', '12', '--lr', '0.05', '--lr-schedule', 'cosine',
+                       '--eval-every', '5'], 5, None),
+    'kip_conv_workers': (['--algorithm', 'kip', '--arch', 'convnet', '--depth', '1', '--ipc', '1',
+                          '--target-batch', '9', '--lr', '0.02', '--learn-labels',
+                          '--eval-every', '2', '--workers', '2', '--block', '4'], 4, 2),
+    'ls_fc': (['--algorithm', 'ls', '--arch', 'fc', '--depth', '2', '--ipc', '2'], None, None),
+    'rcig': (['--algorithm', 'rcig', '--ipc', '1', '--depth', '1', '--width', '8',
+              '--pool-size', '2', '--inner-steps', '2', '--hinv-steps', '2',
+              '--rcig-target-batch', '12', '--eval-every', '2', '--eval-test-size', '12'], 4, 2),
+}
+COMMON = ['--data-dir', '.', '--no-progress', '--seed', '3']
+
+
+def argv(case: str, data: Path, out: Path, steps=None, resume: bool = False) -> list:
+  """The `ntkdd distill` command line of one golden case (`data` relative to the working dir)."""
+  flags, total, _ = CASES[case]
+  line = ['distill', '--dataset', str(data), *COMMON, *flags, '--out', str(out)]
+  if total is not None:
+    line += ['--steps', str(total if steps is None else steps), '--checkpoint-every', '1']
+  return line + (['--resume'] if resume else [])
+
+
+def run_record(run_dir: Path) -> dict:
+  """What is compared bitwise: the support set and every logged loss and accuracy."""
+  import json  # pylint: disable=import-outside-toplevel
+  record = {}
+  with np.load(run_dir / 'support.npz') as f:
+    for key in ('images', 'labels'):
+      record[key] = f[key]
+  rows = [json.loads(line) for line in (run_dir / 'metrics.jsonl').read_text().splitlines()]
+  for key in ('loss', 'test_accuracy', 'target_accuracy'):
+    values = [r.get(key) for r in rows]
+    record[key] = np.array([np.nan if v is None else v for v in values], np.float64)
+  record['steps'] = np.array([r['step'] for r in rows], np.int64)
+  return record
+
+
+def main() -> None:
+  import os  # pylint: disable=import-outside-toplevel
+  from ntkdd.launch import cli  # pylint: disable=import-outside-toplevel
+  os.chdir(HERE)   # the data is named relative to the run's working directory, as users do
+  make_tiny_npz(DATA, classes=3, per_class=12, test_per_class=6, side=8, channels=3, seed=7)
+  arrays = {}
+  old_runs = HERE / 'old_runs'
+  shutil.rmtree(old_runs, ignore_errors=True)
+  with tempfile.TemporaryDirectory() as tmp:
+    for case, (_, _, part) in CASES.items():
+      out = Path(tmp) / case
+      assert cli.main(argv(case, Path(DATA.name), out)) == 0, case
+      for key, value in run_record(out).items():
+        arrays[f'{case}/{key}'] = value
+      if part is not None:
+        assert cli.main(argv(case, Path(DATA.name), old_runs / case, steps=part)) == 0, case
+        for extra in ('support.png', 'curves.png', 'status.sock'):
+          (old_runs / case / extra).unlink(missing_ok=True)
+  np.savez(HERE / 'golden.npz', **arrays)
+  print(f'wrote {HERE / "golden.npz"} ({len(arrays)} arrays) and {old_runs}')
+
+
+if __name__ == '__main__':
+  main()
