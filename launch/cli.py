@@ -272,6 +272,8 @@ def _parser() -> argparse.ArgumentParser:
                   help='Ray runs: the run name (the run directory\'s basename unless set); '
                        'default: the cluster\'s only run.')
   st.add_argument('--json', action='store_true', help='print the raw JSON snapshot.')
+  st.add_argument('--timeout', type=float, default=10.0,
+                  help='seconds to wait for an answer. Default %(default)s.')
   return parser
 
 
@@ -558,7 +560,9 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_status(args) -> int:
-  from ntkdd.server import status
+  """`ntkdd status`: a run directory or Courier HOST:PORT (launch/status_client.py), or a Ray
+  run (launch/ray_launch.py)."""
+  from ntkdd.launch import status_client
   if args.ray_address is None:
     address = args.run_dir or args.address
     if address is None:
@@ -566,9 +570,10 @@ def _cmd_status(args) -> int:
             'HOST:PORT (a multi-host Launchpad coordinator) or --ray-address (a Ray run: the '
             'cluster address or its run directory, plus --run NAME).', file=sys.stderr)
       return 2
-    return status.main([address] + (['--json'] if args.json else []))
+    return status_client.print_status(address, as_json=args.json, timeout_s=args.timeout)
   from ntkdd.launch import ray_launch
-  return ray_launch.status_main(args.ray_address, args.run, as_json=args.json)
+  return ray_launch.status_main(args.ray_address, args.run, as_json=args.json,
+                                timeout_s=args.timeout)
 
 
 COMMANDS = {'kernel': _cmd_kernel, 'distill': _cmd_distill, 'evaluate': _cmd_evaluate,

@@ -1,69 +1,48 @@
-"""Run directories and their files: atomic checkpoints, JSON, appended metrics; the checks that
-keep a run from being overwritten, resumed with other data, or read from a damaged file."""
+"""A run's checkpoint (one .npz: the arrays and a JSON meta record) and the checks that open a
+run directory for a fresh, resumed or overwritten run; input .npz/.npy files read with one
+clear error. File names, writers and readers: server/run_dir.py."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
-CHECKPOINT = 'checkpoint.npz'
-CONFIG = 'config.json'
-# The files that make a directory a run's: a fresh run refuses a directory holding any of them.
-RUN_FILES = (CONFIG, CHECKPOINT, 'support.npz', 'summary.json', 'metrics.jsonl')
+from ntkdd.server import run_dir as run_files
+from ntkdd.server.run_dir import CHECKPOINT, CONFIG, RUN_FILES, SUMMARY, SUPPORT
+
 # What every checkpoint's meta record holds (KIP and RCIG).
 META_KEYS = ('step', 'rng_state', 'elapsed', 'before', 'best')
+META_MEMBER = '__meta__'   # the .npz member holding the meta record (UTF-8 JSON as uint8)
 _NPZ_MAGIC = b'PK'
 _NPY_MAGIC = b'\x93NUMPY'
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-  """Write then rename, so a crash leaves the old file or the new one, never half of one."""
-  path = Path(path)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
-def write_json(path: Path, obj: Any) -> None:
-  atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + '\n')
-                     .encode())
-
-
-def _jsonable(value):
-  if isinstance(value, np.generic):
-    return value.item()
-  if isinstance(value, np.ndarray):
-    return value.tolist()
-  return str(value)
-
-
-def save_npz(path: Path, arrays: dict) -> None:
-  import io
-  buffer = io.BytesIO()
-  np.savez(buffer, **arrays)
-  atomic_write_bytes(path, buffer.getvalue())
 
 
 def save_checkpoint(run_dir: Path, arrays: dict, meta: dict) -> Path:
   """One file holds the arrays and a JSON `meta` (step, rng state, ...)."""
   path = Path(run_dir) / CHECKPOINT
   payload = dict(arrays)
-  payload['__meta__'] = np.frombuffer(json.dumps(meta, default=_jsonable).encode(), np.uint8)
-  save_npz(path, payload)
+  payload[META_MEMBER] = np.frombuffer(json.dumps(meta, default=run_files.jsonable).encode(),
+                                       np.uint8)
+  run_files.save_npz(path, payload)
   return path
+
+
+def checkpoint_step(path: Path) -> Optional[int]:
+  """The step saved in the checkpoint at `path` (reads only its small meta member); None where
+  there is none or it cannot be read (a checkpoint being replaced: the file's age still tells
+  a lot)."""
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      return int(_decode_meta(f[META_MEMBER])['step'])
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def _decode_meta(member: np.ndarray) -> Any:
+  return json.loads(member.tobytes().decode())
 
 
 def load_checkpoint(run_dir: Path, arrays_needed: Sequence[str] = ()) -> Optional[tuple]:
@@ -79,40 +58,18 @@ def load_checkpoint(run_dir: Path, arrays_needed: Sequence[str] = ()) -> Optiona
       arrays = {k: f[k] for k in f.files}
   except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
     raise ValueError(f'{path} is damaged or truncated ({type(e).__name__}: {e}). {fix}') from None
-  missing = [k for k in ('__meta__',) + tuple(arrays_needed) if k not in arrays]
+  missing = [k for k in (META_MEMBER,) + tuple(arrays_needed) if k not in arrays]
   if missing:
     raise ValueError(f'{path} lacks {", ".join(missing)}: it is not a complete ntkdd '
                      f'checkpoint. {fix}')
   try:
-    meta = json.loads(arrays.pop('__meta__').tobytes().decode())
+    meta = _decode_meta(arrays.pop(META_MEMBER))
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise ValueError(f'{path}: its meta record is unreadable ({e}). {fix}') from None
   missing = [k for k in META_KEYS if k not in meta] if isinstance(meta, dict) else list(META_KEYS)
   if missing:
     raise ValueError(f'{path}: its meta record lacks {", ".join(missing)}. {fix}')
   return arrays, meta
-
-
-def append_metrics(path: Path, record: dict) -> None:
-  with open(path, 'a') as f:
-    f.write(json.dumps(record, default=_jsonable) + '\n')
-    f.flush()
-
-
-def truncate_metrics(path: Path, last_step: int) -> None:
-  """Drops records past the checkpoint's step, so a resumed run counts no step twice."""
-  path = Path(path)
-  if not path.exists():
-    return
-  kept = []
-  for line in path.read_text().splitlines():
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError:
-      continue  # a torn last line from a killed run
-    if record.get('step', 0) <= last_step:
-      kept.append(line)
-  atomic_write_bytes(path, ('\n'.join(kept) + ('\n' if kept else '')).encode())
 
 
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool = False) -> None:
@@ -217,7 +174,7 @@ def discard_failed_start(run_dir: Path, made_dir: bool, also: Sequence[str] = ()
   files (and the files named in `also`, e.g. its status snapshot) go, and the directory too
   where the run made it and it is empty now."""
   run_dir = Path(run_dir)
-  if (run_dir / CHECKPOINT).exists() or (run_dir / 'summary.json').exists():
+  if (run_dir / CHECKPOINT).exists() or (run_dir / SUMMARY).exists():
     return   # the run got somewhere: keep it (resume, or --overwrite)
   remove_run_files(run_dir)
   for name in also:
@@ -248,7 +205,7 @@ def _check_array_file(path: Path, what: str, magic: bytes, kind: str) -> Path:
   if not path.exists():
     raise FileNotFoundError(f'{what} {path} does not exist; check the path.')
   if path.is_dir():
-    hint = (f' (e.g. {path / "support.npz"})' if (path / 'support.npz').exists() else '')
+    hint = (f' (e.g. {path / SUPPORT})' if (path / SUPPORT).exists() else '')
     raise ValueError(f'{what} {path} is a directory; give the {kind} file itself{hint}.')
   with open(path, 'rb') as f:
     head = f.read(len(_NPY_MAGIC))
@@ -288,3 +245,17 @@ def load_npy_file(path: Path, what: str = 'file') -> np.ndarray:
   except (EOFError, OSError) as e:
     raise ValueError(f'{what} {path} is damaged or truncated ({type(e).__name__}: {e}); write '
                      f'it again.') from None
+
+
+# The writers that lived here until the run directory got its own module. Kept as forwards so
+# code written against the old place still runs; import them from server/run_dir.py instead.
+_MOVED_TO_RUN_DIR = ('atomic_write_bytes', 'write_json', 'save_npz', 'append_metrics',
+                     'truncate_metrics')
+
+
+def __getattr__(name: str) -> Any:
+  if name in _MOVED_TO_RUN_DIR:
+    import warnings  # pylint: disable=import-outside-toplevel
+    warnings.warn(f'checkpoint.{name} is run_dir.{name} now.', DeprecationWarning, stacklevel=2)
+    return getattr(run_files, name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

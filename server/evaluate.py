@@ -12,6 +12,7 @@ import numpy as np
 from ntkdd.common import architectures, kip, preprocess
 from ntkdd.server import backend as backend_lib
 from ntkdd.server import checkpoint, distill
+from ntkdd.server import run_dir as run_files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +28,7 @@ def read_support_file(path: str) -> dict[str, np.ndarray]:
   path = Path(path)
   if not path.exists():
     raise FileNotFoundError(f'--support {path} does not exist; `ntkdd distill --out DIR` writes '
-                            f'DIR/support.npz.')
+                            f'DIR/{run_files.SUPPORT}.')
   arrays = checkpoint.load_npz_file(path, '--support')
   if 'images_pixels' not in arrays and 'images' not in arrays:
     raise ValueError(f'--support {path} has neither images nor images_pixels (found '
@@ -156,10 +157,10 @@ KERNEL_KEYS = ('arch', 'depth', 'w_std', 'b_std', 'kernel', 'reg')
 def _run_config(args) -> Optional[tuple[Path, dict]]:
   """(path, contents) of the run's config.json: --run's, else beside the support file."""
   run_dir = Path(args.run) if args.run else Path(args.support).parent
-  config_path = run_dir / checkpoint.CONFIG
+  config_path = run_dir / run_files.CONFIG
   if not config_path.exists():
     if args.run:
-      raise ValueError(f'--run {run_dir} holds no {checkpoint.CONFIG}; give the directory of an '
+      raise ValueError(f'--run {run_dir} holds no {run_files.CONFIG}; give the directory of an '
                        f'ntkdd distill run, or leave --run out and give --dataset etc.')
     return None
   return config_path, checkpoint.read_run_config(run_dir)
@@ -209,8 +210,8 @@ def evaluate_from_args(args) -> dict[str, Any]:
                        f'{architectures.ARCHITECTURES}.')
   # Before the (slow) dataset load.
   arrays = None if foreign else read_support_file(args.support)
-  out = Path(args.out) if args.out else Path(args.support).parent / 'evaluation.json'
-  checkpoint.check_output_file(out, '--out', 'evaluation.json')
+  out = Path(args.out) if args.out else Path(args.support).parent / run_files.EVALUATION
+  checkpoint.check_output_file(out, '--out', run_files.EVALUATION)
   run_config = _run_config(args)
   cfg = _config_for(args, run_config)
   cfg.validate()
@@ -237,7 +238,7 @@ def evaluate_from_args(args) -> dict[str, Any]:
     real = SupportSet(prepared.x_train[idx], preprocess.one_hot_centered(
         prepared.y_train[idx], prepared.num_classes), prepared.y_train[idx])
     report['random_real'] = evaluate_support(real, prepared, cfg, settings)
-  checkpoint.write_json(out, report)
+  run_files.write_json(out, report)
   report['written_to'] = str(out)
   return report
 

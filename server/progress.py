@@ -1,4 +1,4 @@
-"""Progress of long loops: a tqdm bar on a terminal, sparse plain log lines elsewhere.
+"""Progress of long loops (a tqdm bar on a terminal, sparse log lines elsewhere); durations as text.
 
 tqdm is optional (`pip install tqdm`, in ntkdd[progress] and ntkdd[dev]): without it, or when
 the stream is not a terminal (CI logs, files), the loop prints a full line now and then.
@@ -18,14 +18,38 @@ LOG_EVERY_FRACTION = 0.1   # not a TTY: a line each time another tenth of the wo
 LOG_EVERY_SECONDS = 30.0   # ... or when this long has passed since the last line
 
 
-def format_duration(seconds: float) -> str:
-  """mm:ss, or h:mm:ss from one hour on; '--:--' when unknown."""
-  if seconds is None or not math.isfinite(seconds) or seconds < 0:
-    return '--:--'
-  seconds = int(round(seconds))
-  hours, rest = divmod(seconds, 3600)
-  minutes, secs = divmod(rest, 60)
-  return f'{hours}:{minutes:02d}:{secs:02d}' if hours else f'{minutes:02d}:{secs:02d}'
+def finite_or_none(value: Any) -> Optional[float]:
+  """`value` as a float, or None where it is missing, not a number, NaN or infinite."""
+  try:
+    value = float(value)
+  except (TypeError, ValueError):
+    return None
+  return value if math.isfinite(value) else None
+
+
+def format_duration(seconds: Optional[float], clock: bool = False) -> str:
+  """A duration for people: '42.5s', '2m05s', '3h07m'; unknown (None, NaN) as '-'.
+
+  Args:
+    seconds: the duration; negative counts as 0.
+    clock: tqdm's form instead: 'mm:ss', or 'h:mm:ss' from one hour on, and '--:--' when
+      unknown or negative (the progress bar's ETA and time taken, as tqdm shows them).
+  """
+  seconds = finite_or_none(seconds)
+  if clock:
+    if seconds is None or seconds < 0:
+      return '--:--'
+    hours, rest = divmod(int(round(seconds)), 3600)
+    minutes, secs = divmod(rest, 60)
+    return f'{hours}:{minutes:02d}:{secs:02d}' if hours else f'{minutes:02d}:{secs:02d}'
+  if seconds is None:
+    return '-'
+  seconds = max(0.0, seconds)
+  if seconds < 60:
+    return f'{seconds:.1f}s'
+  if seconds < 3600:
+    return f'{int(seconds // 60)}m{int(seconds % 60):02d}s'
+  return f'{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m'
 
 
 def format_rate(steps_per_second: Optional[float]) -> str:
@@ -138,10 +162,10 @@ class ProgressBar:
     now = self._clock() if now is None else now
     rate = self.rate(now)
     if self._done():
-      timing = f'in {format_duration(now - self._start)}'
+      timing = f'in {format_duration(now - self._start, clock=True)}'
     else:
       eta = (self.total - self.step) / rate if rate else None
-      timing = f'ETA {format_duration(eta)}'
+      timing = f'ETA {format_duration(eta, clock=True)}'
     parts = [f'{self.desc} ' if self.desc else '',
              f'[{self._bar()}] {self.step}/{self.total}  {format_rate(rate)}  {timing}']
     if self.fields:

@@ -3,28 +3,20 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ntkdd.server import checkpoint
-
-PathLike = Union[str, os.PathLike]
-
-CONFIG = 'config.json'
-METRICS = 'metrics.jsonl'
-SUPPORT = 'support.npz'
-SUMMARY = 'summary.json'
-EVALUATION = 'evaluation.json'
-CHECKPOINT = 'checkpoint.npz'
-SUPPORT_PNG = 'support.png'
-CURVES_PNG = 'curves.png'
+from ntkdd.server import run_dir as run_files
+from ntkdd.server.checkpoint import checkpoint_step
+from ntkdd.server.progress import format_duration
+from ntkdd.server.run_dir import (CHECKPOINT, CONFIG, CURVES_PNG, EVALUATION, METRICS, SUMMARY,
+                                  SUPPORT, SUPPORT_PNG, PathLike, read_json_object,
+                                  read_optional_json_object)
 
 GRID_GAP = 2                       # px between cells and around the grid
 GRID_LABEL_PADDING = 6             # px either side of the class names
@@ -67,7 +59,7 @@ def _import_matplotlib_figure():
 def _save_png(image, path: PathLike) -> Path:
   buffer = io.BytesIO()
   image.save(buffer, format='PNG')
-  checkpoint.atomic_write_bytes(Path(path), buffer.getvalue())
+  run_files.atomic_write_bytes(Path(path), buffer.getvalue())
   return Path(path)
 
 
@@ -84,48 +76,7 @@ def _require_run_dir(run_dir: PathLike) -> Path:
   return run_dir
 
 
-def _read_json(path: Path) -> dict:
-  try:
-    value = json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise ValueError(f'{path} is not valid JSON ({e}); was the run interrupted while writing '
-                     f'it?') from e
-  if not isinstance(value, dict):
-    raise ValueError(f'{path} should hold a JSON object, found {type(value).__name__}.')
-  return value
-
-
-def _read_optional_json(path: Path) -> Optional[dict]:
-  if not path.exists():
-    return None
-  try:
-    return _read_json(path)
-  except ValueError as e:
-    _LOG.warning('Ignoring %s', e)
-    return None
-
-
 # -- metrics --------------------------------------------------------------------------------
-
-def read_metrics(run_dir: PathLike) -> list[dict]:
-  """The records of `run_dir/metrics.jsonl`; a torn last line (a crash mid-append) is skipped."""
-  path = Path(run_dir) / METRICS
-  if not path.exists():
-    raise NotARunDirectoryError(f'{path} is missing: no step has been recorded; '
-                                f'{MAKE_RUN_HINT}.')
-  lines = [line for line in path.read_text().splitlines() if line.strip()]
-  records = []
-  for number, line in enumerate(lines, start=1):
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError:
-      where = 'torn last line' if number == len(lines) else f'unreadable line {number}'
-      _LOG.warning('%s: skipping %s (%d characters).', path, where, len(line))
-      continue
-    if isinstance(record, dict):
-      records.append(record)
-  return records
-
 
 def _is_number(value: Any) -> bool:
   return (isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -359,7 +310,7 @@ def _matplotlib_curves(path: PathLike, panels: list[_Panel], title: str, Figure,
   figure.tight_layout()
   buffer = io.BytesIO()
   figure.savefig(buffer, format='png')
-  checkpoint.atomic_write_bytes(Path(path), buffer.getvalue())
+  run_files.atomic_write_bytes(Path(path), buffer.getvalue())
   return Path(path)
 
 
@@ -548,7 +499,7 @@ def _run_title(config: dict) -> str:
 def render_run(run_dir: PathLike) -> list[Path]:
   """(Re)writes support.png and curves.png from the run's files; returns the paths written."""
   run_dir = _require_run_dir(run_dir)
-  config = _read_json(run_dir / CONFIG)
+  config = read_json_object(run_dir / CONFIG)
   written = []
   if (run_dir / SUPPORT).exists():
     pixels, label_ids, names = _load_support(run_dir / SUPPORT, config)
@@ -556,7 +507,7 @@ def render_run(run_dir: PathLike) -> list[Path]:
   else:
     _LOG.info('%s has no %s yet; support.png not written.', run_dir, SUPPORT)
   if (run_dir / METRICS).exists():
-    written.append(write_curves(run_dir / CURVES_PNG, read_metrics(run_dir), _run_title(config)))
+    written.append(write_curves(run_dir / CURVES_PNG, run_files.read_metrics(run_dir, warn=True), _run_title(config)))
   else:
     _LOG.info('%s has no %s yet; curves.png not written.', run_dir, METRICS)
   return written
@@ -588,14 +539,14 @@ def export_support(run_dir: PathLike, out: PathLike, fmt: str = 'folders') -> Pa
   if not (run_dir / SUPPORT).exists():
     raise NotARunDirectoryError(f'{run_dir} has no {SUPPORT} yet: nothing to export.')
   out = Path(out)
-  config = _read_json(run_dir / CONFIG)
+  config = read_json_object(run_dir / CONFIG)
   with np.load(run_dir / SUPPORT, allow_pickle=False) as support:
     arrays = {key: support[key] for key in support.files}
   if fmt == 'npz':
     if out.suffix != '.npz':
       raise ValueError(f'--out {out}: the npz format writes one file; name it *.npz.')
     out.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint.save_npz(out, arrays)
+    run_files.save_npz(out, arrays)
     return out
   Image, _, _ = _import_pillow()
   pixels, label_ids, names = _load_support(run_dir / SUPPORT, config)
@@ -621,7 +572,7 @@ def export_support(run_dir: PathLike, out: PathLike, fmt: str = 'folders') -> Pa
     if labels is not None:
       row += [repr(float(v)) for v in labels[len(rows) - 1]]
     rows.append(','.join(row))
-  checkpoint.atomic_write_bytes(out / LABELS_CSV, ('\n'.join(rows) + '\n').encode())
+  run_files.atomic_write_bytes(out / LABELS_CSV, ('\n'.join(rows) + '\n').encode())
   return out
 
 
@@ -666,36 +617,12 @@ def format_table(mapping: dict, indent: str = '  ') -> str:
   return '\n'.join(f'{indent}{key.ljust(width)}  {value}' for key, value in rows)
 
 
-def _format_age(seconds: float) -> str:
-  if seconds < 90:
-    return f'{seconds:.0f} s ago'
-  if seconds < 90 * 60:
-    return f'{seconds / 60:.0f} min ago'
-  if seconds < 48 * 3600:
-    return f'{seconds / 3600:.1f} h ago'
-  return f'{seconds / 86400:.1f} days ago'
-
-
-def _format_wall_time(seconds: float) -> str:
-  minutes, secs = divmod(int(round(seconds)), 60)
-  hours, minutes = divmod(minutes, 60)
-  return f'{hours}h {minutes:02d}m {secs:02d}s' if hours else f'{minutes}m {secs:02d}s'
-
-
 def _format_bytes(size: int) -> str:
   for unit in ('B', 'KB', 'MB', 'GB'):
     if size < 1024 or unit == 'GB':
       return f'{size:.0f} {unit}' if unit == 'B' else f'{size:.1f} {unit}'
     size /= 1024
   return f'{size} B'
-
-
-def _checkpoint_step(path: Path) -> Optional[int]:
-  try:
-    with np.load(path, allow_pickle=False) as f:
-      return int(json.loads(f['__meta__'].tobytes().decode())['step'])
-  except Exception:  # pylint: disable=broad-except  # best effort: the age alone still helps
-    return None
 
 
 def _dataset_line(config: dict) -> str:
@@ -744,19 +671,19 @@ def _progress_lines(records: list[dict], flags: dict, summary: Optional[dict]) -
                     if len(acc_steps) > 1 else ''))
   _, wall_times = metric_series(records, 'wall_time')
   if len(wall_times):
-    lines.append(f'Wall time:     {_format_wall_time(float(wall_times.max()))}')
+    lines.append(f'Wall time:     {format_duration(float(wall_times.max()))}')
   return lines
 
 
 def _file_lines(run_dir: Path) -> list[str]:
   lines = []
-  checkpoint = run_dir / CHECKPOINT
-  if checkpoint.exists():
-    stat = checkpoint.stat()
-    step = _checkpoint_step(checkpoint)
+  checkpoint_path = run_dir / CHECKPOINT
+  if checkpoint_path.exists():
+    stat = checkpoint_path.stat()
+    step = checkpoint_step(checkpoint_path)
     details = ([f'step {step}'] if step is not None else []) + [
-        _format_bytes(stat.st_size), f'saved {_format_age(time.time() - stat.st_mtime)}']
-    lines.append(f'Checkpoint:    {checkpoint} ({", ".join(details)})')
+        _format_bytes(stat.st_size), f'saved {format_duration(time.time() - stat.st_mtime)} ago']
+    lines.append(f'Checkpoint:    {checkpoint_path} ({", ".join(details)})')
   else:
     lines.append('Checkpoint:    none')
   pictures = [run_dir / name for name in (SUPPORT_PNG, CURVES_PNG)]
@@ -770,11 +697,11 @@ def _file_lines(run_dir: Path) -> list[str]:
 def summarize_run(run_dir: PathLike) -> str:
   """The text of `ntkdd show RUN_DIR`: what ran, how far, how well, and where its files are."""
   run_dir = _require_run_dir(run_dir)
-  config = _read_json(run_dir / CONFIG)
+  config = read_json_object(run_dir / CONFIG)
   flags = config.get('flags', {})
-  summary = _read_optional_json(run_dir / SUMMARY)
-  evaluation = _read_optional_json(run_dir / EVALUATION)
-  records = read_metrics(run_dir) if (run_dir / METRICS).exists() else []
+  summary = read_optional_json_object(run_dir / SUMMARY)
+  evaluation = read_optional_json_object(run_dir / EVALUATION)
+  records = run_files.read_metrics(run_dir, warn=True) if (run_dir / METRICS).exists() else []
   lines = [f'Run directory: {run_dir}',
            f'Dataset:       {_dataset_line(config)}',
            f'Algorithm:     {_algorithm_line(flags)}']

@@ -1,4 +1,4 @@
-"""What a running distillation reports: progress, accuracy, throughput, workers, checkpoint.
+"""A run's status: its snapshot (progress, accuracy, workers, checkpoint) and its publication.
 
 A snapshot is a JSON-able dict. It is built from the run directory (config.json, metrics.jsonl,
 checkpoint.npz, summary.json, coordinator_result.json), which the distill loop already writes
@@ -7,12 +7,10 @@ atomically, plus the live kernel backend's `status()` (per-worker health) where 
 directly, merged over the run directory's view. `StatusPublisher` gives it to the host without
 any network: it serves the snapshot on the Unix socket RUN_DIR/status.sock (mode 0600, so the
 file system's permissions are the authentication) and keeps RUN_DIR/status.json, replaced
-atomically every few seconds and once more, final, when the run ends. Multi-host Launchpad
-programs also serve it over Courier as `status() -> bytes` (JSON, never numpy: Courier hangs on
-array arguments and bytes are the safe answer type). `query_status` is the client side: the
-socket, else the snapshot (judged against what the run left behind: a summary, a result file,
-a writer pid that no longer exists), else the bare run directory; `format_status` is the
-human-readable table.
+atomically every few seconds and once more, final, when the run ends. A launcher may also
+serve `RunStatus.to_bytes()` as an RPC (JSON bytes, never numpy: Courier hangs on array
+arguments and bytes are the safe answer type). Asking for a status, and printing it, is
+launch/status_client.py's. `KernelProgress` reports long kernel computations into it.
 """
 from __future__ import annotations
 
@@ -30,56 +28,17 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from ntkdd.server import run_dir as run_files
+from ntkdd.server.checkpoint import checkpoint_step
+from ntkdd.server.progress import finite_or_none, format_duration
+
 PHASES = ('starting', 'running', 'done', 'failed', 'interrupted')
 ENDED_PHASES = ('done', 'failed', 'interrupted', 'crashed')   # 'crashed' is only ever inferred
-RESULT_FILE = 'coordinator_result.json'     # written by the Launchpad coordinator when it ends
-ADDRESS_FILE = 'coordinator_address.txt'    # HOST:PORT of the coordinator's status RPC
-SOCKET_FILE = 'status.sock'                 # the live status, for processes of this machine
-SNAPSHOT_FILE = 'status.json'               # the latest (at the end: the final) status
 SNAPSHOT_EVERY_S = 5.0
 
 
 class StatusQueryError(RuntimeError):
   """No status could be had from a coordinator address."""
-
-
-def _read_json(path: Path) -> Optional[Any]:
-  try:
-    return json.loads(path.read_text())
-  except (OSError, ValueError):
-    return None
-
-
-def _read_metrics(path: Path) -> list[dict]:
-  records = []
-  try:
-    text = path.read_text()
-  except OSError:
-    return records
-  for line in text.splitlines():
-    try:
-      records.append(json.loads(line))
-    except ValueError:
-      continue   # a torn last line of a killed run
-  return records
-
-
-def _checkpoint_step(path: Path) -> Optional[int]:
-  """The step saved in checkpoint.npz (reads only its small `__meta__` member)."""
-  try:
-    import numpy as np
-    with np.load(path, allow_pickle=False) as f:
-      return int(json.loads(f['__meta__'].tobytes().decode())['step'])
-  except Exception:  # a checkpoint being replaced, or none: the age still tells a lot
-    return None
-
-
-def _finite(value) -> Optional[float]:
-  try:
-    value = float(value)
-  except (TypeError, ValueError):
-    return None
-  return value if math.isfinite(value) else None
 
 
 def total_steps(flags: dict) -> Optional[int]:
@@ -92,11 +51,11 @@ def status_from_run_dir(run_dir: str, backend: Any = None, now: Optional[float] 
   """A status snapshot of the run in `run_dir`, plus `backend.status()` if a backend is given."""
   run_dir = Path(run_dir)
   now = time.time() if now is None else now
-  config = _read_json(run_dir / 'config.json') or {}
+  config = run_files.read_json(run_dir / run_files.CONFIG) or {}
   flags = config.get('flags', {})
-  records = _read_metrics(run_dir / 'metrics.jsonl')
-  summary = _read_json(run_dir / 'summary.json')
-  result = _read_json(run_dir / RESULT_FILE)
+  records = run_files.read_metrics(run_dir)
+  summary = run_files.read_json(run_dir / run_files.SUMMARY)
+  result = run_files.read_json(run_dir / run_files.COORDINATOR_RESULT)
   snap: dict[str, Any] = {
       'run_dir': str(run_dir), 'time': now, 'algorithm': flags.get('algorithm'),
       'dataset': (config.get('dataset') or {}).get('name') or flags.get('dataset'),
@@ -120,14 +79,14 @@ def status_from_run_dir(run_dir: str, backend: Any = None, now: Optional[float] 
       continue
     snap['step'] = max(snap['step'], step)
     if record.get('loss') is not None:
-      snap['loss'] = _finite(record['loss'])
+      snap['loss'] = finite_or_none(record['loss'])
     if record.get('pairs_per_second') is not None:
-      snap['pairs_per_second'] = _finite(record['pairs_per_second'])
+      snap['pairs_per_second'] = finite_or_none(record['pairs_per_second'])
     # KIP/LS log KRR test accuracy; RCIG the finite ConvNet's test accuracy (and, with kernel
     # workers, the KRR test accuracy beside it: last_krr_accuracy).
-    accuracy = _finite(record.get('test_accuracy', record.get('krr_test_accuracy')))
-    if 'test_accuracy' in record and _finite(record.get('krr_test_accuracy')) is not None:
-      snap['last_krr_accuracy'] = _finite(record['krr_test_accuracy'])
+    accuracy = finite_or_none(record.get('test_accuracy', record.get('krr_test_accuracy')))
+    if 'test_accuracy' in record and finite_or_none(record.get('krr_test_accuracy')) is not None:
+      snap['last_krr_accuracy'] = finite_or_none(record['krr_test_accuracy'])
     if accuracy is not None:
       if step == 0 and snap['initial_accuracy'] is None:
         snap['initial_accuracy'] = accuracy
@@ -136,8 +95,8 @@ def status_from_run_dir(run_dir: str, backend: Any = None, now: Optional[float] 
         snap['best_accuracy'], snap['best_accuracy_step'] = accuracy, step
   # ETA from the step times of the (at most 20) latest steps; wall_time is cumulative step time.
   timed = [(r['step'], r['wall_time']) for r in records
-           if isinstance(r.get('step'), int) and r['step'] > 0 and _finite(r.get('wall_time'))
-           is not None]
+           if isinstance(r.get('step'), int) and r['step'] > 0
+           and finite_or_none(r.get('wall_time')) is not None]
   if timed:
     recent = timed[-20:]
     if len(recent) >= 2 and recent[-1][0] > recent[0][0]:
@@ -147,11 +106,11 @@ def status_from_run_dir(run_dir: str, backend: Any = None, now: Optional[float] 
     snap['seconds_per_step'] = per_step
     if isinstance(snap['total_steps'], int):
       snap['eta_s'] = max(0, snap['total_steps'] - snap['step']) * per_step
-  ckpt = run_dir / 'checkpoint.npz'
+  ckpt = run_dir / run_files.CHECKPOINT
   try:
     snap['checkpoint_age_s'] = max(0.0, now - ckpt.stat().st_mtime)
     snap['checkpoint'] = str(ckpt)
-    snap['checkpoint_step'] = _checkpoint_step(ckpt)
+    snap['checkpoint_step'] = checkpoint_step(ckpt)
   except OSError:
     pass
   if records or ckpt.exists():
@@ -304,9 +263,10 @@ def progress_text(state: dict) -> str:
   """'kernel: 1,234/5,678 pairs (21.7%), 95 pairs/s, ETA 46.7s'."""
   done, total = state.get('pairs_done') or 0, state.get('pairs_total') or 0
   percent = f' ({100 * done / total:.1f}%)' if total else ''
+  rate = finite_or_none(state.get('pairs_per_second'))
   return (f"{state.get('what', 'kernel')}: {done:,}/{total:,} pairs{percent}, "
-          f"{_number(state.get('pairs_per_second'), ',.0f')} pairs/s, "
-          f"ETA {_duration(state.get('eta_s'))}")
+          f"{'-' if rate is None else format(rate, ',.0f')} pairs/s, "
+          f"ETA {format_duration(state.get('eta_s'))}")
 
 
 class KernelProgress:
@@ -365,7 +325,7 @@ class KernelProgress:
 # -- Publishing through the run directory. -------------------------------------------------------
 
 @contextlib.contextmanager
-def _short_path(path: Path) -> Iterator[str]:
+def unix_socket_address(path: Path) -> Iterator[str]:
   """`path` as a Unix socket address: as is, or through /proc/self/fd when it is longer than
   sun_path (108 bytes) allows."""
   path = Path(path)
@@ -386,7 +346,7 @@ def _bind_private_socket(path: Path) -> socket.socket:
   server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
   try:
     bound = Path(folder) / 's'
-    with _short_path(bound) as address:
+    with unix_socket_address(bound) as address:
       server.bind(address)
     os.chmod(bound, 0o600)
     server.listen(16)
@@ -422,8 +382,8 @@ class StatusPublisher:
                serve: bool = True):
     self.holder, self.run_dir = holder, Path(run_dir)
     self.every_s = float(every_s)
-    self.socket_path = self.run_dir / SOCKET_FILE
-    self.snapshot_path = self.run_dir / SNAPSHOT_FILE
+    self.socket_path = self.run_dir / run_files.STATUS_SOCKET
+    self.snapshot_path = self.run_dir / run_files.STATUS_JSON
     self._serve = serve
     self._server: Optional[socket.socket] = None
     self._socket_inode: Optional[int] = None
@@ -458,12 +418,11 @@ class StatusPublisher:
 
   def write_snapshot(self, final: bool = False) -> None:
     import logging  # pylint: disable=import-outside-toplevel
-    from ntkdd.server import checkpoint  # pylint: disable=import-outside-toplevel
     try:
       snap = self.holder.snapshot()
       snap['snapshot_final'] = final
       with self._write_lock:
-        checkpoint.atomic_write_bytes(self.snapshot_path, encode(snap))
+        run_files.atomic_write_bytes(self.snapshot_path, encode(snap))
     except Exception as e:  # a full disk must not end the run
       logging.warning('Could not write %s: %s', self.snapshot_path, e)
 
@@ -554,314 +513,18 @@ def published(run_status: Optional['RunStatus'], run_dir: str,
     publisher.finish()
 
 
-# -- Printing. ----------------------------------------------------------------------------------
-
-def _duration(seconds) -> str:
-  seconds = _finite(seconds)
-  if seconds is None:
-    return '-'
-  seconds = max(0.0, seconds)
-  if seconds < 60:
-    return f'{seconds:.1f}s'
-  if seconds < 3600:
-    return f'{int(seconds // 60)}m{int(seconds % 60):02d}s'
-  return f'{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m'
+# Names that lived here until the run directory got its own module. Kept as forwards so code
+# written against the old place still runs; use server/run_dir.py's. (The status client that
+# was here too is launch/status_client.py.)
+_MOVED_TO_RUN_DIR = {'RESULT_FILE': 'COORDINATOR_RESULT',
+                     'ADDRESS_FILE': 'COORDINATOR_ADDRESS_FILE',
+                     'SOCKET_FILE': 'STATUS_SOCKET', 'SNAPSHOT_FILE': 'STATUS_JSON'}
 
 
-def _percent(value) -> str:
-  value = _finite(value)
-  return '-' if value is None else f'{100 * value:.2f}%'
-
-
-def _number(value, fmt: str = '.4g') -> str:
-  value = _finite(value)
-  return '-' if value is None else format(value, fmt)
-
-
-def format_status(snapshot: dict) -> str:
-  """A readable table: the run's progress, then one row per kernel worker."""
-  s = snapshot
-  step, total = s.get('step'), s.get('total_steps')
-  step_text = f"{step if step is not None else '-'}/{total if total is not None else '-'}"
-  if isinstance(step, int) and isinstance(total, int) and total > 0:
-    step_text += f' ({100 * step / total:.0f}%)'
-  acc_last = _percent(s.get('last_accuracy'))
-  if s.get('last_accuracy_step') is not None:
-    acc_last += f" (step {s['last_accuracy_step']})"
-  acc_best = _percent(s.get('best_accuracy'))
-  if s.get('best_accuracy_step') is not None:
-    acc_best += f" (step {s['best_accuracy_step']})"
-  ckpt = '-'
-  if s.get('checkpoint_age_s') is not None:
-    ckpt = f"{_duration(s['checkpoint_age_s'])} ago"
-    if s.get('checkpoint_step') is not None:
-      ckpt += f" (step {s['checkpoint_step']})"
-  what = ' '.join(str(x) for x in (s.get('algorithm'), s.get('dataset')) if x)
-  if s.get('ipc'):
-    what += f" ipc={s['ipc']}"
-  rows = [
-      ('run', f"{s.get('run_dir') or '-'}" + (f'  [{what}]' if what else '')),
-      ('phase', str(s.get('phase') or '-') + (f"  error: {s['error']}" if s.get('error') else '')),
-      ('step', step_text),
-      ('loss', _number(s.get('loss'))),
-      ('NN test acc' if s.get('algorithm') == 'rcig' else 'KRR test acc',
-       f"last {acc_last}, best {acc_best}, initial {_percent(s.get('initial_accuracy'))}"),
-      ('kernel pairs/s', _number(s.get('pairs_per_second'), ',.0f')),
-      *([('KRR test acc', f"last {_percent(s['last_krr_accuracy'])} (infinite-width ConvNet "
-                          f"NTK)")] if s.get('last_krr_accuracy') is not None else []),
-      ('elapsed', _duration(s.get('elapsed_s'))),
-      ('ETA', _duration(s.get('eta_s'))),
-      ('checkpoint', ckpt),
-  ]
-  if s.get('ended'):
-    rows.insert(2, ('ended', time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(s['ended']))
-                    + f" ({_duration(time.time() - s['ended'])} ago)"))
-  if s.get('kernel_progress') and s.get('phase') not in ENDED_PHASES:
-    rows.append(('kernel', progress_text(s['kernel_progress'])))
-  if s.get('coordinator_pid') or s.get('address'):
-    rows.append(('coordinator', f"{s.get('address') or '-'} pid {s.get('coordinator_pid') or '-'}"))
-  source = s.get('source')
-  if source == 'socket':
-    rows.append(('source', f"{SOCKET_FILE} (live)"))
-  elif source == 'snapshot':
-    rows.append(('source', f"{SNAPSHOT_FILE}, written {_duration(s.get('source_age_s'))} ago"
-                 + (' (the final one)' if s.get('snapshot_final') else '')
-                 + (f"; live status unavailable: {s['socket_error']}" if s.get('socket_error')
-                    else '')))
-  elif source == 'run_dir':
-    rows.append(('source', f'the run directory\'s files (no {SNAPSHOT_FILE})'))
-  width = max(len(k) for k, _ in rows)
-  lines = [f'{k.ljust(width)}  {v}' for k, v in rows]
-  workers = s.get('workers') or []
-  if workers:
-    alive = s.get('alive_workers')
-    lines.append('')
-    lines.append(f"workers: {len(workers)}" + (f', {alive} alive' if alive is not None else ''))
-    header = ('id', 'alive', 'blocks', 'failures', 'last seen', 'pid', 'last error')
-    table = [header]
-    for w in workers:
-      seen = w.get('seconds_since_seen')
-      table.append((str(w.get('worker', '-')), 'yes' if w.get('alive') else 'NO',
-                    str(w.get('blocks_done', '-')), str(w.get('failures', 0) or 0),
-                    '-' if seen is None else f'{_duration(seen)} ago',
-                    str(w.get('pid') or '-'), _short(w.get('last_error'))))
-    widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
-    for row in table:
-      lines.append('  '.join(c.ljust(widths[i]) for i, c in enumerate(row[:-1])) + '  ' + row[-1])
-  return '\n'.join(lines)
-
-
-def _short(text, limit: int = 80) -> str:
-  if not text:
-    return '-'
-  text = ' '.join(str(text).split())
-  return text if len(text) <= limit else text[:limit - 3] + '...'
-
-
-# -- The client. ------------------------------------------------------------------------------
-
-def resolve_address(address: str) -> str:
-  """HOST:PORT as given, or read from a run directory's coordinator_address.txt."""
-  path = Path(address)
-  if path.is_dir():
-    try:
-      return (path / ADDRESS_FILE).read_text().strip()
-    except OSError:
-      raise StatusQueryError(f'{address} is a directory without {ADDRESS_FILE}: no Launchpad '
-                             f'coordinator has started there.') from None
-  if ':' not in address:
-    raise StatusQueryError(f'--address needs HOST:PORT (or a run directory), got {address!r}.')
-  return address
-
-
-def query_socket(path, timeout_s: float = 10) -> dict:
-  """The live status served on a run directory's status.sock (see `StatusPublisher`)."""
-  chunks = []
-  with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
-    client.settimeout(float(timeout_s))
-    with _short_path(Path(path)) as address:
-      client.connect(address)
-    while True:
-      chunk = client.recv(1 << 16)
-      if not chunk:
-        break
-      chunks.append(chunk)
-  if not chunks:
-    raise StatusQueryError(f'{path} closed the connection without an answer (another user '
-                           f'than the run\'s?).')
-  return decode(b''.join(chunks))
-
-
-def _pid_alive(pid) -> bool:
-  try:
-    os.kill(int(pid), 0)
-  except ProcessLookupError:
-    return False
-  except (PermissionError, TypeError, ValueError):
-    return True    # someone's process: not ours to judge
-  try:   # a zombie has ended
-    with open(f'/proc/{int(pid)}/stat') as f:
-      return f.read().rsplit(')', 1)[-1].split()[0] != 'Z'
-  except OSError:
-    return True
-
-
-def _mtime(path: Path) -> Optional[float]:
-  try:
-    return path.stat().st_mtime
-  except OSError:
-    return None
-
-
-def _settle(snap: dict, run_dir: Path, now: float) -> dict:
-  """`snap` (a snapshot file's or the run directory's view) judged against what the run left
-  behind: a run that has ended shows as done, interrupted, failed or crashed, with when and
-  why, its elapsed time frozen at its end and no ETA."""
-  snap = dict(snap)
-  phase = snap.get('phase')
-  ended = snap.get('ended')
-  summary_time = _mtime(run_dir / 'summary.json')
-  result = _read_json(run_dir / RESULT_FILE)
-  if phase not in ENDED_PHASES and result is not None:
-    phase = 'done' if result.get('ok') else ('interrupted' if result.get('interrupted')
-                                             else 'failed')
-    snap['error'] = snap.get('error') or result.get('error')
-    ended = ended or _mtime(run_dir / RESULT_FILE)
-  if phase not in ENDED_PHASES and summary_time is not None and (
-      ended is None or summary_time >= snap.get('time', 0)):
-    phase, ended = 'done', ended or summary_time
-  if phase not in ENDED_PHASES:
-    pid, host = snap.get('status_pid'), snap.get('status_host')
-    if pid is not None and host == socket.gethostname() and not _pid_alive(pid):
-      phase, ended = 'crashed', snap.get('time')
-      snap['error'] = (f'the process that ran it (pid {pid}) is gone without recording an end '
-                       f'(killed, or the machine stopped); its last status is from '
-                       f'{_duration(now - (snap.get("time") or now))} ago. Continue with '
-                       f'--resume.')
-    elif pid is None:   # no process to ask (a run without status.json: RCIG, older ntkdd)
-      last = max((t for t in (_mtime(run_dir / name) for name in (
-          'metrics.jsonl', 'checkpoint.npz', 'config.json')) if t), default=None)
-      quiet_s = None if last is None else now - last
-      # Written to within a few steps' time: probably running; else nobody can tell.
-      recent_s = max(300.0, 5 * (_finite(snap.get('seconds_per_step')) or 0.0))
-      if quiet_s is not None and quiet_s <= recent_s:
-        snap['error'] = (f'no live status (no {SNAPSHOT_FILE}); judged running from the run '
-                         f'directory, last written {_duration(quiet_s)} ago.')
-      else:
-        phase = 'unknown'
-        snap['error'] = (f'no live status (no {SNAPSHOT_FILE}) and the run directory was last '
-                         f'written {_duration(quiet_s)} ago: ntkdd cannot tell whether this '
-                         f'run still runs or was stopped.')
-        snap['eta_s'] = None
-  snap['phase'] = phase
-  if phase in ENDED_PHASES:
-    snap['eta_s'] = 0.0 if phase == 'done' else None
-    if ended is None:   # a run without a final snapshot: its last file tells when it ended
-      ended = summary_time or _mtime(run_dir / RESULT_FILE) or _mtime(run_dir / 'metrics.jsonl')
-    if ended is not None:
-      snap['ended'] = ended
-      if snap.get('elapsed_s') is not None and not snap.get('snapshot_final'):
-        # elapsed_s was measured at snap['time']: the run's time is up to its end only.
-        started = snap.get('time', now) - snap['elapsed_s']
-        snap['elapsed_s'] = max(0.0, ended - started)
-  return snap
-
-
-def status_of_run_dir(run_dir, timeout_s: float = 10) -> dict:
-  """The status of the run in `run_dir` from this machine, without any network: its live
-  status.sock; else its status.json snapshot, settled against what the run left behind; else
-  the run directory's files. `source` says which, `source_age_s` how old it is."""
-  run_dir = Path(run_dir)
-  now = time.time()
-  why_not_live = None
-  sock = run_dir / SOCKET_FILE
-  for attempt in range(3):
-    if not sock.exists():
-      break
-    try:
-      snap = query_socket(sock, timeout_s)
-      return {**snap, 'source': 'socket', 'source_age_s': max(0.0, now - snap.get('time', now))}
-    except PermissionError as e:
-      why_not_live = f'{sock}: {e.strerror} (it answers only the user that runs the run)'
-      break
-    except (ConnectionRefusedError, FileNotFoundError) as e:   # nobody serves it any more
-      why_not_live = f'{sock}: {e.strerror or e}'
-      break
-    except (OSError, ValueError, StatusQueryError) as e:   # busy, or cut short: ask again
-      why_not_live = f'{sock}: {e}'
-      time.sleep(0.2 * (attempt + 1))
-  snapshot = _read_json(run_dir / SNAPSHOT_FILE)
-  if isinstance(snapshot, dict):
-    snap = _settle(snapshot, run_dir, now)
-    snap.update(source='snapshot', source_age_s=max(0.0, now - snapshot.get('time', now)))
-  elif (run_dir / 'config.json').exists():
-    snap = _settle(status_from_run_dir(str(run_dir), now=now), run_dir, now)
-    snap.update(source='run_dir', source_age_s=None)
-  elif (run_dir / SNAPSHOT_FILE).exists():
-    raise StatusQueryError(f'{run_dir / SNAPSHOT_FILE} cannot be read (it is readable only by '
-                           f'the user that runs the run).')
-  else:
-    raise StatusQueryError(f'{run_dir} holds no run: no {SOCKET_FILE}, {SNAPSHOT_FILE} or '
-                           f'config.json.')
-  if why_not_live:
-    snap['socket_error'] = why_not_live
-  return snap
-
-
-def query_status(address: str, timeout_s: float = 10) -> dict:
-  """The status of a run directory (see `status_of_run_dir`; no network), or of the
-  coordinator serving Courier RPC `status()` at HOST:PORT (multi-host programs)."""
-  path = Path(address)
-  if path.is_dir():
-    return status_of_run_dir(path, timeout_s)
-  if ':' not in address:
-    raise StatusQueryError(f'Give a run directory, or HOST:PORT of a coordinator (multi-host '
-                           f'Launchpad) with --address; got {address!r}.')
-  try:
-    import courier  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise ImportError('ntkdd status needs Courier, which comes with Launchpad: '
-                      "pip install 'ntkdd[launchpad]' (Python 3.10; see "
-                      'constraints/launchpad.txt).') from e
-  # wait_for_ready=False: an address nobody serves fails at once instead of waiting.
-  client = courier.Client(address, call_timeout=float(timeout_s), wait_for_ready=False)
-  box: dict = {}
-
-  def call():
-    try:
-      box['answer'] = client.status()
-    except BaseException as e:  # reported below
-      box['error'] = e
-
-  # Courier's call timeout bounds the RPC; the thread bounds everything else too.
-  thread = threading.Thread(target=call, daemon=True, name='ntkdd-status-query')
-  thread.start()
-  thread.join(float(timeout_s) + 5)
-  if thread.is_alive():
-    raise StatusQueryError(f'No status answer from {address} within {timeout_s:g} s.')
-  if 'error' in box:
-    raise StatusQueryError(f'No status from {address}: {type(box["error"]).__name__}: '
-                           f'{box["error"]}') from box['error']
-  return decode(box['answer'])
-
-
-def main(argv=None) -> int:
-  """`python -m ntkdd.server.status HOST:PORT|RUN_DIR [--json]` (what `ntkdd status` does)."""
-  import argparse
-  import sys
-  p = argparse.ArgumentParser(prog='ntkdd status', description=__doc__.splitlines()[0])
-  p.add_argument('address', help='a run directory, or HOST:PORT of a coordinator.')
-  p.add_argument('--json', action='store_true', help='print the raw JSON snapshot.')
-  p.add_argument('--timeout', type=float, default=10, help='seconds to wait for an answer.')
-  args = p.parse_args(argv)
-  try:
-    snap = query_status(args.address, timeout_s=args.timeout)
-  except (StatusQueryError, ImportError) as e:
-    print(f'ntkdd status: error: {e}', file=sys.stderr)
-    return 2
-  print(json.dumps(snap, indent=2, sort_keys=True) if args.json else format_status(snap))
-  return 0
-
-
-if __name__ == '__main__':
-  raise SystemExit(main())
+def __getattr__(name: str) -> Any:
+  if name not in _MOVED_TO_RUN_DIR:
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+  import warnings  # pylint: disable=import-outside-toplevel
+  new_name = _MOVED_TO_RUN_DIR[name]
+  warnings.warn(f'status.{name} is run_dir.{new_name} now.', DeprecationWarning, stacklevel=2)
+  return getattr(run_files, new_name)

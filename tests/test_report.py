@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from ntkdd.server import progress, report
+from ntkdd.server import run_dir as run_dir_lib
 
 Image = pytest.importorskip('PIL.Image')
 
@@ -172,7 +173,7 @@ def test_ticks_are_round_and_cover_the_range():
 def test_torn_last_line_is_skipped_with_a_warning(tmp_path, caplog):
   run_dir = _fake_run_dir(tmp_path / 'run', torn=True)
   with caplog.at_level(logging.WARNING):
-    records = report.read_metrics(run_dir)
+    records = run_dir_lib.read_metrics(run_dir, warn=True)
   assert [r['step'] for r in records] == list(range(41))
   assert 'torn last line' in caplog.text
 
@@ -207,7 +208,7 @@ def test_summary_holds_the_key_numbers(tmp_path):
   text = report.summarize_run(run_dir)
   for expected in ['toy', '8x8x1', '4 classes', 'KIP', 'ipc=3', 'steps=100', 'kernel=ntk',
                    'arch=fc', 'lr=0.04', '40 / 100', 'Last loss:     0.025 (step 40)',
-                   'best 91.23% (step 20)', 'last 80.00% (step 40)', '1m 00s',
+                   'best 91.23% (step 20)', 'last 80.00% (step 40)', '1m00s',
                    'krr_test_accuracy_after', '80.00%', 'transfer.convnet.mean',
                    '65.43%', 'checkpoint.npz (step 40', 'ago', 'support.png', 'curves.png']:
     assert expected in text, f'{expected!r} missing from:\n{text}'
@@ -327,7 +328,14 @@ def test_progress_formats():
   assert progress.format_field('loss', 0.000123456) == 'loss=0.0001235'
   assert progress.format_field('krr_accuracy', 0.5) == 'krr_accuracy=50.00%'
   assert progress.format_field('lr', 3) == 'lr=3'
-  assert progress.format_duration(3725) == '1:02:05'
+  assert progress.format_duration(3725, clock=True) == '1:02:05'
+  assert progress.format_duration(65, clock=True) == '01:05'
+  assert progress.format_duration(None, clock=True) == progress.format_duration(-1, clock=True) \
+      == '--:--'
+  # The one formatter's other form: `ntkdd status` and `ntkdd show`.
+  assert [progress.format_duration(s) for s in (4.25, 125, 3725, -3)] == [
+      '4.2s', '2m05s', '1h02m', '0.0s']
+  assert progress.format_duration(float('nan')) == progress.format_duration(None) == '-'
   assert progress.format_rate(0.25) == '4 s/it'
   assert progress.format_rate(1234.5) == '1234 it/s'
   assert progress.format_rate(None) == '? it/s'

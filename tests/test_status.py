@@ -1,4 +1,4 @@
-"""Run status: snapshots from a run directory and a backend, the table, the RPC encoding."""
+"""Run status: snapshots from a run directory and a backend, the table, RPC encoding, clients."""
 import json
 import os
 import shutil
@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ntkdd.launch import status_client
 from ntkdd.server import checkpoint, status
+from ntkdd.server import run_dir as run_dir_lib
 from run_helpers import wait_for
 
 
@@ -32,18 +34,18 @@ class FakeBackend:
 def _fabricate(run_dir, steps_done=30, total=100, with_summary=False):
   run_dir.mkdir()
   created = time.strftime('%Y-%m-%dT%H:%M:%S%z', time.localtime(time.time() - 120))
-  checkpoint.write_json(run_dir / 'config.json', {
+  run_dir_lib.write_json(run_dir / 'config.json', {
       'command': 'distill', 'created': created,
       'flags': {'algorithm': 'kip', 'dataset': 'mnist', 'ipc': 10, 'steps': total, 'arch': 'fc'},
       'dataset': {'name': 'mnist'}})
-  checkpoint.append_metrics(run_dir / 'metrics.jsonl', {
+  run_dir_lib.append_metrics(run_dir / 'metrics.jsonl', {
       'step': 0, 'loss': None, 'krr_test_accuracy': 0.5, 'wall_time': 0.0})
   for step in range(1, steps_done + 1):
     record = {'step': step, 'loss': 1.0 / step, 'wall_time': 2.0 * step,
               'pairs_per_second': 1000.0 + step}
     if step % 10 == 0:
       record['krr_test_accuracy'] = {10: 0.81, 20: 0.875, 30: 0.86}.get(step, 0.85)
-    checkpoint.append_metrics(run_dir / 'metrics.jsonl', record)
+    run_dir_lib.append_metrics(run_dir / 'metrics.jsonl', record)
   with open(run_dir / 'metrics.jsonl', 'a') as f:
     f.write('{"step": 31, "lo')   # a torn line of a killed run is skipped
   checkpoint.save_checkpoint(run_dir, {'images': np.zeros((2, 3), np.float32)},
@@ -51,7 +53,7 @@ def _fabricate(run_dir, steps_done=30, total=100, with_summary=False):
   past = time.time() - 30
   os.utime(run_dir / 'checkpoint.npz', (past, past))
   if with_summary:
-    checkpoint.write_json(run_dir / 'summary.json', {'steps': total})
+    run_dir_lib.write_json(run_dir / 'summary.json', {'steps': total})
 
 
 def test_status_from_run_dir(tmp_path):
@@ -82,7 +84,7 @@ def test_a_finished_run_without_a_snapshot_counts_run_time_not_age(tmp_path):
   _fabricate(run, steps_done=100, with_summary=True)   # created 120 s ago
   finished = time.time() - 60
   os.utime(run / 'summary.json', (finished, finished))
-  snap = status.query_status(str(run))
+  snap = status_client.query_status(str(run))
   assert snap['source'] == 'run_dir' and snap['phase'] == 'done' and snap['eta_s'] == 0.0
   assert snap['ended'] == pytest.approx(finished, abs=1)
   assert 50 <= snap['elapsed_s'] <= 70   # from its start to its summary, not to now
@@ -95,7 +97,8 @@ def test_status_with_backend_and_phases(tmp_path):
   assert snap['phase'] == 'done' and snap['eta_s'] == 0.0
   assert snap['pairs_per_second'] == 12345.0 and snap['alive_workers'] == 1
   assert [w['pid'] for w in snap['workers']] == [4242, 4243]
-  checkpoint.write_json(run / status.RESULT_FILE, {'ok': False, 'error': 'ValueError: boom'})
+  run_dir_lib.write_json(run / run_dir_lib.COORDINATOR_RESULT,
+                         {'ok': False, 'error': 'ValueError: boom'})
   snap = status.status_from_run_dir(str(run))
   assert snap['phase'] == 'failed' and snap['error'] == 'ValueError: boom'
   assert status.status_from_run_dir(str(tmp_path / 'nothing'))['phase'] == 'starting'
@@ -145,7 +148,7 @@ def test_format_status_shows_the_numbers_and_workers(tmp_path):
   holder = status.RunStatus(str(run), backend=FakeBackend())
   holder.set_extra(address='localhost:1234', coordinator_pid=99)
   holder.set_phase('running')
-  text = status.format_status(holder.snapshot())
+  text = status_client.format_status(holder.snapshot())
   assert str(run) in text and 'kip mnist ipc=10' in text
   assert '30/100 (30%)' in text and '0.03333' in text
   assert '86.00% (step 30)' in text and '87.50% (step 20)' in text and '50.00%' in text
@@ -160,59 +163,59 @@ def test_format_status_shows_the_numbers_and_workers(tmp_path):
   assert worker1[2] == '9' and worker1[3] == '3' and '1m15s' in worker1
   assert 'Socket closed' in ' '.join(worker1)
   # An empty snapshot still prints.
-  assert 'step' in status.format_status({})
+  assert 'step' in status_client.format_status({})
 
 
 def test_addresses_and_the_missing_courier(tmp_path):
   with pytest.raises(status.StatusQueryError, match='HOST:PORT'):
-    status.resolve_address('nonsense')
+    status_client.resolve_address('nonsense')
   with pytest.raises(status.StatusQueryError, match='coordinator_address.txt'):
-    status.resolve_address(str(tmp_path))
-  (tmp_path / status.ADDRESS_FILE).write_text('localhost:4321\n')
-  assert status.resolve_address(str(tmp_path)) == 'localhost:4321'
+    status_client.resolve_address(str(tmp_path))
+  (tmp_path / run_dir_lib.COORDINATOR_ADDRESS_FILE).write_text('localhost:4321\n')
+  assert status_client.resolve_address(str(tmp_path)) == 'localhost:4321'
   try:
     import courier  # noqa: F401
   except ImportError:
     with pytest.raises(ImportError, match=r'ntkdd\[launchpad\]'):
-      status.query_status('localhost:1', timeout_s=1)
+      status_client.query_status('localhost:1', timeout_s=1)
   else:
     with pytest.raises(status.StatusQueryError):   # nobody serves there
-      status.query_status('localhost:1', timeout_s=2)
+      status_client.query_status('localhost:1', timeout_s=2)
 
 
 def test_an_in_process_run_directory_is_read_directly(tmp_path, capsys):
   run = tmp_path / 'run'
   _fabricate(run)
-  snap = status.query_status(str(run))     # no coordinator_address.txt: no RPC needed
+  snap = status_client.query_status(str(run))     # no coordinator_address.txt: no RPC needed
   assert snap['source'] == 'run_dir' and snap['step'] == 30 and snap['best_accuracy'] == 0.875
-  assert status.main([str(run)]) == 0
+  assert status_client.print_status(str(run)) == 0
   assert 'the run directory' in capsys.readouterr().out
   # RCIG logs the finite network's accuracy as test_accuracy.
   rcig_run = tmp_path / 'rcig'
   rcig_run.mkdir()
-  checkpoint.write_json(rcig_run / 'config.json', {'flags': {'algorithm': 'rcig', 'steps': 9}})
+  run_dir_lib.write_json(rcig_run / 'config.json', {'flags': {'algorithm': 'rcig', 'steps': 9}})
   for step, acc in ((0, 0.4), (5, 0.7)):
-    checkpoint.append_metrics(rcig_run / 'metrics.jsonl', {'step': step, 'test_accuracy': acc,
+    run_dir_lib.append_metrics(rcig_run / 'metrics.jsonl', {'step': step, 'test_accuracy': acc,
                                                             'wall_time': float(step)})
-  snap = status.query_status(str(rcig_run))
+  snap = status_client.query_status(str(rcig_run))
   assert snap['last_accuracy'] == 0.7 and snap['initial_accuracy'] == 0.4
-  assert 'NN test acc' in status.format_status(snap)
+  assert 'NN test acc' in status_client.format_status(snap)
   with pytest.raises(status.StatusQueryError, match='holds no run'):
-    status.query_status(str(tmp_path))    # not a run directory at all
+    status_client.query_status(str(tmp_path))    # not a run directory at all
 
 
 def test_a_run_directory_without_a_live_status_is_not_called_running(tmp_path):
   run = tmp_path / 'run'
   _fabricate(run)   # metrics and a checkpoint, but nothing says whether a process still runs
-  snap = status.query_status(str(run))
+  snap = status_client.query_status(str(run))
   assert snap['phase'] == 'running' and 'judged running' in snap['error']   # written just now
   past = time.time() - 3600
   for name in ('metrics.jsonl', 'checkpoint.npz', 'config.json'):
     os.utime(run / name, (past, past))
-  snap = status.query_status(str(run))
+  snap = status_client.query_status(str(run))
   assert snap['source'] == 'run_dir' and snap['phase'] == 'unknown' and snap['eta_s'] is None
   assert 'cannot tell' in snap['error']
-  text = status.format_status(snap)
+  text = status_client.format_status(snap)
   assert 'unknown' in text and 'running' not in text
 
 
@@ -231,26 +234,26 @@ def test_publisher_serves_the_socket_then_leaves_a_final_snapshot(tmp_path):
   holder.set_phase('running')
   publisher = status.StatusPublisher(holder, str(run), every_s=0.05).start()
   try:
-    sock, snapshot = run / status.SOCKET_FILE, run / status.SNAPSHOT_FILE
+    sock, snapshot = run / run_dir_lib.STATUS_SOCKET, run / run_dir_lib.STATUS_JSON
     assert stat.S_ISSOCK(sock.stat().st_mode) and stat.S_IMODE(sock.stat().st_mode) == 0o600
     assert stat.S_IMODE(snapshot.stat().st_mode) == 0o600
-    live = status.query_status(str(run))
+    live = status_client.query_status(str(run))
     assert live['source'] == 'socket' and live['phase'] == 'running' and live['step'] == 30
     assert live['status_pid'] == os.getpid()
-    assert 'status.sock (live)' in status.format_status(live)
+    assert 'status.sock (live)' in status_client.format_status(live)
     holder.update(step=31)
     first = json.loads(snapshot.read_text())['time']
     wait_for(lambda: json.loads(snapshot.read_text())['time'] > first, 30, 'a newer snapshot')
     assert json.loads(snapshot.read_text())['step'] == 31
   finally:
     publisher.finish()
-  assert not (run / status.SOCKET_FILE).exists()
-  final = json.loads((run / status.SNAPSHOT_FILE).read_text())
+  assert not (run / run_dir_lib.STATUS_SOCKET).exists()
+  final = json.loads((run / run_dir_lib.STATUS_JSON).read_text())
   assert final['snapshot_final'] and final['phase'] == 'done' and final['ended']
-  after = status.query_status(str(run))
+  after = status_client.query_status(str(run))
   assert after['source'] == 'snapshot' and after['phase'] == 'done' and after['eta_s'] == 0.0
   assert after['elapsed_s'] == pytest.approx(final['elapsed_s'], abs=1.0)   # frozen at the end
-  text = status.format_status(after)
+  text = status_client.format_status(after)
   assert 'status.json, written' in text and 'the final one' in text and 'ended' in text
 
 
@@ -265,7 +268,7 @@ def test_publishing_records_interruptions_and_failures(tmp_path):
     with pytest.raises(type(error)):
       with status.publishing(status.RunStatus(str(run)), str(run)):
         raise error
-    snap = status.query_status(str(run))
+    snap = status_client.query_status(str(run))
     assert snap['source'] == 'snapshot' and snap['phase'] == phase and snap['eta_s'] is None
     assert str(error) in snap['error']
 
@@ -281,19 +284,19 @@ def test_a_killed_run_shows_as_crashed_not_running(tmp_path):
   # and a stale socket nobody answers on.
   snap.update(status_pid=_dead_pid(), status_host=socket.gethostname(),
               time=time.time() - 50)
-  checkpoint.write_json(run / status.SNAPSHOT_FILE, snap)
+  run_dir_lib.write_json(run / run_dir_lib.STATUS_JSON, snap)
   stale = socket.socket(socket.AF_UNIX)
-  stale.bind(str(run / status.SOCKET_FILE))
+  stale.bind(str(run / run_dir_lib.STATUS_SOCKET))
   stale.close()
-  got = status.query_status(str(run))
+  got = status_client.query_status(str(run))
   assert got['source'] == 'snapshot' and got['phase'] == 'crashed'
   assert got['eta_s'] is None and 'is gone' in got['error'] and '--resume' in got['error']
   assert got['socket_error'] and 49 <= got['source_age_s'] < 120
   assert got['elapsed_s'] == pytest.approx(snap['elapsed_s'], abs=1.0)   # not growing
   # A coordinator that recorded its end wins over the pid.
-  checkpoint.write_json(run / status.RESULT_FILE, {'ok': False, 'interrupted': True,
+  run_dir_lib.write_json(run / run_dir_lib.COORDINATOR_RESULT, {'ok': False, 'interrupted': True,
                                                    'error': 'Stopped by signal at step 30'})
-  got = status.query_status(str(run))
+  got = status_client.query_status(str(run))
   assert got['phase'] == 'interrupted' and 'step 30' in got['error']
 
 
@@ -323,7 +326,7 @@ def test_another_user_cannot_connect_or_read(tmp_path):
               '  open(sys.argv[2]).read(); print("read")\n'
               'except OSError as e:\n'
               '  print(errno.errorcode[e.errno])\n')
-      argv = [str(run / status.SOCKET_FILE), str(run / status.SNAPSHOT_FILE)]
+      argv = [str(run / run_dir_lib.STATUS_SOCKET), str(run / run_dir_lib.STATUS_JSON)]
       nobody = subprocess.run(['setpriv', '--reuid=65534', '--regid=65534', '--clear-groups',
                                sys.executable, '-c', code] + argv,
                               capture_output=True, text=True, timeout=60)
@@ -340,8 +343,8 @@ def test_a_long_run_directory_path_still_gets_a_socket(tmp_path):
   run = tmp_path / ('d' * 60) / ('e' * 60)
   run.mkdir(parents=True)
   with status.publishing(status.RunStatus(str(run)), str(run)):
-    assert status.query_status(str(run))['source'] == 'socket'
-  assert status.query_status(str(run))['source'] == 'snapshot'
+    assert status_client.query_status(str(run))['source'] == 'socket'
+  assert status_client.query_status(str(run))['source'] == 'snapshot'
 
 
 # -- Progress of long kernel computations. ------------------------------------------------------
@@ -366,7 +369,7 @@ def test_kernel_progress_goes_to_status_and_to_the_log(caplog):
     assert snap['kernel_progress']['pairs_done'] == 100
     assert snap['kernel_progress']['pairs_per_second'] == pytest.approx(10.0)
     assert snap['kernel_progress']['eta_s'] == pytest.approx(90.0)
-    table = status.format_status(snap)
+    table = status_client.format_status(snap)
     assert 'kernel' in table and '100/1,000 pairs' in table
     assert 'pairs' not in caplog.text
     clock.now = 31.0
@@ -429,7 +432,7 @@ def test_an_in_process_run_that_was_stopped_or_killed_says_so(tiny_npz, tmp_path
   try:
     wait_for(lambda: _steps_done(run) >= 2, 180, 'step 2',
              running=lambda: process.poll() is None)
-    live = status.query_status(str(run))
+    live = status_client.query_status(str(run))
     assert live['source'] == 'socket' and live['phase'] == 'running', live
     assert live['status_pid'] == process.pid and live['eta_s'] is not None
     process.send_signal(getattr(signal, stop))
@@ -438,29 +441,29 @@ def test_an_in_process_run_that_was_stopped_or_killed_says_so(tiny_npz, tmp_path
     if process.poll() is None:
       process.kill()
       process.wait()
-  snap = status.query_status(str(run))
+  snap = status_client.query_status(str(run))
   assert snap['source'] == 'snapshot' and snap['eta_s'] is None, snap
   if stop == 'SIGINT':
     assert snap['phase'] == 'interrupted' and snap['snapshot_final']
     assert 'Stopped by signal' in snap['error'] and snap['ended']
-    assert not (run / status.SOCKET_FILE).exists()
+    assert not (run / run_dir_lib.STATUS_SOCKET).exists()
   else:
     assert snap['phase'] == 'crashed' and str(process.pid) in snap['error']
   elapsed = snap['elapsed_s']
   time.sleep(1.5)
-  assert status.query_status(str(run))['elapsed_s'] == elapsed   # run time, not age
-  text = status.format_status(snap)
+  assert status_client.query_status(str(run))['elapsed_s'] == elapsed   # run time, not age
+  text = status_client.format_status(snap)
   assert snap['phase'] in text and 'ended' in text and 'status.json, written' in text
 
 
 def test_label_solve_has_no_steps_to_count(tmp_path):
   run = tmp_path / 'ls'
   run.mkdir()
-  checkpoint.write_json(run / 'config.json', {'flags': {'algorithm': 'ls', 'steps': 1000}})
+  run_dir_lib.write_json(run / 'config.json', {'flags': {'algorithm': 'ls', 'steps': 1000}})
   holder = status.RunStatus(str(run), total_steps=status.total_steps({'algorithm': 'ls'}))
   holder.set_phase('running')
   holder.update(kernel_progress={'what': 'kernel', 'pairs_done': 5, 'pairs_total': 10})
   snap = holder.snapshot()
   assert snap['total_steps'] is None and snap['eta_s'] is None
-  text = status.format_status(snap)
+  text = status_client.format_status(snap)
   assert '/1000' not in text and '5/10 pairs' in text
