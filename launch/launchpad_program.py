@@ -61,13 +61,9 @@ from typing import Any, Optional, Sequence
 from ntkdd.launch import private_network
 from ntkdd.server import coordinator as coordinator_lib
 from ntkdd.server import status as status_lib
-
-ADDRESS_FILE = status_lib.ADDRESS_FILE
-RESULT_FILE = status_lib.RESULT_FILE
-PROCESSES_FILE = 'launchpad_processes.json'
-WORKER_PIDS_FILE = 'worker_pids.json'
-LOG_DIR = 'launchpad_logs'
-SPEC_FILE = 'launchpad_spec.json'
+from ntkdd.server.run_dir import (COORDINATOR_ADDRESS_FILE, COORDINATOR_RESULT, LAUNCHER_LOG,
+                                  LAUNCHPAD_LOGS, LAUNCHPAD_NETNS, LAUNCHPAD_PROCESSES,
+                                  LAUNCHPAD_SPEC, WORKER_PIDS)
 COORDINATOR, WORKERS = 'coordinator', 'workers'
 
 INSTALL_HINT = ("the Launchpad launch type needs dm-launchpad 0.5.2 (with Courier) on Python "
@@ -76,7 +72,6 @@ INSTALL_HINT = ("the Launchpad launch type needs dm-launchpad 0.5.2 (with Courie
 
 
 EXPOSE_FLAG = '--expose-courier-ports'
-NETNS_FILE = 'netns'   # in the log folder: the namespace the launcher entered
 
 
 class CoordinatorFailed(RuntimeError):
@@ -144,13 +139,13 @@ def import_launchpad():
 
 
 def _write_text(path: Path, text: str) -> None:
-  from ntkdd.server import checkpoint
-  checkpoint.atomic_write_bytes(Path(path), text.encode())
+  from ntkdd.server import run_dir
+  run_dir.write_text(Path(path), text)
 
 
 def _write_json(path: Path, obj: Any) -> None:
-  from ntkdd.server import checkpoint
-  checkpoint.write_json(Path(path), obj)
+  from ntkdd.server import run_dir
+  run_dir.write_json(Path(path), obj)
 
 
 def _rpc_clients(handles: Sequence, startup_timeout_s: float) -> tuple[list, dict]:
@@ -223,7 +218,7 @@ class CoordinatorNode:
     address = f'localhost:{server.port}'
     self._status.set_extra(address=address)
     self._run_dir.mkdir(parents=True, exist_ok=True)
-    _write_text(self._run_dir / ADDRESS_FILE, address + '\n')
+    _write_text(self._run_dir / COORDINATOR_ADDRESS_FILE, address + '\n')
     logging.info('Coordinator status RPC at %s.', address)
 
   # -- RPC methods (bytes out). -----------------------------------------------------------------
@@ -249,13 +244,13 @@ class CoordinatorNode:
     publisher = status_lib.StatusPublisher(self._status, str(self._run_dir)).start()
     ended_by: Optional[BaseException] = None
     try:
-      (self._run_dir / RESULT_FILE).unlink(missing_ok=True)   # a stale one of a killed run
+      (self._run_dir / COORDINATOR_RESULT).unlink(missing_ok=True)   # a stale one of a killed run
       if self._server is None:   # not under Launchpad: no status RPC, still a run
         logging.info('Coordinator running without a Courier server.')
       cfg = jobs.from_dict(self._config)
       clients, answers = _rpc_clients(self._handles, self._startup_timeout_s)
       pids = {str(i): a.get('pid') for i, a in answers.items()}
-      _write_json(self._run_dir / WORKER_PIDS_FILE, {'coordinator': os.getpid(), 'workers': pids})
+      _write_json(self._run_dir / WORKER_PIDS, {'coordinator': os.getpid(), 'workers': pids})
       self._status.set_extra(worker_pids=pids)
       self._status.set_phase('running')
 
@@ -287,7 +282,7 @@ class CoordinatorNode:
       logging.exception('Coordinator failed.')
     finally:
       try:
-        _write_json(self._run_dir / RESULT_FILE, result)
+        _write_json(self._run_dir / COORDINATOR_RESULT, result)
         publisher.finish(ended_by)
       finally:
         if self._server is not None:
@@ -470,14 +465,14 @@ class LocalProgram:
     self.processes_file = Path(spec['processes_file'])
     self.processes_file.unlink(missing_ok=True)
     spec = dict(spec, network='private' if prefix else spec.get('network', 'host'))
-    spec_path = self.base_dir / SPEC_FILE
+    spec_path = self.base_dir / LAUNCHPAD_SPEC
     _write_json(spec_path, spec)
-    self._log = open(self.log_dir / 'launcher.log', 'ab')
+    self._log = open(self.log_dir / LAUNCHER_LOG, 'ab')
     code = ('import sys; from ntkdd.launch import launchpad_program as m; '
             'm._launcher_main(sys.argv[1])')
     argv = [python or sys.executable, '-c', code, str(spec_path)]
     env = None
-    netns_file = self.log_dir / NETNS_FILE
+    netns_file = self.log_dir / LAUNCHPAD_NETNS
     netns_file.unlink(missing_ok=True)
     if prefix:   # `unshare -n` execs (no fork), so the pid stays the launcher's
       argv = list(prefix) + ['bash', '-c', private_network.ENTER, 'enter'] + argv
@@ -580,13 +575,15 @@ def start_local_mp(cfg, run_dir: str, workers: int, resume: bool = False, block:
   if workers < 1:
     raise ValueError(f'--workers must be >= 1 with --launch launchpad, got {workers}.')
   prefix = network_prefix(expose_courier_ports)
-  run_dir = open_run_dir(run_dir, resume, (RESULT_FILE, ADDRESS_FILE, WORKER_PIDS_FILE))
+  run_dir = open_run_dir(run_dir, resume,
+                         (COORDINATOR_RESULT, COORDINATOR_ADDRESS_FILE, WORKER_PIDS))
   spec = {'kind': 'distill', 'config': jobs.to_dict(cfg), 'run_dir': str(run_dir),
           'workers': int(workers), 'resume': bool(resume), 'block': int(block),
           'worker_tile': worker_tile, 'deadline_s': float(deadline_s),
           'startup_timeout_s': float(startup_timeout_s), 'env': env or {},
           'coordinator_kwargs': coordinator_kwargs or {},
-          'log_dir': str(run_dir / LOG_DIR), 'processes_file': str(run_dir / PROCESSES_FILE),
+          'log_dir': str(run_dir / LAUNCHPAD_LOGS),
+          'processes_file': str(run_dir / LAUNCHPAD_PROCESSES),
           'network': 'exposed' if expose_courier_ports else 'host'}
   return LocalProgram(spec, run_dir, python=python, prefix=prefix)
 
@@ -594,7 +591,7 @@ def start_local_mp(cfg, run_dir: str, workers: int, resume: bool = False, block:
 def wait_for_result(program: LocalProgram, run_dir: str, timeout_s: Optional[float] = None,
                     poll_s: float = 0.2) -> dict:
   """Waits for coordinator_result.json (or the launcher's end); returns that result dict."""
-  path = Path(run_dir) / RESULT_FILE
+  path = Path(run_dir) / COORDINATOR_RESULT
   deadline = None if timeout_s is None else time.monotonic() + timeout_s
   while True:
     if path.exists():
@@ -675,8 +672,8 @@ class LaunchpadKernels(coordinator_lib.OwnedWorkersKernels):
     base = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix='ntkdd-launchpad-'))
     spec = {'kind': 'workers', 'arch': _arch_dict(arch), 'workers': int(workers),
             'dtype': dtype, 'tile': tile, 'env': env or {}, 'dataset': dataset,
-            'log_dir': str(base / LOG_DIR),
-            'processes_file': str(base / PROCESSES_FILE),
+            'log_dir': str(base / LAUNCHPAD_LOGS),
+            'processes_file': str(base / LAUNCHPAD_PROCESSES),
             'network': 'exposed' if expose_courier_ports else 'inherited'}
     self.program = LocalProgram(spec, base)
     self._backend = None

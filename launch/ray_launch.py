@@ -38,7 +38,6 @@ import logging
 import os
 import re
 import socket
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -46,12 +45,12 @@ from typing import Any, Optional, Sequence, Union
 
 from ntkdd.launch import launchpad_program
 from ntkdd.server import coordinator as coordinator_lib
+from ntkdd.launch import status_client
 from ntkdd.server import status as status_lib
+from ntkdd.server.deadline import DeadlineExceeded, call_with_deadline
+from ntkdd.server.run_dir import COORDINATOR_RESULT, RAY_ADDRESS_FILE, WORKER_PIDS
 
 NAMESPACE = 'ntkdd'
-ADDRESS_FILE = 'ray_address.txt'
-RESULT_FILE = launchpad_program.RESULT_FILE
-WORKER_PIDS_FILE = launchpad_program.WORKER_PIDS_FILE
 COORDINATOR_PREFIX = 'ntkdd-coordinator-'
 WORKER_PREFIX = 'ntkdd-worker-'
 INSTALL_HINT = ("the Ray launch type needs Ray on this machine and on every node of the "
@@ -336,18 +335,18 @@ def coordinator_name(run_name: str) -> str:
 
 
 def write_address_file(run_dir: Path, address: str, run_name: str) -> None:
-  from ntkdd.server import checkpoint
-  checkpoint.atomic_write_bytes(Path(run_dir) / ADDRESS_FILE, f'{address}\n{run_name}\n'.encode())
+  from ntkdd.server import run_dir as run_files
+  run_files.write_text(Path(run_dir) / RAY_ADDRESS_FILE, f'{address}\n{run_name}\n')
 
 
 def read_address_file(run_dir: Union[str, Path]) -> tuple[str, str]:
   """(cluster address, run name) from a run directory's ray_address.txt."""
-  path = Path(run_dir) / ADDRESS_FILE
+  path = Path(run_dir) / RAY_ADDRESS_FILE
   try:
     lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
   except OSError:
-    raise status_lib.StatusQueryError(f'{run_dir} has no {ADDRESS_FILE}: no Ray run has started '
-                                      f'there.') from None
+    raise status_lib.StatusQueryError(f'{run_dir} has no {RAY_ADDRESS_FILE}: no Ray run has '
+                                      f'started there.') from None
   if len(lines) < 2:
     raise status_lib.StatusQueryError(f'{path} should hold the Ray address and the run name.')
   return lines[0], lines[1]
@@ -397,10 +396,10 @@ class RayRun:
           f'The coordinator actor ended without a result ({type(e).__name__}: {e}). The '
           f'checkpoint in {self.run_dir} is kept: continue with --resume.') from e
     try:
-      return json.loads((self.run_dir / RESULT_FILE).read_text())
+      return json.loads((self.run_dir / COORDINATOR_RESULT).read_text())
     except (OSError, ValueError) as e:
       raise CoordinatorFailed(f'The coordinator finished without a readable '
-                              f'{self.run_dir / RESULT_FILE}: {e}') from e
+                              f'{self.run_dir / COORDINATOR_RESULT}: {e}') from e
 
   def stop(self) -> None:
     """Kills the coordinator, then the workers; disconnects if `start_ray` connected."""
@@ -449,7 +448,7 @@ def start_ray(cfg, run_dir: str, workers: int, ray_address: Optional[str] = None
                      'writes --out on the driver\'s node. Run ntkdd on the head node, or submit '
                      'it with `ray job submit`.')
   run_dir = launchpad_program.open_run_dir(run_dir, resume,
-                                          (RESULT_FILE, ADDRESS_FILE, WORKER_PIDS_FILE))
+                                          (COORDINATOR_RESULT, RAY_ADDRESS_FILE, WORKER_PIDS))
   run_name = run_name or default_run_name(run_dir)
   connected_here = connect(ray_address, local_cpus)
   actors: list = []
@@ -605,23 +604,12 @@ def query_ray_status(ray_address: Optional[str], run_name: Optional[str] = None,
   if ray_address and Path(ray_address).is_dir():
     ray_address, saved_name = read_address_file(ray_address)
     run_name = run_name or saved_name
-  box: dict = {}
-
-  def query() -> None:
-    try:
-      box['snapshot'] = _query(ray_address, run_name, timeout_s)
-    except BaseException as e:  # handed to the caller below
-      box['error'] = e
-
-  thread = threading.Thread(target=query, daemon=True, name='ntkdd-ray-status')
-  thread.start()
-  thread.join(connect_timeout_s + timeout_s)
-  if thread.is_alive():
+  try:
+    return call_with_deadline(_query, connect_timeout_s + timeout_s,
+                              (ray_address, run_name, timeout_s), name='ntkdd-ray-status')
+  except DeadlineExceeded:
     raise StatusTimeout(f'No answer from the Ray cluster at {ray_address or "auto"} within '
-                        f'{connect_timeout_s + timeout_s:g} s.')
-  if 'error' in box:
-    raise box['error']
-  return box['snapshot']
+                        f'{connect_timeout_s + timeout_s:g} s.') from None
 
 
 def status_main(ray_address: Optional[str], run_name: Optional[str] = None,
@@ -638,7 +626,7 @@ def status_main(ray_address: Optional[str], run_name: Optional[str] = None,
     print(f'ntkdd status: error: {e}', file=sys.stderr)
     return 2
   print(json.dumps(snapshot, indent=2, sort_keys=True) if as_json
-        else status_lib.format_status(snapshot))
+        else status_client.format_status(snapshot))
   return 0
 
 
