@@ -48,7 +48,18 @@ def total_steps(flags: dict) -> Optional[int]:
 
 
 def status_from_run_dir(run_dir: str, backend: Any = None, now: Optional[float] = None) -> dict:
-  """A status snapshot of the run in `run_dir`, plus `backend.status()` if a backend is given."""
+  """A status snapshot of the run in `run_dir`, as its files tell it.
+
+  Args:
+    run_dir: the run directory (a missing one, or one without files yet, is phase 'starting').
+    backend: a kernel backend whose `status()` adds the workers' health and the throughput.
+    now: the time the snapshot is for (ages and elapsed time are measured to it).
+
+  Returns:
+    A JSON-able dict: step, loss, accuracies (last, best, initial), pairs/s, elapsed, ETA,
+    checkpoint step and age, phase ('starting', 'running', 'done', 'failed', 'interrupted')
+    and error, workers.
+  """
   run_dir = Path(run_dir)
   now = time.time() if now is None else now
   config = run_files.read_json(run_dir / run_files.CONFIG) or {}
@@ -225,6 +236,11 @@ def encode(snapshot: dict) -> bytes:
 
 
 def decode(answer) -> dict:
+  """A snapshot from a status answer: JSON bytes or text (or an already decoded dict).
+
+  Raises:
+    StatusQueryError: the answer is of another type.
+  """
   if isinstance(answer, (bytes, bytearray, memoryview)):
     answer = bytes(answer).decode()
   if isinstance(answer, str):
@@ -326,8 +342,8 @@ class KernelProgress:
 
 @contextlib.contextmanager
 def unix_socket_address(path: Path) -> Iterator[str]:
-  """`path` as a Unix socket address: as is, or through /proc/self/fd when it is longer than
-  sun_path (108 bytes) allows."""
+  """`path` as a Unix socket address to bind or connect to: as is, or through /proc/self/fd
+  when it is longer than sun_path (108 bytes) allows."""
   path = Path(path)
   if len(os.fsencode(str(path))) < 100:
     yield str(path)

@@ -49,8 +49,8 @@ class TensorBoardLog:
       if isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value):
         self._writer.add_scalar(tag, float(value), step)
     if support_pixels is not None and is_evaluation(record):
-      from ntkdd.server import report  # pylint: disable=import-outside-toplevel
-      grid = report.support_grid_array(support_pixels, label_ids, num_classes)
+      from ntkdd.server import pictures  # pylint: disable=import-outside-toplevel
+      grid = pictures.support_grid_array(support_pixels, label_ids, num_classes)
       self._writer.add_image(SUPPORT_TAG, grid, step, dataformats='HWC')
 
   def flush(self) -> None:

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from ntkdd.server import progress, report
+from ntkdd.server import pictures, progress, report
 from ntkdd.server import run_dir as run_dir_lib
 
 Image = pytest.importorskip('PIL.Image')
@@ -61,9 +61,9 @@ def test_grid_size_and_rows_show_their_class(tmp_path, num_classes, per_class, s
   rng = np.random.default_rng(0)
   order = rng.permutation(len(label_ids))  # rows must not depend on the images' order
   names = CLASS_NAMES[:num_classes]
-  path = report.write_support_grid(tmp_path / 'grid.png', images[order], label_ids[order], names,
+  path = pictures.write_support_grid(tmp_path / 'grid.png', images[order], label_ids[order], names,
                                    max_per_class=max_per_class, min_cell=min_cell)
-  layout = report.grid_layout((size, size), label_ids, names, max_per_class, min_cell)
+  layout = pictures.grid_layout((size, size), label_ids, names, max_per_class, min_cell)
   scale = max(1, -(-min_cell // size))
   columns = min(per_class, max_per_class)
   assert (layout.scale, layout.columns, layout.rows) == (scale, columns, num_classes)
@@ -83,15 +83,15 @@ def test_grid_size_and_rows_show_their_class(tmp_path, num_classes, per_class, s
 
 def test_grid_rejects_odd_channels_and_mismatched_labels(tmp_path):
   with pytest.raises(ValueError, match='C = 1'):
-    report.write_support_grid(tmp_path / 'g.png', np.zeros((2, 4, 4, 2)), [0, 1], ['a', 'b'])
+    pictures.write_support_grid(tmp_path / 'g.png', np.zeros((2, 4, 4, 2)), [0, 1], ['a', 'b'])
   with pytest.raises(ValueError, match='label ids'):
-    report.write_support_grid(tmp_path / 'g.png', np.zeros((2, 4, 4, 1)), [0], ['a', 'b'])
+    pictures.write_support_grid(tmp_path / 'g.png', np.zeros((2, 4, 4, 1)), [0], ['a', 'b'])
 
 
 def test_grid_write_is_atomic(tmp_path):
   images, label_ids = _constant_class_images(2, 2, 4, 1)
-  report.write_support_grid(tmp_path / 'grid.png', images, label_ids, ['a', 'b'])
-  report.write_support_grid(tmp_path / 'grid.png', images, label_ids, ['a', 'b'])
+  pictures.write_support_grid(tmp_path / 'grid.png', images, label_ids, ['a', 'b'])
+  pictures.write_support_grid(tmp_path / 'grid.png', images, label_ids, ['a', 'b'])
   assert [p.name for p in tmp_path.iterdir()] == ['grid.png']  # no temp files left
 
 
@@ -113,7 +113,7 @@ def renderer(request, monkeypatch):
   else:
     def no_matplotlib():
       raise ImportError('No module named matplotlib')
-    monkeypatch.setattr(report, '_import_matplotlib_figure', no_matplotlib)
+    monkeypatch.setattr(pictures, '_import_matplotlib_figure', no_matplotlib)
   return request.param
 
 
@@ -127,7 +127,7 @@ def renderer(request, monkeypatch):
     [],
 ], ids=['one', 'one-acc', 'no-acc', 'acc', '10k', 'accuracy-only', 'empty'])
 def test_curves_png_loads(tmp_path, renderer, records):
-  path = report.write_curves(tmp_path / 'curves.png', records, title='KIP on toy')
+  path = pictures.write_curves(tmp_path / 'curves.png', records, title='KIP on toy')
   with Image.open(path) as image:
     image.load()
     assert image.width > 300 and image.height > 200
@@ -137,35 +137,35 @@ def test_curves_png_loads(tmp_path, renderer, records):
 
 
 def test_two_panels_are_wider_than_one(tmp_path, renderer):
-  with Image.open(report.write_curves(tmp_path / 'a.png', _records(50, False))) as one:
-    with Image.open(report.write_curves(tmp_path / 'b.png', _records(50, True))) as two:
+  with Image.open(pictures.write_curves(tmp_path / 'a.png', _records(50, False))) as one:
+    with Image.open(pictures.write_curves(tmp_path / 'b.png', _records(50, True))) as two:
       assert two.width > 1.5 * one.width
 
 
 def test_pillow_fallback_draws_the_line_in_its_colour(tmp_path, monkeypatch):
-  monkeypatch.setattr(report, '_import_matplotlib_figure',
+  monkeypatch.setattr(pictures, '_import_matplotlib_figure',
                       lambda: (_ for _ in ()).throw(ImportError('no matplotlib')))
-  with Image.open(report.write_curves(tmp_path / 'c.png', _records(10_000, True))) as image:
+  with Image.open(pictures.write_curves(tmp_path / 'c.png', _records(10_000, True))) as image:
     pixels = np.asarray(image.convert('RGB')).reshape(-1, 3)
-  for colour in (report.LOSS_COLOR, report.ACCURACY_COLOR):
+  for colour in (pictures.LOSS_COLOR, pictures.ACCURACY_COLOR):
     assert (pixels == colour).all(axis=1).sum() > 200
 
 
 def test_missing_pillow_names_the_install(monkeypatch, tmp_path):
   monkeypatch.setitem(sys.modules, 'PIL', None)  # `from PIL import ...` now fails
   with pytest.raises(ImportError, match=r'pip install pillow \(or pip install ntkdd\[images\]'):
-    report.write_support_grid(tmp_path / 'g.png', np.zeros((1, 4, 4, 1)), [0], ['a'])
-  monkeypatch.setattr(report, '_import_matplotlib_figure',
+    pictures.write_support_grid(tmp_path / 'g.png', np.zeros((1, 4, 4, 1)), [0], ['a'])
+  monkeypatch.setattr(pictures, '_import_matplotlib_figure',
                       lambda: (_ for _ in ()).throw(ImportError('no matplotlib')))
   with pytest.raises(ImportError, match='pip install pillow'):
-    report.write_curves(tmp_path / 'c.png', _records(3, True))
+    pictures.write_curves(tmp_path / 'c.png', _records(3, True))
 
 
 def test_ticks_are_round_and_cover_the_range():
-  assert report.nice_ticks(0, 100) == [0, 20, 40, 60, 80, 100]
-  assert report.nice_ticks(0.5, 1.5, integer=True) == [1]
-  assert report.log_ticks(1e-4, 2.0) == [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
-  assert report.log_ticks(0.15, 0.6) == [0.2, 0.5]
+  assert pictures.nice_ticks(0, 100) == [0, 20, 40, 60, 80, 100]
+  assert pictures.nice_ticks(0.5, 1.5, integer=True) == [1]
+  assert pictures.log_ticks(1e-4, 2.0) == [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+  assert pictures.log_ticks(0.15, 0.6) == [0.2, 0.5]
 
 
 # -- metrics ------------------------------------------------------------------------------
@@ -179,7 +179,7 @@ def test_torn_last_line_is_skipped_with_a_warning(tmp_path, caplog):
 
 
 def test_series_keeps_the_later_value_of_a_repeated_step():
-  steps, values = report.metric_series(
+  steps, values = pictures.metric_series(
       [{'step': 2, 'loss': 1.0}, {'step': 1, 'loss': 3.0}, {'step': 2, 'loss': 0.5},
        {'step': 3, 'loss': None}, {'step': 4, 'loss': float('nan')}], 'loss')
   assert steps.tolist() == [1, 2] and values.tolist() == [3.0, 0.5]

@@ -15,7 +15,7 @@ pytest.importorskip('tensorboardX')
 from tensorboardX.proto import event_pb2  # noqa: E402
 
 from ntkdd.launch import cli  # noqa: E402
-from ntkdd.server import report, tensorboard_log  # noqa: E402
+from ntkdd.server import pictures, tensorboard_log  # noqa: E402
 
 
 def read_events(run_dir: Path) -> list:
@@ -72,10 +72,10 @@ def test_kip_events_hold_the_scalars_and_the_support_grid_of_each_evaluation(tin
   assert sorted(got['loss']) == [1, 2, 3, 4]
   pictures = images(events)
   assert sorted(pictures) == [0, 2, 4]    # every evaluation, and only those
-  # The last one is the final support set, drawn as report.support_grid_array draws it.
+  # The last one is the final support set, drawn as pictures.support_grid_array draws it.
   Image = pytest.importorskip('PIL.Image')
   with np.load(run / 'support.npz') as support:
-    want = report.support_grid_array(support['images_pixels'], support['label_ids'], 3)
+    want = pictures.support_grid_array(support['images_pixels'], support['label_ids'], 3)
   last = pictures[4]
   assert (last.height, last.width, last.colorspace) == (*want.shape[:2], 3)
   decoded = np.asarray(Image.open(io.BytesIO(last.encoded_image_string)).convert('RGB'))
@@ -103,12 +103,12 @@ def test_rcig_events_hold_the_finite_net_accuracy(tiny_npz, tmp_path):
 def test_support_grid_array_places_each_class_on_its_row():
   pixels = np.zeros((3, 2, 2, 1), np.float32)
   pixels[1] = 1.0
-  grid = report.support_grid_array(pixels, [0, 1, 1], num_classes=2, gap=1)
+  grid = pictures.support_grid_array(pixels, [0, 1, 1], num_classes=2, gap=1)
   assert grid.shape == (1 + 2 * 3, 1 + 2 * 3, 3)
   assert (grid[1:3, 1:3] == 0).all()          # class 0: the black image
   assert (grid[4:6, 1:3] == 255).all()        # class 1: the white one, then the black one
   assert (grid[4:6, 4:6] == 0).all()
-  assert (grid[1:3, 4:6] == report.GRID_GAP_COLOR).all()   # class 0 has no second image
+  assert (grid[1:3, 4:6] == pictures.GRID_GAP_COLOR).all()   # class 0 has no second image
 
 
 def test_missing_tensorboardx_is_one_clear_error(tiny_npz, tmp_path, capsys, monkeypatch):
