@@ -478,7 +478,8 @@ class _StopAfter:
 
 def part_kip(spec: dict, rec: Recorder) -> None:
   from ntkdd.common import kip
-  from ntkdd.server import distill, report
+  from ntkdd.server import distill
+  from ntkdd.server import run_dir as run_dir_lib
   cfg = spec['settings']
   dataset, data_dir, prepared = _load_cifar10(spec, rec)
   run = distill.DistillConfig(
@@ -500,7 +501,7 @@ def part_kip(spec: dict, rec: Recorder) -> None:
   finally:
     timer.cancel()
   rec.record('distill_s', time.perf_counter() - start)
-  records = report.read_metrics(run_dir)
+  records = run_dir_lib.read_metrics(run_dir)
   steps = max(r['step'] for r in records)
   rec.record('steps', steps)
   rec.record('krr_test_accuracy_initial', records[0].get('krr_test_accuracy'))
@@ -523,7 +524,8 @@ def part_kip(spec: dict, rec: Recorder) -> None:
 def part_rcig(spec: dict, rec: Recorder) -> None:
   _require('optax', 'RCIG (its optimisers)')
   from ntkdd.common import rcig
-  from ntkdd.server import distill, rcig_loop, report
+  from ntkdd.server import distill, rcig_loop
+  from ntkdd.server import run_dir as run_dir_lib
   cfg = spec['settings']
   if spec['smoke']:
     dataset, data_dir = spec['smoke_data']['mnist'], '.'
@@ -542,7 +544,7 @@ def part_rcig(spec: dict, rec: Recorder) -> None:
     pass
   finally:
     timer.cancel()
-  records = report.read_metrics(run_dir)
+  records = run_dir_lib.read_metrics(run_dir)
   wall = {r['step']: r['wall_time'] for r in records}
   steps = max(wall)
   rec.record('steps', steps)

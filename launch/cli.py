@@ -300,7 +300,7 @@ def _backend_factory(args, dataset: Optional[dict] = None):
 
 def _cmd_kernel(args) -> int:
   from ntkdd.common import architectures, kernels
-  from ntkdd.server import checkpoint
+  from ntkdd.server import checkpoint, run_dir as run_files
   checkpoint.check_output_file(Path(args.out), '--out', 'kernel.npz')
   kernels.enable_float64_if(args.dtype)
   arch = architectures.Architecture(args.arch, args.depth, args.w_std, args.b_std)
@@ -317,7 +317,7 @@ def _cmd_kernel(args) -> int:
     if not np.all(np.isfinite(matrix)):
       raise FloatingPointError(f'the {name} kernel came out NaN or inf, so nothing was written to '
                                f'{args.out}; try --dtype float64 or other --w-std/--b-std.')
-  checkpoint.save_npz(Path(args.out), out)
+  run_files.save_npz(Path(args.out), out)
   logging.info('Wrote ntk and nngp %s to %s.', out['ntk'].shape, args.out)
   return 0
 

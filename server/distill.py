@@ -16,6 +16,7 @@ import numpy as np
 from ntkdd.common import architectures, kip, optim, preprocess
 from ntkdd.common import prepared as prepared_lib
 from ntkdd.server import checkpoint
+from ntkdd.server import run_dir as run_files
 
 ALGORITHMS = ('kip', 'ls')
 INITS = ('real', 'noise')
@@ -238,7 +239,7 @@ def _evaluate(backend, prepared, images, labels, cfg, rng_seed: int) -> float:
 
 
 def write_support(run_dir: Path, prepared: PreparedData, images, labels, label_ids) -> None:
-  checkpoint.save_npz(run_dir / 'support.npz', {
+  run_files.save_npz(run_dir / run_files.SUPPORT, {
       'images': np.asarray(images, np.float32),
       'images_pixels': prepared.preprocessor.inverse(images).astype(np.float32),
       'labels': np.asarray(labels, np.float32),
@@ -285,7 +286,7 @@ def distill(cfg: DistillConfig, run_dir: str, backend_factory: Callable, resume:
                               arrays_needed=('images', 'labels', 'label_ids'))
   from ntkdd.server import status
   try:
-    checkpoint.write_json(run_dir / checkpoint.CONFIG, {
+    run_files.write_json(run_dir / run_files.CONFIG, {
         'command': 'distill', 'flags': _config_to_json(cfg), 'dataset': record,
         'versions': versions(), 'created': time.strftime('%Y-%m-%dT%H:%M:%S%z')})
     # The run's status (the caller's, or published here), which long kernel computations (LS,
@@ -306,7 +307,7 @@ def distill(cfg: DistillConfig, run_dir: str, backend_factory: Callable, resume:
   except BaseException:
     if saved is None:
       checkpoint.discard_failed_start(run_dir, made_dir,
-                                      also=(status.SNAPSHOT_FILE, status.SOCKET_FILE))
+                                      also=(run_files.STATUS_JSON, run_files.STATUS_SOCKET))
     raise
 
 
@@ -346,16 +347,16 @@ def _run_label_solve(cfg, run_dir, prepared, backend, board=None) -> dict:
              'minutes': (time.time() - start) / 60, 'steps': 0}
   record = {'step': 0, 'loss': None, 'krr_test_accuracy': after,
             'wall_time': time.time() - start}
-  checkpoint.append_metrics(run_dir / 'metrics.jsonl', record)
+  run_files.append_metrics(run_dir / run_files.METRICS, record)
   if board:
     board(record, images, label_ids)
-  checkpoint.write_json(run_dir / 'summary.json', summary)
+  run_files.write_json(run_dir / run_files.SUMMARY, summary)
   _render(run_dir)
   return summary
 
 
 def _run_kip(cfg, run_dir, prepared, backend, saved, show_progress, board=None) -> dict:
-  metrics_path = run_dir / 'metrics.jsonl'
+  metrics_path = run_dir / run_files.METRICS
   optimizer = optim.adam(optim.cosine_schedule(cfg.learning_rate, cfg.steps)
                          if cfg.lr_schedule == 'cosine' else cfg.learning_rate)
   if saved is None:
@@ -366,9 +367,9 @@ def _run_kip(cfg, run_dir, prepared, backend, saved, show_progress, board=None) 
     step, elapsed = 0, 0.0
     before = _evaluate(backend, prepared, images, labels, cfg, cfg.seed)
     best = {'accuracy': before, 'step': 0}
-    checkpoint.truncate_metrics(metrics_path, -1)
+    run_files.truncate_metrics(metrics_path, -1)
     first = {'step': 0, 'loss': None, 'krr_test_accuracy': before, 'wall_time': 0.0}
-    checkpoint.append_metrics(metrics_path, first)
+    run_files.append_metrics(metrics_path, first)
     if board:
       board(first, images, label_ids)
     logging.info('Step 0: KRR test accuracy %.4f (initial support).', before)
@@ -380,7 +381,7 @@ def _run_kip(cfg, run_dir, prepared, backend, saved, show_progress, board=None) 
     rng = np.random.default_rng()
     rng.bit_generator.state = meta['rng_state']
     step, elapsed, before, best = meta['step'], meta['elapsed'], meta['before'], meta['best']
-    checkpoint.truncate_metrics(metrics_path, step)
+    run_files.truncate_metrics(metrics_path, step)
     logging.info('Resuming at step %d of %d.', step, cfg.steps)
 
   def save(step_done: int) -> None:
@@ -435,7 +436,7 @@ def _run_kip(cfg, run_dir, prepared, backend, saved, show_progress, board=None) 
         record['krr_test_accuracy'] = accuracy
         if accuracy > best['accuracy']:
           best = {'accuracy': accuracy, 'step': step}
-      checkpoint.append_metrics(metrics_path, record)
+      run_files.append_metrics(metrics_path, record)
       if board:
         board(record, params['images'], label_ids)
       if bar:
@@ -456,6 +457,6 @@ def _run_kip(cfg, run_dir, prepared, backend, saved, show_progress, board=None) 
              'krr_test_accuracy_after': final, 'best': best, 'minutes': elapsed / 60,
              'pairs_per_second': backend.pairs_per_second(),
              'eval_test_size': cfg.eval_test_size or len(prepared.x_test)}
-  checkpoint.write_json(run_dir / 'summary.json', summary)
+  run_files.write_json(run_dir / run_files.SUMMARY, summary)
   _render(run_dir)
   return summary

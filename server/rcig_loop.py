@@ -13,6 +13,7 @@ import numpy as np
 
 from ntkdd.common import architectures, preprocess, rcig
 from ntkdd.server import checkpoint, distill, status
+from ntkdd.server import run_dir as run_files
 
 # Settings that may differ on resume without changing the result (the data's path may: its
 # name and content fingerprint are checked instead).
@@ -232,7 +233,7 @@ def run_rcig(cfg: rcig.RcigConfig, prepared: distill.PreparedData, run_dir, *, i
   saved = checkpoint.open_run(run_dir, flags, RESUMABLE, resume, dataset=record,
                               overwrite=overwrite, arrays_needed=('label_ids',))
   try:
-    checkpoint.write_json(run_dir / checkpoint.CONFIG, {
+    run_files.write_json(run_dir / run_files.CONFIG, {
         'command': 'distill', 'flags': flags, 'dataset': record,
         'versions': distill.versions(), 'created': time.strftime('%Y-%m-%dT%H:%M:%S%z')})
     with status.published(run_status, run_dir, steps):
@@ -243,7 +244,7 @@ def run_rcig(cfg: rcig.RcigConfig, prepared: distill.PreparedData, run_dir, *, i
   except BaseException:
     if saved is None:
       checkpoint.discard_failed_start(run_dir, made_dir,
-                                      also=(status.SNAPSHOT_FILE, status.SOCKET_FILE))
+                                      also=(run_files.STATUS_JSON, run_files.STATUS_SOCKET))
     raise
 
 
@@ -252,7 +253,7 @@ def _run_steps(cfg: rcig.RcigConfig, prepared: distill.PreparedData, run_dir: Pa
                eval_test_size: int, krr_eval: Optional[Callable],
                tensorboard: bool) -> dict[str, Any]:
   """`run_rcig` in an opened run directory (`saved`: its checkpoint, None for a new run)."""
-  metrics_path = run_dir / 'metrics.jsonl'
+  metrics_path = run_dir / run_files.METRICS
   board = distill.open_board(run_dir, prepared) if tensorboard else None
   rng = np.random.default_rng(seed)
   state, label_ids = _initial_state(cfg, prepared, ipc, rng)
@@ -260,14 +261,14 @@ def _run_steps(cfg: rcig.RcigConfig, prepared: distill.PreparedData, run_dir: Pa
                                   eval_test_size, seed)
   if saved is None:
     step, elapsed, best, before = 0, 0.0, None, None
-    checkpoint.truncate_metrics(metrics_path, -1)
+    run_files.truncate_metrics(metrics_path, -1)
     record = {'step': 0, 'loss': None, 'wall_time': 0.0}
     if eval_every:
       before = measure(0)
       best = {'accuracy': before, 'step': 0}
       record['test_accuracy'] = before
       record.update(_krr_record(krr_eval, cfg, state, 0))
-    checkpoint.append_metrics(metrics_path, record)
+    run_files.append_metrics(metrics_path, record)
     if board:
       board(record, saved_support(cfg, state, 0)[0], label_ids)
   else:
@@ -276,7 +277,7 @@ def _run_steps(cfg: rcig.RcigConfig, prepared: distill.PreparedData, run_dir: Pa
     label_ids = arrays['label_ids']
     rng.bit_generator.state = meta['rng_state']
     step, elapsed, best, before = meta['step'], meta['elapsed'], meta['best'], meta['before']
-    checkpoint.truncate_metrics(metrics_path, step)
+    run_files.truncate_metrics(metrics_path, step)
     logging.info('RCIG: resuming at step %d of %d.', step, steps)
 
   def save(step_done: int) -> None:
@@ -314,7 +315,7 @@ def _run_steps(cfg: rcig.RcigConfig, prepared: distill.PreparedData, run_dir: Pa
         krr_after = record.get('krr_test_accuracy')
         if best is None or accuracy > best['accuracy']:
           best = {'accuracy': accuracy, 'step': step}
-      checkpoint.append_metrics(metrics_path, record)
+      run_files.append_metrics(metrics_path, record)
       if board:
         board(record, saved_support(cfg, state, step)[0] if eval_every and
               'test_accuracy' in record else None, label_ids)
@@ -340,7 +341,7 @@ def _run_steps(cfg: rcig.RcigConfig, prepared: distill.PreparedData, run_dir: Pa
              'eval_test_size': eval_test_size or len(prepared.x_test)}
   if krr_eval is not None:
     summary['krr_test_accuracy_after'] = krr_after
-  checkpoint.write_json(run_dir / 'summary.json', summary)
+  run_files.write_json(run_dir / run_files.SUMMARY, summary)
   try:
     distill._render(run_dir)  # pylint: disable=protected-access
   except Exception as e:  # pictures are a nicety; a report module expecting KIP keys must not

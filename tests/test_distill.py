@@ -10,6 +10,7 @@ import pytest
 
 from conftest import make_tiny_npz
 from ntkdd.server import backend, checkpoint, distill
+from ntkdd.server import run_dir as run_dir_lib
 
 
 @pytest.fixture
@@ -73,7 +74,7 @@ def test_resume_after_crash_drops_metrics_past_the_checkpoint(tiny_npz, tmp_path
   out = tmp_path / 'run'
   _run(_cfg(tiny_npz, steps=4), out)
   # A crash after step 5 was logged but before its checkpoint.
-  checkpoint.append_metrics(out / 'metrics.jsonl', {'step': 5, 'loss': 1.0})
+  run_dir_lib.append_metrics(out / 'metrics.jsonl', {'step': 5, 'loss': 1.0})
   with open(out / 'metrics.jsonl', 'a') as f:
     f.write('{"step": 6, "lo')  # torn line
   _run(_cfg(tiny_npz, steps=6), out, resume=True)
