@@ -19,7 +19,7 @@ needs_optax = pytest.mark.skipif(importlib.util.find_spec('optax') is None,
                                  reason='RCIG needs optax: make venv-lp installs optax==0.1.7')
 
 from ntkdd.launch import launchpad_program as lpp  # noqa: E402
-from ntkdd.server import status  # noqa: E402
+from ntkdd.launch import status_client  # noqa: E402
 from run_helpers import BLOCK, TIMEOUT_S, kill_coordinator, wait_for  # noqa: E402
 from run_helpers import assert_same_support, last_step, metrics, steps  # noqa: E402
 from run_helpers import run_rcig_inprocess, tiny_rcig_job  # noqa: E402
@@ -60,7 +60,7 @@ def test_rcig_local_mp_matches_inprocess_with_krr_from_the_workers(tiny_npz, tmp
   assert config['algorithm'] == 'rcig' and config['krr_kernel'] == 'ntk'
   assert config['krr_arch']['name'] == 'convnet' and config['krr_arch']['depth'] == 1
   # Status after the end: the coordinator's final snapshot, with both accuracies.
-  snap = status.query_status(str(run))
+  snap = status_client.query_status(str(run))
   assert snap['source'] == 'snapshot' and snap['phase'] == 'done' and snap['step'] == 4
   assert snap['algorithm'] == 'rcig' and snap['total_steps'] == 4
   assert snap['last_accuracy'] == reference['test_accuracy_after']
@@ -81,7 +81,7 @@ def test_rcig_killed_coordinator_resumes_exactly(tiny_npz, tmp_path):
     wait_for(lambda: last_step(run) >= 3, TIMEOUT_S, 'step 3', running=program.running,
              details=program.log_tail)
     # Status while it runs: the coordinator's Unix socket, and `ntkdd status` from the host.
-    live = status.query_status(str(run))
+    live = status_client.query_status(str(run))
     assert live['source'] == 'socket' and live['phase'] == 'running', live
     assert live['algorithm'] == 'rcig' and live['total_steps'] == 100000
     assert live['step'] >= 3 and len(live['workers']) == 2
@@ -95,7 +95,7 @@ def test_rcig_killed_coordinator_resumes_exactly(tiny_npz, tmp_path):
   finally:
     program.stop()
   assert not (run / 'summary.json').exists()
-  snap = status.query_status(str(run))
+  snap = status_client.query_status(str(run))
   assert snap['source'] == 'snapshot' and snap['phase'] == 'crashed', snap
   assert str(coordinator) in snap['error']
   total = max(24, 12 * (last_step(run) // 12 + 2))   # past the kill, a multiple of eval_every
@@ -109,7 +109,7 @@ def test_rcig_killed_coordinator_resumes_exactly(tiny_npz, tmp_path):
   np.testing.assert_array_equal(  # the saved support (the EMA) bit for bit
       np.load(run / 'support.npz')['images'],
       np.load(tmp_path / 'inprocess' / 'support.npz')['images'])
-  assert status.query_status(str(run))['phase'] == 'done'
+  assert status_client.query_status(str(run))['phase'] == 'done'
 
 
 def test_rcig_without_optax_is_refused_before_anything_starts(tiny_npz, tmp_path,
