@@ -37,6 +37,7 @@ import numpy as np
 
 from ntkdd.common import kernels, sources, wire
 from ntkdd.server import block_plan, status
+from ntkdd.server.deadline import Caller as _Caller
 
 STALE_CACHE, MISSING_DATASET = wire.STALE_CACHE, wire.MISSING_DATASET   # workers' error codes
 ROWS, COLS = 'rows', 'cols'      # names of the per-call image caches on the workers
@@ -789,36 +790,6 @@ class DistributedKernels:
   def _count(self, pairs: int, start: float) -> None:
     self.pairs += pairs
     self.seconds += time.perf_counter() - start
-
-
-class _Caller:
-  """A thread that makes one slot's worker calls, one at a time, so that a call does not
-  start a thread of its own (at hundreds of workers that is much of the coordinator's CPU)."""
-
-  def __init__(self):
-    self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-    threading.Thread(target=self._loop, daemon=True, name='ntkdd-worker-call').start()
-
-  def submit(self, fn: Callable, args: tuple) -> tuple[dict, threading.Event]:
-    box, done = {}, threading.Event()
-    self._jobs.put((fn, args, box, done))
-    return box, done
-
-  def stop(self) -> None:
-    self._jobs.put(None)
-
-  def _loop(self) -> None:
-    while True:
-      job = self._jobs.get()
-      if job is None:
-        return
-      fn, args, box, done = job
-      try:
-        box['answer'] = fn(*args)
-      except BaseException as e:  # Any failure of the handle is the worker's fault.
-        box['error'] = e
-      finally:
-        done.set()
 
 
 def _cached_fields(side: str, name: str, version: int, span: tuple) -> dict:
