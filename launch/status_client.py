@@ -20,7 +20,7 @@ from typing import Optional
 from ntkdd.server import run_dir as run_files
 from ntkdd.server import status
 from ntkdd.server.deadline import DeadlineExceeded, call_with_deadline
-from ntkdd.server.progress import finite_or_none, format_duration
+from ntkdd.server.progress import finite_or_none, format_duration, progress_text
 from ntkdd.server.status import ENDED_PHASES, StatusQueryError
 
 DEFAULT_TIMEOUT_S = 10.0
@@ -327,7 +327,7 @@ def format_status(snapshot: dict) -> str:
     rows.insert(2, ('ended', time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(s['ended']))
                     + f" ({format_duration(time.time() - s['ended'])} ago)"))
   if s.get('kernel_progress') and s.get('phase') not in ENDED_PHASES:
-    rows.append(('kernel', status.progress_text(s['kernel_progress'])))
+    rows.append(('kernel', progress_text(s['kernel_progress'])))
   if s.get('coordinator_pid') or s.get('address'):
     rows.append(('coordinator', f"{s.get('address') or '-'} pid {s.get('coordinator_pid') or '-'}"))
   source = _source_row(s)

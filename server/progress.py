@@ -1,12 +1,17 @@
-"""Progress of long loops (a tqdm bar on a terminal, sparse log lines elsewhere); durations as text.
+"""Progress of long work: loops (a tqdm bar, or sparse log lines), kernel computations, durations.
 
-tqdm is optional (`pip install tqdm`, in ntkdd[progress] and ntkdd[dev]): without it, or when
-the stream is not a terminal (CI logs, files), the loop prints a full line now and then.
+`ProgressBar` draws a loop's progress; `KernelProgress` reports a long kernel computation's
+pairs, rate and ETA to the run's status and to the log. tqdm is optional (`pip install tqdm`,
+in ntkdd[progress] and ntkdd[dev]): without it, or when the stream is not a terminal (CI logs,
+files), the loop prints a full line now and then.
 """
 from __future__ import annotations
 
+import contextvars
+import logging
 import math
 import sys
+import threading
 import time
 from typing import Any, Callable, Optional, TextIO
 
@@ -77,6 +82,77 @@ def format_field(name: str, value: Any) -> str:
   if is_accuracy_name(name) and 0.0 <= value <= 1.0:
     return f'{name}={100 * value:.2f}%'
   return f'{name}={value:.4g}'
+
+
+# -- Progress of long kernel computations. ------------------------------------------------------
+
+# The status holder (a `status.RunStatus`) that kernel computations of this context report to
+# (set by `status.published`).
+KERNEL_PROGRESS_HOLDER: contextvars.ContextVar = contextvars.ContextVar(
+    'ntkdd_kernel_progress_holder', default=None)
+KERNEL_LOG_EVERY_S = 30.0
+
+
+def progress_text(state: dict) -> str:
+  """'kernel: 1,234/5,678 pairs (21.7%), 95 pairs/s, ETA 46.7s'."""
+  done, total = state.get('pairs_done') or 0, state.get('pairs_total') or 0
+  percent = f' ({100 * done / total:.1f}%)' if total else ''
+  rate = finite_or_none(state.get('pairs_per_second'))
+  return (f"{state.get('what', 'kernel')}: {done:,}/{total:,} pairs{percent}, "
+          f"{'-' if rate is None else format(rate, ',.0f')} pairs/s, "
+          f"ETA {format_duration(state.get('eta_s'))}")
+
+
+class KernelProgress:
+  """Progress of one kernel computation: pairs done of total, rate and ETA.
+
+  Each update goes to the run's status (field `kernel_progress`, while it lasts) when a
+  `status.RunStatus` (`holder`: anything with `update(**fields)`) is given or set in
+  KERNEL_PROGRESS_HOLDER, and a log line goes out every
+  `log_every_s` seconds, terminal or not; a computation shorter than that logs nothing.
+  Thread-safe: the coordinator's worker threads report blocks as they arrive.
+  """
+
+  def __init__(self, what: str, pairs_total: int, holder: Any = None,
+               log_every_s: float = KERNEL_LOG_EVERY_S, clock=time.monotonic):
+    self.what, self.pairs_total = what, int(pairs_total)
+    self.holder = holder if holder is not None else KERNEL_PROGRESS_HOLDER.get()
+    self.log_every_s, self._clock = float(log_every_s), clock
+    self.pairs_done = 0
+    self._start = self._last_log = clock()
+    self._logged = False
+    self._lock = threading.Lock()
+
+  def add(self, pairs: int) -> None:
+    self.update(self.pairs_done + int(pairs))
+
+  def update(self, pairs_done: int) -> None:
+    with self._lock:
+      self.pairs_done = max(self.pairs_done, int(pairs_done))
+      now = self._clock()
+      state = self._state(now)
+      log = now - self._last_log >= self.log_every_s
+      if log:
+        self._last_log, self._logged = now, True
+    if self.holder is not None:
+      self.holder.update(kernel_progress=state)
+    if log:
+      logging.info('%s', progress_text(state))
+
+  def _state(self, now: float) -> dict:
+    elapsed = now - self._start
+    rate = self.pairs_done / elapsed if elapsed > 0 and self.pairs_done else None
+    left = max(0, self.pairs_total - self.pairs_done)
+    return {'what': self.what, 'pairs_done': self.pairs_done, 'pairs_total': self.pairs_total,
+            'pairs_per_second': rate, 'eta_s': left / rate if rate else None,
+            'elapsed_s': elapsed}
+
+  def close(self) -> None:
+    """The end: a last log line if any was logged, and the status field cleared."""
+    if self._logged:
+      logging.info('%s (done)', progress_text(self._state(self._clock())))
+    if self.holder is not None:
+      self.holder.update(kernel_progress=None)
 
 
 class ProgressBar:

@@ -10,12 +10,11 @@ file system's permissions are the authentication) and keeps RUN_DIR/status.json,
 atomically every few seconds and once more, final, when the run ends. A launcher may also
 serve `RunStatus.to_bytes()` as an RPC (JSON bytes, never numpy: Courier hangs on array
 arguments and bytes are the safe answer type). Asking for a status, and printing it, is
-launch/status_client.py's. `KernelProgress` reports long kernel computations into it.
+launch/status_client.py's; `progress.KernelProgress` reports long kernel computations into it.
 """
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import json
 import math
 import os
@@ -28,9 +27,10 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from ntkdd.server import progress
 from ntkdd.server import run_dir as run_files
 from ntkdd.server.checkpoint import checkpoint_step
-from ntkdd.server.progress import finite_or_none, format_duration
+from ntkdd.server.progress import KERNEL_PROGRESS_HOLDER, finite_or_none
 
 PHASES = ('starting', 'running', 'done', 'failed', 'interrupted')
 ENDED_PHASES = ('done', 'failed', 'interrupted', 'crashed')   # 'crashed' is only ever inferred
@@ -267,77 +267,6 @@ def _clean(value):
   return str(value)
 
 
-# -- Progress of long kernel computations. ------------------------------------------------------
-
-# The RunStatus that kernel computations of this context report to (set by distill.distill).
-KERNEL_PROGRESS_HOLDER: contextvars.ContextVar = contextvars.ContextVar(
-    'ntkdd_kernel_progress_holder', default=None)
-KERNEL_LOG_EVERY_S = 30.0
-
-
-def progress_text(state: dict) -> str:
-  """'kernel: 1,234/5,678 pairs (21.7%), 95 pairs/s, ETA 46.7s'."""
-  done, total = state.get('pairs_done') or 0, state.get('pairs_total') or 0
-  percent = f' ({100 * done / total:.1f}%)' if total else ''
-  rate = finite_or_none(state.get('pairs_per_second'))
-  return (f"{state.get('what', 'kernel')}: {done:,}/{total:,} pairs{percent}, "
-          f"{'-' if rate is None else format(rate, ',.0f')} pairs/s, "
-          f"ETA {format_duration(state.get('eta_s'))}")
-
-
-class KernelProgress:
-  """Progress of one kernel computation: pairs done of total, rate and ETA.
-
-  Each update goes to the run's status (field `kernel_progress`, while it lasts) when a
-  `RunStatus` is given or set in KERNEL_PROGRESS_HOLDER, and a log line goes out every
-  `log_every_s` seconds, terminal or not; a computation shorter than that logs nothing.
-  Thread-safe: the coordinator's worker threads report blocks as they arrive.
-  """
-
-  def __init__(self, what: str, pairs_total: int, holder: Optional['RunStatus'] = None,
-               log_every_s: float = KERNEL_LOG_EVERY_S, clock=time.monotonic):
-    self.what, self.pairs_total = what, int(pairs_total)
-    self.holder = holder if holder is not None else KERNEL_PROGRESS_HOLDER.get()
-    self.log_every_s, self._clock = float(log_every_s), clock
-    self.pairs_done = 0
-    self._start = self._last_log = clock()
-    self._logged = False
-    self._lock = threading.Lock()
-
-  def add(self, pairs: int) -> None:
-    self.update(self.pairs_done + int(pairs))
-
-  def update(self, pairs_done: int) -> None:
-    import logging  # pylint: disable=import-outside-toplevel
-    with self._lock:
-      self.pairs_done = max(self.pairs_done, int(pairs_done))
-      now = self._clock()
-      state = self._state(now)
-      log = now - self._last_log >= self.log_every_s
-      if log:
-        self._last_log, self._logged = now, True
-    if self.holder is not None:
-      self.holder.update(kernel_progress=state)
-    if log:
-      logging.info('%s', progress_text(state))
-
-  def _state(self, now: float) -> dict:
-    elapsed = now - self._start
-    rate = self.pairs_done / elapsed if elapsed > 0 and self.pairs_done else None
-    left = max(0, self.pairs_total - self.pairs_done)
-    return {'what': self.what, 'pairs_done': self.pairs_done, 'pairs_total': self.pairs_total,
-            'pairs_per_second': rate, 'eta_s': left / rate if rate else None,
-            'elapsed_s': elapsed}
-
-  def close(self) -> None:
-    """The end: a last log line if any was logged, and the status field cleared."""
-    import logging  # pylint: disable=import-outside-toplevel
-    if self._logged:
-      logging.info('%s (done)', progress_text(self._state(self._clock())))
-    if self.holder is not None:
-      self.holder.update(kernel_progress=None)
-
-
 # -- Publishing through the run directory. -------------------------------------------------------
 
 @contextlib.contextmanager
@@ -529,18 +458,24 @@ def published(run_status: Optional['RunStatus'], run_dir: str,
     publisher.finish()
 
 
-# Names that lived here until the run directory got its own module. Kept as forwards so code
-# written against the old place still runs; use server/run_dir.py's. (The status client that
-# was here too is launch/status_client.py.)
+# Names that lived here until the run directory got its own module and kernel progress moved to
+# progress.py. Kept as forwards so code written against the old place still runs; use the new
+# place. (The status client that was here too is launch/status_client.py.)
 _MOVED_TO_RUN_DIR = {'RESULT_FILE': 'COORDINATOR_RESULT',
                      'ADDRESS_FILE': 'COORDINATOR_ADDRESS_FILE',
                      'SOCKET_FILE': 'STATUS_SOCKET', 'SNAPSHOT_FILE': 'STATUS_JSON'}
 
 
+_MOVED_TO_PROGRESS = ('KernelProgress', 'progress_text')
+
+
 def __getattr__(name: str) -> Any:
+  import warnings  # pylint: disable=import-outside-toplevel
+  if name in _MOVED_TO_PROGRESS:
+    warnings.warn(f'status.{name} is progress.{name} now.', DeprecationWarning, stacklevel=2)
+    return getattr(progress, name)
   if name not in _MOVED_TO_RUN_DIR:
     raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
-  import warnings  # pylint: disable=import-outside-toplevel
   new_name = _MOVED_TO_RUN_DIR[name]
   warnings.warn(f'status.{name} is run_dir.{new_name} now.', DeprecationWarning, stacklevel=2)
   return getattr(run_files, new_name)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ntkdd.launch import cli, status_client
-from ntkdd.server import checkpoint, deadline, status
+from ntkdd.server import checkpoint, deadline, progress, status
 from ntkdd.server import run_dir as run_dir_lib
 
 
@@ -92,7 +92,8 @@ def test_old_names_still_answer_with_a_warning():
     assert checkpoint.write_json is run_dir_lib.write_json
     assert status.SNAPSHOT_FILE == 'status.json' and status.ADDRESS_FILE == (
         'coordinator_address.txt')
-  assert len(caught) == 3 and all(issubclass(w.category, DeprecationWarning) for w in caught)
+    assert status.KernelProgress is progress.KernelProgress
+  assert len(caught) == 4 and all(issubclass(w.category, DeprecationWarning) for w in caught)
   with pytest.raises(AttributeError):
     status.no_such_name   # pylint: disable=pointless-statement
 

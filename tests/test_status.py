@@ -16,6 +16,7 @@ import pytest
 
 from ntkdd.launch import status_client
 from ntkdd.server import checkpoint, status
+from ntkdd.server import progress as progress_lib
 from ntkdd.server import run_dir as run_dir_lib
 from run_helpers import wait_for
 
@@ -361,7 +362,7 @@ def test_kernel_progress_goes_to_status_and_to_the_log(caplog):
   holder = status.RunStatus(total_steps=10)
   holder.set_phase('running')
   clock = _Clock()
-  progress = status.KernelProgress('kernel', 1000, holder=holder, log_every_s=30, clock=clock)
+  progress = progress_lib.KernelProgress('kernel', 1000, holder=holder, log_every_s=30, clock=clock)
   with caplog.at_level('INFO'):
     clock.now = 10.0
     progress.update(100)                     # 10 s in: status only, no log line yet
@@ -389,7 +390,7 @@ def test_kernel_computations_report_to_the_run_status(caplog):
   holder = status.RunStatus()
   seen = []
   holder.update = lambda **fields: seen.append(fields.get('kernel_progress'))
-  token = status.KERNEL_PROGRESS_HOLDER.set(holder)
+  token = progress_lib.KERNEL_PROGRESS_HOLDER.set(holder)
   x = np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32)
   arch = architectures.Architecture('fc', 1)
   try:
@@ -400,7 +401,7 @@ def test_kernel_computations_report_to_the_run_status(caplog):
       distributed.kernel(x, x[:6])
     distributed_done = [s['pairs_done'] for s in seen if s]
   finally:
-    status.KERNEL_PROGRESS_HOLDER.reset(token)
+    progress_lib.KERNEL_PROGRESS_HOLDER.reset(token)
   assert in_process == sorted(in_process) and in_process[-1] == 100 and len(in_process) > 1
   assert seen[-1] is None    # cleared at the end
   assert sorted(distributed_done) == distributed_done and distributed_done[-1] == 60
