@@ -7,7 +7,7 @@ from typing import Optional
 import numpy as np
 
 from ntkdd.common import architectures, kernels, sources
-from ntkdd.server import status
+from ntkdd.server.progress import KernelProgress
 
 
 class InProcessKernels:
@@ -25,7 +25,7 @@ class InProcessKernels:
     x1 = sources.as_array(x1)
     x2 = None if x2 is None else sources.as_array(x2)
     pairs = len(x1) * (len(x1) if x2 is None else len(x2))
-    progress = status.KernelProgress('kernel', pairs)
+    progress = KernelProgress('kernel', pairs)
     out = kernels.compute_kernel(self.arch, x1, x2, tile=self.tile, dtype=self.dtype,
                                  progress=lambda done, of: progress.update(pairs * done // of))
     progress.close()
