@@ -36,8 +36,9 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from ntkdd.common import kernels, sources, wire
-from ntkdd.server import block_plan, status
+from ntkdd.server import block_plan
 from ntkdd.server.deadline import Caller as _Caller
+from ntkdd.server.progress import KernelProgress
 
 STALE_CACHE, MISSING_DATASET = wire.STALE_CACHE, wire.MISSING_DATASET   # workers' error codes
 ROWS, COLS = 'rows', 'cols'      # names of the per-call image caches on the workers
@@ -246,8 +247,8 @@ class DistributedKernels:
           progress.add((r1 - r0) * (c1 - c0))
 
         call = _Call('kernel_block', caches, build_request, deliver)
-        progress = status.KernelProgress('kernel', sum((r1 - r0) * (c1 - c0)
-                                                       for (r0, r1), (c0, c1), _ in blocks))
+        progress = KernelProgress('kernel', sum((r1 - r0) * (c1 - c0)
+                                                for (r0, r1), (c0, c1), _ in blocks))
         self._run(call, blocks)
         progress.close()
       self._count(n1 * n2, start)
