@@ -43,9 +43,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from ntkdd.launch import launchpad_program
+from ntkdd.launch import launchpad_program, status_client
 from ntkdd.server import coordinator as coordinator_lib
-from ntkdd.launch import status_client
 from ntkdd.server import status as status_lib
 from ntkdd.server.deadline import DeadlineExceeded, call_with_deadline
 from ntkdd.server.run_dir import COORDINATOR_RESULT, RAY_ADDRESS_FILE, WORKER_PIDS
