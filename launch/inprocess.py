@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Optional, Union
 
 from ntkdd.common import architectures
-from ntkdd.server import coordinator
+from ntkdd.server import distributed_kernels
 from ntkdd.workers import kernel_worker
 
 _RPC_ARGUMENT_TYPES = (bytes, int, str)   # what a Courier call can carry without hanging
@@ -56,7 +56,7 @@ class LocalWorkerHandle:
 def make_inprocess_backend(arch: Union[architectures.Architecture, dict], workers: int = 1,
                            tile: Optional[int] = None, dtype: str = 'float32', block: int = 64,
                            dataset: Optional[dict] = None,
-                           **coordinator_kwargs) -> coordinator.DistributedKernels:
+                           **coordinator_kwargs) -> distributed_kernels.DistributedKernels:
   """A `DistributedKernels` over `workers` local `KernelWorker`s (threads in this process).
 
   `dataset` (a `DataSpec` dict): the workers hold that data and take target rows as indices;
@@ -70,4 +70,5 @@ def make_inprocess_backend(arch: Union[architectures.Architecture, dict], worker
              for i in range(workers)]
   for handle in handles:    # so that broadcast='tree' can pass caches from worker to worker
     handle.worker.connect_peers(dict(enumerate(handles)))
-  return coordinator.DistributedKernels(handles, block=block, dtype=dtype, **coordinator_kwargs)
+  return distributed_kernels.DistributedKernels(handles, block=block, dtype=dtype,
+                                                **coordinator_kwargs)

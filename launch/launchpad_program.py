@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ntkdd.launch import private_network
-from ntkdd.server import coordinator as coordinator_lib
+from ntkdd.server import distributed_kernels
 from ntkdd.server import status as status_lib
 
 ADDRESS_FILE = status_lib.ADDRESS_FILE
@@ -241,7 +241,7 @@ class CoordinatorNode:
     if self._started.is_set():
       raise RuntimeError('CoordinatorNode.run() runs once per coordinator.')
     self._started.set()
-    from ntkdd.server import coordinator, distill, jobs
+    from ntkdd.server import distill, jobs
     result: dict = {'ok': False, 'pid': os.getpid()}
     # Status for this machine without the network (the Courier port may live in a private
     # namespace): status.sock and status.json in the run directory.
@@ -263,9 +263,8 @@ class CoordinatorNode:
 
       def factory(arch):
         kwargs = dict(self._coordinator_kwargs)
-        backend = coordinator.DistributedKernels(clients, block=self._block,
-                                                 deadline_s=self._deadline_s, dtype=cfg.dtype,
-                                                 **kwargs)
+        backend = distributed_kernels.DistributedKernels(
+            clients, block=self._block, deadline_s=self._deadline_s, dtype=cfg.dtype, **kwargs)
         self._status.attach_backend(backend)
         backends.append(backend)
         return backend
@@ -657,7 +656,7 @@ def summary_of(result: dict, failed=CoordinatorFailed) -> dict:
 
 # -- Kernel workers for a caller that coordinates itself (`ntkdd kernel`). ----------------------
 
-class LaunchpadKernels(coordinator_lib.OwnedWorkersKernels):
+class LaunchpadKernels(distributed_kernels.OwnedWorkersKernels):
   """`DistributedKernels` over Launchpad kernel workers (local_mp); close() ends the program."""
 
   def __init__(self, arch, workers: int, tile: Optional[int] = None, dtype: str = 'float32',
@@ -666,7 +665,7 @@ class LaunchpadKernels(coordinator_lib.OwnedWorkersKernels):
                dataset: Optional[dict] = None, expose_courier_ports: bool = False,
                **coordinator_kwargs):
     import_launchpad()
-    from ntkdd.server import coordinator
+    from ntkdd.server import distributed_kernels
     if workers < 1:
       raise ValueError(f'--workers must be >= 1 with --launch launchpad, got {workers}.')
     # This process calls the workers, so the program shares its network: a private one
@@ -684,8 +683,8 @@ class LaunchpadKernels(coordinator_lib.OwnedWorkersKernels):
       info = self.program.processes(startup_timeout_s)
       handles = [_LazyClient(a) for a in info['addresses'][WORKERS]]
       clients, _ = _rpc_clients(handles, startup_timeout_s)
-      self._backend = coordinator.DistributedKernels(clients, block=block, dtype=dtype,
-                                                     **coordinator_kwargs)
+      self._backend = distributed_kernels.DistributedKernels(clients, block=block, dtype=dtype,
+                                                             **coordinator_kwargs)
     except BaseException:
       self.program.stop()
       raise

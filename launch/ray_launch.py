@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from ntkdd.launch import launchpad_program
-from ntkdd.server import coordinator as coordinator_lib
+from ntkdd.server import distributed_kernels
 from ntkdd.server import status as status_lib
 
 NAMESPACE = 'ntkdd'
@@ -644,7 +644,7 @@ def status_main(ray_address: Optional[str], run_name: Optional[str] = None,
 
 # -- Kernel workers for a caller that coordinates itself (`ntkdd kernel`). ----------------------
 
-class RayKernels(coordinator_lib.OwnedWorkersKernels):
+class RayKernels(distributed_kernels.OwnedWorkersKernels):
   """`DistributedKernels` over Ray `KernelWorker` actors; close() kills the actors.
 
   Arguments as `start_ray`'s where they share a name; `call_timeout_s` bounds each block call.
@@ -658,7 +658,7 @@ class RayKernels(coordinator_lib.OwnedWorkersKernels):
                local_cpus: Optional[int] = None, call_timeout_s: float = 600.0,
                ping_timeout_s: float = 30.0, dataset: Optional[dict] = None,
                **coordinator_kwargs):
-    from ntkdd.server import coordinator
+    from ntkdd.server import distributed_kernels
     if workers < 1:
       raise ValueError(f'--workers must be >= 1 with --launch ray, got {workers}.')
     self._connected_here = connect(ray_address, local_cpus)
@@ -674,8 +674,8 @@ class RayKernels(coordinator_lib.OwnedWorkersKernels):
       handles = [RayWorkerHandle(a, name=f'worker {i}', call_timeout_s=call_timeout_s,
                                  ping_timeout_s=ping_timeout_s)
                  for i, a in enumerate(self.actors)]
-      self._backend = coordinator.DistributedKernels(handles, block=block, dtype=dtype,
-                                                     **coordinator_kwargs)
+      self._backend = distributed_kernels.DistributedKernels(handles, block=block, dtype=dtype,
+                                                             **coordinator_kwargs)
     except BaseException:
       self._release()
       raise

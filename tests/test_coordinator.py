@@ -6,7 +6,7 @@ import pytest
 
 from ntkdd.common import architectures, prepared, sources, wire
 from ntkdd.launch.inprocess import LocalWorkerHandle, make_inprocess_backend
-from ntkdd.server import backend, coordinator, distill
+from ntkdd.server import backend, distributed_kernels, distill
 from ntkdd.workers import kernel_worker
 
 FC = architectures.Architecture('fc', depth=1)
@@ -180,7 +180,7 @@ def _worker(i=0):
 def test_a_worker_that_raises_is_retried_and_used_again():
   x1, x2 = _images(9, 5), _images(6, 6)
   flaky = FlakyHandle(_worker(), fail_on=(2,))
-  with coordinator.DistributedKernels([flaky], block=3, **FAST_FAULTS) as distributed:
+  with distributed_kernels.DistributedKernels([flaky], block=3, **FAST_FAULTS) as distributed:
     _assert_kernels_equal(distributed.kernel(x1, x2), backend.InProcessKernels(FC).kernel(x1, x2))
     status = distributed.status()
   (worker,) = status['workers']
@@ -202,7 +202,7 @@ def test_faulty_workers_among_good_ones_give_correct_results():
   handles = [LocalWorkerHandle(_worker(0)), FlakyHandle(_worker(1), fail_on=(2,)),
              FlakyHandle(_worker(2), fail_on=(1,), release=release)]
   try:
-    with coordinator.DistributedKernels(handles, block=3, **FAST_FAULTS) as distributed:
+    with distributed_kernels.DistributedKernels(handles, block=3, **FAST_FAULTS) as distributed:
       _assert_kernels_equal(distributed.kernel(x1, x2), want)
       _close(distributed.vjp(x1, x2, g, g), want_grad)
       errors = [w['last_error'] or '' for w in distributed.status()['workers']]
@@ -216,9 +216,9 @@ def test_all_workers_down_raises_without_waiting_for_hung_calls():
     release = threading.Event() if hang else None
     handles = [DeadHandle(release), DeadHandle(release)]
     faults = dict(FAST_FAULTS, deadline_s=0.2, grace_s=0.5)
-    distributed = coordinator.DistributedKernels(handles, block=3, **faults)
+    distributed = distributed_kernels.DistributedKernels(handles, block=3, **faults)
     try:
-      with pytest.raises(coordinator.WorkersUnavailable, match='All 2 kernel workers'):
+      with pytest.raises(distributed_kernels.WorkersUnavailable, match='All 2 kernel workers'):
         distributed.kernel(_images(4, 0))
       assert not any(w['alive'] for w in distributed.status()['workers'])
       distributed.close()
@@ -289,8 +289,8 @@ def test_a_worker_with_other_data_is_sent_pixels(tiny_npz, tmp_path):
   workers = [kernel_worker.KernelWorker(FC.to_dict(), worker_id=i, dataset=d.to_dict())
              for i, d in enumerate((spec, other, missing))]
   assert workers[2].dataset_error and 'nope.npz' in workers[2].dataset_error
-  with coordinator.DistributedKernels([LocalWorkerHandle(w) for w in workers], block=2,
-                                      **FAST_FAULTS) as distributed:
+  with distributed_kernels.DistributedKernels([LocalWorkerHandle(w) for w in workers], block=2,
+                                              **FAST_FAULTS) as distributed:
     _assert_kernels_equal(distributed.kernel(support, both), want)
     status = distributed.status()
   assert status['index_blocks'] > 0 and status['pixel_fallback_blocks'] > 0
@@ -303,8 +303,8 @@ def test_a_worker_that_lost_the_dataset_is_sent_pixels_without_a_fault(tiny_npz)
   support, both = _kip_columns(data)
   want = backend.InProcessKernels(FC).kernel(support, np.asarray(both))
   worker = kernel_worker.KernelWorker(FC.to_dict(), dataset=spec.to_dict())
-  with coordinator.DistributedKernels([LocalWorkerHandle(worker)], block=3,
-                                      **FAST_FAULTS) as distributed:
+  with distributed_kernels.DistributedKernels([LocalWorkerHandle(worker)], block=3,
+                                              **FAST_FAULTS) as distributed:
     distributed.kernel(support, both)
     worker._datasets.clear()      # as if it restarted without its data dir
     _assert_kernels_equal(distributed.kernel(support, both), want)

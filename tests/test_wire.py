@@ -10,7 +10,7 @@ import pytest
 
 from ntkdd.common import architectures, wire
 from ntkdd.launch.inprocess import LocalWorkerHandle
-from ntkdd.server import coordinator
+from ntkdd.server import distributed_kernels
 from ntkdd.workers import kernel_worker
 
 FC = architectures.Architecture('fc', depth=1)
@@ -189,7 +189,7 @@ def test_the_coordinator_logs_the_error_code_and_finishes_elsewhere(caplog):
   handles = [_CorruptingHandle(workers[0]), LocalWorkerHandle(workers[1])]
   x = _images(20, 4)
   with caplog.at_level(logging.WARNING):
-    backend = coordinator.DistributedKernels(handles, block=8, retry_backoff_s=30)
+    backend = distributed_kernels.DistributedKernels(handles, block=8, retry_backoff_s=30)
     try:
       out = backend.kernel(x)
     finally:
