@@ -1,6 +1,6 @@
 """The Ray launch type: kernel workers and the coordinator as actors on a Ray cluster.
 
-The unchanged `KernelWorker` and `CoordinatorNode` classes run as Ray actors:
+The unchanged `KernelWorker` and `server.coordinator.Coordinator` classes run as Ray actors:
 
 * One `KernelWorker` actor per worker, spread over the cluster's nodes (or placed by custom
   resources, `worker_resources`), each asking for `worker_cpus` CPUs and one GPU where the
@@ -23,8 +23,8 @@ coordinator instead of letting it checkpoint its current step. The run continues
 --resume from its last periodic checkpoint (--checkpoint-every).
 
 Files in the run directory besides distill's: ray_address.txt (the cluster's address, then the
-run name), coordinator_result.json (ok / error / interrupted, written when the run ends) and
-worker_pids.json.
+run name), coordinator_result.json and worker_pids.json (server/coordinator.py). Connecting to a
+cluster, and ending actors: launch/ray_cluster.py.
 
 Authentication: whoever reaches a Ray cluster's ports can run code on it unless it requires a
 token (Ray >= 2.52, RAY_AUTH_MODE=token; off by default). Keep the cluster on loopback or a
@@ -36,165 +36,31 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
-import socket
 import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from ntkdd.launch import launchpad_program
-from ntkdd.server import distributed_kernels
-from ntkdd.server import status as status_lib
+from ntkdd.launch import nodes, ray_cluster
+from ntkdd.launch.ray_cluster import NAMESPACE, import_ray
+from ntkdd.server import coordinator, distributed_kernels, status as status_lib
+from ntkdd.server.coordinator import CoordinatorFailed   # what this launch type raises
+from ntkdd.workers import protocol
 
-NAMESPACE = 'ntkdd'
 ADDRESS_FILE = 'ray_address.txt'
-RESULT_FILE = launchpad_program.RESULT_FILE
-WORKER_PIDS_FILE = launchpad_program.WORKER_PIDS_FILE
 COORDINATOR_PREFIX = 'ntkdd-coordinator-'
 WORKER_PREFIX = 'ntkdd-worker-'
-INSTALL_HINT = ("the Ray launch type needs Ray on this machine and on every node of the "
-                "cluster: pip install 'ntkdd[ray]'")
-# Several workers (and the coordinator) sharing a GPU must not each grab 75% of its memory.
-ACTOR_ENV = {'XLA_PYTHON_CLIENT_PREALLOCATE': 'false', 'TF_CPP_MIN_LOG_LEVEL': '2'}
-
-
-class CoordinatorFailed(launchpad_program.CoordinatorFailed):
-  """The Ray coordinator actor ended without finishing the run; the message says why."""
-
-
-def import_ray():
-  """The `ray` module, or an ImportError that says how to get it."""
-  try:
-    import ray  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise ImportError(f'{INSTALL_HINT} ({e})') from e
-  return ray
-
-
-def check_reachable(ray_address: Optional[str], timeout_s: float = 5.0) -> None:
-  """ConnectionError unless something listens at a HOST:PORT address ('auto' and 'local' pass).
-
-  `ray.init` retries an address nobody serves for minutes; this fails at once instead.
-  """
-  if not ray_address or ray_address in ('auto', 'local') or '://' in ray_address:
-    return
-  host, _, port = ray_address.rpartition(':')
-  if not host or not port.isdigit():
-    raise ValueError(f'--ray-address needs HOST:PORT, auto or local; got {ray_address!r}.')
-  try:
-    socket.create_connection((host.strip('[]'), int(port)), timeout=timeout_s).close()
-  except OSError as e:
-    raise ConnectionError(f'No Ray cluster answers at {ray_address}: {e}. Is its head node up '
-                          f'(ray start --head), and is that its GCS port?') from e
-
-
-def _use_token_if_available(ray_address: Optional[str]) -> None:
-  """Token authentication for an explicit HOST:PORT when a token is at hand (Ray >= 2.52).
-
-  Ray turns it on by itself for a cluster found with 'auto' and for a new local one, but not
-  for an address given explicitly, so `ntkdd status --ray-address HOST:PORT` would be refused
-  by a cluster with tokens. This does what Ray does for 'auto' (a token sent to a cluster
-  without tokens is ignored); RAY_AUTH_MODE, where set, decides instead.
-  """
-  if not ray_address or ray_address in ('auto', 'local') or 'RAY_AUTH_MODE' in os.environ:
-    return
-  try:
-    from ray._private.authentication import authentication_token_setup as token_setup
-  except ImportError:   # Ray < 2.52: no token authentication
-    return
-  try:
-    token_setup.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-  except Exception as e:  # a private Ray API that may change: then RAY_AUTH_MODE=token is needed
-    logging.debug('Ray token set-up skipped: %s', e)
-
-
-def running_cluster_address() -> tuple[Optional[str], str]:
-  """(HOST:PORT of the Ray cluster `ray.init()` would join, where it was found), or (None, why).
-
-  As `ray.init()` looks: RAY_ADDRESS, else the cluster the last `ray start` on this machine
-  began (Ray's temp dir, $RAY_TMPDIR or /tmp/ray); no local GCS process is guessed at.
-  """
-  env_address = os.environ.get('RAY_ADDRESS', '').strip()
-  if env_address:
-    return env_address, 'RAY_ADDRESS'
-  try:
-    from ray._private import services  # pylint: disable=import-outside-toplevel
-    found = services.find_bootstrap_address(None)
-  except Exception as e:  # a private Ray API: without it, no cluster is found
-    logging.debug('Looking for a running Ray cluster failed: %s', e)
-    found = None
-  if found:
-    return found, 'the cluster `ray start` began on this machine'
-  return None, 'no RAY_ADDRESS and no cluster started with `ray start` on this machine'
-
-
-def _default_address() -> str:
-  """A running cluster's address if there is one that answers, else 'local' (logged)."""
-  address, where = running_cluster_address()
-  if address is not None:
-    try:
-      check_reachable(address)
-    except (ConnectionError, ValueError) as e:
-      if where == 'RAY_ADDRESS':   # the user named it: no silent fallback
-        raise ConnectionError(f'RAY_ADDRESS={address} names no running Ray cluster ({e}). '
-                              f'Unset it to start a private local Ray.') from e
-      logging.warning('The last Ray cluster started on this machine (%s) does not answer: '
-                      'starting a private local Ray for this command instead.', address)
-      return 'local'
-    logging.info('Ray: using the running cluster at %s (%s).', address, where)
-    return address
-  logging.info('Ray: no running cluster (%s): starting a private local Ray for this command '
-               '(it ends with it; --ray-address HOST:PORT joins a cluster instead).', where)
-  return 'local'
-
-
-def connect(ray_address: Optional[str] = None, local_cpus: Optional[int] = None) -> bool:
-  """Connects this process to Ray unless it already is; True if this call connected it.
-
-  `ray_address`: None (the default: a running cluster, found as `ray.init()` finds one, else
-  a private local Ray, as `ray.init()` does; the log says which), 'auto' (the cluster started
-  on this machine with `ray start`, found through RAY_ADDRESS or Ray's temp dir; an error if
-  there is none), 'HOST:PORT' (a cluster's GCS address), or 'local' (start a private local Ray
-  for this process, with `local_cpus` CPUs, on loopback; ended by `ray.shutdown`).
-  """
-  ray = import_ray()
-  if ray.is_initialized():
-    return False
-  address = _default_address() if ray_address in (None, '') else ray_address
-  check_reachable(address)
-  _use_token_if_available(address)
-  kwargs: dict = dict(namespace=NAMESPACE, logging_level=logging.WARNING)
-  if address == 'local':
-    kwargs.update(num_cpus=local_cpus, include_dashboard=False,
-                  _node_ip_address='127.0.0.1')
-  try:
-    ray.init(address=address, **kwargs)
-  except ConnectionError as e:
-    # Ray's own hint names its CLI's --address flag; ntkdd's flag is --ray-address.
-    hint = re.sub(r'(the )?`--address`( flag)?', '--ray-address', str(e))
-    raise ConnectionError(f'No Ray cluster at --ray-address {address}: {hint} Start one with '
-                          f'`ray start --head`, give its HOST:PORT, or leave --ray-address '
-                          f'out for a private one on this machine.') from e
-  return True
-
-
-def cluster_address() -> str:
-  """The GCS address (HOST:PORT) of the cluster this process is connected to."""
-  return import_ray().get_runtime_context().gcs_address
 
 
 # -- Kernel workers. ----------------------------------------------------------------------------
 
-class RayWorkerHandle:
+class RayWorkerHandle(protocol.WorkerHandle):
   """A `KernelWorker` actor called like a local worker: bytes/ints/strs in, bytes out.
 
   Each method waits for its answer with `ray.get(..., timeout)` and raises when the actor has
   died, is restarting past the timeout, or is late, so `DistributedKernels` marks the worker
   down and re-queues its blocks. Picklable: the coordinator actor receives these handles.
-  No `address` attribute, on purpose: `launchpad_program._rpc_clients` would take a handle
-  with one for a Courier client.
   """
 
   def __init__(self, actor: Any, name: str = 'worker', call_timeout_s: float = 600.0,
@@ -220,27 +86,31 @@ class RayWorkerHandle:
         pass
       raise TimeoutError(f'{self.name}.{method}: no answer within {timeout_s:g} s') from None
 
+  def wait_ready(self, timeout_s: float) -> bytes:
+    """Its ping, waiting up to `timeout_s` for Ray to place and start the actor."""
+    try:
+      return self._call(protocol.PING, timeout_s)
+    except TimeoutError:
+      ray = import_ray()
+      raise TimeoutError(f'Ray needs a node with the resources each worker asks for; the '
+                         f'cluster has {ray.available_resources()} available of '
+                         f'{ray.cluster_resources()}.') from None
+
   def ping(self) -> bytes:
-    return self._call('ping', self.ping_timeout_s)
+    return self._call(protocol.PING, self.ping_timeout_s)
 
   def set_images(self, name: str, version: int, payload: bytes) -> bytes:
-    return self._call('set_images', self.call_timeout_s, name, version, payload)
+    return self._call(protocol.SET_IMAGES, self.call_timeout_s, name, version, payload)
 
   def kernel_block(self, request: bytes) -> bytes:
-    return self._call('kernel_block', self.call_timeout_s, request)
+    return self._call(protocol.KERNEL_BLOCK, self.call_timeout_s, request)
 
   def vjp_block(self, request: bytes) -> bytes:
-    return self._call('vjp_block', self.call_timeout_s, request)
-
-
-def _arch_dict(arch) -> dict:
-  return arch.to_dict() if hasattr(arch, 'to_dict') else dict(arch)
+    return self._call(protocol.VJP_BLOCK, self.call_timeout_s, request)
 
 
 def _actor_env(env: Optional[dict]) -> dict:
-  merged = dict(ACTOR_ENV)
-  merged.update({k: str(v) for k, v in (env or {}).items()})
-  return {'env_vars': merged}
+  return {'env_vars': nodes.node_env(env)}
 
 
 def start_worker_actors(arch, workers: int, dtype: str = 'float32', tile: Optional[int] = None,
@@ -278,51 +148,22 @@ def start_worker_actors(arch, workers: int, dtype: str = 'float32', tile: Option
         options['scheduling_strategy'] = 'SPREAD'
       try:
         actor = actor_class.options(**options).remote(
-            _arch_dict(arch), dtype, tile, worker_id=i, **(worker_kwargs or {}))
+            nodes.arch_dict(arch), dtype, tile, worker_id=i, **(worker_kwargs or {}))
       except ValueError as e:  # the name is taken: another run of the same name is up
         raise ValueError(f'Cannot create Ray actor {options["name"]!r} in namespace '
                          f'{NAMESPACE!r}: {e}') from e
       actors.append(actor)
   except BaseException:
-    kill_actors(actors)
+    ray_cluster.kill_actors(actors)
     raise
   return actors
 
 
-def wait_for_workers(actors: Sequence, timeout_s: float) -> list[dict]:
-  """Waits until every worker actor answers ping; their answers. CoordinatorFailed if not."""
-  ray = import_ray()
-  from ntkdd.common import wire
-  refs = [actor.ping.remote() for actor in actors]
-  ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-  if pending:
-    missing = [i for i, ref in enumerate(refs) if ref in pending]
-    raise CoordinatorFailed(
-        f'Kernel workers {missing} did not start within {timeout_s:g} s. Ray needs a node '
-        f'with the resources each worker asks for; the cluster has '
-        f'{ray.available_resources()} available of {ray.cluster_resources()}.')
-  try:
-    return [wire.decode(answer) for answer in ray.get(refs)]
-  except ray.exceptions.RayError as e:
-    raise CoordinatorFailed(f'A kernel worker failed to start: {e}') from e
-
-
-def kill_actors(actors: Sequence) -> None:
-  """Kills the actors for good (no restart); ignores the ones already gone."""
-  ray = import_ray()
-  for actor in actors:
-    try:
-      ray.kill(actor, no_restart=True)
-    except Exception as e:  # gone already, or the connection is: nothing left to end
-      logging.debug('ray.kill(%s): %s', actor, e)
-
-
-def actor_node_ids(actors: Sequence, timeout_s: float = 30.0) -> list[str]:
-  """The Ray node id each actor runs on."""
-  ray = import_ray()
-  refs = [a.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id())
-          for a in actors]
-  return ray.get(refs, timeout=timeout_s)
+def worker_handles(actors: Sequence, call_timeout_s: float = 600.0,
+                   ping_timeout_s: float = 30.0) -> list[RayWorkerHandle]:
+  """A `RayWorkerHandle` per worker actor, named 'worker <index>'."""
+  return [RayWorkerHandle(a, name=f'worker {i}', call_timeout_s=call_timeout_s,
+                          ping_timeout_s=ping_timeout_s) for i, a in enumerate(actors)]
 
 
 # -- The distillation: the coordinator actor. ---------------------------------------------------
@@ -396,11 +237,11 @@ class RayRun:
       raise CoordinatorFailed(
           f'The coordinator actor ended without a result ({type(e).__name__}: {e}). The '
           f'checkpoint in {self.run_dir} is kept: continue with --resume.') from e
-    try:
-      return json.loads((self.run_dir / RESULT_FILE).read_text())
-    except (OSError, ValueError) as e:
+    result = coordinator.read_result(self.run_dir)
+    if result is None:
       raise CoordinatorFailed(f'The coordinator finished without a readable '
-                              f'{self.run_dir / RESULT_FILE}: {e}') from e
+                              f'{self.run_dir / coordinator.RESULT_FILE}.')
+    return result
 
   def stop(self) -> None:
     """Kills the coordinator, then the workers; disconnects if `start_ray` connected."""
@@ -408,7 +249,7 @@ class RayRun:
       return
     self._stopped = True
     try:
-      kill_actors([self.coordinator] + list(self.workers))
+      ray_cluster.kill_actors([self.coordinator] + list(self.workers))
     finally:
       if self._connected_here:
         import_ray().shutdown()
@@ -448,13 +289,12 @@ def start_ray(cfg, run_dir: str, workers: int, ray_address: Optional[str] = None
                      'HOST:PORT of the GCS), not through Ray Client (ray://): the coordinator '
                      'writes --out on the driver\'s node. Run ntkdd on the head node, or submit '
                      'it with `ray job submit`.')
-  run_dir = launchpad_program.open_run_dir(run_dir, resume,
-                                          (RESULT_FILE, ADDRESS_FILE, WORKER_PIDS_FILE))
+  run_dir = coordinator.open_run_dir(run_dir, resume, coordinator.STALE_FILES + (ADDRESS_FILE,))
   run_name = run_name or default_run_name(run_dir)
-  connected_here = connect(ray_address, local_cpus)
+  connected_here = ray_cluster.connect(ray_address, local_cpus)
   actors: list = []
   try:
-    address = cluster_address()
+    address = ray_cluster.cluster_address()
     name = coordinator_name(run_name)
     write_address_file(run_dir, address, run_name)
     logging.info('Ray cluster at %s; run %r (actor %s in namespace %s). Status: ntkdd status '
@@ -466,11 +306,9 @@ def start_ray(cfg, run_dir: str, workers: int, ray_address: Optional[str] = None
         worker_kwargs={'dataset': cfg.data_spec().to_dict(), **(worker_kwargs or {})},
         worker_cpus=worker_cpus, worker_gpus=worker_gpus, worker_resources=worker_resources,
         env=env)
-    handles = [RayWorkerHandle(a, name=f'worker {i}', call_timeout_s=deadline_s,
-                               ping_timeout_s=ping_timeout_s) for i, a in enumerate(actors)]
-    coordinator_class = ray.remote(launchpad_program.CoordinatorNode)
+    handles = worker_handles(actors, call_timeout_s=deadline_s, ping_timeout_s=ping_timeout_s)
     try:
-      coordinator = coordinator_class.options(
+      coordinator_actor = ray.remote(coordinator.Coordinator).options(
           name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=0,
           # run() holds one thread for the whole run; status() and ping() need others.
           max_concurrency=4,
@@ -478,26 +316,26 @@ def start_ray(cfg, run_dir: str, workers: int, ray_address: Optional[str] = None
               ray.get_runtime_context().get_node_id(), soft=False),
           runtime_env=_actor_env(env)).remote(
               jobs.to_dict(cfg), str(run_dir), bool(resume), handles, block=block,
-              deadline_s=deadline_s, startup_timeout_s=startup_timeout_s, stop_program=False,
+              deadline_s=deadline_s, startup_timeout_s=startup_timeout_s,
               coordinator_kwargs=coordinator_kwargs)
     except ValueError as e:  # the name is taken
       raise ValueError(f'A run named {run_name!r} is already on this Ray cluster (actor {name} '
                        f'in namespace {NAMESPACE}): {e}. Choose another --out directory name.'
                        ) from e
-    actors.insert(0, coordinator)
-    # The workers import JAX first; the coordinator's own first ping would time out on a slow
-    # start, so it runs once they all answer. Its status() answers meanwhile ('starting').
-    for i, answer in enumerate(wait_for_workers(actors[1:], startup_timeout_s)):
+    actors.insert(0, coordinator_actor)
+    # The workers import JAX first: the coordinator runs once they all answer, so the run's
+    # start-up errors reach this process. Its status() answers meanwhile ('starting').
+    for i, answer in enumerate(coordinator.wait_for_workers(handles, startup_timeout_s)):
       if answer.get('dataset_error'):
         logging.warning('Kernel worker %d could not load the dataset on its node (%s); it '
                         'will be sent pixels.', i, answer['dataset_error'])
-    run_ref = coordinator.run.remote()
+    run_ref = coordinator_actor.run.remote()
   except BaseException:
-    kill_actors(actors)
+    ray_cluster.kill_actors(actors)
     if connected_here:
       ray.shutdown()
     raise
-  return RayRun(coordinator, actors[1:], run_ref, run_dir, run_name, address, connected_here)
+  return RayRun(coordinator_actor, actors[1:], run_ref, run_dir, run_name, address, connected_here)
 
 
 def run_ray(cfg, run_dir: str, workers: int, ray_address: Optional[str] = None,
@@ -521,7 +359,7 @@ def run_ray(cfg, run_dir: str, workers: int, ray_address: Optional[str] = None,
           f'steps) is kept: continue with the same command plus --resume.') from None
   finally:
     run.stop()
-  return launchpad_program.summary_of(result, CoordinatorFailed)
+  return coordinator.summary_of(result)
 
 
 # -- Status from any process that reaches the cluster. ------------------------------------------
@@ -541,10 +379,10 @@ def _connect_quietly(ray_address: Optional[str]) -> bool:
   if ray.is_initialized():
     return False
   try:
-    check_reachable(ray_address)
+    ray_cluster.check_reachable(ray_address)
   except (ConnectionError, ValueError) as e:
     raise status_lib.StatusQueryError(str(e)) from e
-  _use_token_if_available(ray_address)
+  ray_cluster.use_token_if_available(ray_address)
   try:
     ray.init(address=ray_address or 'auto', namespace=NAMESPACE, log_to_driver=False,
              logging_level=logging.ERROR)
@@ -582,7 +420,7 @@ def _query(ray_address: Optional[str], run_name: Optional[str], timeout_s: float
     except ray.exceptions.RayError as e:
       raise status_lib.StatusQueryError(f'No status from run {run_name!r}: {e}') from e
     snapshot = status_lib.decode(answer)
-    snapshot.update(ray_run=run_name, ray_address=cluster_address())
+    snapshot.update(ray_run=run_name, ray_address=ray_cluster.cluster_address())
     # The status table's coordinator row: where to ask again.
     snapshot.setdefault('address', f"ray {snapshot['ray_address']} run {run_name}")
     return snapshot
@@ -658,10 +496,9 @@ class RayKernels(distributed_kernels.OwnedWorkersKernels):
                local_cpus: Optional[int] = None, call_timeout_s: float = 600.0,
                ping_timeout_s: float = 30.0, dataset: Optional[dict] = None,
                **coordinator_kwargs):
-    from ntkdd.server import distributed_kernels
     if workers < 1:
       raise ValueError(f'--workers must be >= 1 with --launch ray, got {workers}.')
-    self._connected_here = connect(ray_address, local_cpus)
+    self._connected_here = ray_cluster.connect(ray_address, local_cpus)
     self.actors: list = []
     self._backend = None
     try:
@@ -670,10 +507,8 @@ class RayKernels(distributed_kernels.OwnedWorkersKernels):
       self.actors = start_worker_actors(arch, workers, dtype, tile, worker_kwargs=worker_kwargs,
                                         worker_cpus=worker_cpus, worker_gpus=worker_gpus,
                                         worker_resources=worker_resources, env=env)
-      wait_for_workers(self.actors, startup_timeout_s)
-      handles = [RayWorkerHandle(a, name=f'worker {i}', call_timeout_s=call_timeout_s,
-                                 ping_timeout_s=ping_timeout_s)
-                 for i, a in enumerate(self.actors)]
+      handles = worker_handles(self.actors, call_timeout_s, ping_timeout_s)
+      coordinator.wait_for_workers(handles, startup_timeout_s)
       self._backend = distributed_kernels.DistributedKernels(handles, block=block, dtype=dtype,
                                                              **coordinator_kwargs)
     except BaseException:
@@ -681,7 +516,7 @@ class RayKernels(distributed_kernels.OwnedWorkersKernels):
       raise
 
   def _release(self) -> None:
-    kill_actors(self.actors)
+    ray_cluster.kill_actors(self.actors)
     self.actors = []
     if self._connected_here:
       self._connected_here = False

@@ -35,8 +35,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from ntkdd.common import kernels, sources, wire
+from ntkdd.common import kernels, sources
 from ntkdd.server import block_plan, status
+from ntkdd.workers import protocol as wire
 
 STALE_CACHE, MISSING_DATASET = wire.STALE_CACHE, wire.MISSING_DATASET   # workers' error codes
 ROWS, COLS = 'rows', 'cols'      # names of the per-call image caches on the workers

@@ -22,7 +22,7 @@ import pytest
 ray = pytest.importorskip('ray')
 
 from ntkdd.common import architectures  # noqa: E402
-from ntkdd.launch import cli, inprocess, private_network, ray_launch  # noqa: E402
+from ntkdd.launch import cli, inprocess, private_network, ray_cluster, ray_launch  # noqa: E402
 from ntkdd.server import status  # noqa: E402
 from run_helpers import BLOCK, TIMEOUT_S, wait_for  # noqa: E402
 from run_helpers import assert_same_support as _assert_same_support  # noqa: E402
@@ -36,7 +36,7 @@ TINY_FLAGS = ['--data-dir', '.', '--ipc', '2', '--steps', '4', '--arch', 'fc', '
 
 def _actor_gone(name):
   try:
-    ray.get_actor(name, namespace=ray_launch.NAMESPACE)
+    ray.get_actor(name, namespace=ray_cluster.NAMESPACE)
   except ValueError:
     return True
   return False
@@ -82,7 +82,7 @@ def local_ray():
   ray.init(address='local', num_cpus=2, include_dashboard=False, logging_level='WARNING',
            _temp_dir=temp_dir, _node_ip_address='127.0.0.1')
   try:
-    address = ray_launch.cluster_address()
+    address = ray_cluster.cluster_address()
     assert address.startswith('127.0.0.1:'), address
     yield address
   finally:

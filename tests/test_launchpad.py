@@ -25,7 +25,7 @@ if sys.version_info < (3, 11):   # .venv-lp: Launchpad must import, a failure is
 else:                            # Launchpad exists for Python <= 3.10 only
   lp = pytest.importorskip('launchpad', reason='Launchpad lives in .venv-lp (Python 3.10)')
 
-from ntkdd.launch import inprocess, launchpad_program as lpp  # noqa: E402
+from ntkdd.launch import inprocess, launchpad_local, launchpad_program as lpp  # noqa: E402
 from ntkdd.server import status  # noqa: E402
 from run_helpers import BLOCK, TIMEOUT_S, kill_coordinator, wait_for  # noqa: E402
 from run_helpers import assert_same_support as _assert_same_support  # noqa: E402
@@ -221,7 +221,7 @@ def test_without_a_namespace_the_launch_is_refused_unless_exposed(tiny_npz, tmp_
   message = str(refused.value)
   assert 'Operation not permitted' in message and lpp.EXPOSE_FLAG in message
   assert '--launch ray' in message and 'executes what' in message
-  assert not (tmp_path / 'run' / lpp.PROCESSES_FILE).exists()
+  assert not (tmp_path / 'run' / launchpad_local.PROCESSES_FILE).exists()
   # The command line: one message, no traceback.
   from ntkdd.launch import cli
   code = cli.main(['distill', '--dataset', tiny_npz, '--data-dir', '.', '--ipc', '2',
@@ -311,41 +311,42 @@ WORKER_FUZZ = r'''
 import json, struct, sys
 import numpy as np
 import courier
-from ntkdd.common import architectures, wire
+from ntkdd.common import architectures
+from ntkdd.workers import protocol
 from ntkdd.launch import launchpad_program as lpp
 
 prefix = struct.Struct('<4sHI')
-good = wire.encode({'rows': np.ones((2, 6), np.float32), 'cols': np.ones((3, 6), np.float32)})
+good = protocol.encode({'rows': np.ones((2, 6), np.float32), 'cols': np.ones((3, 6), np.float32)})
 header = json.dumps({'fields': {}, 'arrays': [{'name': 'rows', 'dtype': '<f4',
                                                'shape': [2 ** 20, 2 ** 20], 'offset': 0,
                                                'nbytes': 2 ** 42}], 'data_nbytes': 2 ** 42})
 blobs = [b'', b'garbage', good[:len(good) // 2], good + b'\0' * 8,
-         prefix.pack(wire.MAGIC, wire.VERSION, 2 ** 31) + b'{}',
-         prefix.pack(wire.MAGIC, wire.VERSION, len(header)) + header.encode(),
+         prefix.pack(protocol.MAGIC, protocol.VERSION, 2 ** 31) + b'{}',
+         prefix.pack(protocol.MAGIC, protocol.VERSION, len(header)) + header.encode(),
          np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()]
 arch = architectures.Architecture('fc', 1)
 with lpp.make_launchpad_backend(arch, workers=1, block=8, startup_timeout_s=120) as backend:
   client = courier.Client(backend.program.processes()['addresses']['workers'][0],
                           call_timeout=60)
-  codes = [wire.decode(client.kernel_block(blob))['error'] for blob in blobs]
-  codes += [wire.decode(client.set_images('rows', 1, blob))['error'] for blob in blobs]
+  codes = [protocol.decode(client.kernel_block(blob))['error'] for blob in blobs]
+  codes += [protocol.decode(client.set_images('rows', 1, blob))['error'] for blob in blobs]
   x = np.random.default_rng(1).normal(size=(10, 6)).astype(np.float32)
   ntk = backend.kernel(x)['ntk']
   served = bool(np.isfinite(ntk).all() and ntk.shape == (10, 10))
   print(json.dumps({'codes': codes, 'served': served,
-                    'pong': wire.decode(client.ping())['ok']}))
+                    'pong': protocol.decode(client.ping())['ok']}))
 '''
 
 
 def test_a_worker_process_refuses_malformed_messages_and_keeps_serving(tmp_path):
   """Over Courier, inside the private namespace (the only place its port exists)."""
   from ntkdd.launch import private_network
-  from ntkdd.common import wire
+  from ntkdd.workers import protocol
   prefix, why = private_network.probe_unshare()
   assert prefix is not None, why
   done = private_network.run([sys.executable, '-c', WORKER_FUZZ], prefix, timeout_s=TIMEOUT_S,
                              cwd=str(tmp_path))
   assert done.returncode == 0, done.output[-6000:]
   answer = json.loads(done.output.strip().splitlines()[-1])
-  assert answer['codes'] == [wire.MALFORMED] * 14 and answer['served'] and answer['pong']
+  assert answer['codes'] == [protocol.MALFORMED] * 14 and answer['served'] and answer['pong']
   assert done.leftover_pids == []

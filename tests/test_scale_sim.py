@@ -5,10 +5,10 @@ import time
 import numpy as np
 import pytest
 
-from ntkdd.common import architectures, kip, sources, wire
+from ntkdd.common import architectures, kip, sources
 from ntkdd.launch.inprocess import LocalWorkerHandle
 from ntkdd.server import backend, block_plan, distributed_kernels
-from ntkdd.workers import kernel_worker
+from ntkdd.workers import kernel_worker, protocol
 from ntkdd.workers import simulated_worker as sim
 
 FC = architectures.Architecture('fc', depth=1)
@@ -193,13 +193,14 @@ def test_fetch_images_from_a_peer_and_its_errors(monkeypatch):
   for w in workers:
     w.connect_peers(dict(enumerate(workers)))
   images = _images(5, 3)
-  assert wire.decode(workers[0].set_images('rows', 7, wire.encode({'images': images})))['ok']
-  assert wire.decode(workers[1].fetch_images('rows', 7, '0'))['ok']
-  assert wire.decode(workers[2].fetch_images('rows', 7, '1'))['ok']     # a copy of a copy
-  np.testing.assert_array_equal(wire.decode(workers[2].cached_images('rows', 7))['images'],
+  payload = protocol.encode({'images': images})
+  assert protocol.decode(workers[0].set_images('rows', 7, payload))['ok']
+  assert protocol.decode(workers[1].fetch_images('rows', 7, '0'))['ok']
+  assert protocol.decode(workers[2].fetch_images('rows', 7, '1'))['ok']     # a copy of a copy
+  np.testing.assert_array_equal(protocol.decode(workers[2].cached_images('rows', 7))['images'],
                                 images)
-  assert wire.decode(workers[2].ping())['peers'] == 2
-  stale = wire.decode(workers[1].fetch_images('rows', 8, '0'))
+  assert protocol.decode(workers[2].ping())['peers'] == 2
+  stale = protocol.decode(workers[1].fetch_images('rows', 8, '0'))
   assert not stale['ok'] and stale['error'] == 'stale_cache' and 'peer 0' in stale['message']
-  unknown = wire.decode(lonely.fetch_images('rows', 7, '0'))
+  unknown = protocol.decode(lonely.fetch_images('rows', 7, '0'))
   assert not unknown['ok'] and unknown['error'] == 'bad_request' and 'no peer' in unknown['message']
