@@ -72,11 +72,20 @@ def _user() -> str:
 def network_prefix(expose_courier_ports: bool = False, caller_coordinates: bool = False) -> list:
   """The command prefix that starts a local program's launcher in a private network.
 
-  Returns `unshare -n` (or `-rn`) when this process is on the host's network; [] when it
-  already runs in a private namespace of ntkdd's (a CLI that re-ran itself there, a test) or
-  when `expose_courier_ports` opts out (logged as a warning). `caller_coordinates`: this
-  process talks to the workers itself (`ntkdd kernel`), so it must already be inside.
-  Raises `PrivateNetworkUnavailable` (why, and how to proceed) otherwise.
+  Args:
+    expose_courier_ports: opt out: the ports listen on the host's network (logged as a
+      warning).
+    caller_coordinates: this process talks to the workers itself (`ntkdd kernel`), so it
+      must already be inside a private namespace.
+
+  Returns:
+    `unshare -n` (or `-rn`) when this process is on the host's network; [] when it already
+    runs in a private namespace of ntkdd's (a CLI that re-ran itself there, a test) or when
+    `expose_courier_ports` opts out.
+
+  Raises:
+    PrivateNetworkUnavailable: no namespace can be made (the message says why, and how to
+      proceed).
   """
   if expose_courier_ports:
     logging.warning(_exposure_warning())
@@ -112,10 +121,18 @@ def import_launchpad():
 
 
 def rerun_in_private_network(argv: Sequence[str]) -> Optional[int]:
-  """For a process that coordinates Launchpad workers itself (`ntkdd kernel`, a benchmark):
-  runs the command `argv` (this process's own, typically) inside a private network namespace
-  and returns its exit code; None when this process already runs in one and may go on.
-  Raises `PrivateNetworkUnavailable` where no namespace can be made."""
+  """Re-runs a process that coordinates Launchpad workers itself inside a private network.
+
+  For `ntkdd kernel` or a benchmark: runs the command `argv` (this process's own, typically)
+  inside a private network namespace.
+
+  Returns:
+    The command's exit code; None when this process already runs in a private namespace and
+    may go on.
+
+  Raises:
+    PrivateNetworkUnavailable: no namespace can be made here.
+  """
   prefix = network_prefix()
   if not prefix:
     return None
@@ -216,9 +233,15 @@ class LaunchpadCoordinator(coordinator.Coordinator):
 
 def add_worker_nodes(program, arch, workers: int, dtype: str = 'float32',
                      tile: Optional[int] = None, dataset: Optional[dict] = None) -> list:
-  """`workers` KernelWorker Courier nodes in the program's 'workers' group; their handles.
+  """Adds `workers` KernelWorker Courier nodes to the program's 'workers' group.
 
-  `dataset` (a `DataSpec` dict): each worker loads it itself, so targets go as indices.
+  Args:
+    program: the `lp.Program`.
+    arch: the architecture (or its dict); dtype, tile: the workers' kernel dtype and tile.
+    dataset: a `DataSpec` dict: each worker loads it itself, so targets go as indices.
+
+  Returns:
+    The nodes' Courier handles (Launchpad turns them into clients in the nodes given them).
   """
   lp = import_launchpad()
   from ntkdd.workers import kernel_worker
@@ -239,8 +262,17 @@ def make_program(cfg, run_dir: str, workers: int, resume: bool = False, block: i
                  coordinator_kwargs: Optional[dict] = None):
   """The Launchpad program of a distillation: kernel workers plus the coordinator.
 
-  `cfg`: a `DistillConfig` (KIP, LS) or a `jobs.RcigJob` (the workers serve its KRR
-  evaluation's kernel)."""
+  Args:
+    cfg: a `DistillConfig` (KIP, LS) or a `jobs.RcigJob` (the workers serve its KRR
+      evaluation's kernel).
+    run_dir, resume, block, deadline_s, startup_timeout_s, coordinator_kwargs: for the
+      coordinator (`coordinator.Coordinator`).
+    workers: how many kernel worker nodes; worker_tile: their kernel tile (default cfg.tile).
+    stop_program: the coordinator calls `lp.stop()` when the run ends.
+
+  Returns:
+    The `lp.Program`, with node groups WORKERS and COORDINATOR.
+  """
   lp = import_launchpad()
   from ntkdd.server import jobs
   cfg.validate()
@@ -355,10 +387,17 @@ def run_local_mp(cfg, run_dir: str, workers: int, resume: bool = False,
                  expose_courier_ports: bool = False) -> dict:
   """Runs `ntkdd distill --launch launchpad --workers N`: local_mp, waits, ends every process.
 
-  Returns the summary dict (as `distill.distill`). Raises `distill.Interrupted` if the run was
-  stopped by a signal (Ctrl-C here SIGTERMs the coordinator, which checkpoints first),
-  `CoordinatorFailed` with the coordinator's error (and the node logs' tails) otherwise, and
-  `TimeoutError` past `timeout_s` (the checkpoint stays for --resume).
+  Args:
+    As `start_local_mp`; timeout_s: how long to wait for the result (None: no limit).
+
+  Returns:
+    The summary dict (as `distill.distill`).
+
+  Raises:
+    distill.Interrupted: the run was stopped by a signal (Ctrl-C here SIGTERMs the
+      coordinator, which checkpoints first).
+    CoordinatorFailed: the coordinator's error (and the node logs' tails).
+    TimeoutError: past `timeout_s` (the checkpoint stays for --resume).
   """
   from ntkdd.server import distill
   program = start_local_mp(cfg, run_dir, workers, resume=resume, block=block,
@@ -381,7 +420,19 @@ def run_local_mp(cfg, run_dir: str, workers: int, resume: bool = False,
 # -- Kernel workers for a caller that coordinates itself (`ntkdd kernel`). ----------------------
 
 class LaunchpadKernels(distributed_kernels.OwnedWorkersKernels):
-  """`DistributedKernels` over Launchpad kernel workers (local_mp); close() ends the program."""
+  """`DistributedKernels` over Launchpad kernel workers (local_mp); close() ends the program.
+
+  Args:
+    arch, tile, dtype, dataset: the workers' architecture, kernel tile, dtype and `DataSpec`
+      dict (as `add_worker_nodes`).
+    workers: how many workers; block: rows and columns of a kernel block.
+    startup_timeout_s: how long the program and its workers may take to come up.
+    log_dir: where the program's files go (default: a new temporary folder).
+    env: extra environment variables of the worker nodes.
+    expose_courier_ports: see `network_prefix`; this process must otherwise already run in
+      a private network namespace.
+    **coordinator_kwargs: further `DistributedKernels` options.
+  """
 
   def __init__(self, arch, workers: int, tile: Optional[int] = None, dtype: str = 'float32',
                block: int = 64, startup_timeout_s: float = 300.0,

@@ -105,13 +105,21 @@ def _default_address() -> str:
 
 
 def connect(ray_address: Optional[str] = None, local_cpus: Optional[int] = None) -> bool:
-  """Connects this process to Ray unless it already is; True if this call connected it.
+  """Connects this process to Ray unless it already is.
 
-  `ray_address`: None (the default: a running cluster, found as `ray.init()` finds one, else
-  a private local Ray, as `ray.init()` does; the log says which), 'auto' (the cluster started
-  on this machine with `ray start`, found through RAY_ADDRESS or Ray's temp dir; an error if
-  there is none), 'HOST:PORT' (a cluster's GCS address), or 'local' (start a private local Ray
-  for this process, with `local_cpus` CPUs, on loopback; ended by `ray.shutdown`).
+  Args:
+    ray_address: None (the default: a running cluster, found as `ray.init()` finds one, else
+      a private local Ray, as `ray.init()` does; the log says which), 'auto' (the cluster
+      started on this machine with `ray start`, found through RAY_ADDRESS or Ray's temp dir;
+      an error if there is none), 'HOST:PORT' (a cluster's GCS address), or 'local' (start a
+      private local Ray for this process, on loopback; ended by `ray.shutdown`).
+    local_cpus: the CPUs of a private local Ray (default: Ray's choice).
+
+  Returns:
+    True if this call connected (the caller then calls `ray.shutdown()` when done).
+
+  Raises:
+    ConnectionError: no cluster at the address (the message names --ray-address).
   """
   ray = import_ray()
   if ray.is_initialized():

@@ -118,12 +118,24 @@ def start_worker_actors(arch, workers: int, dtype: str = 'float32', tile: Option
                         worker_cpus: float = 1, worker_gpus: Optional[float] = None,
                         worker_resources: Optional[Sequence[dict]] = None,
                         env: Optional[dict] = None, max_concurrency: int = 4) -> list:
-  """Creates `workers` named `KernelWorker` actors (does not wait for them); their handles.
+  """Creates `workers` named `KernelWorker` actors; does not wait for them.
 
-  `worker_gpus` None: one GPU per worker if the cluster has GPUs, else none. `worker_resources`:
-  custom resources per worker, cycled (e.g. [{'node_a': 1}, {'node_b': 1}] places worker 0 on
-  the node offering node_a); without them the workers are spread over the nodes.
-  `worker_kwargs` go to `KernelWorker` (e.g. a dataset spec for workers that load the data).
+  Args:
+    arch, dtype, tile: the workers' architecture (or its dict), dtype and kernel tile.
+    workers: how many actors.
+    name_prefix: the actors' names are this plus their index (default: a random prefix).
+    worker_kwargs: further `KernelWorker` arguments (e.g. a dataset spec for workers that load
+      the data).
+    worker_cpus: CPUs each actor asks for.
+    worker_gpus: GPUs each actor asks for; None: one if the cluster has GPUs, else none.
+    worker_resources: custom resources per worker, cycled (e.g. [{'node_a': 1},
+      {'node_b': 1}] places worker 0 on the node offering node_a); without them the workers
+      are spread over the nodes.
+    env: extra environment variables of the actors.
+    max_concurrency: threads per actor (a ping answers while blocks compute).
+
+  Returns:
+    The actor handles, in worker order (`worker_handles` wraps them for the coordinator).
   """
   ray = import_ray()
   from ntkdd.workers import kernel_worker
@@ -271,12 +283,31 @@ def start_ray(cfg, run_dir: str, workers: int, ray_address: Optional[str] = None
               ping_timeout_s: float = 30.0) -> RayRun:
   """Starts the distillation on Ray (workers, then the coordinator's run()); does not wait.
 
-  `ray_address`: see `connect`. The coordinator runs on this process's node (it writes
-  `run_dir`); `run_name` (default: the run directory's basename) names it on the cluster.
   Each worker loads the run's dataset itself (`cfg.data_spec()`, from the same --data-dir path
   on its node), so target and test rows go to it as indices; a worker that cannot load it is
-  sent pixels. `worker_kwargs` add to or override the `KernelWorker` arguments (dataset=None:
-  always pixels).
+  sent pixels.
+
+  Args:
+    cfg: a `DistillConfig` (KIP, LS) or a `jobs.RcigJob`.
+    run_dir: the run directory (on this node: the coordinator actor runs here and writes it).
+    workers: how many worker actors.
+    ray_address: the cluster (see `ray_cluster.connect`).
+    resume, block, deadline_s, startup_timeout_s, coordinator_kwargs: for the coordinator
+      (`coordinator.Coordinator`); `deadline_s` also bounds each worker call.
+    worker_tile: the workers' kernel tile (default cfg.tile).
+    run_name: the run's name on the cluster (default: the run directory's basename).
+    worker_kwargs: add to or override the `KernelWorker` arguments (dataset=None: always
+      pixels).
+    worker_cpus, worker_gpus, worker_resources, env: as `start_worker_actors`.
+    local_cpus: CPUs of a private local Ray, if one is started.
+    ping_timeout_s: how long a worker's ping may take before it counts as down.
+
+  Returns:
+    The running `RayRun`; its `wait()` gives the result, `stop()` kills its actors.
+
+  Raises:
+    CoordinatorFailed: a worker did not start within `startup_timeout_s`.
+    ValueError: a Ray Client address, or a run of the same name already on the cluster.
   """
   ray = import_ray()
   from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy

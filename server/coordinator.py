@@ -71,20 +71,20 @@ def read_result(run_dir: Union[str, Path]) -> Optional[dict]:
     return None
 
 
-def summary_of(result: dict, failed: type = CoordinatorFailed) -> dict:
+def summary_of(result: dict) -> dict:
   """The run's summary from a coordinator's result.
 
   Raises:
     distill.Interrupted: the run was stopped (it checkpointed; --resume continues it).
-    failed: (default `CoordinatorFailed`) the coordinator failed; its error and traceback.
+    CoordinatorFailed: the coordinator failed; the message holds its error and traceback.
   """
   from ntkdd.server import distill
   if result.get('ok'):
     return result['summary']
   if result.get('interrupted'):
     raise distill.Interrupted(result.get('error') or 'Interrupted.')
-  raise failed(f"The coordinator failed: {result.get('error')}\n"
-               f"{result.get('traceback') or ''}")
+  raise CoordinatorFailed(f"The coordinator failed: {result.get('error')}\n"
+                          f"{result.get('traceback') or ''}")
 
 
 def wait_for_workers(handles: Sequence[protocol.WorkerHandle], timeout_s: float) -> list[dict]:
