@@ -68,9 +68,10 @@ import numpy as np  # noqa: E402
 
 import jax  # noqa: E402
 
-from ntkdd.common import architectures, kip, wire  # noqa: E402
+from ntkdd.common import architectures, kip  # noqa: E402
 from ntkdd.launch import inprocess  # noqa: E402
 from ntkdd.server import backend as backend_lib  # noqa: E402
+from ntkdd.workers import protocol  # noqa: E402
 
 
 def env_label() -> str:
@@ -141,7 +142,7 @@ def _worker_snapshot(coord) -> list:
   """Per worker: compute seconds and blocks (its ping), pid and CPU seconds (/proc)."""
   out = []
   for w in coord._workers:   # pylint: disable=protected-access
-    answer = wire.decode(w.handle.ping())
+    answer = protocol.decode(w.handle.ping())
     out.append({'pid': answer.get('pid'), 'compute_s': float(answer.get('compute_seconds', 0)),
                 'blocks': int(answer.get('blocks_done', 0)),
                 'cpu_s': _proc_cpu_s(answer.get('pid'))})

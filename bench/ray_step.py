@@ -91,14 +91,14 @@ def main(args) -> None:
   ds.print_machine(check)
   ray_info = None
   if 'ray' in launches:
-    from ntkdd.launch import ray_launch
-    ray = ray_launch.import_ray()
+    from ntkdd.launch import ray_cluster
+    ray = ray_cluster.import_ray()
     start = time.perf_counter()
     # One private local Ray for every ray row (its start is not a step cost); one CPU per
     # worker, at least as many as the machine has.
-    ray_launch.connect('local', local_cpus=max(max(counts), os.cpu_count() or 1))
+    ray_cluster.connect('local', local_cpus=max(max(counts), os.cpu_count() or 1))
     ray_info = {'version': ray.__version__, 'start_s': time.perf_counter() - start,
-                'address': ray_launch.cluster_address()}
+                'address': ray_cluster.cluster_address()}
     print(f"ray {ray.__version__}: local cluster up in {ray_info['start_s']:.1f} s",
           file=sys.stderr)
   try:

@@ -51,7 +51,7 @@ import numpy as np  # noqa: E402
 import scaling_model  # noqa: E402  (bench/)
 
 from ntkdd.common import kip, sources  # noqa: E402
-from ntkdd.server import coordinator  # noqa: E402
+from ntkdd.server import distributed_kernels  # noqa: E402
 from ntkdd.workers import simulated_worker as sim  # noqa: E402
 
 STAGES = {
@@ -144,7 +144,7 @@ def run_config(args, stage: str, workers: int, ipc: int, train: np.ndarray, key:
                          worker_bandwidth=args.worker_bandwidth, round_trip_s=args.round_trip,
                          time_scale=k)
   fleet = sim.Fleet(workers, params, datasets={key: train})
-  backend = coordinator.DistributedKernels(
+  backend = distributed_kernels.DistributedKernels(
       fleet.handles, block=args.block, max_in_flight_per_worker=args.in_flight,
       deadline_s=max(600.0, 50 * args.step_wall), grace_s=600.0, poll_s=0.2, plan=plan,
       tasks_per_worker=args.tasks_per_worker, tail_halvings=tail_halvings,

@@ -571,8 +571,8 @@ def _cmd_status(args) -> int:
             'cluster address or its run directory, plus --run NAME).', file=sys.stderr)
       return 2
     return status_client.print_status(address, as_json=args.json, timeout_s=args.timeout)
-  from ntkdd.launch import ray_launch
-  return ray_launch.status_main(args.ray_address, args.run, as_json=args.json,
+  from ntkdd.launch import ray_status
+  return ray_status.status_main(args.ray_address, args.run, as_json=args.json,
                                 timeout_s=args.timeout)
 
 

@@ -1,6 +1,6 @@
 """The Ray launch type: kernel workers and the coordinator as actors on a Ray cluster.
 
-The unchanged `KernelWorker` and `CoordinatorNode` classes run as Ray actors:
+The unchanged `KernelWorker` and `server.coordinator.Coordinator` classes run as Ray actors:
 
 * One `KernelWorker` actor per worker, spread over the cluster's nodes (or placed by custom
   resources, `worker_resources`), each asking for `worker_cpus` CPUs and one GPU where the
@@ -23,8 +23,8 @@ coordinator instead of letting it checkpoint its current step. The run continues
 --resume from its last periodic checkpoint (--checkpoint-every).
 
 Files in the run directory besides distill's: ray_address.txt (the cluster's address, then the
-run name), coordinator_result.json (ok / error / interrupted, written when the run ends) and
-worker_pids.json.
+run name), coordinator_result.json and worker_pids.json (server/coordinator.py). Connecting to a
+cluster, and ending actors: launch/ray_cluster.py.
 
 Authentication: whoever reaches a Ray cluster's ports can run code on it unless it requires a
 token (Ray >= 2.52, RAY_AUTH_MODE=token; off by default). Keep the cluster on loopback or a
@@ -33,166 +33,31 @@ the coordinator must share a node, and so the run directory, with the `ntkdd` co
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
-import re
-import socket
 import time
 import uuid
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from ntkdd.launch import launchpad_program, status_client
-from ntkdd.server import coordinator as coordinator_lib
-from ntkdd.server import status as status_lib
-from ntkdd.server.deadline import DeadlineExceeded, call_with_deadline
-from ntkdd.server.run_dir import COORDINATOR_RESULT, RAY_ADDRESS_FILE, WORKER_PIDS
+from ntkdd.launch import nodes, ray_cluster
+from ntkdd.launch.ray_cluster import NAMESPACE, import_ray
+from ntkdd.server import coordinator, distributed_kernels, run_dir as run_dir_lib, status as status_lib
+from ntkdd.server.run_dir import RAY_ADDRESS_FILE
+from ntkdd.server.coordinator import CoordinatorFailed   # what this launch type raises
+from ntkdd.workers import protocol
 
-NAMESPACE = 'ntkdd'
 COORDINATOR_PREFIX = 'ntkdd-coordinator-'
 WORKER_PREFIX = 'ntkdd-worker-'
-INSTALL_HINT = ("the Ray launch type needs Ray on this machine and on every node of the "
-                "cluster: pip install 'ntkdd[ray]'")
-# Several workers (and the coordinator) sharing a GPU must not each grab 75% of its memory.
-ACTOR_ENV = {'XLA_PYTHON_CLIENT_PREALLOCATE': 'false', 'TF_CPP_MIN_LOG_LEVEL': '2'}
-
-
-class CoordinatorFailed(launchpad_program.CoordinatorFailed):
-  """The Ray coordinator actor ended without finishing the run; the message says why."""
-
-
-def import_ray():
-  """The `ray` module, or an ImportError that says how to get it."""
-  try:
-    import ray  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise ImportError(f'{INSTALL_HINT} ({e})') from e
-  return ray
-
-
-def check_reachable(ray_address: Optional[str], timeout_s: float = 5.0) -> None:
-  """ConnectionError unless something listens at a HOST:PORT address ('auto' and 'local' pass).
-
-  `ray.init` retries an address nobody serves for minutes; this fails at once instead.
-  """
-  if not ray_address or ray_address in ('auto', 'local') or '://' in ray_address:
-    return
-  host, _, port = ray_address.rpartition(':')
-  if not host or not port.isdigit():
-    raise ValueError(f'--ray-address needs HOST:PORT, auto or local; got {ray_address!r}.')
-  try:
-    socket.create_connection((host.strip('[]'), int(port)), timeout=timeout_s).close()
-  except OSError as e:
-    raise ConnectionError(f'No Ray cluster answers at {ray_address}: {e}. Is its head node up '
-                          f'(ray start --head), and is that its GCS port?') from e
-
-
-def _use_token_if_available(ray_address: Optional[str]) -> None:
-  """Token authentication for an explicit HOST:PORT when a token is at hand (Ray >= 2.52).
-
-  Ray turns it on by itself for a cluster found with 'auto' and for a new local one, but not
-  for an address given explicitly, so `ntkdd status --ray-address HOST:PORT` would be refused
-  by a cluster with tokens. This does what Ray does for 'auto' (a token sent to a cluster
-  without tokens is ignored); RAY_AUTH_MODE, where set, decides instead.
-  """
-  if not ray_address or ray_address in ('auto', 'local') or 'RAY_AUTH_MODE' in os.environ:
-    return
-  try:
-    from ray._private.authentication import authentication_token_setup as token_setup
-  except ImportError:   # Ray < 2.52: no token authentication
-    return
-  try:
-    token_setup.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-  except Exception as e:  # a private Ray API that may change: then RAY_AUTH_MODE=token is needed
-    logging.debug('Ray token set-up skipped: %s', e)
-
-
-def running_cluster_address() -> tuple[Optional[str], str]:
-  """(HOST:PORT of the Ray cluster `ray.init()` would join, where it was found), or (None, why).
-
-  As `ray.init()` looks: RAY_ADDRESS, else the cluster the last `ray start` on this machine
-  began (Ray's temp dir, $RAY_TMPDIR or /tmp/ray); no local GCS process is guessed at.
-  """
-  env_address = os.environ.get('RAY_ADDRESS', '').strip()
-  if env_address:
-    return env_address, 'RAY_ADDRESS'
-  try:
-    from ray._private import services  # pylint: disable=import-outside-toplevel
-    found = services.find_bootstrap_address(None)
-  except Exception as e:  # a private Ray API: without it, no cluster is found
-    logging.debug('Looking for a running Ray cluster failed: %s', e)
-    found = None
-  if found:
-    return found, 'the cluster `ray start` began on this machine'
-  return None, 'no RAY_ADDRESS and no cluster started with `ray start` on this machine'
-
-
-def _default_address() -> str:
-  """A running cluster's address if there is one that answers, else 'local' (logged)."""
-  address, where = running_cluster_address()
-  if address is not None:
-    try:
-      check_reachable(address)
-    except (ConnectionError, ValueError) as e:
-      if where == 'RAY_ADDRESS':   # the user named it: no silent fallback
-        raise ConnectionError(f'RAY_ADDRESS={address} names no running Ray cluster ({e}). '
-                              f'Unset it to start a private local Ray.') from e
-      logging.warning('The last Ray cluster started on this machine (%s) does not answer: '
-                      'starting a private local Ray for this command instead.', address)
-      return 'local'
-    logging.info('Ray: using the running cluster at %s (%s).', address, where)
-    return address
-  logging.info('Ray: no running cluster (%s): starting a private local Ray for this command '
-               '(it ends with it; --ray-address HOST:PORT joins a cluster instead).', where)
-  return 'local'
-
-
-def connect(ray_address: Optional[str] = None, local_cpus: Optional[int] = None) -> bool:
-  """Connects this process to Ray unless it already is; True if this call connected it.
-
-  `ray_address`: None (the default: a running cluster, found as `ray.init()` finds one, else
-  a private local Ray, as `ray.init()` does; the log says which), 'auto' (the cluster started
-  on this machine with `ray start`, found through RAY_ADDRESS or Ray's temp dir; an error if
-  there is none), 'HOST:PORT' (a cluster's GCS address), or 'local' (start a private local Ray
-  for this process, with `local_cpus` CPUs, on loopback; ended by `ray.shutdown`).
-  """
-  ray = import_ray()
-  if ray.is_initialized():
-    return False
-  address = _default_address() if ray_address in (None, '') else ray_address
-  check_reachable(address)
-  _use_token_if_available(address)
-  kwargs: dict = dict(namespace=NAMESPACE, logging_level=logging.WARNING)
-  if address == 'local':
-    kwargs.update(num_cpus=local_cpus, include_dashboard=False,
-                  _node_ip_address='127.0.0.1')
-  try:
-    ray.init(address=address, **kwargs)
-  except ConnectionError as e:
-    # Ray's own hint names its CLI's --address flag; ntkdd's flag is --ray-address.
-    hint = re.sub(r'(the )?`--address`( flag)?', '--ray-address', str(e))
-    raise ConnectionError(f'No Ray cluster at --ray-address {address}: {hint} Start one with '
-                          f'`ray start --head`, give its HOST:PORT, or leave --ray-address '
-                          f'out for a private one on this machine.') from e
-  return True
-
-
-def cluster_address() -> str:
-  """The GCS address (HOST:PORT) of the cluster this process is connected to."""
-  return import_ray().get_runtime_context().gcs_address
 
 
 # -- Kernel workers. ----------------------------------------------------------------------------
 
-class RayWorkerHandle:
+class RayWorkerHandle(protocol.WorkerHandle):
   """A `KernelWorker` actor called like a local worker: bytes/ints/strs in, bytes out.
 
   Each method waits for its answer with `ray.get(..., timeout)` and raises when the actor has
   died, is restarting past the timeout, or is late, so `DistributedKernels` marks the worker
   down and re-queues its blocks. Picklable: the coordinator actor receives these handles.
-  No `address` attribute, on purpose: `launchpad_program._rpc_clients` would take a handle
-  with one for a Courier client.
   """
 
   def __init__(self, actor: Any, name: str = 'worker', call_timeout_s: float = 600.0,
@@ -218,27 +83,31 @@ class RayWorkerHandle:
         pass
       raise TimeoutError(f'{self.name}.{method}: no answer within {timeout_s:g} s') from None
 
+  def wait_ready(self, timeout_s: float) -> bytes:
+    """Its ping, waiting up to `timeout_s` for Ray to place and start the actor."""
+    try:
+      return self._call(protocol.PING, timeout_s)
+    except TimeoutError:
+      ray = import_ray()
+      raise TimeoutError(f'Ray needs a node with the resources each worker asks for; the '
+                         f'cluster has {ray.available_resources()} available of '
+                         f'{ray.cluster_resources()}.') from None
+
   def ping(self) -> bytes:
-    return self._call('ping', self.ping_timeout_s)
+    return self._call(protocol.PING, self.ping_timeout_s)
 
   def set_images(self, name: str, version: int, payload: bytes) -> bytes:
-    return self._call('set_images', self.call_timeout_s, name, version, payload)
+    return self._call(protocol.SET_IMAGES, self.call_timeout_s, name, version, payload)
 
   def kernel_block(self, request: bytes) -> bytes:
-    return self._call('kernel_block', self.call_timeout_s, request)
+    return self._call(protocol.KERNEL_BLOCK, self.call_timeout_s, request)
 
   def vjp_block(self, request: bytes) -> bytes:
-    return self._call('vjp_block', self.call_timeout_s, request)
-
-
-def _arch_dict(arch) -> dict:
-  return arch.to_dict() if hasattr(arch, 'to_dict') else dict(arch)
+    return self._call(protocol.VJP_BLOCK, self.call_timeout_s, request)
 
 
 def _actor_env(env: Optional[dict]) -> dict:
-  merged = dict(ACTOR_ENV)
-  merged.update({k: str(v) for k, v in (env or {}).items()})
-  return {'env_vars': merged}
+  return {'env_vars': nodes.node_env(env)}
 
 
 def start_worker_actors(arch, workers: int, dtype: str = 'float32', tile: Optional[int] = None,
@@ -246,12 +115,24 @@ def start_worker_actors(arch, workers: int, dtype: str = 'float32', tile: Option
                         worker_cpus: float = 1, worker_gpus: Optional[float] = None,
                         worker_resources: Optional[Sequence[dict]] = None,
                         env: Optional[dict] = None, max_concurrency: int = 4) -> list:
-  """Creates `workers` named `KernelWorker` actors (does not wait for them); their handles.
+  """Creates `workers` named `KernelWorker` actors; does not wait for them.
 
-  `worker_gpus` None: one GPU per worker if the cluster has GPUs, else none. `worker_resources`:
-  custom resources per worker, cycled (e.g. [{'node_a': 1}, {'node_b': 1}] places worker 0 on
-  the node offering node_a); without them the workers are spread over the nodes.
-  `worker_kwargs` go to `KernelWorker` (e.g. a dataset spec for workers that load the data).
+  Args:
+    arch, dtype, tile: the workers' architecture (or its dict), dtype and kernel tile.
+    workers: how many actors.
+    name_prefix: the actors' names are this plus their index (default: a random prefix).
+    worker_kwargs: further `KernelWorker` arguments (e.g. a dataset spec for workers that load
+      the data).
+    worker_cpus: CPUs each actor asks for.
+    worker_gpus: GPUs each actor asks for; None: one if the cluster has GPUs, else none.
+    worker_resources: custom resources per worker, cycled (e.g. [{'node_a': 1},
+      {'node_b': 1}] places worker 0 on the node offering node_a); without them the workers
+      are spread over the nodes.
+    env: extra environment variables of the actors.
+    max_concurrency: threads per actor (a ping answers while blocks compute).
+
+  Returns:
+    The actor handles, in worker order (`worker_handles` wraps them for the coordinator).
   """
   ray = import_ray()
   from ntkdd.workers import kernel_worker
@@ -276,51 +157,22 @@ def start_worker_actors(arch, workers: int, dtype: str = 'float32', tile: Option
         options['scheduling_strategy'] = 'SPREAD'
       try:
         actor = actor_class.options(**options).remote(
-            _arch_dict(arch), dtype, tile, worker_id=i, **(worker_kwargs or {}))
+            nodes.arch_dict(arch), dtype, tile, worker_id=i, **(worker_kwargs or {}))
       except ValueError as e:  # the name is taken: another run of the same name is up
         raise ValueError(f'Cannot create Ray actor {options["name"]!r} in namespace '
                          f'{NAMESPACE!r}: {e}') from e
       actors.append(actor)
   except BaseException:
-    kill_actors(actors)
+    ray_cluster.kill_actors(actors)
     raise
   return actors
 
 
-def wait_for_workers(actors: Sequence, timeout_s: float) -> list[dict]:
-  """Waits until every worker actor answers ping; their answers. CoordinatorFailed if not."""
-  ray = import_ray()
-  from ntkdd.common import wire
-  refs = [actor.ping.remote() for actor in actors]
-  ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-  if pending:
-    missing = [i for i, ref in enumerate(refs) if ref in pending]
-    raise CoordinatorFailed(
-        f'Kernel workers {missing} did not start within {timeout_s:g} s. Ray needs a node '
-        f'with the resources each worker asks for; the cluster has '
-        f'{ray.available_resources()} available of {ray.cluster_resources()}.')
-  try:
-    return [wire.decode(answer) for answer in ray.get(refs)]
-  except ray.exceptions.RayError as e:
-    raise CoordinatorFailed(f'A kernel worker failed to start: {e}') from e
-
-
-def kill_actors(actors: Sequence) -> None:
-  """Kills the actors for good (no restart); ignores the ones already gone."""
-  ray = import_ray()
-  for actor in actors:
-    try:
-      ray.kill(actor, no_restart=True)
-    except Exception as e:  # gone already, or the connection is: nothing left to end
-      logging.debug('ray.kill(%s): %s', actor, e)
-
-
-def actor_node_ids(actors: Sequence, timeout_s: float = 30.0) -> list[str]:
-  """The Ray node id each actor runs on."""
-  ray = import_ray()
-  refs = [a.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id())
-          for a in actors]
-  return ray.get(refs, timeout=timeout_s)
+def worker_handles(actors: Sequence, call_timeout_s: float = 600.0,
+                   ping_timeout_s: float = 30.0) -> list[RayWorkerHandle]:
+  """A `RayWorkerHandle` per worker actor, named 'worker <index>'."""
+  return [RayWorkerHandle(a, name=f'worker {i}', call_timeout_s=call_timeout_s,
+                          ping_timeout_s=ping_timeout_s) for i, a in enumerate(actors)]
 
 
 # -- The distillation: the coordinator actor. ---------------------------------------------------
@@ -334,8 +186,7 @@ def coordinator_name(run_name: str) -> str:
 
 
 def write_address_file(run_dir: Path, address: str, run_name: str) -> None:
-  from ntkdd.server import run_dir as run_files
-  run_files.write_text(Path(run_dir) / RAY_ADDRESS_FILE, f'{address}\n{run_name}\n')
+  run_dir_lib.atomic_write_bytes(Path(run_dir) / RAY_ADDRESS_FILE, f'{address}\n{run_name}\n'.encode())
 
 
 def read_address_file(run_dir: Union[str, Path]) -> tuple[str, str]:
@@ -344,8 +195,8 @@ def read_address_file(run_dir: Union[str, Path]) -> tuple[str, str]:
   try:
     lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
   except OSError:
-    raise status_lib.StatusQueryError(f'{run_dir} has no {RAY_ADDRESS_FILE}: no Ray run has '
-                                      f'started there.') from None
+    raise status_lib.StatusQueryError(f'{run_dir} has no {RAY_ADDRESS_FILE}: no Ray run has started '
+                                      f'there.') from None
   if len(lines) < 2:
     raise status_lib.StatusQueryError(f'{path} should hold the Ray address and the run name.')
   return lines[0], lines[1]
@@ -394,11 +245,11 @@ class RayRun:
       raise CoordinatorFailed(
           f'The coordinator actor ended without a result ({type(e).__name__}: {e}). The '
           f'checkpoint in {self.run_dir} is kept: continue with --resume.') from e
-    try:
-      return json.loads((self.run_dir / COORDINATOR_RESULT).read_text())
-    except (OSError, ValueError) as e:
+    result = coordinator.read_result(self.run_dir)
+    if result is None:
       raise CoordinatorFailed(f'The coordinator finished without a readable '
-                              f'{self.run_dir / COORDINATOR_RESULT}: {e}') from e
+                              f'{self.run_dir / coordinator.RESULT_FILE}.')
+    return result
 
   def stop(self) -> None:
     """Kills the coordinator, then the workers; disconnects if `start_ray` connected."""
@@ -406,7 +257,7 @@ class RayRun:
       return
     self._stopped = True
     try:
-      kill_actors([self.coordinator] + list(self.workers))
+      ray_cluster.kill_actors([self.coordinator] + list(self.workers))
     finally:
       if self._connected_here:
         import_ray().shutdown()
@@ -428,12 +279,31 @@ def start_ray(cfg, run_dir: str, workers: int, ray_address: Optional[str] = None
               ping_timeout_s: float = 30.0) -> RayRun:
   """Starts the distillation on Ray (workers, then the coordinator's run()); does not wait.
 
-  `ray_address`: see `connect`. The coordinator runs on this process's node (it writes
-  `run_dir`); `run_name` (default: the run directory's basename) names it on the cluster.
   Each worker loads the run's dataset itself (`cfg.data_spec()`, from the same --data-dir path
   on its node), so target and test rows go to it as indices; a worker that cannot load it is
-  sent pixels. `worker_kwargs` add to or override the `KernelWorker` arguments (dataset=None:
-  always pixels).
+  sent pixels.
+
+  Args:
+    cfg: a `DistillConfig` (KIP, LS) or a `jobs.RcigJob`.
+    run_dir: the run directory (on this node: the coordinator actor runs here and writes it).
+    workers: how many worker actors.
+    ray_address: the cluster (see `ray_cluster.connect`).
+    resume, block, deadline_s, startup_timeout_s, coordinator_kwargs: for the coordinator
+      (`coordinator.Coordinator`); `deadline_s` also bounds each worker call.
+    worker_tile: the workers' kernel tile (default cfg.tile).
+    run_name: the run's name on the cluster (default: the run directory's basename).
+    worker_kwargs: add to or override the `KernelWorker` arguments (dataset=None: always
+      pixels).
+    worker_cpus, worker_gpus, worker_resources, env: as `start_worker_actors`.
+    local_cpus: CPUs of a private local Ray, if one is started.
+    ping_timeout_s: how long a worker's ping may take before it counts as down.
+
+  Returns:
+    The running `RayRun`; its `wait()` gives the result, `stop()` kills its actors.
+
+  Raises:
+    CoordinatorFailed: a worker did not start within `startup_timeout_s`.
+    ValueError: a Ray Client address, or a run of the same name already on the cluster.
   """
   ray = import_ray()
   from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -446,13 +316,12 @@ def start_ray(cfg, run_dir: str, workers: int, ray_address: Optional[str] = None
                      'HOST:PORT of the GCS), not through Ray Client (ray://): the coordinator '
                      'writes --out on the driver\'s node. Run ntkdd on the head node, or submit '
                      'it with `ray job submit`.')
-  run_dir = launchpad_program.open_run_dir(run_dir, resume,
-                                          (COORDINATOR_RESULT, RAY_ADDRESS_FILE, WORKER_PIDS))
+  run_dir = coordinator.open_run_dir(run_dir, resume, coordinator.STALE_FILES + (RAY_ADDRESS_FILE,))
   run_name = run_name or default_run_name(run_dir)
-  connected_here = connect(ray_address, local_cpus)
+  connected_here = ray_cluster.connect(ray_address, local_cpus)
   actors: list = []
   try:
-    address = cluster_address()
+    address = ray_cluster.cluster_address()
     name = coordinator_name(run_name)
     write_address_file(run_dir, address, run_name)
     logging.info('Ray cluster at %s; run %r (actor %s in namespace %s). Status: ntkdd status '
@@ -464,11 +333,9 @@ def start_ray(cfg, run_dir: str, workers: int, ray_address: Optional[str] = None
         worker_kwargs={'dataset': cfg.data_spec().to_dict(), **(worker_kwargs or {})},
         worker_cpus=worker_cpus, worker_gpus=worker_gpus, worker_resources=worker_resources,
         env=env)
-    handles = [RayWorkerHandle(a, name=f'worker {i}', call_timeout_s=deadline_s,
-                               ping_timeout_s=ping_timeout_s) for i, a in enumerate(actors)]
-    coordinator_class = ray.remote(launchpad_program.CoordinatorNode)
+    handles = worker_handles(actors, call_timeout_s=deadline_s, ping_timeout_s=ping_timeout_s)
     try:
-      coordinator = coordinator_class.options(
+      coordinator_actor = ray.remote(coordinator.Coordinator).options(
           name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=0,
           # run() holds one thread for the whole run; status() and ping() need others.
           max_concurrency=4,
@@ -476,26 +343,26 @@ def start_ray(cfg, run_dir: str, workers: int, ray_address: Optional[str] = None
               ray.get_runtime_context().get_node_id(), soft=False),
           runtime_env=_actor_env(env)).remote(
               jobs.to_dict(cfg), str(run_dir), bool(resume), handles, block=block,
-              deadline_s=deadline_s, startup_timeout_s=startup_timeout_s, stop_program=False,
+              deadline_s=deadline_s, startup_timeout_s=startup_timeout_s,
               coordinator_kwargs=coordinator_kwargs)
     except ValueError as e:  # the name is taken
       raise ValueError(f'A run named {run_name!r} is already on this Ray cluster (actor {name} '
                        f'in namespace {NAMESPACE}): {e}. Choose another --out directory name.'
                        ) from e
-    actors.insert(0, coordinator)
-    # The workers import JAX first; the coordinator's own first ping would time out on a slow
-    # start, so it runs once they all answer. Its status() answers meanwhile ('starting').
-    for i, answer in enumerate(wait_for_workers(actors[1:], startup_timeout_s)):
+    actors.insert(0, coordinator_actor)
+    # The workers import JAX first: the coordinator runs once they all answer, so the run's
+    # start-up errors reach this process. Its status() answers meanwhile ('starting').
+    for i, answer in enumerate(coordinator.wait_for_workers(handles, startup_timeout_s)):
       if answer.get('dataset_error'):
         logging.warning('Kernel worker %d could not load the dataset on its node (%s); it '
                         'will be sent pixels.', i, answer['dataset_error'])
-    run_ref = coordinator.run.remote()
+    run_ref = coordinator_actor.run.remote()
   except BaseException:
-    kill_actors(actors)
+    ray_cluster.kill_actors(actors)
     if connected_here:
       ray.shutdown()
     raise
-  return RayRun(coordinator, actors[1:], run_ref, run_dir, run_name, address, connected_here)
+  return RayRun(coordinator_actor, actors[1:], run_ref, run_dir, run_name, address, connected_here)
 
 
 def run_ray(cfg, run_dir: str, workers: int, ray_address: Optional[str] = None,
@@ -519,119 +386,14 @@ def run_ray(cfg, run_dir: str, workers: int, ray_address: Optional[str] = None,
           f'steps) is kept: continue with the same command plus --resume.') from None
   finally:
     run.stop()
-  return launchpad_program.summary_of(result, CoordinatorFailed)
+  return coordinator.summary_of(result)
 
 
 # -- Status from any process that reaches the cluster. ------------------------------------------
 
-class StatusTimeout(status_lib.StatusQueryError):
-  """The cluster did not answer in time; Ray may still hold this process's connection."""
-
-
-def _run_names(ray) -> list[str]:
-  names = ray.util.list_named_actors(all_namespaces=True)
-  return sorted(a['name'][len(COORDINATOR_PREFIX):] for a in names
-                if a.get('namespace') == NAMESPACE and a['name'].startswith(COORDINATOR_PREFIX))
-
-
-def _connect_quietly(ray_address: Optional[str]) -> bool:
-  ray = import_ray()
-  if ray.is_initialized():
-    return False
-  try:
-    check_reachable(ray_address)
-  except (ConnectionError, ValueError) as e:
-    raise status_lib.StatusQueryError(str(e)) from e
-  _use_token_if_available(ray_address)
-  try:
-    ray.init(address=ray_address or 'auto', namespace=NAMESPACE, log_to_driver=False,
-             logging_level=logging.ERROR)
-  except ConnectionError as e:
-    raise status_lib.StatusQueryError(
-        f'No Ray cluster at {ray_address or "auto"}: {e} If the cluster uses token '
-        f'authentication, this process needs its token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or '
-        f'~/.ray/auth_token).') from e
-  return True
-
-
-def _query(ray_address: Optional[str], run_name: Optional[str], timeout_s: float) -> dict:
-  ray = import_ray()
-  connected_here = _connect_quietly(ray_address)
-  try:
-    if not run_name:
-      runs = _run_names(ray)
-      if len(runs) != 1:
-        raise status_lib.StatusQueryError(
-            f'{len(runs)} ntkdd runs on the Ray cluster at {ray_address}: '
-            f'{", ".join(runs) or "none"}. Name one with --run.')
-      run_name = runs[0]
-    try:
-      actor = ray.get_actor(coordinator_name(run_name), namespace=NAMESPACE)
-    except ValueError:
-      runs = _run_names(ray)
-      raise status_lib.StatusQueryError(
-          f'No run named {run_name!r} on the Ray cluster at {ray_address}; runs there: '
-          f'{", ".join(runs) or "none"}.') from None
-    try:
-      answer = ray.get(actor.status.remote(), timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError:
-      raise status_lib.StatusQueryError(f'No status answer from run {run_name!r} within '
-                                        f'{timeout_s:g} s.') from None
-    except ray.exceptions.RayError as e:
-      raise status_lib.StatusQueryError(f'No status from run {run_name!r}: {e}') from e
-    snapshot = status_lib.decode(answer)
-    snapshot.update(ray_run=run_name, ray_address=cluster_address())
-    # The status table's coordinator row: where to ask again.
-    snapshot.setdefault('address', f"ray {snapshot['ray_address']} run {run_name}")
-    return snapshot
-  finally:
-    if connected_here:
-      ray.shutdown()
-
-
-def query_ray_status(ray_address: Optional[str], run_name: Optional[str] = None,
-                     timeout_s: float = 10.0, connect_timeout_s: float = 60.0) -> dict:
-  """The status snapshot of run `run_name`'s coordinator actor on the cluster at `ray_address`.
-
-  `ray_address` may also be a run directory (its ray_address.txt gives the address and, unless
-  `run_name` is given, the run). Without a run name the cluster's only run is asked. Uses this
-  process's Ray connection if it has one. Raises `StatusQueryError`; `StatusTimeout` when no
-  answer came within connect_timeout_s + timeout_s (a cluster that went away while `ray.init`
-  was connecting retries for minutes).
-  """
-  import_ray()
-  if ray_address and Path(ray_address).is_dir():
-    ray_address, saved_name = read_address_file(ray_address)
-    run_name = run_name or saved_name
-  try:
-    return call_with_deadline(_query, connect_timeout_s + timeout_s,
-                              (ray_address, run_name, timeout_s), name='ntkdd-ray-status')
-  except DeadlineExceeded:
-    raise StatusTimeout(f'No answer from the Ray cluster at {ray_address or "auto"} within '
-                        f'{connect_timeout_s + timeout_s:g} s.') from None
-
-
-def status_main(ray_address: Optional[str], run_name: Optional[str] = None,
-                as_json: bool = False, timeout_s: float = 10.0) -> int:
-  """`ntkdd status --ray-address ADDRESS [--run NAME] [--json]`: prints the run's status."""
-  import sys
-  try:
-    snapshot = query_ray_status(ray_address, run_name, timeout_s=timeout_s)
-  except StatusTimeout as e:
-    print(f'ntkdd status: error: {e}', file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os._exit(2)   # Ray's exit hooks would wait on the connection attempt still under way
-  except (status_lib.StatusQueryError, ImportError) as e:
-    print(f'ntkdd status: error: {e}', file=sys.stderr)
-    return 2
-  print(json.dumps(snapshot, indent=2, sort_keys=True) if as_json
-        else status_client.format_status(snapshot))
-  return 0
-
-
 # -- Kernel workers for a caller that coordinates itself (`ntkdd kernel`). ----------------------
 
-class RayKernels(coordinator_lib.OwnedWorkersKernels):
+class RayKernels(distributed_kernels.OwnedWorkersKernels):
   """`DistributedKernels` over Ray `KernelWorker` actors; close() kills the actors.
 
   Arguments as `start_ray`'s where they share a name; `call_timeout_s` bounds each block call.
@@ -645,10 +407,9 @@ class RayKernels(coordinator_lib.OwnedWorkersKernels):
                local_cpus: Optional[int] = None, call_timeout_s: float = 600.0,
                ping_timeout_s: float = 30.0, dataset: Optional[dict] = None,
                **coordinator_kwargs):
-    from ntkdd.server import coordinator
     if workers < 1:
       raise ValueError(f'--workers must be >= 1 with --launch ray, got {workers}.')
-    self._connected_here = connect(ray_address, local_cpus)
+    self._connected_here = ray_cluster.connect(ray_address, local_cpus)
     self.actors: list = []
     self._backend = None
     try:
@@ -657,18 +418,16 @@ class RayKernels(coordinator_lib.OwnedWorkersKernels):
       self.actors = start_worker_actors(arch, workers, dtype, tile, worker_kwargs=worker_kwargs,
                                         worker_cpus=worker_cpus, worker_gpus=worker_gpus,
                                         worker_resources=worker_resources, env=env)
-      wait_for_workers(self.actors, startup_timeout_s)
-      handles = [RayWorkerHandle(a, name=f'worker {i}', call_timeout_s=call_timeout_s,
-                                 ping_timeout_s=ping_timeout_s)
-                 for i, a in enumerate(self.actors)]
-      self._backend = coordinator.DistributedKernels(handles, block=block, dtype=dtype,
-                                                     **coordinator_kwargs)
+      handles = worker_handles(self.actors, call_timeout_s, ping_timeout_s)
+      coordinator.wait_for_workers(handles, startup_timeout_s)
+      self._backend = distributed_kernels.DistributedKernels(handles, block=block, dtype=dtype,
+                                                             **coordinator_kwargs)
     except BaseException:
       self._release()
       raise
 
   def _release(self) -> None:
-    kill_actors(self.actors)
+    ray_cluster.kill_actors(self.actors)
     self.actors = []
     if self._connected_here:
       self._connected_here = False

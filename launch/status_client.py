@@ -5,7 +5,7 @@ directory it needs no network: the live RUN_DIR/status.sock, else the status.jso
 judged against what the run left behind (a summary, a result file, a writer pid that no longer
 exists), else the run directory's files. A multi-host Launchpad coordinator is asked over
 Courier at HOST:PORT (`status() -> bytes`); a Ray run's coordinator actor by
-launch/ray_launch.py's `query_ray_status`. `format_status` is the human-readable table.
+launch/ray_status.py's `query_ray_status`. `format_status` is the human-readable table.
 """
 from __future__ import annotations
 

@@ -22,8 +22,7 @@ import pytest
 ray = pytest.importorskip('ray')
 
 from ntkdd.common import architectures  # noqa: E402
-from ntkdd.launch import cli, inprocess, private_network, ray_launch  # noqa: E402
-from ntkdd.launch import status_client  # noqa: E402
+from ntkdd.launch import cli, inprocess, private_network, ray_cluster, ray_launch, ray_status  # noqa: E402
 from ntkdd.server import status  # noqa: E402
 from run_helpers import BLOCK, TIMEOUT_S, wait_for  # noqa: E402
 from run_helpers import assert_same_support as _assert_same_support  # noqa: E402
@@ -37,7 +36,7 @@ TINY_FLAGS = ['--data-dir', '.', '--ipc', '2', '--steps', '4', '--arch', 'fc', '
 
 def _actor_gone(name):
   try:
-    ray.get_actor(name, namespace=ray_launch.NAMESPACE)
+    ray.get_actor(name, namespace=ray_cluster.NAMESPACE)
   except ValueError:
     return True
   return False
@@ -83,7 +82,7 @@ def local_ray():
   ray.init(address='local', num_cpus=2, include_dashboard=False, logging_level='WARNING',
            _temp_dir=temp_dir, _node_ip_address='127.0.0.1')
   try:
-    address = ray_launch.cluster_address()
+    address = ray_cluster.cluster_address()
     assert address.startswith('127.0.0.1:'), address
     yield address
   finally:
@@ -107,7 +106,7 @@ class TestLocalRay:
     def poll_status():   # the named coordinator actor answers while run() runs
       while not stop.is_set():
         try:
-          snapshots.append(ray_launch.query_ray_status(None, 'ray-run', timeout_s=5))
+          snapshots.append(ray_status.query_ray_status(None, 'ray-run', timeout_s=5))
         except status.StatusQueryError:
           pass
         time.sleep(0.05)
@@ -137,7 +136,7 @@ class TestLocalRay:
     running = [s for s in snapshots if s['phase'] == 'running' and s['workers']]
     assert running and all(len(s['workers']) == 2 for s in running)
     # The coordinator actor left its final status in the run directory as well.
-    final = status_client.query_status(str(run_dir))
+    final = status.query_status(str(run_dir))
     assert final['source'] == 'snapshot' and final['phase'] == 'done' and final['step'] == 4
     _assert_actors_gone('ray-run', 2)
 
@@ -237,7 +236,7 @@ class TestLocalRay:
     assert [r['step'] for r in got if 'krr_test_accuracy' in r] == [0, 2, 4]
     result = json.loads((run_dir / 'coordinator_result.json').read_text())
     assert result['ok'] and all(w['blocks_done'] > 0 for w in result['backend']['workers'])
-    final = status_client.query_status(str(run_dir))
+    final = status.query_status(str(run_dir))
     assert final['source'] == 'snapshot' and final['phase'] == 'done' and final['step'] == 4
     assert final['last_krr_accuracy'] == reference['krr_test_accuracy_after']
     _assert_actors_gone('ray-rcig', 2)

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import ray
 
-from ntkdd.launch import ray_launch
-from ntkdd.server import distill
-from ntkdd.server import run_dir as run_dir_lib
+from ntkdd.launch import ray_cluster, ray_launch
+from ntkdd.server import coordinator, distill
 
 
 def _processes() -> dict[int, tuple[int, str]]:
@@ -78,7 +77,7 @@ def main() -> None:
   report: dict = {'driver_pid': os.getpid()}
   start = time.monotonic()
   try:
-    ray_launch.connect(args.address)
+    ray_cluster.connect(args.address)
     nodes = {n['NodeID']: ('a' if 'node_a' in n['Resources'] else 'b')
              for n in ray.nodes() if n['Alive']}
     report['nodes'] = sorted(nodes.values())
@@ -88,15 +87,15 @@ def main() -> None:
         startup_timeout_s=90, worker_resources=[{'node_a': 1}, {'node_b': 1}],
         ping_timeout_s=5, coordinator_kwargs={'retry_backoff_s': 0.5, 'max_backoff_s': 2.0})
     try:
-      report['worker_nodes'] = [nodes[i] for i in ray_launch.actor_node_ids(run.workers)]
-      report['coordinator_node'] = nodes[ray_launch.actor_node_ids([run.coordinator])[0]]
+      report['worker_nodes'] = [nodes[i] for i in ray_cluster.actor_node_ids(run.workers)]
+      report['coordinator_node'] = nodes[ray_cluster.actor_node_ids([run.coordinator])[0]]
       deadline = time.monotonic() + args.timeout
       while _last_step(run_dir) < args.kill_at_step:
         if not run.running() or time.monotonic() > deadline:
           raise RuntimeError(f'The run ended or stalled before step {args.kill_at_step}.')
         time.sleep(0.02)
       worker_pids = {int(k): v for k, v in json.loads(
-          (run_dir / run_dir_lib.WORKER_PIDS).read_text())['workers'].items()}
+          (run_dir / coordinator.WORKER_PIDS_FILE).read_text())['workers'].items()}
       node_a, node_b = node_processes(str(work / 'a')), node_processes(str(work / 'b'))
       report['worker_pids'] = worker_pids
       report['worker_on_node_a'] = {i: pid in node_a for i, pid in worker_pids.items()}

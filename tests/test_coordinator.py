@@ -1,13 +1,17 @@
-"""The distributed kernel service: wire format, workers, coordinator faults, KIP end to end."""
+"""The distributed kernel service: wire format, workers, coordinator faults, KIP end to end, and
+the coordinator program."""
+import json
+import os
 import threading
+import time
 
 import numpy as np
 import pytest
 
-from ntkdd.common import architectures, prepared, sources, wire
+from ntkdd.common import architectures, prepared, sources
 from ntkdd.launch.inprocess import LocalWorkerHandle, make_inprocess_backend
-from ntkdd.server import backend, coordinator, distill
-from ntkdd.workers import kernel_worker
+from ntkdd.server import backend, coordinator, distill, distributed_kernels, jobs, status
+from ntkdd.workers import kernel_worker, protocol
 
 FC = architectures.Architecture('fc', depth=1)
 CONVNET = architectures.Architecture('convnet', depth=1)
@@ -38,7 +42,7 @@ def test_wire_round_trips_arrays_and_fields():
              'empty': np.zeros((0, 8, 8, 1), np.float32), 'bools': np.array([True, False]),
              'strided': np.arange(20.0).reshape(4, 5)[:, ::2],
              'n': 3, 'name': 'rows', 'nothing': None, 'nested': {'a': [1, 2.5, 'x']}}
-  decoded = wire.decode(wire.encode(message))
+  decoded = protocol.decode(protocol.encode(message))
   assert set(decoded) == set(message)
   for key, value in message.items():
     if isinstance(value, (np.ndarray, np.generic)):
@@ -47,36 +51,36 @@ def test_wire_round_trips_arrays_and_fields():
       np.testing.assert_array_equal(decoded[key], value)
     else:
       assert decoded[key] == value
-  assert wire.decode(wire.encode({})) == {}
+  assert protocol.decode(protocol.encode({})) == {}
 
 
 def test_wire_carries_megabyte_arrays_as_raw_bytes_and_decodes_without_a_copy():
   # What keeps the wire cheap (its speed is bench/distributed_step.py's business): the bytes are
   # the array's own plus a small header, and decoding makes a view on them, not a copy.
   images = np.random.default_rng(0).normal(size=(256, 32, 32, 3)).astype(np.float32)  # 3 MB
-  data = wire.encode({'images': images})
+  data = protocol.encode({'images': images})
   assert images.nbytes <= len(data) < images.nbytes + 512
-  decoded = wire.decode(data)
+  decoded = protocol.decode(data)
   np.testing.assert_array_equal(decoded['images'], images)
   assert np.shares_memory(decoded['images'], np.frombuffer(data, np.uint8))
   assert not decoded['images'].flags.writeable
 
 
 def test_wire_rejects_bad_bytes_clearly():
-  data = wire.encode({'x': np.arange(10.0), 'n': 1})
+  data = protocol.encode({'x': np.arange(10.0), 'n': 1})
   for cut in (0, 3, 9, 20, len(data) - 1):
-    with pytest.raises(wire.WireError, match='Truncated'):
-      wire.decode(data[:cut])
-  with pytest.raises(wire.WireError, match='magic'):
-    wire.decode(b'PKL!' + data[4:])
-  wrong_version = data[:4] + (wire.VERSION + 1).to_bytes(2, 'little') + data[6:]
-  with pytest.raises(wire.WireError, match='version'):
-    wire.decode(wrong_version)
-  with pytest.raises(wire.WireError, match='Oversized'):
-    wire.decode(data + b'\0' * 8)
-  with pytest.raises(wire.WireError, match='pickle'):
-    wire.encode({'objects': np.array([{}, 1], dtype=object)})
-  assert issubclass(wire.WireError, ValueError)
+    with pytest.raises(protocol.WireError, match='Truncated'):
+      protocol.decode(data[:cut])
+  with pytest.raises(protocol.WireError, match='magic'):
+    protocol.decode(b'PKL!' + data[4:])
+  wrong_version = data[:4] + (protocol.VERSION + 1).to_bytes(2, 'little') + data[6:]
+  with pytest.raises(protocol.WireError, match='version'):
+    protocol.decode(wrong_version)
+  with pytest.raises(protocol.WireError, match='Oversized'):
+    protocol.decode(data + b'\0' * 8)
+  with pytest.raises(protocol.WireError, match='pickle'):
+    protocol.encode({'objects': np.array([{}, 1], dtype=object)})
+  assert issubclass(protocol.WireError, ValueError)
 
 
 # -- Worker. -----------------------------------------------------------------------------------
@@ -84,19 +88,19 @@ def test_wire_rejects_bad_bytes_clearly():
 def test_worker_reports_stale_cache_and_rejects_numpy_arguments():
   worker = kernel_worker.KernelWorker(FC.to_dict(), worker_id=7)
   x = _images(4, 0)
-  assert wire.decode(worker.set_images('rows', 3, wire.encode({'images': x})))['ok']
+  assert protocol.decode(worker.set_images('rows', 3, protocol.encode({'images': x})))['ok']
   request = {'rows_cache': 'rows', 'rows_version': 4, 'rows_start': 0, 'rows_stop': 2,
              'cols': x[:3]}
-  answer = wire.decode(worker.kernel_block(wire.encode(request)))
+  answer = protocol.decode(worker.kernel_block(protocol.encode(request)))
   assert not answer['ok'] and answer['error'] == 'stale_cache' and 'version 3' in answer['message']
   request['rows_version'] = 3
-  answer = wire.decode(worker.kernel_block(wire.encode(request)))
+  answer = protocol.decode(worker.kernel_block(protocol.encode(request)))
   assert answer['ok'] and answer['ntk'].shape == (2, 3)
-  pong = wire.decode(worker.ping())
+  pong = protocol.decode(worker.ping())
   assert pong['worker_id'] == 7 and pong['blocks_done'] == 1 and pong['caches'] == {'rows': 3}
   with pytest.raises(TypeError, match='Courier'):
     LocalWorkerHandle(worker).kernel_block(x)
-  garbage = wire.decode(worker.kernel_block(b'not a message'))
+  garbage = protocol.decode(worker.kernel_block(b'not a message'))
   assert not garbage['ok'] and garbage['error'] == 'malformed_message'
 
 
@@ -180,7 +184,7 @@ def _worker(i=0):
 def test_a_worker_that_raises_is_retried_and_used_again():
   x1, x2 = _images(9, 5), _images(6, 6)
   flaky = FlakyHandle(_worker(), fail_on=(2,))
-  with coordinator.DistributedKernels([flaky], block=3, **FAST_FAULTS) as distributed:
+  with distributed_kernels.DistributedKernels([flaky], block=3, **FAST_FAULTS) as distributed:
     _assert_kernels_equal(distributed.kernel(x1, x2), backend.InProcessKernels(FC).kernel(x1, x2))
     status = distributed.status()
   (worker,) = status['workers']
@@ -202,7 +206,7 @@ def test_faulty_workers_among_good_ones_give_correct_results():
   handles = [LocalWorkerHandle(_worker(0)), FlakyHandle(_worker(1), fail_on=(2,)),
              FlakyHandle(_worker(2), fail_on=(1,), release=release)]
   try:
-    with coordinator.DistributedKernels(handles, block=3, **FAST_FAULTS) as distributed:
+    with distributed_kernels.DistributedKernels(handles, block=3, **FAST_FAULTS) as distributed:
       _assert_kernels_equal(distributed.kernel(x1, x2), want)
       _close(distributed.vjp(x1, x2, g, g), want_grad)
       errors = [w['last_error'] or '' for w in distributed.status()['workers']]
@@ -216,9 +220,9 @@ def test_all_workers_down_raises_without_waiting_for_hung_calls():
     release = threading.Event() if hang else None
     handles = [DeadHandle(release), DeadHandle(release)]
     faults = dict(FAST_FAULTS, deadline_s=0.2, grace_s=0.5)
-    distributed = coordinator.DistributedKernels(handles, block=3, **faults)
+    distributed = distributed_kernels.DistributedKernels(handles, block=3, **faults)
     try:
-      with pytest.raises(coordinator.WorkersUnavailable, match='All 2 kernel workers'):
+      with pytest.raises(distributed_kernels.WorkersUnavailable, match='All 2 kernel workers'):
         distributed.kernel(_images(4, 0))
       assert not any(w['alive'] for w in distributed.status()['workers'])
       distributed.close()
@@ -236,7 +240,7 @@ def test_a_stale_worker_cache_is_detected_and_resent():
     sends = distributed.status()['cache_sends']
     # As if the worker restarted or another coordinator overwrote its 'rows' cache.
     worker = distributed._workers[0].handle.worker
-    worker.set_images('rows', 1, wire.encode({'images': np.ones_like(x1)}))
+    worker.set_images('rows', 1, protocol.encode({'images': np.ones_like(x1)}))
     second = distributed.kernel(x1)
     status = distributed.status()
   _assert_kernels_equal(second, first)
@@ -289,8 +293,8 @@ def test_a_worker_with_other_data_is_sent_pixels(tiny_npz, tmp_path):
   workers = [kernel_worker.KernelWorker(FC.to_dict(), worker_id=i, dataset=d.to_dict())
              for i, d in enumerate((spec, other, missing))]
   assert workers[2].dataset_error and 'nope.npz' in workers[2].dataset_error
-  with coordinator.DistributedKernels([LocalWorkerHandle(w) for w in workers], block=2,
-                                      **FAST_FAULTS) as distributed:
+  with distributed_kernels.DistributedKernels([LocalWorkerHandle(w) for w in workers], block=2,
+                                              **FAST_FAULTS) as distributed:
     _assert_kernels_equal(distributed.kernel(support, both), want)
     status = distributed.status()
   assert status['index_blocks'] > 0 and status['pixel_fallback_blocks'] > 0
@@ -303,8 +307,8 @@ def test_a_worker_that_lost_the_dataset_is_sent_pixels_without_a_fault(tiny_npz)
   support, both = _kip_columns(data)
   want = backend.InProcessKernels(FC).kernel(support, np.asarray(both))
   worker = kernel_worker.KernelWorker(FC.to_dict(), dataset=spec.to_dict())
-  with coordinator.DistributedKernels([LocalWorkerHandle(worker)], block=3,
-                                      **FAST_FAULTS) as distributed:
+  with distributed_kernels.DistributedKernels([LocalWorkerHandle(worker)], block=3,
+                                              **FAST_FAULTS) as distributed:
     distributed.kernel(support, both)
     worker._datasets.clear()      # as if it restarted without its data dir
     _assert_kernels_equal(distributed.kernel(support, both), want)
@@ -318,10 +322,10 @@ def test_worker_rejects_bad_indices(tiny_npz):
   worker = kernel_worker.KernelWorker(FC.to_dict(), dataset=spec.to_dict())
   request = {'rows': data.x_train[:2], 'cols_dataset': data.key('train'),
              'cols_indices': np.array([0, len(data.x_train)])}
-  answer = wire.decode(worker.kernel_block(wire.encode(request)))
+  answer = protocol.decode(worker.kernel_block(protocol.encode(request)))
   assert answer['error'] == 'bad_request' and 'outside' in answer['message']
   request['cols_dataset'] = 'train:0000'
-  answer = wire.decode(worker.kernel_block(wire.encode(request)))
+  answer = protocol.decode(worker.kernel_block(protocol.encode(request)))
   assert answer['error'] == 'missing_dataset'
 
 
@@ -363,3 +367,85 @@ def test_kip_with_distributed_backend_matches_inprocess(tiny_npz, tmp_path):
   # Target batches and test images went as indices into the workers' own copy of the data.
   assert status['index_blocks'] > 0 and status['pixel_fallback_blocks'] == 0
   backends[0].close()
+
+
+# -- The coordinator program (server/coordinator.py), launcher-neutral. -------------------------
+
+def _local_handles(cfg, workers=2):
+  arch = cfg.architecture().to_dict()
+  return [LocalWorkerHandle(kernel_worker.KernelWorker(arch, cfg.dtype, worker_id=i))
+          for i in range(workers)]
+
+
+def test_coordinator_program_runs_over_any_handles(tiny_npz, tmp_path):
+  """The program Launchpad and Ray run, here over in-process handles: the same run as the
+  in-process path, its result, worker pids and status files, and the stop hook called once."""
+  from run_helpers import BLOCK, assert_same_support, run_inprocess, tiny_cfg
+  cfg = tiny_cfg(tiny_npz)
+  run_inprocess(cfg, tmp_path / 'reference')
+  run_dir = coordinator.open_run_dir(tmp_path / 'run', resume=False)
+  stops = []
+  program = coordinator.Coordinator(jobs.to_dict(cfg), str(run_dir), False, _local_handles(cfg),
+                                    block=BLOCK, stop_hook=lambda: stops.append(True))
+  assert json.loads(program.ping())['role'] == 'coordinator'
+  assert status.decode(program.status())['phase'] == 'starting'
+  program.run()
+  assert stops == [True]
+  result = coordinator.read_result(run_dir)
+  assert result['ok'] and result['backend']['blocks_done'] > 0, result
+  assert coordinator.summary_of(result)['steps'] == 4
+  assert_same_support(tmp_path / 'reference', run_dir)
+  pids = json.loads((run_dir / coordinator.WORKER_PIDS_FILE).read_text())
+  assert pids['workers'] == {'0': os.getpid(), '1': os.getpid()}
+  snap = status.decode(program.status())
+  assert snap['phase'] == 'done' and snap['step'] == 4 and snap['worker_pids'] == pids['workers']
+  with pytest.raises(RuntimeError, match='once'):
+    program.run()
+  # A finished run is not started over by mistake; --resume may continue it.
+  with pytest.raises(ValueError, match='already holds a run'):
+    coordinator.open_run_dir(run_dir, resume=False)
+  assert coordinator.open_run_dir(run_dir, resume=True) == run_dir
+  assert not (run_dir / coordinator.RESULT_FILE).exists()   # stale: removed before a restart
+
+
+class _NeverReady(LocalWorkerHandle):
+  """A worker that never comes up: wait_ready times out, as a launcher's handle would."""
+
+  def wait_ready(self, timeout_s):
+    time.sleep(min(timeout_s, 0.05))
+    raise TimeoutError('still importing JAX')
+
+
+def test_coordinator_records_workers_that_never_start(tiny_npz, tmp_path):
+  from run_helpers import tiny_cfg
+  cfg = tiny_cfg(tiny_npz)
+  good, late = _local_handles(cfg)
+  late = _NeverReady(late.worker)
+  stops = []
+  program = coordinator.Coordinator(jobs.to_dict(cfg), str(tmp_path / 'run'), False,
+                                    [good, late], startup_timeout_s=0.2,
+                                    stop_hook=lambda: stops.append(True))
+  program.run()   # every outcome is recorded, nothing raised
+  assert stops == [True]
+  result = coordinator.read_result(tmp_path / 'run')
+  assert not result['ok'] and 'Kernel worker 1 (worker 1) did not answer ping' in result['error']
+  assert 'still importing JAX' in result['error']
+  with pytest.raises(coordinator.CoordinatorFailed, match='did not answer ping'):
+    coordinator.summary_of(result)
+  assert status.decode(program.status())['phase'] == 'failed'
+  with pytest.raises(distill.Interrupted, match='stopped'):
+    coordinator.summary_of({'ok': False, 'interrupted': True, 'error': 'stopped'})
+
+
+def test_wait_for_workers_names_the_worker_and_why():
+  worker = kernel_worker.KernelWorker(FC.to_dict(), worker_id=3)
+  answers = coordinator.wait_for_workers([LocalWorkerHandle(worker)], 1.0)
+  assert answers[0]['worker_id'] == 3 and answers[0]['pid'] == os.getpid()
+
+  class Broken(LocalWorkerHandle):
+    def wait_ready(self, timeout_s):
+      raise ConnectionError('actor died in __init__')
+
+  with pytest.raises(coordinator.CoordinatorFailed,
+                     match=r'Kernel worker 1 \(worker 3\) failed to start: ConnectionError'):
+    coordinator.wait_for_workers([LocalWorkerHandle(worker), Broken(worker)], 1.0)

@@ -25,9 +25,8 @@ if sys.version_info < (3, 11):   # .venv-lp: Launchpad must import, a failure is
 else:                            # Launchpad exists for Python <= 3.10 only
   lp = pytest.importorskip('launchpad', reason='Launchpad lives in .venv-lp (Python 3.10)')
 
-from ntkdd.launch import inprocess, launchpad_program as lpp  # noqa: E402
-from ntkdd.launch import status_client  # noqa: E402
-from ntkdd.server import run_dir as run_dir_lib  # noqa: E402
+from ntkdd.launch import inprocess, launchpad_local, launchpad_program as lpp  # noqa: E402
+from ntkdd.server import status  # noqa: E402
 from run_helpers import BLOCK, TIMEOUT_S, kill_coordinator, wait_for  # noqa: E402
 from run_helpers import assert_same_support as _assert_same_support  # noqa: E402
 from run_helpers import last_step as _last_step, steps as _steps  # noqa: E402
@@ -142,9 +141,9 @@ def test_run_local_mp_returns_the_summary(tiny_npz, tmp_path):
                              block=BLOCK, timeout_s=TIMEOUT_S, deadline_s=60)
   assert summary['steps'] == 2 and (tmp_path / 'run' / 'summary.json').exists()
   # The finished run's outcome comes from its run directory, not a connection error.
-  snap = status_client.query_status(str(tmp_path / 'run'))
+  snap = status.query_status(str(tmp_path / 'run'))
   assert snap['source'] == 'snapshot' and snap['phase'] == 'done' and snap['step'] == 2
-  assert not (tmp_path / 'run' / run_dir_lib.STATUS_SOCKET).exists()
+  assert not (tmp_path / 'run' / status.SOCKET_FILE).exists()
   with pytest.raises(ValueError, match='already holds a run'):
     lpp.run_local_mp(_cfg(tiny_npz, steps=2), str(tmp_path / 'run'), workers=1)
 
@@ -163,11 +162,11 @@ def test_status_query_from_another_process(tiny_npz, tmp_path):
     assert all(w['blocks_done'] >= 1 for w in snap['workers'])
     assert snap['coordinator_pid'] == json.loads(program.processes_file.read_text())[
         'nodes']['coordinator'][0]
-    table = status_client.format_status(snap)
+    table = status.format_status(snap)
     assert 'step' in table and f'/{LONG_STEPS}' in table and 'workers: 2' in table
     table = _ntkdd_status(run)
     assert 'status.sock (live)' in table, table
-    assert status_client.query_status(str(run), timeout_s=20)['step'] >= snap['step']
+    assert status.query_status(str(run), timeout_s=20)['step'] >= snap['step']
   finally:
     program.stop()
   _assert_all_gone(program)
@@ -222,7 +221,7 @@ def test_without_a_namespace_the_launch_is_refused_unless_exposed(tiny_npz, tmp_
   message = str(refused.value)
   assert 'Operation not permitted' in message and lpp.EXPOSE_FLAG in message
   assert '--launch ray' in message and 'executes what' in message
-  assert not (tmp_path / 'run' / lpp.PROCESSES_FILE).exists()
+  assert not (tmp_path / 'run' / launchpad_local.PROCESSES_FILE).exists()
   # The command line: one message, no traceback.
   from ntkdd.launch import cli
   code = cli.main(['distill', '--dataset', tiny_npz, '--data-dir', '.', '--ipc', '2',
@@ -273,7 +272,7 @@ def test_a_killed_coordinator_resumes_exactly(tiny_npz, tmp_path):
   _assert_all_gone(program)
   assert not (run / 'summary.json').exists()
   # Status says what happened: the coordinator's pid is gone and it recorded no end.
-  snap = status_client.query_status(str(run))
+  snap = status.query_status(str(run))
   assert snap['source'] == 'snapshot' and snap['phase'] == 'crashed', snap
   assert str(coordinator) in snap['error'] and snap['eta_s'] is None
   summary = lpp.run_local_mp(cfg, str(run), workers=2, resume=True, block=BLOCK,
@@ -312,41 +311,42 @@ WORKER_FUZZ = r'''
 import json, struct, sys
 import numpy as np
 import courier
-from ntkdd.common import architectures, wire
+from ntkdd.common import architectures
+from ntkdd.workers import protocol
 from ntkdd.launch import launchpad_program as lpp
 
 prefix = struct.Struct('<4sHI')
-good = wire.encode({'rows': np.ones((2, 6), np.float32), 'cols': np.ones((3, 6), np.float32)})
+good = protocol.encode({'rows': np.ones((2, 6), np.float32), 'cols': np.ones((3, 6), np.float32)})
 header = json.dumps({'fields': {}, 'arrays': [{'name': 'rows', 'dtype': '<f4',
                                                'shape': [2 ** 20, 2 ** 20], 'offset': 0,
                                                'nbytes': 2 ** 42}], 'data_nbytes': 2 ** 42})
 blobs = [b'', b'garbage', good[:len(good) // 2], good + b'\0' * 8,
-         prefix.pack(wire.MAGIC, wire.VERSION, 2 ** 31) + b'{}',
-         prefix.pack(wire.MAGIC, wire.VERSION, len(header)) + header.encode(),
+         prefix.pack(protocol.MAGIC, protocol.VERSION, 2 ** 31) + b'{}',
+         prefix.pack(protocol.MAGIC, protocol.VERSION, len(header)) + header.encode(),
          np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()]
 arch = architectures.Architecture('fc', 1)
 with lpp.make_launchpad_backend(arch, workers=1, block=8, startup_timeout_s=120) as backend:
   client = courier.Client(backend.program.processes()['addresses']['workers'][0],
                           call_timeout=60)
-  codes = [wire.decode(client.kernel_block(blob))['error'] for blob in blobs]
-  codes += [wire.decode(client.set_images('rows', 1, blob))['error'] for blob in blobs]
+  codes = [protocol.decode(client.kernel_block(blob))['error'] for blob in blobs]
+  codes += [protocol.decode(client.set_images('rows', 1, blob))['error'] for blob in blobs]
   x = np.random.default_rng(1).normal(size=(10, 6)).astype(np.float32)
   ntk = backend.kernel(x)['ntk']
   served = bool(np.isfinite(ntk).all() and ntk.shape == (10, 10))
   print(json.dumps({'codes': codes, 'served': served,
-                    'pong': wire.decode(client.ping())['ok']}))
+                    'pong': protocol.decode(client.ping())['ok']}))
 '''
 
 
 def test_a_worker_process_refuses_malformed_messages_and_keeps_serving(tmp_path):
   """Over Courier, inside the private namespace (the only place its port exists)."""
   from ntkdd.launch import private_network
-  from ntkdd.common import wire
+  from ntkdd.workers import protocol
   prefix, why = private_network.probe_unshare()
   assert prefix is not None, why
   done = private_network.run([sys.executable, '-c', WORKER_FUZZ], prefix, timeout_s=TIMEOUT_S,
                              cwd=str(tmp_path))
   assert done.returncode == 0, done.output[-6000:]
   answer = json.loads(done.output.strip().splitlines()[-1])
-  assert answer['codes'] == [wire.MALFORMED] * 14 and answer['served'] and answer['pong']
+  assert answer['codes'] == [protocol.MALFORMED] * 14 and answer['served'] and answer['pong']
   assert done.leftover_pids == []

@@ -21,7 +21,7 @@ import pytest
 
 ray = pytest.importorskip('ray')
 
-from ntkdd.launch import cli, private_network, ray_launch  # noqa: E402
+from ntkdd.launch import cli, private_network, ray_cluster, ray_launch, ray_status  # noqa: E402
 from ntkdd.server import status  # noqa: E402
 from run_helpers import assert_same_support as _assert_same_support  # noqa: E402
 from run_helpers import run_inprocess as _inprocess, steps as _steps  # noqa: E402
@@ -38,7 +38,7 @@ def test_status_needs_an_address(capsys):
 def test_missing_ray_says_how_to_install(monkeypatch):
   monkeypatch.setitem(sys.modules, 'ray', None)   # `import ray` raises ImportError
   with pytest.raises(ImportError, match=r"pip install 'ntkdd\[ray\]'"):
-    ray_launch.import_ray()
+    ray_cluster.import_ray()
 
 
 def test_status_of_an_address_nobody_serves_fails_at_once(monkeypatch):
@@ -48,7 +48,7 @@ def test_status_of_an_address_nobody_serves_fails_at_once(monkeypatch):
 
   monkeypatch.setattr(ray, 'init', no_init)
   with pytest.raises(status.StatusQueryError, match='No Ray cluster answers at 127.0.0.1:1'):
-    ray_launch.query_ray_status('127.0.0.1:1', 'x')
+    ray_status.query_ray_status('127.0.0.1:1', 'x')
 
 
 def test_a_hung_status_query_is_abandoned(monkeypatch):
@@ -60,8 +60,8 @@ def test_a_hung_status_query_is_abandoned(monkeypatch):
 
   monkeypatch.setattr(ray_launch, '_query', hung_query)
   try:
-    with pytest.raises(ray_launch.StatusTimeout, match='within 0.5 s'):
-      ray_launch.query_ray_status('127.0.0.1:1', 'x', timeout_s=0.2, connect_timeout_s=0.3)
+    with pytest.raises(ray_status.StatusTimeout, match='within 0.5 s'):
+      ray_status.query_ray_status('127.0.0.1:1', 'x', timeout_s=0.2, connect_timeout_s=0.3)
     assert not returned.is_set()   # it gave up while the query was still under way
   finally:
     release.set()
@@ -73,22 +73,22 @@ def test_default_address_is_a_running_cluster_else_a_private_local_ray(monkeypat
   caplog.set_level('INFO')
   monkeypatch.delenv('RAY_ADDRESS', raising=False)
   monkeypatch.setenv('RAY_TMPDIR', str(tmp_path))   # Ray's cluster file lives here: none yet
-  assert ray_launch.running_cluster_address()[0] is None
-  assert ray_launch._default_address() == 'local'
+  assert ray_cluster.running_cluster_address()[0] is None
+  assert ray_cluster._default_address() == 'local'
   assert 'no running cluster' in caplog.text and 'private local Ray' in caplog.text
   # A cluster file left by a `ray start` whose cluster is gone: a private Ray, with a warning.
   (tmp_path / 'ray').mkdir()
   (tmp_path / 'ray' / 'ray_current_cluster').write_text('127.0.0.1:1')
-  assert ray_launch.running_cluster_address() == (
+  assert ray_cluster.running_cluster_address() == (
       '127.0.0.1:1', 'the cluster `ray start` began on this machine')
   caplog.clear()
-  assert ray_launch._default_address() == 'local'
+  assert ray_cluster._default_address() == 'local'
   assert 'does not answer' in caplog.text
   # RAY_ADDRESS wins, and naming a cluster that is not there is an error, not a fallback.
   monkeypatch.setenv('RAY_ADDRESS', '127.0.0.1:1')
-  assert ray_launch.running_cluster_address() == ('127.0.0.1:1', 'RAY_ADDRESS')
+  assert ray_cluster.running_cluster_address() == ('127.0.0.1:1', 'RAY_ADDRESS')
   with pytest.raises(ConnectionError, match='RAY_ADDRESS=127.0.0.1:1 names no running Ray'):
-    ray_launch._default_address()
+    ray_cluster._default_address()
 
 
 def test_cli_ray_address_defaults_to_none():

@@ -5,10 +5,10 @@ import time
 import numpy as np
 import pytest
 
-from ntkdd.common import architectures, kip, sources, wire
+from ntkdd.common import architectures, kip, sources
 from ntkdd.launch.inprocess import LocalWorkerHandle
-from ntkdd.server import backend, block_plan, coordinator
-from ntkdd.workers import kernel_worker
+from ntkdd.server import backend, block_plan, distributed_kernels
+from ntkdd.workers import kernel_worker, protocol
 from ntkdd.workers import simulated_worker as sim
 
 FC = architectures.Architecture('fc', depth=1)
@@ -73,7 +73,7 @@ def test_balanced_plan_sizes_from_the_worker_count():
 # -- Simulated workers give the right answers. ---------------------------------------------------
 
 @pytest.mark.parametrize('plan,broadcast', list(itertools.product(block_plan.PLANS,
-                                                                  coordinator.BROADCASTS)))
+                                                                  distributed_kernels.BROADCASTS)))
 def test_simulated_fleet_answers_the_surrogate_kernel(plan, broadcast):
   train, key, (support, *_) = _kip_problem()
   rows = np.arange(0, 60, 3)
@@ -81,8 +81,8 @@ def test_simulated_fleet_answers_the_surrogate_kernel(plan, broadcast):
   both = sources.concat([support, targets])
   g = np.random.default_rng(5).normal(size=(6, 26)).astype(np.float32)
   fleet = sim.Fleet(16, QUICK, datasets={key: train})
-  with coordinator.DistributedKernels(fleet.handles, block=4, plan=plan, broadcast=broadcast,
-                                      **FAST) as distributed:
+  with distributed_kernels.DistributedKernels(fleet.handles, block=4, plan=plan,
+                                              broadcast=broadcast, **FAST) as distributed:
     full = sources.as_array(both)
     k = distributed.kernel(support, both)
     np.testing.assert_allclose(k['ntk'], sim.surrogate_kernel(support, full)['ntk'], atol=1e-6)
@@ -109,7 +109,7 @@ def test_simulated_kip_step_equals_the_inprocess_step_exactly():
   spec = dict(plan='balanced', broadcast='tree', block=4, **FAST)
   fleet = sim.Fleet(16, sim.SimParams(time_scale=1e-3, compute='real'), arch=FC.to_dict(),
                     datasets={key: train})
-  with coordinator.DistributedKernels(fleet.handles, **spec) as simulated:
+  with distributed_kernels.DistributedKernels(fleet.handles, **spec) as simulated:
     sim_step = kip.kip_gradients(simulated, *args)
     assert simulated.status()['tree_fetches'] > 0
   # The in-process launch's path: 16 real KernelWorkers holding the same dataset rows.
@@ -118,7 +118,7 @@ def test_simulated_kip_step_equals_the_inprocess_step_exactly():
   for w in workers:
     w._datasets[key] = train
     w.connect_peers(dict(enumerate(handles)))
-  with coordinator.DistributedKernels(handles, **spec) as distributed:
+  with distributed_kernels.DistributedKernels(handles, **spec) as distributed:
     real_step = kip.kip_gradients(distributed, *args)
     assert distributed.status()['index_blocks'] > 0
   assert sim_step.loss == real_step.loss
@@ -134,7 +134,7 @@ def test_simulated_kip_step_equals_the_inprocess_step_exactly():
 
 # -- Faults at scale. ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize('broadcast', coordinator.BROADCASTS)
+@pytest.mark.parametrize('broadcast', distributed_kernels.BROADCASTS)
 def test_coordinator_survives_workers_that_die_hang_and_come_back(broadcast):
   train, key, args = _kip_problem(seed=2, n_s=9, n_t=30)
   support, _, targets = args[:3]
@@ -142,8 +142,8 @@ def test_coordinator_survives_workers_that_die_hang_and_come_back(broadcast):
   full = sources.as_array(both)
   fleet = sim.Fleet(16, QUICK, datasets={key: train})
   faults = dict(FAST, deadline_s=0.5)
-  with coordinator.DistributedKernels(fleet.handles, block=3, plan='balanced',
-                                      broadcast=broadcast, **faults) as distributed:
+  with distributed_kernels.DistributedKernels(fleet.handles, block=3, plan='balanced',
+                                              broadcast=broadcast, **faults) as distributed:
     want = sim.surrogate_kernel(support, full)['ntk']
     np.testing.assert_allclose(distributed.kernel(support, both)['ntk'], want, atol=1e-6)
     for i in (1, 2, 3):
@@ -178,9 +178,9 @@ def test_all_simulated_workers_dead_raises():
   fleet = sim.Fleet(16, QUICK)
   for i in range(16):
     fleet.kill(i)
-  with coordinator.DistributedKernels(fleet.handles, plan='balanced', broadcast='tree',
-                                      **dict(FAST, grace_s=0.3)) as distributed:
-    with pytest.raises(coordinator.WorkersUnavailable, match='All 16 kernel workers'):
+  with distributed_kernels.DistributedKernels(fleet.handles, plan='balanced', broadcast='tree',
+                                              **dict(FAST, grace_s=0.3)) as distributed:
+    with pytest.raises(distributed_kernels.WorkersUnavailable, match='All 16 kernel workers'):
       distributed.kernel(_images(4, 0))
 
 
@@ -193,13 +193,14 @@ def test_fetch_images_from_a_peer_and_its_errors(monkeypatch):
   for w in workers:
     w.connect_peers(dict(enumerate(workers)))
   images = _images(5, 3)
-  assert wire.decode(workers[0].set_images('rows', 7, wire.encode({'images': images})))['ok']
-  assert wire.decode(workers[1].fetch_images('rows', 7, '0'))['ok']
-  assert wire.decode(workers[2].fetch_images('rows', 7, '1'))['ok']     # a copy of a copy
-  np.testing.assert_array_equal(wire.decode(workers[2].cached_images('rows', 7))['images'],
+  payload = protocol.encode({'images': images})
+  assert protocol.decode(workers[0].set_images('rows', 7, payload))['ok']
+  assert protocol.decode(workers[1].fetch_images('rows', 7, '0'))['ok']
+  assert protocol.decode(workers[2].fetch_images('rows', 7, '1'))['ok']     # a copy of a copy
+  np.testing.assert_array_equal(protocol.decode(workers[2].cached_images('rows', 7))['images'],
                                 images)
-  assert wire.decode(workers[2].ping())['peers'] == 2
-  stale = wire.decode(workers[1].fetch_images('rows', 8, '0'))
+  assert protocol.decode(workers[2].ping())['peers'] == 2
+  stale = protocol.decode(workers[1].fetch_images('rows', 8, '0'))
   assert not stale['ok'] and stale['error'] == 'stale_cache' and 'peer 0' in stale['message']
-  unknown = wire.decode(lonely.fetch_images('rows', 7, '0'))
+  unknown = protocol.decode(lonely.fetch_images('rows', 7, '0'))
   assert not unknown['ok'] and unknown['error'] == 'bad_request' and 'no peer' in unknown['message']

@@ -423,7 +423,7 @@ def test_support_with_object_arrays_or_no_images(kip_run, tmp_path, capsys):
 
 
 def test_ray_address_hint_names_our_flag(monkeypatch):
-  from ntkdd.launch import ray_launch
+  from ntkdd.launch import ray_cluster as ray_launch
 
   class FakeRay:
     @staticmethod
@@ -437,7 +437,7 @@ def test_ray_address_hint_names_our_flag(monkeypatch):
                             'environment variable.')
 
   monkeypatch.setattr(ray_launch, 'import_ray', lambda: FakeRay)
-  monkeypatch.setattr(ray_launch, '_use_token_if_available', lambda address: None)
+  monkeypatch.setattr(ray_launch, 'use_token_if_available', lambda address: None)
   with pytest.raises(ConnectionError) as caught:
     ray_launch.connect('auto')
   assert '`--address`' not in str(caught.value)

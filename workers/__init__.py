@@ -1,1 +1,1 @@
-"""Kernel workers: one per device, computing kernel blocks and their vjp."""
+"""Kernel workers (one per device, computing kernel blocks and their vjp) and their protocol."""

@@ -5,7 +5,7 @@ same class serves in-process handles and Courier RPC (where numpy arguments hang
 
 A worker built with a `dataset` spec (`common/prepared.DataSpec` as a dict) loads and
 preprocesses that dataset itself, once, from its own data dir, and holds each split under its
-content key (`PreparedData.key`), which `ping` reports. A block request (see `common/wire.py`)
+content key (`PreparedData.key`), which `ping` reports. A block request (see workers/protocol.py)
 names its row and column images, each either inline (an array field `rows` / `cols`), from the
 worker's image cache (fields `rows_cache`, `rows_version`, `rows_start`, `rows_stop`, and the
 same with `cols_`), or as rows of a dataset split the worker holds (`cols_dataset` = the key,
@@ -17,7 +17,7 @@ Responses carry `ok`. On failure they carry `error`: 'stale_cache' when a reques
 cache entry (name, version) the worker does not hold (the coordinator re-sends the images),
 'missing_dataset' when it names a dataset key the worker does not hold (the coordinator then
 sends pixels), 'malformed_message' for bytes that are not a well-formed wire message (see
-common/wire.py: refused before anything is allocated), 'bad_request' for a well-formed request
+workers/protocol.py: refused before anything is allocated), 'bad_request' for a well-formed request
 this worker cannot serve (a block side or padding over MAX_BLOCK_SIDE included, so no request
 makes it allocate without bound) or 'exception', and a human-readable `message`. No request
 ends the worker: every failure is an answer.
@@ -33,10 +33,11 @@ from typing import Optional
 import jax
 import numpy as np
 
-from ntkdd.common import architectures, kernels, prepared, wire
+from ntkdd.common import architectures, kernels, prepared
+from ntkdd.workers import protocol
 
-STALE_CACHE, MISSING_DATASET = wire.STALE_CACHE, wire.MISSING_DATASET
-BAD_REQUEST, EXCEPTION, MALFORMED = wire.BAD_REQUEST, wire.EXCEPTION, wire.MALFORMED
+STALE_CACHE, MISSING_DATASET = protocol.STALE_CACHE, protocol.MISSING_DATASET
+BAD_REQUEST, EXCEPTION, MALFORMED = protocol.BAD_REQUEST, protocol.EXCEPTION, protocol.MALFORMED
 MAX_BLOCK_SIDE = 1 << 16    # rows (or columns) of one block, padding included
 
 
@@ -53,7 +54,7 @@ class RequestError(Exception):
 
 
 def error_response(kind: str, message: str) -> bytes:
-  return wire.encode({'ok': False, 'error': kind, 'message': message})
+  return protocol.encode({'ok': False, 'error': kind, 'message': message})
 
 
 class KernelWorker:
@@ -99,7 +100,7 @@ class KernelWorker:
     with self._lock:
       caches = {name: version for name, (version, _) in self._images.items()}
       blocks_done, seconds = self.blocks_done, self.compute_seconds
-    return wire.encode({'ok': True, 'worker_id': self.worker_id, 'pid': os.getpid(),
+    return protocol.encode({'ok': True, 'worker_id': self.worker_id, 'pid': os.getpid(),
                         'blocks_done': blocks_done, 'compute_seconds': seconds,
                         'device': str(jax.devices()[0]), 'dtype': self.dtype.name,
                         'arch': self.arch.to_dict(), 'caches': caches,
@@ -111,13 +112,13 @@ class KernelWorker:
     try:
       if not isinstance(name, str) or not isinstance(version, int) or isinstance(version, bool):
         raise RequestError(BAD_REQUEST, 'set_images needs a str name and an int version.')
-      images = wire.decode(payload).get('images')
+      images = protocol.decode(payload).get('images')
       if (not isinstance(images, np.ndarray) or images.ndim not in (2, 4)
           or images.dtype.kind not in 'biuf'):
         raise RequestError(BAD_REQUEST, 'set_images needs a numeric `images` array, NHWC or '
                                         '(N, D).')
       images = images.astype(self.dtype, copy=False)
-    except wire.WireError as e:
+    except protocol.WireError as e:
       return self._refuse(MALFORMED, f'set_images: {e}')
     except RequestError as e:
       return self._refuse(e.kind, str(e))
@@ -129,7 +130,7 @@ class KernelWorker:
       self._cache_changed.notify_all()
     logging.debug('Worker %d cached %r version %d: %s.', self.worker_id, name, version,
                   images.shape)
-    return wire.encode({'ok': True, 'name': name, 'version': int(version)})
+    return protocol.encode({'ok': True, 'name': name, 'version': int(version)})
 
   def cached_images(self, name: str, version: int) -> bytes:
     """The cache entry (`name`, `version`) as a set_images payload, for a peer to fetch.
@@ -152,7 +153,7 @@ class KernelWorker:
       have = 'nothing' if held is None else f'version {held[0]}'
       return error_response(STALE_CACHE, f'Worker {self.worker_id}: cache {name!r} version '
                                          f'{version} asked for, but it holds {have}.')
-    return wire.encode({'ok': True, 'images': held[1]})
+    return protocol.encode({'ok': True, 'images': held[1]})
 
   def fetch_images(self, name: str, version: int, peer: str) -> bytes:
     """Caches (`name`, `version`) fetched from the peer worker `peer` (the tree broadcast).
@@ -170,7 +171,7 @@ class KernelWorker:
     try:
       try:
         payload = handle.cached_images(name, int(version))
-        answer = wire.decode(payload)
+        answer = protocol.decode(payload)
       except Exception as e:  # the peer is down or answered garbage: its fault, not ours
         return error_response(EXCEPTION, f'Worker {self.worker_id}: peer {peer} failed: '
                                          f'{type(e).__name__}: {e}')
@@ -207,8 +208,8 @@ class KernelWorker:
   def _serve(self, request: bytes, compute) -> bytes:
     start = time.perf_counter()
     try:
-      response = compute(wire.decode(request))
-    except wire.WireError as e:
+      response = compute(protocol.decode(request))
+    except protocol.WireError as e:
       return self._refuse(MALFORMED, str(e))
     except RequestError as e:
       return self._refuse(e.kind, str(e))
@@ -220,7 +221,7 @@ class KernelWorker:
       self.blocks_done += 1
       self.compute_seconds += seconds
     response.update(ok=True, seconds=seconds)
-    return wire.encode(response)
+    return protocol.encode(response)
 
   def _kernel_block(self, request: dict) -> dict:
     rows, cols = self._images_for(request, 'rows'), self._images_for(request, 'cols')

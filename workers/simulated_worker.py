@@ -229,7 +229,8 @@ class _CallClock(threading.local):
 
 
 class SimulatedHandle(LocalWorkerHandle):
-  """The coordinator's handle of a simulated worker: Courier's rules, plus the network model."""
+  """The coordinator's `protocol.WorkerHandle` of a simulated worker (a `LocalWorkerHandle`:
+  Courier's rules), plus the network model."""
 
   def __init__(self, fleet: 'Fleet', worker: SimulatedWorker):
     super().__init__(worker)

@@ -1,7 +1,14 @@
-"""The versioned byte format of messages between the coordinator and kernel workers.
+"""The kernel worker protocol: its methods, error codes, `WorkerHandle` and the wire format.
 
-A message is a dict whose values are numpy arrays (or numpy scalars, sent as 0-d arrays) and
-JSON-able values (numbers, strings, bools, None, lists, dicts). It travels as
+A kernel worker (workers/kernel_worker.py) serves four methods, whatever carries the calls
+(a direct call in this process, Courier under Launchpad, a Ray actor call): `ping`,
+`set_images`, `kernel_block` and `vjp_block` (plus `cached_images` and `fetch_images` between
+peers, for the tree broadcast). Arguments are bytes, ints and strs only (Courier hangs on numpy
+arrays), and every answer is a wire message as bytes. `WorkerHandle` is how the coordinator
+holds one worker; every launch type's handle subclasses it.
+
+The wire format: a message is a dict whose values are numpy arrays (or numpy scalars, sent as
+0-d arrays) and JSON-able values (numbers, strings, bools, None, lists, dicts). It travels as
 
   magic b'NTKD' | format version (uint16 LE) | header length (uint32 LE) | header (UTF-8 JSON)
   | zero padding to a multiple of 8 | array data
@@ -23,7 +30,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from typing import Any, Union
+from typing import Any, Protocol, Union
 
 import numpy as np
 
@@ -40,12 +47,58 @@ MAX_DIMS = 8
 
 BytesLike = Union[bytes, bytearray, memoryview]
 
+# The methods of a kernel worker that the coordinator calls, and those peers call on each other.
+PING, SET_IMAGES, KERNEL_BLOCK, VJP_BLOCK = 'ping', 'set_images', 'kernel_block', 'vjp_block'
+CACHED_IMAGES, FETCH_IMAGES = 'cached_images', 'fetch_images'
+METHODS = (PING, SET_IMAGES, KERNEL_BLOCK, VJP_BLOCK)
+PEER_METHODS = (CACHED_IMAGES, FETCH_IMAGES)
+ARGUMENT_TYPES = (bytes, int, str)   # what a worker call carries (Courier hangs on numpy)
+
 # The `error` field of a kernel worker's failed answer; the coordinator acts on the first two.
 STALE_CACHE = 'stale_cache'          # a cache entry (name, version) the worker does not hold
 MISSING_DATASET = 'missing_dataset'  # a dataset key the worker does not hold
 BAD_REQUEST = 'bad_request'
 EXCEPTION = 'exception'
 MALFORMED = 'malformed_message'      # bytes that are not a well-formed message: refused unread
+
+
+class WorkerHandle(Protocol):
+  """How the coordinator holds one kernel worker, whatever launched it.
+
+  Every handle class subclasses this explicitly (in-process `LocalWorkerHandle`, Launchpad's
+  `CourierWorkerHandle`, Ray's `RayWorkerHandle`, the simulated fleet's `SimulatedHandle`).
+  Each method sends bytes, ints and strs only and returns the worker's answer, a wire message
+  (`decode` it); a handle raises when the worker cannot be reached, which `DistributedKernels`
+  treats as the worker being down.
+
+  Attributes:
+    name: how logs and errors name the worker, e.g. 'worker 0' or 'localhost:41234'.
+  """
+  name: str
+
+  def wait_ready(self, timeout_s: float) -> bytes:
+    """The worker's first `ping` answer, waiting up to `timeout_s` for one still starting.
+
+    Raises:
+      TimeoutError: no answer within `timeout_s` (the message says what may be missing).
+    """
+    raise NotImplementedError
+
+  def ping(self) -> bytes:
+    """Who the worker is (pid, device, worker_id), its load, caches and datasets."""
+    raise NotImplementedError
+
+  def set_images(self, name: str, version: int, payload: bytes) -> bytes:
+    """Caches the `images` array of the message `payload` as (`name`, `version`)."""
+    raise NotImplementedError
+
+  def kernel_block(self, request: bytes) -> bytes:
+    """{'ntk', 'nngp'}: the kernel block of the request's rows and columns."""
+    raise NotImplementedError
+
+  def vjp_block(self, request: bytes) -> bytes:
+    """{'grad'}: the vjp of the request's block with its cotangents `g_ntk` / `g_nngp`."""
+    raise NotImplementedError
 
 
 class WireError(ValueError):

@@ -1,0 +1,841 @@
+"""The distributed kernel backend: tiles kernel and vjp calls into blocks over kernel workers.
+
+`DistributedKernels` implements the backend protocol of `common/kip.py` (`kernel`, `vjp`) over
+a list of worker handles: objects with the `KernelWorker` methods (`ping`, `set_images`,
+`kernel_block`, `vjp_block`), called with bytes, ints and strs only. A handle may be a local
+`KernelWorker`, a thin in-process wrapper of one, or a Courier client.
+
+Per call, the row images are published once to each worker as the 'rows' cache, and blocks
+are queued. Columns are planned per part (`common/sources`): a part equal to the rows reads the
+rows cache; rows of a dataset split (`DatasetRows`, e.g. KIP's target batch or the test split)
+go as indices to workers whose ping says they hold that split's content key, as pixels to the
+others; other images go as the 'cols' cache when that costs fewer bytes than sending each
+column block inline. Every worker runs `max_in_flight_per_worker` daemon threads pulling from one
+shared queue, so fast workers take more blocks and each worker has its next block waiting.
+
+Scale (see README, "Scaling to hundreds of workers"): `plan` chooses the blocks
+(`server/block_plan`: fixed tiles, or strips sized from the worker count with a shrinking
+tail), `broadcast='tree'` lets workers fetch the caches from peers that hold them (or are
+receiving them) instead of the coordinator sending every copy.
+
+Faults: a call that raises, answers an error, or misses `deadline_s` marks its worker down
+and puts the block back on the queue for the others. A down worker is pinged after a back-off
+(doubling up to `max_backoff_s`) and used again when it answers. A block that fails
+`max_task_attempts` times, or all workers being down for `grace_s`, raises `WorkersUnavailable`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import queue
+import threading
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from ntkdd.common import kernels, sources
+from ntkdd.server import block_plan
+from ntkdd.server.deadline import Caller as _Caller
+from ntkdd.server.progress import KernelProgress
+from ntkdd.workers import protocol as wire
+
+STALE_CACHE, MISSING_DATASET = wire.STALE_CACHE, wire.MISSING_DATASET   # workers' error codes
+ROWS, COLS = 'rows', 'cols'      # names of the per-call image caches on the workers
+BROADCASTS = ('direct', 'tree')   # how cached images reach the workers
+
+
+class WorkersUnavailable(RuntimeError):
+  """The kernel workers cannot finish a call: all down too long, or a block keeps failing."""
+
+
+class _WorkerFault(Exception):
+  """A worker call failed (raised, answered an error, missed the deadline, bad bytes)."""
+
+
+@dataclasses.dataclass
+class _Worker:
+  """What the coordinator knows about one worker handle."""
+  index: int
+  handle: Any
+  alive: bool = True
+  blocks_done: int = 0
+  pairs_done: int = 0
+  failures: int = 0
+  in_flight: int = 0
+  last_seen: Optional[float] = None          # wall-clock time of the last good answer
+  last_error: Optional[str] = None
+  last_error_time: Optional[float] = None
+  down_since: Optional[float] = None         # monotonic time it was marked down
+  retry_at: float = 0.0                      # monotonic time of the next ping while down
+  backoff_s: float = 0.0
+  info: dict = dataclasses.field(default_factory=dict)   # pid, device, ... from ping
+  peer_id: Optional[str] = None              # its name in its peers' tables, if it has peers
+  datasets: dict = dataclasses.field(default_factory=dict)   # split key -> rows, from ping
+  held: dict = dataclasses.field(default_factory=dict)   # cache name -> version it holds
+  cache_epoch: int = 0                       # counts set_images sent, to spot races on `held`
+  cache_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+  probed: threading.Event = dataclasses.field(default_factory=threading.Event)  # first ping done
+
+
+@dataclasses.dataclass
+class _Published:
+  """An image array published under a cache name: its version and encoded payload."""
+  version: int
+  images: np.ndarray     # a read-only view into `payload`
+  payload: bytes
+
+
+@dataclasses.dataclass
+class _Part:
+  """Columns [start, stop) of a call, all of one kind.
+
+  kind: 'rows' (the row images themselves), 'dataset' (rows `indices` of the split with
+  content key `key`) or 'array' (anything else).
+  """
+  start: int
+  stop: int
+  kind: str
+  images: np.ndarray
+  key: Optional[str] = None
+  indices: Optional[np.ndarray] = None
+
+
+@dataclasses.dataclass
+class _Task:
+  """One block of a call: rows [r0, r1) against columns [c0, c1), which lie in `part`."""
+  call: '_Call'
+  index: int
+  rows: tuple
+  cols: tuple
+  pairs: int
+  part: Optional[_Part] = None
+  attempts: int = 0
+  errors: list = dataclasses.field(default_factory=list)
+
+
+class _Call:
+  """One kernel() or vjp() call: how to build each block's request and take its answer."""
+
+  def __init__(self, method: str, caches: dict,
+               build_request: Callable[[_Task, '_Worker'], dict],
+               deliver: Callable[[_Task, dict], None]):
+    self.method, self.build_request, self._deliver = method, build_request, deliver
+    self.caches = caches    # cache name -> version every block request of this call reads
+    self.tasks: list[_Task] = []
+    self._done_indices: set[int] = set()
+    self._lock = threading.Lock()
+    self.finished = threading.Event()
+    self.error: Optional[BaseException] = None
+
+  def deliver(self, task: _Task, response: dict) -> bool:
+    """Stores a block's answer; False if the call already has it (or has failed)."""
+    with self._lock:
+      if self.finished.is_set() or task.index in self._done_indices:
+        return False
+      self._deliver(task, response)   # raises on a malformed answer, before counting it
+      self._done_indices.add(task.index)
+      if len(self._done_indices) == len(self.tasks):
+        self.finished.set()
+      return True
+
+  def fail(self, error: BaseException) -> None:
+    with self._lock:
+      if not self.finished.is_set():
+        self.error = error
+        self.finished.set()
+
+
+class DistributedKernels:
+  """The kernel backend protocol (`kernel`, `vjp`) over a pool of kernel worker handles."""
+
+  def __init__(self, workers: Sequence, block: int = 64, deadline_s: float = 600,
+               max_in_flight_per_worker: int = 2, version_fn: Optional[Callable[[], int]] = None,
+               *, dtype: str = 'float32', grace_s: float = 120.0, retry_backoff_s: float = 1.0,
+               max_backoff_s: float = 30.0, max_task_attempts: int = 4, poll_s: float = 0.1,
+               plan: str = 'tiles', tasks_per_worker: int = 2, tail_halvings: int = 2,
+               broadcast: str = 'direct', tree_fanout: int = 8):
+    """Args beyond the protocol's:
+      block: rows and columns of the square blocks a worker computes per call (plan 'tiles').
+      deadline_s: a worker call taking longer marks the worker down (the call is abandoned).
+      max_in_flight_per_worker: concurrent calls per worker, so the next block is waiting.
+      version_fn: `() -> int`, a fresh cache version per new image set. The default (a
+        microsecond clock at start plus a counter) never repeats across coordinator restarts,
+        so a long-lived worker cannot mistake new images for old ones of the same version.
+      dtype: what images are sent as and kernels returned in (the workers' dtype).
+      grace_s: how long all workers may be down before a call raises WorkersUnavailable.
+      retry_backoff_s, max_backoff_s: first and longest wait before pinging a down worker.
+      max_task_attempts: failures of one block before its call raises WorkersUnavailable.
+      poll_s: how often waiting threads check for close, deadlines and the grace period.
+      plan: 'tiles' (squares of `block`) or 'balanced' (strips sized from the worker count,
+        shrinking at the end of a round): see `server/block_plan`.
+      tasks_per_worker, tail_halvings: the balanced plan's equal shares per worker and
+        halving tail waves.
+      broadcast: how the per-call image caches reach the workers: 'direct' (the coordinator
+        sends every copy) or 'tree' (workers that already hold them pass them on: each
+        worker whose ping reports peers fetches from a holder, at most `tree_fanout` fetches
+        per holder at once; the coordinator sends one copy at a time, while no holder is free).
+    """
+    if not workers:
+      raise ValueError('DistributedKernels needs at least one worker handle.')
+    if block < 1 or max_in_flight_per_worker < 1 or deadline_s <= 0:
+      raise ValueError('Need block >= 1, max_in_flight_per_worker >= 1 and deadline_s > 0.')
+    if plan not in block_plan.PLANS or broadcast not in BROADCASTS or tree_fanout < 1:
+      raise ValueError(f'plan must be one of {block_plan.PLANS} (got {plan!r}), broadcast one '
+                       f'of {BROADCASTS} (got {broadcast!r}) and tree_fanout >= 1.')
+    self.plan, self.broadcast, self.tree_fanout = plan, broadcast, int(tree_fanout)
+    self.tasks_per_worker, self.tail_halvings = int(tasks_per_worker), int(tail_halvings)
+    self.block, self.deadline_s, self.dtype = int(block), float(deadline_s), np.dtype(dtype)
+    self.grace_s, self.poll_s = float(grace_s), float(poll_s)
+    self.retry_backoff_s, self.max_backoff_s = float(retry_backoff_s), float(max_backoff_s)
+    self.max_task_attempts = int(max_task_attempts)
+    self._version_fn = version_fn or itertools.count(time.time_ns() // 1000).__next__
+    self._workers = [_Worker(i, handle) for i, handle in enumerate(workers)]
+    self._published: dict[str, _Published] = {}
+    self._tree = threading.Condition()     # guards _holders and _root_sends (broadcast 'tree')
+    # (cache, version) -> holder -> [fetches from it now, its depth in the tree]
+    self._holders: dict[tuple, dict[int, list]] = {}
+    self._root_sends: dict[tuple, int] = {}           # (cache, version) -> coordinator sends
+    self._queue: queue.Queue = queue.Queue()
+    self._lock = threading.Lock()          # worker states and counters
+    self._call_lock = threading.Lock()     # one kernel()/vjp() at a time: they share caches
+    self._closed = threading.Event()
+    self._slot = threading.local()         # per slot thread: its `_Caller`
+    self._stats = dict(calls=0, blocks_done=0, block_pairs_done=0, bytes_sent=0,
+                       bytes_received=0, seconds_serialising=0.0,
+                       seconds_waiting=0.0,      # summed over threads: may exceed wall time
+                       blocks_requeued=0, cache_sends=0, stale_cache_resends=0,
+                       index_blocks=0,           # blocks whose columns went as dataset indices
+                       pixel_fallback_blocks=0,  # dataset columns sent as pixels instead
+                       missing_dataset_resends=0,
+                       tree_fetches=0,           # caches a worker fetched from a peer
+                       tree_fetch_failures=0)    # a peer could not serve: fetched elsewhere
+    self.pairs, self.seconds = 0, 0.0      # as InProcessKernels: pairs per call, call time
+    self._started = time.monotonic()
+    self._threads = [
+        threading.Thread(target=self._serve_worker, args=(worker, slot), daemon=True,
+                         name=f'ntkdd-worker{worker.index}-slot{slot}')
+        for worker in self._workers for slot in range(max_in_flight_per_worker)]
+    for thread in self._threads:
+      thread.start()
+
+  # -- The backend protocol. ------------------------------------------------------------------
+
+  def kernel(self, x1: np.ndarray, x2: Optional[np.ndarray] = None) -> dict:
+    """{'ntk', 'nngp'}: (n1, n2) kernels; x2 None: K(x1, x1) from the upper block triangle."""
+    with self._call_lock:
+      start = time.perf_counter()
+      symmetric = x2 is None
+      x1 = self._as_images(x1, 'x1')
+      parts = self._column_parts(x1, x2)
+      n1, n2 = len(x1), (parts[-1].stop if parts else 0)
+      out = {name: np.zeros((n1, n2), self.dtype) for name in kernels.KERNELS}
+      if n1 and n2:
+        blocks, pads = self._plan_blocks(n1, parts, symmetric)
+        fields, caches = self._sources(x1, parts, len({rows for rows, _, _ in blocks}))
+
+        def build_request(task: _Task, worker: _Worker) -> dict:
+          return {**fields(task, worker), **pads(task)}
+
+        def deliver(task: _Task, response: dict) -> None:
+          (r0, r1), (c0, c1) = task.rows, task.cols
+          for name in kernels.KERNELS:
+            block = _checked(response, name, (r1 - r0, c1 - c0))
+            out[name][r0:r1, c0:c1] = block
+            if symmetric and (r0, r1) != (c0, c1):   # off the diagonal: c0 >= r1
+              out[name][c0:c1, r0:r1] = block.T
+          progress.add((r1 - r0) * (c1 - c0))
+
+        call = _Call('kernel_block', caches, build_request, deliver)
+        progress = KernelProgress('kernel', sum((r1 - r0) * (c1 - c0)
+                                                for (r0, r1), (c0, c1), _ in blocks))
+        self._run(call, blocks)
+        progress.close()
+      self._count(n1 * n2, start)
+      return out
+
+  def vjp(self, x1: np.ndarray, x2: np.ndarray, g_ntk: Optional[np.ndarray] = None,
+          g_nngp: Optional[np.ndarray] = None) -> np.ndarray:
+    """d/dx1 of <g_ntk, NTK(x1, x2)> + <g_nngp, NNGP(x1, x2)> (x2 held fixed)."""
+    with self._call_lock:
+      start = time.perf_counter()
+      x1 = self._as_images(x1, 'x1')
+      parts = self._column_parts(x1, x2)
+      n1, n2 = len(x1), (parts[-1].stop if parts else 0)
+      cotangents = {name: self._as_cotangent(g, name, (n1, n2))
+                    for name, g in (('g_ntk', g_ntk), ('g_nngp', g_nngp)) if g is not None}
+      grad = np.zeros(x1.shape, self.dtype)
+      if n1 and n2 and cotangents:
+        blocks, pads = self._plan_blocks(n1, parts, False)
+        fields, caches = self._sources(x1, parts, len({rows for rows, _, _ in blocks}))
+        partials: dict[int, np.ndarray] = {}
+
+        def build_request(task: _Task, worker: _Worker) -> dict:
+          (r0, r1), (c0, c1) = task.rows, task.cols
+          g_blocks = {name: np.ascontiguousarray(g[r0:r1, c0:c1])
+                      for name, g in cotangents.items()}
+          return {**fields(task, worker), **pads(task), **g_blocks}
+
+        def deliver(task: _Task, response: dict) -> None:
+          (r0, r1) = task.rows
+          partials[task.index] = _checked(response, 'grad', (r1 - r0,) + x1.shape[1:])
+
+        call = _Call('vjp_block', caches, build_request, deliver)
+        self._run(call, blocks)
+        # Sum the partial gradients in plan order (a function of the shapes and the worker
+        # count only), so the result is the same whichever worker finished first.
+        for task in call.tasks:
+          grad[task.rows[0]:task.rows[1]] += partials[task.index]
+      self._count(n1 * n2, start)
+      return grad
+
+  def pairs_per_second(self) -> float:
+    return self.pairs / self.seconds if self.seconds else 0.0
+
+  def status(self) -> dict:
+    """Per-worker health and load, totals, throughput and where the coordinator's time went."""
+    now, wall = time.monotonic(), time.time()
+    with self._lock:
+      workers = [{
+          'worker': w.index, 'alive': w.alive, 'blocks_done': w.blocks_done,
+          'pairs_done': w.pairs_done, 'in_flight': w.in_flight, 'failures': w.failures,
+          'last_seen': w.last_seen,
+          'seconds_since_seen': None if w.last_seen is None else wall - w.last_seen,
+          'last_error': w.last_error, 'last_error_time': w.last_error_time,
+          'down_for_s': None if w.down_since is None else now - w.down_since,
+          'pid': w.info.get('pid'), 'device': w.info.get('device'),
+          'datasets': sorted(w.datasets), 'dataset_error': w.info.get('dataset_error')}
+          for w in self._workers]
+      stats = dict(self._stats)
+    stats.update(workers=workers, alive_workers=sum(w['alive'] for w in workers),
+                 pairs_done=self.pairs, pairs_per_second=self.pairs_per_second(),
+                 seconds_in_calls=self.seconds, uptime_s=now - self._started,
+                 closed=self._closed.is_set())
+    return stats
+
+  def close(self) -> None:
+    """Stops the worker threads (abandoning any hung call); the backend is unusable after."""
+    if self._closed.is_set():
+      return
+    self._closed.set()
+    for _ in self._threads:
+      self._queue.put(None)     # wakes threads blocked on the queue
+    for thread in self._threads:
+      thread.join(timeout=max(1.0, 5 * self.poll_s))
+    alive = [t.name for t in self._threads if t.is_alive()]
+    if alive:
+      logging.warning('Coordinator threads still running after close: %s.', alive)
+
+  def __enter__(self) -> 'DistributedKernels':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  # -- Planning. ------------------------------------------------------------------------------
+
+  def _as_images(self, x: Any, name: str, like: Optional[np.ndarray] = None,
+                 check_finite: bool = True) -> np.ndarray:
+    x = np.asarray(x, self.dtype)
+    if x.ndim not in (2, 4):
+      raise ValueError(f'{name} must be NHWC images or (N, D) vectors, got shape {x.shape}.')
+    if like is not None and x.shape[1:] != like.shape[1:]:
+      raise ValueError(f'x1 and x2 must have the same image shape, got {like.shape[1:]} and '
+                       f'{x.shape[1:]}.')
+    if check_finite and not np.all(np.isfinite(x)):
+      raise ValueError(f'{name} contains NaN or inf; check the data or the preprocessing.')
+    return x
+
+  def _as_cotangent(self, g: Any, name: str, shape: tuple) -> np.ndarray:
+    g = np.asarray(g, self.dtype)
+    if g.shape != shape:
+      raise ValueError(f'{name} has shape {g.shape}, expected {shape} (rows x1, columns x2).')
+    return g
+
+  def _publish(self, name: str, images: np.ndarray) -> _Published:
+    """Makes `images` the current cache `name`, with a new version unless unchanged."""
+    current = self._published.get(name)
+    if current is not None and current.images.shape == images.shape and np.array_equal(
+        current.images, images):
+      return current    # e.g. the support images of a KIP step's kernel() and vjp()
+    start = time.perf_counter()
+    payload = wire.encode({'images': images})
+    published = _Published(int(self._version_fn()), wire.decode(payload)['images'], payload)
+    self._add_stats(seconds_serialising=time.perf_counter() - start)
+    self._published[name] = published
+    with self._tree:    # holders of the old version are of no use any more
+      for table in (self._holders, self._root_sends):
+        for key in [k for k in table if k[0] == name]:
+          del table[key]
+    return published
+
+  def _column_parts(self, x1: np.ndarray, x2: Any) -> list[_Part]:
+    """The columns of a call as parts (x2 None: the rows themselves)."""
+    if x2 is None:
+      return [_Part(0, len(x1), 'rows', x1)] if len(x1) else []
+    parts = []
+    for start, piece in sources.parts_of(x2):
+      # Dataset rows are the prepared split the workers hold: no finiteness scan (15 M
+      # values for a 5000-image CIFAR batch, twice a step) on the coordinator's CPU.
+      images = self._as_images(piece, 'x2', like=x1,
+                               check_finite=not isinstance(piece, sources.DatasetRows))
+      stop = start + len(images)
+      if isinstance(piece, sources.DatasetRows):
+        parts.append(_Part(start, stop, 'dataset', images, piece.key, piece.indices))
+      elif images.shape == x1.shape and np.array_equal(images, x1):
+        parts.append(_Part(start, stop, 'rows', x1))
+      else:
+        parts.append(_Part(start, stop, 'array', images))
+    return parts
+
+  def _plan_blocks(self, n1: int, parts: list[_Part],
+                   symmetric: bool) -> tuple[list, Callable[[_Task], dict]]:
+    """((rows, cols, part) blocks in queue order, task -> its pad fields); see block_plan."""
+    spans = [(part.start, part.stop) for part in parts]
+    if self.plan == 'tiles':
+      planned = block_plan.tile_blocks(n1, spans, self.block, symmetric)
+      fixed = {'pad_rows': min(self.block, n1), 'pad_cols': min(self.block, spans[-1][1])}
+      return [(r, c, parts[i]) for r, c, i in planned], lambda task: fixed
+    planned = block_plan.balanced_blocks(n1, spans, len(self._workers), symmetric,
+                                         self.tasks_per_worker, self.tail_halvings)
+
+    def pads(task: _Task) -> dict:   # each block at its own shape: the plan repeats per step
+      (r0, r1), (c0, c1) = task.rows, task.cols
+      return {'pad_rows': r1 - r0, 'pad_cols': c1 - c0}
+
+    return [(r, c, parts[i]) for r, c, i in planned], pads
+
+  def _sources(self, x1: np.ndarray, parts: list[_Part],
+               row_blocks: int) -> tuple[Callable[[_Task, _Worker], dict], dict]:
+    """(request fields of a block's rows and columns for a worker, cache name -> version read).
+
+    Rows come from the rows cache. Columns: see the module docstring.
+    """
+    caches = {ROWS: self._publish(ROWS, x1).version}
+    arrays = [p for p in parts if p.kind == 'array']
+    cols_part = None
+    if len(arrays) == 1:
+      current = self._published.get(COLS)
+      images = arrays[0].images
+      unchanged = current is not None and current.images.shape == images.shape and (
+          np.array_equal(current.images, images))
+      # Cached columns cost one copy per worker; inline ones one copy per row block.
+      if unchanged or row_blocks > len(self._workers):
+        cols_part = arrays[0]
+        caches[COLS] = self._publish(COLS, images).version
+
+    def fields(task: _Task, worker: _Worker) -> dict:
+      part = task.part
+      out = _cached_fields('rows', ROWS, caches[ROWS], task.rows)
+      span = (task.cols[0] - part.start, task.cols[1] - part.start)
+      if part.kind == 'rows':
+        out.update(_cached_fields('cols', ROWS, caches[ROWS], span))
+      elif part is cols_part:
+        out.update(_cached_fields('cols', COLS, caches[COLS], span))
+      elif part.kind == 'dataset' and self._holds(worker, part.key):
+        out.update(cols_dataset=part.key, cols_indices=part.indices[span[0]:span[1]])
+        self._add_stats(index_blocks=1)
+      else:
+        out['cols'] = part.images[span[0]:span[1]]
+        if part.kind == 'dataset':
+          self._add_stats(pixel_fallback_blocks=1)
+      return out
+
+    return fields, caches
+
+  def _holds(self, worker: _Worker, key: str) -> bool:
+    with self._lock:
+      return key in worker.datasets
+
+  def _run(self, call: _Call, blocks: list) -> None:
+    """Queues the blocks of `call` and waits until all are answered or the call fails."""
+    if self._closed.is_set():
+      raise WorkersUnavailable('The coordinator is closed.')
+    for index, (rows, cols, part) in enumerate(blocks):
+      pairs = (rows[1] - rows[0]) * (cols[1] - cols[0])
+      call.tasks.append(_Task(call, index, rows, cols, pairs, part))
+    self._add_stats(calls=1)
+    for task in call.tasks:
+      self._queue.put(task)
+    while not call.finished.wait(self.poll_s):
+      if self._closed.is_set():
+        call.fail(WorkersUnavailable('The coordinator was closed during a call.'))
+      down_for = self._all_down_for()
+      if down_for > self.grace_s:
+        call.fail(WorkersUnavailable(
+            f'All {len(self._workers)} kernel workers have been down for {down_for:.1f} s '
+            f'(grace_s={self.grace_s:g}); last errors: {self._last_errors()}'))
+    if call.error is not None:
+      raise call.error
+
+  # -- Worker threads. ------------------------------------------------------------------------
+
+  def _serve_worker(self, worker: _Worker, slot: int) -> None:
+    """One in-flight slot of a worker: pulls blocks while it is up; slot 0 pings it when down."""
+    self._slot.caller = _Caller()
+    try:
+      self._serve_slot(worker, slot)
+    finally:
+      self._slot.caller.stop()
+
+  def _serve_slot(self, worker: _Worker, slot: int) -> None:
+    if slot == 0:
+      try:
+        self._probe(worker)   # learn its pid, device, caches, datasets; down if it is not up
+      finally:
+        worker.probed.set()
+    else:   # the other slots wait for that, so no block goes out before we know the worker
+      while not worker.probed.wait(self.poll_s) and not self._closed.is_set():
+        pass
+    while not self._closed.is_set():
+      if not worker.alive:
+        if slot == 0 and time.monotonic() >= worker.retry_at:
+          self._probe(worker)
+        else:
+          self._closed.wait(self.poll_s)
+        continue
+      if slot and worker.in_flight and self._queue.qsize() <= len(self._workers):
+        # The end of a round: a block queued behind this worker's running one would wait
+        # while other workers sit idle, so the last blocks go to workers with nothing to do.
+        self._closed.wait(self.poll_s / 4)
+        continue
+      try:
+        task = self._queue.get(timeout=self.poll_s)
+      except queue.Empty:
+        continue
+      if task is None:
+        break
+      if task.call.finished.is_set():
+        continue              # left over from a call that failed or already has this block
+      if not worker.alive:    # went down while this slot waited on the queue
+        self._queue.put(task)
+        continue
+      try:
+        self._run_task(worker, task)
+      except Exception as e:  # A coordinator bug: fail the call loudly rather than hang it.
+        logging.exception('Coordinator thread of worker %d failed.', worker.index)
+        task.call.fail(e)
+
+  def _run_task(self, worker: _Worker, task: _Task) -> None:
+    with self._lock:
+      worker.in_flight += 1
+    try:
+      request, retried = None, set()
+      for _ in range(3):   # at most one re-send per kind of recoverable error
+        if request is None:
+          start = time.perf_counter()
+          request = wire.encode(task.call.build_request(task, worker))
+          self._add_stats(seconds_serialising=time.perf_counter() - start)
+        self._ensure_caches(worker, task)
+        epoch = worker.cache_epoch
+        response = self._call(worker, task.call.method, request)
+        if response.get('ok'):
+          self._deliver(worker, task, response)
+          return
+        error = response.get('error')
+        if error == MISSING_DATASET and error not in retried:
+          # It no longer holds the data (restarted without it): send it pixels from now on.
+          logging.info('Worker %d: %s Sending pixels.', worker.index, response.get('message'))
+          retried.add(error)
+          self._add_stats(missing_dataset_resends=1)
+          with self._lock:
+            worker.datasets.pop(task.part.key, None)
+          request = None
+          continue
+        if error == STALE_CACHE and error not in retried:
+          retried.add(error)
+          # The worker lost or replaced our images (restart, another coordinator): re-send.
+          logging.info('Worker %d: %s Re-sending.', worker.index, response.get('message'))
+          self._add_stats(stale_cache_resends=1)
+          with worker.cache_lock:
+            if worker.cache_epoch == epoch:   # else another slot has re-sent them already
+              for name in task.call.caches:
+                worker.held.pop(name, None)
+          continue
+        raise _WorkerFault(f"{response.get('error')}: {response.get('message')}")
+      raise _WorkerFault(f'gave up after re-sending for {sorted(retried)}')
+    except _WorkerFault as fault:
+      self._mark_down(worker, str(fault))
+      self._retry_elsewhere(task, f'worker {worker.index}: {fault}')
+    finally:
+      with self._lock:
+        worker.in_flight -= 1
+
+  def _deliver(self, worker: _Worker, task: _Task, response: dict) -> None:
+    try:
+      delivered = task.call.deliver(task, response)
+    except (KeyError, ValueError, TypeError) as e:
+      raise _WorkerFault(f'malformed {task.call.method} answer: {e}') from e
+    with self._lock:
+      worker.last_seen = time.time()
+      if delivered:
+        worker.blocks_done += 1
+        worker.pairs_done += task.pairs
+        self._stats['blocks_done'] += 1
+        self._stats['block_pairs_done'] += task.pairs
+
+  def _ensure_caches(self, worker: _Worker, task: _Task) -> None:
+    """Gets the images a block reads to the worker, unless it already holds them."""
+    for name, version in task.call.caches.items():
+      with worker.cache_lock:
+        if worker.held.get(name) == version:
+          continue
+        published = self._published[name]
+        if published.version != version:
+          raise _WorkerFault(f'internal: cache {name!r} moved on to another call')
+        if self.broadcast == 'tree' and worker.peer_id is not None:
+          self._fetch_via_tree(worker, name, published)
+        else:
+          self._send_images(worker, name, published)
+        worker.held[name] = version
+        worker.cache_epoch += 1
+
+  def _send_images(self, worker: _Worker, name: str, published: _Published) -> None:
+    response = self._call(worker, 'set_images', name, published.version, published.payload)
+    if not response.get('ok'):
+      raise _WorkerFault(f"set_images {response.get('error')}: {response.get('message')}")
+    self._add_stats(cache_sends=1)
+
+  def _fetch_via_tree(self, worker: _Worker, name: str, published: _Published) -> None:
+    """The worker fetches the cache from a peer holding it, or (none free) is sent it.
+
+    Every worker becomes a source as soon as its fetch starts (its peers' fetches wait for
+    its copy: cut-through), so copies multiply by `tree_fanout` per hop and the coordinator
+    sends only a few of them. A source that cannot serve (lost the images, down) is dropped
+    and another one tried.
+    """
+    key = (name, published.version)
+    while True:
+      source, depth = self._acquire_source(key, worker)
+      if source is None:
+        try:
+          self._send_images(worker, name, published)
+        finally:
+          self._release_source(key, None)
+        break
+      # A source from now on (cut-through): a peer asking it waits until its copy is in.
+      # It picked its own source among earlier holders, so sources never form a cycle.
+      self._add_holder(key, worker, depth + 1)
+      try:
+        response = self._call(worker, 'fetch_images', name, published.version, source.peer_id)
+      except _WorkerFault:
+        self._drop_holder(key, worker)
+        raise
+      finally:
+        self._release_source(key, source)
+      if response.get('ok'):
+        self._add_stats(tree_fetches=1)
+        return
+      logging.info('Worker %d could not fetch %r from worker %d: %s', worker.index, name,
+                   source.index, response.get('message'))
+      self._add_stats(tree_fetch_failures=1)
+      self._drop_holder(key, worker)
+      self._drop_holder(key, source)   # it lost them, or is down: another source next
+    self._add_holder(key, worker, 1)
+
+  def _add_holder(self, key: tuple, worker: _Worker, depth: int) -> None:
+    with self._tree:
+      if self._published[key[0]].version == key[1]:
+        self._holders.setdefault(key, {}).setdefault(worker.index, [0, depth])
+      self._tree.notify_all()
+
+  def _drop_holder(self, key: tuple, worker: _Worker) -> None:
+    with self._tree:
+      self._holders.get(key, {}).pop(worker.index, None)
+
+  def _acquire_source(self, key: tuple, worker: _Worker) -> tuple[Optional[_Worker], int]:
+    """(a holder of `key` with a free fetch slot, its depth), waiting for one; (None, 0): the
+    coordinator sends. The shallowest holder first, so the tree stays log_fanout deep."""
+    with self._tree:
+      while True:
+        holders = self._holders.setdefault(key, {})
+        free = [(depth, fetches, index) for index, (fetches, depth) in holders.items()
+                if fetches < self.tree_fanout and index != worker.index
+                and self._workers[index].alive and self._workers[index].peer_id is not None]
+        if free:
+          depth, _, index = min(free)
+          holders[index][0] += 1
+          return self._workers[index], depth
+        if not self._root_sends.get(key, 0):   # one copy at a time over its own link
+          self._root_sends[key] = self._root_sends.get(key, 0) + 1
+          return None, 0
+        if self._closed.is_set():
+          raise _WorkerFault('the coordinator was closed')
+        self._tree.wait(self.poll_s)
+
+  def _release_source(self, key: tuple, source: Optional[_Worker]) -> None:
+    with self._tree:
+      if source is None:
+        if key in self._root_sends:
+          self._root_sends[key] -= 1
+      elif source.index in self._holders.get(key, {}):
+        self._holders[key][source.index][0] -= 1
+      self._tree.notify_all()
+
+  def _call(self, worker: _Worker, method: str, *args) -> dict:
+    """The decoded answer of `worker.method(*args)`; _WorkerFault if it fails or is late."""
+    self._add_stats(bytes_sent=sum(len(a) for a in args if isinstance(a, bytes)))
+    start = time.perf_counter()
+    try:
+      answer = self._call_with_deadline(getattr(worker.handle, method), args)
+    finally:
+      self._add_stats(seconds_waiting=time.perf_counter() - start)
+    if not isinstance(answer, (bytes, bytearray, memoryview)):
+      raise _WorkerFault(f'{method} answered {type(answer).__name__}, not bytes')
+    start = time.perf_counter()
+    try:
+      response = wire.decode(answer)
+    except wire.WireError as e:
+      raise _WorkerFault(f'{method} answered unreadable bytes: {e}') from e
+    finally:
+      self._add_stats(bytes_received=len(answer),
+                      seconds_serialising=time.perf_counter() - start)
+    return response
+
+  def _call_with_deadline(self, fn: Callable, args: tuple) -> Any:
+    """fn(*args) on the slot's caller thread, abandoned (left to finish alone, the slot
+    gets a new caller) past `deadline_s`."""
+    caller = getattr(self._slot, 'caller', None)
+    if caller is None:     # not on a slot thread: a caller for this call only
+      caller = _Caller()
+    box, done = caller.submit(fn, args)
+    deadline = time.monotonic() + self.deadline_s
+    try:
+      while not done.wait(min(self.poll_s, max(deadline - time.monotonic(), 0.0))):
+        if self._closed.is_set():
+          raise _WorkerFault('the coordinator was closed')
+        if time.monotonic() >= deadline:
+          raise _WorkerFault(f'no answer within deadline_s={self.deadline_s:g}')
+    except _WorkerFault:
+      caller.stop()        # it exits when the abandoned call returns, if ever
+      if getattr(self._slot, 'caller', None) is caller:
+        self._slot.caller = _Caller()
+      raise
+    finally:
+      if caller is not getattr(self._slot, 'caller', None):
+        caller.stop()
+    if 'error' in box:
+      error = box['error']
+      raise _WorkerFault(f'{type(error).__name__}: {error}')
+    return box['answer']
+
+  # -- Health. --------------------------------------------------------------------------------
+
+  def _mark_down(self, worker: _Worker, error: str) -> None:
+    now = time.monotonic()
+    with self._lock:
+      worker.failures += 1
+      worker.last_error, worker.last_error_time = error, time.time()
+      if worker.alive:
+        worker.alive, worker.down_since = False, now
+        worker.backoff_s = self.retry_backoff_s
+      else:
+        worker.backoff_s = min(2 * worker.backoff_s or self.retry_backoff_s, self.max_backoff_s)
+      worker.retry_at = now + worker.backoff_s
+    logging.warning('Kernel worker %d marked down (retry in %.2g s): %s', worker.index,
+                    worker.backoff_s, error)
+
+  def _probe(self, worker: _Worker) -> None:
+    """Pings a worker; if it answers it is (again) used, else it stays down a while longer."""
+    epoch = worker.cache_epoch
+    try:
+      response = self._call(worker, 'ping')
+      if not response.get('ok'):
+        raise _WorkerFault(f"ping answered {response.get('error')}: {response.get('message')}")
+    except _WorkerFault as fault:
+      self._mark_down(worker, f'ping: {fault}')
+      return
+    with worker.cache_lock:
+      # What it holds now (a restarted worker has lost its images), unless a slot has sent
+      # images since the ping, which the ping's answer may predate.
+      if worker.cache_epoch == epoch:
+        worker.held = dict(response.get('caches') or {})
+    with self._lock:
+      worker.alive, worker.down_since, worker.backoff_s = True, None, 0.0
+      worker.last_seen = time.time()
+      worker.info = {k: response.get(k) for k in ('pid', 'device', 'dtype', 'worker_id',
+                                                  'dataset_error')}
+      worker.datasets = dict(response.get('datasets') or {})
+      # Workers wired to their peers (ping says how many) can fetch caches from them.
+      worker.peer_id = (str(response.get('worker_id')) if response.get('peers') else None)
+    logging.info('Kernel worker %d is up (pid %s, %s).', worker.index, response.get('pid'),
+                 response.get('device'))
+
+  def _retry_elsewhere(self, task: _Task, error: str) -> None:
+    task.attempts += 1
+    task.errors.append(error)
+    if task.attempts >= self.max_task_attempts:
+      task.call.fail(WorkersUnavailable(
+          f'Block rows {task.rows} x columns {task.cols} failed {task.attempts} times; '
+          f'errors: {task.errors}'))
+      return
+    self._add_stats(blocks_requeued=1)
+    self._queue.put(task)
+
+  def _all_down_for(self) -> float:
+    """Seconds since the last worker went down, if all are down; else 0."""
+    with self._lock:
+      if any(w.alive for w in self._workers):
+        return 0.0
+      return time.monotonic() - max(w.down_since for w in self._workers)
+
+  def _last_errors(self) -> str:
+    with self._lock:
+      return '; '.join(f'worker {w.index}: {w.last_error}' for w in self._workers)
+
+  def _add_stats(self, **increments) -> None:
+    with self._lock:
+      for key, value in increments.items():
+        self._stats[key] += value
+
+  def _count(self, pairs: int, start: float) -> None:
+    self.pairs += pairs
+    self.seconds += time.perf_counter() - start
+
+
+def _cached_fields(side: str, name: str, version: int, span: tuple) -> dict:
+  return {f'{side}_cache': name, f'{side}_version': version, f'{side}_start': span[0],
+          f'{side}_stop': span[1]}
+
+
+def _checked(response: dict, name: str, shape: tuple) -> np.ndarray:
+  array = response[name]
+  if not isinstance(array, np.ndarray) or array.shape != shape:
+    raise ValueError(f'{name} has shape {getattr(array, "shape", None)}, expected {shape}')
+  return array
+
+
+class OwnedWorkersKernels:
+  """A `DistributedKernels` (`self._backend`) over workers this object started; close()
+  closes it, then `_release()`s the workers (ends a program, kills actors)."""
+
+  _backend: Optional[DistributedKernels] = None
+
+  def kernel(self, x1, x2=None) -> dict:
+    return self._backend.kernel(x1, x2)
+
+  def vjp(self, x1, x2, g_ntk=None, g_nngp=None) -> np.ndarray:
+    return self._backend.vjp(x1, x2, g_ntk, g_nngp)
+
+  def status(self) -> dict:
+    return self._backend.status()
+
+  def pairs_per_second(self) -> float:
+    return self._backend.pairs_per_second()
+
+  def _release(self) -> None:
+    """Ends the workers; subclasses say how."""
+
+  def close(self) -> None:
+    try:
+      if self._backend is not None:
+        self._backend.close()
+    finally:
+      self._release()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
