@@ -107,12 +107,7 @@ def from_dict(d: dict[str, Any]) -> Config:
 def krr_evaluator(backend, prepared, settings: distill.DistillConfig) -> Callable:
   """(images, labels) -> KRR test accuracy with `backend`'s kernel, on the same fixed test
   subset (`eval_test_size`, drawn from the seed) as the finite-net evaluation."""
-  return functools.partial(_krr_accuracy, backend, prepared, settings)
-
-
-def _krr_accuracy(backend, prepared, settings, images, labels) -> float:
-  return distill._evaluate(  # pylint: disable=protected-access
-      backend, prepared, images, labels, settings, settings.seed)
+  return functools.partial(distill.krr_test_accuracy, backend, prepared, cfg=settings)
 
 
 def run(cfg: Config, run_dir: str, backend_factory: Optional[Callable], resume: bool = False,
