@@ -1,4 +1,4 @@
-"""KIP's support-set optimiser: optax's Adam run in float64 on a checkpointable dict of numpy arrays."""
+"""KIP's support optimiser: optax's Adam in float64 on a checkpointable dict of numpy arrays."""
 from __future__ import annotations
 
 import math
@@ -102,7 +102,8 @@ def adam(learning_rate: Union[float, Schedule], b1: float = 0.9, b2: float = 0.9
       as64 = lambda arrays: {name: jnp.asarray(arrays[name], jnp.float64) for name in names}
       transform = optax.adam(rate, b1=b1, b2=b2, eps=eps)
       count = jnp.asarray(int(state['count']), jnp.int32)
-      mu, nu = as64({n: state[f'mu/{n}'] for n in names}), as64({n: state[f'nu/{n}'] for n in names})
+      mu = as64({n: state[f'mu/{n}'] for n in names})
+      nu = as64({n: state[f'nu/{n}'] for n in names})
       opt_state = tuple(_with_saved(part, optax, count, mu, nu)
                         for part in transform.init(as64(params)))
       updates, opt_state = transform.update(as64(grads), opt_state)

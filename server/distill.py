@@ -1,4 +1,4 @@
-"""KIP and LS on the coordinator: their settings (DistillConfig), data checks, Label Solve and KIP's step."""
+"""KIP and LS on the coordinator: DistillConfig, data checks, Label Solve and KIP's step."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,12 +10,11 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from ntkdd.common import architectures, kip, optim, preprocess
+from ntkdd.common import architectures, choices, kip, optim, preprocess
 from ntkdd.common import prepared as prepared_lib
 from ntkdd.server import checkpoint, loop, run_data
 
-ALGORITHMS = ('kip', 'ls')
-INITS = ('real', 'noise')
+ALGORITHMS = ('kip', 'ls')   # the algorithms `distill` runs (RCIG: jobs.RcigJob)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,12 +61,12 @@ class DistillConfig:
       raise ValueError(f'--reg (the ridge lambda) must be > 0, got {self.reg}; the papers use 1e-6.')
     if not self.learning_rate > 0:
       raise ValueError(f'--lr must be > 0, got {self.learning_rate}.')
-    if self.kernel not in kip.KERNEL_NAMES:
-      raise ValueError(f'--kernel must be one of {kip.KERNEL_NAMES}, got {self.kernel!r}.')
-    if self.lr_schedule not in ('constant', 'cosine'):
+    if self.kernel not in choices.KERNELS:
+      raise ValueError(f'--kernel must be one of {choices.KERNELS}, got {self.kernel!r}.')
+    if self.lr_schedule not in choices.LR_SCHEDULES:
       raise ValueError(f"--lr-schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}.")
-    if self.init not in INITS:
-      raise ValueError(f'--init must be one of {INITS}, got {self.init!r}.')
+    if self.init not in choices.INITS:
+      raise ValueError(f'--init must be one of {choices.INITS}, got {self.init!r}.')
     if self.target_batch < 1:
       raise ValueError(f'--target-batch must be >= 1, got {self.target_batch}.')
     if self.tile is not None and self.tile < 1:
@@ -85,9 +84,11 @@ class DistillConfig:
       raise ValueError(f'--image-size must be >= 1 pixel, got {self.image_size}.')
     if self.seed < 0:
       raise ValueError(f'--seed must be >= 0, got {self.seed}.')
-    if self.preprocess not in ('auto',) + preprocess.PREPROCESSOR_KINDS:
+    if self.preprocess not in choices.PREPROCESS_CHOICES:
       raise ValueError(f'--preprocess must be auto or one of {preprocess.PREPROCESSOR_KINDS}.')
     architectures.Architecture(self.arch, self.depth, self.w_std, self.b_std)
+    if self.algorithm == 'kip':
+      optim.require_optax("KIP's Adam")
 
   def architecture(self) -> architectures.Architecture:
     return architectures.Architecture(self.arch, self.depth, self.w_std, self.b_std)

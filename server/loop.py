@@ -1,4 +1,4 @@
-"""The run skeleton that KIP, LS and RCIG plug their step into: run directory, config.json, resume, checkpoints, metrics, progress, stop flag, summary."""
+"""The run skeleton KIP, LS and RCIG plug their step into: run dir, resume, save, stop, summary."""
 from __future__ import annotations
 
 import dataclasses

@@ -1,4 +1,4 @@
-"""RCIG on the coordinator: its state (support, optimisers, model pool, EMA), meta-step and finite-net evaluation, plugged into loop.run_steps."""
+"""RCIG on the coordinator: its state, meta-step and finite-net evaluation, for loop.run_steps."""
 from __future__ import annotations
 
 import functools

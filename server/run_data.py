@@ -1,4 +1,4 @@
-"""The data side of a distillation run, shared by KIP, LS and RCIG: fit checks, the dataset record, the support set's start and support.npz, and the KRR test accuracy."""
+"""The data side of a KIP, LS or RCIG run: fit checks, dataset record, support set, KRR accuracy."""
 from __future__ import annotations
 
 from pathlib import Path
