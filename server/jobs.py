@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, Callable, Optional, Union
 
 from ntkdd.common import architectures, choices, optim, rcig
@@ -19,8 +18,8 @@ from ntkdd.server import distill
 
 RCIG_KEY = 'rcig'   # the RcigConfig's fields inside an RCIG job's dict
 # The KRR evaluation's kernel: the ConvNet NTK (KIP's ConvNet, NTK parameterisation) with the
-# kernels' usual initialisation; its depth follows the RCIG net's.
-KRR_W_STD, KRR_B_STD = math.sqrt(2.0), 0.1
+# kernels' usual initialisation (DistillConfig's defaults); its depth follows the RCIG net's.
+KRR_W_STD, KRR_B_STD = distill.DistillConfig.w_std, distill.DistillConfig.b_std
 
 
 @dataclasses.dataclass(frozen=True)
