@@ -38,7 +38,7 @@ from ntkdd.common import optional
 from ntkdd.common import stax
 from ntkdd.common.preprocess import one_hot_centered
 
-# The finite networks' training optimisers (RCIG's support set has its own: rcig.OPTIMIZERS).
+# The finite networks' optimisers (RCIG's support set has its own: rcig.SUPPORT_OPTIMIZERS).
 TRAIN_OPTIMIZERS = ('adam', 'sgd_momentum')
 SCHEDULES = ('cosine', 'constant')
 LOSSES = ('mse', 'xent')
