@@ -66,10 +66,10 @@ def adam(learning_rate: Union[float, Schedule], b1: float = 0.9, b2: float = 0.9
          eps: float = 1e-8) -> GradientTransformation:
   """optax's Adam on a dict of numpy arrays, its moments kept in float64.
 
-  Each update runs `optax.adam` with JAX's float64 enabled on float64 copies of the gradients
-  and moments; the new parameters keep their own dtype. The state is a flat dict of numpy
-  arrays, `count`, `mu/<name>` and `nu/<name>` per parameter, so that it checkpoints as one
-  `.npz` (and checkpoints of the earlier numpy Adam, which used these names, resume).
+  Each update runs one jitted `optax.adam` step with JAX's float64 enabled on float64 copies of
+  the gradients and moments; the new parameters keep their own dtype. The state is a flat dict
+  of numpy arrays, `count`, `mu/<name>` and `nu/<name>` per parameter, so that it checkpoints
+  as one `.npz` (and checkpoints of the earlier numpy Adam, which used these names, resume).
   Parameters left out of `grads` are frozen: neither they nor their moments move.
 
   Args:
@@ -77,14 +77,12 @@ def adam(learning_rate: Union[float, Schedule], b1: float = 0.9, b2: float = 0.9
     b1, b2, eps: Adam's decay rates and denominator offset.
 
   Returns:
-    A `GradientTransformation`; optax is imported on the first `init`/`update` (see
-    `require_optax`).
+    A `GradientTransformation`; optax is imported on the first update (see `require_optax`).
   """
   schedule = learning_rate if callable(learning_rate) else constant_schedule(learning_rate)
   if not schedule(0) > 0:
     raise ValueError(f'The learning rate must be > 0, got {schedule(0)}.')
-  # optax calls the schedule with its step count as a JAX integer; ours takes a Python int.
-  rate = (lambda count: schedule(int(count))) if callable(learning_rate) else learning_rate
+  jitted = []   # the jitted optax step, made on the first update
 
   def init(params: dict) -> dict:
     state = {'count': np.zeros((), np.int64)}
@@ -94,35 +92,42 @@ def adam(learning_rate: Union[float, Schedule], b1: float = 0.9, b2: float = 0.9
     return state
 
   def update(grads: dict, state: dict, params: dict):
-    optax = require_optax("KIP's Adam")
-    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    if not jitted:
+      jitted.append(_jitted_adam_step(require_optax("KIP's Adam"), b1, b2, eps))
     names = list(grads)
-    new_state, new_params = dict(state), dict(params)
+    as64 = lambda arrays: {name: np.asarray(arrays[name], np.float64) for name in names}
+    count = int(state['count'])
     with _enable_x64():
-      as64 = lambda arrays: {name: jnp.asarray(arrays[name], jnp.float64) for name in names}
-      transform = optax.adam(rate, b1=b1, b2=b2, eps=eps)
-      count = jnp.asarray(int(state['count']), jnp.int32)
-      mu = as64({n: state[f'mu/{n}'] for n in names})
-      nu = as64({n: state[f'nu/{n}'] for n in names})
-      opt_state = tuple(_with_saved(part, optax, count, mu, nu)
-                        for part in transform.init(as64(params)))
-      updates, opt_state = transform.update(as64(grads), opt_state)
-      adam_state = next(s for s in opt_state if isinstance(s, optax.ScaleByAdamState))
+      # The rate of this step (the schedule at the step count before it, as optax's own
+      # schedules are called), passed in so that one compiled step serves every rate.
+      updates, mu, nu = jitted[0](
+          as64(grads), as64({n: state[f'mu/{n}'] for n in names}),
+          as64({n: state[f'nu/{n}'] for n in names}), np.int32(count),
+          np.float64(schedule(count)))
+      new_state, new_params = dict(state), dict(params)
       for name in names:
         new_params[name] = (np.asarray(params[name], np.float64) +
                             np.asarray(updates[name])).astype(params[name].dtype)
-        new_state[f'mu/{name}'] = np.asarray(adam_state.mu[name])
-        new_state[f'nu/{name}'] = np.asarray(adam_state.nu[name])
-      new_state['count'] = np.asarray(int(adam_state.count), np.int64)
+        new_state[f'mu/{name}'] = np.asarray(mu[name])
+        new_state[f'nu/{name}'] = np.asarray(nu[name])
+    new_state['count'] = np.asarray(count + 1, np.int64)
     return new_params, new_state
 
   return GradientTransformation(init, update)
 
 
-def _with_saved(part, optax: ModuleType, count, mu: dict, nu: dict):
-  """One part of `optax.adam`'s chained state with the saved step count and moments."""
-  if isinstance(part, optax.ScaleByAdamState):
-    return part._replace(count=count, mu=mu, nu=nu)
-  if isinstance(part, optax.ScaleByScheduleState):
-    return part._replace(count=count)
-  return part
+def _jitted_adam_step(optax: ModuleType, b1: float, b2: float, eps: float) -> Callable:
+  """jit of (grads, mu, nu, count, rate) -> (updates, new mu, new nu): one `optax.adam(rate)`
+  update from the saved moments and step count (call it with float64 enabled)."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  def step(grads, mu, nu, count, rate):
+    transform = optax.adam(rate, b1=b1, b2=b2, eps=eps)
+    state = tuple(part._replace(count=count, mu=mu, nu=nu)
+                  if isinstance(part, optax.ScaleByAdamState) else part
+                  for part in transform.init(grads))
+    updates, state = transform.update(grads, state)
+    adam_state = next(part for part in state if isinstance(part, optax.ScaleByAdamState))
+    return updates, adam_state.mu, adam_state.nu
+
+  return jax.jit(step)

@@ -245,7 +245,7 @@ def run_steps(algorithm: Algorithm, saved: Optional[tuple], run_dir: Path,
     rng.bit_generator.state = meta['rng_state']
     step, elapsed, before, best = meta['step'], meta['elapsed'], meta['before'], meta['best']
     checkpoint.truncate_metrics(metrics_path, step)
-    logging.info('%s: resuming at step %d of %d.', algorithm.name, step, steps)
+    logging.info('%s: Resuming at step %d of %d.', algorithm.name, step, steps)
 
   def save(step_done: int) -> None:
     checkpoint.save_checkpoint(run_dir, algorithm.arrays(), {
