@@ -460,16 +460,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except SystemExit as e:  # argparse: --help (0) or a refused flag (2), already printed
     return e.code if isinstance(e.code, int) else 2
   args.given = given_flags(sys.argv[1:] if argv is None else argv)
-  if args.command == 'kernel' and args.launch == 'launchpad' and not args.expose_courier_ports:
-    # This process coordinates Courier workers: the whole command runs in a private network.
-    from ntkdd.launch import launchpad_program
-    code = 'import sys; from ntkdd.launch.cli import main; sys.exit(main(sys.argv[1:]))'
+  if args.command == 'kernel':
     try:
-      exit_code = launchpad_program.rerun_in_private_network(
-          [sys.executable, '-c', code, *(sys.argv[1:] if argv is None else argv)])
-    except launchpad_program.PrivateNetworkUnavailable as e:
-      print(f'ntkdd kernel: error: {e}', file=sys.stderr)
-      return 2
+      exit_code = launch_types.LAUNCHES[args.launch].isolate_kernel_command(
+          args, sys.argv[1:] if argv is None else argv)
+    except launch_types.LaunchFailed as e:
+      print(e.message, file=sys.stderr)
+      return e.exit_code
     if exit_code is not None:
       return exit_code
   _fill_defaults(args)

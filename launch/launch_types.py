@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 
 class LaunchFailed(Exception):
@@ -24,12 +25,32 @@ def _clear_remote_out(cfg, args: argparse.Namespace) -> None:
     checkpoint.remove_run_files(Path(args.out))
 
 
-class InProcess:
+class LaunchType:
+  """What the command line asks of a launch type (each subclass implements the three)."""
+
+  @staticmethod
+  def isolate_kernel_command(args: argparse.Namespace, argv: Sequence[str]) -> Optional[int]:
+    """Runs `ntkdd kernel` (command line `argv`) elsewhere where this launch type needs that;
+    returns its exit code, or None to run it in this process (the default)."""
+    return None
+
+  @staticmethod
+  def backend_factory(args: argparse.Namespace, dataset: Optional[dict] = None) -> Callable:
+    """arch -> kernel backend of the command's flags; workers load `dataset` (a DataSpec
+    dict) themselves where they can."""
+    raise NotImplementedError
+
+  def distill(self, cfg, args: argparse.Namespace, prepared: Any = None) -> dict:
+    """Runs `ntkdd distill`'s job `cfg` (a jobs.Config) and returns its summary; raises
+    LaunchFailed when the launch cannot run or its coordinator failed."""
+    raise NotImplementedError
+
+
+class InProcess(LaunchType):
   """Kernels in this process (--workers 0) or in worker threads of it; the run here too."""
 
   @staticmethod
   def backend_factory(args: argparse.Namespace, dataset: Optional[dict] = None) -> Callable:
-    """arch -> kernel backend; workers load `dataset` (a DataSpec dict) themselves."""
     if args.workers == 0:
       from ntkdd.server import backend  # pylint: disable=import-outside-toplevel
       return lambda arch: backend.InProcessKernels(arch, tile=args.tile, dtype=args.dtype)
@@ -47,8 +68,21 @@ class InProcess:
                     prepared=prepared, tensorboard=args.tensorboard, overwrite=args.overwrite)
 
 
-class Launchpad:
+class Launchpad(LaunchType):
   """A Launchpad local_mp program: Courier worker processes and the coordinator."""
+
+  @staticmethod
+  def isolate_kernel_command(args: argparse.Namespace, argv: Sequence[str]) -> Optional[int]:
+    """`ntkdd kernel` coordinates Courier workers from its own process, so the whole command
+    reruns in a private network namespace (unless --expose-courier-ports)."""
+    if args.expose_courier_ports:
+      return None
+    from ntkdd.launch import launchpad_program  # pylint: disable=import-outside-toplevel
+    code = 'import sys; from ntkdd.launch.cli import main; sys.exit(main(sys.argv[1:]))'
+    try:
+      return launchpad_program.rerun_in_private_network([sys.executable, '-c', code, *argv])
+    except launchpad_program.PrivateNetworkUnavailable as e:
+      raise LaunchFailed(f'ntkdd kernel: error: {e}', 2) from e
 
   @staticmethod
   def backend_factory(args: argparse.Namespace, dataset: Optional[dict] = None) -> Callable:
@@ -71,7 +105,7 @@ class Launchpad:
       raise LaunchFailed(f'ntkdd distill: the coordinator failed: {e}', 1) from e
 
 
-class Ray:
+class Ray(LaunchType):
   """Worker actors and a coordinator actor on a Ray cluster."""
 
   @staticmethod
