@@ -19,7 +19,10 @@ ALGORITHMS = ('kip', 'ls')   # the algorithms `distill` runs (RCIG: jobs.RcigJob
 
 @dataclasses.dataclass(frozen=True)
 class DistillConfig:
-  """Every setting of a distillation run; saved in config.json and checked on --resume."""
+  """Every setting of a distillation run; saved in config.json and checked on --resume.
+
+  The defaults are the command line's for KIP and LS (RCIG's net: `jobs.defaults_for`).
+  """
   algorithm: str = 'kip'
   dataset: str = 'mnist'
   data_dir: str = 'data'
