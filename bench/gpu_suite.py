@@ -423,14 +423,14 @@ def _recording_backend(arch, rec: Recorder):
 
 def part_ls(spec: dict, rec: Recorder) -> None:
   from ntkdd.common import kip, preprocess
-  from ntkdd.server import distill
+  from ntkdd.server import distill, run_data
   cfg = spec['settings']
   _, _, prepared = _load_cifar10(spec, rec)
   run = distill.DistillConfig(algorithm='ls', arch='convnet', depth=cfg['depth'],
                               ipc=cfg['ls_ipc'])
   backend = _recording_backend(run.architecture(), rec)
   rng = np.random.default_rng(0)
-  images, labels, _ = distill.initial_support(prepared, cfg['ls_ipc'], 'real', rng)
+  images, labels, _ = run_data.initial_support(prepared, cfg['ls_ipc'], 'real', rng)
   targets = np.arange(len(prepared.x_train))
   if cfg['ls_targets']:
     targets = np.sort(preprocess.class_balanced_batch(prepared.y_train, cfg['ls_targets'], rng,

@@ -49,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(args) -> int:
   from ntkdd.common import augment
-  from ntkdd.server import distill, rcig_loop
+  from ntkdd.server import distill, rcig_loop, run_data
   runs = [Path(r) for r in args.run]
   for run in runs:
     if not (run / 'support.npz').exists():
@@ -80,8 +80,8 @@ def main(args) -> int:
                 (run / 'metrics.jsonl').read_text().splitlines() if line.strip()), default=0)
     ipc = int(flags['ipc'])
     if args.baseline:
-      images, labels, _ = distill.initial_support(prepared, ipc, 'real',
-                                                  np.random.default_rng(12345))
+      images, labels, _ = run_data.initial_support(prepared, ipc, 'real',
+                                                   np.random.default_rng(12345))
       sets['random real'] = (images, labels)
     for name, (images, labels) in sets.items():
       for setting in settings:

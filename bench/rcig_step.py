@@ -63,7 +63,7 @@ def main(args) -> int:
                         inner_steps=args.inner_steps, hinv_steps=args.hinv_steps,
                         flip_support=prepared.x_train.shape[-1] == 3)
   rng = np.random.default_rng(args.seed)
-  state, _ = rcig_loop._initial_state(cfg, prepared, args.ipc, rng)  # pylint: disable=protected-access
+  state, _ = rcig_loop.initial_state(cfg, prepared, args.ipc, rng)
   times = {'reference': [], 'structured': []}
   differences, compile_seconds = [], {}
   for round_index in range(args.rounds + 1):

@@ -19,8 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ntkdd.common import architectures, stax
-
-KERNELS = ('ntk', 'nngp')
+from ntkdd.common.choices import KERNELS
 
 
 def kernel_fn(arch: architectures.Architecture, split: Optional[bool] = None,

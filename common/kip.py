@@ -16,8 +16,7 @@ from typing import NamedTuple, Optional, Protocol
 import numpy as np
 
 from ntkdd.common import krr, sources
-
-KERNEL_NAMES = ('ntk', 'nngp')
+from ntkdd.common.choices import KERNELS
 
 
 class KernelBackend(Protocol):
@@ -35,8 +34,8 @@ class KipStep(NamedTuple):
 
 
 def _cotangents(kernel_name: str, g: np.ndarray) -> tuple:
-  if kernel_name not in KERNEL_NAMES:
-    raise ValueError(f'kernel must be one of {KERNEL_NAMES}, got {kernel_name!r}.')
+  if kernel_name not in KERNELS:
+    raise ValueError(f'kernel must be one of {KERNELS}, got {kernel_name!r}.')
   return (g, None) if kernel_name == 'ntk' else (None, g)
 
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ntkdd.common import architectures, stax
+from ntkdd.common.choices import INITS
 
 # How it works, in this module's names.
 #
@@ -37,8 +38,7 @@ Support = dict
 InnerLoss = Callable[[Params, Support, dict], jax.Array]
 OuterLoss = Callable[[Params, Support, jax.Array, dict], tuple]
 
-OPTIMIZERS = ('adabelief', 'adam')
-INITS = ('real', 'noise')
+SUPPORT_OPTIMIZERS = ('adabelief', 'adam')   # the support set's (finite nets: TRAIN_OPTIMIZERS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,8 +100,8 @@ class RcigConfig:
         raise ValueError(f'{name} must be > 0, got {getattr(self, name)}.')
     if self.depth < 1 or self.softplus_beta < 0 or self.eval_train_steps < 0:
       raise ValueError('Need depth >= 1, softplus_beta >= 0 and eval_train_steps >= 0.')
-    if self.optimizer not in OPTIMIZERS:
-      raise ValueError(f'optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}.')
+    if self.optimizer not in SUPPORT_OPTIMIZERS:
+      raise ValueError(f'optimizer must be one of {SUPPORT_OPTIMIZERS}, got {self.optimizer!r}.')
     if self.init not in INITS:
       raise ValueError(f'init must be one of {INITS}, got {self.init!r}.')
     if not (0 < self.inner_lr_decrease <= 1 <= self.inner_lr_increase):

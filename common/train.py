@@ -38,7 +38,8 @@ from ntkdd.common import optional
 from ntkdd.common import stax
 from ntkdd.common.preprocess import one_hot_centered
 
-OPTIMIZERS = ('adam', 'sgd_momentum')
+# The finite networks' optimisers (RCIG's support set has its own: rcig.SUPPORT_OPTIMIZERS).
+TRAIN_OPTIMIZERS = ('adam', 'sgd_momentum')
 SCHEDULES = ('cosine', 'constant')
 LOSSES = ('mse', 'xent')
 
@@ -102,8 +103,8 @@ class TrainConfig:
     if self.batch_size <= 0 or self.eval_batch_size <= 0:
       raise ValueError(f'batch sizes must be > 0, got batch_size={self.batch_size}, '
                        f'eval_batch_size={self.eval_batch_size}.')
-    if self.optimizer not in OPTIMIZERS:
-      raise ValueError(f'optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}.')
+    if self.optimizer not in TRAIN_OPTIMIZERS:
+      raise ValueError(f'optimizer must be one of {TRAIN_OPTIMIZERS}, got {self.optimizer!r}.')
     if self.schedule not in SCHEDULES:
       raise ValueError(f'schedule must be one of {SCHEDULES}, got {self.schedule!r}.')
     if self.loss not in LOSSES:

@@ -2,20 +2,15 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import logging
-import math
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
-from ntkdd.launch import flags
-
-# --preprocess names (ntkdd.common.preprocess.PREPROCESSOR_KINDS, plus auto); zca = kip_zca.
-PREPROCESS_CHOICES = ('auto', 'none', 'standardize', 'kip_zca', 'channel_zca', 'zca')
+from ntkdd.common.choices import FLIP_CHOICES, INITS, KERNELS, LR_SCHEDULES, PREPROCESS_CHOICES
+from ntkdd.launch import flag_uses, flags, launch_types
 
 DESCRIPTION = """\
 ntkdd distils a labelled image dataset into a few synthetic images per class with
@@ -51,7 +46,7 @@ def _add_kernel_flags(p: argparse.ArgumentParser, default_arch: str, default_dep
                       'memory.')
   g.add_argument('--dtype', choices=('float32', 'float64'), default='float32',
                  help='kernel precision. Default %(default)s.')
-  g.add_argument('--launch', choices=('inprocess', 'launchpad', 'ray'), default='inprocess',
+  g.add_argument('--launch', choices=tuple(launch_types.LAUNCHES), default='inprocess',
                  help='where kernel blocks run: inprocess (this process; the default), '
                       'launchpad (a local_mp program: one Courier process per worker plus the '
                       'coordinator; needs the Python 3.10 environment, ntkdd[launchpad]) or ray '
@@ -131,18 +126,18 @@ def _parser() -> argparse.ArgumentParser:
   _add_data_flags(d)
   _add_kernel_flags(d, 'fc', 1)
   o = d.add_argument_group('optimisation')
-  o.add_argument('--kernel', choices=('ntk', 'nngp'), default='ntk', help='which kernel KRR uses.')
+  o.add_argument('--kernel', choices=KERNELS, default='ntk', help='which kernel KRR uses.')
   o.add_argument('--reg', type=flags.positive_float, default=1e-6,
                  help='ridge lambda: K_ss + reg * tr(K_ss)/n * I.')
   o.add_argument('--lr', type=flags.positive_float, default=None,
                  help='support-image learning rate (default 0.01 for KIP\'s Adam, 0.003 for '
                       'RCIG\'s AdaBelief).')
-  o.add_argument('--lr-schedule', choices=('constant', 'cosine'), default='constant',
+  o.add_argument('--lr-schedule', choices=LR_SCHEDULES, default='constant',
                  help='cosine decays the learning rate to 0 at --steps.')
   o.add_argument('--learn-labels', action='store_true', help='KIP: learn the support labels too.')
   o.add_argument('--target-batch', type=flags.positive_int, default=1000,
                  help='class-balanced target images per step.')
-  o.add_argument('--init', choices=('real', 'noise'), default='real',
+  o.add_argument('--init', choices=INITS, default='real',
                  help='support initialisation: class-balanced real images, or noise.')
   o.add_argument('--preprocess', choices=PREPROCESS_CHOICES, default='auto',
                  help='auto: per-channel standardisation (ZCA measured worse on our CIFAR-10 '
@@ -183,7 +178,7 @@ def _parser() -> argparse.ArgumentParser:
   r.add_argument('--batch-norm', action='store_true',
                  help='batch normalisation after each convolution of the distillation net '
                       '(default: none, as the paper).')
-  r.add_argument('--rcig-flip', choices=('auto', 'on', 'off'), default='auto',
+  r.add_argument('--rcig-flip', choices=FLIP_CHOICES, default='auto',
                  help='also use the support mirrored left-right in the inner problem and pool '
                       'training (auto: on for RGB images, as the paper does).')
   r.add_argument('--eval-models', type=flags.positive_int, default=1,
@@ -212,7 +207,7 @@ def _parser() -> argparse.ArgumentParser:
                  help='the support images are raw pixels in [0,1]; preprocess them first.')
   _add_data_flags(e, data_dir_default=None)
   _add_kernel_flags(e, 'fc', 1)
-  e.add_argument('--kernel', choices=('ntk', 'nngp'), default='ntk')
+  e.add_argument('--kernel', choices=KERNELS, default='ntk')
   e.add_argument('--reg', type=flags.positive_float, default=1e-6)
   e.add_argument('--preprocess', choices=PREPROCESS_CHOICES, default='auto',
                  help='as in distill (a run directory\'s config.json overrides it); for an '
@@ -277,27 +272,6 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
-def _backend_factory(args, dataset: Optional[dict] = None):
-  """arch -> kernel backend for the chosen launch type; workers load `dataset` themselves."""
-  from ntkdd.server import backend
-  if args.launch == 'launchpad':
-    from ntkdd.launch import launchpad_program
-    return lambda arch: launchpad_program.make_launchpad_backend(
-        arch, workers=args.workers, tile=args.tile, dtype=args.dtype, block=args.block,
-        expose_courier_ports=args.expose_courier_ports)
-  if args.launch == 'ray':
-    from ntkdd.launch import ray_launch
-    return lambda arch: ray_launch.make_ray_backend(
-        arch, workers=args.workers, ray_address=args.ray_address, tile=args.tile,
-        dtype=args.dtype, block=args.block, dataset=dataset)
-  if args.workers == 0:
-    return lambda arch: backend.InProcessKernels(arch, tile=args.tile, dtype=args.dtype)
-  from ntkdd.launch import inprocess
-  return lambda arch: inprocess.make_inprocess_backend(
-      arch, workers=args.workers, tile=args.tile, dtype=args.dtype, block=args.block,
-      dataset=dataset)
-
-
 def _cmd_kernel(args) -> int:
   from ntkdd.common import architectures, kernels
   from ntkdd.server import checkpoint, run_dir as run_files
@@ -308,7 +282,7 @@ def _cmd_kernel(args) -> int:
   x2 = None if args.x2 is None else _load_array(args.x2, args.arch, '--x2')
   if x1.ndim == 4:
     architectures.check_input_shape(arch, x1.shape[1:])
-  backend = _backend_factory(args)(arch)
+  backend = launch_types.LAUNCHES[args.launch].backend_factory(args)(arch)
   try:
     out = backend.kernel(x1, x2)
   finally:
@@ -339,116 +313,33 @@ def _load_array(path: str, arch: str, flag: str) -> np.ndarray:
   return x
 
 
-def _distill_config(args):
-  from ntkdd.server import distill
+def _distill_config(args: argparse.Namespace):
+  """The `DistillConfig` of `ntkdd distill`'s flags (defaults filled in by `_fill_defaults`)."""
+  from ntkdd.server import distill  # pylint: disable=import-outside-toplevel
   return distill.DistillConfig(
       algorithm=args.algorithm, dataset=args.dataset, data_dir=args.data_dir,
       cache_dir=args.cache_dir, download=args.download, ipc=args.ipc, steps=args.steps,
       seed=args.seed, arch=args.arch, depth=args.depth, w_std=args.w_std, b_std=args.b_std,
       kernel=args.kernel, reg=args.reg, dtype=args.dtype, tile=args.tile,
       preprocess=args.preprocess, zca_strength=args.zca_strength, image_size=args.image_size,
-      init=args.init, learning_rate=0.01 if args.lr is None else args.lr,
-      lr_schedule=args.lr_schedule,
+      init=args.init, learning_rate=args.lr, lr_schedule=args.lr_schedule,
       learn_labels=args.learn_labels,
       target_batch=args.target_batch, eval_every=args.eval_every,
       eval_test_size=args.eval_test_size, checkpoint_every=args.checkpoint_every,
       ls_target_size=args.ls_target_size, ls_rcond=args.ls_rcond)
 
 
-def _rcig_job(args, cfg):
-  """The `jobs.RcigJob` of `ntkdd distill --algorithm rcig` and its prepared data."""
-  from ntkdd.common import rcig
-  from ntkdd.server import distill, jobs
-  prepared = distill.prepare_data(cfg)
-  if cfg.preprocess == 'auto' and prepared.x_train.shape[-1] == 3:
-    # RCIG's paper and code whiten RGB data with the channel ZCA (grayscale: standardisation,
-    # which `auto` already is), so RCIG's `auto` is theirs.
-    cfg = dataclasses.replace(cfg, preprocess='channel_zca')
-    prepared = distill.prepare_data(cfg)
-  flip = (args.rcig_flip == 'on' or
-          (args.rcig_flip == 'auto' and prepared.x_train.shape[-1] == 3))
-  rcig_cfg = rcig.RcigConfig(
+def _rcig_config(args: argparse.Namespace):
+  """The `RcigConfig` of `ntkdd distill --algorithm rcig`'s flags (flip: see `jobs.rcig_job`)."""
+  from ntkdd.common import rcig  # pylint: disable=import-outside-toplevel
+  return rcig.RcigConfig(
       width=args.width, depth=args.depth, w_std=args.w_std,
       b_std=args.b_std, l2_rate=args.l2_rate, inner_steps=args.inner_steps,
       hinv_steps=args.hinv_steps, target_batch=args.rcig_target_batch,
       pool_size=args.pool_size, max_pool_steps=args.max_pool_steps,
       pool_train_steps=args.pool_train_steps, init=args.init,
-      learn_labels=True, lr_images=3e-3 if args.lr is None else args.lr,
-      checkpoint_every=args.checkpoint_every,
-      eval_models=args.eval_models, flip_support=flip, batch_norm=args.batch_norm)
-  return jobs.RcigJob(cfg, rcig_cfg), prepared
-
-
-# -- Flags a distill mode does not use: refused, never silently ignored. -------------------------
-
-def _kip(a) -> bool:
-  return a.algorithm == 'kip'
-
-
-def _rcig_krr(a) -> bool:
-  """RCIG computes kernels only for its KRR evaluation: with workers, at --eval-every."""
-  return a.algorithm != 'rcig' or (a.workers >= 1 and a.eval_every > 0)
-
-
-_RCIG_KERNEL = ('sets the kernel computations, which RCIG runs only for the KRR evaluation '
-                'of its support set: with --workers N >= 1 and --eval-every > 0')
-_RCIG_WORKERS = ('RCIG runs its loop on the coordinator; the workers only serve the ConvNet '
-                 'NTK for the KRR evaluation at --eval-every, which is 0 here')
-# dest -> (is the flag used by these arguments?, what the flag is for). Checked in this order.
-DISTILL_FLAG_USES = {
-    'launch': (lambda a: a.algorithm != 'rcig' or a.eval_every > 0, _RCIG_WORKERS),
-    'workers': (lambda a: a.algorithm != 'rcig' or a.eval_every > 0, _RCIG_WORKERS),
-    'ray_address': (lambda a: a.launch == 'ray', 'is the Ray cluster of --launch ray'),
-    'expose_courier_ports': (lambda a: a.launch == 'launchpad',
-                             'concerns the Courier ports of --launch launchpad'),
-    'block': (lambda a: a.workers >= 1, 'is the tile side farmed to --workers N >= 1'),
-    'steps': (lambda a: a.algorithm != 'ls', 'counts KIP and RCIG steps (LS solves in closed '
-                                             'form)'),
-    'lr': (lambda a: a.algorithm != 'ls', 'is the support learning rate of KIP and RCIG'),
-    'lr_schedule': (_kip, "is KIP's learning-rate schedule"),
-    'learn_labels': (_kip, 'makes KIP learn labels (RCIG always learns them; LS solves them)'),
-    'target_batch': (_kip, "is KIP's target batch (RCIG: --rcig-target-batch; LS: "
-                           '--ls-target-size)'),
-    'eval_every': (lambda a: a.algorithm != 'ls', 'is the evaluation cadence of KIP and RCIG '
-                                                  '(LS evaluates once, at the end)'),
-    'checkpoint_every': (lambda a: a.algorithm != 'ls',
-                         'is the checkpoint cadence of KIP and RCIG (LS keeps no checkpoint)'),
-    'ls_target_size': (lambda a: a.algorithm == 'ls', 'is an LS setting'),
-    'ls_rcond': (lambda a: a.algorithm == 'ls', 'is an LS setting'),
-    'arch': (lambda a: a.algorithm != 'rcig',
-             "chooses KIP's and LS's kernel (RCIG distils with its ConvNet, evaluates KRR with "
-             'the ConvNet NTK, and --depth sets both)'),
-    'kernel': (_rcig_krr, _RCIG_KERNEL),
-    'reg': (_rcig_krr, _RCIG_KERNEL),
-    'tile': (_rcig_krr, _RCIG_KERNEL),
-    'dtype': (_rcig_krr, _RCIG_KERNEL),
-    **{dest: (lambda a: a.algorithm == 'rcig', 'is an RCIG setting') for dest in (
-        'width', 'l2_rate', 'inner_steps', 'hinv_steps', 'pool_size', 'max_pool_steps',
-        'pool_train_steps', 'rcig_target_batch', 'batch_norm', 'rcig_flip')},
-    'eval_models': (lambda a: a.algorithm == 'rcig' and a.eval_every > 0,
-                    "sets RCIG's evaluation (at --eval-every > 0)"),
-    'eval_test_size': (lambda a: a.algorithm != 'rcig' or a.eval_every > 0,
-                       'sets the evaluations, which RCIG runs at --eval-every > 0'),
-}
-
-
-def _mode(args) -> str:
-  text = f'--algorithm {args.algorithm} --launch {args.launch} --workers {args.workers}'
-  if args.algorithm == 'rcig':
-    text += f' --eval-every {args.eval_every}'
-  return text
-
-
-def refuse_unused_flags(args, given: set) -> None:
-  """ValueError naming the first flag given on the command line that this mode would ignore.
-
-  `given`: the dests of the flags on the command line (`given_flags`).
-  """
-  for dest, (used, what) in DISTILL_FLAG_USES.items():
-    if dest in given and not used(args):
-      flag = '--' + dest.replace('_', '-')
-      raise ValueError(f'{flag} is not used by {_mode(args)}: it {what}. Drop {flag}, or '
-                       f'choose the mode that uses it.')
+      learn_labels=True, lr_images=args.lr, checkpoint_every=args.checkpoint_every,
+      eval_models=args.eval_models, batch_norm=args.batch_norm)
 
 
 def given_flags(argv: Sequence[str]) -> set:
@@ -465,9 +356,9 @@ def given_flags(argv: Sequence[str]) -> set:
   return set(vars(parser.parse_args(list(argv))))
 
 
-def _cmd_distill(args) -> int:
-  from ntkdd.server import checkpoint, distill, jobs
-  refuse_unused_flags(args, getattr(args, 'given', set()))
+def _cmd_distill(args: argparse.Namespace) -> int:
+  from ntkdd.server import checkpoint, distill, jobs  # pylint: disable=import-outside-toplevel
+  flag_uses.refuse_unused_flags(args, getattr(args, 'given', set()))
   if args.tensorboard and args.launch != 'inprocess':
     raise ValueError(f'--tensorboard writes events from in-process runs; with --launch '
                      f'{args.launch} leave it out (metrics.jsonl and `ntkdd status` still '
@@ -475,42 +366,12 @@ def _cmd_distill(args) -> int:
   checkpoint.check_run_dir(Path(args.out), args.resume, args.overwrite)  # before the data load
   cfg, prepared = _distill_config(args), None
   if args.algorithm == 'rcig':
-    cfg, prepared = _rcig_job(args, cfg)
-  if args.launch in ('launchpad', 'ray'):
-    # The coordinator runs elsewhere: clear --out for --overwrite here, once the flags are
-    # known good.
-    cfg.validate()
-    if args.overwrite:
-      checkpoint.remove_run_files(Path(args.out))
+    cfg, prepared = jobs.rcig_job(cfg, _rcig_config(args), args.rcig_flip)
   try:
-    if args.launch == 'launchpad':
-      from ntkdd.launch import launchpad_program
-      try:
-        summary = launchpad_program.run_local_mp(
-            cfg, args.out, workers=args.workers, resume=args.resume, block=args.block,
-            worker_tile=args.tile, expose_courier_ports=args.expose_courier_ports)
-      except launchpad_program.PrivateNetworkUnavailable as e:
-        print(f'ntkdd distill: error: {e}', file=sys.stderr)
-        return 2
-      except launchpad_program.CoordinatorFailed as e:
-        print(f'ntkdd distill: the coordinator failed: {e}', file=sys.stderr)
-        return 1
-    elif args.launch == 'ray':
-      from ntkdd.launch import ray_launch
-      try:
-        summary = ray_launch.run_ray(cfg, args.out, workers=args.workers,
-                                     ray_address=args.ray_address, resume=args.resume,
-                                     block=args.block, worker_tile=args.tile)
-      except (ray_launch.CoordinatorFailed, ConnectionError) as e:
-        print(f'ntkdd distill: {e}', file=sys.stderr)
-        return 1
-    else:
-      # RCIG without workers evaluates the finite net only; with them, KRR too.
-      factory = (None if args.algorithm == 'rcig' and args.workers == 0 else
-                 _backend_factory(args, dataset=cfg.data_spec().to_dict()))
-      summary = jobs.run(cfg, args.out, factory, resume=args.resume,
-                         progress=not args.no_progress, prepared=prepared,
-                         tensorboard=args.tensorboard, overwrite=args.overwrite)
+    summary = launch_types.LAUNCHES[args.launch].distill(cfg, args, prepared)
+  except launch_types.LaunchFailed as e:
+    print(e.message, file=sys.stderr)
+    return e.exit_code
   except distill.Interrupted as e:
     print(e, file=sys.stderr)
     return 130
@@ -580,18 +441,22 @@ COMMANDS = {'kernel': _cmd_kernel, 'distill': _cmd_distill, 'evaluate': _cmd_eva
             'show': _cmd_show, 'status': _cmd_status, 'export': _cmd_export}
 
 
-def _default_initialisation(args: argparse.Namespace) -> None:
-  """--w-std / --b-std left unset: the kernels' sqrt(2) / 0.1, or RCIG's paper init 1 / 0;
-  --depth left unset with RCIG: its paper's 3."""
+def _fill_defaults(args: argparse.Namespace) -> None:
+  """The flags whose default depends on the algorithm, left unset: its defaults
+  (`jobs.defaults_for`: the kernels' for kernel, evaluate, KIP and LS; RCIG's net's)."""
   if not hasattr(args, 'w_std'):
     return
-  rcig_net = getattr(args, 'algorithm', None) == 'rcig'
-  if rcig_net and 'depth' not in getattr(args, 'given', ()):
-    args.depth = 3
+  from ntkdd.server import jobs  # pylint: disable=import-outside-toplevel
+  algorithm = getattr(args, 'algorithm', 'kip')
+  defaults = jobs.defaults_for(algorithm)
+  if algorithm == 'rcig' and 'depth' not in getattr(args, 'given', ()):
+    args.depth = defaults.depth   # --depth's default is the kernels'
   if args.w_std is None:
-    args.w_std = 1.0 if rcig_net else math.sqrt(2.0)
+    args.w_std = defaults.w_std
   if args.b_std is None:
-    args.b_std = 0.0 if rcig_net else 0.1
+    args.b_std = defaults.b_std
+  if getattr(args, 'lr', 0) is None:
+    args.lr = defaults.learning_rate
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -600,19 +465,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except SystemExit as e:  # argparse: --help (0) or a refused flag (2), already printed
     return e.code if isinstance(e.code, int) else 2
   args.given = given_flags(sys.argv[1:] if argv is None else argv)
-  if args.command == 'kernel' and args.launch == 'launchpad' and not args.expose_courier_ports:
-    # This process coordinates Courier workers: the whole command runs in a private network.
-    from ntkdd.launch import launchpad_program
-    code = 'import sys; from ntkdd.launch.cli import main; sys.exit(main(sys.argv[1:]))'
+  if args.command == 'kernel':
     try:
-      exit_code = launchpad_program.rerun_in_private_network(
-          [sys.executable, '-c', code, *(sys.argv[1:] if argv is None else argv)])
-    except launchpad_program.PrivateNetworkUnavailable as e:
-      print(f'ntkdd kernel: error: {e}', file=sys.stderr)
-      return 2
+      exit_code = launch_types.LAUNCHES[args.launch].isolate_kernel_command(
+          args, sys.argv[1:] if argv is None else argv)
+    except launch_types.LaunchFailed as e:
+      print(e.message, file=sys.stderr)
+      return e.exit_code
     if exit_code is not None:
       return exit_code
-  _default_initialisation(args)
+  _fill_defaults(args)
   logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                       format='%(asctime)s %(levelname)s %(message)s', datefmt='%H:%M:%S')
   try:

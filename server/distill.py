@@ -1,30 +1,29 @@
-"""The distillation loop on the coordinator: data, KIP/LS steps, checkpoints, metrics, resume."""
+"""KIP and LS on the coordinator: DistillConfig, data checks, Label Solve and KIP's step."""
 from __future__ import annotations
 
 import dataclasses
 import logging
 import math
-import platform
-import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
 
-from ntkdd.common import architectures, kip, optim, preprocess
+from ntkdd.common import architectures, choices, kip, optim, preprocess
 from ntkdd.common import prepared as prepared_lib
-from ntkdd.server import checkpoint
+from ntkdd.server import checkpoint, loop, run_data
 from ntkdd.server import run_dir as run_files
 
-ALGORITHMS = ('kip', 'ls')
-INITS = ('real', 'noise')
+ALGORITHMS = ('kip', 'ls')   # the algorithms `distill` runs (RCIG: jobs.RcigJob)
 
 
 @dataclasses.dataclass(frozen=True)
 class DistillConfig:
-  """Every setting of a distillation run; saved in config.json and checked on --resume."""
+  """Every setting of a distillation run; saved in config.json and checked on --resume.
+
+  The defaults are the command line's for KIP and LS (RCIG's net: `jobs.defaults_for`).
+  """
   algorithm: str = 'kip'
   dataset: str = 'mnist'
   data_dir: str = 'data'
@@ -66,12 +65,12 @@ class DistillConfig:
       raise ValueError(f'--reg (the ridge lambda) must be > 0, got {self.reg}; the papers use 1e-6.')
     if not self.learning_rate > 0:
       raise ValueError(f'--lr must be > 0, got {self.learning_rate}.')
-    if self.kernel not in kip.KERNEL_NAMES:
-      raise ValueError(f'--kernel must be one of {kip.KERNEL_NAMES}, got {self.kernel!r}.')
-    if self.lr_schedule not in ('constant', 'cosine'):
+    if self.kernel not in choices.KERNELS:
+      raise ValueError(f'--kernel must be one of {choices.KERNELS}, got {self.kernel!r}.')
+    if self.lr_schedule not in choices.LR_SCHEDULES:
       raise ValueError(f"--lr-schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}.")
-    if self.init not in INITS:
-      raise ValueError(f'--init must be one of {INITS}, got {self.init!r}.')
+    if self.init not in choices.INITS:
+      raise ValueError(f'--init must be one of {choices.INITS}, got {self.init!r}.')
     if self.target_batch < 1:
       raise ValueError(f'--target-batch must be >= 1, got {self.target_batch}.')
     if self.tile is not None and self.tile < 1:
@@ -89,9 +88,11 @@ class DistillConfig:
       raise ValueError(f'--image-size must be >= 1 pixel, got {self.image_size}.')
     if self.seed < 0:
       raise ValueError(f'--seed must be >= 0, got {self.seed}.')
-    if self.preprocess not in ('auto',) + preprocess.PREPROCESSOR_KINDS:
+    if self.preprocess not in choices.PREPROCESS_CHOICES:
       raise ValueError(f'--preprocess must be auto or one of {preprocess.PREPROCESSOR_KINDS}.')
     architectures.Architecture(self.arch, self.depth, self.w_std, self.b_std)
+    if self.algorithm == 'kip':
+      optim.require_optax("KIP's Adam")
 
   def architecture(self) -> architectures.Architecture:
     return architectures.Architecture(self.arch, self.depth, self.w_std, self.b_std)
@@ -110,6 +111,7 @@ class DistillConfig:
 
 PreparedData = prepared_lib.PreparedData   # re-exported: the loops and tests use these names
 downsample = prepared_lib.downsample
+Interrupted = loop.Interrupted             # re-exported: the launches catch distill.Interrupted
 
 
 def prepare_data(cfg: DistillConfig) -> PreparedData:
@@ -117,143 +119,21 @@ def prepare_data(cfg: DistillConfig) -> PreparedData:
   return prepared_lib.prepare(cfg.data_spec())
 
 
-def check_batch_fits(prepared: PreparedData, size: int, flag: str) -> None:
-  """A class-balanced draw of `size` train images (each class size // C, the remainder one more
-  each) must fit every class; refuses with the largest size that does."""
-  counts = np.bincount(prepared.y_train, minlength=prepared.num_classes)
-  classes = len(counts)
-  need = size // classes + (1 if size % classes else 0)
-  smallest = int(counts.min())
-  if need > smallest:
-    raise ValueError(f'{flag} {size} draws up to {need} images of each class, but class '
-                     f'{int(counts.argmin())} of {prepared.dataset.name} has {smallest} training '
-                     f'images: use {flag} {classes * smallest} or less.')
-
-
-def check_ipc_fits(prepared: PreparedData, ipc: int) -> None:
-  """ipc real images of every class must exist (the support starts from them)."""
-  counts = np.bincount(prepared.y_train, minlength=prepared.num_classes)
-  if not counts.all():
-    empty = np.flatnonzero(counts == 0).tolist()
-    raise ValueError(f'{prepared.dataset.name}: classes {empty} of {prepared.num_classes} have no '
-                     f'training images (the labels skip those ids), so no support set can hold '
-                     f'every class. Relabel the classes consecutively from 0, or drop the empty '
-                     f'ones from class_names.')
-  if ipc > counts.min():
-    raise ValueError(f'--ipc {ipc} exceeds the smallest class of {prepared.dataset.name} '
-                     f'(class {int(counts.argmin())}: {int(counts.min())} training images); use '
-                     f'--ipc {int(counts.min())} or less.')
-
-
 def check_fits_data(cfg: DistillConfig, prepared: PreparedData) -> None:
   """Checks the settings that depend on the data (before any file of the run is written)."""
-  check_ipc_fits(prepared, cfg.ipc)
+  run_data.check_ipc_fits(prepared, cfg.ipc)
   if cfg.algorithm == 'kip':
-    check_batch_fits(prepared, cfg.target_batch, '--target-batch')
+    run_data.check_batch_fits(prepared, cfg.target_batch, '--target-batch')
   if cfg.algorithm == 'ls' and cfg.ls_target_size and cfg.ls_target_size < len(prepared.y_train):
-    check_batch_fits(prepared, cfg.ls_target_size, '--ls-target-size')
+    run_data.check_batch_fits(prepared, cfg.ls_target_size, '--ls-target-size')
   architectures.check_input_shape(cfg.architecture(), prepared.x_train.shape[1:])
 
 
-def dataset_record(prepared: PreparedData) -> dict:
-  """What config.json records of the data: resume compares its name and checksum."""
-  return {'name': prepared.dataset.name, 'checksum': prepared.dataset.checksum(),
-          'image_shape': list(prepared.x_train.shape[1:]), 'num_classes': prepared.num_classes,
-          'class_names': list(prepared.dataset.class_names),
-          'preprocess': prepared.preprocessor.kind}
-
-
-def nan_advice(step: int, last_checkpoint: int, run_dir: Path, lr_flag: str, lr: float) -> str:
-  """The message of a run whose support set turned NaN/inf: what to do that works."""
-  return (f'Step {step}: the support set or its kernel became NaN or inf; the learning rate '
-          f'({lr_flag} {lr:g}) is probably too large for this data. The run in {run_dir} keeps '
-          f'its last good checkpoint (step {last_checkpoint}). Run again with a smaller '
-          f'{lr_flag} (e.g. {lr / 10:g}) or a larger --reg, into a new --out directory or with '
-          f'--overwrite.')
-
-
-def versions() -> dict[str, str]:
-  import jax
-  import ntkdd
-  return {'ntkdd': ntkdd.__version__, 'jax': jax.__version__, 'numpy': np.__version__,
-          'python': platform.python_version()}
-
-
-class _StopFlag:
-  """SIGINT/SIGTERM set a flag; the loop checkpoints and exits at the end of the step."""
-
-  def __init__(self):
-    self.signal = None
-    self._previous = {}
-
-  def __enter__(self):
-    for sig in (signal.SIGINT, signal.SIGTERM):
-      try:
-        self._previous[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # not the main thread: the caller handles signals
-        pass
-    return self
-
-  def _handle(self, signum, frame):
-    if self.signal is not None:  # a second Ctrl-C: stop now
-      raise KeyboardInterrupt
-    self.signal = signum
-    logging.warning('Signal %d: checkpointing after this step, then stopping.', signum)
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-
-
-class Interrupted(RuntimeError):
-  pass
-
-
-def _config_to_json(cfg: DistillConfig) -> dict:
-  return dataclasses.asdict(cfg)
-
-
-def initial_support(prepared: PreparedData, ipc: int, init: str, rng: np.random.Generator):
-  """(images, centred one-hot labels, class ids): class-balanced real images or noise."""
-  idx = preprocess.class_balanced_indices(prepared.y_train, ipc, rng,
-                                          num_classes=prepared.num_classes)
-  label_ids = prepared.y_train[idx]
-  if init == 'real':
-    images = prepared.x_train[idx].astype(np.float32)
-  else:
-    scale = float(np.std(prepared.x_train[:1000]))
-    images = (rng.normal(size=(len(idx),) + prepared.x_train.shape[1:]) * scale).astype(np.float32)
-  labels = preprocess.one_hot_centered(label_ids, prepared.num_classes)
-  return images, labels, label_ids
-
-
-def _evaluate(backend, prepared, images, labels, cfg, rng_seed: int) -> float:
-  # Test images go as rows of the test split: distributed workers holding it get indices.
-  x_test, y_test = prepared.rows('test'), prepared.y_test
-  if cfg.eval_test_size and cfg.eval_test_size < len(x_test):
-    # A fixed subset (same every evaluation) so accuracies are comparable across steps.
-    pick = np.sort(np.random.default_rng(rng_seed).choice(len(x_test), cfg.eval_test_size,
-                                                          replace=False))
-    x_test, y_test = prepared.rows('test', pick), y_test[pick]
-  return kip.krr_accuracy(backend, images, labels, x_test, y_test, cfg.kernel, cfg.reg)
-
-
-def write_support(run_dir: Path, prepared: PreparedData, images, labels, label_ids) -> None:
-  run_files.save_npz(run_dir / run_files.SUPPORT, {
-      'images': np.asarray(images, np.float32),
-      'images_pixels': prepared.preprocessor.inverse(images).astype(np.float32),
-      'labels': np.asarray(labels, np.float32),
-      'label_ids': np.asarray(label_ids, np.int32),
-      'class_names': np.asarray(prepared.dataset.class_names),
-  })
-
-
-def _render(run_dir: Path) -> None:
-  try:
-    from ntkdd.server import report
-    report.render_run(run_dir)
-  except ImportError as e:  # pictures need Pillow; the run itself does not
-    logging.warning('Pictures skipped: %s', e)
+def krr_test_accuracy(backend, prepared: PreparedData, images, labels,
+                      cfg: DistillConfig) -> float:
+  """KRR test accuracy of a support set with `cfg`'s kernel, reg and fixed test subset."""
+  return run_data.krr_test_accuracy(backend, prepared, images, labels, cfg.kernel, cfg.reg,
+                                    cfg.eval_test_size, cfg.seed)
 
 
 def distill(cfg: DistillConfig, run_dir: str, backend_factory: Callable, resume: bool = False,
@@ -267,9 +147,20 @@ def distill(cfg: DistillConfig, run_dir: str, backend_factory: Callable, resume:
   replaces a run already there. A fresh run that fails before its first checkpoint leaves
   nothing behind.
 
-  `run_status`: the caller's `status.RunStatus`, which the caller publishes (the Launchpad and
-  Ray coordinators); without one the run publishes its own (status.sock, status.json).
-  `tensorboard`: also TensorBoard events in `run_dir` (needs tensorboardX).
+  Args:
+    cfg: the run's settings.
+    run_dir: the run directory (--out).
+    backend_factory: architecture -> kernel backend (closed at the end if it has `close`).
+    resume: continue the run in `run_dir` (KIP only).
+    progress: show a progress bar.
+    prepared: the data, if already loaded (else loaded from `cfg`).
+    run_status: the caller's `status.RunStatus`, which the caller publishes (the Launchpad
+      and Ray coordinators); without one the run publishes its own (status.sock, status.json).
+    tensorboard: also TensorBoard events in `run_dir` (needs tensorboardX).
+    overwrite: replace a run already in `run_dir`.
+
+  Returns:
+    The summary.
   """
   cfg.validate()
   run_dir = Path(run_dir)
@@ -279,59 +170,35 @@ def distill(cfg: DistillConfig, run_dir: str, backend_factory: Callable, resume:
                      'again with --overwrite (or into a new --out directory).')
   prepared = prepared or prepare_data(cfg)
   check_fits_data(cfg, prepared)
-  record = dataset_record(prepared)
-  made_dir = not run_dir.exists()
-  saved = checkpoint.open_run(run_dir, _config_to_json(cfg), DistillConfig.RESUMABLE, resume,
-                              dataset=record, overwrite=overwrite,
-                              arrays_needed=('images', 'labels', 'label_ids'))
-  from ntkdd.server import status
-  try:
-    run_files.write_json(run_dir / run_files.CONFIG, {
-        'command': 'distill', 'flags': _config_to_json(cfg), 'dataset': record,
-        'versions': versions(), 'created': time.strftime('%Y-%m-%dT%H:%M:%S%z')})
-    # The run's status (the caller's, or published here), which long kernel computations (LS,
-    # KRR evaluation) report their progress to; its final status.json says how the run ended.
-    with status.published(run_status, run_dir, status.total_steps(_config_to_json(cfg))):
-      board = open_board(run_dir, prepared) if tensorboard else None
-      try:
-        backend = backend_factory(cfg.architecture())
-        try:
-          if cfg.algorithm == 'ls':
-            return _run_label_solve(cfg, run_dir, prepared, backend, board)
-          return _run_kip(cfg, run_dir, prepared, backend, saved, progress, board)
-        finally:
-          getattr(backend, 'close', lambda: None)()  # distributed backends stop their threads
-      finally:
-        if board:
-          board.close()
-  except BaseException:
-    if saved is None:
-      checkpoint.discard_failed_start(run_dir, made_dir,
-                                      also=(run_files.STATUS_JSON, run_files.STATUS_SOCKET))
-    raise
+  from ntkdd.server import status  # pylint: disable=import-outside-toplevel
 
+  def body(saved, board):
+    backend = backend_factory(cfg.architecture())
+    try:
+      if cfg.algorithm == 'ls':
+        return _run_label_solve(cfg, run_dir, prepared, backend, board)
+      return loop.run_steps(KipSteps(cfg, prepared, backend), saved, run_dir, prepared,
+                            steps=cfg.steps, seed=cfg.seed, eval_every=cfg.eval_every,
+                            checkpoint_every=cfg.checkpoint_every, progress=progress,
+                            board=board)
+    finally:
+      getattr(backend, 'close', lambda: None)()  # distributed backends stop their threads
 
-def open_board(run_dir: Path, prepared: PreparedData) -> Callable:
-  """A `board(record, images, label_ids)` that writes TensorBoard events into `run_dir`: the
-  record's scalars, and the grid of `images` (model space; None: none) when the record is an
-  evaluation; `board.close()` ends the event file."""
-  from ntkdd.server import tensorboard_log
-  log = tensorboard_log.TensorBoardLog(run_dir)
-
-  def board(record: dict, images: Optional[np.ndarray], label_ids) -> None:
-    pixels = (prepared.preprocessor.inverse(np.asarray(images))
-              if images is not None and tensorboard_log.is_evaluation(record) else None)
-    log.log(record, pixels, label_ids, prepared.num_classes)
-
-  board.close = log.close
-  return board
+  flags = dataclasses.asdict(cfg)
+  return loop.run_in_dir(run_dir, flags, DistillConfig.RESUMABLE, prepared, body,
+                         resume=resume, overwrite=overwrite,
+                         arrays_needed=('images', 'labels', 'label_ids'),
+                         total_steps=status.total_steps(flags), run_status=run_status,
+                         tensorboard=tensorboard)
 
 
 def _run_label_solve(cfg, run_dir, prepared, backend, board=None) -> dict:
+  """Label Solve in one go: labels of real support images in closed form, evaluated before
+  and after; writes support.npz, one metrics row and summary.json."""
   start = time.time()
   rng = np.random.default_rng(cfg.seed)
-  images, labels, label_ids = initial_support(prepared, cfg.ipc, cfg.init, rng)
-  before = _evaluate(backend, prepared, images, labels, cfg, cfg.seed)
+  images, labels, label_ids = run_data.initial_support(prepared, cfg.ipc, cfg.init, rng)
+  before = krr_test_accuracy(backend, prepared, images, labels, cfg)
   targets = np.arange(len(prepared.x_train))
   if cfg.ls_target_size and cfg.ls_target_size < len(targets):
     targets = np.sort(preprocess.class_balanced_batch(prepared.y_train, cfg.ls_target_size, rng,
@@ -340,8 +207,8 @@ def _run_label_solve(cfg, run_dir, prepared, backend, board=None) -> dict:
   logging.info('Label Solve over %d target images.', len(targets))
   solved = kip.label_solve(backend, images, prepared.rows('train', targets), y_t, cfg.kernel,
                            cfg.reg, cfg.ls_rcond)
-  after = _evaluate(backend, prepared, images, solved, cfg, cfg.seed)
-  write_support(run_dir, prepared, images, solved, label_ids)
+  after = krr_test_accuracy(backend, prepared, images, solved, cfg)
+  run_data.write_support(run_dir, prepared, images, solved, label_ids)
   summary = {'algorithm': 'ls', 'krr_test_accuracy_before': before,
              'krr_test_accuracy_after': after, 'targets': int(len(targets)),
              'minutes': (time.time() - start) / 60, 'steps': 0}
@@ -351,112 +218,73 @@ def _run_label_solve(cfg, run_dir, prepared, backend, board=None) -> dict:
   if board:
     board(record, images, label_ids)
   run_files.write_json(run_dir / run_files.SUMMARY, summary)
-  _render(run_dir)
+  loop.render_pictures(run_dir)
   return summary
 
 
-def _run_kip(cfg, run_dir, prepared, backend, saved, show_progress, board=None) -> dict:
-  metrics_path = run_dir / run_files.METRICS
-  optimizer = optim.adam(optim.cosine_schedule(cfg.learning_rate, cfg.steps)
-                         if cfg.lr_schedule == 'cosine' else cfg.learning_rate)
-  if saved is None:
-    rng = np.random.default_rng(cfg.seed)
-    images, labels, label_ids = initial_support(prepared, cfg.ipc, cfg.init, rng)
-    params = {'images': images, 'labels': labels}
-    opt_state = optimizer.init(params)
-    step, elapsed = 0, 0.0
-    before = _evaluate(backend, prepared, images, labels, cfg, cfg.seed)
-    best = {'accuracy': before, 'step': 0}
-    run_files.truncate_metrics(metrics_path, -1)
-    first = {'step': 0, 'loss': None, 'krr_test_accuracy': before, 'wall_time': 0.0}
-    run_files.append_metrics(metrics_path, first)
-    if board:
-      board(first, images, label_ids)
-    logging.info('Step 0: KRR test accuracy %.4f (initial support).', before)
-  else:
-    arrays, meta = saved
-    params = {'images': arrays['images'], 'labels': arrays['labels']}
-    label_ids = arrays['label_ids']
-    opt_state = {k[len('opt/'):]: v for k, v in arrays.items() if k.startswith('opt/')}
-    rng = np.random.default_rng()
-    rng.bit_generator.state = meta['rng_state']
-    step, elapsed, before, best = meta['step'], meta['elapsed'], meta['before'], meta['best']
-    run_files.truncate_metrics(metrics_path, step)
-    logging.info('Resuming at step %d of %d.', step, cfg.steps)
+class KipSteps:
+  """KIP's step for `loop.run_steps`: Adam on the support images (and labels) against the
+  KRR loss of a class-balanced target batch; evaluated by KRR test accuracy."""
+  name = 'KIP'
+  accuracy_key = 'krr_test_accuracy'
 
-  def save(step_done: int) -> None:
-    arrays = {'images': params['images'], 'labels': params['labels'], 'label_ids': label_ids}
-    arrays.update({f'opt/{k}': v for k, v in opt_state.items()})
-    checkpoint.save_checkpoint(run_dir, arrays, {
-        'step': step_done, 'rng_state': rng.bit_generator.state, 'elapsed': elapsed,
-        'before': before, 'best': best})
-    write_support(run_dir, prepared, params['images'], params['labels'], label_ids)
+  def __init__(self, cfg: DistillConfig, prepared: PreparedData, backend):
+    self.cfg, self.prepared, self.backend = cfg, prepared, backend
+    self.learning_rate = cfg.learning_rate
+    self.optimizer = optim.adam(optim.cosine_schedule(cfg.learning_rate, cfg.steps)
+                                if cfg.lr_schedule == 'cosine' else cfg.learning_rate)
+    self.y_train_centered = preprocess.one_hot_centered(prepared.y_train, prepared.num_classes)
+    self.params = self.opt_state = self.label_ids = None
 
-  last_saved = step
-  if saved is None:
-    save(0)
-  bar = None
-  if show_progress:
-    from ntkdd.server import progress
-    bar = progress.ProgressBar(cfg.steps, desc=f'KIP {prepared.dataset.name}', initial=step)
-  y_train_centered = preprocess.one_hot_centered(prepared.y_train, prepared.num_classes)
-  accuracy = best['accuracy'] if saved is None else None
-  with _StopFlag() as stop:
-    while step < cfg.steps:
-      t0 = time.time()
-      target = preprocess.class_balanced_batch(prepared.y_train, cfg.target_batch, rng,
-                                               num_classes=prepared.num_classes)
-      try:
-        result = kip.kip_gradients(backend, params['images'], params['labels'],
-                                   prepared.rows('train', target), y_train_centered[target],
-                                   prepared.y_train[target], cfg.kernel, cfg.reg)
-      except FloatingPointError:   # K_ss or the loss non-finite: the support set has blown up
-        raise FloatingPointError(nan_advice(step + 1, last_saved, run_dir, '--lr',
-                                            cfg.learning_rate)) from None
-      grads = {'images': result.grad_images}
-      if cfg.learn_labels:
-        grads['labels'] = result.grad_labels
-      new_params, new_state = optimizer.update(grads, opt_state, params)
-      if not all(np.all(np.isfinite(v)) for v in new_params.values()):
-        raise FloatingPointError(nan_advice(step + 1, last_saved, run_dir, '--lr',
-                                            cfg.learning_rate))
-      params, opt_state = new_params, new_state
-      step += 1
-      elapsed += time.time() - t0
-      record = {'step': step, 'loss': result.loss / cfg.target_batch,
-                'target_accuracy': result.target_accuracy, 'wall_time': elapsed,
-                'pairs_per_second': backend.pairs_per_second()}
-      if step % cfg.eval_every == 0 or step == cfg.steps:
-        try:
-          accuracy = _evaluate(backend, prepared, params['images'], params['labels'], cfg,
-                               cfg.seed)
-        except FloatingPointError:   # the support set is finite but its kernel is not
-          raise FloatingPointError(nan_advice(step, last_saved, run_dir, '--lr',
-                                              cfg.learning_rate)) from None
-        record['krr_test_accuracy'] = accuracy
-        if accuracy > best['accuracy']:
-          best = {'accuracy': accuracy, 'step': step}
-      run_files.append_metrics(metrics_path, record)
-      if board:
-        board(record, params['images'], label_ids)
-      if bar:
-        bar.update(step, loss=record['loss'], acc=accuracy)
-      if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop.signal:
-        save(step)
-        last_saved = step
-      if stop.signal:
-        if bar:
-          bar.close()
-        raise Interrupted(f'Stopped by signal at step {step}; checkpoint saved in {run_dir}. '
-                          f'Continue with the same command plus --resume.')
-  if bar:
-    bar.close()
-  final = accuracy if accuracy is not None else _evaluate(
-      backend, prepared, params['images'], params['labels'], cfg, cfg.seed)
-  summary = {'algorithm': 'kip', 'steps': step, 'krr_test_accuracy_before': before,
-             'krr_test_accuracy_after': final, 'best': best, 'minutes': elapsed / 60,
-             'pairs_per_second': backend.pairs_per_second(),
-             'eval_test_size': cfg.eval_test_size or len(prepared.x_test)}
-  run_files.write_json(run_dir / run_files.SUMMARY, summary)
-  _render(run_dir)
-  return summary
+  def start(self, rng: np.random.Generator) -> None:
+    images, labels, self.label_ids = run_data.initial_support(self.prepared, self.cfg.ipc,
+                                                              self.cfg.init, rng)
+    self.params = {'images': images, 'labels': labels}
+    self.opt_state = self.optimizer.init(self.params)
+
+  def restore(self, arrays: dict, rng: np.random.Generator) -> None:
+    self.params = {'images': arrays['images'], 'labels': arrays['labels']}
+    self.label_ids = arrays['label_ids']
+    self.opt_state = {k[len('opt/'):]: v for k, v in arrays.items() if k.startswith('opt/')}
+
+  def step(self, step: int, rng: np.random.Generator) -> dict:
+    cfg, prepared = self.cfg, self.prepared
+    target = preprocess.class_balanced_batch(prepared.y_train, cfg.target_batch, rng,
+                                             num_classes=prepared.num_classes)
+    # FloatingPointError: K_ss or the loss non-finite, the support set has blown up.
+    result = kip.kip_gradients(self.backend, self.params['images'], self.params['labels'],
+                               prepared.rows('train', target), self.y_train_centered[target],
+                               prepared.y_train[target], cfg.kernel, cfg.reg)
+    grads = {'images': result.grad_images}
+    if cfg.learn_labels:
+      grads['labels'] = result.grad_labels
+    new_params, new_state = self.optimizer.update(grads, self.opt_state, self.params)
+    if not all(np.all(np.isfinite(v)) for v in new_params.values()):
+      raise FloatingPointError('The support set became NaN or inf.')
+    self.params, self.opt_state = new_params, new_state
+    return {'loss': result.loss / cfg.target_batch, 'target_accuracy': result.target_accuracy}
+
+  def rates(self) -> dict:
+    return {'pairs_per_second': self.backend.pairs_per_second()}
+
+  def evaluate(self, step: int) -> dict:
+    return {'krr_test_accuracy': krr_test_accuracy(self.backend, self.prepared, *self.support(step),
+                                                   self.cfg)}
+
+  def arrays(self) -> dict:
+    arrays = {'images': self.params['images'], 'labels': self.params['labels'],
+              'label_ids': self.label_ids}
+    arrays.update({f'opt/{k}': v for k, v in self.opt_state.items()})
+    return arrays
+
+  def support(self, step: int) -> tuple:
+    return self.params['images'], self.params['labels']
+
+  def summary(self, end: loop.LoopEnd) -> dict:
+    final = end.accuracy
+    if final is None:   # no evaluation in this process: the start's, or one now
+      final = end.before if end.fresh else self.evaluate(end.step)['krr_test_accuracy']
+    return {'algorithm': 'kip', 'steps': end.step, 'krr_test_accuracy_before': end.before,
+            'krr_test_accuracy_after': final, 'best': end.best, 'minutes': end.elapsed / 60,
+            'pairs_per_second': self.backend.pairs_per_second(),
+            'eval_test_size': self.cfg.eval_test_size or len(self.prepared.x_test)}

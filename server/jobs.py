@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, Callable, Optional, Union
 
-from ntkdd.common import architectures, rcig
+from ntkdd.common import architectures, choices, optim, rcig
 from ntkdd.server import distill
 
 RCIG_KEY = 'rcig'   # the RcigConfig's fields inside an RCIG job's dict
 # The KRR evaluation's kernel: the ConvNet NTK (KIP's ConvNet, NTK parameterisation) with the
-# kernels' usual initialisation; its depth follows the RCIG net's.
-KRR_W_STD, KRR_B_STD = math.sqrt(2.0), 0.1
+# kernels' usual initialisation (DistillConfig's defaults); its depth follows the RCIG net's.
+KRR_W_STD, KRR_B_STD = distill.DistillConfig.w_std, distill.DistillConfig.b_std
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +49,7 @@ class RcigJob:
     return self.settings.tile
 
   def validate(self) -> None:
+    require_optax()
     if self.settings.algorithm != 'rcig':
       raise ValueError(f'An RcigJob needs settings with algorithm rcig, got '
                        f'{self.settings.algorithm!r}.')
@@ -59,7 +59,6 @@ class RcigJob:
                         eval_every=max(1, self.settings.eval_every)).validate()
     if self.settings.eval_every < 0:
       raise ValueError(f'--eval-every must be >= 0, got {self.settings.eval_every}.')
-    require_optax()
 
   def architecture(self) -> architectures.Architecture:
     """The kernel the workers serve: the ConvNet NTK at the RCIG net's depth."""
@@ -69,18 +68,9 @@ class RcigJob:
     return self.settings.data_spec()
 
 
-OPTAX_HINT = ("RCIG needs optax (its support-set optimisers): pip install optax (or "
-              "'ntkdd[train]'); in the Launchpad environment (Python 3.10, JAX 0.4.23): pip "
-              "install optax==0.1.7 chex==0.1.86 -c constraints/launchpad.txt, which `make "
-              "venv-lp` does.")
-
-
 def require_optax() -> None:
   """An ImportError naming the fix unless optax imports (checked before any process starts)."""
-  try:
-    import optax  # pylint: disable=import-outside-toplevel,unused-import
-  except ImportError as e:
-    raise ImportError(f'{OPTAX_HINT} ({e})') from e
+  optim.require_optax('RCIG (its support-set optimisers)')
 
 
 Config = Union[distill.DistillConfig, RcigJob]
@@ -104,15 +94,56 @@ def from_dict(d: dict[str, Any]) -> Config:
   return settings
 
 
+@dataclasses.dataclass(frozen=True)
+class AlgorithmDefaults:
+  """The settings whose default depends on the algorithm (the command line leaves them unset)."""
+  depth: int
+  w_std: float
+  b_std: float
+  learning_rate: float
+
+
+def defaults_for(algorithm: str) -> AlgorithmDefaults:
+  """RCIG's are its net's (`RcigConfig`: depth 3, LeCun normal weights w_std 1, zero biases,
+  AdaBelief at 3e-3, as its paper); KIP's and LS's are the kernels' (`DistillConfig`: depth 1,
+  w_std sqrt(2), b_std 0.1, Adam at 0.01)."""
+  if algorithm == 'rcig':
+    net = rcig.RcigConfig()
+    return AlgorithmDefaults(net.depth, net.w_std, net.b_std, net.lr_images)
+  kernel = distill.DistillConfig()
+  return AlgorithmDefaults(kernel.depth, kernel.w_std, kernel.b_std, kernel.learning_rate)
+
+
+def rcig_job(settings: distill.DistillConfig, net: rcig.RcigConfig,
+             flip: str = 'auto') -> tuple[RcigJob, distill.PreparedData]:
+  """The RCIG job of `settings` and `net` with RCIG's data policy, and its prepared data.
+
+  Args:
+    settings: the run's settings (algorithm 'rcig'); preprocess 'auto' becomes RCIG's:
+      channel ZCA for RGB images, as its paper and code whiten them (grayscale: per-channel
+      standardisation, which 'auto' already is).
+    net: the RCIG settings; its flip_support is set from `flip`.
+    flip: one of choices.FLIP_CHOICES; 'auto' mirrors the support for RGB images, as RCIG's
+      paper does.
+
+  Returns:
+    (the job, its data in model space).
+  """
+  if flip not in choices.FLIP_CHOICES:
+    raise ValueError(f'--rcig-flip must be one of {choices.FLIP_CHOICES}, got {flip!r}.')
+  prepared = distill.prepare_data(settings)
+  rgb = prepared.x_train.shape[-1] == 3
+  if settings.preprocess == 'auto' and rgb:
+    settings = dataclasses.replace(settings, preprocess='channel_zca')
+    prepared = distill.prepare_data(settings)
+  net = dataclasses.replace(net, flip_support=flip == 'on' or (flip == 'auto' and rgb))
+  return RcigJob(settings, net), prepared
+
+
 def krr_evaluator(backend, prepared, settings: distill.DistillConfig) -> Callable:
   """(images, labels) -> KRR test accuracy with `backend`'s kernel, on the same fixed test
   subset (`eval_test_size`, drawn from the seed) as the finite-net evaluation."""
-  return functools.partial(_krr_accuracy, backend, prepared, settings)
-
-
-def _krr_accuracy(backend, prepared, settings, images, labels) -> float:
-  return distill._evaluate(  # pylint: disable=protected-access
-      backend, prepared, images, labels, settings, settings.seed)
+  return functools.partial(distill.krr_test_accuracy, backend, prepared, cfg=settings)
 
 
 def run(cfg: Config, run_dir: str, backend_factory: Optional[Callable], resume: bool = False,

@@ -1,9 +1,7 @@
-"""The RCIG distillation loop: model pool, meta-steps, checkpoints, metrics, resume."""
+"""RCIG on the coordinator: its state, meta-step and finite-net evaluation, for loop.run_steps."""
 from __future__ import annotations
 
 import functools
-import logging
-import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -12,8 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ntkdd.common import architectures, preprocess, rcig
-from ntkdd.server import checkpoint, distill, status
-from ntkdd.server import run_dir as run_files
+from ntkdd.server import loop, run_data
 
 # Settings that may differ on resume without changing the result (the data's path may: its
 # name and content fingerprint are checked instead).
@@ -54,9 +51,9 @@ def _new_pool_model(cfg, seed: int, image_shape, num_classes: int) -> dict:
   return {'params': params, 'adam': rcig.adam_init(params), 'age': np.int64(0)}
 
 
-def _initial_state(cfg, prepared, ipc: int, rng: np.random.Generator) -> tuple[dict, np.ndarray]:
+def initial_state(cfg, prepared, ipc: int, rng: np.random.Generator) -> tuple[dict, np.ndarray]:
   """The whole mutable state of a run (a pytree of arrays) and the support's class ids."""
-  images, labels, label_ids = distill.initial_support(prepared, ipc, cfg.init, rng)
+  images, labels, label_ids = run_data.initial_support(prepared, ipc, cfg.init, rng)
   learned = {'images': jnp.asarray(images), 'labels': jnp.asarray(labels),
              'log_temp': jnp.float32(cfg.init_log_temp)}
   lrs = {'images': cfg.lr_images, 'labels': cfg.lr_labels, 'log_temp': cfg.lr_log_temp}
@@ -132,23 +129,14 @@ def evaluate(cfg: rcig.RcigConfig, prepared, images, labels, test_size: int,
   """Test accuracy of the finite ReLU ConvNet trained on the support (`finite_accuracy`,
   without augmentation)."""
   x_test, y_test = prepared.x_test, prepared.y_test
-  if test_size and test_size < len(x_test):
-    # A fixed subset (same every evaluation) so accuracies are comparable across steps.
-    pick = np.sort(np.random.default_rng(seed).choice(len(x_test), test_size, replace=False))
+  pick = run_data.fixed_test_rows(prepared, test_size, seed)
+  if pick is not None:
     x_test, y_test = x_test[pick], y_test[pick]
   return finite_accuracy(images, labels, x_test, y_test, prepared.num_classes, depth=cfg.depth,
                          width=cfg.eval_width, w_std=cfg.w_std, b_std=cfg.b_std,
                          parameterization=cfg.eval_parameterization,
                          learning_rate=cfg.eval_lr, flip=cfg.flip_support,
                          models=cfg.eval_models, train_steps=cfg.eval_train_steps)['mean']
-
-
-def _krr_record(krr_eval: Optional[Callable], cfg: rcig.RcigConfig, state: dict,
-                step: int) -> dict[str, float]:
-  """{'krr_test_accuracy': ...} of the saved support at `step`; {} without a KRR evaluator."""
-  if krr_eval is None:
-    return {}
-  return {'krr_test_accuracy': float(krr_eval(*saved_support(cfg, state, step)))}
 
 
 def rcig_step(cfg: rcig.RcigConfig, state: dict, prepared, rng: np.random.Generator,
@@ -194,156 +182,108 @@ def rcig_step(cfg: rcig.RcigConfig, state: dict, prepared, rng: np.random.Genera
   return new_state, record
 
 
-def run_rcig(cfg: rcig.RcigConfig, prepared: distill.PreparedData, run_dir, *, ipc: int,
+def run_rcig(cfg: rcig.RcigConfig, prepared: run_data.PreparedData, run_dir, *, ipc: int,
              steps: int, seed: int = 0, resume: bool = False, progress: bool = False,
              eval_every: int = 0, eval_test_size: int = 0, overwrite: bool = False,
              data_spec: Optional[dict] = None, tensorboard: bool = False,
              krr_eval: Optional[Callable[[Any, Any], float]] = None,
              krr_flags: Optional[dict] = None, run_status: Any = None) -> dict[str, Any]:
   """Distils `prepared` with RCIG into `run_dir` (config.json, metrics.jsonl, support.npz,
-  checkpoint.npz, summary.json); returns the summary. eval_every = 0: no finite-net
-  evaluation (it trains cfg.eval_models ConvNets each time, minutes on CPU).
+  checkpoint.npz, summary.json).
 
   Everything is checked before the first file is written; overwrite replaces a run already in
   `run_dir`; a fresh run that fails before its first checkpoint leaves nothing.
 
-  data_spec: a `DataSpec` dict, recorded in config.json's flags, so that `ntkdd evaluate` can
-    load the same data. tensorboard: also TensorBoard events in `run_dir` (needs tensorboardX).
-  krr_eval: (images, labels) -> the infinite-width KRR test accuracy of the support set (a
-    kernel backend's, see server/jobs.py), logged as krr_test_accuracy at each evaluation;
-    krr_flags: its settings, saved in config.json. run_status: the caller's published
-    `status.RunStatus` (the Launchpad and Ray coordinators); without one the run publishes
-    its own (status.sock, status.json).
+  Args:
+    cfg: the RCIG settings. prepared: the data. run_dir: the run directory.
+    ipc, steps, seed: images per class, meta-steps, the seed of every draw.
+    resume, overwrite: --resume, --overwrite. progress: show a progress bar.
+    eval_every: steps between finite-net evaluations; 0: none (each trains cfg.eval_models
+      ConvNets, minutes on CPU). eval_test_size: test images per evaluation (0: all).
+    data_spec: a `DataSpec` dict, recorded in config.json's flags, so that `ntkdd evaluate`
+      can load the same data.
+    tensorboard: also TensorBoard events in `run_dir` (needs tensorboardX).
+    krr_eval: (images, labels) -> the infinite-width KRR test accuracy of the support set (a
+      kernel backend's, see server/jobs.py), logged as krr_test_accuracy at each evaluation;
+      krr_flags: its settings, saved in config.json.
+    run_status: the caller's published `status.RunStatus` (the Launchpad and Ray
+      coordinators); without one the run publishes its own (status.sock, status.json).
+
+  Returns:
+    The summary.
   """
-  run_dir = Path(run_dir)
   if ipc < 1 or steps < 0 or eval_every < 0 or eval_test_size < 0 or seed < 0:
     raise ValueError(f'Need --ipc >= 1, --steps >= 0, --eval-every >= 0, --eval-test-size >= 0 '
                      f'and --seed >= 0, got {ipc}, {steps}, {eval_every}, {eval_test_size}, '
                      f'{seed}.')
-  distill.check_ipc_fits(prepared, ipc)
-  distill.check_batch_fits(prepared, cfg.target_batch, '--rcig-target-batch')
+  run_data.check_ipc_fits(prepared, ipc)
+  run_data.check_batch_fits(prepared, cfg.target_batch, '--rcig-target-batch')
   architectures.check_input_shape(
       architectures.Architecture('rcig_convnet', cfg.depth, cfg.w_std, cfg.b_std, cfg.width,
                                  'standard'), prepared.x_train.shape[1:])
   flags = dict(data_spec or {}, **cfg.to_dict(), algorithm='rcig', ipc=ipc, steps=steps,
                seed=seed, eval_every=eval_every, eval_test_size=eval_test_size,
                **(krr_flags or {}))
-  record = distill.dataset_record(prepared)
-  made_dir = not run_dir.exists()
-  saved = checkpoint.open_run(run_dir, flags, RESUMABLE, resume, dataset=record,
-                              overwrite=overwrite, arrays_needed=('label_ids',))
-  try:
-    run_files.write_json(run_dir / run_files.CONFIG, {
-        'command': 'distill', 'flags': flags, 'dataset': record,
-        'versions': distill.versions(), 'created': time.strftime('%Y-%m-%dT%H:%M:%S%z')})
-    with status.published(run_status, run_dir, steps):
-      return _run_steps(cfg, prepared, run_dir, saved, ipc=ipc, steps=steps, seed=seed,
-                        progress=progress, eval_every=eval_every,
-                        eval_test_size=eval_test_size, krr_eval=krr_eval,
-                        tensorboard=tensorboard)
-  except BaseException:
-    if saved is None:
-      checkpoint.discard_failed_start(run_dir, made_dir,
-                                      also=(run_files.STATUS_JSON, run_files.STATUS_SOCKET))
-    raise
+
+  def body(saved, board):
+    return loop.run_steps(RcigSteps(cfg, prepared, ipc, eval_test_size, seed, krr_eval), saved,
+                          Path(run_dir), prepared, steps=steps, seed=seed, eval_every=eval_every,
+                          checkpoint_every=cfg.checkpoint_every, progress=progress, board=board)
+
+  return loop.run_in_dir(Path(run_dir), flags, RESUMABLE, prepared, body, resume=resume,
+                         overwrite=overwrite, arrays_needed=('label_ids',), total_steps=steps,
+                         run_status=run_status, tensorboard=tensorboard)
 
 
-def _run_steps(cfg: rcig.RcigConfig, prepared: distill.PreparedData, run_dir: Path, saved, *,
-               ipc: int, steps: int, seed: int, progress: bool, eval_every: int,
-               eval_test_size: int, krr_eval: Optional[Callable],
-               tensorboard: bool) -> dict[str, Any]:
-  """`run_rcig` in an opened run directory (`saved`: its checkpoint, None for a new run)."""
-  metrics_path = run_dir / run_files.METRICS
-  board = distill.open_board(run_dir, prepared) if tensorboard else None
-  rng = np.random.default_rng(seed)
-  state, label_ids = _initial_state(cfg, prepared, ipc, rng)
-  measure = lambda step: evaluate(cfg, prepared, *saved_support(cfg, state, step),
-                                  eval_test_size, seed)
-  if saved is None:
-    step, elapsed, best, before = 0, 0.0, None, None
-    run_files.truncate_metrics(metrics_path, -1)
-    record = {'step': 0, 'loss': None, 'wall_time': 0.0}
-    if eval_every:
-      before = measure(0)
-      best = {'accuracy': before, 'step': 0}
-      record['test_accuracy'] = before
-      record.update(_krr_record(krr_eval, cfg, state, 0))
-    run_files.append_metrics(metrics_path, record)
-    if board:
-      board(record, saved_support(cfg, state, 0)[0], label_ids)
-  else:
-    arrays, meta = saved
-    state = _unflatten(state, arrays)
-    label_ids = arrays['label_ids']
-    rng.bit_generator.state = meta['rng_state']
-    step, elapsed, best, before = meta['step'], meta['elapsed'], meta['best'], meta['before']
-    run_files.truncate_metrics(metrics_path, step)
-    logging.info('RCIG: resuming at step %d of %d.', step, steps)
+class RcigSteps:
+  """RCIG's meta-step for `loop.run_steps` (`rcig_step`); evaluated by a finite ConvNet trained
+  on the (EMA) support, plus the KRR accuracy where a kernel backend serves it."""
+  name = 'RCIG'
+  accuracy_key = 'test_accuracy'
 
-  def save(step_done: int) -> None:
-    arrays = _flatten(state)
-    arrays['label_ids'] = np.asarray(label_ids)
-    checkpoint.save_checkpoint(run_dir, arrays, {
-        'step': step_done, 'rng_state': rng.bit_generator.state, 'elapsed': elapsed,
-        'before': before, 'best': best})
-    images, labels = saved_support(cfg, state, step_done)
-    distill.write_support(run_dir, prepared, images, labels, label_ids)
+  def __init__(self, cfg: rcig.RcigConfig, prepared: run_data.PreparedData, ipc: int,
+               eval_test_size: int, seed: int, krr_eval: Optional[Callable]):
+    self.cfg, self.prepared, self.ipc = cfg, prepared, ipc
+    self.eval_test_size, self.seed, self.krr_eval = eval_test_size, seed, krr_eval
+    self.learning_rate = cfg.lr_images
+    self.state = self.label_ids = self.krr_after = None
 
-  last_saved = step
-  if saved is None:
-    save(0)
-  bar = None
-  if progress:
-    from ntkdd.server import progress as progress_bar  # pylint: disable=import-outside-toplevel
-    bar = progress_bar.ProgressBar(steps, desc=f'RCIG {prepared.dataset.name}', initial=step)
-  accuracy = krr_after = None
-  with distill._StopFlag() as stop:  # pylint: disable=protected-access
-    while step < steps:
-      t0 = time.time()
-      try:
-        state, record = rcig_step(cfg, state, prepared, rng, step)
-      except FloatingPointError:
-        raise FloatingPointError(distill.nan_advice(step + 1, last_saved, run_dir, '--lr',
-                                                    cfg.lr_images)) from None
-      step += 1
-      elapsed += time.time() - t0
-      record = dict(step=step, **record, wall_time=elapsed)
-      if eval_every and (step % eval_every == 0 or step == steps):
-        accuracy = measure(step)
-        record['test_accuracy'] = accuracy
-        record.update(_krr_record(krr_eval, cfg, state, step))
-        krr_after = record.get('krr_test_accuracy')
-        if best is None or accuracy > best['accuracy']:
-          best = {'accuracy': accuracy, 'step': step}
-      run_files.append_metrics(metrics_path, record)
-      if board:
-        board(record, saved_support(cfg, state, step)[0] if eval_every and
-              'test_accuracy' in record else None, label_ids)
-      if bar:
-        bar.update(step, loss=record['loss'], acc=accuracy)
-      if step % cfg.checkpoint_every == 0 or step == steps or stop.signal:
-        save(step)
-        last_saved = step
-      if stop.signal:
-        if bar:
-          bar.close()
-        if board:
-          board.close()
-        raise distill.Interrupted(f'Stopped by signal at step {step}; checkpoint saved in '
-                                  f'{run_dir}. Continue with the same command plus --resume.')
-  if bar:
-    bar.close()
-  if board:
-    board.close()
-  summary = {'algorithm': 'rcig', 'steps': step, 'test_accuracy_before': before,
-             'test_accuracy_after': accuracy, 'best': best, 'minutes': elapsed / 60,
-             'seconds_per_step': elapsed / max(step, 1),
-             'eval_test_size': eval_test_size or len(prepared.x_test)}
-  if krr_eval is not None:
-    summary['krr_test_accuracy_after'] = krr_after
-  run_files.write_json(run_dir / run_files.SUMMARY, summary)
-  try:
-    distill._render(run_dir)  # pylint: disable=protected-access
-  except Exception as e:  # pictures are a nicety; a report module expecting KIP keys must not
-    logging.warning('Pictures skipped: %s', e)  # fail the run
-  return summary
+  def start(self, rng: np.random.Generator) -> None:
+    self.state, self.label_ids = initial_state(self.cfg, self.prepared, self.ipc, rng)
+
+  def restore(self, arrays: dict, rng: np.random.Generator) -> None:
+    template, _ = initial_state(self.cfg, self.prepared, self.ipc, rng)
+    self.state = _unflatten(template, arrays)
+    self.label_ids = arrays['label_ids']
+
+  def step(self, step: int, rng: np.random.Generator) -> dict:
+    self.state, record = rcig_step(self.cfg, self.state, self.prepared, rng, step)
+    return record
+
+  def rates(self) -> dict:
+    return {}
+
+  def evaluate(self, step: int) -> dict:
+    images, labels = self.support(step)
+    record = {'test_accuracy': evaluate(self.cfg, self.prepared, images, labels,
+                                        self.eval_test_size, self.seed)}
+    if self.krr_eval is not None:
+      record['krr_test_accuracy'] = self.krr_after = float(self.krr_eval(images, labels))
+    return record
+
+  def arrays(self) -> dict:
+    arrays = _flatten(self.state)
+    arrays['label_ids'] = np.asarray(self.label_ids)
+    return arrays
+
+  def support(self, step: int) -> tuple:
+    return saved_support(self.cfg, self.state, step)
+
+  def summary(self, end: loop.LoopEnd) -> dict:
+    summary = {'algorithm': 'rcig', 'steps': end.step, 'test_accuracy_before': end.before,
+               'test_accuracy_after': end.accuracy, 'best': end.best,
+               'minutes': end.elapsed / 60, 'seconds_per_step': end.elapsed / max(end.step, 1),
+               'eval_test_size': self.eval_test_size or len(self.prepared.x_test)}
+    if self.krr_eval is not None:   # the loop's last evaluation's (None if it made none)
+      summary['krr_test_accuracy_after'] = None if end.accuracy is None else self.krr_after
+    return summary

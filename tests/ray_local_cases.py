@@ -23,6 +23,7 @@ ray = pytest.importorskip('ray')
 
 from ntkdd.common import architectures  # noqa: E402
 from ntkdd.launch import cli, inprocess, private_network, ray_cluster, ray_launch, ray_status  # noqa: E402
+from ntkdd.launch import status_client  # noqa: E402
 from ntkdd.server import status  # noqa: E402
 from run_helpers import BLOCK, TIMEOUT_S, wait_for  # noqa: E402
 from run_helpers import assert_same_support as _assert_same_support  # noqa: E402
@@ -136,7 +137,7 @@ class TestLocalRay:
     running = [s for s in snapshots if s['phase'] == 'running' and s['workers']]
     assert running and all(len(s['workers']) == 2 for s in running)
     # The coordinator actor left its final status in the run directory as well.
-    final = status.query_status(str(run_dir))
+    final = status_client.query_status(str(run_dir))
     assert final['source'] == 'snapshot' and final['phase'] == 'done' and final['step'] == 4
     _assert_actors_gone('ray-run', 2)
 
@@ -236,7 +237,7 @@ class TestLocalRay:
     assert [r['step'] for r in got if 'krr_test_accuracy' in r] == [0, 2, 4]
     result = json.loads((run_dir / 'coordinator_result.json').read_text())
     assert result['ok'] and all(w['blocks_done'] > 0 for w in result['backend']['workers'])
-    final = status.query_status(str(run_dir))
+    final = status_client.query_status(str(run_dir))
     assert final['source'] == 'snapshot' and final['phase'] == 'done' and final['step'] == 4
     assert final['last_krr_accuracy'] == reference['krr_test_accuracy_after']
     _assert_actors_gone('ray-rcig', 2)

@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 
-from ntkdd.launch import cli
+from ntkdd.launch import cli, flag_uses
 
 
 def test_kernel_command_writes_ntk_and_nngp_and_workers_agree(tmp_path):
@@ -131,9 +131,9 @@ def test_flags_a_mode_uses_are_accepted():
                            '--eval-every', '5'])
   assert {'kernel', 'reg', 'block', 'width', 'workers', 'eval_every'} <= given
   assert 'lr_schedule' not in given and 'arch' not in given
-  cli.refuse_unused_flags(args, given)   # RCIG with workers evaluates KRR: all used
+  flag_uses.refuse_unused_flags(args, given)   # RCIG with workers evaluates KRR: all used
   with pytest.raises(ValueError, match='--kernel is not used'):
-    cli.refuse_unused_flags(cli._parser().parse_args(
+    flag_uses.refuse_unused_flags(cli._parser().parse_args(
         ['distill', '--out', 'x', '--algorithm', 'rcig', '--kernel', 'nngp']), {'kernel'})
 
 
@@ -145,3 +145,20 @@ def test_rcig_without_optax_says_how_to_install_it(tiny_npz, tmp_path, capsys, m
   assert code == 2 and 'optax' in err and 'pip install optax' in err, err
   assert 'Traceback' not in err and len(err.strip().splitlines()) == 1, err
   assert not (tmp_path / 'r').exists()
+
+
+def test_flag_defaults_are_the_configs_defaults():
+  """Left unset, `ntkdd distill`'s flags give the configs' own defaults (DistillConfig's for
+  KIP; RcigConfig's for RCIG, but for the shared --checkpoint-every), so a default changed
+  next to its config cannot drift from the command line's."""
+  import dataclasses
+  from ntkdd.common import rcig
+  from ntkdd.server import distill
+  args = cli._parser().parse_args(['distill', '--out', 'x'])
+  cli._fill_defaults(args)
+  assert cli._distill_config(args) == distill.DistillConfig()
+  args = cli._parser().parse_args(['distill', '--out', 'x', '--algorithm', 'rcig'])
+  args.given = {'algorithm', 'out'}
+  cli._fill_defaults(args)
+  assert cli._rcig_config(args) == dataclasses.replace(
+      rcig.RcigConfig(), checkpoint_every=args.checkpoint_every)

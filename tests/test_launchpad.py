@@ -26,7 +26,8 @@ else:                            # Launchpad exists for Python <= 3.10 only
   lp = pytest.importorskip('launchpad', reason='Launchpad lives in .venv-lp (Python 3.10)')
 
 from ntkdd.launch import inprocess, launchpad_local, launchpad_program as lpp  # noqa: E402
-from ntkdd.server import status  # noqa: E402
+from ntkdd.launch import status_client  # noqa: E402
+from ntkdd.server import run_dir as run_dir_lib  # noqa: E402
 from run_helpers import BLOCK, TIMEOUT_S, kill_coordinator, wait_for  # noqa: E402
 from run_helpers import assert_same_support as _assert_same_support  # noqa: E402
 from run_helpers import last_step as _last_step, steps as _steps  # noqa: E402
@@ -141,9 +142,9 @@ def test_run_local_mp_returns_the_summary(tiny_npz, tmp_path):
                              block=BLOCK, timeout_s=TIMEOUT_S, deadline_s=60)
   assert summary['steps'] == 2 and (tmp_path / 'run' / 'summary.json').exists()
   # The finished run's outcome comes from its run directory, not a connection error.
-  snap = status.query_status(str(tmp_path / 'run'))
+  snap = status_client.query_status(str(tmp_path / 'run'))
   assert snap['source'] == 'snapshot' and snap['phase'] == 'done' and snap['step'] == 2
-  assert not (tmp_path / 'run' / status.SOCKET_FILE).exists()
+  assert not (tmp_path / 'run' / run_dir_lib.STATUS_SOCKET).exists()
   with pytest.raises(ValueError, match='already holds a run'):
     lpp.run_local_mp(_cfg(tiny_npz, steps=2), str(tmp_path / 'run'), workers=1)
 
@@ -162,11 +163,11 @@ def test_status_query_from_another_process(tiny_npz, tmp_path):
     assert all(w['blocks_done'] >= 1 for w in snap['workers'])
     assert snap['coordinator_pid'] == json.loads(program.processes_file.read_text())[
         'nodes']['coordinator'][0]
-    table = status.format_status(snap)
+    table = status_client.format_status(snap)
     assert 'step' in table and f'/{LONG_STEPS}' in table and 'workers: 2' in table
     table = _ntkdd_status(run)
     assert 'status.sock (live)' in table, table
-    assert status.query_status(str(run), timeout_s=20)['step'] >= snap['step']
+    assert status_client.query_status(str(run), timeout_s=20)['step'] >= snap['step']
   finally:
     program.stop()
   _assert_all_gone(program)
@@ -272,7 +273,7 @@ def test_a_killed_coordinator_resumes_exactly(tiny_npz, tmp_path):
   _assert_all_gone(program)
   assert not (run / 'summary.json').exists()
   # Status says what happened: the coordinator's pid is gone and it recorded no end.
-  snap = status.query_status(str(run))
+  snap = status_client.query_status(str(run))
   assert snap['source'] == 'snapshot' and snap['phase'] == 'crashed', snap
   assert str(coordinator) in snap['error'] and snap['eta_s'] is None
   summary = lpp.run_local_mp(cfg, str(run), workers=2, resume=True, block=BLOCK,

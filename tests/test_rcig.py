@@ -200,7 +200,7 @@ def test_rcig_steps_lower_the_outer_loss(prepared):
   # outer loss then measures the support alone.
   cfg = _tiny_cfg(pool_size=1, max_pool_steps=1000, pool_lr=1e-7, target_batch=36)
   rng = np.random.default_rng(0)
-  state, _ = rcig_loop._initial_state(cfg, prepared, 1, rng)
+  state, _ = rcig_loop.initial_state(cfg, prepared, 1, rng)
   losses = []
   for step in range(8):
     state, record = rcig_loop.rcig_step(cfg, state, prepared, rng, step)
@@ -332,8 +332,8 @@ def test_rcig_logs_the_krr_accuracy_of_its_kernel_backend(tiny_npz, tmp_path):
   with np.load(tmp_path / 'krr' / 'support.npz') as f:
     images, labels = f['images'], f['labels']
   prepared = distill.prepare_data(job.settings)
-  direct = distill._evaluate(backend.InProcessKernels(job.architecture()), prepared, images,
-                             labels, job.settings, job.settings.seed)
+  direct = distill.krr_test_accuracy(backend.InProcessKernels(job.architecture()), prepared,
+                                     images, labels, job.settings)
   assert job.architecture().name == 'convnet'
   assert abs(direct - got[-1]['krr_test_accuracy']) <= 1 / 12 + 1e-9   # at most one image
   assert with_krr['krr_test_accuracy_after'] == got[-1]['krr_test_accuracy']
@@ -376,7 +376,7 @@ def test_structured_loop_step_equals_the_reference_loop_step(prepared):
   from ntkdd.server import rcig_loop
   cfg = _tiny_cfg()
   rng = np.random.default_rng(3)
-  state, _ = rcig_loop._initial_state(cfg, prepared, 1, rng)
+  state, _ = rcig_loop.initial_state(cfg, prepared, 1, rng)
   for step in range(2):
     rng_fast = np.random.default_rng()
     rng_fast.bit_generator.state = rng.bit_generator.state
@@ -396,7 +396,7 @@ def test_structured_steps_compile_once(prepared):
   from ntkdd.server import rcig_loop
   cfg = _tiny_cfg(pool_size=2, max_pool_steps=2, pool_train_steps=2)
   rng = np.random.default_rng(8)
-  state, _ = rcig_loop._initial_state(cfg, prepared, 1, rng)
+  state, _ = rcig_loop.initial_state(cfg, prepared, 1, rng)
   phases = rcig._structured_phases(rcig._network_key(cfg), cfg.l2_rate, cfg.flip_support)
   pool_step = rcig._pool_step(rcig._network_key(cfg), prepared.num_classes)
   jitted = dict(phases, pool_step=pool_step)

@@ -131,12 +131,19 @@ def test_zero_or_negative_learning_rate_is_refused(tiny, tmp_path, capsys, lr, b
 
 def test_learning_rate_defaults_come_from_none_not_falsy_values():
   parse = lambda *a: cli._parser().parse_args(['distill', '--out', 'x', *a])
-  assert cli._distill_config(parse()).learning_rate == 0.01
-  assert cli._distill_config(parse('--lr', '1e-9')).learning_rate == 1e-9
+
+  def distill_config(args):
+    cli._fill_defaults(args)   # as main does
+    return cli._distill_config(args)
+
+  assert distill_config(parse()).learning_rate == 0.01
+  assert distill_config(parse('--lr', '1e-9')).learning_rate == 1e-9
+  rcig_args = parse('--algorithm', 'rcig')
+  assert distill_config(rcig_args).learning_rate == 3e-3 and rcig_args.w_std == 1.0
   # A zero that got past the flag check stays zero (and is refused), not the default.
   args = parse()
   args.lr = 0.0
-  config = cli._distill_config(args)
+  config = distill_config(args)
   assert config.learning_rate == 0.0
   with pytest.raises(ValueError, match='--lr must be > 0'):
     config.validate()

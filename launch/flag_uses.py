@@ -1,0 +1,77 @@
+"""Which `ntkdd distill` flags each mode uses; a flag the mode would ignore is refused."""
+from __future__ import annotations
+
+import argparse
+
+
+def _kip(a) -> bool:
+  return a.algorithm == 'kip'
+
+
+def _rcig_krr(a) -> bool:
+  """RCIG computes kernels only for its KRR evaluation: with workers, at --eval-every."""
+  return a.algorithm != 'rcig' or (a.workers >= 1 and a.eval_every > 0)
+
+
+_RCIG_KERNEL = ('sets the kernel computations, which RCIG runs only for the KRR evaluation '
+                'of its support set: with --workers N >= 1 and --eval-every > 0')
+_RCIG_WORKERS = ('RCIG runs its loop on the coordinator; the workers only serve the ConvNet '
+                 'NTK for the KRR evaluation at --eval-every, which is 0 here')
+# dest -> (is the flag used by these arguments?, what the flag is for). Checked in this order.
+DISTILL_FLAG_USES = {
+    'launch': (lambda a: a.algorithm != 'rcig' or a.eval_every > 0, _RCIG_WORKERS),
+    'workers': (lambda a: a.algorithm != 'rcig' or a.eval_every > 0, _RCIG_WORKERS),
+    'ray_address': (lambda a: a.launch == 'ray', 'is the Ray cluster of --launch ray'),
+    'expose_courier_ports': (lambda a: a.launch == 'launchpad',
+                             'concerns the Courier ports of --launch launchpad'),
+    'block': (lambda a: a.workers >= 1, 'is the tile side farmed to --workers N >= 1'),
+    'steps': (lambda a: a.algorithm != 'ls', 'counts KIP and RCIG steps (LS solves in closed '
+                                             'form)'),
+    'lr': (lambda a: a.algorithm != 'ls', 'is the support learning rate of KIP and RCIG'),
+    'lr_schedule': (_kip, "is KIP's learning-rate schedule"),
+    'learn_labels': (_kip, 'makes KIP learn labels (RCIG always learns them; LS solves them)'),
+    'target_batch': (_kip, "is KIP's target batch (RCIG: --rcig-target-batch; LS: "
+                           '--ls-target-size)'),
+    'eval_every': (lambda a: a.algorithm != 'ls', 'is the evaluation cadence of KIP and RCIG '
+                                                  '(LS evaluates once, at the end)'),
+    'checkpoint_every': (lambda a: a.algorithm != 'ls',
+                         'is the checkpoint cadence of KIP and RCIG (LS keeps no checkpoint)'),
+    'ls_target_size': (lambda a: a.algorithm == 'ls', 'is an LS setting'),
+    'ls_rcond': (lambda a: a.algorithm == 'ls', 'is an LS setting'),
+    'arch': (lambda a: a.algorithm != 'rcig',
+             "chooses KIP's and LS's kernel (RCIG distils with its ConvNet, evaluates KRR with "
+             'the ConvNet NTK, and --depth sets both)'),
+    'kernel': (_rcig_krr, _RCIG_KERNEL),
+    'reg': (_rcig_krr, _RCIG_KERNEL),
+    'tile': (_rcig_krr, _RCIG_KERNEL),
+    'dtype': (_rcig_krr, _RCIG_KERNEL),
+    **{dest: (lambda a: a.algorithm == 'rcig', 'is an RCIG setting') for dest in (
+        'width', 'l2_rate', 'inner_steps', 'hinv_steps', 'pool_size', 'max_pool_steps',
+        'pool_train_steps', 'rcig_target_batch', 'batch_norm', 'rcig_flip')},
+    'eval_models': (lambda a: a.algorithm == 'rcig' and a.eval_every > 0,
+                    "sets RCIG's evaluation (at --eval-every > 0)"),
+    'eval_test_size': (lambda a: a.algorithm != 'rcig' or a.eval_every > 0,
+                       'sets the evaluations, which RCIG runs at --eval-every > 0'),
+}
+
+
+def _mode(args) -> str:
+  text = f'--algorithm {args.algorithm} --launch {args.launch} --workers {args.workers}'
+  if args.algorithm == 'rcig':
+    text += f' --eval-every {args.eval_every}'
+  return text
+
+
+def refuse_unused_flags(args: argparse.Namespace, given: set) -> None:
+  """Raises a ValueError naming the first flag given on the command line that this mode would
+  ignore (and what the flag is for).
+
+  Args:
+    args: the parsed `ntkdd distill` arguments.
+    given: the dests of the flags on the command line (`cli.given_flags`).
+  """
+  for dest, (used, what) in DISTILL_FLAG_USES.items():
+    if dest in given and not used(args):
+      flag = '--' + dest.replace('_', '-')
+      raise ValueError(f'{flag} is not used by {_mode(args)}: it {what}. Drop {flag}, or '
+                       f'choose the mode that uses it.')

@@ -1,0 +1,121 @@
+"""The data side of a KIP, LS or RCIG run: fit checks, dataset record, support set, KRR accuracy."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ntkdd.common import kip, preprocess
+from ntkdd.common import prepared as prepared_lib
+from ntkdd.server import run_dir as run_files
+
+PreparedData = prepared_lib.PreparedData
+
+
+def check_batch_fits(prepared: PreparedData, size: int, flag: str) -> None:
+  """A class-balanced draw of `size` train images (each class size // C, the remainder one more
+  each) must fit every class; refuses with the largest size that does.
+
+  Args:
+    prepared: the run's data.
+    size: the images drawn per batch.
+    flag: the flag that sets `size`, for the message ('--target-batch').
+  """
+  counts = np.bincount(prepared.y_train, minlength=prepared.num_classes)
+  classes = len(counts)
+  need = size // classes + (1 if size % classes else 0)
+  smallest = int(counts.min())
+  if need > smallest:
+    raise ValueError(f'{flag} {size} draws up to {need} images of each class, but class '
+                     f'{int(counts.argmin())} of {prepared.dataset.name} has {smallest} training '
+                     f'images: use {flag} {classes * smallest} or less.')
+
+
+def check_ipc_fits(prepared: PreparedData, ipc: int) -> None:
+  """ipc real images of every class must exist (the support starts from them)."""
+  counts = np.bincount(prepared.y_train, minlength=prepared.num_classes)
+  if not counts.all():
+    empty = np.flatnonzero(counts == 0).tolist()
+    raise ValueError(f'{prepared.dataset.name}: classes {empty} of {prepared.num_classes} have no '
+                     f'training images (the labels skip those ids), so no support set can hold '
+                     f'every class. Relabel the classes consecutively from 0, or drop the empty '
+                     f'ones from class_names.')
+  if ipc > counts.min():
+    raise ValueError(f'--ipc {ipc} exceeds the smallest class of {prepared.dataset.name} '
+                     f'(class {int(counts.argmin())}: {int(counts.min())} training images); use '
+                     f'--ipc {int(counts.min())} or less.')
+
+
+def dataset_record(prepared: PreparedData) -> dict:
+  """What config.json records of the data: resume compares its name and checksum."""
+  return {'name': prepared.dataset.name, 'checksum': prepared.dataset.checksum(),
+          'image_shape': list(prepared.x_train.shape[1:]), 'num_classes': prepared.num_classes,
+          'class_names': list(prepared.dataset.class_names),
+          'preprocess': prepared.preprocessor.kind}
+
+
+def initial_support(prepared: PreparedData, ipc: int, init: str, rng: np.random.Generator):
+  """The support set a run starts from: class-balanced real train images, or noise.
+
+  Args:
+    prepared: the run's data (model space).
+    ipc: images per class.
+    init: 'real' (train images) or 'noise' (Gaussian, scaled as the train images).
+    rng: the run's generator (draws the images).
+
+  Returns:
+    (images float32, centred one-hot labels, class ids).
+  """
+  idx = preprocess.class_balanced_indices(prepared.y_train, ipc, rng,
+                                          num_classes=prepared.num_classes)
+  label_ids = prepared.y_train[idx]
+  if init == 'real':
+    images = prepared.x_train[idx].astype(np.float32)
+  else:
+    scale = float(np.std(prepared.x_train[:1000]))
+    images = (rng.normal(size=(len(idx),) + prepared.x_train.shape[1:]) * scale).astype(np.float32)
+  labels = preprocess.one_hot_centered(label_ids, prepared.num_classes)
+  return images, labels, label_ids
+
+
+def write_support(run_dir: Path, prepared: PreparedData, images, labels, label_ids) -> None:
+  """support.npz: the images (model space and pixels), labels, class ids and class names."""
+  run_files.save_npz(run_dir / run_files.SUPPORT, {
+      'images': np.asarray(images, np.float32),
+      'images_pixels': prepared.preprocessor.inverse(images).astype(np.float32),
+      'labels': np.asarray(labels, np.float32),
+      'label_ids': np.asarray(label_ids, np.int32),
+      'class_names': np.asarray(prepared.dataset.class_names),
+  })
+
+
+def fixed_test_rows(prepared: PreparedData, test_size: int, seed: int) -> Optional[np.ndarray]:
+  """The sorted test rows every evaluation of a run uses (the same each time, so accuracies
+  compare across steps), drawn from `seed`; None for the whole split (`test_size` 0 or more
+  than the split)."""
+  total = len(prepared.y_test)
+  if not test_size or test_size >= total:
+    return None
+  return np.sort(np.random.default_rng(seed).choice(total, test_size, replace=False))
+
+
+def krr_test_accuracy(backend, prepared: PreparedData, images, labels, kernel: str, reg: float,
+                      test_size: int, seed: int) -> float:
+  """KRR test accuracy of the support set (images, labels) with `backend`'s `kernel`.
+
+  Args:
+    backend: a kernel backend (in-process or distributed).
+    prepared: the run's data; the test images go as rows of its test split, so distributed
+      workers holding the split get indices.
+    images, labels: the support set (model space; label vectors).
+    kernel: 'ntk' or 'nngp'. reg: the ridge lambda.
+    test_size, seed: the fixed test subset (`fixed_test_rows`).
+
+  Returns:
+    The fraction of test images classified correctly.
+  """
+  pick = fixed_test_rows(prepared, test_size, seed)
+  x_test = prepared.rows('test') if pick is None else prepared.rows('test', pick)
+  y_test = prepared.y_test if pick is None else prepared.y_test[pick]
+  return kip.krr_accuracy(backend, images, labels, x_test, y_test, kernel, reg)
