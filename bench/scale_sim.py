@@ -59,7 +59,18 @@ STAGES = {
     'strips': ('balanced', 'direct', 0),        # blocks from the worker count, summed per strip
     'tail': ('balanced', 'direct', 2),          # ... and shrinking at the end of a round
     'tree': ('balanced', 'tree', 2),            # ... and the support passed worker to worker
+    'groups': ('balanced', 'tree', 2),          # ... and one request per group of workers
 }
+GROUPED = ('groups',)   # stages with group_size = --group-size (else 1)
+
+
+def group_size(args, stage: str, workers: int) -> int:
+  """--group-size for the grouped stages ('auto': about sqrt(workers), 1 up to 16 workers)."""
+  if stage not in GROUPED:
+    return 1
+  if args.group_size != 'auto':
+    return int(args.group_size)
+  return 1 if workers <= 16 else int(np.ceil(np.sqrt(workers)))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -86,6 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--in-flight', type=int, default=2, help='blocks in flight per worker')
   p.add_argument('--tasks-per-worker', type=int, default=2)
   p.add_argument('--tree-fanout', type=int, default=8)
+  p.add_argument('--group-size', default='auto',
+                 help="workers per group request in the 'groups' stage ('auto': ~sqrt(workers))")
   p.add_argument('--solve-flops', type=float, default=5e10, help="the model's coordinator")
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--json', default='bench/results/scale_sim.json')
@@ -144,11 +157,12 @@ def run_config(args, stage: str, workers: int, ipc: int, train: np.ndarray, key:
                          worker_bandwidth=args.worker_bandwidth, round_trip_s=args.round_trip,
                          time_scale=k)
   fleet = sim.Fleet(workers, params, datasets={key: train})
+  groups_of = group_size(args, stage, workers)
   backend = coordinator.DistributedKernels(
       fleet.handles, block=args.block, max_in_flight_per_worker=args.in_flight,
       deadline_s=max(600.0, 50 * args.step_wall), grace_s=600.0, poll_s=0.2, plan=plan,
       tasks_per_worker=args.tasks_per_worker, tail_halvings=tail_halvings,
-      broadcast=broadcast, tree_fanout=args.tree_fanout)
+      broadcast=broadcast, tree_fanout=args.tree_fanout, group_size=groups_of)
   try:
     while backend.status()['alive_workers'] < workers or any(
         w['device'] is None for w in backend.status()['workers']):
@@ -196,6 +210,7 @@ def run_config(args, stage: str, workers: int, ipc: int, train: np.ndarray, key:
                              + after['bytes_received'] - before['bytes_received']),
           'link_s': max(link_in, link_out) / args.coordinator_bandwidth,
           'blocks': after['blocks_done'] - before['blocks_done'],
+          'requests': after['requests_done'] - before['requests_done'],
           'device_s': fleet.device_seconds() - device0,
           'cache_sends': after['cache_sends'] - before['cache_sends'],
           'tree_fetches': after['tree_fetches'] - before['tree_fetches']})
@@ -209,6 +224,7 @@ def run_config(args, stage: str, workers: int, ipc: int, train: np.ndarray, key:
   mean = {key_: float(np.mean([s[key_] for s in steps])) for key_ in steps[0]}
   step_s = mean['step_s']
   result = {'stage': stage, 'plan': plan, 'broadcast': broadcast, 'tail_halvings': tail_halvings,
+            'group_size': groups_of,
             'workers': workers, 'ipc': ipc, 'time_scale': k, 'ideal_step_s': ideal,
             'step_s': step_s, 'step_s_each': [s['step_s'] for s in steps],
             'efficiency': ideal / step_s, 'device_util': mean['device_s'] / (workers * step_s),
@@ -216,7 +232,8 @@ def run_config(args, stage: str, workers: int, ipc: int, train: np.ndarray, key:
                 k_: mean[k_] for k_ in ('bytes_per_step', 'coordinator_cpu_s',
                                         'coordinator_cpu_raw_s', 'sim_cpu_s', 'solve_s',
                                         'solve_wall_s',
-                                        'link_s', 'blocks', 'cache_sends', 'tree_fetches',
+                                        'link_s', 'blocks', 'requests', 'cache_sends',
+                                        'tree_fetches',
                                         'rounds_s', 'wall_s')}}
   result['limit'] = _limit(result)
   return result
@@ -260,8 +277,8 @@ def main(argv=None) -> int:
   key = 'train:' + sources.fingerprint(train[:64])
   rows = []
   print(f'| stage | ipc | workers | k | step s | ideal s | efficiency | device % | MB/step | '
-        f'coord CPU s | solve s | link s | blocks | limit | model step s | model eff |')
-  print('|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|')
+        f'coord CPU s | solve s | link s | blocks | requests | limit | model step s | model eff |')
+  print('|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|')
   for ipc in (int(v) for v in args.ipc.split(',')):
     for workers in (int(v) for v in args.workers.split(',')):
       for stage in stages:
@@ -275,7 +292,7 @@ def main(argv=None) -> int:
               f"{r['ideal_step_s']:.3g} | {100 * r['efficiency']:.0f}% | "
               f"{100 * r['device_util']:.0f}% | {r['bytes_per_step'] / 1e6:.1f} | "
               f"{r['coordinator_cpu_s']:.3g} | {r['solve_s']:.3g} | {r['link_s']:.3g} | "
-              f"{r['blocks']:.0f} | {r['limit']} | {m['step_s']:.3g} | "
+              f"{r['blocks']:.0f} | {r['requests']:.0f} | {r['limit']} | {m['step_s']:.3g} | "
               f"{100 * m['efficiency']:.0f}% |", flush=True)
   print('\nSim against the model (same inputs and design; model = bench/scaling_model.py):')
   for r in rows:

@@ -52,6 +52,9 @@ class LocalWorkerHandle:
   def vjp_block(self, request: bytes) -> bytes:
     return self._invoke('vjp_block', request)
 
+  def group_blocks(self, request: bytes) -> bytes:
+    return self._invoke('group_blocks', request)
+
 
 def make_inprocess_backend(arch: Union[architectures.Architecture, dict], workers: int = 1,
                            tile: Optional[int] = None, dtype: str = 'float32', block: int = 64,

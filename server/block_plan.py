@@ -15,11 +15,14 @@ straddles) the columns lie in. Two plans:
             columns on the worker, so flat strips mean few gradient bytes to the coordinator.
 
 Both plans are a function of the shapes and the configured worker count only, never of
-timing, so summing vjp blocks in plan order is bitwise reproducible.
+timing, so summing vjp blocks in plan order is bitwise reproducible. `group_blocks` deals a
+plan's blocks to the requests of worker groups (`DistributedKernels(group_size=...)`), also
+from the plan alone.
 """
 from __future__ import annotations
 
 import bisect
+import heapq
 import itertools
 import math
 from typing import Sequence
@@ -111,6 +114,21 @@ def balanced_blocks(n_rows: int, col_spans: Sequence[tuple[int, int]], workers: 
   # Largest first, so the small blocks are the last ones taken; stable, so ties keep order.
   order = sorted(range(len(blocks)), key=lambda i: -_pairs(blocks[i]))
   return [blocks[i] for i in order]
+
+
+def group_blocks(blocks: Sequence[Block], groups: int) -> list[list[int]]:
+  """The plan's block indices dealt to `groups` requests of about equal pairs, each in plan
+  order: every block to the request with the fewest pairs so far (ties: the lowest), so each
+  gets its share of the large blocks and of the small ones at the end."""
+  if groups < 1:
+    raise ValueError(f'group_blocks needs groups >= 1, got {groups}.')
+  dealt: list[list[int]] = [[] for _ in range(min(groups, len(blocks)))]
+  loads = [(0, g) for g in range(len(dealt))]
+  for index, block in enumerate(blocks):
+    load, g = heapq.heappop(loads)
+    dealt[g].append(index)
+    heapq.heappush(loads, (load + _pairs(block), g))
+  return dealt
 
 
 def _pairs(block: Block) -> int:

@@ -173,6 +173,7 @@ class SimulatedWorker(kernel_worker.KernelWorker):
     self.hang_s = 0.0
     self.clock = _CallClock()           # per calling thread: when its request arrived, ...
     self.cache_ready_at: dict = {}      # cache name -> (version, virtual time it arrived)
+    self.group_not_before = 0.0         # when the group request it leads arrived
 
   def _occupy(self, seconds: float) -> None:
     """Books the device for `seconds` (modelled) after the request arrived and the blocks
@@ -212,6 +213,14 @@ class SimulatedWorker(kernel_worker.KernelWorker):
     """As KernelWorker's, and notes when (virtual time) the images were all here."""
     answer = super().set_images(name, version, payload)
     self.cache_ready_at[name] = (int(version), self.clock.ready)
+    return answer
+
+  def group_blocks(self, request: bytes) -> bytes:
+    """As KernelWorker's: its calls to the members start when the request has arrived, and
+    its answer leaves when the last member's answer is in."""
+    self.group_not_before = self.clock.arrived
+    answer = super().group_blocks(request)
+    self.clock.ready = max(self.clock.ready, time.monotonic())
     return answer
 
   def restart(self) -> None:
@@ -258,10 +267,40 @@ class SimulatedHandle(LocalWorkerHandle):
 
 
 class _PeerHandle:
-  """How worker `dest` reaches worker `source`: their own links, not the coordinator's."""
+  """How worker `dest` reaches worker `source`: their own links, not the coordinator's
+  (none when `source` is `dest`: a group leader computing its own blocks)."""
 
   def __init__(self, fleet: 'Fleet', source: SimulatedWorker, dest: SimulatedWorker):
     self.fleet, self.source, self.dest = fleet, source, dest
+
+  def _call(self, method: str, *args) -> bytes:
+    """A group leader's (`dest`) call to its member `source`, as SimulatedHandle's over
+    their links: books the request, the member's device and the answer, then sleeps."""
+    fleet, source, dest = self.fleet, self.source, self.dest
+    fleet.check_up(source)
+    not_before = max(time.monotonic(), dest.group_not_before)
+    clock = source.clock
+    if source is dest:
+      arrived = not_before
+    else:
+      sent = 64 + sum(len(a) for a in args if isinstance(a, bytes))
+      arrived = fleet.book(sent, [dest.link_out, source.link_in], not_before)
+    clock.arrived = clock.ready = arrived
+    answer = getattr(source, method)(*args)
+    done = (clock.ready if source is dest else
+            fleet.book(len(answer), [source.link_out, dest.link_in], clock.ready))
+    time.sleep(max(0.0, done - time.monotonic()))
+    fleet.check_up(source)
+    return answer
+
+  def kernel_block(self, request: bytes) -> bytes:
+    return self._call('kernel_block', request)
+
+  def vjp_block(self, request: bytes) -> bytes:
+    return self._call('vjp_block', request)
+
+  def fetch_images(self, name: str, version: int, peer: str) -> bytes:
+    return self._call('fetch_images', name, version, peer)
 
   def cached_images(self, name: str, version: int) -> bytes:
     """Books the fetch on both workers' links, after the fetching request arrived."""
@@ -295,10 +334,12 @@ class Fleet:
     self.workers = [SimulatedWorker(arch, params, i, dtype, datasets, tile)
                     for i in range(workers)]
     self.handles = [SimulatedHandle(self, w) for w in self.workers]
-    if peers:
+    if peers:   # each worker's own handle among them: it leads group requests over them
       for dest in self.workers:
         dest.connect_peers({source.worker_id: _PeerHandle(self, source, dest)
                             for source in self.workers})
+    for worker in self.workers:   # group leaders' lane threads are workers' CPU, not ours
+      worker.thread_cpu_hook = self.add_sim_cpu
     self._cpu_lock = threading.Lock()
     self.sim_cpu_s = 0.0
     self.trace: Optional[list] = None   # a list: (worker, method, arrived, ready, done) per call
