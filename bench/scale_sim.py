@@ -9,11 +9,17 @@ distill`); the support images change every step, so they are published every ste
 
 Time scale: all modelled sleeps are multiplied by k = --step-wall / (ideal step), so every
 configuration's ideal step takes about --step-wall seconds here. Reported times are unscaled
-(GPU seconds): step_s = (kernel round + vjp round wall) / k + the KRR solve (see below). The coordinator's own CPU is real and not
-scaled: the KRR solve between the rounds counts its CPU seconds (its wall time here is
-stretched by the other jobs on the machine); coordinator_cpu_s is the process CPU per step minus what the simulated workers and
-links used (thread CPU time), minus the idle polling rate measured before the steps times the
-step's wall. Inside the scaled run it costs 1/k of what it would, so it is compared with the
+(GPU seconds): step_s = (kernel round + vjp round wall) / k + the KRR solve (see below). The
+coordinator's own CPU is real and not scaled: the KRR solve between the rounds counts its CPU
+seconds (its wall time here is stretched by the other jobs on the machine); coordinator_cpu_s
+is the CPU per step of the coordinator's threads (the calling one, its slot and call threads,
+read from their thread CPU clocks) less what the simulated handles spent on them (the
+simulated workers' own threads, e.g. group leaders' lanes, are not the coordinator's);
+coordinator_cpu_process_s is the older estimate, the process CPU per step minus the simulated
+workers' and links' thread CPU and the idle polling rate measured before the steps times the
+step's wall (it also charges the coordinator with the thread switching of the simulation's
+hundreds of threads on this machine's one core). Inside the scaled run the coordinator's CPU
+costs 1/k of what it would, so it is compared with the
 unscaled step instead: where coordinator_cpu_s > step_s a real coordinator of this code could
 not keep up (limit 'coordinator cpu'), whatever the sim's efficiency says.
 
@@ -38,6 +44,7 @@ import json
 import os
 import platform
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -145,6 +152,19 @@ def _cpu_parts(fleet) -> tuple[float, float]:
   return time.process_time(), fleet.sim_cpu_s
 
 
+def _coordinator_cpu(fleet) -> float:
+  """CPU seconds of the coordinator's threads (the caller, its slot and calling threads:
+  `ntkdd-worker*`), less what the simulated handles spent on them."""
+  total = 0.0
+  for thread in threading.enumerate():
+    if thread is threading.main_thread() or thread.name.startswith('ntkdd-worker'):
+      try:
+        total += time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+      except (OSError, ProcessLookupError, TypeError):   # it ended meanwhile
+        pass
+  return total - getattr(fleet, 'caller_sim_cpu_s', fleet.sim_cpu_s)
+
+
 def run_config(args, stage: str, workers: int, ipc: int, train: np.ndarray, key: str) -> dict:
   plan, broadcast, tail_halvings = STAGES[stage]
   rng = np.random.default_rng(args.seed)
@@ -158,11 +178,12 @@ def run_config(args, stage: str, workers: int, ipc: int, train: np.ndarray, key:
                          time_scale=k)
   fleet = sim.Fleet(workers, params, datasets={key: train})
   groups_of = group_size(args, stage, workers)
+  grouping = {'group_size': groups_of} if groups_of > 1 else {}   # main's code has none
   backend = coordinator.DistributedKernels(
       fleet.handles, block=args.block, max_in_flight_per_worker=args.in_flight,
       deadline_s=max(600.0, 50 * args.step_wall), grace_s=600.0, poll_s=0.2, plan=plan,
       tasks_per_worker=args.tasks_per_worker, tail_halvings=tail_halvings,
-      broadcast=broadcast, tree_fanout=args.tree_fanout, group_size=groups_of)
+      broadcast=broadcast, tree_fanout=args.tree_fanout, **grouping)
   try:
     while backend.status()['alive_workers'] < workers or any(
         w['device'] is None for w in backend.status()['workers']):
@@ -186,10 +207,12 @@ def run_config(args, stage: str, workers: int, ipc: int, train: np.ndarray, key:
       device0, link0 = fleet.device_seconds(), (fleet.coordinator_in.bytes,
                                                  fleet.coordinator_out.bytes)
       wall, (cpu, sim_cpu) = time.perf_counter(), _cpu_parts(fleet)
+      threads_cpu = _coordinator_cpu(fleet)
       kip.kip_gradients(timed, support, labels, targets,
                         np.eye(args.classes, dtype=np.float32)[target_ids] - 0.1, target_ids)
       wall = time.perf_counter() - wall
       cpu, sim_cpu = time.process_time() - cpu, fleet.sim_cpu_s - sim_cpu
+      threads_cpu = _coordinator_cpu(fleet) - threads_cpu
       after = backend.status()
       rounds = timed.seconds['kernel'] + timed.seconds['vjp']
       # Between the rounds the coordinator solves the KRR problem: its CPU seconds (less the
@@ -201,16 +224,18 @@ def run_config(args, stage: str, workers: int, ipc: int, train: np.ndarray, key:
       step_s = rounds / k + solve
       link_in = fleet.coordinator_in.bytes - link0[0]
       link_out = fleet.coordinator_out.bytes - link0[1]
-      coordinator_cpu = max(0.0, cpu - sim_cpu - idle_rate * wall)
+      process_estimate = max(0.0, cpu - sim_cpu - idle_rate * wall)
       steps.append({
           'step_s': step_s, 'rounds_s': rounds / k, 'solve_s': solve, 'solve_wall_s': solve_wall,
-          'coordinator_cpu_s': coordinator_cpu, 'coordinator_cpu_raw_s': cpu - sim_cpu,
+          'coordinator_cpu_s': threads_cpu, 'coordinator_cpu_process_s': process_estimate,
+          'coordinator_cpu_raw_s': cpu - sim_cpu,
           'sim_cpu_s': sim_cpu, 'wall_s': wall,
           'bytes_per_step': (after['bytes_sent'] - before['bytes_sent']
                              + after['bytes_received'] - before['bytes_received']),
           'link_s': max(link_in, link_out) / args.coordinator_bandwidth,
           'blocks': after['blocks_done'] - before['blocks_done'],
-          'requests': after['requests_done'] - before['requests_done'],
+          'requests': (after.get('requests_done', after['blocks_done'])
+                       - before.get('requests_done', before['blocks_done'])),
           'device_s': fleet.device_seconds() - device0,
           'cache_sends': after['cache_sends'] - before['cache_sends'],
           'tree_fetches': after['tree_fetches'] - before['tree_fetches']})
@@ -230,6 +255,7 @@ def run_config(args, stage: str, workers: int, ipc: int, train: np.ndarray, key:
             'efficiency': ideal / step_s, 'device_util': mean['device_s'] / (workers * step_s),
             'max_rel_error': error, 'idle_cpu_per_s': idle_rate, **{
                 k_: mean[k_] for k_ in ('bytes_per_step', 'coordinator_cpu_s',
+                                        'coordinator_cpu_process_s',
                                         'coordinator_cpu_raw_s', 'sim_cpu_s', 'solve_s',
                                         'solve_wall_s',
                                         'link_s', 'blocks', 'requests', 'cache_sends',

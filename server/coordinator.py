@@ -54,7 +54,6 @@ class WorkersUnavailable(RuntimeError):
 
 
 GROUP_METHOD = 'group_blocks'     # the worker method serving a group's blocks
-IDLE_WAIT_S = 2.0                 # longest wait of an idle slot thread for a block
 
 
 class _WorkerFault(Exception):
@@ -205,12 +204,16 @@ class DistributedKernels:
     # Set while a call goes block by block: with group_size > 1 only the groups' leaders
     # wait for work otherwise (hundreds of idle threads on the queue cost the CPU we save).
     self._per_block = threading.Event()
+    self._waiting: set = set()             # the done events of worker calls in flight
     self.plan, self.broadcast, self.tree_fanout = plan, broadcast, int(tree_fanout)
     self.tasks_per_worker, self.tail_halvings = int(tasks_per_worker), int(tail_halvings)
     self.block, self.deadline_s, self.dtype = int(block), float(deadline_s), np.dtype(dtype)
     self.grace_s, self.poll_s = float(grace_s), float(poll_s)
     self.retry_backoff_s, self.max_backoff_s = float(retry_backoff_s), float(max_backoff_s)
     self.max_task_attempts = int(max_task_attempts)
+    # How long an idle slot thread sleeps before checking its worker (hundreds of threads
+    # waking often cost the coordinator's CPU): the longest back-off between pings.
+    self._idle_wait_s = max(self.poll_s, self.max_backoff_s)
     self._version_fn = version_fn or itertools.count(time.time_ns() // 1000).__next__
     self._workers = [_Worker(i, handle) for i, handle in enumerate(workers)]
     self._published: dict[str, _Published] = {}
@@ -382,6 +385,9 @@ class DistributedKernels:
       return
     self._closed.set()
     self._per_block.set()       # wakes slot threads parked while groups lead
+    with self._lock:
+      for done in self._waiting:   # and those waiting for an answer
+        done.set()
     for _ in self._threads:
       self._queue.put(None)     # wakes threads blocked on the queue
     for thread in self._threads:
@@ -653,7 +659,7 @@ class DistributedKernels:
         continue
       if (self.group_size > 1 and not self._per_block.is_set()
           and not self._leads_group(worker, slot)):
-        self._per_block.wait(IDLE_WAIT_S)   # group leaders take the requests now
+        self._per_block.wait(self._idle_wait_s)   # group leaders take the requests now
         continue
       if slot and worker.in_flight and self._queue.qsize() <= len(self._workers):
         # The end of a round: a block queued behind this worker's running one would wait
@@ -662,8 +668,8 @@ class DistributedKernels:
         continue
       try:
         # Idle slots block here (close() wakes them); they wake now and then only to ping
-        # their worker if a group leader reported it down meanwhile.
-        task = self._queue.get(timeout=max(self.poll_s, IDLE_WAIT_S))
+        # their worker if another thread marked it down meanwhile.
+        task = self._queue.get(timeout=self._idle_wait_s)
       except queue.Empty:
         continue
       if task is None:
@@ -881,18 +887,22 @@ class DistributedKernels:
       caller = _Caller()
     box, done = caller.submit(fn, args)
     deadline = time.monotonic() + self.deadline_s
+    with self._lock:
+      self._waiting.add(done)      # close() sets it: no polling per call in flight
     try:
-      while not done.wait(min(self.poll_s, max(deadline - time.monotonic(), 0.0))):
-        if self._closed.is_set():
-          raise _WorkerFault('the coordinator was closed')
+      while not done.wait(max(deadline - time.monotonic(), 0.0)):
         if time.monotonic() >= deadline:
           raise _WorkerFault(f'no answer within deadline_s={self.deadline_s:g}')
+      if self._closed.is_set() and not box:
+        raise _WorkerFault('the coordinator was closed')
     except _WorkerFault:
       caller.stop()        # it exits when the abandoned call returns, if ever
       if getattr(self._slot, 'caller', None) is caller:
         self._slot.caller = _Caller()
       raise
     finally:
+      with self._lock:
+        self._waiting.discard(done)
       if caller is not getattr(self._slot, 'caller', None):
         caller.stop()
     if 'error' in box:

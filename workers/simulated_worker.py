@@ -21,7 +21,8 @@ All modelled times are multiplied by `time_scale` (k) before sleeping, so a step
 fleet can be stretched to seconds here; divide measured wall times by k for GPU time. What is
 not scaled is the CPU the coordinator (and this simulation) really spends: `Fleet.sim_cpu_s`
 counts the CPU seconds spent in simulated workers and links (thread CPU time, sleeps
-excluded), so the process CPU minus it is the coordinator's own.
+excluded), so the process CPU minus it is the coordinator's own; `caller_sim_cpu_s` is the
+part spent on the coordinator's threads (the handles' calls), to subtract from theirs.
 """
 from __future__ import annotations
 
@@ -258,7 +259,7 @@ class SimulatedHandle(LocalWorkerHandle):
       answer = super()._invoke(method, *args)
       done = fleet.book(len(answer), [worker.link_out, fleet.coordinator_in], clock.ready)
     finally:
-      fleet.add_sim_cpu(time.thread_time() - start_cpu)
+      fleet.add_sim_cpu(time.thread_time() - start_cpu, on_caller=True)
     if fleet.trace is not None:
       fleet.trace.append((worker.worker_id, method, clock.arrived, clock.ready, done))
     time.sleep(max(0.0, done - time.monotonic()))
@@ -342,6 +343,7 @@ class Fleet:
       worker.thread_cpu_hook = self.add_sim_cpu
     self._cpu_lock = threading.Lock()
     self.sim_cpu_s = 0.0
+    self.caller_sim_cpu_s = 0.0     # the part spent on the coordinator's calling threads
     self.trace: Optional[list] = None   # a list: (worker, method, arrived, ready, done) per call
 
   def book(self, nbytes: int, links: list, not_before: float) -> float:
@@ -368,9 +370,11 @@ class Fleet:
   def restart(self, index: int) -> None:
     self.workers[index].restart()
 
-  def add_sim_cpu(self, seconds: float) -> None:
+  def add_sim_cpu(self, seconds: float, on_caller: bool = False) -> None:
     with self._cpu_lock:
       self.sim_cpu_s += seconds
+      if on_caller:
+        self.caller_sim_cpu_s += seconds
 
   def device_seconds(self) -> float:
     """Modelled (unscaled) device-busy seconds summed over the workers."""
