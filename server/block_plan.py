@@ -118,16 +118,34 @@ def balanced_blocks(n_rows: int, col_spans: Sequence[tuple[int, int]], workers: 
 
 def group_blocks(blocks: Sequence[Block], groups: int) -> list[list[int]]:
   """The plan's block indices dealt to `groups` requests of about equal pairs, each in plan
-  order: every block to the request with the fewest pairs so far (ties: the lowest), so each
-  gets its share of the large blocks and of the small ones at the end."""
+  order. The first wave of about equal blocks (up to a block under 3/4 of the first) goes in
+  `groups` runs of consecutive blocks, run j to request j, so a request's large blocks lie
+  in few row ranges (few gradient rows back); each later block goes to the request with the
+  fewest pairs so far (ties: the lowest), which evens the loads out with the small blocks."""
   if groups < 1:
     raise ValueError(f'group_blocks needs groups >= 1, got {groups}.')
   dealt: list[list[int]] = [[] for _ in range(min(groups, len(blocks)))]
-  loads = [(0, g) for g in range(len(dealt))]
-  for index, block in enumerate(blocks):
-    load, g = heapq.heappop(loads)
-    dealt[g].append(index)
-    heapq.heappush(loads, (load + _pairs(block), g))
+  if not dealt:
+    return dealt
+  first = _pairs(blocks[0])
+  wave = 0
+  while wave < len(blocks) and _pairs(blocks[wave]) >= 0.75 * first:
+    wave += 1
+  total = sum(_pairs(blocks[i]) for i in range(wave))
+  loads = [0] * len(dealt)
+  done = 0
+  for i in range(wave):   # by the middle of the block: run j is [j, j + 1) / groups of it
+    pairs = _pairs(blocks[i])
+    run = min(int((done + pairs / 2) * len(dealt) / total), len(dealt) - 1)
+    dealt[run].append(i)
+    loads[run] += pairs
+    done += pairs
+  heap = [(load, g) for g, load in enumerate(loads)]
+  heapq.heapify(heap)
+  for i in range(wave, len(blocks)):
+    load, g = heapq.heappop(heap)
+    dealt[g].append(i)
+    heapq.heappush(heap, (load + _pairs(blocks[i]), g))
   return dealt
 
 
