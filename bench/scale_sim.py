@@ -31,8 +31,11 @@ here), 'coordinator cpu' (more than the step), else 'tail+latency' (workers idle
 of rounds, waiting for images, blocks and answers), or 'compute' at >= 90% efficiency.
 
 Stages (--stages, each plan/broadcast/tail_halvings): the coordinator's options before and
-after the scaling work, measured side by side. Each result is checked against the surrogate
-kernel computed here on the whole arrays (first step).
+after the scaling work, measured side by side; 'groups' is 'tree' with one request per group
+of --group-size workers per round (`DistributedKernels(group_size=...)`; 'auto': about
+sqrt(workers), 1 up to 16 workers), led over the group by one of its workers. Each result is
+checked against the surrogate kernel computed here on the whole arrays (first step).
+`requests` counts the coordinator's block or group requests per step (`blocks` the blocks).
 
   python bench/scale_sim.py --workers 8,64,256 --ipc 10,50 --target-batch 5000 \\
       --json bench/results/scale_sim.json
