@@ -155,17 +155,21 @@ def _cpu_parts(fleet) -> tuple[float, float]:
   return time.process_time(), fleet.sim_cpu_s
 
 
-def _coordinator_cpu(fleet) -> float:
-  """CPU seconds of the coordinator's threads (the caller, its slot and calling threads:
-  `ntkdd-worker*`), less what the simulated handles spent on them."""
+def _coordinator_cpu(fleet, start: bool) -> float:
+  """CPU seconds of the coordinator's threads (this one, its slot and calling threads:
+  `ntkdd-worker*`), less what the simulated handles spent on them. This thread's clock is
+  read last at the `start` of a step and first at its end, so reading the others (ms for
+  hundreds of threads) is not counted."""
+  own = 0.0 if start else time.thread_time()
   total = 0.0
   for thread in threading.enumerate():
-    if thread is threading.main_thread() or thread.name.startswith('ntkdd-worker'):
+    if thread.name.startswith('ntkdd-worker'):
       try:
         total += time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
       except (OSError, ProcessLookupError, TypeError):   # it ended meanwhile
         pass
-  return total - getattr(fleet, 'caller_sim_cpu_s', fleet.sim_cpu_s)
+  own = time.thread_time() if start else own
+  return own + total - getattr(fleet, 'caller_sim_cpu_s', fleet.sim_cpu_s)
 
 
 def run_config(args, stage: str, workers: int, ipc: int, train: np.ndarray, key: str) -> dict:
@@ -210,12 +214,12 @@ def run_config(args, stage: str, workers: int, ipc: int, train: np.ndarray, key:
       device0, link0 = fleet.device_seconds(), (fleet.coordinator_in.bytes,
                                                  fleet.coordinator_out.bytes)
       wall, (cpu, sim_cpu) = time.perf_counter(), _cpu_parts(fleet)
-      threads_cpu = _coordinator_cpu(fleet)
+      threads_cpu = _coordinator_cpu(fleet, start=True)
       kip.kip_gradients(timed, support, labels, targets,
                         np.eye(args.classes, dtype=np.float32)[target_ids] - 0.1, target_ids)
       wall = time.perf_counter() - wall
       cpu, sim_cpu = time.process_time() - cpu, fleet.sim_cpu_s - sim_cpu
-      threads_cpu = _coordinator_cpu(fleet) - threads_cpu
+      threads_cpu = _coordinator_cpu(fleet, start=False) - threads_cpu
       after = backend.status()
       rounds = timed.seconds['kernel'] + timed.seconds['vjp']
       # Between the rounds the coordinator solves the KRR problem: its CPU seconds (less the
