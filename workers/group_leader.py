@@ -44,7 +44,8 @@ import numpy as np
 from ntkdd.common import wire
 
 GROUP_FANOUT = 4          # members fetching the caches from one member at once
-LANES_PER_MEMBER = 2      # blocks in flight per member, so the next one is waiting
+LANES_PER_MEMBER = 2      # blocks in flight per member, so the next one is waiting (but
+                          # at the end of a round)
 MAX_BLOCK_ATTEMPTS = 3
 METHODS = ('kernel_block', 'vjp_block')
 
@@ -195,8 +196,12 @@ class _GroupRun:
     refetched = False
     while True:
       with self.cond:
-        while not self.pending and self.done < len(self.requests) and self.error is None \
-            and member not in self.dropped:
+        # A second lane takes a block only while there are more than the members can start:
+        # at the end of a round a block queued behind its member's running one would wait
+        # while other members sit idle.
+        while ((not self.pending or (lane and len(self.pending) <= len(self.members)))
+               and self.done < len(self.requests) and self.error is None
+               and member not in self.dropped):
           self.cond.wait()
         if self.error is not None or member in self.dropped or not self.pending:
           return
