@@ -9,11 +9,17 @@ distill`); the support images change every step, so they are published every ste
 
 Time scale: all modelled sleeps are multiplied by k = --step-wall / (ideal step), so every
 configuration's ideal step takes about --step-wall seconds here. Reported times are unscaled
-(GPU seconds): step_s = (kernel round + vjp round wall) / k + the KRR solve (see below). The coordinator's own CPU is real and not
-scaled: the KRR solve between the rounds counts its CPU seconds (its wall time here is
-stretched by the other jobs on the machine); coordinator_cpu_s is the process CPU per step minus what the simulated workers and
-links used (thread CPU time), minus the idle polling rate measured before the steps times the
-step's wall. Inside the scaled run it costs 1/k of what it would, so it is compared with the
+(GPU seconds): step_s = (kernel round + vjp round wall) / k + the KRR solve (see below). The
+coordinator's own CPU is real and not scaled: the KRR solve between the rounds counts its CPU
+seconds (its wall time here is stretched by the other jobs on the machine); coordinator_cpu_s
+is the CPU per step of the coordinator's threads (the calling one, its slot and call threads,
+read from their thread CPU clocks) less what the simulated handles spent on them (the
+simulated workers' own threads, e.g. group leaders' lanes, are not the coordinator's);
+coordinator_cpu_process_s is the older estimate, the process CPU per step minus the simulated
+workers' and links' thread CPU and the idle polling rate measured before the steps times the
+step's wall (it also charges the coordinator with the thread switching of the simulation's
+hundreds of threads on this machine's one core). Inside the scaled run the coordinator's CPU
+costs 1/k of what it would, so it is compared with the
 unscaled step instead: where coordinator_cpu_s > step_s a real coordinator of this code could
 not keep up (limit 'coordinator cpu'), whatever the sim's efficiency says.
 
@@ -25,8 +31,11 @@ here), 'coordinator cpu' (more than the step), else 'tail+latency' (workers idle
 of rounds, waiting for images, blocks and answers), or 'compute' at >= 90% efficiency.
 
 Stages (--stages, each plan/broadcast/tail_halvings): the coordinator's options before and
-after the scaling work, measured side by side. Each result is checked against the surrogate
-kernel computed here on the whole arrays (first step).
+after the scaling work, measured side by side; 'groups' is 'tree' with one request per group
+of --group-size workers per round (`DistributedKernels(group_size=...)`; 'auto': about
+sqrt(workers), 1 up to 16 workers), led over the group by one of its workers. Each result is
+checked against the surrogate kernel computed here on the whole arrays (first step).
+`requests` counts the coordinator's block or group requests per step (`blocks` the blocks).
 
   python bench/scale_sim.py --workers 8,64,256 --ipc 10,50 --target-batch 5000 \\
       --json bench/results/scale_sim.json
@@ -38,6 +47,7 @@ import json
 import os
 import platform
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -59,7 +69,18 @@ STAGES = {
     'strips': ('balanced', 'direct', 0),        # blocks from the worker count, summed per strip
     'tail': ('balanced', 'direct', 2),          # ... and shrinking at the end of a round
     'tree': ('balanced', 'tree', 2),            # ... and the support passed worker to worker
+    'groups': ('balanced', 'tree', 2),          # ... and one request per group of workers
 }
+GROUPED = ('groups',)   # stages with group_size = --group-size (else 1)
+
+
+def group_size(args, stage: str, workers: int) -> int:
+  """--group-size for the grouped stages ('auto': about sqrt(workers), 1 up to 16 workers)."""
+  if stage not in GROUPED:
+    return 1
+  if args.group_size != 'auto':
+    return int(args.group_size)
+  return 1 if workers <= 16 else int(np.ceil(np.sqrt(workers)))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -86,6 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--in-flight', type=int, default=2, help='blocks in flight per worker')
   p.add_argument('--tasks-per-worker', type=int, default=2)
   p.add_argument('--tree-fanout', type=int, default=8)
+  p.add_argument('--group-size', default='auto',
+                 help="workers per group request in the 'groups' stage ('auto': ~sqrt(workers))")
   p.add_argument('--solve-flops', type=float, default=5e10, help="the model's coordinator")
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--json', default='bench/results/scale_sim.json')
@@ -132,6 +155,23 @@ def _cpu_parts(fleet) -> tuple[float, float]:
   return time.process_time(), fleet.sim_cpu_s
 
 
+def _coordinator_cpu(fleet, start: bool) -> float:
+  """CPU seconds of the coordinator's threads (this one, its slot and calling threads:
+  `ntkdd-worker*`), less what the simulated handles spent on them. This thread's clock is
+  read last at the `start` of a step and first at its end, so reading the others (ms for
+  hundreds of threads) is not counted."""
+  own = 0.0 if start else time.thread_time()
+  total = 0.0
+  for thread in threading.enumerate():
+    if thread.name.startswith('ntkdd-worker'):
+      try:
+        total += time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+      except (OSError, ProcessLookupError, TypeError):   # it ended meanwhile
+        pass
+  own = time.thread_time() if start else own
+  return own + total - getattr(fleet, 'caller_sim_cpu_s', fleet.sim_cpu_s)
+
+
 def run_config(args, stage: str, workers: int, ipc: int, train: np.ndarray, key: str) -> dict:
   plan, broadcast, tail_halvings = STAGES[stage]
   rng = np.random.default_rng(args.seed)
@@ -144,11 +184,13 @@ def run_config(args, stage: str, workers: int, ipc: int, train: np.ndarray, key:
                          worker_bandwidth=args.worker_bandwidth, round_trip_s=args.round_trip,
                          time_scale=k)
   fleet = sim.Fleet(workers, params, datasets={key: train})
+  groups_of = group_size(args, stage, workers)
+  grouping = {'group_size': groups_of} if groups_of > 1 else {}   # main's code has none
   backend = distributed_kernels.DistributedKernels(
       fleet.handles, block=args.block, max_in_flight_per_worker=args.in_flight,
       deadline_s=max(600.0, 50 * args.step_wall), grace_s=600.0, poll_s=0.2, plan=plan,
       tasks_per_worker=args.tasks_per_worker, tail_halvings=tail_halvings,
-      broadcast=broadcast, tree_fanout=args.tree_fanout)
+      broadcast=broadcast, tree_fanout=args.tree_fanout, **grouping)
   try:
     while backend.status()['alive_workers'] < workers or any(
         w['device'] is None for w in backend.status()['workers']):
@@ -172,10 +214,12 @@ def run_config(args, stage: str, workers: int, ipc: int, train: np.ndarray, key:
       device0, link0 = fleet.device_seconds(), (fleet.coordinator_in.bytes,
                                                  fleet.coordinator_out.bytes)
       wall, (cpu, sim_cpu) = time.perf_counter(), _cpu_parts(fleet)
+      threads_cpu = _coordinator_cpu(fleet, start=True)
       kip.kip_gradients(timed, support, labels, targets,
                         np.eye(args.classes, dtype=np.float32)[target_ids] - 0.1, target_ids)
       wall = time.perf_counter() - wall
       cpu, sim_cpu = time.process_time() - cpu, fleet.sim_cpu_s - sim_cpu
+      threads_cpu = _coordinator_cpu(fleet, start=False) - threads_cpu
       after = backend.status()
       rounds = timed.seconds['kernel'] + timed.seconds['vjp']
       # Between the rounds the coordinator solves the KRR problem: its CPU seconds (less the
@@ -187,15 +231,18 @@ def run_config(args, stage: str, workers: int, ipc: int, train: np.ndarray, key:
       step_s = rounds / k + solve
       link_in = fleet.coordinator_in.bytes - link0[0]
       link_out = fleet.coordinator_out.bytes - link0[1]
-      coordinator_cpu = max(0.0, cpu - sim_cpu - idle_rate * wall)
+      process_estimate = max(0.0, cpu - sim_cpu - idle_rate * wall)
       steps.append({
           'step_s': step_s, 'rounds_s': rounds / k, 'solve_s': solve, 'solve_wall_s': solve_wall,
-          'coordinator_cpu_s': coordinator_cpu, 'coordinator_cpu_raw_s': cpu - sim_cpu,
+          'coordinator_cpu_s': threads_cpu, 'coordinator_cpu_process_s': process_estimate,
+          'coordinator_cpu_raw_s': cpu - sim_cpu,
           'sim_cpu_s': sim_cpu, 'wall_s': wall,
           'bytes_per_step': (after['bytes_sent'] - before['bytes_sent']
                              + after['bytes_received'] - before['bytes_received']),
           'link_s': max(link_in, link_out) / args.coordinator_bandwidth,
           'blocks': after['blocks_done'] - before['blocks_done'],
+          'requests': (after.get('requests_done', after['blocks_done'])
+                       - before.get('requests_done', before['blocks_done'])),
           'device_s': fleet.device_seconds() - device0,
           'cache_sends': after['cache_sends'] - before['cache_sends'],
           'tree_fetches': after['tree_fetches'] - before['tree_fetches']})
@@ -209,14 +256,17 @@ def run_config(args, stage: str, workers: int, ipc: int, train: np.ndarray, key:
   mean = {key_: float(np.mean([s[key_] for s in steps])) for key_ in steps[0]}
   step_s = mean['step_s']
   result = {'stage': stage, 'plan': plan, 'broadcast': broadcast, 'tail_halvings': tail_halvings,
+            'group_size': groups_of,
             'workers': workers, 'ipc': ipc, 'time_scale': k, 'ideal_step_s': ideal,
             'step_s': step_s, 'step_s_each': [s['step_s'] for s in steps],
             'efficiency': ideal / step_s, 'device_util': mean['device_s'] / (workers * step_s),
             'max_rel_error': error, 'idle_cpu_per_s': idle_rate, **{
                 k_: mean[k_] for k_ in ('bytes_per_step', 'coordinator_cpu_s',
+                                        'coordinator_cpu_process_s',
                                         'coordinator_cpu_raw_s', 'sim_cpu_s', 'solve_s',
                                         'solve_wall_s',
-                                        'link_s', 'blocks', 'cache_sends', 'tree_fetches',
+                                        'link_s', 'blocks', 'requests', 'cache_sends',
+                                        'tree_fetches',
                                         'rounds_s', 'wall_s')}}
   result['limit'] = _limit(result)
   return result
@@ -260,8 +310,8 @@ def main(argv=None) -> int:
   key = 'train:' + sources.fingerprint(train[:64])
   rows = []
   print(f'| stage | ipc | workers | k | step s | ideal s | efficiency | device % | MB/step | '
-        f'coord CPU s | solve s | link s | blocks | limit | model step s | model eff |')
-  print('|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|')
+        f'coord CPU s | solve s | link s | blocks | requests | limit | model step s | model eff |')
+  print('|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|')
   for ipc in (int(v) for v in args.ipc.split(',')):
     for workers in (int(v) for v in args.workers.split(',')):
       for stage in stages:
@@ -275,7 +325,7 @@ def main(argv=None) -> int:
               f"{r['ideal_step_s']:.3g} | {100 * r['efficiency']:.0f}% | "
               f"{100 * r['device_util']:.0f}% | {r['bytes_per_step'] / 1e6:.1f} | "
               f"{r['coordinator_cpu_s']:.3g} | {r['solve_s']:.3g} | {r['link_s']:.3g} | "
-              f"{r['blocks']:.0f} | {r['limit']} | {m['step_s']:.3g} | "
+              f"{r['blocks']:.0f} | {r['requests']:.0f} | {r['limit']} | {m['step_s']:.3g} | "
               f"{100 * m['efficiency']:.0f}% |", flush=True)
   print('\nSim against the model (same inputs and design; model = bench/scaling_model.py):')
   for r in rows:

@@ -56,6 +56,9 @@ class LocalWorkerHandle(protocol.WorkerHandle):
   def vjp_block(self, request: bytes) -> bytes:
     return self._invoke(protocol.VJP_BLOCK, request)
 
+  def group_blocks(self, request: bytes) -> bytes:
+    return self._invoke('group_blocks', request)
+
 
 def make_inprocess_backend(arch: Union[architectures.Architecture, dict], workers: int = 1,
                            tile: Optional[int] = None, dtype: str = 'float32', block: int = 64,

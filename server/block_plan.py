@@ -15,11 +15,14 @@ straddles) the columns lie in. Two plans:
             columns on the worker, so flat strips mean few gradient bytes to the coordinator.
 
 Both plans are a function of the shapes and the configured worker count only, never of
-timing, so summing vjp blocks in plan order is bitwise reproducible.
+timing, so summing vjp blocks in plan order is bitwise reproducible. `group_blocks` deals a
+plan's blocks to the requests of worker groups (`DistributedKernels(group_size=...)`), also
+from the plan alone.
 """
 from __future__ import annotations
 
 import bisect
+import heapq
 import itertools
 import math
 from typing import Sequence
@@ -111,6 +114,39 @@ def balanced_blocks(n_rows: int, col_spans: Sequence[tuple[int, int]], workers: 
   # Largest first, so the small blocks are the last ones taken; stable, so ties keep order.
   order = sorted(range(len(blocks)), key=lambda i: -_pairs(blocks[i]))
   return [blocks[i] for i in order]
+
+
+def group_blocks(blocks: Sequence[Block], groups: int) -> list[list[int]]:
+  """The plan's block indices dealt to `groups` requests of about equal pairs, each in plan
+  order. The first wave of about equal blocks (up to a block under 3/4 of the first) goes in
+  `groups` runs of consecutive blocks, run j to request j, so a request's large blocks lie
+  in few row ranges (few gradient rows back); each later block goes to the request with the
+  fewest pairs so far (ties: the lowest), which evens the loads out with the small blocks."""
+  if groups < 1:
+    raise ValueError(f'group_blocks needs groups >= 1, got {groups}.')
+  dealt: list[list[int]] = [[] for _ in range(min(groups, len(blocks)))]
+  if not dealt:
+    return dealt
+  first = _pairs(blocks[0])
+  wave = 0
+  while wave < len(blocks) and _pairs(blocks[wave]) >= 0.75 * first:
+    wave += 1
+  total = sum(_pairs(blocks[i]) for i in range(wave))
+  loads = [0] * len(dealt)
+  done = 0
+  for i in range(wave):   # by the middle of the block: run j is [j, j + 1) / groups of it
+    pairs = _pairs(blocks[i])
+    run = min(int((done + pairs / 2) * len(dealt) / total), len(dealt) - 1)
+    dealt[run].append(i)
+    loads[run] += pairs
+    done += pairs
+  heap = [(load, g) for g, load in enumerate(loads)]
+  heapq.heapify(heap)
+  for i in range(wave, len(blocks)):
+    load, g = heapq.heappop(heap)
+    dealt[g].append(i)
+    heapq.heappush(heap, (load + _pairs(blocks[i]), g))
+  return dealt
 
 
 def _pairs(block: Block) -> int:

@@ -16,7 +16,13 @@ shared queue, so fast workers take more blocks and each worker has its next bloc
 Scale (see README, "Scaling to hundreds of workers"): `plan` chooses the blocks
 (`server/block_plan`: fixed tiles, or strips sized from the worker count with a shrinking
 tail), `broadcast='tree'` lets workers fetch the caches from peers that hold them (or are
-receiving them) instead of the coordinator sending every copy.
+receiving them) instead of the coordinator sending every copy. `group_size=g` (workers wired
+to their peers) sends one `group_blocks` request per group of g workers (indices
+[j g, (j + 1) g)) instead of one per block: the plan's blocks are dealt to the groups'
+requests (`block_plan.group_blocks`), the worker that takes one leads it over its group's
+alive members (`workers/group_leader`) and answers the kernels of all its blocks, or one
+partial-gradient sum, at once; at hundreds of workers the coordinator's CPU per request is
+what limits a step.
 
 Faults: a call that raises, answers an error, or misses `deadline_s` marks its worker down
 and puts the block back on the queue for the others. A down worker is pinged after a back-off
@@ -39,15 +45,18 @@ from ntkdd.common import kernels, sources
 from ntkdd.server import block_plan
 from ntkdd.server.deadline import Caller as _Caller
 from ntkdd.server.progress import KernelProgress
-from ntkdd.workers import protocol as wire
+from ntkdd.workers import protocol
 
-STALE_CACHE, MISSING_DATASET = wire.STALE_CACHE, wire.MISSING_DATASET   # workers' error codes
+STALE_CACHE, MISSING_DATASET = protocol.STALE_CACHE, protocol.MISSING_DATASET   # workers' error codes
 ROWS, COLS = 'rows', 'cols'      # names of the per-call image caches on the workers
 BROADCASTS = ('direct', 'tree')   # how cached images reach the workers
 
 
 class WorkersUnavailable(RuntimeError):
   """The kernel workers cannot finish a call: all down too long, or a block keeps failing."""
+
+
+GROUP_METHOD = protocol.GROUP_BLOCKS   # the worker method serving a group's blocks
 
 
 class _WorkerFault(Exception):
@@ -100,6 +109,7 @@ class _Part:
   images: np.ndarray
   key: Optional[str] = None
   indices: Optional[np.ndarray] = None
+  cache: Optional[str] = None     # the cache its columns are read from, if one
 
 
 @dataclasses.dataclass
@@ -111,6 +121,7 @@ class _Task:
   cols: tuple
   pairs: int
   part: Optional[_Part] = None
+  blocks: Optional[list] = None     # a group request's (rows, cols, part) blocks, else None
   attempts: int = 0
   errors: list = dataclasses.field(default_factory=list)
 
@@ -155,7 +166,7 @@ class DistributedKernels:
                *, dtype: str = 'float32', grace_s: float = 120.0, retry_backoff_s: float = 1.0,
                max_backoff_s: float = 30.0, max_task_attempts: int = 4, poll_s: float = 0.1,
                plan: str = 'tiles', tasks_per_worker: int = 2, tail_halvings: int = 2,
-               broadcast: str = 'direct', tree_fanout: int = 8):
+               broadcast: str = 'direct', tree_fanout: int = 8, group_size: int = 1):
     """Args beyond the protocol's:
       block: rows and columns of the square blocks a worker computes per call (plan 'tiles').
       deadline_s: a worker call taking longer marks the worker down (the call is abandoned).
@@ -176,20 +187,38 @@ class DistributedKernels:
         sends every copy) or 'tree' (workers that already hold them pass them on: each
         worker whose ping reports peers fetches from a holder, at most `tree_fanout` fetches
         per holder at once; the coordinator sends one copy at a time, while no holder is free).
+      group_size: workers per group request (1: a request per block). With g > 1, a call
+        whose workers all have peers and whose columns all come from caches or datasets every
+        worker holds goes as one request per group of g workers (see the module docstring);
+        the vjp sums differ in rounding from g = 1 (partial sums per group first), but are
+        as reproducible.
     """
     if not workers:
       raise ValueError('DistributedKernels needs at least one worker handle.')
     if block < 1 or max_in_flight_per_worker < 1 or deadline_s <= 0:
       raise ValueError('Need block >= 1, max_in_flight_per_worker >= 1 and deadline_s > 0.')
-    if plan not in block_plan.PLANS or broadcast not in BROADCASTS or tree_fanout < 1:
+    if (plan not in block_plan.PLANS or broadcast not in BROADCASTS or tree_fanout < 1
+        or group_size < 1):
       raise ValueError(f'plan must be one of {block_plan.PLANS} (got {plan!r}), broadcast one '
-                       f'of {BROADCASTS} (got {broadcast!r}) and tree_fanout >= 1.')
+                       f'of {BROADCASTS} (got {broadcast!r}), tree_fanout >= 1 and '
+                       f'group_size >= 1 (got {group_size}).')
+    self.group_size = int(group_size)
+    self._busy_groups: set[int] = set()    # groups whose worker is leading a request
+    # Set while a call goes block by block: with group_size > 1 only the groups' leaders
+    # wait for work otherwise (hundreds of idle threads on the queue cost the CPU we save).
+    self._per_block = threading.Event()
+    self._waiting: set = set()             # the done events of worker calls in flight
+    self._plans: dict = {}                 # (rows, spans, symmetric) -> balanced plan
+    self._deals: dict = {}                 # (groups, blocks) -> block indices per request
     self.plan, self.broadcast, self.tree_fanout = plan, broadcast, int(tree_fanout)
     self.tasks_per_worker, self.tail_halvings = int(tasks_per_worker), int(tail_halvings)
     self.block, self.deadline_s, self.dtype = int(block), float(deadline_s), np.dtype(dtype)
     self.grace_s, self.poll_s = float(grace_s), float(poll_s)
     self.retry_backoff_s, self.max_backoff_s = float(retry_backoff_s), float(max_backoff_s)
     self.max_task_attempts = int(max_task_attempts)
+    # How long an idle slot thread sleeps before checking its worker (hundreds of threads
+    # waking often cost the coordinator's CPU): the longest back-off between pings.
+    self._idle_wait_s = max(self.poll_s, self.max_backoff_s)
     self._version_fn = version_fn or itertools.count(time.time_ns() // 1000).__next__
     self._workers = [_Worker(i, handle) for i, handle in enumerate(workers)]
     self._published: dict[str, _Published] = {}
@@ -210,7 +239,9 @@ class DistributedKernels:
                        pixel_fallback_blocks=0,  # dataset columns sent as pixels instead
                        missing_dataset_resends=0,
                        tree_fetches=0,           # caches a worker fetched from a peer
-                       tree_fetch_failures=0)    # a peer could not serve: fetched elsewhere
+                       tree_fetch_failures=0,    # a peer could not serve: fetched elsewhere
+                       requests_done=0,          # answered block and group requests
+                       members_dropped=0)        # group members a leader reported failing
     self.pairs, self.seconds = 0, 0.0      # as InProcessKernels: pairs per call, call time
     self._started = time.monotonic()
     self._threads = [
@@ -233,7 +264,13 @@ class DistributedKernels:
       out = {name: np.zeros((n1, n2), self.dtype) for name in kernels.KERNELS}
       if n1 and n2:
         blocks, pads = self._plan_blocks(n1, parts, symmetric)
-        fields, caches = self._sources(x1, parts, len({rows for rows, _, _ in blocks}))
+        fields, caches, groups = self._sources(x1, parts, len({rows for rows, _, _ in blocks}))
+
+        def place(rows: tuple, cols: tuple, name: str, block: np.ndarray) -> None:
+          (r0, r1), (c0, c1) = rows, cols
+          out[name][r0:r1, c0:c1] = block
+          if symmetric and (r0, r1) != (c0, c1):   # off the diagonal: c0 >= r1
+            out[name][c0:c1, r0:r1] = block.T
 
         def build_request(task: _Task, worker: _Worker) -> dict:
           return {**fields(task, worker), **pads(task)}
@@ -241,16 +278,28 @@ class DistributedKernels:
         def deliver(task: _Task, response: dict) -> None:
           (r0, r1), (c0, c1) = task.rows, task.cols
           for name in kernels.KERNELS:
-            block = _checked(response, name, (r1 - r0, c1 - c0))
-            out[name][r0:r1, c0:c1] = block
-            if symmetric and (r0, r1) != (c0, c1):   # off the diagonal: c0 >= r1
-              out[name][c0:c1, r0:r1] = block.T
+            place(task.rows, task.cols, name, _checked(response, name, (r1 - r0, c1 - c0)))
           progress.add((r1 - r0) * (c1 - c0))
 
-        call = _Call('kernel_block', caches, build_request, deliver)
+        def deliver_group(task: _Task, response: dict) -> None:
+          flat = {name: _checked(response, name, (task.pairs,)) for name in kernels.KERNELS}
+          offset = 0
+          for rows, cols, _ in task.blocks:
+            shape = (rows[1] - rows[0], cols[1] - cols[0])
+            for name in kernels.KERNELS:
+              place(rows, cols, name, flat[name][offset:offset + shape[0] * shape[1]].reshape(
+                  shape))
+            offset += shape[0] * shape[1]
+          progress.add(task.pairs)
+
+        if groups:
+          group_fields = self._group_fields(x1, parts, caches, pads, 'kernel_block')
+          call = _Call(GROUP_METHOD, caches, group_fields, deliver_group)
+        else:
+          call = _Call('kernel_block', caches, build_request, deliver)
         progress = KernelProgress('kernel', sum((r1 - r0) * (c1 - c0)
                                                 for (r0, r1), (c0, c1), _ in blocks))
-        self._run(call, blocks)
+        self._run(call, blocks, groups)
         progress.close()
       self._count(n1 * n2, start)
       return out
@@ -268,8 +317,8 @@ class DistributedKernels:
       grad = np.zeros(x1.shape, self.dtype)
       if n1 and n2 and cotangents:
         blocks, pads = self._plan_blocks(n1, parts, False)
-        fields, caches = self._sources(x1, parts, len({rows for rows, _, _ in blocks}))
-        partials: dict[int, np.ndarray] = {}
+        fields, caches, groups = self._sources(x1, parts, len({rows for rows, _, _ in blocks}))
+        partials: dict[int, tuple] = {}
 
         def build_request(task: _Task, worker: _Worker) -> dict:
           (r0, r1), (c0, c1) = task.rows, task.cols
@@ -279,14 +328,35 @@ class DistributedKernels:
 
         def deliver(task: _Task, response: dict) -> None:
           (r0, r1) = task.rows
-          partials[task.index] = _checked(response, 'grad', (r1 - r0,) + x1.shape[1:])
+          partials[task.index] = (slice(r0, r1), _checked(response, 'grad',
+                                                           (r1 - r0,) + x1.shape[1:]))
 
-        call = _Call('vjp_block', caches, build_request, deliver)
-        self._run(call, blocks)
+        def deliver_group(task: _Task, response: dict) -> None:
+          rows = response['grad_rows']
+          if not (isinstance(rows, np.ndarray) and rows.ndim == 1 and rows.dtype.kind in 'iu'
+                  and len(rows) and rows.min() >= 0 and rows.max() < n1
+                  and np.all(np.diff(rows) > 0)):
+            raise ValueError('grad_rows must be increasing row indices of x1')
+          partials[task.index] = (rows, _checked(response, 'grad', (len(rows),) + x1.shape[1:]))
+
+        if groups:
+          group_fields = self._group_fields(x1, parts, caches, pads, 'vjp_block')
+
+          def build_group(task: _Task, worker: _Worker) -> dict:
+            flat = {name: np.concatenate([g[r0:r1, c0:c1].ravel()
+                                          for (r0, r1), (c0, c1), _ in task.blocks])
+                    for name, g in cotangents.items()}
+            return {**group_fields(task, worker), **flat}
+
+          call = _Call(GROUP_METHOD, caches, build_group, deliver_group)
+        else:
+          call = _Call('vjp_block', caches, build_request, deliver)
+        self._run(call, blocks, groups)
         # Sum the partial gradients in plan order (a function of the shapes and the worker
         # count only), so the result is the same whichever worker finished first.
         for task in call.tasks:
-          grad[task.rows[0]:task.rows[1]] += partials[task.index]
+          rows, partial = partials[task.index]
+          grad[rows] += partial
       self._count(n1 * n2, start)
       return grad
 
@@ -319,6 +389,10 @@ class DistributedKernels:
     if self._closed.is_set():
       return
     self._closed.set()
+    self._per_block.set()       # wakes slot threads parked while groups lead
+    with self._lock:
+      for done in self._waiting:   # and those waiting for an answer
+        done.set()
     for _ in self._threads:
       self._queue.put(None)     # wakes threads blocked on the queue
     for thread in self._threads:
@@ -360,8 +434,8 @@ class DistributedKernels:
         current.images, images):
       return current    # e.g. the support images of a KIP step's kernel() and vjp()
     start = time.perf_counter()
-    payload = wire.encode({'images': images})
-    published = _Published(int(self._version_fn()), wire.decode(payload)['images'], payload)
+    payload = protocol.encode({'images': images})
+    published = _Published(int(self._version_fn()), protocol.decode(payload)['images'], payload)
     self._add_stats(seconds_serialising=time.perf_counter() - start)
     self._published[name] = published
     with self._tree:    # holders of the old version are of no use any more
@@ -397,8 +471,12 @@ class DistributedKernels:
       planned = block_plan.tile_blocks(n1, spans, self.block, symmetric)
       fixed = {'pad_rows': min(self.block, n1), 'pad_cols': min(self.block, spans[-1][1])}
       return [(r, c, parts[i]) for r, c, i in planned], lambda task: fixed
-    planned = block_plan.balanced_blocks(n1, spans, len(self._workers), symmetric,
-                                         self.tasks_per_worker, self.tail_halvings)
+    key = (n1, tuple(spans), symmetric)
+    planned = self._plans.get(key)
+    if planned is None:   # the same shapes every step: plan once (ms of Python at 256 workers)
+      planned = block_plan.balanced_blocks(n1, spans, len(self._workers), symmetric,
+                                           self.tasks_per_worker, self.tail_halvings)
+      self._plans = {**(self._plans if len(self._plans) < 16 else {}), key: planned}
 
     def pads(task: _Task) -> dict:   # each block at its own shape: the plan repeats per step
       (r0, r1), (c0, c1) = task.rows, task.cols
@@ -407,23 +485,28 @@ class DistributedKernels:
     return [(r, c, parts[i]) for r, c, i in planned], pads
 
   def _sources(self, x1: np.ndarray, parts: list[_Part],
-               row_blocks: int) -> tuple[Callable[[_Task, _Worker], dict], dict]:
-    """(request fields of a block's rows and columns for a worker, cache name -> version read).
+               row_blocks: int) -> tuple[Callable[[_Task, _Worker], dict], dict, int]:
+    """(request fields of a block's rows and columns for a worker, cache name -> version read,
+    the number of group requests per call or 0: a request per block).
 
     Rows come from the rows cache. Columns: see the module docstring.
     """
     caches = {ROWS: self._publish(ROWS, x1).version}
     arrays = [p for p in parts if p.kind == 'array']
+    groups = self._groups(parts) if len(arrays) <= 1 else 0
     cols_part = None
     if len(arrays) == 1:
       current = self._published.get(COLS)
       images = arrays[0].images
       unchanged = current is not None and current.images.shape == images.shape and (
           np.array_equal(current.images, images))
-      # Cached columns cost one copy per worker; inline ones one copy per row block.
-      if unchanged or row_blocks > len(self._workers):
+      # Cached columns cost one copy per worker; inline ones one copy per row block (and
+      # group requests carry no images).
+      if unchanged or row_blocks > len(self._workers) or groups:
         cols_part = arrays[0]
         caches[COLS] = self._publish(COLS, images).version
+    for part in parts:
+      part.cache = ROWS if part.kind == 'rows' else COLS if part is cols_part else None
 
     def fields(task: _Task, worker: _Worker) -> dict:
       part = task.part
@@ -442,20 +525,112 @@ class DistributedKernels:
           self._add_stats(pixel_fallback_blocks=1)
       return out
 
-    return fields, caches
+    return fields, caches, groups
+
+  def _groups(self, parts: list[_Part]) -> int:
+    """Group requests per call: ceil(workers / group_size) if group_size > 1, every worker
+    is wired to its peers and holds the call's dataset parts; else 0."""
+    if self.group_size <= 1:
+      return 0
+    keys = {part.key for part in parts if part.kind == 'dataset'}
+    with self._lock:
+      if any(w.peer_id is None or not keys <= set(w.datasets) for w in self._workers):
+        return 0
+    return -(-len(self._workers) // self.group_size)
+
+  def _group_fields(self, x1: np.ndarray, parts: list[_Part], caches: dict,
+                    pads: Callable[[_Task], dict],
+                    method: str) -> Callable[[_Task, _Worker], dict]:
+    """task, leader -> the fields of a group request (workers/group_leader.py) but the
+    cotangents: its blocks, where their columns come from, the members."""
+    index = {id(part): i for i, part in enumerate(parts)}
+    described = []
+    for part in parts:
+      if part.cache is not None:
+        described.append({'start': part.start, 'cache': part.cache,
+                          'version': caches[part.cache]})
+      else:
+        described.append({'start': part.start, 'dataset': part.key})
+    fixed_pads = pads(None) if self.plan == 'tiles' else {}
+
+    def fields(task: _Task, worker: _Worker) -> dict:
+      blocks = [[r0, r1, c0, c1, index[id(part)]] for (r0, r1), (c0, c1), part in task.blocks]
+      out = {'method': method, 'members': [w.peer_id for w in self._members(worker)],
+             'blocks': blocks, 'parts': described, 'rows_cache': ROWS,
+             'rows_version': caches[ROWS], 'caches': dict(caches), **fixed_pads}
+      for i in sorted({b[4] for b in blocks}):
+        if parts[i].kind == 'dataset':
+          out[f'part{i}_indices'] = parts[i].indices
+          self._add_stats(index_blocks=1)
+      return out
+
+    return fields
+
+  def _members(self, leader: _Worker) -> list[_Worker]:
+    """The leader, then the other alive workers of its group that have peers."""
+    start = leader.index - leader.index % self.group_size
+    with self._lock:
+      return [leader] + [w for w in self._workers[start:start + self.group_size]
+                         if w is not leader and w.alive and w.peer_id is not None]
+
+  def _leads_group(self, worker: _Worker, slot: int) -> bool:
+    """Whether this is the slot that takes group requests for `worker`'s group: slot 0 of
+    its first alive worker with peers."""
+    if slot:
+      return False
+    start = worker.index - worker.index % self.group_size
+    with self._lock:
+      for w in self._workers[start:start + self.group_size]:
+        if w.alive and w.peer_id is not None:
+          return w is worker
+    return False
+
+  def _claim_group(self, worker: _Worker) -> bool:
+    """Whether `worker` may lead a group request now (its group leads none); claims it."""
+    group = worker.index // self.group_size
+    with self._lock:
+      if group in self._busy_groups or not worker.alive or worker.peer_id is None:
+        return False
+      self._busy_groups.add(group)
+      return True
+
+  def _release_group(self, worker: _Worker) -> None:
+    with self._lock:
+      self._busy_groups.discard(worker.index // self.group_size)
 
   def _holds(self, worker: _Worker, key: str) -> bool:
     with self._lock:
       return key in worker.datasets
 
-  def _run(self, call: _Call, blocks: list) -> None:
-    """Queues the blocks of `call` and waits until all are answered or the call fails."""
+  def _run(self, call: _Call, blocks: list, groups: int = 0) -> None:
+    """Queues the blocks of `call` (or, `groups` > 0, that many group requests of them) and
+    waits until all are answered or the call fails."""
     if self._closed.is_set():
       raise WorkersUnavailable('The coordinator is closed.')
-    for index, (rows, cols, part) in enumerate(blocks):
+    if groups:
+      key = (groups, tuple((rows, cols) for rows, cols, _ in blocks))
+      deal = self._deals.get(key)
+      if deal is None:
+        deal = block_plan.group_blocks([(rows, cols, 0) for rows, cols, _ in blocks], groups)
+        self._deals = {**(self._deals if len(self._deals) < 16 else {}), key: deal}
+      for index, dealt in enumerate(deal):
+        members = [blocks[i] for i in dealt]
+        rows = (min(b[0][0] for b in members), max(b[0][1] for b in members))
+        cols = (min(b[1][0] for b in members), max(b[1][1] for b in members))
+        pairs = sum((r1 - r0) * (c1 - c0) for (r0, r1), (c0, c1), _ in members)
+        call.tasks.append(_Task(call, index, rows, cols, pairs, blocks=members))
+    for index, (rows, cols, part) in enumerate([] if groups else blocks):
       pairs = (rows[1] - rows[0]) * (cols[1] - cols[0])
       call.tasks.append(_Task(call, index, rows, cols, pairs, part))
     self._add_stats(calls=1)
+    if not groups:
+      self._per_block.set()
+    try:
+      self._queue_and_wait(call)
+    finally:
+      self._per_block.clear()
+
+  def _queue_and_wait(self, call: _Call) -> None:
     for task in call.tasks:
       self._queue.put(task)
     while not call.finished.wait(self.poll_s):
@@ -495,13 +670,19 @@ class DistributedKernels:
         else:
           self._closed.wait(self.poll_s)
         continue
+      if (self.group_size > 1 and not self._per_block.is_set()
+          and not self._leads_group(worker, slot)):
+        self._per_block.wait(self._idle_wait_s)   # group leaders take the requests now
+        continue
       if slot and worker.in_flight and self._queue.qsize() <= len(self._workers):
         # The end of a round: a block queued behind this worker's running one would wait
         # while other workers sit idle, so the last blocks go to workers with nothing to do.
         self._closed.wait(self.poll_s / 4)
         continue
       try:
-        task = self._queue.get(timeout=self.poll_s)
+        # Idle slots block here (close() wakes them); they wake now and then only to ping
+        # their worker if another thread marked it down meanwhile.
+        task = self._queue.get(timeout=self._idle_wait_s)
       except queue.Empty:
         continue
       if task is None:
@@ -511,11 +692,19 @@ class DistributedKernels:
       if not worker.alive:    # went down while this slot waited on the queue
         self._queue.put(task)
         continue
+      if task.blocks is not None and not self._claim_group(worker):
+        # Its group leads another request: a worker of a free group takes this one.
+        self._queue.put(task)
+        task.call.finished.wait(self.poll_s)
+        continue
       try:
         self._run_task(worker, task)
       except Exception as e:  # A coordinator bug: fail the call loudly rather than hang it.
         logging.exception('Coordinator thread of worker %d failed.', worker.index)
         task.call.fail(e)
+      finally:
+        if task.blocks is not None:
+          self._release_group(worker)
 
   def _run_task(self, worker: _Worker, task: _Task) -> None:
     with self._lock:
@@ -525,7 +714,7 @@ class DistributedKernels:
       for _ in range(3):   # at most one re-send per kind of recoverable error
         if request is None:
           start = time.perf_counter()
-          request = wire.encode(task.call.build_request(task, worker))
+          request = protocol.encode(task.call.build_request(task, worker))
           self._add_stats(seconds_serialising=time.perf_counter() - start)
         self._ensure_caches(worker, task)
         epoch = worker.cache_epoch
@@ -570,10 +759,20 @@ class DistributedKernels:
     with self._lock:
       worker.last_seen = time.time()
       if delivered:
-        worker.blocks_done += 1
+        blocks = 1 if task.blocks is None else len(task.blocks)
+        worker.blocks_done += blocks
         worker.pairs_done += task.pairs
-        self._stats['blocks_done'] += 1
+        self._stats['blocks_done'] += blocks
+        self._stats['requests_done'] += 1
         self._stats['block_pairs_done'] += task.pairs
+    dropped = response.get('dropped') or {}
+    if dropped:
+      with self._lock:
+        peers = {w.peer_id: w for w in self._workers if w.peer_id is not None}
+      for peer, message in dropped.items():
+        if peer in peers:   # a member its leader could not use: down until a ping answers
+          self._add_stats(members_dropped=1)
+          self._mark_down(peers[peer], f'dropped by group leader {worker.index}: {message}')
 
   def _ensure_caches(self, worker: _Worker, task: _Task) -> None:
     """Gets the images a block reads to the worker, unless it already holds them."""
@@ -685,8 +884,8 @@ class DistributedKernels:
       raise _WorkerFault(f'{method} answered {type(answer).__name__}, not bytes')
     start = time.perf_counter()
     try:
-      response = wire.decode(answer)
-    except wire.WireError as e:
+      response = protocol.decode(answer)
+    except protocol.WireError as e:
       raise _WorkerFault(f'{method} answered unreadable bytes: {e}') from e
     finally:
       self._add_stats(bytes_received=len(answer),
@@ -701,18 +900,22 @@ class DistributedKernels:
       caller = _Caller()
     box, done = caller.submit(fn, args)
     deadline = time.monotonic() + self.deadline_s
+    with self._lock:
+      self._waiting.add(done)      # close() sets it: no polling per call in flight
     try:
-      while not done.wait(min(self.poll_s, max(deadline - time.monotonic(), 0.0))):
-        if self._closed.is_set():
-          raise _WorkerFault('the coordinator was closed')
+      while not done.wait(max(deadline - time.monotonic(), 0.0)):
         if time.monotonic() >= deadline:
           raise _WorkerFault(f'no answer within deadline_s={self.deadline_s:g}')
+      if self._closed.is_set() and not box:
+        raise _WorkerFault('the coordinator was closed')
     except _WorkerFault:
       caller.stop()        # it exits when the abandoned call returns, if ever
       if getattr(self._slot, 'caller', None) is caller:
         self._slot.caller = _Caller()
       raise
     finally:
+      with self._lock:
+        self._waiting.discard(done)
       if caller is not getattr(self._slot, 'caller', None):
         caller.stop()
     if 'error' in box:

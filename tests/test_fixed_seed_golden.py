@@ -1,7 +1,8 @@
 """Fixed-seed KIP, LS and RCIG runs are bitwise equal to the recorded ones, and run directories
 written by an older checkout still resume to the same bits.
 
-The golden files come from tests/golden/make_golden.py. A refactor must leave them untouched;
+Each run is an `ntkdd distill` process of its own, as a user runs it. The golden files come
+from tests/golden/make_golden.py. A refactor must leave them untouched;
 a change meant to move the numbers regenerates them and says so in its commit.
 """
 import shutil
@@ -10,8 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from ntkdd.launch import cli
 
 GOLDEN_DIR = Path(__file__).resolve().parent / 'golden'
 sys.path.insert(0, str(GOLDEN_DIR))
@@ -26,11 +25,10 @@ def golden():
 
 
 @pytest.fixture
-def data(tmp_path, monkeypatch):
-  # A copy in another working directory, named as the recorded runs name it.
+def data(tmp_path):
+  # A copy in another working directory (each run's cwd), named as the recorded runs name it.
   (tmp_path / 'data').mkdir()
   shutil.copy(make_golden.DATA, tmp_path / 'data' / make_golden.DATA.name)
-  monkeypatch.chdir(tmp_path / 'data')
   return Path(make_golden.DATA.name)
 
 
@@ -44,7 +42,7 @@ def _assert_bitwise(record: dict, golden: dict, case: str) -> None:
 @pytest.mark.parametrize('case', list(make_golden.CASES))
 def test_fixed_seed_run_is_bitwise_golden(case, data, tmp_path, golden):
   out = tmp_path / case
-  assert cli.main(make_golden.argv(case, data, out)) == 0
+  assert make_golden.run_cli(make_golden.argv(case, data, out), tmp_path / 'data') == 0
   _assert_bitwise(make_golden.run_record(out), golden, case)
 
 
@@ -52,5 +50,6 @@ def test_fixed_seed_run_is_bitwise_golden(case, data, tmp_path, golden):
 def test_old_run_directory_resumes_to_the_same_bits(case, data, tmp_path, golden):
   out = tmp_path / case
   shutil.copytree(GOLDEN_DIR / 'old_runs' / case, out)
-  assert cli.main(make_golden.argv(case, data, out, resume=True)) == 0
+  assert make_golden.run_cli(make_golden.argv(case, data, out, resume=True),
+                              tmp_path / 'data') == 0
   _assert_bitwise(make_golden.run_record(out), golden, case)

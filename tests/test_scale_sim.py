@@ -103,13 +103,15 @@ def test_simulated_fleet_answers_the_surrogate_kernel(plan, broadcast):
     assert status['tree_fetches'] == 0 and status['cache_sends'] >= used
 
 
-def test_simulated_kip_step_equals_the_inprocess_step_exactly():
+@pytest.mark.parametrize('group_size', [1, 4])
+def test_simulated_kip_step_equals_the_inprocess_step_exactly(group_size):
   """Simulated workers computing for real on the same plan give the in-process bits."""
   train, key, args = _kip_problem(seed=1)
-  spec = dict(plan='balanced', broadcast='tree', block=4, **FAST)
+  spec = dict(plan='balanced', broadcast='tree', block=4, group_size=group_size, **FAST)
   fleet = sim.Fleet(16, sim.SimParams(time_scale=1e-3, compute='real'), arch=FC.to_dict(),
                     datasets={key: train})
   with distributed_kernels.DistributedKernels(fleet.handles, **spec) as simulated:
+    _wait_for_pings(simulated, 16)
     sim_step = kip.kip_gradients(simulated, *args)
     assert simulated.status()['tree_fetches'] > 0
   # The in-process launch's path: 16 real KernelWorkers holding the same dataset rows.
@@ -119,8 +121,12 @@ def test_simulated_kip_step_equals_the_inprocess_step_exactly():
     w._datasets[key] = train
     w.connect_peers(dict(enumerate(handles)))
   with distributed_kernels.DistributedKernels(handles, **spec) as distributed:
+    _wait_for_pings(distributed, 16)
     real_step = kip.kip_gradients(distributed, *args)
-    assert distributed.status()['index_blocks'] > 0
+    status = distributed.status()
+    assert status['index_blocks'] > 0
+    if group_size > 1:   # one request per group of 4 per round, not one per block
+      assert status['requests_done'] <= 2 * 4 < status['blocks_done']
   assert sim_step.loss == real_step.loss
   np.testing.assert_array_equal(sim_step.grad_images, real_step.grad_images)
   np.testing.assert_array_equal(sim_step.grad_labels, real_step.grad_labels)
@@ -132,10 +138,61 @@ def test_simulated_kip_step_equals_the_inprocess_step_exactly():
   assert abs(sim_step.loss - direct.loss) < 1e-4 * abs(direct.loss)
 
 
+def _wait_for_pings(distributed, workers, timeout_s=10.0):
+  """Until every worker has answered its first ping (so group requests are possible)."""
+  deadline = time.monotonic() + timeout_s
+  while time.monotonic() < deadline:
+    status = distributed.status()
+    if status['alive_workers'] == workers and all(w['device'] for w in status['workers']):
+      return
+    time.sleep(0.01)
+  raise AssertionError(f'not every worker answered a ping: {distributed.status()}')
+
+
+@pytest.mark.parametrize('plan', block_plan.PLANS)
+def test_group_requests_give_the_per_block_kernels_and_one_sum_per_group(plan):
+  """group_size=4: 16 simulated workers answer 4 requests per round; the kernels are the
+  per-block ones bit for bit, the gradient the same up to the order of its sums."""
+  train, key, (support, *_) = _kip_problem(seed=3, n_s=7)
+  rows = np.arange(0, 60, 2)
+  both = sources.concat([support, sources.DatasetRows(train[rows], key, rows)])
+  g = np.random.default_rng(6).normal(size=(7, 37)).astype(np.float32)
+  answers = {}
+  for group_size in (1, 4):
+    fleet = sim.Fleet(16, QUICK, datasets={key: train})
+    with distributed_kernels.DistributedKernels(fleet.handles, block=4, plan=plan, broadcast='tree',
+                                        group_size=group_size, **FAST) as distributed:
+      _wait_for_pings(distributed, 16)
+      answers[group_size] = (distributed.kernel(support, both), distributed.kernel(support),
+                             distributed.vjp(support, both, g, None))
+      status = distributed.status()
+    if group_size > 1:
+      assert status['requests_done'] <= 3 * 4 < status['blocks_done']
+      assert status['members_dropped'] == 0
+  (k1, sym1, grad1), (k4, sym4, grad4) = answers[1], answers[4]
+  for name in ('ntk', 'nngp'):
+    np.testing.assert_array_equal(k4[name], k1[name])
+    np.testing.assert_array_equal(sym4[name], sym1[name])
+  full = sources.as_array(both)
+  np.testing.assert_allclose(grad4, grad1, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(grad4, sim.surrogate_vjp(support, full, g), atol=1e-5)
+
+
+def test_group_blocks_deals_every_block_once_in_equal_shares():
+  blocks = block_plan.balanced_blocks(100, [(0, 100), (100, 5100)], 256)
+  dealt = block_plan.group_blocks(blocks, 16)
+  assert sorted(i for group in dealt for i in group) == list(range(len(blocks)))
+  assert all(group == sorted(group) for group in dealt)      # each in plan order
+  loads = [sum(block_plan._pairs(blocks[i]) for i in group) for group in dealt]
+  assert max(loads) - min(loads) <= max(block_plan._pairs(b) for b in blocks[-16:])
+  assert block_plan.group_blocks(blocks, 16) == dealt
+  assert len(block_plan.group_blocks(blocks[:3], 16)) == 3
+
+
 # -- Faults at scale. ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize('broadcast', distributed_kernels.BROADCASTS)
-def test_coordinator_survives_workers_that_die_hang_and_come_back(broadcast):
+@pytest.mark.parametrize('broadcast,group_size', [('direct', 1), ('tree', 1), ('tree', 4)])
+def test_coordinator_survives_workers_that_die_hang_and_come_back(broadcast, group_size):
   train, key, args = _kip_problem(seed=2, n_s=9, n_t=30)
   support, _, targets = args[:3]
   both = sources.concat([support, targets])
@@ -143,7 +200,9 @@ def test_coordinator_survives_workers_that_die_hang_and_come_back(broadcast):
   fleet = sim.Fleet(16, QUICK, datasets={key: train})
   faults = dict(FAST, deadline_s=0.5)
   with distributed_kernels.DistributedKernels(fleet.handles, block=3, plan='balanced',
-                                              broadcast=broadcast, **faults) as distributed:
+                                              broadcast=broadcast, group_size=group_size,
+                                              **faults) as distributed:
+    _wait_for_pings(distributed, 16)
     want = sim.surrogate_kernel(support, full)['ntk']
     np.testing.assert_allclose(distributed.kernel(support, both)['ntk'], want, atol=1e-6)
     for i in (1, 2, 3):
@@ -158,7 +217,12 @@ def test_coordinator_survives_workers_that_die_hang_and_come_back(broadcast):
                                  sim.surrogate_kernel(support, full)['ntk'], atol=1e-6)
     status = distributed.status()
     down = {w['worker'] for w in status['workers'] if not w['alive']}
-    assert {1, 2, 3} <= down and all(status['workers'][i]['failures'] for i in (1, 2, 3, 4, 5))
+    if group_size == 1:
+      assert {1, 2, 3} <= down and all(status['workers'][i]['failures']
+                                       for i in (1, 2, 3, 4, 5))
+    else:   # members their leaders dropped, and the hung leader
+      assert {1, 2, 3} <= down and status['members_dropped'] >= 3
+      assert status['workers'][4]['failures']
     for i in (1, 2, 3, 4, 5):       # back, as restarted processes without their caches
       fleet.restart(i)
     deadline = time.monotonic() + 10
@@ -171,6 +235,12 @@ def test_coordinator_survives_workers_that_die_hang_and_come_back(broadcast):
       np.testing.assert_allclose(distributed.vjp(support, both, g, None),
                                  sim.surrogate_vjp(support, full, g), atol=1e-5)
     after = {w['worker']: w['blocks_done'] for w in distributed.status()['workers']}
+    if group_size > 1:   # the returned ones compute for their leaders again (re-fetching
+      # the images they lost), none dropped again
+      final = distributed.status()
+      assert final['alive_workers'] == 16
+      assert final['members_dropped'] == status['members_dropped']
+      return
   assert any(after[i] > before[i] for i in (1, 2, 3, 4, 5))   # the returned ones work again
 
 
@@ -204,3 +274,27 @@ def test_fetch_images_from_a_peer_and_its_errors(monkeypatch):
   assert not stale['ok'] and stale['error'] == 'stale_cache' and 'peer 0' in stale['message']
   unknown = protocol.decode(lonely.fetch_images('rows', 7, '0'))
   assert not unknown['ok'] and unknown['error'] == 'bad_request' and 'no peer' in unknown['message']
+
+
+def test_group_leader_drops_a_dead_member_and_refuses_bad_requests():
+  fleet = sim.Fleet(4, QUICK, arch=FC.to_dict())
+  leader = fleet.workers[0]
+  images = _images(6, 4)
+  assert protocol.decode(leader.set_images('rows', 3, protocol.encode({'images': images})))['ok']
+  fleet.kill(2)
+  request = {'method': 'kernel_block', 'members': ['0', '1', '2', '3'],
+             'blocks': [[0, 2, 0, 6, 0], [2, 4, 0, 6, 0], [4, 6, 0, 6, 0], [0, 6, 0, 3, 0]],
+             'parts': [{'start': 0, 'cache': 'rows', 'version': 3}],
+             'rows_cache': 'rows', 'rows_version': 3, 'caches': {'rows': 3}}
+  answer = protocol.decode(fleet.handles[0].group_blocks(protocol.encode(request)))
+  assert answer['ok'] and set(answer['dropped']) == {'2'}
+  want = sim.surrogate_kernel(images, images)['ntk']
+  # The blocks' values flattened in block order: three 2x6 strips, then a 6x3 block.
+  np.testing.assert_allclose(answer['ntk'][:36], want.reshape(-1), atol=1e-6)
+  np.testing.assert_allclose(answer['ntk'][36:], want[:, :3].reshape(-1), atol=1e-6)
+  for bad, message in [({'method': 'nope'}, 'method'), ({'members': []}, 'members'),
+                       ({'blocks': [[0, 2, 0, 6, 5]]}, 'blocks'),
+                       ({'caches': {'rows': 4}}, 'cache')]:
+    refused = protocol.decode(fleet.handles[0].group_blocks(protocol.encode({**request, **bad})))
+    assert not refused['ok'] and message in refused['message']
+    assert refused['error'] in ('bad_request', 'stale_cache')

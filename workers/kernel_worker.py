@@ -34,7 +34,7 @@ import jax
 import numpy as np
 
 from ntkdd.common import architectures, kernels, prepared
-from ntkdd.workers import protocol
+from ntkdd.workers import group_leader, protocol
 
 STALE_CACHE, MISSING_DATASET = protocol.STALE_CACHE, protocol.MISSING_DATASET
 BAD_REQUEST, EXCEPTION, MALFORMED = protocol.BAD_REQUEST, protocol.EXCEPTION, protocol.MALFORMED
@@ -73,6 +73,9 @@ class KernelWorker:
     self.compute_seconds = 0.0
     self._datasets: dict[str, np.ndarray] = {}   # split key -> model-space images
     self._peers: dict = {}            # peer worker id (str) -> handle, for fetch_images
+    self._self_handle = None          # this worker as its peers reach it (group_blocks)
+    self._group_leader: Optional[group_leader.GroupLeader] = None
+    self.thread_cpu_hook = None       # called with the CPU seconds of each group lane thread
     self._arriving: dict[str, int] = {}   # cache name -> version being fetched from a peer
     self._cache_changed = threading.Condition(self._lock)
     self.dataset_error: Optional[str] = None
@@ -186,8 +189,17 @@ class KernelWorker:
         self._cache_changed.notify_all()
 
   def connect_peers(self, peers: dict) -> None:
-    """Not an RPC: the launcher hands this worker its peers' handles, {worker id: handle}."""
+    """Not an RPC: the launcher hands this worker its peers' handles, {worker id: handle}
+    (its own handle among them, if given, serves the blocks it leads for itself)."""
     self._peers = {str(k): h for k, h in peers.items() if str(k) != str(self.worker_id)}
+    self._self_handle = peers.get(self.worker_id, peers.get(str(self.worker_id)))
+
+  def member_handle(self, peer: str):
+    """How this worker, leading a group, calls member `peer` (itself included); None if
+    it is no peer."""
+    if str(peer) == str(self.worker_id):
+      return self._self_handle or self
+    return self._peers.get(str(peer))
 
   def kernel_block(self, request: bytes) -> bytes:
     """{'ntk', 'nngp'}: the (rows, cols) kernel blocks of the request's images."""
@@ -196,6 +208,19 @@ class KernelWorker:
   def vjp_block(self, request: bytes) -> bytes:
     """{'grad'}: d/d rows of <g_ntk, NTK(rows, cols)> + <g_nngp, NNGP(rows, cols)>."""
     return self._serve(request, self._vjp_block)
+
+  def group_blocks(self, request: bytes) -> bytes:
+    """Many blocks led over this worker's group (workers/group_leader.py): the blocks'
+    kernels concatenated, or one partial-gradient sum ('grad', 'grad_rows')."""
+    return self._serve(request, self._group_blocks)
+
+  def _group_blocks(self, request: dict) -> dict:
+    if self._group_leader is None:
+      self._group_leader = group_leader.GroupLeader(self)
+    try:
+      return self._group_leader.serve(request)
+    except group_leader.GroupError as e:
+      raise RequestError(e.kind, str(e)) from e
 
   # -- Block computations. --------------------------------------------------------------------
 

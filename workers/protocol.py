@@ -50,6 +50,8 @@ BytesLike = Union[bytes, bytearray, memoryview]
 # The methods of a kernel worker that the coordinator calls, and those peers call on each other.
 PING, SET_IMAGES, KERNEL_BLOCK, VJP_BLOCK = 'ping', 'set_images', 'kernel_block', 'vjp_block'
 CACHED_IMAGES, FETCH_IMAGES = 'cached_images', 'fetch_images'
+# A group's blocks in one request (workers/group_leader.py): only where workers reach each other.
+GROUP_BLOCKS = 'group_blocks'
 METHODS = (PING, SET_IMAGES, KERNEL_BLOCK, VJP_BLOCK)
 PEER_METHODS = (CACHED_IMAGES, FETCH_IMAGES)
 ARGUMENT_TYPES = (bytes, int, str)   # what a worker call carries (Courier hangs on numpy)
@@ -98,6 +100,12 @@ class WorkerHandle(Protocol):
 
   def vjp_block(self, request: bytes) -> bytes:
     """{'grad'}: the vjp of the request's block with its cotangents `g_ntk` / `g_nngp`."""
+    raise NotImplementedError
+
+  def group_blocks(self, request: bytes) -> bytes:
+    """Optional (`DistributedKernels(group_size > 1)` only): this worker leads a group through
+    a list of blocks and answers for all of them at once (see workers/group_leader.py). Handles
+    whose workers cannot reach each other (Courier, Ray today) leave it unimplemented."""
     raise NotImplementedError
 
 

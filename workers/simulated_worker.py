@@ -21,7 +21,8 @@ All modelled times are multiplied by `time_scale` (k) before sleeping, so a step
 fleet can be stretched to seconds here; divide measured wall times by k for GPU time. What is
 not scaled is the CPU the coordinator (and this simulation) really spends: `Fleet.sim_cpu_s`
 counts the CPU seconds spent in simulated workers and links (thread CPU time, sleeps
-excluded), so the process CPU minus it is the coordinator's own.
+excluded), so the process CPU minus it is the coordinator's own; `caller_sim_cpu_s` is the
+part spent on the coordinator's threads (the handles' calls), to subtract from theirs.
 """
 from __future__ import annotations
 
@@ -173,6 +174,7 @@ class SimulatedWorker(kernel_worker.KernelWorker):
     self.hang_s = 0.0
     self.clock = _CallClock()           # per calling thread: when its request arrived, ...
     self.cache_ready_at: dict = {}      # cache name -> (version, virtual time it arrived)
+    self.group_not_before = 0.0         # when the group request it leads arrived
 
   def _occupy(self, seconds: float) -> None:
     """Books the device for `seconds` (modelled) after the request arrived and the blocks
@@ -214,6 +216,14 @@ class SimulatedWorker(kernel_worker.KernelWorker):
     self.cache_ready_at[name] = (int(version), self.clock.ready)
     return answer
 
+  def group_blocks(self, request: bytes) -> bytes:
+    """As KernelWorker's: its calls to the members start when the request has arrived, and
+    its answer leaves when the last member's answer is in."""
+    self.group_not_before = self.clock.arrived
+    answer = super().group_blocks(request)
+    self.clock.ready = max(self.clock.ready, time.monotonic())
+    return answer
+
   def restart(self) -> None:
     """As a restarted process: up again, its caches gone."""
     with self._lock:
@@ -250,7 +260,7 @@ class SimulatedHandle(LocalWorkerHandle):
       answer = super()._invoke(method, *args)
       done = fleet.book(len(answer), [worker.link_out, fleet.coordinator_in], clock.ready)
     finally:
-      fleet.add_sim_cpu(time.thread_time() - start_cpu)
+      fleet.add_sim_cpu(time.thread_time() - start_cpu, on_caller=True)
     if fleet.trace is not None:
       fleet.trace.append((worker.worker_id, method, clock.arrived, clock.ready, done))
     time.sleep(max(0.0, done - time.monotonic()))
@@ -259,10 +269,40 @@ class SimulatedHandle(LocalWorkerHandle):
 
 
 class _PeerHandle:
-  """How worker `dest` reaches worker `source`: their own links, not the coordinator's."""
+  """How worker `dest` reaches worker `source`: their own links, not the coordinator's
+  (none when `source` is `dest`: a group leader computing its own blocks)."""
 
   def __init__(self, fleet: 'Fleet', source: SimulatedWorker, dest: SimulatedWorker):
     self.fleet, self.source, self.dest = fleet, source, dest
+
+  def _call(self, method: str, *args) -> bytes:
+    """A group leader's (`dest`) call to its member `source`, as SimulatedHandle's over
+    their links: books the request, the member's device and the answer, then sleeps."""
+    fleet, source, dest = self.fleet, self.source, self.dest
+    fleet.check_up(source)
+    not_before = max(time.monotonic(), dest.group_not_before)
+    clock = source.clock
+    if source is dest:
+      arrived = not_before
+    else:
+      sent = 64 + sum(len(a) for a in args if isinstance(a, bytes))
+      arrived = fleet.book(sent, [dest.link_out, source.link_in], not_before)
+    clock.arrived = clock.ready = arrived
+    answer = getattr(source, method)(*args)
+    done = (clock.ready if source is dest else
+            fleet.book(len(answer), [source.link_out, dest.link_in], clock.ready))
+    time.sleep(max(0.0, done - time.monotonic()))
+    fleet.check_up(source)
+    return answer
+
+  def kernel_block(self, request: bytes) -> bytes:
+    return self._call('kernel_block', request)
+
+  def vjp_block(self, request: bytes) -> bytes:
+    return self._call('vjp_block', request)
+
+  def fetch_images(self, name: str, version: int, peer: str) -> bytes:
+    return self._call('fetch_images', name, version, peer)
 
   def cached_images(self, name: str, version: int) -> bytes:
     """Books the fetch on both workers' links, after the fetching request arrived."""
@@ -296,12 +336,15 @@ class Fleet:
     self.workers = [SimulatedWorker(arch, params, i, dtype, datasets, tile)
                     for i in range(workers)]
     self.handles = [SimulatedHandle(self, w) for w in self.workers]
-    if peers:
+    if peers:   # each worker's own handle among them: it leads group requests over them
       for dest in self.workers:
         dest.connect_peers({source.worker_id: _PeerHandle(self, source, dest)
                             for source in self.workers})
+    for worker in self.workers:   # group leaders' lane threads are workers' CPU, not ours
+      worker.thread_cpu_hook = self.add_sim_cpu
     self._cpu_lock = threading.Lock()
     self.sim_cpu_s = 0.0
+    self.caller_sim_cpu_s = 0.0     # the part spent on the coordinator's calling threads
     self.trace: Optional[list] = None   # a list: (worker, method, arrived, ready, done) per call
 
   def book(self, nbytes: int, links: list, not_before: float) -> float:
@@ -328,9 +371,11 @@ class Fleet:
   def restart(self, index: int) -> None:
     self.workers[index].restart()
 
-  def add_sim_cpu(self, seconds: float) -> None:
+  def add_sim_cpu(self, seconds: float, on_caller: bool = False) -> None:
     with self._cpu_lock:
       self.sim_cpu_s += seconds
+      if on_caller:
+        self.caller_sim_cpu_s += seconds
 
   def device_seconds(self) -> float:
     """Modelled (unscaled) device-busy seconds summed over the workers."""

@@ -49,6 +49,16 @@ def argv(case: str, data: Path, out: Path, steps=None, resume: bool = False) -> 
   return line + (['--resume'] if resume else [])
 
 
+def run_cli(argv_: list, cwd: Path) -> int:
+  """`ntkdd` with `argv_` in a fresh interpreter, as a user runs it: process-wide JAX state that
+  other code in a test process may have set (a float64 kernel turns on jax_enable_x64) would
+  move RCIG's rounding."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  code = 'import sys; from ntkdd.launch import cli; sys.exit(cli.main(sys.argv[1:]))'
+  return subprocess.run([sys.executable, '-c', code, *map(str, argv_)], cwd=cwd,
+                        check=False).returncode
+
+
 def run_record(run_dir: Path) -> dict:
   """What is compared bitwise: the support set and every logged loss and accuracy."""
   import json  # pylint: disable=import-outside-toplevel
@@ -65,9 +75,7 @@ def run_record(run_dir: Path) -> dict:
 
 
 def main() -> None:
-  import os  # pylint: disable=import-outside-toplevel
-  from ntkdd.launch import cli  # pylint: disable=import-outside-toplevel
-  os.chdir(HERE)   # the data is named relative to the run's working directory, as users do
+  # The data is named relative to the run's working directory (HERE), as users do.
   make_tiny_npz(DATA, classes=3, per_class=12, test_per_class=6, side=8, channels=3, seed=7)
   arrays = {}
   old_runs = HERE / 'old_runs'
@@ -75,11 +83,11 @@ def main() -> None:
   with tempfile.TemporaryDirectory() as tmp:
     for case, (_, _, part) in CASES.items():
       out = Path(tmp) / case
-      assert cli.main(argv(case, Path(DATA.name), out)) == 0, case
+      assert run_cli(argv(case, Path(DATA.name), out), HERE) == 0, case
       for key, value in run_record(out).items():
         arrays[f'{case}/{key}'] = value
       if part is not None:
-        assert cli.main(argv(case, Path(DATA.name), old_runs / case, steps=part)) == 0, case
+        assert run_cli(argv(case, Path(DATA.name), old_runs / case, steps=part), HERE) == 0, case
         for extra in ('support.png', 'curves.png', 'status.sock'):
           (old_runs / case / extra).unlink(missing_ok=True)
   np.savez(HERE / 'golden.npz', **arrays)

@@ -1,0 +1,300 @@
+"""A kernel worker leading a group of its peers: many blocks in one request, one answer back.
+
+At hundreds of workers the coordinator's own CPU per request is the limit (BENCHMARKS.md,
+"Scale simulation"), so with `DistributedKernels(group_size=g)` it sends one `group_blocks`
+request per group of g workers per round instead of a few per worker. The worker that takes
+it (the leader) hands the blocks to the group's members (itself included) over its peer
+handles, a few in flight per member, each member pulling the next block when one is done, and
+answers the whole group's work at once:
+
+  kernel_block  the blocks' 'ntk' and 'nngp' values, flattened and concatenated in block order;
+  vjp_block     ONE partial gradient: 'grad' for the rows 'grad_rows' the blocks touch, the
+                blocks' partial gradients summed in block order (so the result does not depend
+                on which member computed which block).
+
+The request (a wire message; see `group_request_fields` for the coordinator's side):
+  method        'kernel_block' or 'vjp_block': what each block is.
+  members       peer ids (str) of the group; the leader's own id may be among them.
+  blocks        [[r0, r1, c0, c1, part], ...]: rows of the rows cache, columns of the call.
+  parts         [{'start', 'cache', 'version'} or {'start', 'dataset'}, ...]: where the
+                columns [start, ...) come from; a dataset part's indices are the array field
+                `part<i>_indices` (the whole part, sliced per block here).
+  rows_cache, rows_version   the row images' cache entry.
+  caches        {name: version}: the cache entries the members must hold; the leader holds
+                them (else it answers 'stale_cache' and the coordinator re-sends them) and
+                passes them on: member p fetches from member (p - 1) // GROUP_FANOUT.
+  pad_rows, pad_cols   (optional) every block's padded shape, as in a block request.
+  g_ntk, g_nngp (vjp) the blocks' cotangents, flattened and concatenated in block order.
+
+A member that fails (raises, answers an error other than 'stale_cache') is dropped for the
+rest of the request and its blocks go to the others; the answer's `dropped` field
+({peer id: message}) tells the coordinator, which marks it down. A block that fails
+MAX_BLOCK_ATTEMPTS times, or a group with no member left, fails the request.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from ntkdd.workers import protocol
+
+GROUP_FANOUT = 4          # members fetching the caches from one member at once
+LANES_PER_MEMBER = 2      # blocks in flight per member, so the next one is waiting (but
+                          # at the end of a round)
+MAX_BLOCK_ATTEMPTS = 3
+METHODS = ('kernel_block', 'vjp_block')
+
+
+class GroupError(Exception):
+  """A group request that cannot be served; `kind` is the answer's `error` field."""
+
+  def __init__(self, kind: str, message: str):
+    super().__init__(message)
+    self.kind = kind
+
+
+class GroupLeader:
+  """Serves `group_blocks` requests for one worker (see the module docstring)."""
+
+  def __init__(self, worker: Any):
+    self.worker = worker
+    self._pool = None
+    self._lock = threading.Lock()
+    self._held: dict[str, dict] = {}     # member peer id -> {cache name: version} it fetched
+
+  def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
+    with self._lock:
+      if self._pool is None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=LANES_PER_MEMBER * (len(self.worker._peers) + 1),
+            thread_name_prefix=f'ntkdd-group{self.worker.worker_id}')
+      return self._pool
+
+  def serve(self, request: dict) -> dict:
+    method, members, blocks, block_requests, caches = _parse(request, self.worker)
+    own = str(self.worker.worker_id)
+    for name, version in caches.items():   # what the members fetch from us, we hold
+      held = self.worker._images.get(name)
+      if held is None or held[0] != version:
+        raise GroupError(protocol.STALE_CACHE, f'Group leader {own}: cache {name!r} version '
+                                           f'{version} requested, but it holds '
+                                           f'{"nothing" if held is None else held[0]}.')
+    run = _GroupRun(self, method, members, block_requests, caches)
+    results, dropped = run.run()
+    out: dict = {'dropped': dropped}
+    if method == 'kernel_block':
+      for name in ('ntk', 'nngp'):
+        out[name] = np.concatenate([results[i][name].reshape(-1) for i in range(len(blocks))])
+      return out
+    rows = np.unique(np.concatenate([np.arange(r0, r1) for r0, r1, *_ in blocks]))
+    first = results[0]['grad']
+    grad = np.zeros((len(rows),) + first.shape[1:], first.dtype)
+    for (r0, r1, *_), result in zip(blocks, results):   # block order: reproducible sums
+      at = int(np.searchsorted(rows, r0))
+      grad[at:at + (r1 - r0)] += result['grad']
+    out.update(grad_rows=rows.astype(np.int64), grad=grad)
+    return out
+
+  def ensure_member_caches(self, member: str, handle: Any, source: str,
+                           caches: dict, force: bool = False) -> None:
+    """Has `member` fetch `caches` from `source` (then from us) unless it holds them."""
+    own = str(self.worker.worker_id)
+    if member == own:
+      return
+    for name, version in caches.items():
+      with self._lock:
+        if not force and self._held.get(member, {}).get(name) == version:
+          continue
+      answer = {}
+      for peer in dict.fromkeys((source, own)):   # a member's copy, else ours
+        answer = protocol.decode(handle.fetch_images(name, version, peer))
+        if answer.get('ok'):
+          break
+      if not answer.get('ok'):
+        raise GroupError(answer.get('error', protocol.EXCEPTION),
+                         f'member {member} could not fetch {name!r}: {answer.get("message")}')
+      with self._lock:
+        self._held.setdefault(member, {})[name] = version
+
+
+class _GroupRun:
+  """One group request: lanes per member pulling blocks from a shared queue."""
+
+  def __init__(self, leader: GroupLeader, method: str, members: list, block_requests: list,
+               caches: dict):
+    self.leader, self.method, self.members = leader, method, members
+    self.requests, self.caches = block_requests, caches
+    self.pending = collections.deque(range(len(block_requests)))
+    self.results: list = [None] * len(block_requests)
+    self.attempts = [0] * len(block_requests)
+    self.done = 0
+    self.dropped: dict[str, str] = {}
+    self.error: Any = None
+    self.cond = threading.Condition()
+    self.ready = {m: threading.Event() for m in members}
+
+  def run(self) -> tuple[list, dict]:
+    pool = self.leader._executor()
+    futures = [pool.submit(self._lane, position, member, lane)
+               for lane in range(LANES_PER_MEMBER) for position, member in enumerate(self.members)]
+    with self.cond:
+      while self.done < len(self.requests) and self.error is None:
+        if len(self.dropped) == len(self.members):
+          self.error = GroupError(protocol.EXCEPTION, f'every member of the group failed: '
+                                                  f'{self.dropped}')
+          break
+        self.cond.wait()
+      self.cond.notify_all()
+    for future in futures:   # lanes exit once the run is over
+      future.result()
+    if self.error is not None:
+      raise self.error
+    return self.results, self.dropped
+
+  def _lane(self, position: int, member: str, lane: int) -> None:
+    start_cpu = time.thread_time()
+    try:
+      self._serve_lane(position, member, lane)
+    except BaseException as e:  # a bug here must fail the request, not hang it
+      with self.cond:
+        self.error = self.error or GroupError(protocol.EXCEPTION, f'{type(e).__name__}: {e}')
+        self.cond.notify_all()
+    finally:
+      hook = getattr(self.leader.worker, 'thread_cpu_hook', None)
+      if hook is not None:
+        hook(time.thread_time() - start_cpu)
+
+  def _drop(self, member: str, message: str, index: Any = None) -> None:
+    with self.cond:
+      self.dropped.setdefault(member, message)
+      if index is not None:
+        self.pending.appendleft(index)
+      self.ready[member].set()
+      self.cond.notify_all()
+
+  def _serve_lane(self, position: int, member: str, lane: int) -> None:
+    worker = self.leader.worker
+    handle = worker.member_handle(member)
+    if handle is None:
+      self._drop(member, f'not a peer of leader {worker.worker_id}')
+      return
+    if lane == 0:
+      source = self.members[(position - 1) // GROUP_FANOUT] if position else member
+      try:
+        self.leader.ensure_member_caches(member, handle, source, self.caches)
+      except Exception as e:  # down, or could not fetch: the others do its share
+        self._drop(member, f'{type(e).__name__}: {e}')
+        return
+      self.ready[member].set()
+    else:
+      self.ready[member].wait()
+    refetched = False
+    while True:
+      with self.cond:
+        # A second lane takes a block only while there are more than the members can start:
+        # at the end of a round a block queued behind its member's running one would wait
+        # while other members sit idle.
+        while ((not self.pending or (lane and len(self.pending) <= len(self.members)))
+               and self.done < len(self.requests) and self.error is None
+               and member not in self.dropped):
+          self.cond.wait()
+        if self.error is not None or member in self.dropped or not self.pending:
+          return
+        index = self.pending.popleft()
+        self.attempts[index] += 1
+        if self.attempts[index] > MAX_BLOCK_ATTEMPTS:
+          self.error = GroupError(protocol.EXCEPTION, f'block {index} failed {MAX_BLOCK_ATTEMPTS} '
+                                                  f'times; dropped members: {self.dropped}')
+          self.cond.notify_all()
+          return
+      try:
+        answer = protocol.decode(getattr(handle, self.method)(self.requests[index]()))
+      except Exception as e:  # the member is down or answered garbage
+        self._drop(member, f'{type(e).__name__}: {e}', index)
+        return
+      if answer.get('ok'):
+        with self.cond:
+          self.results[index] = answer
+          self.done += 1
+          self.cond.notify_all()
+        continue
+      error = answer.get('error')
+      if error == protocol.STALE_CACHE and not refetched:   # restarted: its caches are gone
+        refetched = True
+        with self.cond:
+          self.attempts[index] -= 1
+          self.pending.appendleft(index)
+          self.cond.notify_all()
+        try:
+          self.leader.ensure_member_caches(member, handle, str(worker.worker_id), self.caches,
+                                           force=True)
+        except Exception as e:
+          self._drop(member, f'{type(e).__name__}: {e}')
+          return
+        continue
+      if error in (protocol.BAD_REQUEST, protocol.MALFORMED):   # our request is wrong: say so
+        with self.cond:
+          self.error = GroupError(error, f'member {member}: {answer.get("message")}')
+          self.cond.notify_all()
+        return
+      self._drop(member, f'{error}: {answer.get("message")}', index)
+      return
+
+
+def _parse(request: dict, worker: Any) -> tuple:
+  """(method, members, blocks, per-block request builders, caches) of a group request."""
+  bad = protocol.BAD_REQUEST
+  method, members = request.get('method'), request.get('members')
+  blocks, parts = request.get('blocks'), request.get('parts')
+  caches = request.get('caches') or {}
+  if method not in METHODS:
+    raise GroupError(bad, f'group_blocks needs method in {METHODS}, got {method!r}.')
+  if not (isinstance(members, list) and members and all(isinstance(m, str) for m in members)
+          and len(set(members)) == len(members)):
+    raise GroupError(bad, 'group_blocks needs `members`: a non-empty list of distinct peer ids.')
+  if not (isinstance(blocks, list) and blocks and isinstance(parts, list)
+          and all(isinstance(b, list) and len(b) == 5 and all(isinstance(v, int) for v in b)
+                  and 0 <= b[4] < len(parts) and b[0] < b[1] and b[2] < b[3] for b in blocks)):
+    raise GroupError(bad, 'group_blocks needs `blocks` [[r0, r1, c0, c1, part], ...] with '
+                          'non-empty ranges and part indices into `parts`.')
+  if not (isinstance(caches, dict) and all(isinstance(v, int) for v in caches.values())):
+    raise GroupError(bad, 'group_blocks `caches` must map cache names to int versions.')
+  base = {'rows_cache': request.get('rows_cache'), 'rows_version': request.get('rows_version')}
+  for pad in ('pad_rows', 'pad_cols'):
+    if pad in request:
+      base[pad] = request[pad]
+  cotangents = {name: request[name] for name in ('g_ntk', 'g_nngp')
+                if method == 'vjp_block' and isinstance(request.get(name), np.ndarray)}
+  total = sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1, _ in blocks)
+  for name, flat in cotangents.items():
+    if flat.ndim != 1 or len(flat) != total:
+      raise GroupError(bad, f'{name} has shape {flat.shape}, expected ({total},): the blocks\' '
+                            f'cotangents flattened in block order.')
+  builders, offset = [], 0
+  for r0, r1, c0, c1, p in blocks:
+    part = parts[p]
+    if not isinstance(part, dict) or not isinstance(part.get('start'), int):
+      raise GroupError(bad, f'group_blocks part {p} is not {{"start": int, ...}}.')
+    span = (c0 - part['start'], c1 - part['start'])
+    fields = dict(base, rows_start=r0, rows_stop=r1)
+    if 'dataset' in part:
+      indices = request.get(f'part{p}_indices')
+      if not isinstance(indices, np.ndarray) or indices.ndim != 1 or span[1] > len(indices) \
+          or span[0] < 0:
+        raise GroupError(bad, f'group_blocks part {p}: part{p}_indices must be a 1-d array '
+                              f'covering columns {span}.')
+      fields.update(cols_dataset=part['dataset'], cols_indices=indices[span[0]:span[1]])
+    else:
+      fields.update(cols_cache=part.get('cache'), cols_version=part.get('version'),
+                    cols_start=span[0], cols_stop=span[1])
+    pairs = (r1 - r0) * (c1 - c0)
+    for name, flat in cotangents.items():
+      fields[name] = flat[offset:offset + pairs].reshape(r1 - r0, c1 - c0)
+    offset += pairs
+    builders.append(lambda fields=fields: protocol.encode(fields))
+  return method, members, blocks, builders, caches
