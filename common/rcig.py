@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ntkdd.common import architectures, stax
+from ntkdd.common import architectures, optional, stax
 from ntkdd.common.choices import INITS
 
 # How it works, in this module's names.
@@ -299,8 +299,14 @@ def cross_entropy(logits, labels_int):
 
 
 # ----------------------------------------------------------------------------------------------
-# Adam on pytrees (jitted step; the loops stay in Python because XLA:CPU runs convolutions
-# inside while loops much slower, see train._train_step).
+# Adam on pytrees: optax's, one jitted step (the loops stay in Python because XLA:CPU runs
+# convolutions inside while loops much slower, see train._train_step). The state keeps RCIG's
+# own layout (mu, nu, count), which the pool models' checkpoints store, and is handed to optax
+# as its ScaleByAdamState.
+
+def _optax():
+  return optional.require('optax', 'RCIG distillation', 'train')
+
 
 class AdamState(NamedTuple):
   mu: Params
@@ -309,22 +315,19 @@ class AdamState(NamedTuple):
 
 
 def adam_init(params: Params) -> AdamState:
-  zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-  return AdamState(zeros, zeros, jnp.zeros((), jnp.int32))
+  state = _optax().scale_by_adam().init(params)
+  return AdamState(state.mu, state.nu, state.count)
 
 
 @jax.jit
-def adam_update(grads, state: AdamState, params, lr, b1=0.9, b2=0.999, eps=1e-8):
-  count = state.count + 1
-  mu = jax.tree_util.tree_map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, grads)
-  nu = jax.tree_util.tree_map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, grads)
-  c1, c2 = 1 - b1 ** count, 1 - b2 ** count
-  # Keep each parameter's dtype: with jax_enable_x64 on (a float64 kernel run in the same
-  # process), b1 ** count is float64 and would promote float32 parameters.
-  new = jax.tree_util.tree_map(
-      lambda p, m, v: (p - lr * (m / c1) / (jnp.sqrt(v / c2) + eps)).astype(p.dtype),
-      params, mu, nu)
-  return new, AdamState(mu, nu, count)
+def adam_update(grads: Params, state: AdamState, params: Params,
+                lr) -> tuple[Params, AdamState]:
+  """One step of `optax.adam(lr)` (default b1, b2, eps) on `params`: (new params, new state).
+  lr may be traced (no recompilation when it changes)."""
+  optax = _optax()
+  adam_state = optax.ScaleByAdamState(count=state.count, mu=state.mu, nu=state.nu)
+  updates, (new, _) = optax.adam(lr).update(grads, (adam_state, optax.EmptyState()), params)
+  return optax.apply_updates(params, updates), AdamState(new.mu, new.nu, new.count)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,7 +387,7 @@ def hessian_inverse_vector_product(hvp_fn: Callable, v: Params, steps: int, lr: 
   alpha uses |v'Hv| or, failing that, the Rayleigh scale ||Hv|| ||v||; where even that is
   zero or not finite the product is taken as 0 (the meta-gradient is then the direct one).
   """
-  x, step_size = _hinv_start(hvp_fn, v, lr)
+  x, step_size, _ = _hinv_start(hvp_fn, v, lr)
   state = adam_init(x)
   for _ in range(steps):
     grad = jax.tree_util.tree_map(jnp.subtract, hvp_fn(x), v)
@@ -392,8 +395,9 @@ def hessian_inverse_vector_product(hvp_fn: Callable, v: Params, steps: int, lr: 
   return x
 
 
-def _hinv_start(hvp_fn: Callable, v: Params, lr) -> tuple[Params, jax.Array]:
-  """The start alpha v and the Adam step size of `hessian_inverse_vector_product`."""
+def _hinv_start(hvp_fn: Callable, v: Params, lr) -> tuple[Params, jax.Array, Params]:
+  """The start alpha v and the Adam step size of `hessian_inverse_vector_product`, and
+  H alpha v = alpha H v (by linearity, without another product)."""
   hv = hvp_fn(v)
   vv, vhv = _vdot(v, v), _vdot(v, hv)
   scale = jnp.sqrt(vv * _vdot(hv, hv))
@@ -402,7 +406,7 @@ def _hinv_start(hvp_fn: Callable, v: Params, lr) -> tuple[Params, jax.Array]:
   alpha = jnp.where(usable, vv / jnp.where(usable, curvature, 1.0), 0.0)
   x = jax.tree_util.tree_map(lambda t: alpha * t, v)
   size = jnp.sqrt(_vdot(x, x) / sum(t.size for t in jax.tree_util.tree_leaves(x)))
-  return x, lr * size
+  return x, lr * size, jax.tree_util.tree_map(lambda t: alpha * t, hv)
 
 
 @functools.lru_cache(maxsize=32)
@@ -560,6 +564,19 @@ def _jvp(lin: _Linearised, tangent: Params) -> jax.Array:
   return jax.linear_transpose(lin.vjp, lin.phi0)((tangent,))[0]
 
 
+# Images per chunk of the target batch's linearisation: XLA:CPU runs a weight-gradient
+# convolution over 256 images at about a third of its speed over 16 (bench/rcig_step.py,
+# BENCHMARKS.md), so the target batch is linearised, and its J and J^T applied, chunk by chunk
+# (J^T summed over the chunks). Not with batch normalisation, whose statistics are the batch's.
+TARGET_CHUNK = 16
+
+
+def _target_chunks(batch: int, batch_norm: bool) -> list[tuple[int, int]]:
+  """(start, stop) of each chunk of a target batch of `batch` images."""
+  size = batch if batch_norm else TARGET_CHUNK
+  return [(a, min(a + size, batch)) for a in range(0, batch, size)]
+
+
 @functools.lru_cache(maxsize=16)
 def _structured_phases(network_key: tuple, l2_rate: float, flip_support: bool) -> dict:
   """The jitted phases of `structured_step_gradients` for one network and ridge setting."""
@@ -574,13 +591,15 @@ def _structured_phases(network_key: tuple, l2_rate: float, flip_support: bool) -
     images, labels = pieces.support_inputs(support)
     return _Linearised(*jax.vjp(lambda p: pieces.body_apply(p, images), body0)), labels
 
-  def inner_grad(lin, delta, labels, readout0):
-    return add_l2(lin.vjp(feature_grad(lin.phi0 + _jvp(lin, delta), labels, readout0))[0],
-                  delta)
+  def inner_grad(lin, delta, labels, readout0, at_zero):
+    phi = lin.phi0 if at_zero else lin.phi0 + _jvp(lin, delta)
+    return add_l2(lin.vjp(feature_grad(phi, labels, readout0))[0], delta)
 
-  @jax.jit
-  def inner_step(lin, delta, state, labels, readout0, lr):
-    return adam_update(inner_grad(lin, delta, labels, readout0), state, delta, lr)
+  @functools.partial(jax.jit, static_argnames='at_zero')
+  def inner_step(lin, delta, state, labels, readout0, lr, at_zero=False):
+    """One Adam step of the inner solve; at_zero: delta is known to be 0 (the first step),
+    so that J delta = 0 is not computed."""
+    return adam_update(inner_grad(lin, delta, labels, readout0, at_zero), state, delta, lr)
 
   def hvp(lin, phi, x, labels, readout0):
     feature_hvp = jax.jvp(lambda f: feature_grad(f, labels, readout0), (phi,),
@@ -601,22 +620,32 @@ def _structured_phases(network_key: tuple, l2_rate: float, flip_support: bool) -
     improved = value(phi_delta, delta) <= value(lin.phi0, zero)
     delta = jax.tree_util.tree_map(lambda a, b: jnp.where(improved, a, b), delta, zero)
     phi_s = jnp.where(improved, phi_delta, lin.phi0)
-    target = _Linearised(*jax.vjp(lambda p: pieces.body_apply(p, x_target), body0))
+    # The target batch linearised in chunks of images (see _target_chunks).
+    chunks = _target_chunks(x_target.shape[0], batch_norm)
+    targets = [_Linearised(*jax.vjp(lambda p, x=x_target[a:b]: pieces.body_apply(p, x), body0))
+               for a, b in chunks]
+    phi_t = jnp.concatenate([t.phi0 + _jvp(t, delta) for t in targets])
     (loss, accuracy), (g_t, g_s, g_labels, g_temp) = jax.value_and_grad(
         lambda pt, ps, y, lt: pieces.outer_from_features(pt, ps, y, readout0, lt, y_target),
-        argnums=(0, 1, 2, 3), has_aux=True)(target.phi0 + _jvp(target, delta), phi_s, labels,
-                                            log_temp)
-    g_delta = jax.tree_util.tree_map(jnp.add, target.vjp(g_t)[0], lin.vjp(g_s)[0])
+        argnums=(0, 1, 2, 3), has_aux=True)(phi_t, phi_s, labels, log_temp)
+    g_delta = lin.vjp(g_s)[0]
+    for t, (a, b) in zip(targets, chunks):
+      g_delta = jax.tree_util.tree_map(jnp.add, g_delta, t.vjp(g_t[a:b])[0])
     # The direct gradient: through the support's (mirrored) images and labels at fixed delta.
     _, support_vjp = jax.vjp(lambda s: _support_features(pieces, body0, delta, s), support)
     (direct,) = support_vjp((g_s, g_labels))
-    x, step_size = _hinv_start(lambda t: hvp(lin, phi_s, t, labels, readout0), g_delta, hinv_lr)
-    return delta, improved, phi_s, g_delta, x, step_size, (loss, accuracy, g_temp, direct)
+    x, step_size, hx = _hinv_start(lambda t: hvp(lin, phi_s, t, labels, readout0), g_delta,
+                                   hinv_lr)
+    return (delta, improved, phi_s, g_delta, x, step_size, hx,
+            (loss, accuracy, g_temp, direct))
 
   @jax.jit
-  def hinv_step(lin, phi, x, state, v, labels, readout0, step_size):
-    grad = jax.tree_util.tree_map(jnp.subtract, hvp(lin, phi, x, labels, readout0), v)
-    return adam_update(grad, state, x, step_size)
+  def hinv_step(lin, phi, x, state, v, labels, readout0, step_size, hx=None):
+    """One Adam step on 0.5 x'Hx - v'x; hx: H x where already known (the first step's, from
+    the start's H v by linearity)."""
+    if hx is None:
+      hx = hvp(lin, phi, x, labels, readout0)
+    return adam_update(jax.tree_util.tree_map(jnp.subtract, hx, v), state, x, step_size)
 
   def finish(body0, readout0, delta, x, support, outer_parts, clip_implicit):
     """The mixed term d/dS <F'(phi_S(S)), J_S(S) x>, and the meta-gradient."""
@@ -654,13 +683,15 @@ def structured_step_gradients(cfg: RcigConfig, params0: Params, support: Support
   lin, labels = phases['linearise_support'](body0, support)
   delta0 = zeros_like_body(params0)
   delta, state = delta0, adam_init(delta0)
-  for _ in range(cfg.inner_steps):
-    delta, state = phases['inner_step'](lin, delta, state, labels, readout0, inner_lr)
-  delta, improved, phi_s, g_delta, x, step_size, outer_parts = phases['outer'](
+  for i in range(cfg.inner_steps):
+    delta, state = phases['inner_step'](lin, delta, state, labels, readout0, inner_lr,
+                                        at_zero=i == 0)
+  delta, improved, phi_s, g_delta, x, step_size, hx, outer_parts = phases['outer'](
       params0, lin, delta, support, labels, log_temp, x_target, y_target, cfg.hinv_lr)
   state = adam_init(x)
-  for _ in range(cfg.hinv_steps):
-    x, state = phases['hinv_step'](lin, phi_s, x, state, g_delta, labels, readout0, step_size)
+  for i in range(cfg.hinv_steps):
+    x, state = phases['hinv_step'](lin, phi_s, x, state, g_delta, labels, readout0, step_size,
+                                   hx if i == 0 else None)
   meta = phases['finish'](body0, readout0, delta, x, support, outer_parts,
                           clip_implicit=cfg.clip_implicit)
   factor = cfg.inner_lr_increase if bool(improved) else cfg.inner_lr_decrease

@@ -344,17 +344,20 @@ def test_rcig_logs_the_krr_accuracy_of_its_kernel_backend(tiny_npz, tmp_path):
 @pytest.mark.parametrize('options', [dict(depth=2), dict(flip_support=True),
                                      dict(batch_norm=True)])
 def test_structured_step_equals_the_reference_step(options):
-  """The structured step (linearised body, J and J^T, one jit) computes the reference's
-  meta-gradient to float rounding, for an inner solve that is kept (lr 1e-3) and one that is
-  discarded (lr 10: Adam overshoots, the inner loss rises)."""
+  """The structured step (linearised body, J and J^T, the target batch in chunks) computes the
+  reference's meta-gradient to float rounding, for an inner solve that is kept (lr 1e-3) and
+  one that is discarded (lr 10: Adam overshoots, the inner loss rises)."""
   cfg = rcig.RcigConfig(**dict(dict(width=8, depth=1, inner_steps=4, hinv_steps=4), **options))
   rng = np.random.default_rng(11)
   shape = (8, 8, 3)
   params = rcig.init_model(cfg, jax.random.PRNGKey(4), shape, 4)
   support = {'images': jnp.asarray(rng.normal(size=(4,) + shape), jnp.float32),
              'labels': jnp.asarray(rng.normal(size=(4, 4)), jnp.float32)}
-  x_target = jnp.asarray(rng.normal(size=(12,) + shape), jnp.float32)
-  y_target = jnp.asarray(rng.integers(0, 4, size=12))
+  # More target images than one chunk of the structured step's target linearisation, and
+  # not a multiple of it: its J and J^T run chunk by chunk.
+  targets = 2 * rcig.TARGET_CHUNK + 5
+  x_target = jnp.asarray(rng.normal(size=(targets,) + shape), jnp.float32)
+  y_target = jnp.asarray(rng.integers(0, 4, size=targets))
   for inner_lr, next_lr in ((1e-3, 1.1e-3), (10.0, 5.0)):
     reference, reference_lr = rcig.rcig_step_gradients(cfg, params, support, jnp.float32(0.2),
                                                        x_target, y_target, inner_lr)
@@ -412,3 +415,28 @@ def test_structured_steps_compile_once(prepared):
   assert len(rates) > 1
   for name, fn in jitted.items():
     assert fn._cache_size() == after_first[name], name
+
+
+def test_adam_update_is_adam_to_float_rounding():
+  """rcig.adam_update (optax's Adam, in RCIG's (mu, nu, count) state layout) takes the steps
+  of Adam's formula (default b1, b2, eps, bias-corrected), over several steps and both leaves."""
+  rng = np.random.default_rng(12)
+  params = {'w': jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
+            'b': jnp.asarray(rng.normal(size=(3,)), jnp.float32)}
+  state = rcig.adam_init(params)
+  assert int(state.count) == 0 and not np.any(np.asarray(state.mu['w']))
+  expected = {k: np.asarray(v, np.float64) for k, v in params.items()}
+  mu = {k: np.zeros_like(v) for k, v in expected.items()}
+  nu = {k: np.zeros_like(v) for k, v in expected.items()}
+  lr, b1, b2, eps = 0.01, 0.9, 0.999, 1e-8
+  for step in range(1, 6):
+    grads = {k: jnp.asarray(rng.normal(size=v.shape), jnp.float32) for k, v in params.items()}
+    params, state = rcig.adam_update(grads, state, params, lr)
+    for k in expected:
+      g = np.asarray(grads[k], np.float64)
+      mu[k] = b1 * mu[k] + (1 - b1) * g
+      nu[k] = b2 * nu[k] + (1 - b2) * g * g
+      expected[k] -= lr * (mu[k] / (1 - b1 ** step)) / (np.sqrt(nu[k] / (1 - b2 ** step)) + eps)
+      np.testing.assert_allclose(params[k], expected[k], rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(state.nu[k], nu[k], rtol=1e-5)
+    assert int(state.count) == step and params['w'].dtype == jnp.float32
