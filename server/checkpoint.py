@@ -245,17 +245,3 @@ def load_npy_file(path: Path, what: str = 'file') -> np.ndarray:
   except (EOFError, OSError) as e:
     raise ValueError(f'{what} {path} is damaged or truncated ({type(e).__name__}: {e}); write '
                      f'it again.') from None
-
-
-# The writers that lived here until the run directory got its own module. Kept as forwards so
-# code written against the old place still runs; import them from server/run_dir.py instead.
-_MOVED_TO_RUN_DIR = ('atomic_write_bytes', 'write_json', 'save_npz', 'append_metrics',
-                     'truncate_metrics')
-
-
-def __getattr__(name: str) -> Any:
-  if name in _MOVED_TO_RUN_DIR:
-    import warnings  # pylint: disable=import-outside-toplevel
-    warnings.warn(f'checkpoint.{name} is run_dir.{name} now.', DeprecationWarning, stacklevel=2)
-    return getattr(run_files, name)
-  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

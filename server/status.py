@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from ntkdd.server import progress
 from ntkdd.server import run_dir as run_files
 from ntkdd.server.checkpoint import checkpoint_step
 from ntkdd.server.progress import KERNEL_PROGRESS_HOLDER, finite_or_none
@@ -456,26 +455,3 @@ def published(run_status: Optional['RunStatus'], run_dir: str,
     KERNEL_PROGRESS_HOLDER.reset(progress_to)
   if publisher is not None:
     publisher.finish()
-
-
-# Names that lived here until the run directory got its own module and kernel progress moved to
-# progress.py. Kept as forwards so code written against the old place still runs; use the new
-# place. (The status client that was here too is launch/status_client.py.)
-_MOVED_TO_RUN_DIR = {'RESULT_FILE': 'COORDINATOR_RESULT',
-                     'ADDRESS_FILE': 'COORDINATOR_ADDRESS_FILE',
-                     'SOCKET_FILE': 'STATUS_SOCKET', 'SNAPSHOT_FILE': 'STATUS_JSON'}
-
-
-_MOVED_TO_PROGRESS = ('KernelProgress', 'progress_text')
-
-
-def __getattr__(name: str) -> Any:
-  import warnings  # pylint: disable=import-outside-toplevel
-  if name in _MOVED_TO_PROGRESS:
-    warnings.warn(f'status.{name} is progress.{name} now.', DeprecationWarning, stacklevel=2)
-    return getattr(progress, name)
-  if name not in _MOVED_TO_RUN_DIR:
-    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
-  new_name = _MOVED_TO_RUN_DIR[name]
-  warnings.warn(f'status.{name} is run_dir.{new_name} now.', DeprecationWarning, stacklevel=2)
-  return getattr(run_files, new_name)

@@ -5,13 +5,12 @@ import logging
 import subprocess
 import sys
 import threading
-import warnings
 
 import numpy as np
 import pytest
 
 from ntkdd.launch import cli, status_client
-from ntkdd.server import checkpoint, deadline, progress, status
+from ntkdd.server import checkpoint, deadline
 from ntkdd.server import run_dir as run_dir_lib
 
 
@@ -83,19 +82,6 @@ def test_checkpoint_step_reads_the_meta_record_only(tmp_path):
   assert meta['step'] == 7 and arrays['images'].shape == (2, 3)
   (tmp_path / run_dir_lib.CHECKPOINT).write_bytes(b'PK not a zip')
   assert checkpoint.checkpoint_step(tmp_path / run_dir_lib.CHECKPOINT) is None
-
-
-def test_old_names_still_answer_with_a_warning():
-  # Code written against the modules before run_dir.py existed keeps running meanwhile.
-  with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter('always')
-    assert checkpoint.write_json is run_dir_lib.write_json
-    assert status.SNAPSHOT_FILE == 'status.json' and status.ADDRESS_FILE == (
-        'coordinator_address.txt')
-    assert status.KernelProgress is progress.KernelProgress
-  assert len(caught) == 4 and all(issubclass(w.category, DeprecationWarning) for w in caught)
-  with pytest.raises(AttributeError):
-    status.no_such_name   # pylint: disable=pointless-statement
 
 
 def test_call_with_deadline_answers_raises_and_gives_up():
