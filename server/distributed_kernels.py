@@ -28,10 +28,14 @@ Faults: a call that raises, answers an error, or misses `deadline_s` marks its w
 and puts the block back on the queue for the others. A down worker is pinged after a back-off
 (doubling up to `max_backoff_s`) and used again when it answers. A block that fails
 `max_task_attempts` times, or all workers being down for `grace_s`, raises `WorkersUnavailable`.
+
+This module holds the control flow (planning, queueing, the slot threads); its parts live beside
+it: the records (`kernel_tasks`), cache delivery and the tree broadcast (`cache_broadcast`),
+group requests (`group_requests`), worker calls and health (`worker_health`), and the backend
+over workers its owner started (`owned_workers`).
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import queue
@@ -43,122 +47,25 @@ import numpy as np
 
 from ntkdd.common import kernels, sources
 from ntkdd.server import block_plan
+from ntkdd.server.cache_broadcast import CacheBroadcast
 from ntkdd.server.deadline import Caller as _Caller
+from ntkdd.server.group_requests import GroupRequests
+from ntkdd.server.kernel_tasks import (  # noqa: F401 (WorkersUnavailable is public here)
+    COLS, ROWS, WorkersUnavailable, _cached_fields, _Call, _checked, _Part, _Published, _Task,
+    _Worker, _WorkerFault)
+from ntkdd.server.owned_workers import OwnedWorkersKernels  # noqa: F401 (public here)
 from ntkdd.server.progress import KernelProgress
+from ntkdd.server.worker_health import WorkerHealth
 from ntkdd.workers import protocol
 
 STALE_CACHE, MISSING_DATASET = protocol.STALE_CACHE, protocol.MISSING_DATASET   # workers' error codes
-ROWS, COLS = 'rows', 'cols'      # names of the per-call image caches on the workers
 BROADCASTS = ('direct', 'tree')   # how cached images reach the workers
-
-
-class WorkersUnavailable(RuntimeError):
-  """The kernel workers cannot finish a call: all down too long, or a block keeps failing."""
-
 
 GROUP_METHOD = protocol.GROUP_BLOCKS   # the worker method serving a group's blocks
 
 
-class _WorkerFault(Exception):
-  """A worker call failed (raised, answered an error, missed the deadline, bad bytes)."""
 
-
-@dataclasses.dataclass
-class _Worker:
-  """What the coordinator knows about one worker handle."""
-  index: int
-  handle: Any
-  alive: bool = True
-  blocks_done: int = 0
-  pairs_done: int = 0
-  failures: int = 0
-  in_flight: int = 0
-  last_seen: Optional[float] = None          # wall-clock time of the last good answer
-  last_error: Optional[str] = None
-  last_error_time: Optional[float] = None
-  down_since: Optional[float] = None         # monotonic time it was marked down
-  retry_at: float = 0.0                      # monotonic time of the next ping while down
-  backoff_s: float = 0.0
-  info: dict = dataclasses.field(default_factory=dict)   # pid, device, ... from ping
-  peer_id: Optional[str] = None              # its name in its peers' tables, if it has peers
-  datasets: dict = dataclasses.field(default_factory=dict)   # split key -> rows, from ping
-  held: dict = dataclasses.field(default_factory=dict)   # cache name -> version it holds
-  cache_epoch: int = 0                       # counts set_images sent, to spot races on `held`
-  cache_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
-  probed: threading.Event = dataclasses.field(default_factory=threading.Event)  # first ping done
-
-
-@dataclasses.dataclass
-class _Published:
-  """An image array published under a cache name: its version and encoded payload."""
-  version: int
-  images: np.ndarray     # a read-only view into `payload`
-  payload: bytes
-
-
-@dataclasses.dataclass
-class _Part:
-  """Columns [start, stop) of a call, all of one kind.
-
-  kind: 'rows' (the row images themselves), 'dataset' (rows `indices` of the split with
-  content key `key`) or 'array' (anything else).
-  """
-  start: int
-  stop: int
-  kind: str
-  images: np.ndarray
-  key: Optional[str] = None
-  indices: Optional[np.ndarray] = None
-  cache: Optional[str] = None     # the cache its columns are read from, if one
-
-
-@dataclasses.dataclass
-class _Task:
-  """One block of a call: rows [r0, r1) against columns [c0, c1), which lie in `part`."""
-  call: '_Call'
-  index: int
-  rows: tuple
-  cols: tuple
-  pairs: int
-  part: Optional[_Part] = None
-  blocks: Optional[list] = None     # a group request's (rows, cols, part) blocks, else None
-  attempts: int = 0
-  errors: list = dataclasses.field(default_factory=list)
-
-
-class _Call:
-  """One kernel() or vjp() call: how to build each block's request and take its answer."""
-
-  def __init__(self, method: str, caches: dict,
-               build_request: Callable[[_Task, '_Worker'], dict],
-               deliver: Callable[[_Task, dict], None]):
-    self.method, self.build_request, self._deliver = method, build_request, deliver
-    self.caches = caches    # cache name -> version every block request of this call reads
-    self.tasks: list[_Task] = []
-    self._done_indices: set[int] = set()
-    self._lock = threading.Lock()
-    self.finished = threading.Event()
-    self.error: Optional[BaseException] = None
-
-  def deliver(self, task: _Task, response: dict) -> bool:
-    """Stores a block's answer; False if the call already has it (or has failed)."""
-    with self._lock:
-      if self.finished.is_set() or task.index in self._done_indices:
-        return False
-      self._deliver(task, response)   # raises on a malformed answer, before counting it
-      self._done_indices.add(task.index)
-      if len(self._done_indices) == len(self.tasks):
-        self.finished.set()
-      return True
-
-  def fail(self, error: BaseException) -> None:
-    with self._lock:
-      if not self.finished.is_set():
-        self.error = error
-        self.finished.set()
-
-
-class DistributedKernels:
+class DistributedKernels(CacheBroadcast, GroupRequests, WorkerHealth):
   """The kernel backend protocol (`kernel`, `vjp`) over a pool of kernel worker handles."""
 
   def __init__(self, workers: Sequence, block: int = 64, deadline_s: float = 600,
@@ -427,23 +334,6 @@ class DistributedKernels:
       raise ValueError(f'{name} has shape {g.shape}, expected {shape} (rows x1, columns x2).')
     return g
 
-  def _publish(self, name: str, images: np.ndarray) -> _Published:
-    """Makes `images` the current cache `name`, with a new version unless unchanged."""
-    current = self._published.get(name)
-    if current is not None and current.images.shape == images.shape and np.array_equal(
-        current.images, images):
-      return current    # e.g. the support images of a KIP step's kernel() and vjp()
-    start = time.perf_counter()
-    payload = protocol.encode({'images': images})
-    published = _Published(int(self._version_fn()), protocol.decode(payload)['images'], payload)
-    self._add_stats(seconds_serialising=time.perf_counter() - start)
-    self._published[name] = published
-    with self._tree:    # holders of the old version are of no use any more
-      for table in (self._holders, self._root_sends):
-        for key in [k for k in table if k[0] == name]:
-          del table[key]
-    return published
-
   def _column_parts(self, x1: np.ndarray, x2: Any) -> list[_Part]:
     """The columns of a call as parts (x2 None: the rows themselves)."""
     if x2 is None:
@@ -526,77 +416,6 @@ class DistributedKernels:
       return out
 
     return fields, caches, groups
-
-  def _groups(self, parts: list[_Part]) -> int:
-    """Group requests per call: ceil(workers / group_size) if group_size > 1, every worker
-    is wired to its peers and holds the call's dataset parts; else 0."""
-    if self.group_size <= 1:
-      return 0
-    keys = {part.key for part in parts if part.kind == 'dataset'}
-    with self._lock:
-      if any(w.peer_id is None or not keys <= set(w.datasets) for w in self._workers):
-        return 0
-    return -(-len(self._workers) // self.group_size)
-
-  def _group_fields(self, x1: np.ndarray, parts: list[_Part], caches: dict,
-                    pads: Callable[[_Task], dict],
-                    method: str) -> Callable[[_Task, _Worker], dict]:
-    """task, leader -> the fields of a group request (workers/group_leader.py) but the
-    cotangents: its blocks, where their columns come from, the members."""
-    index = {id(part): i for i, part in enumerate(parts)}
-    described = []
-    for part in parts:
-      if part.cache is not None:
-        described.append({'start': part.start, 'cache': part.cache,
-                          'version': caches[part.cache]})
-      else:
-        described.append({'start': part.start, 'dataset': part.key})
-    fixed_pads = pads(None) if self.plan == 'tiles' else {}
-
-    def fields(task: _Task, worker: _Worker) -> dict:
-      blocks = [[r0, r1, c0, c1, index[id(part)]] for (r0, r1), (c0, c1), part in task.blocks]
-      out = {'method': method, 'members': [w.peer_id for w in self._members(worker)],
-             'blocks': blocks, 'parts': described, 'rows_cache': ROWS,
-             'rows_version': caches[ROWS], 'caches': dict(caches), **fixed_pads}
-      for i in sorted({b[4] for b in blocks}):
-        if parts[i].kind == 'dataset':
-          out[f'part{i}_indices'] = parts[i].indices
-          self._add_stats(index_blocks=1)
-      return out
-
-    return fields
-
-  def _members(self, leader: _Worker) -> list[_Worker]:
-    """The leader, then the other alive workers of its group that have peers."""
-    start = leader.index - leader.index % self.group_size
-    with self._lock:
-      return [leader] + [w for w in self._workers[start:start + self.group_size]
-                         if w is not leader and w.alive and w.peer_id is not None]
-
-  def _leads_group(self, worker: _Worker, slot: int) -> bool:
-    """Whether this is the slot that takes group requests for `worker`'s group: slot 0 of
-    its first alive worker with peers."""
-    if slot:
-      return False
-    start = worker.index - worker.index % self.group_size
-    with self._lock:
-      for w in self._workers[start:start + self.group_size]:
-        if w.alive and w.peer_id is not None:
-          return w is worker
-    return False
-
-  def _claim_group(self, worker: _Worker) -> bool:
-    """Whether `worker` may lead a group request now (its group leads none); claims it."""
-    group = worker.index // self.group_size
-    with self._lock:
-      if group in self._busy_groups or not worker.alive or worker.peer_id is None:
-        return False
-      self._busy_groups.add(group)
-      return True
-
-  def _release_group(self, worker: _Worker) -> None:
-    with self._lock:
-      self._busy_groups.discard(worker.index // self.group_size)
 
   def _holds(self, worker: _Worker, key: str) -> bool:
     with self._lock:
@@ -774,218 +593,7 @@ class DistributedKernels:
           self._add_stats(members_dropped=1)
           self._mark_down(peers[peer], f'dropped by group leader {worker.index}: {message}')
 
-  def _ensure_caches(self, worker: _Worker, task: _Task) -> None:
-    """Gets the images a block reads to the worker, unless it already holds them."""
-    for name, version in task.call.caches.items():
-      with worker.cache_lock:
-        if worker.held.get(name) == version:
-          continue
-        published = self._published[name]
-        if published.version != version:
-          raise _WorkerFault(f'internal: cache {name!r} moved on to another call')
-        if self.broadcast == 'tree' and worker.peer_id is not None:
-          self._fetch_via_tree(worker, name, published)
-        else:
-          self._send_images(worker, name, published)
-        worker.held[name] = version
-        worker.cache_epoch += 1
-
-  def _send_images(self, worker: _Worker, name: str, published: _Published) -> None:
-    response = self._call(worker, 'set_images', name, published.version, published.payload)
-    if not response.get('ok'):
-      raise _WorkerFault(f"set_images {response.get('error')}: {response.get('message')}")
-    self._add_stats(cache_sends=1)
-
-  def _fetch_via_tree(self, worker: _Worker, name: str, published: _Published) -> None:
-    """The worker fetches the cache from a peer holding it, or (none free) is sent it.
-
-    Every worker becomes a source as soon as its fetch starts (its peers' fetches wait for
-    its copy: cut-through), so copies multiply by `tree_fanout` per hop and the coordinator
-    sends only a few of them. A source that cannot serve (lost the images, down) is dropped
-    and another one tried.
-    """
-    key = (name, published.version)
-    while True:
-      source, depth = self._acquire_source(key, worker)
-      if source is None:
-        try:
-          self._send_images(worker, name, published)
-        finally:
-          self._release_source(key, None)
-        break
-      # A source from now on (cut-through): a peer asking it waits until its copy is in.
-      # It picked its own source among earlier holders, so sources never form a cycle.
-      self._add_holder(key, worker, depth + 1)
-      try:
-        response = self._call(worker, 'fetch_images', name, published.version, source.peer_id)
-      except _WorkerFault:
-        self._drop_holder(key, worker)
-        raise
-      finally:
-        self._release_source(key, source)
-      if response.get('ok'):
-        self._add_stats(tree_fetches=1)
-        return
-      logging.info('Worker %d could not fetch %r from worker %d: %s', worker.index, name,
-                   source.index, response.get('message'))
-      self._add_stats(tree_fetch_failures=1)
-      self._drop_holder(key, worker)
-      self._drop_holder(key, source)   # it lost them, or is down: another source next
-    self._add_holder(key, worker, 1)
-
-  def _add_holder(self, key: tuple, worker: _Worker, depth: int) -> None:
-    with self._tree:
-      if self._published[key[0]].version == key[1]:
-        self._holders.setdefault(key, {}).setdefault(worker.index, [0, depth])
-      self._tree.notify_all()
-
-  def _drop_holder(self, key: tuple, worker: _Worker) -> None:
-    with self._tree:
-      self._holders.get(key, {}).pop(worker.index, None)
-
-  def _acquire_source(self, key: tuple, worker: _Worker) -> tuple[Optional[_Worker], int]:
-    """(a holder of `key` with a free fetch slot, its depth), waiting for one; (None, 0): the
-    coordinator sends. The shallowest holder first, so the tree stays log_fanout deep."""
-    with self._tree:
-      while True:
-        holders = self._holders.setdefault(key, {})
-        free = [(depth, fetches, index) for index, (fetches, depth) in holders.items()
-                if fetches < self.tree_fanout and index != worker.index
-                and self._workers[index].alive and self._workers[index].peer_id is not None]
-        if free:
-          depth, _, index = min(free)
-          holders[index][0] += 1
-          return self._workers[index], depth
-        if not self._root_sends.get(key, 0):   # one copy at a time over its own link
-          self._root_sends[key] = self._root_sends.get(key, 0) + 1
-          return None, 0
-        if self._closed.is_set():
-          raise _WorkerFault('the coordinator was closed')
-        self._tree.wait(self.poll_s)
-
-  def _release_source(self, key: tuple, source: Optional[_Worker]) -> None:
-    with self._tree:
-      if source is None:
-        if key in self._root_sends:
-          self._root_sends[key] -= 1
-      elif source.index in self._holders.get(key, {}):
-        self._holders[key][source.index][0] -= 1
-      self._tree.notify_all()
-
-  def _call(self, worker: _Worker, method: str, *args) -> dict:
-    """The decoded answer of `worker.method(*args)`; _WorkerFault if it fails or is late."""
-    self._add_stats(bytes_sent=sum(len(a) for a in args if isinstance(a, bytes)))
-    start = time.perf_counter()
-    try:
-      answer = self._call_with_deadline(getattr(worker.handle, method), args)
-    finally:
-      self._add_stats(seconds_waiting=time.perf_counter() - start)
-    if not isinstance(answer, (bytes, bytearray, memoryview)):
-      raise _WorkerFault(f'{method} answered {type(answer).__name__}, not bytes')
-    start = time.perf_counter()
-    try:
-      response = protocol.decode(answer)
-    except protocol.WireError as e:
-      raise _WorkerFault(f'{method} answered unreadable bytes: {e}') from e
-    finally:
-      self._add_stats(bytes_received=len(answer),
-                      seconds_serialising=time.perf_counter() - start)
-    return response
-
-  def _call_with_deadline(self, fn: Callable, args: tuple) -> Any:
-    """fn(*args) on the slot's caller thread, abandoned (left to finish alone, the slot
-    gets a new caller) past `deadline_s`."""
-    caller = getattr(self._slot, 'caller', None)
-    if caller is None:     # not on a slot thread: a caller for this call only
-      caller = _Caller()
-    box, done = caller.submit(fn, args)
-    deadline = time.monotonic() + self.deadline_s
-    with self._lock:
-      self._waiting.add(done)      # close() sets it: no polling per call in flight
-    try:
-      while not done.wait(max(deadline - time.monotonic(), 0.0)):
-        if time.monotonic() >= deadline:
-          raise _WorkerFault(f'no answer within deadline_s={self.deadline_s:g}')
-      if self._closed.is_set() and not box:
-        raise _WorkerFault('the coordinator was closed')
-    except _WorkerFault:
-      caller.stop()        # it exits when the abandoned call returns, if ever
-      if getattr(self._slot, 'caller', None) is caller:
-        self._slot.caller = _Caller()
-      raise
-    finally:
-      with self._lock:
-        self._waiting.discard(done)
-      if caller is not getattr(self._slot, 'caller', None):
-        caller.stop()
-    if 'error' in box:
-      error = box['error']
-      raise _WorkerFault(f'{type(error).__name__}: {error}')
-    return box['answer']
-
-  # -- Health. --------------------------------------------------------------------------------
-
-  def _mark_down(self, worker: _Worker, error: str) -> None:
-    now = time.monotonic()
-    with self._lock:
-      worker.failures += 1
-      worker.last_error, worker.last_error_time = error, time.time()
-      if worker.alive:
-        worker.alive, worker.down_since = False, now
-        worker.backoff_s = self.retry_backoff_s
-      else:
-        worker.backoff_s = min(2 * worker.backoff_s or self.retry_backoff_s, self.max_backoff_s)
-      worker.retry_at = now + worker.backoff_s
-    logging.warning('Kernel worker %d marked down (retry in %.2g s): %s', worker.index,
-                    worker.backoff_s, error)
-
-  def _probe(self, worker: _Worker) -> None:
-    """Pings a worker; if it answers it is (again) used, else it stays down a while longer."""
-    epoch = worker.cache_epoch
-    try:
-      response = self._call(worker, 'ping')
-      if not response.get('ok'):
-        raise _WorkerFault(f"ping answered {response.get('error')}: {response.get('message')}")
-    except _WorkerFault as fault:
-      self._mark_down(worker, f'ping: {fault}')
-      return
-    with worker.cache_lock:
-      # What it holds now (a restarted worker has lost its images), unless a slot has sent
-      # images since the ping, which the ping's answer may predate.
-      if worker.cache_epoch == epoch:
-        worker.held = dict(response.get('caches') or {})
-    with self._lock:
-      worker.alive, worker.down_since, worker.backoff_s = True, None, 0.0
-      worker.last_seen = time.time()
-      worker.info = {k: response.get(k) for k in ('pid', 'device', 'dtype', 'worker_id',
-                                                  'dataset_error')}
-      worker.datasets = dict(response.get('datasets') or {})
-      # Workers wired to their peers (ping says how many) can fetch caches from them.
-      worker.peer_id = (str(response.get('worker_id')) if response.get('peers') else None)
-    logging.info('Kernel worker %d is up (pid %s, %s).', worker.index, response.get('pid'),
-                 response.get('device'))
-
-  def _retry_elsewhere(self, task: _Task, error: str) -> None:
-    task.attempts += 1
-    task.errors.append(error)
-    if task.attempts >= self.max_task_attempts:
-      task.call.fail(WorkersUnavailable(
-          f'Block rows {task.rows} x columns {task.cols} failed {task.attempts} times; '
-          f'errors: {task.errors}'))
-      return
-    self._add_stats(blocks_requeued=1)
-    self._queue.put(task)
-
-  def _all_down_for(self) -> float:
-    """Seconds since the last worker went down, if all are down; else 0."""
-    with self._lock:
-      if any(w.alive for w in self._workers):
-        return 0.0
-      return time.monotonic() - max(w.down_since for w in self._workers)
-
-  def _last_errors(self) -> str:
-    with self._lock:
-      return '; '.join(f'worker {w.index}: {w.last_error}' for w in self._workers)
+  # -- Counters. ------------------------------------------------------------------------------
 
   def _add_stats(self, **increments) -> None:
     with self._lock:
@@ -995,50 +603,3 @@ class DistributedKernels:
   def _count(self, pairs: int, start: float) -> None:
     self.pairs += pairs
     self.seconds += time.perf_counter() - start
-
-
-def _cached_fields(side: str, name: str, version: int, span: tuple) -> dict:
-  return {f'{side}_cache': name, f'{side}_version': version, f'{side}_start': span[0],
-          f'{side}_stop': span[1]}
-
-
-def _checked(response: dict, name: str, shape: tuple) -> np.ndarray:
-  array = response[name]
-  if not isinstance(array, np.ndarray) or array.shape != shape:
-    raise ValueError(f'{name} has shape {getattr(array, "shape", None)}, expected {shape}')
-  return array
-
-
-class OwnedWorkersKernels:
-  """A `DistributedKernels` (`self._backend`) over workers this object started; close()
-  closes it, then `_release()`s the workers (ends a program, kills actors)."""
-
-  _backend: Optional[DistributedKernels] = None
-
-  def kernel(self, x1, x2=None) -> dict:
-    return self._backend.kernel(x1, x2)
-
-  def vjp(self, x1, x2, g_ntk=None, g_nngp=None) -> np.ndarray:
-    return self._backend.vjp(x1, x2, g_ntk, g_nngp)
-
-  def status(self) -> dict:
-    return self._backend.status()
-
-  def pairs_per_second(self) -> float:
-    return self._backend.pairs_per_second()
-
-  def _release(self) -> None:
-    """Ends the workers; subclasses say how."""
-
-  def close(self) -> None:
-    try:
-      if self._backend is not None:
-        self._backend.close()
-    finally:
-      self._release()
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.close()
