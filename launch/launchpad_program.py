@@ -341,8 +341,8 @@ def start_local_mp(cfg, run_dir: str, workers: int, resume: bool = False, block:
   if workers < 1:
     raise ValueError(f'--workers must be >= 1 with --launch launchpad, got {workers}.')
   prefix = network_prefix(expose_courier_ports)
-  run_dir = coordinator.open_run_dir(run_dir, resume,
-                                     coordinator.STALE_FILES + (coordinator.ADDRESS_FILE,))
+  stale = coordinator.STALE_FILES + (run_dir_lib.COORDINATOR_ADDRESS_FILE,)
+  run_dir = coordinator.open_run_dir(run_dir, resume, stale)
   spec = {'kind': 'distill', 'config': jobs.to_dict(cfg), 'run_dir': str(run_dir),
           'workers': int(workers), 'resume': bool(resume), 'block': int(block),
           'worker_tile': worker_tile, 'deadline_s': float(deadline_s),

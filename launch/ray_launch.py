@@ -41,7 +41,8 @@ from typing import Any, Optional, Sequence, Union
 
 from ntkdd.launch import nodes, ray_cluster
 from ntkdd.launch.ray_cluster import NAMESPACE, import_ray
-from ntkdd.server import coordinator, distributed_kernels, run_dir as run_dir_lib, status as status_lib
+from ntkdd.server import coordinator, distributed_kernels, status as status_lib
+from ntkdd.server import run_dir as run_dir_lib
 from ntkdd.server.run_dir import RAY_ADDRESS_FILE
 from ntkdd.server.coordinator import CoordinatorFailed   # what this launch type raises
 from ntkdd.workers import protocol
@@ -186,7 +187,7 @@ def coordinator_name(run_name: str) -> str:
 
 
 def write_address_file(run_dir: Path, address: str, run_name: str) -> None:
-  run_dir_lib.atomic_write_bytes(Path(run_dir) / RAY_ADDRESS_FILE, f'{address}\n{run_name}\n'.encode())
+  run_dir_lib.write_text(Path(run_dir) / RAY_ADDRESS_FILE, f'{address}\n{run_name}\n')
 
 
 def read_address_file(run_dir: Union[str, Path]) -> tuple[str, str]:
@@ -195,8 +196,8 @@ def read_address_file(run_dir: Union[str, Path]) -> tuple[str, str]:
   try:
     lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
   except OSError:
-    raise status_lib.StatusQueryError(f'{run_dir} has no {RAY_ADDRESS_FILE}: no Ray run has started '
-                                      f'there.') from None
+    raise status_lib.StatusQueryError(f'{run_dir} has no {RAY_ADDRESS_FILE}: no Ray run has '
+                                      f'started there.') from None
   if len(lines) < 2:
     raise status_lib.StatusQueryError(f'{path} should hold the Ray address and the run name.')
   return lines[0], lines[1]
@@ -248,7 +249,7 @@ class RayRun:
     result = coordinator.read_result(self.run_dir)
     if result is None:
       raise CoordinatorFailed(f'The coordinator finished without a readable '
-                              f'{self.run_dir / coordinator.RESULT_FILE}.')
+                              f'{self.run_dir / run_dir_lib.COORDINATOR_RESULT}.')
     return result
 
   def stop(self) -> None:

@@ -27,11 +27,8 @@ from typing import Callable, Optional, Sequence, Union
 from ntkdd.server import checkpoint, run_dir as run_dir_lib, status as status_lib
 from ntkdd.workers import protocol
 
-RESULT_FILE = run_dir_lib.COORDINATOR_RESULT          # how the run ended
-ADDRESS_FILE = run_dir_lib.COORDINATOR_ADDRESS_FILE    # HOST:PORT of status()
-WORKER_PIDS_FILE = run_dir_lib.WORKER_PIDS             # {'coordinator': pid, 'workers': {i: pid}}
 # What a previous coordinator of a run directory leaves that must not pass for this run's.
-STALE_FILES = (RESULT_FILE, WORKER_PIDS_FILE)
+STALE_FILES = (run_dir_lib.COORDINATOR_RESULT, run_dir_lib.WORKER_PIDS)
 ROLE = 'coordinator'
 
 
@@ -66,7 +63,7 @@ def open_run_dir(run_dir: Union[str, Path], resume: bool,
 def read_result(run_dir: Union[str, Path]) -> Optional[dict]:
   """The coordinator's coordinator_result.json as a dict; None while there is none."""
   try:
-    return json.loads((Path(run_dir) / RESULT_FILE).read_text())
+    return json.loads((Path(run_dir) / run_dir_lib.COORDINATOR_RESULT).read_text())
   except (OSError, ValueError):   # not written yet (it is written atomically)
     return None
 
@@ -142,10 +139,10 @@ class Coordinator:
     self._status.set_extra(coordinator_pid=os.getpid(), workers_expected=len(self._handles))
 
   def set_address(self, address: str) -> None:
-    """Records where `status()` answers over RPC (HOST:PORT): in status and ADDRESS_FILE."""
+    """Records where `status()` answers over RPC (HOST:PORT): status and coordinator_address.txt."""
     self._status.set_extra(address=address)
     self._run_dir.mkdir(parents=True, exist_ok=True)
-    run_dir_lib.atomic_write_bytes(self._run_dir / ADDRESS_FILE, (address + '\n').encode())
+    run_dir_lib.write_text(self._run_dir / run_dir_lib.COORDINATOR_ADDRESS_FILE, address + '\n')
     logging.info('Coordinator status RPC at %s.', address)
 
   # -- RPC methods (bytes out). -----------------------------------------------------------------
@@ -160,9 +157,9 @@ class Coordinator:
   # -- The run. -------------------------------------------------------------------------------
 
   def run(self) -> None:
-    """Waits for the workers, runs the distillation, writes RESULT_FILE; once per object.
+    """Waits for the workers, runs the distillation, writes coordinator_result.json; runs once.
 
-    Every outcome (done, interrupted, failed) is recorded in RESULT_FILE and in status;
+    Every outcome (done, interrupted, failed) is recorded in coordinator_result.json and in status;
     nothing is raised but a second call's RuntimeError.
     """
     if self._started.is_set():
@@ -176,11 +173,12 @@ class Coordinator:
     publisher = status_lib.StatusPublisher(self._status, str(self._run_dir)).start()
     ended_by: Optional[BaseException] = None
     try:
-      (self._run_dir / RESULT_FILE).unlink(missing_ok=True)   # a stale one of a killed run
+      # A stale result of a killed run.
+      (self._run_dir / run_dir_lib.COORDINATOR_RESULT).unlink(missing_ok=True)
       cfg = jobs.from_dict(self._config)
       answers = wait_for_workers(self._handles, self._startup_timeout_s)
       pids = {str(i): a.get('pid') for i, a in enumerate(answers)}
-      run_dir_lib.write_json(self._run_dir / WORKER_PIDS_FILE,
+      run_dir_lib.write_json(self._run_dir / run_dir_lib.WORKER_PIDS,
                             {'coordinator': os.getpid(), 'workers': pids})
       self._status.set_extra(worker_pids=pids)
       self._status.set_phase('running')
@@ -212,7 +210,7 @@ class Coordinator:
       logging.exception('Coordinator failed.')
     finally:
       try:
-        run_dir_lib.write_json(self._run_dir / RESULT_FILE, result)
+        run_dir_lib.write_json(self._run_dir / run_dir_lib.COORDINATOR_RESULT, result)
         publisher.finish(ended_by)
       finally:
         if self._stop_hook is not None:

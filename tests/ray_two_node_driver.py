@@ -19,7 +19,8 @@ from pathlib import Path
 import ray
 
 from ntkdd.launch import ray_cluster, ray_launch
-from ntkdd.server import coordinator, distill
+from ntkdd.server import distill
+from ntkdd.server import run_dir as run_dir_lib
 
 
 def _processes() -> dict[int, tuple[int, str]]:
@@ -95,7 +96,7 @@ def main() -> None:
           raise RuntimeError(f'The run ended or stalled before step {args.kill_at_step}.')
         time.sleep(0.02)
       worker_pids = {int(k): v for k, v in json.loads(
-          (run_dir / coordinator.WORKER_PIDS_FILE).read_text())['workers'].items()}
+          (run_dir / run_dir_lib.WORKER_PIDS).read_text())['workers'].items()}
       node_a, node_b = node_processes(str(work / 'a')), node_processes(str(work / 'b'))
       report['worker_pids'] = worker_pids
       report['worker_on_node_a'] = {i: pid in node_a for i, pid in worker_pids.items()}

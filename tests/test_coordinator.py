@@ -11,6 +11,7 @@ import pytest
 from ntkdd.common import architectures, prepared, sources
 from ntkdd.launch.inprocess import LocalWorkerHandle, make_inprocess_backend
 from ntkdd.server import backend, coordinator, distill, distributed_kernels, jobs, status
+from ntkdd.server import run_dir as run_dir_lib
 from ntkdd.workers import kernel_worker, protocol
 
 FC = architectures.Architecture('fc', depth=1)
@@ -395,7 +396,7 @@ def test_coordinator_program_runs_over_any_handles(tiny_npz, tmp_path):
   assert result['ok'] and result['backend']['blocks_done'] > 0, result
   assert coordinator.summary_of(result)['steps'] == 4
   assert_same_support(tmp_path / 'reference', run_dir)
-  pids = json.loads((run_dir / coordinator.WORKER_PIDS_FILE).read_text())
+  pids = json.loads((run_dir / run_dir_lib.WORKER_PIDS).read_text())
   assert pids['workers'] == {'0': os.getpid(), '1': os.getpid()}
   snap = status.decode(program.status())
   assert snap['phase'] == 'done' and snap['step'] == 4 and snap['worker_pids'] == pids['workers']
@@ -405,7 +406,8 @@ def test_coordinator_program_runs_over_any_handles(tiny_npz, tmp_path):
   with pytest.raises(ValueError, match='already holds a run'):
     coordinator.open_run_dir(run_dir, resume=False)
   assert coordinator.open_run_dir(run_dir, resume=True) == run_dir
-  assert not (run_dir / coordinator.RESULT_FILE).exists()   # stale: removed before a restart
+  # A stale result is removed before a restart.
+  assert not (run_dir / run_dir_lib.COORDINATOR_RESULT).exists()
 
 
 class _NeverReady(LocalWorkerHandle):

@@ -25,7 +25,7 @@ if sys.version_info < (3, 11):   # .venv-lp: Launchpad must import, a failure is
 else:                            # Launchpad exists for Python <= 3.10 only
   lp = pytest.importorskip('launchpad', reason='Launchpad lives in .venv-lp (Python 3.10)')
 
-from ntkdd.launch import inprocess, launchpad_local, launchpad_program as lpp  # noqa: E402
+from ntkdd.launch import inprocess, launchpad_program as lpp  # noqa: E402
 from ntkdd.launch import status_client  # noqa: E402
 from ntkdd.server import run_dir as run_dir_lib  # noqa: E402
 from run_helpers import BLOCK, TIMEOUT_S, kill_coordinator, wait_for  # noqa: E402
@@ -222,7 +222,7 @@ def test_without_a_namespace_the_launch_is_refused_unless_exposed(tiny_npz, tmp_
   message = str(refused.value)
   assert 'Operation not permitted' in message and lpp.EXPOSE_FLAG in message
   assert '--launch ray' in message and 'executes what' in message
-  assert not (tmp_path / 'run' / launchpad_local.PROCESSES_FILE).exists()
+  assert not (tmp_path / 'run' / run_dir_lib.LAUNCHPAD_PROCESSES).exists()
   # The command line: one message, no traceback.
   from ntkdd.launch import cli
   code = cli.main(['distill', '--dataset', tiny_npz, '--data-dir', '.', '--ipc', '2',
