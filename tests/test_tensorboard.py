@@ -70,18 +70,18 @@ def test_kip_events_hold_the_scalars_and_the_support_grid_of_each_evaluation(tin
                                [want[s] for s in sorted(want)], rtol=1e-6)
   assert sorted(got['accuracy/krr_test']) == [0, 2, 4]
   assert sorted(got['loss']) == [1, 2, 3, 4]
-  pictures = images(events)
-  assert sorted(pictures) == [0, 2, 4]    # every evaluation, and only those
+  logged = images(events)
+  assert sorted(logged) == [0, 2, 4]    # every evaluation, and only those
   # The last one is the final support set, drawn as pictures.support_grid_array draws it.
   Image = pytest.importorskip('PIL.Image')
   with np.load(run / 'support.npz') as support:
     want = pictures.support_grid_array(support['images_pixels'], support['label_ids'], 3)
-  last = pictures[4]
+  last = logged[4]
   assert (last.height, last.width, last.colorspace) == (*want.shape[:2], 3)
   decoded = np.asarray(Image.open(io.BytesIO(last.encoded_image_string)).convert('RGB'))
   np.testing.assert_array_equal(decoded, want)
   assert not np.array_equal(decoded, np.asarray(Image.open(io.BytesIO(
-      pictures[0].encoded_image_string)).convert('RGB')))   # the images moved
+      logged[0].encoded_image_string)).convert('RGB')))   # the images moved
 
 
 def test_rcig_events_hold_the_finite_net_accuracy(tiny_npz, tmp_path):

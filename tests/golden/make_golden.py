@@ -6,6 +6,7 @@ It writes, next to itself, `tiny_rgb.npz` (the data), `golden.npz` (each case's 
 per-step losses after its full run) and `old_runs/<case>/` (each case's run directory stopped
 part-way, the way an older checkout left it, for the resume-across-versions check).
 """
+import os
 import shutil
 import sys
 import tempfile
@@ -49,14 +50,20 @@ def argv(case: str, data: Path, out: Path, steps=None, resume: bool = False) -> 
   return line + (['--resume'] if resume else [])
 
 
+def _one_cpu() -> None:
+  # XLA:CPU splits a convolution's reductions by the threads it may use, so the rounding of a
+  # run depends on how many CPUs it sees: the golden runs see one, wherever they run.
+  os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+
+
 def run_cli(argv_: list, cwd: Path) -> int:
-  """`ntkdd` with `argv_` in a fresh interpreter, as a user runs it: process-wide JAX state that
-  other code in a test process may have set (a float64 kernel turns on jax_enable_x64) would
-  move RCIG's rounding."""
+  """`ntkdd` with `argv_` in a fresh interpreter on one CPU, as a user runs it: process-wide JAX
+  state that other code in a test process may have set (a float64 kernel turns on
+  jax_enable_x64) would move RCIG's rounding, and so would the number of CPUs."""
   import subprocess  # pylint: disable=import-outside-toplevel
   code = 'import sys; from ntkdd.launch import cli; sys.exit(cli.main(sys.argv[1:]))'
-  return subprocess.run([sys.executable, '-c', code, *map(str, argv_)], cwd=cwd,
-                        check=False).returncode
+  return subprocess.run([sys.executable, '-c', code, *map(str, argv_)], cwd=cwd, check=False,
+                        preexec_fn=_one_cpu).returncode
 
 
 def run_record(run_dir: Path) -> dict:
