@@ -21,7 +21,7 @@ import pytest
 
 ray = pytest.importorskip('ray')
 
-from ntkdd.launch import cli, private_network, ray_cluster, ray_launch, ray_status  # noqa: E402
+from ntkdd.launch import cli, private_network, ray_cluster, ray_status  # noqa: E402
 from ntkdd.server import status  # noqa: E402
 from run_helpers import assert_same_support as _assert_same_support  # noqa: E402
 from run_helpers import run_inprocess as _inprocess, steps as _steps  # noqa: E402
@@ -58,7 +58,7 @@ def test_a_hung_status_query_is_abandoned(monkeypatch):
     release.wait(120)   # a bound, so a caller that waits for it fails instead of hanging
     returned.set()
 
-  monkeypatch.setattr(ray_launch, '_query', hung_query)
+  monkeypatch.setattr(ray_status, '_query', hung_query)
   try:
     with pytest.raises(ray_status.StatusTimeout, match='within 0.5 s'):
       ray_status.query_ray_status('127.0.0.1:1', 'x', timeout_s=0.2, connect_timeout_s=0.3)
