@@ -141,10 +141,9 @@ class LocalProgram:
     """{'launcher': pid, 'nodes': {group: [pids]}, 'addresses': {group: [HOST:PORT]}}."""
     deadline = time.monotonic() + timeout_s
     while True:
-      try:
-        return json.loads(self.processes_file.read_text())
-      except (OSError, ValueError):
-        pass
+      info = run_dir_lib.read_json(self.processes_file)
+      if info is not None:
+        return info
       if self.process.poll() is not None:
         raise coordinator.CoordinatorFailed(
             f'The Launchpad launcher exited (code {self.process.returncode}) before starting '

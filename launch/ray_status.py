@@ -1,9 +1,9 @@
 """Status of Ray runs: asks a run's coordinator actor on a Ray cluster for its status snapshot."""
 from __future__ import annotations
 
-import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -104,7 +104,6 @@ def query_ray_status(ray_address: Optional[str], run_name: Optional[str] = None,
 def status_main(ray_address: Optional[str], run_name: Optional[str] = None,
                 as_json: bool = False, timeout_s: float = 10.0) -> int:
   """`ntkdd status --ray-address ADDRESS [--run NAME] [--json]`: prints the run's status."""
-  import sys
   try:
     snapshot = query_ray_status(ray_address, run_name, timeout_s=timeout_s)
   except StatusTimeout as e:
@@ -114,6 +113,5 @@ def status_main(ray_address: Optional[str], run_name: Optional[str] = None,
   except (status_lib.StatusQueryError, ImportError) as e:
     print(f'ntkdd status: error: {e}', file=sys.stderr)
     return 2
-  print(json.dumps(snapshot, indent=2, sort_keys=True) if as_json
-        else status_client.format_status(snapshot))
+  status_client.show(snapshot, as_json)
   return 0

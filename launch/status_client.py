@@ -229,8 +229,13 @@ def print_status(address: str, as_json: bool = False,
   except (StatusQueryError, ImportError) as e:
     print(f'ntkdd status: error: {e}', file=sys.stderr)
     return 2
-  print(json.dumps(snap, indent=2, sort_keys=True) if as_json else format_status(snap))
+  show(snap, as_json)
   return 0
+
+
+def show(snapshot: dict, as_json: bool = False) -> None:
+  """Prints a status snapshot: as JSON, or as the `ntkdd status` table."""
+  print(json.dumps(snapshot, indent=2, sort_keys=True) if as_json else format_status(snapshot))
 
 
 # -- Printing. ------------------------------------------------------------------------------

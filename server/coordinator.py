@@ -62,10 +62,7 @@ def open_run_dir(run_dir: Union[str, Path], resume: bool,
 
 def read_result(run_dir: Union[str, Path]) -> Optional[dict]:
   """The coordinator's coordinator_result.json as a dict; None while there is none."""
-  try:
-    return json.loads((Path(run_dir) / run_dir_lib.COORDINATOR_RESULT).read_text())
-  except (OSError, ValueError):   # not written yet (it is written atomically)
-    return None
+  return run_dir_lib.read_json(Path(run_dir) / run_dir_lib.COORDINATOR_RESULT)   # atomic
 
 
 def summary_of(result: dict) -> dict:
