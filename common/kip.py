@@ -11,7 +11,7 @@ small matrices, one vjp round.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Protocol
+from typing import NamedTuple, Optional, Protocol, Sequence
 
 import numpy as np
 
@@ -64,14 +64,39 @@ def krr_accuracy(backend: KernelBackend, support_images: np.ndarray,
                  support_labels: np.ndarray, test_images: np.ndarray, test_label_ids: np.ndarray,
                  kernel_name: str = 'ntk', reg: float = 1e-6, chunk: int = 2000) -> float:
   """KRR test accuracy of a support set, kernels computed in chunks of test images."""
+  return krr_accuracies(backend, support_images, [support_labels], test_images, test_label_ids,
+                        kernel_name, reg, chunk)[0]
+
+
+def krr_accuracies(backend: KernelBackend, support_images: np.ndarray,
+                   label_sets: Sequence[np.ndarray], test_images: np.ndarray,
+                   test_label_ids: np.ndarray, kernel_name: str = 'ntk', reg: float = 1e-6,
+                   chunk: int = 2000) -> list[float]:
+  """KRR test accuracies of one set of support images under several label sets.
+
+  The kernels depend on the images only, so they are computed once for all label sets (Label
+  Solve's before and after: half the kernel pairs of two `krr_accuracy` calls).
+
+  Args:
+    backend: the kernel backend.
+    support_images: (n_s, ...) support images.
+    label_sets: label matrices (n_s, C), one per accuracy wanted.
+    test_images, test_label_ids: the test images and their class ids.
+    kernel_name: 'ntk' or 'nngp'. reg: the ridge lambda.
+    chunk: test images per kernel call.
+
+  Returns:
+    One accuracy per label set, in order.
+  """
   k_ss = backend.kernel(support_images)[kernel_name]
-  alpha = krr.solve(k_ss, support_labels, reg)
-  correct = 0
+  alphas = [krr.solve(k_ss, labels, reg) for labels in label_sets]
+  correct = [0] * len(alphas)
   for start in range(0, len(test_images), chunk):
     k_st = backend.kernel(support_images, test_images[start:start + chunk])[kernel_name]
-    predictions = k_st.T @ alpha
-    correct += int(np.sum(np.argmax(predictions, -1) == test_label_ids[start:start + chunk]))
-  return correct / len(test_images)
+    ids = test_label_ids[start:start + chunk]
+    for i, alpha in enumerate(alphas):
+      correct[i] += int(np.sum(np.argmax(k_st.T @ alpha, -1) == ids))
+  return [c / len(test_images) for c in correct]
 
 
 def label_solve(backend: KernelBackend, support_images: np.ndarray, target_images: np.ndarray,

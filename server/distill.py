@@ -198,7 +198,6 @@ def _run_label_solve(cfg, run_dir, prepared, backend, board=None) -> dict:
   start = time.time()
   rng = np.random.default_rng(cfg.seed)
   images, labels, label_ids = run_data.initial_support(prepared, cfg.ipc, cfg.init, rng)
-  before = krr_test_accuracy(backend, prepared, images, labels, cfg)
   targets = np.arange(len(prepared.x_train))
   if cfg.ls_target_size and cfg.ls_target_size < len(targets):
     targets = np.sort(preprocess.class_balanced_batch(prepared.y_train, cfg.ls_target_size, rng,
@@ -207,7 +206,9 @@ def _run_label_solve(cfg, run_dir, prepared, backend, board=None) -> dict:
   logging.info('Label Solve over %d target images.', len(targets))
   solved = kip.label_solve(backend, images, prepared.rows('train', targets), y_t, cfg.kernel,
                            cfg.reg, cfg.ls_rcond)
-  after = krr_test_accuracy(backend, prepared, images, solved, cfg)
+  # One test kernel for both accuracies: LS changes the labels, not the images.
+  before, after = run_data.krr_test_accuracies(backend, prepared, images, [labels, solved],
+                                               cfg.kernel, cfg.reg, cfg.eval_test_size, cfg.seed)
   run_data.write_support(run_dir, prepared, images, solved, label_ids)
   summary = {'algorithm': 'ls', 'krr_test_accuracy_before': before,
              'krr_test_accuracy_after': after, 'targets': int(len(targets)),

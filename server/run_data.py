@@ -115,7 +115,14 @@ def krr_test_accuracy(backend, prepared: PreparedData, images, labels, kernel: s
   Returns:
     The fraction of test images classified correctly.
   """
+  return krr_test_accuracies(backend, prepared, images, [labels], kernel, reg, test_size,
+                             seed)[0]
+
+
+def krr_test_accuracies(backend, prepared: PreparedData, images, label_sets, kernel: str,
+                        reg: float, test_size: int, seed: int) -> list[float]:
+  """`krr_test_accuracy` for several label sets of the same images, the kernels computed once."""
   pick = fixed_test_rows(prepared, test_size, seed)
   x_test = prepared.rows('test') if pick is None else prepared.rows('test', pick)
   y_test = prepared.y_test if pick is None else prepared.y_test[pick]
-  return kip.krr_accuracy(backend, images, labels, x_test, y_test, kernel, reg)
+  return kip.krr_accuracies(backend, images, label_sets, x_test, y_test, kernel, reg)

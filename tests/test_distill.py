@@ -158,3 +158,29 @@ def test_sigterm_checkpoints_and_the_cli_resumes(tiny_npz, tmp_path):
   arrays, meta = checkpoint.load_checkpoint(out)
   logged = [json.loads(l)['step'] for l in (out / 'metrics.jsonl').read_text().splitlines()]
   assert meta['step'] == logged[-1] > 0
+
+
+def test_krr_accuracies_compute_the_test_kernel_once(hard_npz):
+  """LS's before and after: one pass over the test images gives both accuracies, equal to two
+  separate krr_accuracy calls."""
+  from ntkdd.common import kip   # pylint: disable=import-outside-toplevel
+  cfg = _cfg(hard_npz, algorithm='ls', ipc=1)
+  prepared = distill.prepare_data(cfg)
+  inner = backend.InProcessKernels(cfg.architecture(), dtype='float32')
+  calls = []
+
+  class Counting:
+    def kernel(self, x1, x2=None):
+      calls.append(len(x1) * (len(x1) if x2 is None else len(x2)))
+      return inner.kernel(x1, x2)
+
+  rng = np.random.default_rng(0)
+  images = prepared.x_train[:10]
+  label_sets = [rng.normal(size=(10, 10)), rng.normal(size=(10, 10))]
+  x_test, ids = prepared.x_test, prepared.y_test
+  both = kip.krr_accuracies(Counting(), images, label_sets, x_test, ids, chunk=64)
+  pairs_once = sum(calls)
+  separate = [kip.krr_accuracy(inner, images, y, x_test, ids, chunk=64) for y in label_sets]
+  assert both == separate
+  assert both[0] != both[1]   # the label sets differ, so must what they score
+  assert pairs_once == 10 * 10 + 10 * len(x_test)
