@@ -234,7 +234,7 @@ def test_failed_starts_leave_no_run_directory(tiny, tmp_path, capsys, monkeypatc
   def broken(*args, **kwargs):
     raise FloatingPointError('The support kernel K_ss has NaN or inf entries.')
 
-  monkeypatch.setattr(kip, 'krr_accuracy', broken)
+  monkeypatch.setattr(kip, 'krr_accuracies', broken)
   code, _ = run(distill_args(tiny, tmp_path / 'b'), capsys)
   assert code == 2 and not (tmp_path / 'b').exists()
   # A directory that was there before stays, empty.
