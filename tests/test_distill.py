@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import make_tiny_npz
+from ntkdd.common import kip
 from ntkdd.server import backend, checkpoint, distill
 from ntkdd.server import run_dir as run_dir_lib
 
@@ -163,7 +164,6 @@ def test_sigterm_checkpoints_and_the_cli_resumes(tiny_npz, tmp_path):
 def test_krr_accuracies_compute_the_test_kernel_once(hard_npz):
   """LS's before and after: one pass over the test images gives both accuracies, equal to two
   separate krr_accuracy calls."""
-  from ntkdd.common import kip   # pylint: disable=import-outside-toplevel
   cfg = _cfg(hard_npz, algorithm='ls', ipc=1)
   prepared = distill.prepare_data(cfg)
   inner = backend.InProcessKernels(cfg.architecture(), dtype='float32')
