@@ -7,3 +7,7 @@ INITS = ('real', 'noise')              # a support set starts from real train im
 PREPROCESS_CHOICES = ('auto',) + preprocess.PREPROCESSOR_KINDS
 LR_SCHEDULES = ('constant', 'cosine')  # KIP's learning rate: constant, or cosine decay to 0
 FLIP_CHOICES = ('auto', 'on', 'off')   # RCIG's mirrored support (auto: on for RGB images)
+# ntkdd evaluate's finite-net training: ntkdd's own protocol, or the KIP or RCIG paper's
+# (train.paper_protocol).
+PAPER_PROTOCOLS = ('kip', 'rcig')
+EVAL_PROTOCOLS = ('ntkdd',) + PAPER_PROTOCOLS

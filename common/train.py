@@ -10,6 +10,10 @@ Two training protocols from the literature are provided as presets:
   stable one, estimated from the empirical NTK of the network at initialisation;
   `stable_learning_rate` makes that estimate and `learning_rate=None` uses it at train time.
 
+`paper_protocol(name, support_size)` returns either by its name (`choices.PAPER_PROTOCOLS`,
+what `ntkdd evaluate --protocol` takes), and `with_steps` rescales a protocol to another number
+of steps, warm-up and schedule in proportion (a shortened protocol for a smoke test).
+
 Conventions. Images are NHWC (or flat (n, d) for 'fc') float32, already preprocessed. Integer
 labels are class ids; for MSE they become one-hot minus 1/C ("mean-centred", as everywhere in
 ntkdd). Float labels of shape (n, C) (learned labels of a distilled set) are regressed on as
@@ -36,6 +40,7 @@ from ntkdd.common import architectures
 from ntkdd.common import augment as augment_lib
 from ntkdd.common import optional
 from ntkdd.common import stax
+from ntkdd.common.choices import PAPER_PROTOCOLS
 from ntkdd.common.preprocess import one_hot_centered
 
 # The finite networks' optimisers (RCIG's support set has its own: rcig.SUPPORT_OPTIMIZERS).
@@ -184,6 +189,82 @@ def kip_protocol(lr_factor: float = 0.5, steps: int = 5000) -> TrainConfig:
                      # The learning rate comes from the NTK at a standard initialisation;
                      # a zero readout would change that NTK.
                      zero_readout=False)
+
+
+def adam_learning_rate(parameterization: str) -> float:
+  """Adam's peak learning rate for finite nets in `parameterization`: 1e-4 in the standard one
+  (RCIG's), 1e-3 in the NTK one, whose layers move W_std / sqrt(fan_in) times less per step
+  (see `rcig_protocol`).
+
+  Args:
+    parameterization: 'ntk' or 'standard'.
+
+  Returns:
+    The peak learning rate.
+  """
+  if parameterization not in ('ntk', 'standard'):
+    raise ValueError(f"parameterization must be 'ntk' or 'standard', got {parameterization!r}.")
+  return 1e-3 if parameterization == 'ntk' else 1e-4
+
+
+def paper_protocol(name: str, support_size: int, parameterization: str = 'standard',
+                   learning_rate: Optional[float] = None,
+                   augmentations: str = '') -> TrainConfig:
+  """The evaluation protocol of a paper, with the paper's step count.
+
+  Args:
+    name: 'kip' (`kip_protocol`: SGD with momentum 0.9, 5000 steps, batch 100, L2 1e-3, the
+      learning rate half the largest stable one of the empirical NTK) or 'rcig'
+      (`rcig_protocol`: Adam, 2500 steps for 10 images, else 5000; 1000 or 2000 with its
+      augmentation).
+    support_size: images in the support set (RCIG's schedule depends on it).
+    parameterization: of the networks to train; RCIG's default Adam rate follows it
+      (`adam_learning_rate`). KIP's rate comes from each network's own NTK.
+    learning_rate: RCIG only: Adam's peak rate instead of `adam_learning_rate`'s.
+    augmentations: RCIG only: its augmentation ('_'-joined `augment.OPS`, e.g.
+      `augment.default_strategy(channels)`), which also selects its shorter loop.
+
+  Returns:
+    The protocol's `TrainConfig`.
+  """
+  if name not in PAPER_PROTOCOLS:
+    raise ValueError(f'Unknown paper protocol {name!r}: choose one of {PAPER_PROTOCOLS}.')
+  if name == 'kip':
+    if learning_rate is not None or augmentations:
+      raise ValueError("KIP's protocol sets its learning rate from the empirical NTK and trains "
+                       'without augmentation: give neither learning_rate nor augmentations.')
+    return kip_protocol()
+  if learning_rate is None:
+    learning_rate = adam_learning_rate(parameterization)
+  return rcig_protocol(support_size, learning_rate, augmentations)
+
+
+def with_steps(config: TrainConfig, steps: int) -> TrainConfig:
+  """`config` shortened (or lengthened) to `steps` steps, its warm-up and schedule scaled by
+  the same factor, so that a protocol keeps its shape (e.g. a smoke test of a paper's).
+
+  A warm-up is kept shorter than `steps`, and a schedule longer than the warm-up and no
+  longer than `steps`, so that the result is always a valid `TrainConfig`.
+
+  Args:
+    config: the configuration to rescale.
+    steps: the number of training steps wanted (>= 1).
+
+  Returns:
+    `config` with `steps`, `warmup_steps` and `schedule_steps` rescaled (`config` itself when
+    `steps` is already its number).
+  """
+  if steps <= 0:
+    raise ValueError(f'steps must be > 0, got {steps}.')
+  if steps == config.steps:
+    return config
+  scale = steps / config.steps
+  warmup_steps = min(round(config.warmup_steps * scale), steps - 1)
+  schedule_steps = 0
+  if config.schedule_steps:
+    schedule_steps = min(steps, max(round(config.schedule_steps * scale), warmup_steps + 1))
+  return dataclasses.replace(config, steps=steps, warmup_steps=warmup_steps,
+                             schedule_steps=schedule_steps)
 
 
 def learning_rate_schedule(config: TrainConfig) -> Callable:
