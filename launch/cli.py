@@ -9,7 +9,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ntkdd.common.choices import FLIP_CHOICES, INITS, KERNELS, LR_SCHEDULES, PREPROCESS_CHOICES
+from ntkdd.common.choices import (EVAL_PROTOCOLS, FLIP_CHOICES, INITS, KERNELS, LR_SCHEDULES,
+                                  PREPROCESS_CHOICES)
 from ntkdd.launch import flag_uses, flags, launch_types
 
 DESCRIPTION = """\
@@ -218,16 +219,43 @@ def _parser() -> argparse.ArgumentParser:
   e.add_argument('--transfer', default='convnet,fc',
                  help='finite networks to train on the support set (comma list; empty: none).')
   e.add_argument('--width', type=flags.positive_int, default=128, help='finite network width.')
-  e.add_argument('--parameterization', choices=('ntk', 'standard'), default='ntk',
+  e.add_argument('--protocol', choices=EVAL_PROTOCOLS, default='ntkdd',
+                 help='how the finite networks are trained. ntkdd: this evaluator\'s quick '
+                      'protocol: Adam warmed up over min(500, steps/4) steps, then a cosine to 0 '
+                      'over --train-steps (1000 by default), a zero readout, the NTK '
+                      'parameterisation. kip: the KIP paper\'s (Nguyen et al. 2021): the '
+                      'kernel\'s architecture at --width (the paper\'s nets are 1024 wide) in '
+                      'the standard parameterisation, SGD with momentum 0.9 at half the largest '
+                      'stable learning rate of each network\'s empirical NTK, cosine decay, '
+                      'batch 100, L2 1e-3, MSE: 5000 SGD steps per network. rcig: the RCIG '
+                      'code\'s (Loo et al. 2023): standard parameterisation, Adam at 1e-4 '
+                      'warmed up over 500 steps, then a cosine to 1%% of it, MSE, batch 256: '
+                      '2500 Adam steps per network for a 10-image set, else 5000 (with '
+                      '--augment 1000, else 2000); add rcig_convnet to --transfer for RCIG\'s '
+                      'own ConvNet. Use a GPU for the papers\' step counts; --train-steps '
+                      'shortens them for a smoke test. Flags a protocol does not use are '
+                      'refused.')
+  e.add_argument('--parameterization', choices=('ntk', 'standard'), default=None,
                  help='finite networks in the NTK parameterisation (as the kernel) or the '
-                      'standard one (as the papers train them).')
+                      'standard one (as the papers train them). Default: ntk for --protocol '
+                      'ntkdd, standard for kip and rcig.')
   e.add_argument('--train-lr', type=flags.positive_float, default=None,
-                 help='Adam learning rate for the finite networks; default 1e-3 (ntk) or '
-                      '1e-4 (standard, as RCIG evaluates).')
-  e.add_argument('--train-steps', type=flags.positive_int, default=1000,
-                 help='training steps per network.')
+                 help='Adam\'s peak learning rate for the finite networks (--protocol ntkdd '
+                      'and rcig); default 1e-3 (ntk) or 1e-4 (standard, as RCIG evaluates). '
+                      'Refused with --protocol kip, whose rate comes from each network\'s '
+                      'empirical NTK.')
+  e.add_argument('--train-steps', type=flags.positive_int, default=None,
+                 help='training steps per network. Default: 1000 for --protocol ntkdd, the '
+                      'paper\'s for kip (5000) and rcig (2500 for 10 images, else 5000). With '
+                      'kip or rcig a number is an explicit override of the paper\'s protocol, '
+                      'its warm-up and schedule scaled in proportion (train.with_steps), '
+                      'recorded in evaluation.json (train_config, beside paper_steps).')
   e.add_argument('--seeds', type=flags.positive_int, default=3, help='networks per architecture.')
-  e.add_argument('--augment', action='store_true', help='flip/crop augmentation in training.')
+  e.add_argument('--augment', action='store_true',
+                 help='augmentation in training. --protocol ntkdd: random flips and crops; '
+                      'rcig: RCIG\'s (one op per image from crop, rotate, translate, cutout, '
+                      'plus flip and colour for RGB) and its code\'s shorter loop. Refused '
+                      'with kip, which trains without.')
   e.add_argument('--baselines', action='store_true',
                  help='also evaluate random real images of the same size.')
   e.add_argument('--out', default=None, help='evaluation.json path; default beside the support.')
@@ -393,6 +421,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args) -> int:
   from ntkdd.server import evaluate
+  flag_uses.refuse_unused_evaluate_flags(args, getattr(args, 'given', set()))
   report = evaluate.evaluate_from_args(args)
   print(evaluate.format_report(report))
   return 0

@@ -1,4 +1,5 @@
-"""Which `ntkdd distill` flags each mode uses; a flag the mode would ignore is refused."""
+"""Which flags each mode uses (`ntkdd distill`: its algorithm and launch; `ntkdd evaluate`: its
+--protocol); a flag the mode would ignore is refused."""
 from __future__ import annotations
 
 import argparse
@@ -55,11 +56,29 @@ DISTILL_FLAG_USES = {
 }
 
 
+# `ntkdd evaluate`: dest -> (is the flag used by these arguments?, what the flag is for).
+EVALUATE_FLAG_USES = {
+    'train_lr': (lambda a: a.protocol != 'kip',
+                 "is Adam's peak learning rate (--protocol ntkdd and rcig); KIP's SGD takes half "
+                 "the largest stable learning rate of each network's empirical NTK"),
+    'augment': (lambda a: a.protocol != 'kip',
+                'adds flips and crops (--protocol ntkdd) or RCIG\'s augmentation (--protocol '
+                'rcig); KIP\'s protocol trains without augmentation'),
+}
+
+
 def _mode(args) -> str:
   text = f'--algorithm {args.algorithm} --launch {args.launch} --workers {args.workers}'
   if args.algorithm == 'rcig':
     text += f' --eval-every {args.eval_every}'
   return text
+
+
+def _refuse(uses: dict, args: argparse.Namespace, given: set, mode: str, fix: str) -> None:
+  for dest, (used, what) in uses.items():
+    if dest in given and not used(args):
+      flag = '--' + dest.replace('_', '-')
+      raise ValueError(f'{flag} is not used by {mode}: it {what}. Drop {flag}, or {fix}.')
 
 
 def refuse_unused_flags(args: argparse.Namespace, given: set) -> None:
@@ -70,8 +89,16 @@ def refuse_unused_flags(args: argparse.Namespace, given: set) -> None:
     args: the parsed `ntkdd distill` arguments.
     given: the dests of the flags on the command line (`cli.given_flags`).
   """
-  for dest, (used, what) in DISTILL_FLAG_USES.items():
-    if dest in given and not used(args):
-      flag = '--' + dest.replace('_', '-')
-      raise ValueError(f'{flag} is not used by {_mode(args)}: it {what}. Drop {flag}, or '
-                       f'choose the mode that uses it.')
+  _refuse(DISTILL_FLAG_USES, args, given, _mode(args), 'choose the mode that uses it')
+
+
+def refuse_unused_evaluate_flags(args: argparse.Namespace, given: set) -> None:
+  """Raises a ValueError naming the first flag given to `ntkdd evaluate` that its --protocol
+  would ignore (and what the flag is for).
+
+  Args:
+    args: the parsed `ntkdd evaluate` arguments.
+    given: the dests of the flags on the command line (`cli.given_flags`).
+  """
+  _refuse(EVALUATE_FLAG_USES, args, given, f'--protocol {args.protocol}',
+          'choose a --protocol that uses it')

@@ -5,14 +5,18 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
 from ntkdd.common import architectures, kip, preprocess
+from ntkdd.common.choices import EVAL_PROTOCOLS
 from ntkdd.server import backend as backend_lib
 from ntkdd.server import checkpoint, distill
 from ntkdd.server import run_dir as run_files
+
+if TYPE_CHECKING:
+  from ntkdd.common import train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,43 +98,143 @@ def load_support(path: str, prepared: distill.PreparedData, pixels: bool = False
   return SupportSet(images, labels, label_ids)
 
 
+NTKDD_STEPS = 1000   # the 'ntkdd' protocol's steps per network when none are given
+
+
 @dataclasses.dataclass(frozen=True)
 class TransferSettings:
-  """How finite networks are trained on a support set."""
+  """How finite networks are trained on a support set.
+
+  protocol: one of choices.EVAL_PROTOCOLS. 'ntkdd': this evaluator's own (RCIG's Adam and
+    cosine, but `steps` steps with a warm-up of min(500, steps // 4), a zero readout, and
+    flips and crops with `augment`); 'kip' or 'rcig': the paper's (`train.paper_protocol`).
+  steps: None: NTKDD_STEPS ('ntkdd') or the paper's; with a paper's protocol a number rescales
+    it (`train.with_steps`), an explicit shortening.
+  parameterization: None: 'ntk' ('ntkdd') or 'standard' (as both papers train).
+  learning_rate: Adam's peak ('ntkdd', 'rcig'); None: `train.adam_learning_rate`. KIP's
+    comes from each network's empirical NTK, so it must be None there.
+  augment: 'ntkdd': random flips and crops; 'rcig': RCIG's augmentation (one op per image,
+    `augment.default_strategy`) and its code's shorter loop; 'kip': none, so it must be False.
+  """
   networks: tuple = ('convnet', 'fc')
   width: int = 128
-  steps: int = 1000
+  steps: Optional[int] = None
   seeds: int = 3
   augment: bool = False
-  parameterization: str = 'ntk'
-  learning_rate: Optional[float] = None   # None: 1e-3 (ntk) or 1e-4 (standard)
+  parameterization: Optional[str] = None
+  learning_rate: Optional[float] = None
+  protocol: str = 'ntkdd'
+
+  def __post_init__(self):
+    if self.protocol not in EVAL_PROTOCOLS:
+      raise ValueError(f'Unknown protocol {self.protocol!r}: choose one of {EVAL_PROTOCOLS}.')
+    if self.protocol == 'kip' and (self.learning_rate is not None or self.augment):
+      raise ValueError("KIP's protocol sets each network's learning rate from its empirical NTK "
+                       'and trains without augmentation: leave learning_rate and augment unset.')
+
+  def resolved_parameterization(self) -> str:
+    """The parameterisation the networks are trained in."""
+    if self.parameterization is not None:
+      return self.parameterization
+    return 'ntk' if self.protocol == 'ntkdd' else 'standard'
+
+
+def transfer_config(settings: TransferSettings, support_size: int,
+                    image_shape: tuple) -> train.TrainConfig:
+  """The training configuration of `settings` for a support of `support_size` images.
+
+  Args:
+    settings: the transfer settings (their protocol, steps, learning rate, augmentation).
+    support_size: images in the support set (RCIG's schedule depends on it).
+    image_shape: one image's shape (H, W, C) in model space (crop padding, RCIG's ops).
+
+  Returns:
+    The `train.TrainConfig` each network is trained with.
+  """
+  from ntkdd.common import augment as augment_lib, train  # pylint: disable=import-outside-toplevel
+  parameterization = settings.resolved_parameterization()
+  if settings.protocol != 'ntkdd':
+    augmentations = augment_lib.default_strategy(image_shape[-1]) if settings.augment else ''
+    config = train.paper_protocol(settings.protocol, support_size, parameterization,
+                                  settings.learning_rate, augmentations)
+    return config if settings.steps is None else train.with_steps(config, settings.steps)
+  learning_rate = settings.learning_rate
+  if learning_rate is None:
+    learning_rate = train.adam_learning_rate(parameterization)
+  steps = NTKDD_STEPS if settings.steps is None else settings.steps
+  # RCIG's optimiser and schedule, but this evaluator's steps, augmentation and zero readout.
+  return dataclasses.replace(train.rcig_protocol(support_size, learning_rate),
+                             steps=steps, warmup_steps=min(500, steps // 4),
+                             augment=settings.augment, schedule_steps=0, final_lr_fraction=0.0,
+                             warmup_from_zero=False, zero_readout=True,
+                             crop_padding=2 if image_shape[0] <= 28 else 4)
+
+
+def transfer_architecture(arch_name: str, settings: TransferSettings,
+                          kernel_arch: Optional[architectures.Architecture] = None
+                          ) -> architectures.Architecture:
+  """The finite network `arch_name` at `settings.width`.
+
+  The kernel's architecture when it is the same kind: its depth ('ntkdd'), and also its
+  initialisation under a paper's protocol (KIP trains the kernel's net at finite width).
+  Otherwise the default depth (3 for convnet, else 2), and under a paper's protocol RCIG's own
+  ConvNet ('rcig_convnet') at its paper's depth and initialisation (`rcig.RcigConfig`).
+
+  Args:
+    arch_name: one of architectures.ARCHITECTURES.
+    settings: the transfer settings (width, parameterisation, protocol).
+    kernel_arch: the kernel's architecture, if any.
+
+  Returns:
+    The architecture to train.
+  """
+  parameterization = settings.resolved_parameterization()
+  same_kind = kernel_arch is not None and kernel_arch.name == arch_name
+  if settings.protocol != 'ntkdd':
+    if same_kind:
+      return dataclasses.replace(kernel_arch, width=settings.width,
+                                 parameterization=parameterization)
+    if arch_name == 'rcig_convnet':
+      from ntkdd.common import rcig  # pylint: disable=import-outside-toplevel
+      paper = rcig.RcigConfig()
+      return architectures.Architecture(arch_name, depth=paper.depth, w_std=paper.w_std,
+                                        b_std=paper.b_std, width=settings.width,
+                                        parameterization=parameterization)
+  depth = kernel_arch.depth if same_kind else 3 if arch_name == 'convnet' else 2
+  return architectures.Architecture(arch_name, depth=depth, width=settings.width,
+                                    parameterization=parameterization)
 
 
 def transfer_accuracy(arch_name: str, support: SupportSet, prepared,
                       settings: TransferSettings, kernel_arch: Optional[architectures.Architecture]
                       = None) -> dict[str, Any]:
-  from ntkdd.common import train
-  # The finite net is the kernel's architecture when it is the same kind, else the default.
-  depth = (kernel_arch.depth if kernel_arch is not None and kernel_arch.name == arch_name
-           else 3 if arch_name == 'convnet' else 2)
-  arch = architectures.Architecture(arch_name, depth=depth,
-                                    width=settings.width,
-                                    parameterization=settings.parameterization)
-  learning_rate = settings.learning_rate
-  if learning_rate is None:
-    learning_rate = 1e-3 if settings.parameterization == 'ntk' else 1e-4
-  steps, augment = settings.steps, settings.augment
-  # RCIG's optimiser and schedule, but this evaluator's steps, augmentation and zero readout.
-  config = dataclasses.replace(train.rcig_protocol(len(support.images), learning_rate),
-                               steps=steps, warmup_steps=min(500, steps // 4), augment=augment,
-                               schedule_steps=0, final_lr_fraction=0.0, warmup_from_zero=False,
-                               zero_readout=True,
-                               crop_padding=2 if prepared.x_train.shape[1] <= 28 else 4)
+  """Test accuracy of `settings.seeds` networks `arch_name` trained on the support set.
+
+  Args:
+    arch_name: the finite network (one of architectures.ARCHITECTURES).
+    support: the support set, in model space.
+    prepared: the dataset (`distill.PreparedData`): its test split and class count.
+    settings: how the networks are trained.
+    kernel_arch: the kernel's architecture (`transfer_architecture`).
+
+  Returns:
+    `train.evaluate_transfer`'s dict plus `arch`, `protocol`, `train_config` (every field of
+    the configuration used) and, under a paper's protocol, `paper_steps` (its unshortened
+    steps).
+  """
+  from ntkdd.common import train  # pylint: disable=import-outside-toplevel
+  arch = transfer_architecture(arch_name, settings, kernel_arch)
+  image_shape = prepared.x_train.shape[1:]
+  config = transfer_config(settings, len(support.images), image_shape)
   result = train.evaluate_transfer(arch, support.images, support.labels, prepared.x_test,
                                    prepared.y_test, config, seeds=tuple(range(settings.seeds)),
                                    num_classes=prepared.num_classes)
   result['arch'] = arch.to_dict()
+  result['protocol'] = settings.protocol
   result['train_config'] = config.to_dict()
+  if settings.protocol != 'ntkdd':
+    unshortened = dataclasses.replace(settings, steps=None)
+    result['paper_steps'] = transfer_config(unshortened, len(support.images), image_shape).steps
   return result
 
 
@@ -227,9 +331,9 @@ def evaluate_from_args(args) -> dict[str, Any]:
   settings = TransferSettings(networks=transfer, width=args.width, steps=args.train_steps,
                               seeds=args.seeds, augment=args.augment,
                               parameterization=args.parameterization,
-                              learning_rate=args.train_lr)
+                              learning_rate=args.train_lr, protocol=args.protocol)
   report = {'support': str(args.support), 'dataset': prepared.dataset.name,
-            'images': int(len(support.images)),
+            'images': int(len(support.images)), 'protocol': settings.protocol,
             'distilled': evaluate_support(support, prepared, cfg, settings)}
   if args.baselines:
     ipc = max(1, len(support.images) // prepared.num_classes)
@@ -241,6 +345,18 @@ def evaluate_from_args(args) -> dict[str, Any]:
   run_files.write_json(out, report)
   report['written_to'] = str(out)
   return report
+
+
+def _protocol_line(report: dict[str, Any]) -> str:
+  """The finite networks' protocol, its steps, and whether they were shortened."""
+  first = next(iter(report['distilled']['transfer'].values()))
+  config, protocol = first['train_config'], report.get('protocol', 'ntkdd')
+  steps = f"{config['steps']} {config['optimizer']} steps per network"
+  paper_steps = first.get('paper_steps')
+  if paper_steps is not None and paper_steps != config['steps']:
+    steps += f' (shortened by --train-steps from the paper\'s {paper_steps})'
+  parameterization = first['arch']['parameterization']
+  return f'finite networks: --protocol {protocol}, {steps}, {parameterization} parameterisation'
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -255,6 +371,8 @@ def format_report(report: dict[str, Any]) -> str:
                    for t in r['transfer'].values()]))
   widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
   lines = [f"{report['dataset']}: {report['images']} support images ({report['support']})"]
+  if report['distilled']['transfer']:
+    lines.append(_protocol_line(report))
   lines += ['  '.join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
   lines.append(f"written to {report['written_to']}")
   return '\n'.join(lines)
