@@ -3,8 +3,16 @@ from ntkdd.common import preprocess
 
 KERNELS = ('ntk', 'nngp')              # the two infinite-width kernels every backend computes
 INITS = ('real', 'noise')              # a support set starts from real train images or noise
-# auto: per-channel standardisation (DistillConfig; RCIG's is channel_zca for RGB, see jobs.py).
+# auto: per kernel family for `ntkdd distill`'s fresh KIP/LS runs (AUTO_KERNEL_PREPROCESS), RCIG's
+# channel_zca for RGB (jobs.rcig_job); in a DistillConfig or a saved config.json, 'auto' is
+# per-channel standardisation, what it meant before the per-family choice.
 PREPROCESS_CHOICES = ('auto',) + preprocess.PREPROCESSOR_KINDS
+# What 'auto' becomes for a new KIP/LS run, by kernel architecture. ConvNet: the channel ZCA
+# (31.25% against 27.03% for standardisation: KRR of 10 random real CIFAR-10 images per class,
+# ConvNet NTK 32x32 depth 3, whole test split; BENCHMARKS.md, issue 12 §2; on grayscale data it
+# is standardisation, bitwise). FC: standardisation (ZCA cut the FC kernel's KRR accuracy of
+# 100 random real CIFAR-10 images from 26% to 12%).
+AUTO_KERNEL_PREPROCESS = {'convnet': 'channel_zca', 'fc': 'standardize'}
 LR_SCHEDULES = ('constant', 'cosine')  # KIP's learning rate: constant, or cosine decay to 0
 FLIP_CHOICES = ('auto', 'on', 'off')   # RCIG's mirrored support (auto: on for RGB images)
 # ntkdd evaluate's finite-net training: ntkdd's own protocol, or the KIP or RCIG paper's

@@ -141,11 +141,12 @@ def _parser() -> argparse.ArgumentParser:
   o.add_argument('--init', choices=INITS, default='real',
                  help='support initialisation: class-balanced real images, or noise.')
   o.add_argument('--preprocess', choices=PREPROCESS_CHOICES, default='auto',
-                 help='auto: per-channel standardisation (ZCA measured worse on our CIFAR-10 '
-                      'copy; see BENCHMARKS.md). kip_zca: KIP\'s ZCA (per-image centring and '
-                      'unit norm, then ZCA); channel_zca: RCIG/FRePo\'s (per-channel '
-                      'standardisation, then ZCA; grayscale: standardisation only); zca: '
-                      'the old name of kip_zca.')
+                 help='auto: by kernel, as measured (BENCHMARKS.md): channel_zca for the '
+                      'ConvNet kernel, standardize for the FC kernel; RCIG: channel_zca for '
+                      'RGB images; with --resume, what the run used. kip_zca: KIP\'s ZCA '
+                      '(per-image centring and unit norm, then ZCA); channel_zca: '
+                      'RCIG/FRePo\'s (per-channel standardisation, then ZCA; grayscale: '
+                      'standardisation only); zca: the old name of kip_zca.')
   o.add_argument('--zca-strength', type=flags.positive_float, default=0.1,
                  help='ZCA regulariser, as a fraction of the mean eigenvalue.')
   o.add_argument('--image-size', type=flags.positive_int, default=None,
@@ -392,6 +393,10 @@ def _cmd_distill(args: argparse.Namespace) -> int:
                      f'{args.launch} leave it out (metrics.jsonl and `ntkdd status` still '
                      f'follow the run).')
   checkpoint.check_run_dir(Path(args.out), args.resume, args.overwrite)  # before the data load
+  if args.algorithm != 'rcig':
+    saved = (checkpoint.read_run_config(Path(args.out))['flags'].get('preprocess')
+             if args.resume else None)
+    args.preprocess = jobs.kernel_preprocess(args.preprocess, args.arch, saved)
   cfg, prepared = _distill_config(args), None
   if args.algorithm == 'rcig':
     cfg, prepared = jobs.rcig_job(cfg, _rcig_config(args), args.rcig_flip)

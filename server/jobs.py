@@ -114,6 +114,26 @@ def defaults_for(algorithm: str) -> AlgorithmDefaults:
   return AlgorithmDefaults(kernel.depth, kernel.w_std, kernel.b_std, kernel.learning_rate)
 
 
+def kernel_preprocess(preprocess: str, arch: str, saved: Optional[str] = None) -> str:
+  """The preprocessing a KIP/LS run of `ntkdd distill` uses for `--preprocess preprocess`.
+
+  Args:
+    preprocess: the flag's value; a name other than 'auto' is kept.
+    arch: the kernel's architecture ('fc' or 'convnet').
+    saved: on --resume, the preprocessing the run's config.json records; 'auto' then keeps it,
+      so a run continues on the data it was made with ('auto' saved by runs made before the
+      per-family choice means standardisation, and stays 'auto').
+
+  Returns:
+    `saved` or `choices.AUTO_KERNEL_PREPROCESS[arch]` for 'auto', else `preprocess`.
+  """
+  if preprocess != 'auto':
+    return preprocess
+  if saved is not None:
+    return saved
+  return choices.AUTO_KERNEL_PREPROCESS[arch]
+
+
 def rcig_job(settings: distill.DistillConfig, net: rcig.RcigConfig,
              flip: str = 'auto') -> tuple[RcigJob, distill.PreparedData]:
   """The RCIG job of `settings` and `net` with RCIG's data policy, and its prepared data.

@@ -85,6 +85,41 @@ def test_rcig_auto_preprocessing_is_the_papers(tmp_path, capsys, channels, expec
   assert config['dataset']['preprocess'] == ('channel_zca' if channels == 3 else 'standardize')
 
 
+@pytest.mark.parametrize('arch, channels, expected', [
+    ('convnet', 3, 'channel_zca'), ('convnet', 1, 'channel_zca'), ('fc', 3, 'standardize')])
+def test_kip_auto_preprocessing_follows_the_kernel(tmp_path, capsys, arch, channels, expected):
+  """A new KIP run's `auto` is the measured choice for its kernel (choices.AUTO_KERNEL_PREPROCESS),
+  written into config.json by name; on grayscale data the channel ZCA is standardisation."""
+  from conftest import make_tiny_npz
+  data = make_tiny_npz(tmp_path / 'tiny.npz', channels=channels)
+  run = tmp_path / 'kip'
+  assert cli.main(['distill', '--dataset', str(data), '--data-dir', '.', '--arch', arch,
+                   '--depth', '1', '--ipc', '1', '--steps', '1', '--target-batch', '6',
+                   '--eval-every', '1', '--no-progress', '--out', str(run)]) == 0
+  config = json.loads((run / 'config.json').read_text())
+  assert config['flags']['preprocess'] == expected
+  assert config['dataset']['preprocess'] == expected
+
+
+def test_resume_keeps_the_preprocessing_an_auto_run_was_made_with(tmp_path, capsys):
+  """A run whose config.json says 'auto' (made before 'auto' chose per kernel, when it meant
+  standardisation) resumes on the same data, not on the channel ZCA a new run would get."""
+  from conftest import make_tiny_npz
+  data = make_tiny_npz(tmp_path / 'tiny.npz', channels=3)
+  run = tmp_path / 'kip'
+  args = ['distill', '--dataset', str(data), '--data-dir', '.', '--arch', 'convnet', '--depth',
+          '1', '--ipc', '1', '--target-batch', '6', '--eval-every', '1', '--checkpoint-every',
+          '1', '--no-progress', '--out', str(run), '--preprocess', 'standardize']
+  assert cli.main(args + ['--steps', '1']) == 0
+  config = json.loads((run / 'config.json').read_text())
+  config['flags']['preprocess'] = 'auto'   # as an older ntkdd wrote it
+  (run / 'config.json').write_text(json.dumps(config))
+  assert cli.main(args[:-2] + ['--steps', '2', '--resume']) == 0
+  config = json.loads((run / 'config.json').read_text())
+  assert config['flags']['preprocess'] == 'auto'
+  assert config['dataset']['preprocess'] == 'standardize'
+
+
 # -- Flags a mode does not use are refused (one line: the flag, the mode, the fix). ------------
 
 @pytest.mark.parametrize('mode, extra, flag', [
