@@ -293,7 +293,7 @@ class Evaluator:
              'eval_s': secs} for step, (acc, secs) in sorted(self.points[name].items())]
 
 
-def compare(evaluator: Evaluator, args: argparse.Namespace) -> Optional[dict]:
+def compare(evaluator: Evaluator) -> Optional[dict]:
   """Ours' time to neural-tangents' final accuracy (None unless both backends ran).
 
   Returns:
@@ -386,7 +386,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
   for name, run in runs.items():
     for step in evaluated_steps(len(run['step']) - 1, args.eval_every):
       evaluator.accuracy(name, step)
-  comparison = compare(evaluator, args)
+  comparison = compare(evaluator)
   summaries = [run_summary(name, runs[name], evaluator.curve(name), args) for name in runs]
   results = {
       'benchmark': 'kip_vs_nt', 'created': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
