@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import os
 import platform
 import resource
@@ -128,28 +127,9 @@ def ours_functions(depth: int) -> tuple[Callable, Callable]:
 
 def nt_functions(depth: int) -> tuple[Callable, Callable]:
   """(forward, vjp) jitted neural-tangents functions of the same ConvNet kernel."""
-  import jax
-  import jax.numpy as jnp
-  from neural_tangents import stax as nts
-  w, b = math.sqrt(2.0), 0.1
-  layers = [nts.Conv(1, (3, 3), (1, 1), 'SAME', W_std=w, b_std=b), nts.Relu()]
-  for _ in range(depth):
-    layers += [nts.Conv(1, (3, 3), (1, 1), 'SAME', W_std=w, b_std=b), nts.Relu(),
-               nts.AvgPool((2, 2), (2, 2))]
-  layers += [nts.Flatten(), nts.Dense(1, w, b)]
-  kernel_fn = nts.serial(*layers)[2]
-
-  def forward(x1, x2):
-    k = kernel_fn(x1, x2, ('ntk', 'nngp'))
-    return k.ntk, k.nngp
-
-  def vjp(x1, x2, g_ntk, g_nngp):
-    def inner(a):
-      ntk, nngp = forward(a, x2)
-      return jnp.sum(g_ntk * ntk) + jnp.sum(g_nngp * nngp)
-    return jax.vjp(inner, x1)[1](jnp.ones((), x1.dtype))[0]
-
-  return jax.jit(forward), jax.jit(vjp)
+  from ntkdd.common import architectures
+  import nt_kernels  # bench/nt_kernels.py, next to this file (needs neural-tangents)
+  return nt_kernels.nt_tile_functions(architectures.Architecture(name='convnet', depth=depth))
 
 
 def tile_inputs(tile: int, size: tuple[int, int, int], dtype: str, seed: int) -> dict:

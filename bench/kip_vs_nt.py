@@ -1,0 +1,410 @@
+"""Owns issue 12 §4's measurement: KIP's time to accuracy with neural-tangents' kernel against ntkdd's.
+
+One KIP configuration runs once per kernel backend, one after the other, each in its own
+subprocess (neural-tangents' float64 never leaks into ours) and each for the same budget of
+step wall time. Both drive ntkdd's own KIP step (`server/distill.KipSteps`: kip_gradients,
+optax Adam, the lr schedule over --steps, learned labels) from the same seed, so they start
+from the same support set and draw the same target batches in the same order; only the
+kernel backend differs. Each worker keeps the support set after every step. Afterwards the
+KRR test accuracies of those support sets are computed in this process, all with ntkdd's
+kernel (the same instrument for both curves, and 10x cheaper than neural-tangents' on the
+test split; the two kernels agree to float rounding, tests/test_reference_nt.py). Evaluation
+time is recorded, never counted in the budget. The result: the accuracy each reached, and
+the first step time at which ours reached neural-tangents' final accuracy (evaluated every
+--eval-every steps, then bisected to the step).
+
+The measurement (Python 3.10 environment with neural-tangents, quiet machine):
+
+  .venv-lp/bin/python bench/kip_vs_nt.py --data-dir ../shared/data --json kip_vs_nt.json
+
+Smoke run (minutes): add --image-size 14 --depth 1 --budget-s 60 --test-size 500.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable, Optional
+
+import numpy as np
+
+BACKENDS = ('nt', 'ntkdd')
+WORKER_FILE = 'run.npz'
+GOAL_RATIO = 0.1   # the issue's goal: ours reaches nt's final accuracy in <= 1/10 of the time
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags and configuration.
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+  """The benchmark's flags (see the module docstring)."""
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+                              epilog=__doc__.split('\n', 1)[1],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--dataset', default='mnist', help='dataset name or .npz path (default mnist)')
+  p.add_argument('--data-dir', default='../shared/data')
+  p.add_argument('--cache-dir', default=None, help='decoded-dataset cache (default ntkdd\'s)')
+  p.add_argument('--backends', default='nt,ntkdd',
+                 help='kernel backends, run in this order (default nt,ntkdd)')
+  p.add_argument('--budget-s', type=float, default=1200.0,
+                 help='step wall time per backend, s (default 1200); the step under way when '
+                      'it runs out is finished and counted')
+  p.add_argument('--ipc', type=int, default=1)
+  p.add_argument('--depth', type=int, default=3, help='ConvNet depth (default 3)')
+  p.add_argument('--image-size', type=int, default=None,
+                 help='average-pool images to this side (smoke tests; default: full size)')
+  p.add_argument('--preprocess', default='auto',
+                 help="default auto: ntkdd distill's choice for ConvNet kernels")
+  p.add_argument('--target-batch', type=int, default=100)
+  p.add_argument('--lr', type=float, default=0.2)
+  p.add_argument('--lr-schedule', default='cosine', choices=('constant', 'cosine'))
+  p.add_argument('--steps', type=int, default=400,
+                 help='schedule length, the same for both backends; a backend stops early when '
+                      'it gets there within the budget (default 400)')
+  p.add_argument('--learn-labels', action=argparse.BooleanOptionalAction, default=True,
+                 help='learn the support labels too (default yes, as the issue-12 §3 run)')
+  p.add_argument('--reg', type=float, default=1e-6)
+  p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--nt-dtype', default='float64', choices=('float32', 'float64'),
+                 help="neural-tangents' dtype (default float64, its faster one on this CPU: "
+                      '2-3.7x float32, BENCHMARKS.md)')
+  p.add_argument('--nt-tile', type=int, default=4,
+                 help="neural-tangents' largest tile side (default 4, its fastest at 32x32)")
+  p.add_argument('--ours-dtype', default='float32', choices=('float32', 'float64'),
+                 help="ntkdd's dtype (default float32, ntkdd distill's)")
+  p.add_argument('--ours-tile', type=int, default=None,
+                 help="ntkdd's largest tile side (default: auto, as ntkdd distill)")
+  p.add_argument('--eval-every', type=int, default=10,
+                 help='evaluate every N steps, and step 0 and the last (default 10)')
+  p.add_argument('--eval-dtype', default='float32', choices=('float32', 'float64'))
+  p.add_argument('--test-size', type=int, default=0,
+                 help='fixed test subset for smoke runs (default 0: the whole test split)')
+  p.add_argument('--json', default=None, help='where to write the results')
+  p.add_argument('--worker', default=None, choices=BACKENDS, help=argparse.SUPPRESS)
+  p.add_argument('--worker-out', default=None, help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  args.backend_list = [b for b in args.backends.split(',') if b]
+  unknown = set(args.backend_list) - set(BACKENDS)
+  if unknown or not args.backend_list:
+    p.error(f'--backends takes a comma list of {BACKENDS}, got {args.backends!r}.')
+  if args.budget_s <= 0 or args.eval_every < 1:
+    p.error('--budget-s must be > 0 and --eval-every >= 1.')
+  return args
+
+
+def kip_config(args: argparse.Namespace):
+  """The run's `distill.DistillConfig`, as `ntkdd distill --algorithm kip --arch convnet` makes it.
+
+  Args:
+    args: the parsed flags.
+
+  Returns:
+    The validated config (its dtype and tile are ours; neural-tangents' are the worker's).
+  """
+  from ntkdd.common import choices  # pylint: disable=import-outside-toplevel
+  from ntkdd.server import distill  # pylint: disable=import-outside-toplevel
+  preprocess = (choices.AUTO_KERNEL_PREPROCESS['convnet'] if args.preprocess == 'auto'
+                else args.preprocess)
+  cfg = distill.DistillConfig(
+      algorithm='kip', dataset=args.dataset, data_dir=args.data_dir, cache_dir=args.cache_dir,
+      ipc=args.ipc, steps=args.steps, seed=args.seed, arch='convnet', depth=args.depth,
+      kernel='ntk', reg=args.reg, dtype=args.ours_dtype, tile=args.ours_tile,
+      preprocess=preprocess, image_size=args.image_size, init='real', learning_rate=args.lr,
+      lr_schedule=args.lr_schedule, learn_labels=args.learn_labels,
+      target_batch=args.target_batch, eval_test_size=args.test_size)
+  cfg.validate()
+  return cfg
+
+
+def make_backend(name: str, args: argparse.Namespace, arch):
+  """The kernel backend `name` ('nt' or 'ntkdd') of architecture `arch`."""
+  if name == 'nt':
+    import nt_kernels  # pylint: disable=import-outside-toplevel  (bench/, needs neural-tangents)
+    return nt_kernels.NtKernels(arch, tile=args.nt_tile, dtype=args.nt_dtype)
+  from ntkdd.server import backend  # pylint: disable=import-outside-toplevel
+  return backend.InProcessKernels(arch, tile=args.ours_tile, dtype=args.ours_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# The timed KIP run (worker process).
+
+def rng_digest(rng: np.random.Generator) -> str:
+  """A short digest of the generator's state: equal digests, equal target batches drawn."""
+  return hashlib.sha256(repr(rng.bit_generator.state).encode()).hexdigest()[:16]
+
+
+def timed_kip(algorithm, seed: int, steps: int, budget_s: float,
+              clock: Callable[[], float] = time.perf_counter) -> dict[str, np.ndarray]:
+  """Runs KIP steps until `steps` are done or `budget_s` of step wall time is spent.
+
+  The generator is used as `server/loop.run_steps` uses it (the start, then every step), so a
+  backend sees the batches a service run of the same seed draws. Only `algorithm.step` is
+  timed: the first step's time includes compiling the backend's kernel functions.
+
+  Args:
+    algorithm: a fresh `distill.KipSteps`.
+    seed: the run's seed.
+    steps: the schedule length (most steps to run).
+    budget_s: step wall time after which no new step starts.
+    clock: seconds (time.perf_counter).
+
+  Returns:
+    Arrays per step 0..done: 'step', 'wall_s' (cumulative step time), 'loss' and
+    'target_accuracy' (NaN at step 0), 'rng' (digests), 'images' and 'labels' (the support
+    after the step), and 'label_ids'.
+  """
+  rng = np.random.default_rng(seed)
+  algorithm.start(rng)
+  images, labels = algorithm.support(0)
+  rows = {'wall_s': [0.0], 'loss': [np.nan], 'target_accuracy': [np.nan],
+          'rng': [rng_digest(rng)], 'images': [np.array(images)], 'labels': [np.array(labels)]}
+  elapsed, done = 0.0, 0
+  while done < steps and elapsed < budget_s:
+    start = clock()
+    fields = algorithm.step(done, rng)
+    elapsed += clock() - start
+    done += 1
+    images, labels = algorithm.support(done)
+    for key, value in (('wall_s', elapsed), ('loss', fields['loss']),
+                       ('target_accuracy', fields['target_accuracy']), ('rng', rng_digest(rng)),
+                       ('images', np.array(images)), ('labels', np.array(labels))):
+      rows[key].append(value)
+  out = {key: np.asarray(value) for key, value in rows.items()}
+  out['step'] = np.arange(done + 1)
+  out['label_ids'] = np.asarray(algorithm.label_ids)
+  return out
+
+
+def run_worker(args: argparse.Namespace) -> None:
+  """Worker: the timed KIP run of backend `args.worker`, saved to `args.worker_out` (.npz)."""
+  from ntkdd.common import kernels  # pylint: disable=import-outside-toplevel
+  from ntkdd.server import distill  # pylint: disable=import-outside-toplevel
+  # JAX's float64 must be on before any array is made (the data's preprocessing included).
+  kernels.enable_float64_if(args.nt_dtype if args.worker == 'nt' else args.ours_dtype)
+  cfg = kip_config(args)
+  prepared = distill.prepare_data(cfg)
+  distill.check_fits_data(cfg, prepared)
+  backend = make_backend(args.worker, args, cfg.architecture())
+  run = timed_kip(distill.KipSteps(cfg, prepared, backend), cfg.seed, cfg.steps, args.budget_s)
+  np.savez(args.worker_out, **run)
+  print(f'{args.worker}: {len(run["step"]) - 1} steps in {run["wall_s"][-1]:.1f} s of step time',
+        file=sys.stderr)
+
+
+def launch_worker(name: str, argv: list[str], out_dir: str) -> dict[str, np.ndarray]:
+  """Runs backend `name`'s timed KIP run in a fresh subprocess; returns its arrays."""
+  out = os.path.join(out_dir, f'{name}-{WORKER_FILE}')
+  command = [sys.executable, os.path.abspath(__file__), *argv, '--worker', name,
+             '--worker-out', out]
+  subprocess.run(command, check=True)
+  with np.load(out) as f:
+    return {key: f[key] for key in f.files}
+
+
+def environment() -> dict[str, Optional[str]]:
+  """Versions of the environment (neural-tangents None where it is not importable)."""
+  from ntkdd.server import loop  # pylint: disable=import-outside-toplevel
+  env = dict(loop.versions())
+  try:
+    import neural_tangents  # pylint: disable=import-outside-toplevel
+    env['neural_tangents'] = neural_tangents.__version__
+  except ImportError:
+    env['neural_tangents'] = None
+  env['cpus'] = str(len(os.sched_getaffinity(0)))
+  return env
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation and comparison (this process, ntkdd's kernel).
+
+def evaluated_steps(last_step: int, every: int) -> list[int]:
+  """Step 0, every `every`-th step and the last one, in order."""
+  return sorted(set(range(0, last_step + 1, every)) | {last_step})
+
+
+def first_step_reaching(curve: dict[int, float], target: float,
+                        accuracy_at: Callable[[int], float]) -> Optional[int]:
+  """The first step whose accuracy is >= target: the first evaluated one, then bisected back
+  between it and the evaluated step before it (assuming one crossing in between).
+
+  Args:
+    curve: step -> accuracy of the evaluated steps.
+    target: the accuracy to reach.
+    accuracy_at: evaluates any step (memoised by the caller).
+
+  Returns:
+    The step, or None when no evaluated step reaches target.
+  """
+  ordered = sorted(curve)
+  for before, step in zip([None] + ordered, ordered):
+    if curve[step] < target:
+      continue
+    if before is None:
+      return step
+    below, reached = before, step
+    while reached - below > 1:
+      middle = (below + reached) // 2
+      if accuracy_at(middle) >= target:
+        reached = middle
+      else:
+        below = middle
+    return reached
+  return None
+
+
+class Evaluator:
+  """KRR test accuracy of the workers' support sets with ntkdd's kernel, memoised per step."""
+
+  def __init__(self, args: argparse.Namespace, runs: dict[str, dict]):
+    from ntkdd.common import kernels  # pylint: disable=import-outside-toplevel
+    from ntkdd.server import backend, distill, run_data  # pylint: disable=import-outside-toplevel
+    kernels.enable_float64_if(args.eval_dtype)   # before the data's arrays are made
+    cfg = kip_config(args)
+    self.cfg, self.runs, self._run_data = cfg, runs, run_data
+    self.prepared = distill.prepare_data(cfg)
+    self.backend = backend.InProcessKernels(cfg.architecture(), tile=args.ours_tile,
+                                            dtype=args.eval_dtype)
+    self.test_images = (len(self.prepared.y_test)
+                        if run_data.fixed_test_rows(self.prepared, cfg.eval_test_size, cfg.seed)
+                        is None else cfg.eval_test_size)
+    self.points = {name: {} for name in runs}   # name -> step -> (accuracy, eval seconds)
+
+  def accuracy(self, name: str, step: int) -> float:
+    """Test accuracy of backend `name`'s support set after `step` steps."""
+    if step not in self.points[name]:
+      run, start = self.runs[name], time.perf_counter()
+      accuracy = self._run_data.krr_test_accuracy(
+          self.backend, self.prepared, run['images'][step], run['labels'][step], self.cfg.kernel,
+          self.cfg.reg, self.cfg.eval_test_size, self.cfg.seed)
+      self.points[name][step] = (accuracy, time.perf_counter() - start)
+      print(f'eval {name} step {step}: {accuracy:.4f} ({self.points[name][step][1]:.1f} s)',
+            file=sys.stderr)
+    return self.points[name][step][0]
+
+  def curve(self, name: str) -> list[dict]:
+    """The evaluated points of `name`, in step order: step, wall_s, test_accuracy, eval_s."""
+    run = self.runs[name]
+    return [{'step': int(step), 'wall_s': float(run['wall_s'][step]), 'test_accuracy': acc,
+             'eval_s': secs} for step, (acc, secs) in sorted(self.points[name].items())]
+
+
+def compare(evaluator: Evaluator) -> Optional[dict]:
+  """Ours' time to neural-tangents' final accuracy (None unless both backends ran).
+
+  Returns:
+    nt's final accuracy and step wall time, the first step at which ours reached it and the
+    step wall time there, their ratio and whether it meets the goal (<= GOAL_RATIO).
+  """
+  if not {'nt', 'ntkdd'} <= set(evaluator.runs):
+    return None
+  nt_run = evaluator.runs['nt']
+  nt_final = evaluator.accuracy('nt', len(nt_run['step']) - 1)
+  nt_wall = float(nt_run['wall_s'][-1])
+  curve = {step: acc for step, (acc, _) in evaluator.points['ntkdd'].items()}
+  step = first_step_reaching(curve, nt_final, lambda s: evaluator.accuracy('ntkdd', s))
+  ours_s = None if step is None else float(evaluator.runs['ntkdd']['wall_s'][step])
+  ratio = None if ours_s is None or not nt_wall else ours_s / nt_wall
+  return {'nt_final_accuracy': nt_final, 'nt_wall_s': nt_wall, 'ours_step_reaching': step,
+          'ours_s_to_nt_final': ours_s, 'ratio': ratio, 'goal_ratio': GOAL_RATIO,
+          'goal_met': None if ratio is None else ratio <= GOAL_RATIO}
+
+
+def run_summary(name: str, run: dict, curve: list[dict], args: argparse.Namespace) -> dict:
+  """One backend's row of the results: settings, steps, times and its curves."""
+  wall = run['wall_s']
+  return {
+      'backend': name,
+      'dtype': args.nt_dtype if name == 'nt' else args.ours_dtype,
+      'tile': args.nt_tile if name == 'nt' else args.ours_tile,
+      'steps_done': int(len(run['step']) - 1), 'step_wall_s': float(wall[-1]),
+      'first_step_s': float(wall[1]) if len(wall) > 1 else None,
+      'eval_s_total': float(sum(point['eval_s'] for point in curve)),
+      'initial_test_accuracy': curve[0]['test_accuracy'],
+      'final_test_accuracy': curve[-1]['test_accuracy'],
+      'curve': curve,
+      'steps': [{'step': int(s), 'wall_s': float(wall[s]),
+                 'loss': None if np.isnan(run['loss'][s]) else float(run['loss'][s]),
+                 'target_accuracy': (None if np.isnan(run['target_accuracy'][s])
+                                     else float(run['target_accuracy'][s]))}
+                for s in run['step']],
+  }
+
+
+def same_start(runs: dict[str, dict]) -> dict[str, bool]:
+  """Whether the backends started from the same support and drew the same target batches
+  (equal generator digests over the steps all of them ran)."""
+  first = list(runs.values())
+  common = min(len(run['rng']) for run in first)
+  return {
+      'same_initial_support': all(np.array_equal(run['images'][0], first[0]['images'][0]) and
+                                  np.array_equal(run['label_ids'], first[0]['label_ids'])
+                                  for run in first),
+      'same_target_batches': all(list(run['rng'][:common]) == list(first[0]['rng'][:common])
+                                 for run in first),
+  }
+
+
+def _fmt(value, spec: str) -> str:
+  return '-' if value is None else format(value, spec)
+
+
+def table(summaries: list[dict], comparison: Optional[dict]) -> str:
+  """The Markdown table of the results."""
+  lines = ['| backend | dtype | steps done | step wall s | first step s (compile) | eval s '
+           '| initial KRR test acc | final KRR test acc | ours s to nt final | ratio |',
+           '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|']
+  for row in summaries:
+    ours = row['backend'] == 'ntkdd' and comparison is not None
+    reached = comparison['ours_s_to_nt_final'] if ours else None
+    ratio = comparison['ratio'] if ours else None
+    missed = ours and reached is None
+    lines.append(
+        f"| {row['backend']} | {row['dtype']} | {row['steps_done']} | {row['step_wall_s']:.1f} "
+        f"| {_fmt(row['first_step_s'], '.1f')} | {row['eval_s_total']:.1f} "
+        f"| {100 * row['initial_test_accuracy']:.2f}% | {100 * row['final_test_accuracy']:.2f}% "
+        f"| {'not reached' if missed else _fmt(reached, '.1f')} | {_fmt(ratio, '.3f')} |")
+  return '\n'.join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+  """Runs the benchmark (or, with --worker, one backend's timed run); returns the results."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  args = parse_args(argv)
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/nt_kernels.py
+  if args.worker:
+    run_worker(args)
+    return {}
+  started = time.time()
+  with tempfile.TemporaryDirectory(prefix='kip_vs_nt-') as tmp:
+    runs = {name: launch_worker(name, argv, tmp) for name in args.backend_list}
+  evaluator = Evaluator(args, runs)
+  for name, run in runs.items():
+    for step in evaluated_steps(len(run['step']) - 1, args.eval_every):
+      evaluator.accuracy(name, step)
+  comparison = compare(evaluator)
+  summaries = [run_summary(name, runs[name], evaluator.curve(name), args) for name in runs]
+  results = {
+      'benchmark': 'kip_vs_nt', 'created': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
+      'argv': argv, 'config': {k: v for k, v in vars(args).items()
+                               if k not in ('worker', 'worker_out', 'backend_list')},
+      'preprocess': evaluator.cfg.preprocess,
+      'image_shape': list(evaluator.prepared.x_train.shape[1:]),
+      'test_images': evaluator.test_images, 'environment': environment(),
+      'checks': same_start(runs), 'comparison': comparison, 'runs': summaries,
+      'total_wall_s': time.time() - started,
+  }
+  print(table(summaries, comparison))
+  print(f"test images: {evaluator.test_images}; checks: {results['checks']}")
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(results, f, indent=1)
+  return results
+
+
+if __name__ == '__main__':
+  main()
