@@ -61,7 +61,8 @@ def _run_title(config: dict) -> str:
   flags = config.get('flags', {})
   dataset = config.get('dataset', {}).get('name', flags.get('dataset', '?'))
   algorithm = str(flags.get('algorithm', '?')).upper()
-  return f'{algorithm} on {dataset}, {flags.get("ipc", "?")} images per class'
+  ipc = flags.get('ipc', '?')
+  return f'{algorithm} on {dataset}, {ipc} image{"" if ipc == 1 else "s"} per class'
 
 
 def render_run(run_dir: PathLike) -> list[Path]:
