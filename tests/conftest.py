@@ -1,10 +1,24 @@
-"""Shared fixtures: tiny datasets written in the standard formats."""
+"""Shared fixtures: tiny datasets written in the standard formats; loading bench/ scripts."""
+import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
+BENCH_DIR = Path(__file__).resolve().parents[1] / 'bench'
+
+
+def load_bench(name: str):
+  """The module of bench/<name>.py (bench/ is no package; its scripts import each other, so
+  the folder goes on sys.path)."""
+  spec = importlib.util.spec_from_file_location(name, BENCH_DIR / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  if str(BENCH_DIR) not in sys.path:
+    sys.path.insert(0, str(BENCH_DIR))
+  spec.loader.exec_module(module)
+  return module
 
 
 def make_tiny_npz(path: Path, classes: int = 3, per_class: int = 12, test_per_class: int = 6,

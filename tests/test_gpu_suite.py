@@ -3,24 +3,20 @@
 Runs the suite's script as a user does (parts in their own processes, each with its limit) and
 checks the JSON and the Markdown table; the numbers themselves are a CPU's and tiny-sized.
 """
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_bench
 
 REPO = Path(__file__).resolve().parents[1]
 SUITE = REPO / 'bench' / 'gpu_suite.py'
 
 
 def load_suite():
-  spec = importlib.util.spec_from_file_location('gpu_suite', SUITE)
-  module = importlib.util.module_from_spec(spec)
-  sys.path.insert(0, str(SUITE.parent))
-  spec.loader.exec_module(module)
-  return module
+  return load_bench('gpu_suite')
 
 
 @pytest.fixture(scope='module')

@@ -1,22 +1,11 @@
 """bench/kip_vs_nt.py without neural-tangents: ntkdd's backend end to end on a tiny dataset, and the bisection."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / 'bench' / 'kip_vs_nt.py'
-
-
-def load_bench():
-  spec = importlib.util.spec_from_file_location('kip_vs_nt', BENCH)
-  module = importlib.util.module_from_spec(spec)
-  sys.path.insert(0, str(BENCH.parent))
-  spec.loader.exec_module(module)
-  return module
+from conftest import load_bench
 
 
 def test_first_step_reaching_bisects_back_to_the_first_crossing():
-  bench = load_bench()
+  bench = load_bench('kip_vs_nt')
   accuracies = {s: min(1.0, 0.1 * s) for s in range(11)}   # 0.1 per step
   asked = []
 
@@ -33,7 +22,7 @@ def test_first_step_reaching_bisects_back_to_the_first_crossing():
 
 
 def test_ntkdd_backend_runs_within_its_budget_and_writes_its_curve(tiny_npz, tmp_path):
-  bench = load_bench()
+  bench = load_bench('kip_vs_nt')
   out = tmp_path / 'kip_vs_nt.json'
   results = bench.main(['--dataset', tiny_npz, '--data-dir', str(tmp_path), '--cache-dir',
                         str(tmp_path / 'cache'), '--backends', 'ntkdd', '--depth', '1',
