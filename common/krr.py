@@ -12,6 +12,8 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
+from ntkdd.common import cotangents
+
 
 class KrrGradients(NamedTuple):
   """The KIP loss on one target batch and its gradients with respect to the small matrices."""
@@ -20,6 +22,8 @@ class KrrGradients(NamedTuple):
   d_k_ss: np.ndarray        # (n_s, n_s), as a cotangent of the (symmetric) matrix K_ss
   d_k_ts: np.ndarray        # (n_t, n_s)
   d_y_s: np.ndarray         # (n_s, C)
+  alpha: Optional[np.ndarray] = None      # (n_s, C): A^-1 y_s
+  residual: Optional[np.ndarray] = None   # (n_t, C): predictions - y_t
 
 
 def _check_reg(reg: float) -> None:
@@ -78,7 +82,34 @@ def loss_and_gradients(k_ss: np.ndarray, k_ts: np.ndarray, y_s: np.ndarray, y_t:
   d_a = -beta @ alpha.T
   d_k_ss = d_a + (reg / n) * np.trace(d_a) * np.eye(n)
   return KrrGradients(loss=loss, predictions=predictions, d_k_ss=d_k_ss,
-                      d_k_ts=residual @ alpha.T, d_y_s=beta)
+                      d_k_ts=residual @ alpha.T, d_y_s=beta, alpha=alpha, residual=residual)
+
+
+def kip_cotangent_factors(g: KrrGradients, reg: float) -> cotangents.LowRankCotangent:
+  """KIP's cotangent on K(support, [support; targets]) as low-rank factors.
+
+  The dense cotangent (common/kip.py) is [dL/dK_ss + dL/dK_ss^T, dL/dK_ts^T]. From
+  `loss_and_gradients`' formulas, with d_a = -beta alpha^T and t = tr(d_a) = -sum(beta * alpha):
+    dL/dK_ss + dL/dK_ss^T = -(beta alpha^T + alpha beta^T) + 2 (reg/n) t I,
+    dL/dK_ts^T = alpha r^T,
+  i.e. left = [alpha, beta], right = [[-beta, -alpha]; [r, 0]] and diagonal 2 (reg/n) t: rank
+  2 C, (n_s + n_s + n_t) x 2 C numbers instead of n_s x (n_s + n_t). Equal to the dense
+  cotangent up to float64 rounding (the sums run in another order).
+
+  Args:
+    g: `loss_and_gradients`' result (its alpha and residual).
+    reg: the ridge lambda it was computed with.
+
+  Returns:
+    The (n_s, n_s + n_t) cotangent's factors.
+  """
+  alpha, beta, residual = g.alpha, g.d_y_s, g.residual
+  n = len(alpha)
+  trace = -float(np.sum(beta * alpha))
+  left = np.concatenate([alpha, beta], axis=1)
+  right = np.concatenate([np.concatenate([-beta, -alpha], axis=1),
+                          np.concatenate([residual, np.zeros_like(residual)], axis=1)])
+  return cotangents.LowRankCotangent(left, right, 2 * (reg / n) * trace)
 
 
 def label_solve(k_ss: np.ndarray, k_ts: np.ndarray, y_t: np.ndarray, reg: float,

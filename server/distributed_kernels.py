@@ -46,6 +46,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from ntkdd.common import kernels, sources
+from ntkdd.common.cotangents import LowRankCotangent
 from ntkdd.server import block_plan
 from ntkdd.server.cache_broadcast import CacheBroadcast
 from ntkdd.server.deadline import Caller as _Caller
@@ -73,7 +74,8 @@ class DistributedKernels(CacheBroadcast, GroupRequests, WorkerHealth):
                *, dtype: str = 'float32', grace_s: float = 120.0, retry_backoff_s: float = 1.0,
                max_backoff_s: float = 30.0, max_task_attempts: int = 4, poll_s: float = 0.1,
                plan: str = 'tiles', tasks_per_worker: int = 2, tail_halvings: int = 2,
-               broadcast: str = 'direct', tree_fanout: int = 8, group_size: int = 1):
+               broadcast: str = 'direct', tree_fanout: int = 8, group_size: int = 1,
+               one_kernel: bool = False, cotangent_factors: bool = False):
     """Args beyond the protocol's:
       block: rows and columns of the square blocks a worker computes per call (plan 'tiles').
       deadline_s: a worker call taking longer marks the worker down (the call is abandoned).
@@ -99,6 +101,15 @@ class DistributedKernels(CacheBroadcast, GroupRequests, WorkerHealth):
         worker holds goes as one request per group of g workers (see the module docstring);
         the vjp sums differ in rounding from g = 1 (partial sums per group first), but are
         as reproducible.
+      one_kernel: tell KIP (`common/kip.py`) that kernel() takes `names`, so its kernel round
+        asks the workers for the one kernel it reads (half the answer bytes; the same bits).
+      cotangent_factors: tell KIP that vjp() takes low-rank cotangents
+        (`common/cotangents.LowRankCotangent`). A group call then publishes their factors
+        once as caches (broadcast like the images) and the group leaders form each block's
+        cotangent: neither the (n1, n2) matrix nor its blocks pass through the coordinator.
+        The cotangents equal the dense ones to float64 rounding (then cast to `dtype`), so
+        the gradient agrees with the dense path to float32 rounding, not bit for bit. Block
+        calls (g = 1, or workers without peers) use the factors' dense matrix.
     """
     if not workers:
       raise ValueError('DistributedKernels needs at least one worker handle.')
@@ -110,6 +121,7 @@ class DistributedKernels(CacheBroadcast, GroupRequests, WorkerHealth):
                        f'of {BROADCASTS} (got {broadcast!r}), tree_fanout >= 1 and '
                        f'group_size >= 1 (got {group_size}).')
     self.group_size = int(group_size)
+    self.one_kernel, self.cotangent_factors = bool(one_kernel), bool(cotangent_factors)
     self._busy_groups: set[int] = set()    # groups whose worker is leading a request
     # Set while a call goes block by block: with group_size > 1 only the groups' leaders
     # wait for work otherwise (hundreds of idle threads on the queue cost the CPU we save).
@@ -160,15 +172,25 @@ class DistributedKernels(CacheBroadcast, GroupRequests, WorkerHealth):
 
   # -- The backend protocol. ------------------------------------------------------------------
 
-  def kernel(self, x1: np.ndarray, x2: Optional[np.ndarray] = None) -> dict:
-    """{'ntk', 'nngp'}: (n1, n2) kernels; x2 None: K(x1, x1) from the upper block triangle."""
+  def kernel(self, x1: np.ndarray, x2: Optional[np.ndarray] = None,
+             names: Sequence[str] = kernels.KERNELS) -> dict:
+    """{'ntk', 'nngp'}: (n1, n2) kernels; x2 None: K(x1, x1) from the upper block triangle.
+
+    `names`: the kernels to compute and return (default both); fewer: the workers answer only
+    those (protocol.KERNELS_FIELD), the same values in half the bytes.
+    """
+    names = tuple(names)
+    if not names or not set(names) <= set(kernels.KERNELS) or len(set(names)) != len(names):
+      raise ValueError(f'names must be distinct kernels of {kernels.KERNELS}, got {names}.')
+    # Both: the historical request, byte for byte; else the field older workers ignore.
+    asked = {} if names == tuple(kernels.KERNELS) else {protocol.KERNELS_FIELD: list(names)}
     with self._call_lock:
       start = time.perf_counter()
       symmetric = x2 is None
       x1 = self._as_images(x1, 'x1')
       parts = self._column_parts(x1, x2)
       n1, n2 = len(x1), (parts[-1].stop if parts else 0)
-      out = {name: np.zeros((n1, n2), self.dtype) for name in kernels.KERNELS}
+      out = {name: np.zeros((n1, n2), self.dtype) for name in names}
       if n1 and n2:
         blocks, pads = self._plan_blocks(n1, parts, symmetric)
         fields, caches, groups = self._sources(x1, parts, len({rows for rows, _, _ in blocks}))
@@ -180,20 +202,20 @@ class DistributedKernels(CacheBroadcast, GroupRequests, WorkerHealth):
             out[name][c0:c1, r0:r1] = block.T
 
         def build_request(task: _Task, worker: _Worker) -> dict:
-          return {**fields(task, worker), **pads(task)}
+          return {**fields(task, worker), **pads(task), **asked}
 
         def deliver(task: _Task, response: dict) -> None:
           (r0, r1), (c0, c1) = task.rows, task.cols
-          for name in kernels.KERNELS:
+          for name in names:
             place(task.rows, task.cols, name, _checked(response, name, (r1 - r0, c1 - c0)))
           progress.add((r1 - r0) * (c1 - c0))
 
         def deliver_group(task: _Task, response: dict) -> None:
-          flat = {name: _checked(response, name, (task.pairs,)) for name in kernels.KERNELS}
+          flat = {name: _checked(response, name, (task.pairs,)) for name in names}
           offset = 0
           for rows, cols, _ in task.blocks:
             shape = (rows[1] - rows[0], cols[1] - cols[0])
-            for name in kernels.KERNELS:
+            for name in names:
               place(rows, cols, name, flat[name][offset:offset + shape[0] * shape[1]].reshape(
                   shape))
             offset += shape[0] * shape[1]
@@ -201,7 +223,9 @@ class DistributedKernels(CacheBroadcast, GroupRequests, WorkerHealth):
 
         if groups:
           group_fields = self._group_fields(x1, parts, caches, pads, 'kernel_block')
-          call = _Call(GROUP_METHOD, caches, group_fields, deliver_group)
+          call = _Call(GROUP_METHOD, caches,
+                       lambda task, worker: {**group_fields(task, worker), **asked},
+                       deliver_group)
         else:
           call = _Call('kernel_block', caches, build_request, deliver)
         progress = KernelProgress('kernel', sum((r1 - r0) * (c1 - c0)
@@ -219,12 +243,19 @@ class DistributedKernels(CacheBroadcast, GroupRequests, WorkerHealth):
       x1 = self._as_images(x1, 'x1')
       parts = self._column_parts(x1, x2)
       n1, n2 = len(x1), (parts[-1].stop if parts else 0)
+      given = {name: g for name, g in (('g_ntk', g_ntk), ('g_nngp', g_nngp)) if g is not None}
+      factored = {name: _as_factors(g, name, (n1, n2)) for name, g in given.items()
+                  if isinstance(g, LowRankCotangent)}
       cotangents = {name: self._as_cotangent(g, name, (n1, n2))
-                    for name, g in (('g_ntk', g_ntk), ('g_nngp', g_nngp)) if g is not None}
+                    for name, g in given.items() if name not in factored}
       grad = np.zeros(x1.shape, self.dtype)
-      if n1 and n2 and cotangents:
+      if n1 and n2 and given:
         blocks, pads = self._plan_blocks(n1, parts, False)
         fields, caches, groups = self._sources(x1, parts, len({rows for rows, _, _ in blocks}))
+        if not groups:   # block requests carry their cotangent blocks: form the matrix here
+          cotangents.update({name: self._as_cotangent(g.dense(), name, (n1, n2))
+                             for name, g in factored.items()})
+          factored = {}
         partials: dict[int, tuple] = {}
 
         def build_request(task: _Task, worker: _Worker) -> dict:
@@ -247,13 +278,16 @@ class DistributedKernels(CacheBroadcast, GroupRequests, WorkerHealth):
           partials[task.index] = (rows, _checked(response, 'grad', (len(rows),) + x1.shape[1:]))
 
         if groups:
-          group_fields = self._group_fields(x1, parts, caches, pads, 'vjp_block')
+          group_fields = self._group_fields(x1, parts, caches, pads,
+                                            protocol.VJP_FACTORS if factored else 'vjp_block')
+          # After the group fields: the members need not fetch the factors, only leaders.
+          factor_fields = self._publish_factors(factored, caches)
 
           def build_group(task: _Task, worker: _Worker) -> dict:
             flat = {name: np.concatenate([g[r0:r1, c0:c1].ravel()
                                           for (r0, r1), (c0, c1), _ in task.blocks])
                     for name, g in cotangents.items()}
-            return {**group_fields(task, worker), **flat}
+            return {**group_fields(task, worker), **flat, **factor_fields}
 
           call = _Call(GROUP_METHOD, caches, build_group, deliver_group)
         else:
@@ -603,3 +637,13 @@ class DistributedKernels(CacheBroadcast, GroupRequests, WorkerHealth):
   def _count(self, pairs: int, start: float) -> None:
     self.pairs += pairs
     self.seconds += time.perf_counter() - start
+
+
+def _as_factors(g: LowRankCotangent, name: str, shape: tuple) -> LowRankCotangent:
+  """`g` with float64 factors, checked to be a cotangent of `shape`."""
+  left, right = np.asarray(g.left, np.float64), np.asarray(g.right, np.float64)
+  if left.ndim != 2 or right.ndim != 2 or left.shape[1] != right.shape[1] or (
+      (len(left), len(right)) != shape):
+    raise ValueError(f'{name}: low-rank factors {left.shape} and {right.shape} do not make a '
+                     f'{shape} cotangent (rows x1, columns x2).')
+  return LowRankCotangent(left, right, float(g.diagonal))

@@ -41,13 +41,16 @@ from typing import Any
 
 import numpy as np
 
+from ntkdd.common import cotangents
 from ntkdd.workers import protocol
 
 GROUP_FANOUT = 4          # members fetching the caches from one member at once
 LANES_PER_MEMBER = 2      # blocks in flight per member, so the next one is waiting (but
                           # at the end of a round)
 MAX_BLOCK_ATTEMPTS = 3
-METHODS = ('kernel_block', 'vjp_block')
+METHODS = ('kernel_block', 'vjp_block', protocol.VJP_FACTORS)
+MEMBER_METHOD = {'kernel_block': 'kernel_block', 'vjp_block': 'vjp_block',
+                 protocol.VJP_FACTORS: 'vjp_block'}   # what the members are asked per block
 
 
 class GroupError(Exception):
@@ -84,11 +87,11 @@ class GroupLeader:
         raise GroupError(protocol.STALE_CACHE, f'Group leader {own}: cache {name!r} version '
                                            f'{version} requested, but it holds '
                                            f'{"nothing" if held is None else held[0]}.')
-    run = _GroupRun(self, method, members, block_requests, caches)
+    run = _GroupRun(self, MEMBER_METHOD[method], members, block_requests, caches)
     results, dropped = run.run()
     out: dict = {'dropped': dropped}
     if method == 'kernel_block':
-      for name in ('ntk', 'nngp'):
+      for name in _asked_kernels(request):
         out[name] = np.concatenate([results[i][name].reshape(-1) for i in range(len(blocks))])
       return out
     rows = np.unique(np.concatenate([np.arange(r0, r1) for r0, r1, *_ in blocks]))
@@ -268,10 +271,16 @@ def _parse(request: dict, worker: Any) -> tuple:
   for pad in ('pad_rows', 'pad_cols'):
     if pad in request:
       base[pad] = request[pad]
-  cotangents = {name: request[name] for name in ('g_ntk', 'g_nngp')
-                if method == 'vjp_block' and isinstance(request.get(name), np.ndarray)}
+  if method == 'kernel_block' and protocol.KERNELS_FIELD in request:
+    base[protocol.KERNELS_FIELD] = list(_asked_kernels(request))
+  flats = {name: request[name] for name in ('g_ntk', 'g_nngp')
+           if method != 'kernel_block' and isinstance(request.get(name), np.ndarray)}
+  factors = _factors(request, worker) if method == protocol.VJP_FACTORS else {}
+  for name, g in factors.items():
+    if any(r1 > g.shape[0] or c1 > g.shape[1] for r0, r1, c0, c1, _ in blocks):
+      raise GroupError(bad, f'{name}: the blocks reach outside its {g.shape} factors.')
   total = sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1, _ in blocks)
-  for name, flat in cotangents.items():
+  for name, flat in flats.items():
     if flat.ndim != 1 or len(flat) != total:
       raise GroupError(bad, f'{name} has shape {flat.shape}, expected ({total},): the blocks\' '
                             f'cotangents flattened in block order.')
@@ -293,8 +302,48 @@ def _parse(request: dict, worker: Any) -> tuple:
       fields.update(cols_cache=part.get('cache'), cols_version=part.get('version'),
                     cols_start=span[0], cols_stop=span[1])
     pairs = (r1 - r0) * (c1 - c0)
-    for name, flat in cotangents.items():
+    for name, flat in flats.items():
       fields[name] = flat[offset:offset + pairs].reshape(r1 - r0, c1 - c0)
     offset += pairs
-    builders.append(lambda fields=fields: protocol.encode(fields))
+    builders.append(lambda fields=fields, at=(r0, r1, c0, c1): protocol.encode(
+        {**fields, **_factor_blocks(factors, at, worker.dtype)}))
   return method, members, blocks, builders, caches
+
+
+def _asked_kernels(request: dict) -> tuple:
+  try:
+    return protocol.asked_kernels(request)
+  except ValueError as e:
+    raise GroupError(protocol.BAD_REQUEST, str(e)) from e
+
+
+def _factors(request: dict, worker: Any) -> dict:
+  """{cotangent name: LowRankCotangent} of a vjp_factors request, from this worker's caches."""
+  described = request.get('cotangent_factors')
+  if not (isinstance(described, dict) and described
+          and set(described) <= set(protocol.FACTOR_CACHES)):
+    raise GroupError(protocol.BAD_REQUEST, f'{protocol.VJP_FACTORS} needs `cotangent_factors`: '
+                                           f'{{name in {tuple(protocol.FACTOR_CACHES)}: '
+                                           f'{{"cache", "version", "rows"}}}}.')
+  out = {}
+  for name, spec in described.items():
+    if not (isinstance(spec, dict) and isinstance(spec.get('cache'), str)
+            and isinstance(spec.get('version'), int) and isinstance(spec.get('rows'), int)):
+      raise GroupError(protocol.BAD_REQUEST, f'cotangent_factors[{name!r}] must be '
+                                             f'{{"cache": str, "version": int, "rows": int}}.')
+    held = worker._images.get(spec['cache'])
+    if held is None or held[0] != spec['version']:
+      raise GroupError(protocol.STALE_CACHE, f'Group leader {worker.worker_id}: cache '
+                                             f'{spec["cache"]!r} version {spec["version"]} '
+                                             f'requested, but it holds '
+                                             f'{"nothing" if held is None else held[0]}.')
+    try:
+      out[name] = cotangents.unpack(held[1], spec['rows'])
+    except ValueError as e:
+      raise GroupError(protocol.BAD_REQUEST, f'cotangent_factors[{name!r}]: {e}') from e
+  return out
+
+
+def _factor_blocks(factors: dict, at: tuple, dtype: np.dtype) -> dict:
+  """Each factored cotangent's block `at` (r0, r1, c0, c1), formed here in `dtype`."""
+  return {name: g.block(*at).astype(dtype) for name, g in factors.items()}
