@@ -35,7 +35,8 @@ after the scaling work, measured side by side; 'groups' is 'tree' with one reque
 of --group-size workers per round (`DistributedKernels(group_size=...)`; 'auto': about
 sqrt(workers), 1 up to 16 workers), led over the group by one of its workers; 'factors' adds
 the vjp cotangents as low-rank factors the group leaders expand (`cotangent_factors=True`),
-'lean' also answers only the kernel KIP reads (`one_kernel=True`). Each result is
+'lean' also answers only the kernel KIP reads (`one_kernel=True`), 'split' also sends each
+group's request as a head (3/4 of its pairs) and a tail beside it (`requests_per_group=2`). Each result is
 checked against the surrogate kernel computed here on the whole arrays (first step).
 `requests` counts the coordinator's block or group requests per step (`blocks` the blocks).
 
@@ -74,11 +75,14 @@ STAGES = {
     'groups': ('balanced', 'tree', 2),          # ... and one request per group of workers
     'factors': ('balanced', 'tree', 2),         # ... and the vjp cotangents as factors
     'lean': ('balanced', 'tree', 2),            # ... and only the kernel KIP reads answered
+    'split': ('balanced', 'tree', 2),           # ... and a head and a tail request per group
 }
-GROUPED = ('groups', 'factors', 'lean')   # stages with group_size = --group-size (else 1)
+GROUPED = ('groups', 'factors', 'lean', 'split')   # stages with group_size = --group-size (else 1)
 # DistributedKernels options of the round-3 stages (issue 18): the KIP round's wire.
 STAGE_OPTIONS = {'factors': {'cotangent_factors': True},
-                 'lean': {'cotangent_factors': True, 'one_kernel': True}}
+                 'lean': {'cotangent_factors': True, 'one_kernel': True},
+                 'split': {'cotangent_factors': True, 'one_kernel': True,
+                           'requests_per_group': 2}}
 
 
 def group_size(args, stage: str, workers: int) -> int:

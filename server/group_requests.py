@@ -47,6 +47,8 @@ class GroupRequests:
       out = {'method': method, 'members': [w.peer_id for w in self._members(worker)],
              'blocks': blocks, 'parts': described, 'rows_cache': ROWS,
              'rows_version': caches[ROWS], 'caches': dict(member_caches), **fixed_pads}
+      if task.is_tail:   # its leader starts its blocks when the head's are all started
+        out['tail'] = True
       for i in sorted({b[4] for b in blocks}):
         if parts[i].kind == 'dataset':
           out[f'part{i}_indices'] = parts[i].indices

@@ -69,12 +69,18 @@ class GroupLeader:
     self._pool = None
     self._lock = threading.Lock()
     self._held: dict[str, dict] = {}     # member peer id -> {cache name: version} it fetched
+    # One condition for all the runs this worker leads: a tail run's lanes wait until the
+    # head runs have started all their blocks.
+    self.cond = threading.Condition()
+    self.heads: list = []                # head runs in progress (guarded by `cond`)
+    self._fetching: dict[str, threading.Lock] = {}   # member peer id -> its fetch lock
 
   def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
     with self._lock:
       if self._pool is None:
         self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=LANES_PER_MEMBER * (len(self.worker._peers) + 1),
+            # a head and a tail run at once (requests_per_group=2)
+            max_workers=2 * LANES_PER_MEMBER * (len(self.worker._peers) + 1),
             thread_name_prefix=f'ntkdd-group{self.worker.worker_id}')
       return self._pool
 
@@ -87,8 +93,18 @@ class GroupLeader:
         raise GroupError(protocol.STALE_CACHE, f'Group leader {own}: cache {name!r} version '
                                            f'{version} requested, but it holds '
                                            f'{"nothing" if held is None else held[0]}.')
-    run = _GroupRun(self, MEMBER_METHOD[method], members, block_requests, caches)
-    results, dropped = run.run()
+    tail = request.get('tail') is True
+    run = _GroupRun(self, MEMBER_METHOD[method], members, block_requests, caches, tail)
+    if not tail:
+      with self.cond:
+        self.heads.append(run)
+    try:
+      results, dropped = run.run()
+    finally:
+      if not tail:
+        with self.cond:
+          self.heads.remove(run)
+          self.cond.notify_all()
     out: dict = {'dropped': dropped}
     if method == 'kernel_block':
       for name in _asked_kernels(request):
@@ -109,6 +125,14 @@ class GroupLeader:
     own = str(self.worker.worker_id)
     if member == own:
       return
+    with self._lock:   # one fetch per member at a time: a head's and a tail's lanes share it
+      member_lock = self._fetching.setdefault(member, threading.Lock())
+    with member_lock:
+      self._fetch_member_caches(member, handle, source, caches, force)
+
+  def _fetch_member_caches(self, member: str, handle: Any, source: str, caches: dict,
+                           force: bool) -> None:
+    own = str(self.worker.worker_id)
     for name, version in caches.items():
       with self._lock:
         if not force and self._held.get(member, {}).get(name) == version:
@@ -129,8 +153,8 @@ class _GroupRun:
   """One group request: lanes per member pulling blocks from a shared queue."""
 
   def __init__(self, leader: GroupLeader, method: str, members: list, block_requests: list,
-               caches: dict):
-    self.leader, self.method, self.members = leader, method, members
+               caches: dict, tail: bool = False):
+    self.leader, self.method, self.members, self.tail = leader, method, members, tail
     self.requests, self.caches = block_requests, caches
     self.pending = collections.deque(range(len(block_requests)))
     self.results: list = [None] * len(block_requests)
@@ -138,7 +162,7 @@ class _GroupRun:
     self.done = 0
     self.dropped: dict[str, str] = {}
     self.error: Any = None
-    self.cond = threading.Condition()
+    self.cond = leader.cond
     self.ready = {m: threading.Event() for m in members}
 
   def run(self) -> tuple[list, dict]:
@@ -172,6 +196,11 @@ class _GroupRun:
       if hook is not None:
         hook(time.thread_time() - start_cpu)
 
+  def _behind_heads(self) -> bool:
+    """A tail run waits while a head run of this leader has blocks to start (the caller
+    holds `cond`)."""
+    return self.tail and any(run.pending and run.error is None for run in self.leader.heads)
+
   def _drop(self, member: str, message: str, index: Any = None) -> None:
     with self.cond:
       self.dropped.setdefault(member, message)
@@ -202,13 +231,16 @@ class _GroupRun:
         # A second lane takes a block only while there are more than the members can start:
         # at the end of a round a block queued behind its member's running one would wait
         # while other members sit idle.
-        while ((not self.pending or (lane and len(self.pending) <= len(self.members)))
+        while ((not self.pending or (lane and len(self.pending) <= len(self.members))
+                or self._behind_heads())
                and self.done < len(self.requests) and self.error is None
                and member not in self.dropped):
           self.cond.wait()
         if self.error is not None or member in self.dropped or not self.pending:
           return
         index = self.pending.popleft()
+        if not self.pending:   # a tail run's lanes may start now
+          self.cond.notify_all()
         self.attempts[index] += 1
         if self.attempts[index] > MAX_BLOCK_ATTEMPTS:
           self.error = GroupError(protocol.EXCEPTION, f'block {index} failed {MAX_BLOCK_ATTEMPTS} '
