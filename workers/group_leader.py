@@ -7,13 +7,16 @@ it (the leader) hands the blocks to the group's members (itself included) over i
 handles, a few in flight per member, each member pulling the next block when one is done, and
 answers the whole group's work at once:
 
-  kernel_block  the blocks' 'ntk' and 'nngp' values, flattened and concatenated in block order;
+  kernel_block  the blocks' 'ntk' and 'nngp' values (or those of the `kernels` field),
+                flattened and concatenated in block order;
   vjp_block     ONE partial gradient: 'grad' for the rows 'grad_rows' the blocks touch, the
                 blocks' partial gradients summed in block order (so the result does not depend
                 on which member computed which block).
 
 The request (a wire message; see `group_request_fields` for the coordinator's side):
-  method        'kernel_block' or 'vjp_block': what each block is.
+  method        'kernel_block', 'vjp_block' or 'vjp_factors' (a vjp_block whose cotangents
+                the leader forms per block from low-rank factors it caches, see below).
+  kernels       (optional, kernel_block) the kernels to answer, as in a block request.
   members       peer ids (str) of the group; the leader's own id may be among them.
   blocks        [[r0, r1, c0, c1, part], ...]: rows of the rows cache, columns of the call.
   parts         [{'start', 'cache', 'version'} or {'start', 'dataset'}, ...]: where the
@@ -25,6 +28,14 @@ The request (a wire message; see `group_request_fields` for the coordinator's si
                 passes them on: member p fetches from member (p - 1) // GROUP_FANOUT.
   pad_rows, pad_cols   (optional) every block's padded shape, as in a block request.
   g_ntk, g_nngp (vjp) the blocks' cotangents, flattened and concatenated in block order.
+  cotangent_factors  (vjp_factors) {'g_ntk' / 'g_nngp': {'cache', 'version', 'rows'}}: the
+                cache (protocol.FACTOR_CACHES, float64) holding `cotangents.pack`'s array of
+                the whole cotangent and its rows; the leader must hold it (else 'stale_cache').
+                Its members get plain vjp_block requests with their blocks' cotangents.
+  tail          (optional) true: a tail request sent beside its head
+                (`DistributedKernels(requests_per_group=2)`); its blocks start when no head
+                request this worker leads has a block left to start, so the head's answer
+                travels while the tail computes.
 
 A member that fails (raises, answers an error other than 'stale_cache') is dropped for the
 rest of the request and its blocks go to the others; the answer's `dropped` field

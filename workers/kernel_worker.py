@@ -11,7 +11,9 @@ worker's image cache (fields `rows_cache`, `rows_version`, `rows_start`, `rows_s
 same with `cols_`), or as rows of a dataset split the worker holds (`cols_dataset` = the key,
 `cols_indices`). `pad_rows` / `pad_cols`
 pad the block to a fixed shape, so each block shape compiles once. A vjp request adds the
-cotangent blocks `g_ntk` / `g_nngp` (either may be absent).
+cotangent blocks `g_ntk` / `g_nngp` (either may be absent). A kernel request's optional
+`kernels` (protocol.KERNELS_FIELD) names the kernels to answer (default both); `ping` lists
+the optional request features it serves under `features` (protocol.FEATURES).
 
 Responses carry `ok`. On failure they carry `error`: 'stale_cache' when a request names a
 cache entry (name, version) the worker does not hold (the coordinator re-sends the images),

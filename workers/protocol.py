@@ -3,9 +3,11 @@
 A kernel worker (workers/kernel_worker.py) serves four methods, whatever carries the calls
 (a direct call in this process, Courier under Launchpad, a Ray actor call): `ping`,
 `set_images`, `kernel_block` and `vjp_block` (plus `cached_images` and `fetch_images` between
-peers, for the tree broadcast). Arguments are bytes, ints and strs only (Courier hangs on numpy
-arrays), and every answer is a wire message as bytes. `WorkerHandle` is how the coordinator
-holds one worker; every launch type's handle subclasses it.
+peers, for the tree broadcast; `group_blocks` for group requests, with the options named
+after METHODS below: VJP_FACTORS, FACTOR_CACHES, KERNELS_FIELD, FEATURES). Arguments are
+bytes, ints and strs only (Courier hangs on numpy arrays), and every answer is a wire
+message as bytes. `WorkerHandle` is how the coordinator holds one worker; every launch
+type's handle subclasses it.
 
 The wire format: a message is a dict whose values are numpy arrays (or numpy scalars, sent as
 0-d arrays) and JSON-able values (numbers, strings, bools, None, lists, dicts). It travels as
