@@ -135,6 +135,7 @@ class DistributedKernels(CacheBroadcast, GroupRequests, WorkerHealth):
       raise ValueError(f'requests_per_group must be 1 or 2 (2 needs max_in_flight_per_worker '
                        f'>= 2), got {requests_per_group}.')
     self.requests_per_group = int(requests_per_group)
+    self._pair_ids = itertools.count()     # a head request and its tail share one
     self._busy_groups: set[int] = set()    # groups whose worker is leading a request
     # Set while a call goes block by block: with group_size > 1 only the groups' leaders
     # wait for work otherwise (hundreds of idle threads on the queue cost the CPU we save).
@@ -491,6 +492,7 @@ class DistributedKernels(CacheBroadcast, GroupRequests, WorkerHealth):
         if tail:   # indices after the heads: the vjp sums in a fixed order
           tails.append(_group_task(call, len(deal) + len(tails), [blocks[i] for i in tail]))
           tails[-1].is_tail, heads[-1].tail = True, tails[-1]
+          heads[-1].pair = tails[-1].pair = next(self._pair_ids)
       call.tasks.extend(heads + tails)
     for index, (rows, cols, part) in enumerate([] if groups else blocks):
       pairs = (rows[1] - rows[0]) * (cols[1] - cols[0])

@@ -49,6 +49,8 @@ class GroupRequests:
              'rows_version': caches[ROWS], 'caches': dict(member_caches), **fixed_pads}
       if task.is_tail:   # its leader starts its blocks when the head's are all started
         out['tail'] = True
+      if task.pair is not None:   # a head and its tail
+        out['pair'] = task.pair
       for i in sorted({b[4] for b in blocks}):
         if parts[i].kind == 'dataset':
           out[f'part{i}_indices'] = parts[i].indices

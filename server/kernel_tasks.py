@@ -83,6 +83,7 @@ class _Task:
   blocks: Optional[list] = None     # a group request's (rows, cols, part) blocks, else None
   tail: Optional['_Task'] = None    # a head group request's tail, until handed off
   is_tail: bool = False             # a tail group request (queued behind its head's blocks)
+  pair: Optional[int] = None        # the id a head and its tail share on the wire
   attempts: int = 0
   errors: list = dataclasses.field(default_factory=list)
 

@@ -32,10 +32,12 @@ The request (a wire message; see `group_request_fields` for the coordinator's si
                 cache (protocol.FACTOR_CACHES, float64) holding `cotangents.pack`'s array of
                 the whole cotangent and its rows; the leader must hold it (else 'stale_cache').
                 Its members get plain vjp_block requests with their blocks' cotangents.
-  tail          (optional) true: a tail request sent beside its head
-                (`DistributedKernels(requests_per_group=2)`); its blocks start when no head
-                request this worker leads has a block left to start, so the head's answer
-                travels while the tail computes.
+  tail, pair    (optional) tail true: a tail request sent beside its head
+                (`DistributedKernels(requests_per_group=2)`), which carries the same `pair`
+                (an int); the tail waits for its head to arrive (up to PAIR_WAIT_S), then its
+                blocks start when no head request this worker leads has a block left to
+                start, and each member takes one only while it has a lane free (the end of a
+                round: while it is idle), so the head's answer travels while the tail computes.
 
 A member that fails (raises, answers an error other than 'stale_cache') is dropped for the
 rest of the request and its blocks go to the others; the answer's `dropped` field
@@ -59,6 +61,8 @@ GROUP_FANOUT = 4          # members fetching the caches from one member at once
 LANES_PER_MEMBER = 2      # blocks in flight per member, so the next one is waiting (but
                           # at the end of a round)
 MAX_BLOCK_ATTEMPTS = 3
+PAIR_WAIT_S = 1.0         # how long a tail request waits for its head to arrive (the head
+                          # is sent first, but the two may cross)
 METHODS = ('kernel_block', 'vjp_block', protocol.VJP_FACTORS)
 MEMBER_METHOD = {'kernel_block': 'kernel_block', 'vjp_block': 'vjp_block',
                  protocol.VJP_FACTORS: 'vjp_block'}   # what the members are asked per block
@@ -84,6 +88,8 @@ class GroupLeader:
     # head runs have started all their blocks.
     self.cond = threading.Condition()
     self.heads: list = []                # head runs in progress (guarded by `cond`)
+    self.heads_seen: collections.deque = collections.deque(maxlen=64)   # their `pair` ids
+    self.busy: collections.Counter = collections.Counter()   # member -> blocks in flight
     self._fetching: dict[str, threading.Lock] = {}   # member peer id -> its fetch lock
 
   def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
@@ -106,9 +112,13 @@ class GroupLeader:
                                            f'{"nothing" if held is None else held[0]}.')
     tail = request.get('tail') is True
     run = _GroupRun(self, MEMBER_METHOD[method], members, block_requests, caches, tail)
-    if not tail:
-      with self.cond:
+    with self.cond:
+      if not tail:
         self.heads.append(run)
+        self.heads_seen.append(request.get('pair'))
+        self.cond.notify_all()
+      elif request.get('pair') is not None:   # sent beside its head: let the head go first
+        self.cond.wait_for(lambda: request['pair'] in self.heads_seen, timeout=PAIR_WAIT_S)
     try:
       results, dropped = run.run()
     finally:
@@ -207,10 +217,17 @@ class _GroupRun:
       if hook is not None:
         hook(time.thread_time() - start_cpu)
 
-  def _behind_heads(self) -> bool:
-    """A tail run waits while a head run of this leader has blocks to start (the caller
-    holds `cond`)."""
-    return self.tail and any(run.pending and run.error is None for run in self.leader.heads)
+  def _behind_heads(self, member: str) -> bool:
+    """Whether a tail run's lane for `member` waits (the caller holds `cond`): while a head
+    run of this leader has blocks to start, and while the member is busy with as many blocks
+    as it has lanes, or with one when the blocks left are no more than the members (the end
+    of a round: as the second-lane rule, across the two runs)."""
+    if not self.tail:
+      return False
+    if any(run.pending and run.error is None for run in self.leader.heads):
+      return True
+    busy = self.leader.busy[member]
+    return busy >= LANES_PER_MEMBER or (busy and len(self.pending) <= len(self.members))
 
   def _drop(self, member: str, message: str, index: Any = None) -> None:
     with self.cond:
@@ -243,7 +260,7 @@ class _GroupRun:
         # at the end of a round a block queued behind its member's running one would wait
         # while other members sit idle.
         while ((not self.pending or (lane and len(self.pending) <= len(self.members))
-                or self._behind_heads())
+                or self._behind_heads(member))
                and self.done < len(self.requests) and self.error is None
                and member not in self.dropped):
           self.cond.wait()
@@ -258,11 +275,16 @@ class _GroupRun:
                                                   f'times; dropped members: {self.dropped}')
           self.cond.notify_all()
           return
+        self.leader.busy[member] += 1
       try:
         answer = protocol.decode(getattr(handle, self.method)(self.requests[index]()))
       except Exception as e:  # the member is down or answered garbage
         self._drop(member, f'{type(e).__name__}: {e}', index)
         return
+      finally:
+        with self.cond:
+          self.leader.busy[member] -= 1
+          self.cond.notify_all()
       if answer.get('ok'):
         with self.cond:
           self.results[index] = answer
