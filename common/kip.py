@@ -61,10 +61,12 @@ def kip_gradients(backend: KernelBackend, support_images: np.ndarray,
   k_s_all = _asked_kernel(backend, support_images, both, kernel_name)
   k_ss, k_st = k_s_all[:, :n_s], k_s_all[:, n_s:]
   k_ss = 0.5 * (k_ss + k_ss.T)  # exact symmetry for the solve
-  g = krr.loss_and_gradients(k_ss, k_st.T, support_labels, target_labels, reg)
+  factored = getattr(backend, 'cotangent_factors', False)
+  g = krr.loss_and_gradients(k_ss, k_st.T, support_labels, target_labels, reg,
+                             dense=not factored)
   if not np.isfinite(g.loss):
     raise FloatingPointError('The KIP loss is NaN or inf.')
-  if getattr(backend, 'cotangent_factors', False):   # its workers form the blocks
+  if factored:   # its workers form the blocks
     cotangent = krr.kip_cotangent_factors(g, reg)
   else:
     # K_ss moves with both of its arguments: <G, K(x, x)> pulls back as vjp_x1(G + G^T).

@@ -19,8 +19,8 @@ class KrrGradients(NamedTuple):
   """The KIP loss on one target batch and its gradients with respect to the small matrices."""
   loss: float
   predictions: np.ndarray   # (n_t, C)
-  d_k_ss: np.ndarray        # (n_s, n_s), as a cotangent of the (symmetric) matrix K_ss
-  d_k_ts: np.ndarray        # (n_t, n_s)
+  d_k_ss: Optional[np.ndarray]   # (n_s, n_s), as a cotangent of the symmetric matrix K_ss
+  d_k_ts: Optional[np.ndarray]   # (n_t, n_s); both None if not asked for (`dense`)
   d_y_s: np.ndarray         # (n_s, C)
   alpha: Optional[np.ndarray] = None      # (n_s, C): A^-1 y_s
   residual: Optional[np.ndarray] = None   # (n_t, C): predictions - y_t
@@ -64,12 +64,14 @@ def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
 
 
 def loss_and_gradients(k_ss: np.ndarray, k_ts: np.ndarray, y_s: np.ndarray, y_t: np.ndarray,
-                       reg: float) -> KrrGradients:
+                       reg: float, dense: bool = True) -> KrrGradients:
   """KIP loss 1/2 ||y_t - K_ts A^-1 y_s||^2 with A = K_ss + reg tr(K_ss)/n I, and its gradients.
 
   With alpha = A^-1 y_s, r = K_ts alpha - y_t and beta = A^-1 K_ts^T r:
     dL/dK_ts = r alpha^T,   dL/dy_s = beta,
     dL/dA = -beta alpha^T,  dL/dK_ss = dL/dA + (reg/n) tr(dL/dA) I.
+  `dense` False leaves d_k_ss and d_k_ts None (for `kip_cotangent_factors`, which needs
+  alpha and r only: the (n_t, n_s) outer product is most of this function's memory traffic).
   """
   k_ts = np.asarray(k_ts, np.float64)
   y_t = np.asarray(y_t, np.float64)
@@ -79,6 +81,9 @@ def loss_and_gradients(k_ss: np.ndarray, k_ts: np.ndarray, y_s: np.ndarray, y_t:
   residual = predictions - y_t
   loss = 0.5 * float(np.sum(residual * residual))
   beta = solve(k_ss, k_ts.T @ residual, reg)
+  if not dense:
+    return KrrGradients(loss=loss, predictions=predictions, d_k_ss=None, d_k_ts=None,
+                        d_y_s=beta, alpha=alpha, residual=residual)
   d_a = -beta @ alpha.T
   d_k_ss = d_a + (reg / n) * np.trace(d_a) * np.eye(n)
   return KrrGradients(loss=loss, predictions=predictions, d_k_ss=d_k_ss,

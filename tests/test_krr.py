@@ -80,5 +80,8 @@ def test_kip_cotangent_factors_equal_the_dense_cotangent(reg):
   for r0, r1, c0, c1 in [(0, 7, 0, 18), (2, 5, 1, 6), (3, 7, 7, 18), (6, 7, 0, 7), (0, 1, 9, 10)]:
     np.testing.assert_allclose(unpacked.block(r0, r1, c0, c1), dense[r0:r1, c0:c1], rtol=0,
                                atol=1e-13 * scale)
+  lean = krr.loss_and_gradients(k_ss, k_ts, y_s, y_t, reg, dense=False)
+  assert lean.d_k_ss is None and lean.d_k_ts is None and lean.loss == g.loss
+  np.testing.assert_array_equal(krr.kip_cotangent_factors(lean, reg).right, factors.right)
   with pytest.raises(ValueError, match='float64'):
     cotangents.unpack(cotangents.pack(factors).astype(np.float32), 7)
