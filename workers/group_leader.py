@@ -61,6 +61,9 @@ GROUP_FANOUT = 4          # members fetching the caches from one member at once
 LANES_PER_MEMBER = 2      # blocks in flight per member, so the next one is waiting (but
                           # at the end of a round)
 MAX_BLOCK_ATTEMPTS = 3
+PREFETCH_BELOW = 2        # a second lane takes a block only while more than this many per
+                          # member are left: a block prefetched late waits behind its
+                          # member's running one while the others run dry
 PAIR_WAIT_S = 1.0         # how long a tail request waits for its head to arrive (the head
                           # is sent first, but the two may cross)
 METHODS = ('kernel_block', 'vjp_block', protocol.VJP_FACTORS)
@@ -259,7 +262,7 @@ class _GroupRun:
         # A second lane takes a block only while there are more than the members can start:
         # at the end of a round a block queued behind its member's running one would wait
         # while other members sit idle.
-        while ((not self.pending or (lane and len(self.pending) <= len(self.members))
+        while ((not self.pending or (lane and len(self.pending) <= PREFETCH_BELOW * len(self.members))
                 or self._behind_heads(member))
                and self.done < len(self.requests) and self.error is None
                and member not in self.dropped):
