@@ -33,7 +33,10 @@ of rounds, waiting for images, blocks and answers), or 'compute' at >= 90% effic
 Stages (--stages, each plan/broadcast/tail_halvings): the coordinator's options before and
 after the scaling work, measured side by side; 'groups' is 'tree' with one request per group
 of --group-size workers per round (`DistributedKernels(group_size=...)`; 'auto': about
-sqrt(workers), 1 up to 16 workers), led over the group by one of its workers. Each result is
+sqrt(workers), 1 up to 16 workers), led over the group by one of its workers; 'factors' adds
+the vjp cotangents as low-rank factors the group leaders expand (`cotangent_factors=True`),
+'lean' also answers only the kernel KIP reads (`one_kernel=True`), 'split' also sends each
+group's request as a head (3/4 of its pairs) and a tail beside it (`requests_per_group=2`). Each result is
 checked against the surrogate kernel computed here on the whole arrays (first step).
 `requests` counts the coordinator's block or group requests per step (`blocks` the blocks).
 
@@ -70,8 +73,16 @@ STAGES = {
     'tail': ('balanced', 'direct', 2),          # ... and shrinking at the end of a round
     'tree': ('balanced', 'tree', 2),            # ... and the support passed worker to worker
     'groups': ('balanced', 'tree', 2),          # ... and one request per group of workers
+    'factors': ('balanced', 'tree', 2),         # ... and the vjp cotangents as factors
+    'lean': ('balanced', 'tree', 2),            # ... and only the kernel KIP reads answered
+    'split': ('balanced', 'tree', 2),           # ... and a head and a tail request per group
 }
-GROUPED = ('groups',)   # stages with group_size = --group-size (else 1)
+GROUPED = ('groups', 'factors', 'lean', 'split')   # stages with group_size = --group-size (else 1)
+# DistributedKernels options of the round-3 stages (issue 18): the KIP round's wire.
+STAGE_OPTIONS = {'factors': {'cotangent_factors': True},
+                 'lean': {'cotangent_factors': True, 'one_kernel': True},
+                 'split': {'cotangent_factors': True, 'one_kernel': True,
+                           'requests_per_group': 2}}
 
 
 def group_size(args, stage: str, workers: int) -> int:
@@ -121,10 +132,13 @@ class _Timed:
   def __init__(self, backend):
     self.backend, self.seconds, self.last = backend, {'kernel': 0.0, 'vjp': 0.0}, {}
     self.marks = {}      # (wall, process CPU) when kernel() returned and vjp() began
+    # What kip.kip_gradients asks the backend it drives (absent on main's code).
+    self.one_kernel = getattr(backend, 'one_kernel', False)
+    self.cotangent_factors = getattr(backend, 'cotangent_factors', False)
 
-  def kernel(self, x1, x2=None):
+  def kernel(self, x1, x2=None, **names):
     start = time.perf_counter()
-    out = self.backend.kernel(x1, x2)
+    out = self.backend.kernel(x1, x2, **names)
     self.seconds['kernel'] += time.perf_counter() - start
     self.marks['kernel_end'] = (time.perf_counter(), time.process_time())
     self.last['kernel'] = (x1, x2, out)
@@ -146,6 +160,7 @@ def _verify(timed: _Timed) -> float:
   want = sim.surrogate_kernel(x1, full)['ntk']
   errors = [np.abs(out['ntk'] - want).max() / np.abs(want).max()]
   x1, x2, g_ntk, g_nngp, grad = timed.last['vjp']
+  g_ntk, g_nngp = (getattr(g, 'dense', lambda g=g: g)() for g in (g_ntk, g_nngp))
   want = sim.surrogate_vjp(x1, sources.as_array(x2, np.float32), g_ntk, g_nngp)
   errors.append(np.abs(grad - want).max() / max(np.abs(want).max(), 1e-30))
   return float(max(errors))
@@ -186,6 +201,7 @@ def run_config(args, stage: str, workers: int, ipc: int, train: np.ndarray, key:
   fleet = sim.Fleet(workers, params, datasets={key: train})
   groups_of = group_size(args, stage, workers)
   grouping = {'group_size': groups_of} if groups_of > 1 else {}   # main's code has none
+  grouping.update(STAGE_OPTIONS.get(stage, {}))
   backend = distributed_kernels.DistributedKernels(
       fleet.handles, block=args.block, max_in_flight_per_worker=args.in_flight,
       deadline_s=max(600.0, 50 * args.step_wall), grace_s=600.0, poll_s=0.2, plan=plan,

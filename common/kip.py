@@ -20,6 +20,9 @@ from ntkdd.common.choices import KERNELS
 
 
 class KernelBackend(Protocol):
+  """Optional attributes: `one_kernel` (kernel() takes `names`, the kernels to compute) and
+  `cotangent_factors` (vjp() takes a `cotangents.LowRankCotangent` for g_ntk / g_nngp)."""
+
   def kernel(self, x1: np.ndarray, x2: Optional[np.ndarray] = None) -> dict: ...
 
   def vjp(self, x1: np.ndarray, x2: np.ndarray, g_ntk: Optional[np.ndarray],
@@ -39,6 +42,14 @@ def _cotangents(kernel_name: str, g: np.ndarray) -> tuple:
   return (g, None) if kernel_name == 'ntk' else (None, g)
 
 
+def _asked_kernel(backend: KernelBackend, x1: np.ndarray, x2, kernel_name: str) -> np.ndarray:
+  """K(x1, x2) of `kernel_name`; a backend with `one_kernel` set computes only that one
+  (half the answer bytes of a distributed round), the others both."""
+  if getattr(backend, 'one_kernel', False):
+    return backend.kernel(x1, x2, names=(kernel_name,))[kernel_name]
+  return backend.kernel(x1, x2)[kernel_name]
+
+
 def kip_gradients(backend: KernelBackend, support_images: np.ndarray,
                   support_labels: np.ndarray, target_images: np.ndarray,
                   target_labels: np.ndarray, target_label_ids: np.ndarray,
@@ -47,14 +58,19 @@ def kip_gradients(backend: KernelBackend, support_images: np.ndarray,
   # Kept as parts: a distributed backend sends target rows as dataset indices.
   both = sources.concat([support_images, target_images])
   n_s = len(support_images)
-  k_s_all = backend.kernel(support_images, both)[kernel_name]
+  k_s_all = _asked_kernel(backend, support_images, both, kernel_name)
   k_ss, k_st = k_s_all[:, :n_s], k_s_all[:, n_s:]
   k_ss = 0.5 * (k_ss + k_ss.T)  # exact symmetry for the solve
-  g = krr.loss_and_gradients(k_ss, k_st.T, support_labels, target_labels, reg)
+  factored = getattr(backend, 'cotangent_factors', False)
+  g = krr.loss_and_gradients(k_ss, k_st.T, support_labels, target_labels, reg,
+                             dense=not factored)
   if not np.isfinite(g.loss):
     raise FloatingPointError('The KIP loss is NaN or inf.')
-  # K_ss moves with both of its arguments: <G, K(x, x)> pulls back as vjp_x1(G + G^T).
-  cotangent = np.concatenate([g.d_k_ss + g.d_k_ss.T, g.d_k_ts.T], axis=1)
+  if factored:   # its workers form the blocks
+    cotangent = krr.kip_cotangent_factors(g, reg)
+  else:
+    # K_ss moves with both of its arguments: <G, K(x, x)> pulls back as vjp_x1(G + G^T).
+    cotangent = np.concatenate([g.d_k_ss + g.d_k_ss.T, g.d_k_ts.T], axis=1)
   grad_images = backend.vjp(support_images, both, *_cotangents(kernel_name, cotangent))
   return KipStep(loss=g.loss, grad_images=grad_images, grad_labels=g.d_y_s,
                  target_accuracy=krr.accuracy(g.predictions, target_label_ids))

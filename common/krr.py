@@ -12,14 +12,18 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
+from ntkdd.common import cotangents
+
 
 class KrrGradients(NamedTuple):
   """The KIP loss on one target batch and its gradients with respect to the small matrices."""
   loss: float
   predictions: np.ndarray   # (n_t, C)
-  d_k_ss: np.ndarray        # (n_s, n_s), as a cotangent of the (symmetric) matrix K_ss
-  d_k_ts: np.ndarray        # (n_t, n_s)
+  d_k_ss: Optional[np.ndarray]   # (n_s, n_s), as a cotangent of the symmetric matrix K_ss
+  d_k_ts: Optional[np.ndarray]   # (n_t, n_s); both None if not asked for (`dense`)
   d_y_s: np.ndarray         # (n_s, C)
+  alpha: Optional[np.ndarray] = None      # (n_s, C): A^-1 y_s
+  residual: Optional[np.ndarray] = None   # (n_t, C): predictions - y_t
 
 
 def _check_reg(reg: float) -> None:
@@ -60,12 +64,14 @@ def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
 
 
 def loss_and_gradients(k_ss: np.ndarray, k_ts: np.ndarray, y_s: np.ndarray, y_t: np.ndarray,
-                       reg: float) -> KrrGradients:
+                       reg: float, dense: bool = True) -> KrrGradients:
   """KIP loss 1/2 ||y_t - K_ts A^-1 y_s||^2 with A = K_ss + reg tr(K_ss)/n I, and its gradients.
 
   With alpha = A^-1 y_s, r = K_ts alpha - y_t and beta = A^-1 K_ts^T r:
     dL/dK_ts = r alpha^T,   dL/dy_s = beta,
     dL/dA = -beta alpha^T,  dL/dK_ss = dL/dA + (reg/n) tr(dL/dA) I.
+  `dense` False leaves d_k_ss and d_k_ts None (for `kip_cotangent_factors`, which needs
+  alpha and r only: the (n_t, n_s) outer product is most of this function's memory traffic).
   """
   k_ts = np.asarray(k_ts, np.float64)
   y_t = np.asarray(y_t, np.float64)
@@ -75,10 +81,40 @@ def loss_and_gradients(k_ss: np.ndarray, k_ts: np.ndarray, y_s: np.ndarray, y_t:
   residual = predictions - y_t
   loss = 0.5 * float(np.sum(residual * residual))
   beta = solve(k_ss, k_ts.T @ residual, reg)
+  if not dense:
+    return KrrGradients(loss=loss, predictions=predictions, d_k_ss=None, d_k_ts=None,
+                        d_y_s=beta, alpha=alpha, residual=residual)
   d_a = -beta @ alpha.T
   d_k_ss = d_a + (reg / n) * np.trace(d_a) * np.eye(n)
   return KrrGradients(loss=loss, predictions=predictions, d_k_ss=d_k_ss,
-                      d_k_ts=residual @ alpha.T, d_y_s=beta)
+                      d_k_ts=residual @ alpha.T, d_y_s=beta, alpha=alpha, residual=residual)
+
+
+def kip_cotangent_factors(g: KrrGradients, reg: float) -> cotangents.LowRankCotangent:
+  """KIP's cotangent on K(support, [support; targets]) as low-rank factors.
+
+  The dense cotangent (common/kip.py) is [dL/dK_ss + dL/dK_ss^T, dL/dK_ts^T]. From
+  `loss_and_gradients`' formulas, with d_a = -beta alpha^T and t = tr(d_a) = -sum(beta * alpha):
+    dL/dK_ss + dL/dK_ss^T = -(beta alpha^T + alpha beta^T) + 2 (reg/n) t I,
+    dL/dK_ts^T = alpha r^T,
+  i.e. left = [alpha, beta], right = [[-beta, -alpha]; [r, 0]] and diagonal 2 (reg/n) t: rank
+  2 C, (n_s + n_s + n_t) x 2 C numbers instead of n_s x (n_s + n_t). Equal to the dense
+  cotangent up to float64 rounding (the sums run in another order).
+
+  Args:
+    g: `loss_and_gradients`' result (its alpha and residual).
+    reg: the ridge lambda it was computed with.
+
+  Returns:
+    The (n_s, n_s + n_t) cotangent's factors.
+  """
+  alpha, beta, residual = g.alpha, g.d_y_s, g.residual
+  n = len(alpha)
+  trace = -float(np.sum(beta * alpha))
+  left = np.concatenate([alpha, beta], axis=1)
+  right = np.concatenate([np.concatenate([-beta, -alpha], axis=1),
+                          np.concatenate([residual, np.zeros_like(residual)], axis=1)])
+  return cotangents.LowRankCotangent(left, right, 2 * (reg / n) * trace)
 
 
 def label_solve(k_ss: np.ndarray, k_ts: np.ndarray, y_t: np.ndarray, reg: float,

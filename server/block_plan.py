@@ -149,6 +149,21 @@ def group_blocks(blocks: Sequence[Block], groups: int) -> list[list[int]]:
   return dealt
 
 
+def split_request(blocks: Sequence[Block], dealt: Sequence[int],
+                  head_share: float = 0.75) -> tuple[list[int], list[int]]:
+  """A group request's blocks `dealt` (plan order, largest first) as a head request of the
+  first blocks up to `head_share` of its pairs, and a tail request of the rest (maybe empty):
+  the head's answer travels while the tail computes."""
+  total = sum(_pairs(blocks[i]) for i in dealt)
+  done, cut = 0, len(dealt)
+  for position, i in enumerate(dealt):
+    done += _pairs(blocks[i])
+    if done >= head_share * total:
+      cut = position + 1
+      break
+  return list(dealt[:cut]), list(dealt[cut:])
+
+
 def _pairs(block: Block) -> int:
   (r0, r1), (c0, c1), _ = block
   return (r1 - r0) * (c1 - c0)

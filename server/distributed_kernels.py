@@ -46,6 +46,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from ntkdd.common import kernels, sources
+from ntkdd.common.cotangents import LowRankCotangent
 from ntkdd.server import block_plan
 from ntkdd.server.cache_broadcast import CacheBroadcast
 from ntkdd.server.deadline import Caller as _Caller
@@ -62,6 +63,7 @@ STALE_CACHE, MISSING_DATASET = protocol.STALE_CACHE, protocol.MISSING_DATASET   
 BROADCASTS = ('direct', 'tree')   # how cached images reach the workers
 
 GROUP_METHOD = protocol.GROUP_BLOCKS   # the worker method serving a group's blocks
+_WAKE = object()   # put on second slots' handoff queues: look at the shared queue again
 
 
 
@@ -73,7 +75,9 @@ class DistributedKernels(CacheBroadcast, GroupRequests, WorkerHealth):
                *, dtype: str = 'float32', grace_s: float = 120.0, retry_backoff_s: float = 1.0,
                max_backoff_s: float = 30.0, max_task_attempts: int = 4, poll_s: float = 0.1,
                plan: str = 'tiles', tasks_per_worker: int = 2, tail_halvings: int = 2,
-               broadcast: str = 'direct', tree_fanout: int = 8, group_size: int = 1):
+               broadcast: str = 'direct', tree_fanout: int = 8, group_size: int = 1,
+               one_kernel: bool = False, cotangent_factors: bool = False,
+               requests_per_group: int = 1):
     """Args beyond the protocol's:
       block: rows and columns of the square blocks a worker computes per call (plan 'tiles').
       deadline_s: a worker call taking longer marks the worker down (the call is abandoned).
@@ -99,6 +103,21 @@ class DistributedKernels(CacheBroadcast, GroupRequests, WorkerHealth):
         worker holds goes as one request per group of g workers (see the module docstring);
         the vjp sums differ in rounding from g = 1 (partial sums per group first), but are
         as reproducible.
+      one_kernel: tell KIP (`common/kip.py`) that kernel() takes `names`, so its kernel round
+        asks the workers for the one kernel it reads (half the answer bytes; the same bits).
+      cotangent_factors: tell KIP that vjp() takes low-rank cotangents
+        (`common/cotangents.LowRankCotangent`). A group call then publishes their factors
+        once as caches (broadcast like the images) and the group leaders form each block's
+        cotangent: neither the (n1, n2) matrix nor its blocks pass through the coordinator.
+        The cotangents equal the dense ones to float64 rounding (then cast to `dtype`), so
+        the gradient agrees with the dense path to float32 rounding, not bit for bit. Block
+        calls (g = 1, or workers without peers) use the factors' dense matrix.
+      requests_per_group: 1, or 2: each group request is sent as a head (its first blocks,
+        3/4 of its pairs) and a tail (the rest) to the same leader at once, the tail's blocks
+        queued behind the head's there (`block_plan.split_request`), so the head's answer
+        crosses the network while the tail computes. Needs max_in_flight_per_worker >= 2
+        (the leader's second slot sends the tail). The vjp's partial sums are grouped
+        differently from 1 request per group: equal to float rounding, as reproducible.
     """
     if not workers:
       raise ValueError('DistributedKernels needs at least one worker handle.')
@@ -110,6 +129,13 @@ class DistributedKernels(CacheBroadcast, GroupRequests, WorkerHealth):
                        f'of {BROADCASTS} (got {broadcast!r}), tree_fanout >= 1 and '
                        f'group_size >= 1 (got {group_size}).')
     self.group_size = int(group_size)
+    self.one_kernel, self.cotangent_factors = bool(one_kernel), bool(cotangent_factors)
+    if requests_per_group not in (1, 2) or (requests_per_group == 2
+                                            and max_in_flight_per_worker < 2):
+      raise ValueError(f'requests_per_group must be 1 or 2 (2 needs max_in_flight_per_worker '
+                       f'>= 2), got {requests_per_group}.')
+    self.requests_per_group = int(requests_per_group)
+    self._pair_ids = itertools.count()     # a head request and its tail share one
     self._busy_groups: set[int] = set()    # groups whose worker is leading a request
     # Set while a call goes block by block: with group_size > 1 only the groups' leaders
     # wait for work otherwise (hundreds of idle threads on the queue cost the CPU we save).
@@ -160,15 +186,25 @@ class DistributedKernels(CacheBroadcast, GroupRequests, WorkerHealth):
 
   # -- The backend protocol. ------------------------------------------------------------------
 
-  def kernel(self, x1: np.ndarray, x2: Optional[np.ndarray] = None) -> dict:
-    """{'ntk', 'nngp'}: (n1, n2) kernels; x2 None: K(x1, x1) from the upper block triangle."""
+  def kernel(self, x1: np.ndarray, x2: Optional[np.ndarray] = None,
+             names: Sequence[str] = kernels.KERNELS) -> dict:
+    """{'ntk', 'nngp'}: (n1, n2) kernels; x2 None: K(x1, x1) from the upper block triangle.
+
+    `names`: the kernels to compute and return (default both); fewer: the workers answer only
+    those (protocol.KERNELS_FIELD), the same values in half the bytes.
+    """
+    names = tuple(names)
+    if not names or not set(names) <= set(kernels.KERNELS) or len(set(names)) != len(names):
+      raise ValueError(f'names must be distinct kernels of {kernels.KERNELS}, got {names}.')
+    # Both: the historical request, byte for byte; else the field older workers ignore.
+    asked = {} if names == tuple(kernels.KERNELS) else {protocol.KERNELS_FIELD: list(names)}
     with self._call_lock:
       start = time.perf_counter()
       symmetric = x2 is None
       x1 = self._as_images(x1, 'x1')
       parts = self._column_parts(x1, x2)
       n1, n2 = len(x1), (parts[-1].stop if parts else 0)
-      out = {name: np.zeros((n1, n2), self.dtype) for name in kernels.KERNELS}
+      out = {name: np.zeros((n1, n2), self.dtype) for name in names}
       if n1 and n2:
         blocks, pads = self._plan_blocks(n1, parts, symmetric)
         fields, caches, groups = self._sources(x1, parts, len({rows for rows, _, _ in blocks}))
@@ -180,20 +216,20 @@ class DistributedKernels(CacheBroadcast, GroupRequests, WorkerHealth):
             out[name][c0:c1, r0:r1] = block.T
 
         def build_request(task: _Task, worker: _Worker) -> dict:
-          return {**fields(task, worker), **pads(task)}
+          return {**fields(task, worker), **pads(task), **asked}
 
         def deliver(task: _Task, response: dict) -> None:
           (r0, r1), (c0, c1) = task.rows, task.cols
-          for name in kernels.KERNELS:
+          for name in names:
             place(task.rows, task.cols, name, _checked(response, name, (r1 - r0, c1 - c0)))
           progress.add((r1 - r0) * (c1 - c0))
 
         def deliver_group(task: _Task, response: dict) -> None:
-          flat = {name: _checked(response, name, (task.pairs,)) for name in kernels.KERNELS}
+          flat = {name: _checked(response, name, (task.pairs,)) for name in names}
           offset = 0
           for rows, cols, _ in task.blocks:
             shape = (rows[1] - rows[0], cols[1] - cols[0])
-            for name in kernels.KERNELS:
+            for name in names:
               place(rows, cols, name, flat[name][offset:offset + shape[0] * shape[1]].reshape(
                   shape))
             offset += shape[0] * shape[1]
@@ -201,7 +237,9 @@ class DistributedKernels(CacheBroadcast, GroupRequests, WorkerHealth):
 
         if groups:
           group_fields = self._group_fields(x1, parts, caches, pads, 'kernel_block')
-          call = _Call(GROUP_METHOD, caches, group_fields, deliver_group)
+          call = _Call(GROUP_METHOD, caches,
+                       lambda task, worker: {**group_fields(task, worker), **asked},
+                       deliver_group)
         else:
           call = _Call('kernel_block', caches, build_request, deliver)
         progress = KernelProgress('kernel', sum((r1 - r0) * (c1 - c0)
@@ -219,12 +257,19 @@ class DistributedKernels(CacheBroadcast, GroupRequests, WorkerHealth):
       x1 = self._as_images(x1, 'x1')
       parts = self._column_parts(x1, x2)
       n1, n2 = len(x1), (parts[-1].stop if parts else 0)
+      given = {name: g for name, g in (('g_ntk', g_ntk), ('g_nngp', g_nngp)) if g is not None}
+      factored = {name: _as_factors(g, name, (n1, n2)) for name, g in given.items()
+                  if isinstance(g, LowRankCotangent)}
       cotangents = {name: self._as_cotangent(g, name, (n1, n2))
-                    for name, g in (('g_ntk', g_ntk), ('g_nngp', g_nngp)) if g is not None}
+                    for name, g in given.items() if name not in factored}
       grad = np.zeros(x1.shape, self.dtype)
-      if n1 and n2 and cotangents:
+      if n1 and n2 and given:
         blocks, pads = self._plan_blocks(n1, parts, False)
         fields, caches, groups = self._sources(x1, parts, len({rows for rows, _, _ in blocks}))
+        if not groups:   # block requests carry their cotangent blocks: form the matrix here
+          cotangents.update({name: self._as_cotangent(g.dense(), name, (n1, n2))
+                             for name, g in factored.items()})
+          factored = {}
         partials: dict[int, tuple] = {}
 
         def build_request(task: _Task, worker: _Worker) -> dict:
@@ -247,13 +292,16 @@ class DistributedKernels(CacheBroadcast, GroupRequests, WorkerHealth):
           partials[task.index] = (rows, _checked(response, 'grad', (len(rows),) + x1.shape[1:]))
 
         if groups:
-          group_fields = self._group_fields(x1, parts, caches, pads, 'vjp_block')
+          group_fields = self._group_fields(x1, parts, caches, pads,
+                                            protocol.VJP_FACTORS if factored else 'vjp_block')
+          # After the group fields: the members need not fetch the factors, only leaders.
+          factor_fields = self._publish_factors(factored, caches)
 
           def build_group(task: _Task, worker: _Worker) -> dict:
             flat = {name: np.concatenate([g[r0:r1, c0:c1].ravel()
                                           for (r0, r1), (c0, c1), _ in task.blocks])
                     for name, g in cotangents.items()}
-            return {**group_fields(task, worker), **flat}
+            return {**group_fields(task, worker), **flat, **factor_fields}
 
           call = _Call(GROUP_METHOD, caches, build_group, deliver_group)
         else:
@@ -302,6 +350,8 @@ class DistributedKernels(CacheBroadcast, GroupRequests, WorkerHealth):
         done.set()
     for _ in self._threads:
       self._queue.put(None)     # wakes threads blocked on the queue
+    for worker in self._workers:
+      worker.handoff.put(None)  # and second slots waiting for tails
     for thread in self._threads:
       thread.join(timeout=max(1.0, 5 * self.poll_s))
     alive = [t.name for t in self._threads if t.is_alive()]
@@ -432,18 +482,27 @@ class DistributedKernels(CacheBroadcast, GroupRequests, WorkerHealth):
       if deal is None:
         deal = block_plan.group_blocks([(rows, cols, 0) for rows, cols, _ in blocks], groups)
         self._deals = {**(self._deals if len(self._deals) < 16 else {}), key: deal}
-      for index, dealt in enumerate(deal):
-        members = [blocks[i] for i in dealt]
-        rows = (min(b[0][0] for b in members), max(b[0][1] for b in members))
-        cols = (min(b[1][0] for b in members), max(b[1][1] for b in members))
-        pairs = sum((r1 - r0) * (c1 - c0) for (r0, r1), (c0, c1), _ in members)
-        call.tasks.append(_Task(call, index, rows, cols, pairs, blocks=members))
+      heads, tails = [], []
+      for dealt in deal:
+        if self.requests_per_group == 2:
+          head, tail = block_plan.split_request([(r, c, 0) for r, c, _ in blocks], dealt)
+        else:
+          head, tail = dealt, []
+        heads.append(_group_task(call, len(heads), [blocks[i] for i in head]))
+        if tail:   # indices after the heads: the vjp sums in a fixed order
+          tails.append(_group_task(call, len(deal) + len(tails), [blocks[i] for i in tail]))
+          tails[-1].is_tail, heads[-1].tail = True, tails[-1]
+          heads[-1].pair = tails[-1].pair = next(self._pair_ids)
+      call.tasks.extend(heads + tails)
     for index, (rows, cols, part) in enumerate([] if groups else blocks):
       pairs = (rows[1] - rows[0]) * (cols[1] - cols[0])
       call.tasks.append(_Task(call, index, rows, cols, pairs, part))
     self._add_stats(calls=1)
     if not groups:
       self._per_block.set()
+      if self.requests_per_group > 1:   # second slots wait for tails: block requests now
+        for worker in self._workers:
+          worker.handoff.put(_WAKE)
     try:
       self._queue_and_wait(call)
     finally:
@@ -451,7 +510,8 @@ class DistributedKernels(CacheBroadcast, GroupRequests, WorkerHealth):
 
   def _queue_and_wait(self, call: _Call) -> None:
     for task in call.tasks:
-      self._queue.put(task)
+      if not task.is_tail:   # a tail goes with its head
+        self._queue.put(task)
     while not call.finished.wait(self.poll_s):
       if self._closed.is_set():
         call.fail(WorkersUnavailable('The coordinator was closed during a call.'))
@@ -483,6 +543,8 @@ class DistributedKernels(CacheBroadcast, GroupRequests, WorkerHealth):
       while not worker.probed.wait(self.poll_s) and not self._closed.is_set():
         pass
     while not self._closed.is_set():
+      if slot == 1 and self.requests_per_group > 1 and self._serve_tail(worker):
+        continue
       if not worker.alive:
         if slot == 0 and time.monotonic() >= worker.retry_at:
           self._probe(worker)
@@ -491,7 +553,10 @@ class DistributedKernels(CacheBroadcast, GroupRequests, WorkerHealth):
         continue
       if (self.group_size > 1 and not self._per_block.is_set()
           and not self._leads_group(worker, slot)):
-        self._per_block.wait(self._idle_wait_s)   # group leaders take the requests now
+        if slot == 1 and self.requests_per_group > 1:
+          self._serve_tail(worker, wait_s=self._idle_wait_s)   # its tails, while it leads
+        else:
+          self._per_block.wait(self._idle_wait_s)   # group leaders take the requests now
         continue
       if slot and worker.in_flight and self._queue.qsize() <= len(self._workers):
         # The end of a round: a block queued behind this worker's running one would wait
@@ -537,6 +602,9 @@ class DistributedKernels(CacheBroadcast, GroupRequests, WorkerHealth):
           self._add_stats(seconds_serialising=time.perf_counter() - start)
         self._ensure_caches(worker, task)
         epoch = worker.cache_epoch
+        if task.tail is not None:   # sent beside the head: see requests_per_group
+          tail, task.tail = task.tail, None
+          worker.handoff.put(tail)
         response = self._call(worker, task.call.method, request)
         if response.get('ok'):
           self._deliver(worker, task, response)
@@ -593,6 +661,26 @@ class DistributedKernels(CacheBroadcast, GroupRequests, WorkerHealth):
           self._add_stats(members_dropped=1)
           self._mark_down(peers[peer], f'dropped by group leader {worker.index}: {message}')
 
+  def _serve_tail(self, worker: _Worker, wait_s: float = 0.0) -> bool:
+    """Runs a tail request handed to this worker's second slot (waiting up to `wait_s` for
+    one); one whose worker went down goes back on the queue for another group. Whether there
+    was one."""
+    try:
+      task = worker.handoff.get(timeout=wait_s) if wait_s else worker.handoff.get_nowait()
+    except queue.Empty:
+      return False
+    if task is None or task is _WAKE or task.call.finished.is_set():
+      return task is not None
+    if not worker.alive:
+      self._queue.put(task)
+      return True
+    try:
+      self._run_task(worker, task)
+    except Exception as e:  # A coordinator bug: fail the call loudly rather than hang it.
+      logging.exception('Coordinator thread of worker %d failed.', worker.index)
+      task.call.fail(e)
+    return True
+
   # -- Counters. ------------------------------------------------------------------------------
 
   def _add_stats(self, **increments) -> None:
@@ -603,3 +691,21 @@ class DistributedKernels(CacheBroadcast, GroupRequests, WorkerHealth):
   def _count(self, pairs: int, start: float) -> None:
     self.pairs += pairs
     self.seconds += time.perf_counter() - start
+
+
+def _as_factors(g: LowRankCotangent, name: str, shape: tuple) -> LowRankCotangent:
+  """`g` with float64 factors, checked to be a cotangent of `shape`."""
+  left, right = np.asarray(g.left, np.float64), np.asarray(g.right, np.float64)
+  if left.ndim != 2 or right.ndim != 2 or left.shape[1] != right.shape[1] or (
+      (len(left), len(right)) != shape):
+    raise ValueError(f'{name}: low-rank factors {left.shape} and {right.shape} do not make a '
+                     f'{shape} cotangent (rows x1, columns x2).')
+  return LowRankCotangent(left, right, float(g.diagonal))
+
+
+def _group_task(call: _Call, index: int, blocks: list) -> _Task:
+  """A group request of `blocks` ((rows, cols, part) each), spanning their rows and columns."""
+  rows = (min(b[0][0] for b in blocks), max(b[0][1] for b in blocks))
+  cols = (min(b[1][0] for b in blocks), max(b[1][1] for b in blocks))
+  pairs = sum((r1 - r0) * (c1 - c0) for (r0, r1), (c0, c1), _ in blocks)
+  return _Task(call, index, rows, cols, pairs, blocks=blocks)

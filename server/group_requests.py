@@ -5,7 +5,9 @@ from typing import Callable
 
 import numpy as np
 
+from ntkdd.common import cotangents
 from ntkdd.server.kernel_tasks import ROWS, _Part, _Task, _Worker
+from ntkdd.workers import protocol
 
 
 class GroupRequests:
@@ -30,6 +32,7 @@ class GroupRequests:
     """task, leader -> the fields of a group request (workers/group_leader.py) but the
     cotangents: its blocks, where their columns come from, the members."""
     index = {id(part): i for i, part in enumerate(parts)}
+    member_caches = dict(caches)   # what the members fetch (not the leader's factors)
     described = []
     for part in parts:
       if part.cache is not None:
@@ -43,7 +46,11 @@ class GroupRequests:
       blocks = [[r0, r1, c0, c1, index[id(part)]] for (r0, r1), (c0, c1), part in task.blocks]
       out = {'method': method, 'members': [w.peer_id for w in self._members(worker)],
              'blocks': blocks, 'parts': described, 'rows_cache': ROWS,
-             'rows_version': caches[ROWS], 'caches': dict(caches), **fixed_pads}
+             'rows_version': caches[ROWS], 'caches': dict(member_caches), **fixed_pads}
+      if task.is_tail:   # its leader starts its blocks when the head's are all started
+        out['tail'] = True
+      if task.pair is not None:   # a head and its tail
+        out['pair'] = task.pair
       for i in sorted({b[4] for b in blocks}):
         if parts[i].kind == 'dataset':
           out[f'part{i}_indices'] = parts[i].indices
@@ -51,6 +58,30 @@ class GroupRequests:
       return out
 
     return fields
+
+  def _publish_factors(self, factored: dict, caches: dict) -> dict:
+    """Publishes each low-rank cotangent's packed factors as its cache (added to `caches`,
+    so the leaders get them before their requests); the request field naming them.
+
+    Raises:
+      RuntimeError: a worker's ping does not list protocol.VJP_FACTORS (an older ntkdd,
+        which would refuse the requests): run one version, or turn cotangent_factors off.
+    """
+    if not factored:
+      return {}
+    with self._lock:
+      lacking = [w.index for w in self._workers
+                 if protocol.VJP_FACTORS not in (w.info.get('features') or ())]
+    if lacking:
+      raise RuntimeError(f'Kernel workers {lacking} do not serve {protocol.VJP_FACTORS!r} '
+                         f'requests (an older ntkdd?): run the same ntkdd version everywhere '
+                         f'or build DistributedKernels with cotangent_factors=False.')
+    described = {}
+    for name, g in factored.items():
+      cache = protocol.FACTOR_CACHES[name]
+      caches[cache] = self._publish(cache, cotangents.pack(g)).version
+      described[name] = {'cache': cache, 'version': caches[cache], 'rows': g.shape[0]}
+    return {'cotangent_factors': described}
 
   def _members(self, leader: _Worker) -> list[_Worker]:
     """The leader, then the other alive workers of its group that have peers."""

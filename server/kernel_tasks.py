@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import queue
 import threading
 from typing import Any, Callable, Optional
 
@@ -41,6 +42,9 @@ class _Worker:
   cache_epoch: int = 0                       # counts set_images sent, to spot races on `held`
   cache_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
   probed: threading.Event = dataclasses.field(default_factory=threading.Event)  # first ping done
+  # Tail requests its first slot hands its second (requests_per_group=2): sent beside the
+  # head the first slot is running, so the head's answer travels while the tail computes.
+  handoff: queue.SimpleQueue = dataclasses.field(default_factory=queue.SimpleQueue)
 
 
 @dataclasses.dataclass
@@ -77,6 +81,9 @@ class _Task:
   pairs: int
   part: Optional[_Part] = None
   blocks: Optional[list] = None     # a group request's (rows, cols, part) blocks, else None
+  tail: Optional['_Task'] = None    # a head group request's tail, until handed off
+  is_tail: bool = False             # a tail group request (queued behind its head's blocks)
+  pair: Optional[int] = None        # the id a head and its tail share on the wire
   attempts: int = 0
   errors: list = dataclasses.field(default_factory=list)
 

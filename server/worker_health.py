@@ -101,7 +101,7 @@ class WorkerHealth:
       worker.alive, worker.down_since, worker.backoff_s = True, None, 0.0
       worker.last_seen = time.time()
       worker.info = {k: response.get(k) for k in ('pid', 'device', 'dtype', 'worker_id',
-                                                  'dataset_error')}
+                                                  'dataset_error', 'features')}
       worker.datasets = dict(response.get('datasets') or {})
       # Workers wired to their peers (ping says how many) can fetch caches from them.
       worker.peer_id = (str(response.get('worker_id')) if response.get('peers') else None)

@@ -62,3 +62,26 @@ def test_regulariser_must_be_positive():
   k_ss, k_ts, y_s, y_t = _problem()
   with pytest.raises(ValueError, match='must be > 0'):
     krr.predict(k_ts, k_ss, y_s, 0.0)
+
+
+@pytest.mark.parametrize('reg', [1e-6, 0.3])
+def test_kip_cotangent_factors_equal_the_dense_cotangent(reg):
+  """Factors (rank 2 C plus a diagonal) give KIP's dense cotangent to float64 rounding,
+  whole and block by block, through their packed form."""
+  from ntkdd.common import cotangents
+  k_ss, k_ts, y_s, y_t = _problem(n_s=7, n_t=11)
+  g = krr.loss_and_gradients(k_ss, k_ts, y_s, y_t, reg)
+  dense = np.concatenate([g.d_k_ss + g.d_k_ss.T, g.d_k_ts.T], axis=1)
+  factors = krr.kip_cotangent_factors(g, reg)
+  assert factors.shape == dense.shape and factors.left.shape[1] == 2 * y_s.shape[1]
+  scale = np.abs(dense).max()
+  np.testing.assert_allclose(factors.dense(), dense, rtol=0, atol=1e-13 * scale)
+  unpacked = cotangents.unpack(cotangents.pack(factors), 7)
+  for r0, r1, c0, c1 in [(0, 7, 0, 18), (2, 5, 1, 6), (3, 7, 7, 18), (6, 7, 0, 7), (0, 1, 9, 10)]:
+    np.testing.assert_allclose(unpacked.block(r0, r1, c0, c1), dense[r0:r1, c0:c1], rtol=0,
+                               atol=1e-13 * scale)
+  lean = krr.loss_and_gradients(k_ss, k_ts, y_s, y_t, reg, dense=False)
+  assert lean.d_k_ss is None and lean.d_k_ts is None and lean.loss == g.loss
+  np.testing.assert_array_equal(krr.kip_cotangent_factors(lean, reg).right, factors.right)
+  with pytest.raises(ValueError, match='float64'):
+    cotangents.unpack(cotangents.pack(factors).astype(np.float32), 7)

@@ -138,6 +138,117 @@ def test_simulated_kip_step_equals_the_inprocess_step_exactly(group_size):
   assert abs(sim_step.loss - direct.loss) < 1e-4 * abs(direct.loss)
 
 
+@pytest.mark.parametrize('options', [dict(one_kernel=True),
+                                     dict(cotangent_factors=True),
+                                     dict(one_kernel=True, cotangent_factors=True),
+                                     dict(one_kernel=True, cotangent_factors=True,
+                                          requests_per_group=2)])
+def test_lean_kip_step_equals_the_default_group_step(options):
+  """The round-3 wire options on 16 simulated workers computing for real, groups of 4:
+  one_kernel gives the default step's bits (the same kernel values, half the answer); the
+  factored cotangents agree with the dense ones to float32 rounding (the leaders form each
+  block's cotangent from float64 factors, in another summation order than the dense matrix),
+  and both agree with the engine called directly as the default step does; a head and a tail
+  request per group sum the vjp's partial gradients in other groups (float32 rounding)."""
+  train, key, args = _kip_problem(seed=1)
+  spec = dict(plan='balanced', broadcast='tree', block=4, group_size=4, **FAST)
+  steps, statuses = [], []
+  for extra in ({}, options):
+    fleet = sim.Fleet(16, sim.SimParams(time_scale=1e-3, compute='real'), arch=FC.to_dict(),
+                      datasets={key: train})
+    with distributed_kernels.DistributedKernels(fleet.handles, **spec, **extra) as distributed:
+      _wait_for_pings(distributed, 16)
+      steps.append(kip.kip_gradients(distributed, *args))
+      statuses.append(distributed.status())
+  (dense, lean), (before, after) = steps, statuses
+  split = options.get('requests_per_group', 1)
+  assert after['requests_done'] <= 2 * 4 * split < after['blocks_done']
+  if split > 1:   # heads and tails: more requests than groups per round
+    assert after['requests_done'] > 2 * 4
+  assert after['members_dropped'] == 0 and after['tree_fetches'] > 0
+  if options.get('cotangent_factors') or split > 1:
+    # The factors reached the leaders as a cache (at this size they are more bytes than
+    # the matrix: (6 + 26 + 1) x 6 float64 against 6 x 26 float32; BENCHMARKS.md has sizes).
+    assert after['cache_sends'] + after['tree_fetches'] > before['cache_sends'] + before[
+        'tree_fetches'] or not options.get('cotangent_factors')
+    assert abs(lean.loss - dense.loss) == 0          # the kernel round is unchanged
+    np.testing.assert_array_equal(lean.grad_labels, dense.grad_labels)
+    np.testing.assert_allclose(lean.grad_images, dense.grad_images, rtol=0,
+                               atol=1e-5 * np.abs(dense.grad_images).max())
+  else:
+    # One kernel of two came back: K(support, [support; targets]) of float32 less.
+    assert before['bytes_received'] - after['bytes_received'] >= 4 * 6 * (6 + 20)
+    assert lean.loss == dense.loss
+    np.testing.assert_array_equal(lean.grad_images, dense.grad_images)
+    np.testing.assert_array_equal(lean.grad_labels, dense.grad_labels)
+  direct = kip.kip_gradients(backend.InProcessKernels(FC), *args)
+  np.testing.assert_allclose(lean.grad_images, direct.grad_images, rtol=0,
+                             atol=1e-2 * np.abs(direct.grad_images).max())
+  assert abs(lean.loss - direct.loss) < 1e-4 * abs(direct.loss)
+
+
+def test_factored_vjp_without_groups_uses_the_dense_matrix():
+  """A low-rank cotangent on block requests (group_size 1) is formed on the coordinator: the
+  same gradient as the dense matrix given directly, bit for bit."""
+  from ntkdd.common import cotangents
+  train, key, (support, *_) = _kip_problem(seed=4)
+  rows = np.arange(0, 60, 3)
+  both = sources.concat([support, sources.DatasetRows(train[rows], key, rows)])
+  rng = np.random.default_rng(7)
+  g = cotangents.LowRankCotangent(rng.normal(size=(6, 2)), rng.normal(size=(26, 2)), 0.3)
+  fleet = sim.Fleet(8, QUICK, datasets={key: train})
+  with distributed_kernels.DistributedKernels(fleet.handles, block=4, plan='balanced',
+                                              broadcast='tree', **FAST) as distributed:
+    _wait_for_pings(distributed, 8)
+    np.testing.assert_array_equal(distributed.vjp(support, both, g),
+                                  distributed.vjp(support, both, g.dense()))
+    with pytest.raises(ValueError, match='do not make a'):
+      distributed.vjp(support, both, g._replace(right=g.right[:5]))
+
+
+def test_factored_cotangents_refused_clearly_by_older_workers(monkeypatch):
+  """Workers whose ping lacks 'vjp_factors' make the coordinator say so before sending; a
+  leader that does not know the method refuses it by name (an older ntkdd), never runs the
+  blocks without their cotangents."""
+  from ntkdd.common import cotangents
+  from ntkdd.workers import group_leader
+  train, key, (support, *_) = _kip_problem(seed=4)
+  both = sources.concat([support, sources.DatasetRows(train[:20], key, np.arange(20))])
+  g = cotangents.LowRankCotangent(np.ones((6, 1)), np.ones((26, 1)), 0.0)
+  monkeypatch.setattr(protocol, 'FEATURES', (protocol.KERNELS_FIELD,))   # as older pings
+  fleet = sim.Fleet(8, QUICK, datasets={key: train})
+  with distributed_kernels.DistributedKernels(fleet.handles, plan='balanced', broadcast='tree',
+                                              group_size=4, cotangent_factors=True,
+                                              **FAST) as distributed:
+    _wait_for_pings(distributed, 8)
+    with pytest.raises(RuntimeError, match="do not serve 'vjp_factors'"):
+      distributed.vjp(support, both, g)
+  monkeypatch.setattr(group_leader, 'METHODS', ('kernel_block', 'vjp_block'))
+  leader = fleet.workers[0]
+  request = {'method': protocol.VJP_FACTORS, 'members': ['0', '1'],
+             'blocks': [[0, 2, 0, 6, 0]], 'parts': [{'start': 0, 'cache': 'rows', 'version': 3}],
+             'rows_cache': 'rows', 'rows_version': 3, 'caches': {},
+             'cotangent_factors': {'g_ntk': {'cache': 'factors_ntk', 'version': 1, 'rows': 6}}}
+  refused = protocol.decode(leader.group_blocks(protocol.encode(request)))
+  assert not refused['ok'] and refused['error'] == 'bad_request'
+  assert 'vjp_factors' in refused['message']
+
+
+def test_workers_answer_only_the_kernels_asked_for():
+  fleet = sim.Fleet(2, QUICK, arch=FC.to_dict())
+  worker = fleet.workers[0]
+  images = _images(5, 2)
+  request = {'rows': images, 'cols': images}
+  both = protocol.decode(worker.kernel_block(protocol.encode(request)))
+  one = protocol.decode(worker.kernel_block(protocol.encode({**request, 'kernels': ['nngp']})))
+  assert set(both) >= {'ntk', 'nngp'} and 'ntk' not in one
+  np.testing.assert_array_equal(one['nngp'], both['nngp'])
+  for bad in (['ntk', 'ntk'], [], ['rbf'], 'ntk'):
+    refused = protocol.decode(worker.kernel_block(protocol.encode({**request, 'kernels': bad})))
+    assert not refused['ok'] and refused['error'] == 'bad_request'
+  assert set(protocol.decode(worker.ping())['features']) == set(protocol.FEATURES)
+
+
 def _wait_for_pings(distributed, workers, timeout_s=10.0):
   """Until every worker has answered its first ping (so group requests are possible)."""
   deadline = time.monotonic() + timeout_s
@@ -191,8 +302,18 @@ def test_group_blocks_deals_every_block_once_in_equal_shares():
 
 # -- Faults at scale. ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize('broadcast,group_size', [('direct', 1), ('tree', 1), ('tree', 4)])
-def test_coordinator_survives_workers_that_die_hang_and_come_back(broadcast, group_size):
+LEAN = dict(one_kernel=True, cotangent_factors=True)
+
+
+@pytest.mark.parametrize('broadcast,group_size,extra', [
+    ('direct', 1, {}), ('tree', 1, {}), ('tree', 4, {}), ('tree', 4, LEAN),
+    ('tree', 4, dict(LEAN, requests_per_group=2))])
+def test_coordinator_survives_workers_that_die_hang_and_come_back(broadcast, group_size, extra):
+  """extra: one_kernel and cotangent_factors (the vjp's cotangent as factors: leaders that
+  come back re-fetch them, and members their blocks' cotangents from their leaders), and a
+  head and a tail request per group (a tail whose leader died goes to another group)."""
+  from ntkdd.common import cotangents
+  lean = bool(extra)
   train, key, args = _kip_problem(seed=2, n_s=9, n_t=30)
   support, _, targets = args[:3]
   both = sources.concat([support, targets])
@@ -201,7 +322,8 @@ def test_coordinator_survives_workers_that_die_hang_and_come_back(broadcast, gro
   faults = dict(FAST, deadline_s=0.5)
   with distributed_kernels.DistributedKernels(fleet.handles, block=3, plan='balanced',
                                               broadcast=broadcast, group_size=group_size,
-                                              **faults) as distributed:
+                                              **extra, **faults) as distributed:
+    names = ('ntk',) if lean else ('ntk', 'nngp')
     _wait_for_pings(distributed, 16)
     want = sim.surrogate_kernel(support, full)['ntk']
     np.testing.assert_allclose(distributed.kernel(support, both)['ntk'], want, atol=1e-6)
@@ -213,8 +335,10 @@ def test_coordinator_survives_workers_that_die_hang_and_come_back(broadcast, gro
     both = sources.concat([support, targets])
     full = sources.as_array(both)
     for _ in range(2):
-      np.testing.assert_allclose(distributed.kernel(support, both)['ntk'],
-                                 sim.surrogate_kernel(support, full)['ntk'], atol=1e-6)
+      answer = distributed.kernel(support, both, names=names)
+      assert set(answer) == set(names)
+      np.testing.assert_allclose(answer['ntk'], sim.surrogate_kernel(support, full)['ntk'],
+                                 atol=1e-6)
     status = distributed.status()
     down = {w['worker'] for w in status['workers'] if not w['alive']}
     if group_size == 1:
@@ -231,8 +355,10 @@ def test_coordinator_survives_workers_that_die_hang_and_come_back(broadcast, gro
     assert distributed.status()['alive_workers'] == 16
     before = {w['worker']: w['blocks_done'] for w in distributed.status()['workers']}
     g = np.ones((9, len(full)), np.float32)
+    given = cotangents.LowRankCotangent(np.ones((9, 1)), np.ones((len(full), 1)), 0.0) if (
+        lean) else g
     for _ in range(3):
-      np.testing.assert_allclose(distributed.vjp(support, both, g, None),
+      np.testing.assert_allclose(distributed.vjp(support, both, given, None),
                                  sim.surrogate_vjp(support, full, g), atol=1e-5)
     after = {w['worker']: w['blocks_done'] for w in distributed.status()['workers']}
     if group_size > 1:   # the returned ones compute for their leaders again (re-fetching

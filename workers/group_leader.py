@@ -7,13 +7,16 @@ it (the leader) hands the blocks to the group's members (itself included) over i
 handles, a few in flight per member, each member pulling the next block when one is done, and
 answers the whole group's work at once:
 
-  kernel_block  the blocks' 'ntk' and 'nngp' values, flattened and concatenated in block order;
+  kernel_block  the blocks' 'ntk' and 'nngp' values (or those of the `kernels` field),
+                flattened and concatenated in block order;
   vjp_block     ONE partial gradient: 'grad' for the rows 'grad_rows' the blocks touch, the
                 blocks' partial gradients summed in block order (so the result does not depend
                 on which member computed which block).
 
 The request (a wire message; see `group_request_fields` for the coordinator's side):
-  method        'kernel_block' or 'vjp_block': what each block is.
+  method        'kernel_block', 'vjp_block' or 'vjp_factors' (a vjp_block whose cotangents
+                the leader forms per block from low-rank factors it caches, see below).
+  kernels       (optional, kernel_block) the kernels to answer, as in a block request.
   members       peer ids (str) of the group; the leader's own id may be among them.
   blocks        [[r0, r1, c0, c1, part], ...]: rows of the rows cache, columns of the call.
   parts         [{'start', 'cache', 'version'} or {'start', 'dataset'}, ...]: where the
@@ -25,6 +28,16 @@ The request (a wire message; see `group_request_fields` for the coordinator's si
                 passes them on: member p fetches from member (p - 1) // GROUP_FANOUT.
   pad_rows, pad_cols   (optional) every block's padded shape, as in a block request.
   g_ntk, g_nngp (vjp) the blocks' cotangents, flattened and concatenated in block order.
+  cotangent_factors  (vjp_factors) {'g_ntk' / 'g_nngp': {'cache', 'version', 'rows'}}: the
+                cache (protocol.FACTOR_CACHES, float64) holding `cotangents.pack`'s array of
+                the whole cotangent and its rows; the leader must hold it (else 'stale_cache').
+                Its members get plain vjp_block requests with their blocks' cotangents.
+  tail, pair    (optional) tail true: a tail request sent beside its head
+                (`DistributedKernels(requests_per_group=2)`), which carries the same `pair`
+                (an int); the tail waits for its head to arrive (up to PAIR_WAIT_S), then its
+                blocks start when no head request this worker leads has a block left to
+                start, and each member takes one only while it has a lane free (the end of a
+                round: while it is idle), so the head's answer travels while the tail computes.
 
 A member that fails (raises, answers an error other than 'stale_cache') is dropped for the
 rest of the request and its blocks go to the others; the answer's `dropped` field
@@ -41,13 +54,21 @@ from typing import Any
 
 import numpy as np
 
+from ntkdd.common import cotangents
 from ntkdd.workers import protocol
 
 GROUP_FANOUT = 4          # members fetching the caches from one member at once
 LANES_PER_MEMBER = 2      # blocks in flight per member, so the next one is waiting (but
                           # at the end of a round)
 MAX_BLOCK_ATTEMPTS = 3
-METHODS = ('kernel_block', 'vjp_block')
+PREFETCH_BELOW = 2        # a second lane takes a block only while more than this many per
+                          # member are left: a block prefetched late waits behind its
+                          # member's running one while the others run dry
+PAIR_WAIT_S = 1.0         # how long a tail request waits for its head to arrive (the head
+                          # is sent first, but the two may cross)
+METHODS = ('kernel_block', 'vjp_block', protocol.VJP_FACTORS)
+MEMBER_METHOD = {'kernel_block': 'kernel_block', 'vjp_block': 'vjp_block',
+                 protocol.VJP_FACTORS: 'vjp_block'}   # what the members are asked per block
 
 
 class GroupError(Exception):
@@ -66,12 +87,20 @@ class GroupLeader:
     self._pool = None
     self._lock = threading.Lock()
     self._held: dict[str, dict] = {}     # member peer id -> {cache name: version} it fetched
+    # One condition for all the runs this worker leads: a tail run's lanes wait until the
+    # head runs have started all their blocks.
+    self.cond = threading.Condition()
+    self.heads: list = []                # head runs in progress (guarded by `cond`)
+    self.heads_seen: collections.deque = collections.deque(maxlen=64)   # their `pair` ids
+    self.busy: collections.Counter = collections.Counter()   # member -> blocks in flight
+    self._fetching: dict[str, threading.Lock] = {}   # member peer id -> its fetch lock
 
   def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
     with self._lock:
       if self._pool is None:
         self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=LANES_PER_MEMBER * (len(self.worker._peers) + 1),
+            # a head and a tail run at once (requests_per_group=2)
+            max_workers=2 * LANES_PER_MEMBER * (len(self.worker._peers) + 1),
             thread_name_prefix=f'ntkdd-group{self.worker.worker_id}')
       return self._pool
 
@@ -84,11 +113,25 @@ class GroupLeader:
         raise GroupError(protocol.STALE_CACHE, f'Group leader {own}: cache {name!r} version '
                                            f'{version} requested, but it holds '
                                            f'{"nothing" if held is None else held[0]}.')
-    run = _GroupRun(self, method, members, block_requests, caches)
-    results, dropped = run.run()
+    tail = request.get('tail') is True
+    run = _GroupRun(self, MEMBER_METHOD[method], members, block_requests, caches, tail)
+    with self.cond:
+      if not tail:
+        self.heads.append(run)
+        self.heads_seen.append(request.get('pair'))
+        self.cond.notify_all()
+      elif request.get('pair') is not None:   # sent beside its head: let the head go first
+        self.cond.wait_for(lambda: request['pair'] in self.heads_seen, timeout=PAIR_WAIT_S)
+    try:
+      results, dropped = run.run()
+    finally:
+      if not tail:
+        with self.cond:
+          self.heads.remove(run)
+          self.cond.notify_all()
     out: dict = {'dropped': dropped}
     if method == 'kernel_block':
-      for name in ('ntk', 'nngp'):
+      for name in _asked_kernels(request):
         out[name] = np.concatenate([results[i][name].reshape(-1) for i in range(len(blocks))])
       return out
     rows = np.unique(np.concatenate([np.arange(r0, r1) for r0, r1, *_ in blocks]))
@@ -106,6 +149,14 @@ class GroupLeader:
     own = str(self.worker.worker_id)
     if member == own:
       return
+    with self._lock:   # one fetch per member at a time: a head's and a tail's lanes share it
+      member_lock = self._fetching.setdefault(member, threading.Lock())
+    with member_lock:
+      self._fetch_member_caches(member, handle, source, caches, force)
+
+  def _fetch_member_caches(self, member: str, handle: Any, source: str, caches: dict,
+                           force: bool) -> None:
+    own = str(self.worker.worker_id)
     for name, version in caches.items():
       with self._lock:
         if not force and self._held.get(member, {}).get(name) == version:
@@ -126,8 +177,8 @@ class _GroupRun:
   """One group request: lanes per member pulling blocks from a shared queue."""
 
   def __init__(self, leader: GroupLeader, method: str, members: list, block_requests: list,
-               caches: dict):
-    self.leader, self.method, self.members = leader, method, members
+               caches: dict, tail: bool = False):
+    self.leader, self.method, self.members, self.tail = leader, method, members, tail
     self.requests, self.caches = block_requests, caches
     self.pending = collections.deque(range(len(block_requests)))
     self.results: list = [None] * len(block_requests)
@@ -135,7 +186,7 @@ class _GroupRun:
     self.done = 0
     self.dropped: dict[str, str] = {}
     self.error: Any = None
-    self.cond = threading.Condition()
+    self.cond = leader.cond
     self.ready = {m: threading.Event() for m in members}
 
   def run(self) -> tuple[list, dict]:
@@ -169,6 +220,18 @@ class _GroupRun:
       if hook is not None:
         hook(time.thread_time() - start_cpu)
 
+  def _behind_heads(self, member: str) -> bool:
+    """Whether a tail run's lane for `member` waits (the caller holds `cond`): while a head
+    run of this leader has blocks to start, and while the member is busy with as many blocks
+    as it has lanes, or with one when the blocks left are no more than the members (the end
+    of a round: as the second-lane rule, across the two runs)."""
+    if not self.tail:
+      return False
+    if any(run.pending and run.error is None for run in self.leader.heads):
+      return True
+    busy = self.leader.busy[member]
+    return busy >= LANES_PER_MEMBER or (busy and len(self.pending) <= len(self.members))
+
   def _drop(self, member: str, message: str, index: Any = None) -> None:
     with self.cond:
       self.dropped.setdefault(member, message)
@@ -199,24 +262,32 @@ class _GroupRun:
         # A second lane takes a block only while there are more than the members can start:
         # at the end of a round a block queued behind its member's running one would wait
         # while other members sit idle.
-        while ((not self.pending or (lane and len(self.pending) <= len(self.members)))
+        while ((not self.pending or (lane and len(self.pending) <= PREFETCH_BELOW * len(self.members))
+                or self._behind_heads(member))
                and self.done < len(self.requests) and self.error is None
                and member not in self.dropped):
           self.cond.wait()
         if self.error is not None or member in self.dropped or not self.pending:
           return
         index = self.pending.popleft()
+        if not self.pending:   # a tail run's lanes may start now
+          self.cond.notify_all()
         self.attempts[index] += 1
         if self.attempts[index] > MAX_BLOCK_ATTEMPTS:
           self.error = GroupError(protocol.EXCEPTION, f'block {index} failed {MAX_BLOCK_ATTEMPTS} '
                                                   f'times; dropped members: {self.dropped}')
           self.cond.notify_all()
           return
+        self.leader.busy[member] += 1
       try:
         answer = protocol.decode(getattr(handle, self.method)(self.requests[index]()))
       except Exception as e:  # the member is down or answered garbage
         self._drop(member, f'{type(e).__name__}: {e}', index)
         return
+      finally:
+        with self.cond:
+          self.leader.busy[member] -= 1
+          self.cond.notify_all()
       if answer.get('ok'):
         with self.cond:
           self.results[index] = answer
@@ -268,10 +339,16 @@ def _parse(request: dict, worker: Any) -> tuple:
   for pad in ('pad_rows', 'pad_cols'):
     if pad in request:
       base[pad] = request[pad]
-  cotangents = {name: request[name] for name in ('g_ntk', 'g_nngp')
-                if method == 'vjp_block' and isinstance(request.get(name), np.ndarray)}
+  if method == 'kernel_block' and protocol.KERNELS_FIELD in request:
+    base[protocol.KERNELS_FIELD] = list(_asked_kernels(request))
+  flats = {name: request[name] for name in ('g_ntk', 'g_nngp')
+           if method != 'kernel_block' and isinstance(request.get(name), np.ndarray)}
+  factors = _factors(request, worker) if method == protocol.VJP_FACTORS else {}
+  for name, g in factors.items():
+    if any(r1 > g.shape[0] or c1 > g.shape[1] for r0, r1, c0, c1, _ in blocks):
+      raise GroupError(bad, f'{name}: the blocks reach outside its {g.shape} factors.')
   total = sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1, _ in blocks)
-  for name, flat in cotangents.items():
+  for name, flat in flats.items():
     if flat.ndim != 1 or len(flat) != total:
       raise GroupError(bad, f'{name} has shape {flat.shape}, expected ({total},): the blocks\' '
                             f'cotangents flattened in block order.')
@@ -293,8 +370,48 @@ def _parse(request: dict, worker: Any) -> tuple:
       fields.update(cols_cache=part.get('cache'), cols_version=part.get('version'),
                     cols_start=span[0], cols_stop=span[1])
     pairs = (r1 - r0) * (c1 - c0)
-    for name, flat in cotangents.items():
+    for name, flat in flats.items():
       fields[name] = flat[offset:offset + pairs].reshape(r1 - r0, c1 - c0)
     offset += pairs
-    builders.append(lambda fields=fields: protocol.encode(fields))
+    builders.append(lambda fields=fields, at=(r0, r1, c0, c1): protocol.encode(
+        {**fields, **_factor_blocks(factors, at, worker.dtype)}))
   return method, members, blocks, builders, caches
+
+
+def _asked_kernels(request: dict) -> tuple:
+  try:
+    return protocol.asked_kernels(request)
+  except ValueError as e:
+    raise GroupError(protocol.BAD_REQUEST, str(e)) from e
+
+
+def _factors(request: dict, worker: Any) -> dict:
+  """{cotangent name: LowRankCotangent} of a vjp_factors request, from this worker's caches."""
+  described = request.get('cotangent_factors')
+  if not (isinstance(described, dict) and described
+          and set(described) <= set(protocol.FACTOR_CACHES)):
+    raise GroupError(protocol.BAD_REQUEST, f'{protocol.VJP_FACTORS} needs `cotangent_factors`: '
+                                           f'{{name in {tuple(protocol.FACTOR_CACHES)}: '
+                                           f'{{"cache", "version", "rows"}}}}.')
+  out = {}
+  for name, spec in described.items():
+    if not (isinstance(spec, dict) and isinstance(spec.get('cache'), str)
+            and isinstance(spec.get('version'), int) and isinstance(spec.get('rows'), int)):
+      raise GroupError(protocol.BAD_REQUEST, f'cotangent_factors[{name!r}] must be '
+                                             f'{{"cache": str, "version": int, "rows": int}}.')
+    held = worker._images.get(spec['cache'])
+    if held is None or held[0] != spec['version']:
+      raise GroupError(protocol.STALE_CACHE, f'Group leader {worker.worker_id}: cache '
+                                             f'{spec["cache"]!r} version {spec["version"]} '
+                                             f'requested, but it holds '
+                                             f'{"nothing" if held is None else held[0]}.')
+    try:
+      out[name] = cotangents.unpack(held[1], spec['rows'])
+    except ValueError as e:
+      raise GroupError(protocol.BAD_REQUEST, f'cotangent_factors[{name!r}]: {e}') from e
+  return out
+
+
+def _factor_blocks(factors: dict, at: tuple, dtype: np.dtype) -> dict:
+  """Each factored cotangent's block `at` (r0, r1, c0, c1), formed here in `dtype`."""
+  return {name: g.block(*at).astype(dtype) for name, g in factors.items()}

@@ -11,7 +11,9 @@ worker's image cache (fields `rows_cache`, `rows_version`, `rows_start`, `rows_s
 same with `cols_`), or as rows of a dataset split the worker holds (`cols_dataset` = the key,
 `cols_indices`). `pad_rows` / `pad_cols`
 pad the block to a fixed shape, so each block shape compiles once. A vjp request adds the
-cotangent blocks `g_ntk` / `g_nngp` (either may be absent).
+cotangent blocks `g_ntk` / `g_nngp` (either may be absent). A kernel request's optional
+`kernels` (protocol.KERNELS_FIELD) names the kernels to answer (default both); `ping` lists
+the optional request features it serves under `features` (protocol.FEATURES).
 
 Responses carry `ok`. On failure they carry `error`: 'stale_cache' when a request names a
 cache entry (name, version) the worker does not hold (the coordinator re-sends the images),
@@ -108,7 +110,8 @@ class KernelWorker:
                         'device': str(jax.devices()[0]), 'dtype': self.dtype.name,
                         'arch': self.arch.to_dict(), 'caches': caches,
                         'datasets': {key: len(x) for key, x in self._datasets.items()},
-                        'dataset_error': self.dataset_error, 'peers': len(self._peers)})
+                        'dataset_error': self.dataset_error, 'peers': len(self._peers),
+                        'features': list(protocol.FEATURES)})
 
   def set_images(self, name: str, version: int, payload: bytes) -> bytes:
     """Caches the array `images` of the wire message `payload` as (`name`, `version`)."""
@@ -120,7 +123,8 @@ class KernelWorker:
           or images.dtype.kind not in 'biuf'):
         raise RequestError(BAD_REQUEST, 'set_images needs a numeric `images` array, NHWC or '
                                         '(N, D).')
-      images = images.astype(self.dtype, copy=False)
+      if name not in protocol.FACTOR_CACHES.values():   # factors keep float64's digits
+        images = images.astype(self.dtype, copy=False)
     except protocol.WireError as e:
       return self._refuse(MALFORMED, f'set_images: {e}')
     except RequestError as e:
@@ -203,7 +207,7 @@ class KernelWorker:
 
   def kernel_block(self, request: bytes) -> bytes:
     """{'ntk', 'nngp'}: the (rows, cols) kernel blocks of the request's images."""
-    return self._serve(request, self._kernel_block)
+    return self._serve(request, self._asked_kernels)
 
   def vjp_block(self, request: bytes) -> bytes:
     """{'grad'}: d/d rows of <g_ntk, NTK(rows, cols)> + <g_nngp, NNGP(rows, cols)>."""
@@ -247,6 +251,15 @@ class KernelWorker:
       self.compute_seconds += seconds
     response.update(ok=True, seconds=seconds)
     return protocol.encode(response)
+
+  def _asked_kernels(self, request: dict) -> dict:
+    """The block's kernels named by the request's `kernels` field (absent: both)."""
+    try:
+      names = protocol.asked_kernels(request)
+    except ValueError as e:
+      raise RequestError(BAD_REQUEST, str(e)) from e
+    out = self._kernel_block(request)
+    return {name: out[name] for name in names}
 
   def _kernel_block(self, request: dict) -> dict:
     rows, cols = self._images_for(request, 'rows'), self._images_for(request, 'cols')

@@ -3,9 +3,11 @@
 A kernel worker (workers/kernel_worker.py) serves four methods, whatever carries the calls
 (a direct call in this process, Courier under Launchpad, a Ray actor call): `ping`,
 `set_images`, `kernel_block` and `vjp_block` (plus `cached_images` and `fetch_images` between
-peers, for the tree broadcast). Arguments are bytes, ints and strs only (Courier hangs on numpy
-arrays), and every answer is a wire message as bytes. `WorkerHandle` is how the coordinator
-holds one worker; every launch type's handle subclasses it.
+peers, for the tree broadcast; `group_blocks` for group requests, with the options named
+after METHODS below: VJP_FACTORS, FACTOR_CACHES, KERNELS_FIELD, FEATURES). Arguments are
+bytes, ints and strs only (Courier hangs on numpy arrays), and every answer is a wire
+message as bytes. `WorkerHandle` is how the coordinator holds one worker; every launch
+type's handle subclasses it.
 
 The wire format: a message is a dict whose values are numpy arrays (or numpy scalars, sent as
 0-d arrays) and JSON-able values (numbers, strings, bools, None, lists, dicts). It travels as
@@ -53,6 +55,25 @@ CACHED_IMAGES, FETCH_IMAGES = 'cached_images', 'fetch_images'
 # A group's blocks in one request (workers/group_leader.py): only where workers reach each other.
 GROUP_BLOCKS = 'group_blocks'
 METHODS = (PING, SET_IMAGES, KERNEL_BLOCK, VJP_BLOCK)
+# A group request's `method` (beside kernel_block and vjp_block) whose cotangents come as
+# low-rank factors (common/cotangents.py) the leader holds as caches: its field
+# `cotangent_factors` = {'g_ntk' or 'g_nngp': {'cache', 'version', 'rows'}} names, per
+# cotangent, the cache of `cotangents.pack`'s array and G's rows; the leader forms each
+# block's cotangent (in its dtype) for the members' plain vjp_block requests. An older
+# leader refuses the method by name (bad_request), so no block runs without its cotangent.
+VJP_FACTORS = 'vjp_factors'
+# Caches whose array keeps the dtype it was sent in (float64 factors), where images are cast
+# to the worker's dtype: what `DistributedKernels(cotangent_factors=True)` publishes per
+# cotangent.
+FACTOR_CACHES = {'g_ntk': 'factors_ntk', 'g_nngp': 'factors_nngp'}
+# A kernel request's (and group kernel request's) optional field: the kernels to answer, a
+# non-empty list of 'ntk' / 'nngp' (absent: both). An older worker answers both, and the
+# coordinator reads the ones it asked for, so a mismatch costs bytes, never a wrong kernel.
+KERNELS_FIELD = 'kernels'
+KERNEL_NAMES = ('ntk', 'nngp')
+# What a worker's ping lists under `features`: the options above it serves. The coordinator
+# checks it before using them, and says which workers lack one.
+FEATURES = (VJP_FACTORS, KERNELS_FIELD)
 PEER_METHODS = (CACHED_IMAGES, FETCH_IMAGES)
 ARGUMENT_TYPES = (bytes, int, str)   # what a worker call carries (Courier hangs on numpy)
 
@@ -107,6 +128,22 @@ class WorkerHandle(Protocol):
     a list of blocks and answers for all of them at once (see workers/group_leader.py). Handles
     whose workers cannot reach each other (Courier, Ray today) leave it unimplemented."""
     raise NotImplementedError
+
+
+def asked_kernels(request: dict) -> tuple:
+  """The kernels a (group) kernel request asks for: its KERNELS_FIELD, else both.
+
+  Raises:
+    ValueError: the field is not a non-empty list of distinct names from KERNEL_NAMES.
+  """
+  names = request.get(KERNELS_FIELD)
+  if names is None:
+    return KERNEL_NAMES
+  if not (isinstance(names, list) and names and set(names) <= set(KERNEL_NAMES)
+          and len(set(names)) == len(names)):
+    raise ValueError(f'{KERNELS_FIELD} must be a non-empty list of distinct names from '
+                     f'{KERNEL_NAMES}, got {names!r}.')
+  return tuple(names)
 
 
 class WireError(ValueError):

@@ -174,7 +174,9 @@ class SimulatedWorker(kernel_worker.KernelWorker):
     self.hang_s = 0.0
     self.clock = _CallClock()           # per calling thread: when its request arrived, ...
     self.cache_ready_at: dict = {}      # cache name -> (version, virtual time it arrived)
-    self.group_not_before = 0.0         # when the group request it leads arrived
+    self.group_not_before = 0.0         # when the group requests it leads arrived (the first)
+    self._group_lock = threading.Lock()
+    self._group_requests = 0            # group requests it leads now (a head and its tail)
 
   def _occupy(self, seconds: float) -> None:
     """Books the device for `seconds` (modelled) after the request arrived and the blocks
@@ -219,8 +221,15 @@ class SimulatedWorker(kernel_worker.KernelWorker):
   def group_blocks(self, request: bytes) -> bytes:
     """As KernelWorker's: its calls to the members start when the request has arrived, and
     its answer leaves when the last member's answer is in."""
-    self.group_not_before = self.clock.arrived
-    answer = super().group_blocks(request)
+    with self._group_lock:   # a tail arriving beside its head: the head's time stands
+      if not self._group_requests:
+        self.group_not_before = self.clock.arrived
+      self._group_requests += 1
+    try:
+      answer = super().group_blocks(request)
+    finally:
+      with self._group_lock:
+        self._group_requests -= 1
     self.clock.ready = max(self.clock.ready, time.monotonic())
     return answer
 
