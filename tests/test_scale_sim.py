@@ -130,12 +130,17 @@ def test_simulated_kip_step_equals_the_inprocess_step_exactly(group_size):
   assert sim_step.loss == real_step.loss
   np.testing.assert_array_equal(sim_step.grad_images, real_step.grad_images)
   np.testing.assert_array_equal(sim_step.grad_labels, real_step.grad_labels)
-  # And both agree with the engine called directly (other tile shapes: float32 rounding,
-  # which the KRR solve amplifies; see test_coordinator's KIP test).
+  # And both agree with the engine called directly.
+  _assert_matches_engine(sim_step, args)
+
+
+def _assert_matches_engine(step: kip.KipStep, args: tuple) -> None:
+  """`step` agrees with the engine called directly on `args` (other tile shapes: float32
+  rounding, which the KRR solve amplifies; see test_coordinator's KIP test)."""
   direct = kip.kip_gradients(backend.InProcessKernels(FC), *args)
-  np.testing.assert_allclose(sim_step.grad_images, direct.grad_images, rtol=0,
+  np.testing.assert_allclose(step.grad_images, direct.grad_images, rtol=0,
                              atol=1e-2 * np.abs(direct.grad_images).max())
-  assert abs(sim_step.loss - direct.loss) < 1e-4 * abs(direct.loss)
+  assert abs(step.loss - direct.loss) < 1e-4 * abs(direct.loss)
 
 
 @pytest.mark.parametrize('options', [dict(one_kernel=True),
@@ -181,10 +186,7 @@ def test_lean_kip_step_equals_the_default_group_step(options):
     assert lean.loss == dense.loss
     np.testing.assert_array_equal(lean.grad_images, dense.grad_images)
     np.testing.assert_array_equal(lean.grad_labels, dense.grad_labels)
-  direct = kip.kip_gradients(backend.InProcessKernels(FC), *args)
-  np.testing.assert_allclose(lean.grad_images, direct.grad_images, rtol=0,
-                             atol=1e-2 * np.abs(direct.grad_images).max())
-  assert abs(lean.loss - direct.loss) < 1e-4 * abs(direct.loss)
+  _assert_matches_engine(lean, args)
 
 
 def test_factored_vjp_without_groups_uses_the_dense_matrix():
