@@ -13,6 +13,8 @@ PREPROCESS_CHOICES = ('auto',) + preprocess.PREPROCESSOR_KINDS
 # is standardisation, bitwise). FC: standardisation (ZCA cut the FC kernel's KRR accuracy of
 # 100 random real CIFAR-10 images from 26% to 12%).
 AUTO_KERNEL_PREPROCESS = {'convnet': 'channel_zca', 'fc': 'standardize'}
+# What 'auto' means where a DistillConfig or an older run's config.json holds it.
+LEGACY_AUTO_PREPROCESS = 'standardize'
 LR_SCHEDULES = ('constant', 'cosine')  # KIP's learning rate: constant, or cosine decay to 0
 FLIP_CHOICES = ('auto', 'on', 'off')   # RCIG's mirrored support (auto: on for RGB images)
 # ntkdd evaluate's finite-net training: ntkdd's own protocol, or the KIP or RCIG paper's

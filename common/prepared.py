@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ntkdd.common import data, preprocess, sources
+from ntkdd.common import choices, data, preprocess, sources
 
 SPLITS = ('train', 'test')
 
@@ -93,10 +93,9 @@ def prepare_uncached(spec: DataSpec) -> PreparedData:
     x_train, x_test = downsample(x_train, spec.image_size), downsample(x_test, spec.image_size)
   kind = spec.preprocess
   if kind == 'auto':
-    # Not ZCA, although the papers whiten RGB data: on this machine's CIFAR-10 copy, ZCA
-    # (strength 0.1) cut the KRR test accuracy of 100 random real images from 26% to 12%
-    # with the FC kernel and from 33% to 28% with the 16x16 ConvNet kernel (BENCHMARKS.md).
-    kind = 'standardize'
+    # What 'auto' meant before `ntkdd distill` chose per kernel family (and still means in a
+    # DistillConfig and in older runs' config.json): runs resume on the data they were made on.
+    kind = choices.LEGACY_AUTO_PREPROCESS
   logging.info('Preprocessing %s with %s.', dataset.name, kind)
   pre = preprocess.make_preprocessor(kind, x_train, spec.zca_strength)
   return PreparedData(dataset=dataset, preprocessor=pre, x_train=pre.apply(x_train),

@@ -121,12 +121,15 @@ def kernel_preprocess(preprocess: str, arch: str, saved: Optional[str] = None) -
     preprocess: the flag's value; a name other than 'auto' is kept.
     arch: the kernel's architecture ('fc' or 'convnet').
     saved: on --resume, the preprocessing the run's config.json records; 'auto' then keeps it,
-      so a run continues on the data it was made with ('auto' saved by runs made before the
-      per-family choice means standardisation, and stays 'auto').
+      so a run continues on the data it was made with. 'auto' saved by runs made before the
+      per-family choice means standardisation (`choices.LEGACY_AUTO_PREPROCESS`) and stays
+      'auto', also when the flag names that meaning explicitly.
 
   Returns:
     `saved` or `choices.AUTO_KERNEL_PREPROCESS[arch]` for 'auto', else `preprocess`.
   """
+  if saved == 'auto' and preprocess in ('auto', choices.LEGACY_AUTO_PREPROCESS):
+    return saved
   if preprocess != 'auto':
     return preprocess
   if saved is not None:

@@ -101,6 +101,18 @@ def test_kip_auto_preprocessing_follows_the_kernel(tmp_path, capsys, arch, chann
   assert config['dataset']['preprocess'] == expected
 
 
+def test_kernel_preprocess_rules():
+  from ntkdd.server import jobs
+  assert jobs.kernel_preprocess('auto', 'convnet') == 'channel_zca'
+  assert jobs.kernel_preprocess('auto', 'fc') == 'standardize'
+  assert jobs.kernel_preprocess('kip_zca', 'convnet') == 'kip_zca'
+  assert jobs.kernel_preprocess('auto', 'convnet', saved='standardize') == 'standardize'
+  # An older run's 'auto' (standardisation) resumes under 'auto' or its explicit name.
+  assert jobs.kernel_preprocess('auto', 'convnet', saved='auto') == 'auto'
+  assert jobs.kernel_preprocess('standardize', 'convnet', saved='auto') == 'auto'
+  assert jobs.kernel_preprocess('channel_zca', 'convnet', saved='auto') == 'channel_zca'
+
+
 def test_resume_keeps_the_preprocessing_an_auto_run_was_made_with(tmp_path, capsys):
   """A run whose config.json says 'auto' (made before 'auto' chose per kernel, when it meant
   standardisation) resumes on the same data, not on the channel ZCA a new run would get."""

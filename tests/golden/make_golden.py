@@ -30,9 +30,12 @@ CASES = {
     'kip_fc_cosine': (['--algorithm', 'kip', '--arch', 'fc', '--depth', '1', '--ipc', '2',
                        '--target-batch', '12', '--lr', '0.05', '--lr-schedule', 'cosine',
                        '--eval-every', '5'], 5, None),
+    # Recorded when `auto` meant standardisation for every kernel (the ConvNet's is the channel
+    # ZCA now); the flag names it, and its old run (config 'auto') resumes under it.
     'kip_conv_workers': (['--algorithm', 'kip', '--arch', 'convnet', '--depth', '1', '--ipc', '1',
                           '--target-batch', '9', '--lr', '0.02', '--learn-labels',
-                          '--eval-every', '2', '--workers', '2', '--block', '4'], 4, 2),
+                          '--eval-every', '2', '--workers', '2', '--block', '4',
+                          '--preprocess', 'standardize'], 4, 2),
     'ls_fc': (['--algorithm', 'ls', '--arch', 'fc', '--depth', '2', '--ipc', '2'], None, None),
     'rcig': (['--algorithm', 'rcig', '--ipc', '1', '--depth', '1', '--width', '8',
               '--pool-size', '2', '--inner-steps', '2', '--hinv-steps', '2',
