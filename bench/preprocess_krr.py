@@ -9,10 +9,16 @@ CIFAR-10, 10 images per class, the ConvNet kernel at 32x32, depth 3, the whole t
 
   .venv/bin/python bench/preprocess_krr.py --data-dir /work/shared/data            # the full run
   .venv/bin/python bench/preprocess_krr.py --data-dir /work/shared/data --ipc 1 --test-size 300
+
+Each variant and seed is about an hour of kernels on one core, so --kernel-cache DIR keeps every
+kernel chunk (--chunk test images against the support) as it is computed: a killed run started
+again with the same arguments and directory computes only the chunks it lacks.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
 import os
 import platform
 import sys
@@ -48,6 +54,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
   parser.add_argument('--tile', type=int, default=None,
                       help='largest kernel tile side (default: the largest that fits memory)')
   parser.add_argument('--dtype', default='float32', choices=('float32', 'float64'))
+  parser.add_argument('--chunk', type=int, default=500,
+                      help='test images per kernel call (the unit --kernel-cache keeps)')
+  parser.add_argument('--kernel-cache', default=None, metavar='DIR',
+                      help='keep each computed kernel chunk in DIR (atomic .npz files named by '
+                           'a hash of the images and the kernel settings); a run started again '
+                           'with the same DIR reuses them and resumes where it stopped')
   parser.add_argument('--json', default=None,
                       help='default bench/results/preprocess_krr_<dataset>_<ipc>ipc_<test>.json')
   return parser.parse_args(argv)
@@ -61,12 +73,54 @@ def test_subset(labels: np.ndarray, size: int) -> np.ndarray:
   return np.sort(preprocess.class_balanced_batch(labels, size, np.random.default_rng(0)))
 
 
+class DiskCachedKernels:
+  """A kernel backend that keeps each `kernel(x1, x2)` answer in a directory.
+
+  The file name hashes the two image arrays (bytes, shapes, dtypes) and `settings` (the
+  kernel's architecture, dtype and anything else that changes the numbers), so a cached answer
+  is only reused for the same question. Writes are atomic: a killed run leaves whole files.
+  """
+
+  def __init__(self, backend: Any, directory: str, settings: str):
+    self.backend, self.directory, self.settings = backend, directory, settings
+    self.hits = 0
+    os.makedirs(directory, exist_ok=True)
+
+  def _path(self, x1: np.ndarray, x2: Optional[np.ndarray]) -> str:
+    digest = hashlib.sha256(self.settings.encode())
+    for x in (x1, x2):
+      if x is None:
+        digest.update(b'none')
+        continue
+      x = np.ascontiguousarray(x)
+      digest.update(f'{x.shape}{x.dtype}'.encode())
+      digest.update(x.tobytes())
+    return os.path.join(self.directory, f'kernel-{digest.hexdigest()[:32]}.npz')
+
+  def kernel(self, x1: np.ndarray, x2: Optional[np.ndarray] = None) -> dict:
+    from ntkdd.server import run_dir
+    path = self._path(x1, x2)
+    if os.path.exists(path):
+      self.hits += 1
+      with np.load(path) as saved:
+        return {name: saved[name] for name in saved.files}
+    out = self.backend.kernel(x1, x2)
+    buffer = io.BytesIO()
+    np.savez(buffer, **{name: np.asarray(value) for name, value in out.items()})
+    run_dir.atomic_write_bytes(path, buffer.getvalue())
+    return out
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
   from ntkdd.common import architectures, data, kip, preprocess
   from ntkdd.server import backend
   dataset = data.load_dataset(args.dataset, args.data_dir, cache_dir=args.cache_dir)
   arch = architectures.Architecture(args.arch, depth=args.depth)
   kernels_backend = backend.InProcessKernels(arch, tile=args.tile, dtype=args.dtype)
+  if args.kernel_cache:
+    kernels_backend = DiskCachedKernels(
+        kernels_backend, args.kernel_cache,
+        f'{args.arch} depth {args.depth} {args.dtype} {args.dataset}')
   seeds = [int(s) for s in args.seeds.split(',') if s.strip()]
   variants = [v.strip() for v in args.variants.split(',') if v.strip()]
   test_idx = test_subset(np.asarray(dataset.y_test), args.test_size)
@@ -85,7 +139,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       labels = preprocess.one_hot_centered(np.asarray(dataset.y_train)[idx], dataset.num_classes)
       start = time.perf_counter()
       accuracy = kip.krr_accuracy(kernels_backend, pre.apply(dataset.x_train[idx]), labels,
-                                  x_test, y_test, kernel_name=args.kernel, reg=args.reg)
+                                  x_test, y_test, kernel_name=args.kernel, reg=args.reg,
+                                  chunk=args.chunk)
       seconds = time.perf_counter() - start
       results.append({'variant': variant, 'seed': seed, 'accuracy': accuracy,
                       'kernel_s': seconds, 'fit_s': fit_s, 'support_indices': idx.tolist()})
