@@ -62,8 +62,11 @@ def _add_kernel_flags(p: argparse.ArgumentParser, default_arch: str, default_dep
                  help='kernel workers; 0 computes kernels directly, N >= 1 farms tiles of '
                       '--block images to N workers through the coordinator (launchpad and '
                       'ray need N >= 1; RCIG uses them for its KRR evaluation only).')
-  g.add_argument('--block', type=flags.positive_int, default=64,
-                 help='coordinator tile side (images) when --workers >= 1. Default %(default)s.')
+  g.add_argument('--block', type=flags.positive_int, default=None,
+                 help='coordinator tile side (images) when --workers >= 1. Default: fitted to '
+                      'each call\'s rows, the fewest equal tiles of at most 64 (a 10-image '
+                      'support set gives 10 x 10 blocks, so two workers share a 1-image-per-'
+                      'class step evenly).')
   g.add_argument('--expose-courier-ports', action='store_true',
                  help='with --launch launchpad where no private network namespace can be made '
                       '(unshare -n): run anyway, with every Courier port listening on all '

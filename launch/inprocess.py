@@ -61,8 +61,8 @@ class LocalWorkerHandle(protocol.WorkerHandle):
 
 
 def make_inprocess_backend(arch: Union[architectures.Architecture, dict], workers: int = 1,
-                           tile: Optional[int] = None, dtype: str = 'float32', block: int = 64,
-                           dataset: Optional[dict] = None,
+                           tile: Optional[int] = None, dtype: str = 'float32',
+                           block: Optional[int] = 64, dataset: Optional[dict] = None,
                            **coordinator_kwargs) -> distributed_kernels.DistributedKernels:
   """A `DistributedKernels` over `workers` local `KernelWorker`s (threads in this process).
 
@@ -70,7 +70,7 @@ def make_inprocess_backend(arch: Union[architectures.Architecture, dict], worker
     arch: the architecture (or its dict).
     workers: how many workers.
     tile, dtype: the workers' kernel tile and dtype.
-    block: rows and columns of a kernel block.
+    block: rows and columns of a kernel block (None: fitted to each call's rows).
     dataset: a `DataSpec` dict: the workers hold that data and take target rows as indices;
       in one process they share the coordinator's arrays (`common/prepared.prepare` memoises).
     **coordinator_kwargs: further `DistributedKernels` options.

@@ -256,7 +256,7 @@ def add_worker_nodes(program, arch, workers: int, dtype: str = 'float32',
   return handles
 
 
-def make_program(cfg, run_dir: str, workers: int, resume: bool = False, block: int = 64,
+def make_program(cfg, run_dir: str, workers: int, resume: bool = False, block: Optional[int] = 64,
                  worker_tile: Optional[int] = None, deadline_s: float = 600.0,
                  startup_timeout_s: float = 300.0, stop_program: bool = True,
                  coordinator_kwargs: Optional[dict] = None):
@@ -313,7 +313,7 @@ def program_from_spec(spec: dict):
 
 # -- Local runs (local_mp). ---------------------------------------------------------------------
 
-def start_local_mp(cfg, run_dir: str, workers: int, resume: bool = False, block: int = 64,
+def start_local_mp(cfg, run_dir: str, workers: int, resume: bool = False, block: Optional[int] = 64,
                    worker_tile: Optional[int] = None, deadline_s: float = 600.0,
                    startup_timeout_s: float = 300.0, env: Optional[dict] = None,
                    coordinator_kwargs: Optional[dict] = None,
@@ -344,7 +344,8 @@ def start_local_mp(cfg, run_dir: str, workers: int, resume: bool = False, block:
   stale = coordinator.STALE_FILES + (run_dir_lib.COORDINATOR_ADDRESS_FILE,)
   run_dir = coordinator.open_run_dir(run_dir, resume, stale)
   spec = {'kind': 'distill', 'config': jobs.to_dict(cfg), 'run_dir': str(run_dir),
-          'workers': int(workers), 'resume': bool(resume), 'block': int(block),
+          'workers': int(workers), 'resume': bool(resume),
+          'block': None if block is None else int(block),
           'worker_tile': worker_tile, 'deadline_s': float(deadline_s),
           'startup_timeout_s': float(startup_timeout_s), 'env': env or {},
           'coordinator_kwargs': coordinator_kwargs or {},
@@ -380,7 +381,7 @@ def wait_for_result(program: launchpad_local.LocalProgram, run_dir: str,
 
 
 def run_local_mp(cfg, run_dir: str, workers: int, resume: bool = False,
-                 timeout_s: Optional[float] = None, block: int = 64,
+                 timeout_s: Optional[float] = None, block: Optional[int] = 64,
                  worker_tile: Optional[int] = None, deadline_s: float = 600.0,
                  startup_timeout_s: float = 300.0, env: Optional[dict] = None,
                  coordinator_kwargs: Optional[dict] = None,
@@ -425,7 +426,8 @@ class LaunchpadKernels(distributed_kernels.OwnedWorkersKernels):
   Args:
     arch, tile, dtype, dataset: the workers' architecture, kernel tile, dtype and `DataSpec`
       dict (as `add_worker_nodes`).
-    workers: how many workers; block: rows and columns of a kernel block.
+    workers: how many workers; block: rows and columns of a kernel block (None: fitted to
+      each call's rows).
     startup_timeout_s: how long the program and its workers may take to come up.
     log_dir: where the program's files go (default: a new temporary folder).
     env: extra environment variables of the worker nodes.
@@ -435,7 +437,7 @@ class LaunchpadKernels(distributed_kernels.OwnedWorkersKernels):
   """
 
   def __init__(self, arch, workers: int, tile: Optional[int] = None, dtype: str = 'float32',
-               block: int = 64, startup_timeout_s: float = 300.0,
+               block: Optional[int] = 64, startup_timeout_s: float = 300.0,
                log_dir: Optional[str] = None, env: Optional[dict] = None,
                dataset: Optional[dict] = None, expose_courier_ports: bool = False,
                **coordinator_kwargs):
@@ -468,14 +470,14 @@ class LaunchpadKernels(distributed_kernels.OwnedWorkersKernels):
 
 
 def make_launchpad_backend(arch, workers: int, tile: Optional[int] = None,
-                           dtype: str = 'float32', block: int = 64,
+                           dtype: str = 'float32', block: Optional[int] = 64,
                            **kwargs) -> LaunchpadKernels:
   """The backend factory of `--launch launchpad` where this process coordinates."""
   return LaunchpadKernels(arch, workers, tile=tile, dtype=dtype, block=block, **kwargs)
 
 
 def kernel_local_mp(arch, x1, x2=None, workers: int = 1, tile: Optional[int] = None,
-                    dtype: str = 'float32', block: int = 64, **kwargs) -> dict:
+                    dtype: str = 'float32', block: Optional[int] = 64, **kwargs) -> dict:
   """`ntkdd kernel --launch launchpad`: {'ntk', 'nngp'} of x1 (and x2) on Launchpad workers."""
   with make_launchpad_backend(arch, workers, tile=tile, dtype=dtype, block=block,
                               **kwargs) as backend:

@@ -271,7 +271,7 @@ class RayRun:
 
 
 def start_ray(cfg, run_dir: str, workers: int, ray_address: Optional[str] = None,
-              resume: bool = False, block: int = 64, worker_tile: Optional[int] = None,
+              resume: bool = False, block: Optional[int] = 64, worker_tile: Optional[int] = None,
               deadline_s: float = 600.0, startup_timeout_s: float = 300.0,
               run_name: Optional[str] = None, worker_kwargs: Optional[dict] = None,
               worker_cpus: float = 1, worker_gpus: Optional[float] = None,
@@ -367,7 +367,7 @@ def start_ray(cfg, run_dir: str, workers: int, ray_address: Optional[str] = None
 
 
 def run_ray(cfg, run_dir: str, workers: int, ray_address: Optional[str] = None,
-            resume: bool = False, block: int = 64, timeout_s: Optional[float] = None,
+            resume: bool = False, block: Optional[int] = 64, timeout_s: Optional[float] = None,
             **kwargs) -> dict:
   """Runs `ntkdd distill --launch ray --workers N`: starts, waits, kills every actor.
 
@@ -401,7 +401,7 @@ class RayKernels(distributed_kernels.OwnedWorkersKernels):
   """
 
   def __init__(self, arch, workers: int, ray_address: Optional[str] = None,
-               tile: Optional[int] = None, dtype: str = 'float32', block: int = 64,
+               tile: Optional[int] = None, dtype: str = 'float32', block: Optional[int] = 64,
                startup_timeout_s: float = 300.0, worker_kwargs: Optional[dict] = None,
                worker_cpus: float = 1, worker_gpus: Optional[float] = None,
                worker_resources: Optional[Sequence[dict]] = None, env: Optional[dict] = None,
@@ -436,7 +436,7 @@ class RayKernels(distributed_kernels.OwnedWorkersKernels):
 
 
 def make_ray_backend(arch, workers: int, ray_address: Optional[str] = None,
-                     tile: Optional[int] = None, dtype: str = 'float32', block: int = 64,
+                     tile: Optional[int] = None, dtype: str = 'float32', block: Optional[int] = 64,
                      **kwargs) -> RayKernels:
   """The backend factory of `--launch ray` where this process coordinates (`ntkdd kernel`).
 

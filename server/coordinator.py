@@ -109,7 +109,7 @@ class Coordinator:
     run_dir: the run directory (shared with the launching process).
     resume: continue the run from its checkpoint.npz.
     worker_handles: one `protocol.WorkerHandle` per kernel worker.
-    block: rows and columns of a kernel block (`DistributedKernels`).
+    block: rows and columns of a kernel block (`DistributedKernels`; None: fitted per call).
     deadline_s: a worker call taking longer marks the worker down (`DistributedKernels`).
     startup_timeout_s: how long all workers together may take to answer their first ping.
     coordinator_kwargs: further `DistributedKernels` options (plan, broadcast, faults).
@@ -118,7 +118,7 @@ class Coordinator:
   """
 
   def __init__(self, config: dict, run_dir: str, resume: bool,
-               worker_handles: Sequence[protocol.WorkerHandle], block: int = 64,
+               worker_handles: Sequence[protocol.WorkerHandle], block: Optional[int] = 64,
                deadline_s: float = 600.0, startup_timeout_s: float = 300.0,
                coordinator_kwargs: Optional[dict] = None,
                stop_hook: Optional[Callable[[], None]] = None):
@@ -126,7 +126,8 @@ class Coordinator:
     self._run_dir = Path(run_dir)
     self._resume = bool(resume)
     self._handles = list(worker_handles)
-    self._block, self._deadline_s = int(block), float(deadline_s)
+    self._block = None if block is None else int(block)
+    self._deadline_s = float(deadline_s)
     self._startup_timeout_s = float(startup_timeout_s)
     self._coordinator_kwargs = dict(coordinator_kwargs or {})
     self._stop_hook = stop_hook

@@ -70,7 +70,7 @@ _WAKE = object()   # put on second slots' handoff queues: look at the shared que
 class DistributedKernels(CacheBroadcast, GroupRequests, WorkerHealth):
   """The kernel backend protocol (`kernel`, `vjp`) over a pool of kernel worker handles."""
 
-  def __init__(self, workers: Sequence, block: int = 64, deadline_s: float = 600,
+  def __init__(self, workers: Sequence, block: Optional[int] = 64, deadline_s: float = 600,
                max_in_flight_per_worker: int = 2, version_fn: Optional[Callable[[], int]] = None,
                *, dtype: str = 'float32', grace_s: float = 120.0, retry_backoff_s: float = 1.0,
                max_backoff_s: float = 30.0, max_task_attempts: int = 4, poll_s: float = 0.1,
@@ -79,7 +79,8 @@ class DistributedKernels(CacheBroadcast, GroupRequests, WorkerHealth):
                one_kernel: bool = False, cotangent_factors: bool = False,
                requests_per_group: int = 1):
     """Args beyond the protocol's:
-      block: rows and columns of the square blocks a worker computes per call (plan 'tiles').
+      block: rows and columns of the square blocks a worker computes per call (plan 'tiles');
+        None fits the side to each call's rows (`block_plan.tile_side`).
       deadline_s: a worker call taking longer marks the worker down (the call is abandoned).
       max_in_flight_per_worker: concurrent calls per worker, so the next block is waiting.
       version_fn: `() -> int`, a fresh cache version per new image set. The default (a
@@ -121,7 +122,7 @@ class DistributedKernels(CacheBroadcast, GroupRequests, WorkerHealth):
     """
     if not workers:
       raise ValueError('DistributedKernels needs at least one worker handle.')
-    if block < 1 or max_in_flight_per_worker < 1 or deadline_s <= 0:
+    if (block is not None and block < 1) or max_in_flight_per_worker < 1 or deadline_s <= 0:
       raise ValueError('Need block >= 1, max_in_flight_per_worker >= 1 and deadline_s > 0.')
     if (plan not in block_plan.PLANS or broadcast not in BROADCASTS or tree_fanout < 1
         or group_size < 1):
@@ -145,7 +146,8 @@ class DistributedKernels(CacheBroadcast, GroupRequests, WorkerHealth):
     self._deals: dict = {}                 # (groups, blocks) -> block indices per request
     self.plan, self.broadcast, self.tree_fanout = plan, broadcast, int(tree_fanout)
     self.tasks_per_worker, self.tail_halvings = int(tasks_per_worker), int(tail_halvings)
-    self.block, self.deadline_s, self.dtype = int(block), float(deadline_s), np.dtype(dtype)
+    self.block = None if block is None else int(block)
+    self.deadline_s, self.dtype = float(deadline_s), np.dtype(dtype)
     self.grace_s, self.poll_s = float(grace_s), float(poll_s)
     self.retry_backoff_s, self.max_backoff_s = float(retry_backoff_s), float(max_backoff_s)
     self.max_task_attempts = int(max_task_attempts)
@@ -408,8 +410,9 @@ class DistributedKernels(CacheBroadcast, GroupRequests, WorkerHealth):
     """((rows, cols, part) blocks in queue order, task -> its pad fields); see block_plan."""
     spans = [(part.start, part.stop) for part in parts]
     if self.plan == 'tiles':
-      planned = block_plan.tile_blocks(n1, spans, self.block, symmetric)
-      fixed = {'pad_rows': min(self.block, n1), 'pad_cols': min(self.block, spans[-1][1])}
+      side = block_plan.tile_side(n1, self.block)
+      planned = block_plan.tile_blocks(n1, spans, side, symmetric)
+      fixed = {'pad_rows': min(side, n1), 'pad_cols': min(side, spans[-1][1])}
       return [(r, c, parts[i]) for r, c, i in planned], lambda task: fixed
     key = (n1, tuple(spans), symmetric)
     planned = self._plans.get(key)

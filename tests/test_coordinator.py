@@ -130,6 +130,23 @@ def test_distributed_equals_inprocess(arch, workers, reference_tile):
     assert distributed.pairs_per_second() > 0
 
 
+
+def test_block_side_fits_each_calls_rows_when_not_given(tiny_npz):
+  from ntkdd.server import block_plan
+  assert block_plan.tile_side(10) == 10 and block_plan.tile_side(100) == 50
+  assert block_plan.tile_side(500) == 63 and block_plan.tile_side(10, 64) == 64
+  spec, data = _prepared_tiny(tiny_npz)
+  support, both = _kip_columns(data)     # 5 support rows; columns: 5 support + 7 targets
+  direct = backend.InProcessKernels(FC)
+  want = direct.kernel(support, np.asarray(both))
+  g = np.random.default_rng(0).normal(size=want['ntk'].shape)
+  with make_inprocess_backend(FC, workers=2, block=None, dataset=spec.to_dict()) as fitted:
+    _assert_kernels_equal(fitted.kernel(support, both), want)
+    _close(fitted.vjp(support, both, g, None), direct.vjp(support, both, g, None))
+    # Blocks of 5 x 5: the support span is one block, the 7 targets two (5 and 2 padded to 5);
+    # the default 64 would have made one block per span, the support's padded to 12 columns.
+    assert fitted.status()['blocks_done'] == 2 * 3
+
 # -- Faults. -------------------------------------------------------------------------------------
 
 # Longest a hung fake call waits for its release: far past every deadline and grace period
