@@ -262,6 +262,10 @@ def _parser() -> argparse.ArgumentParser:
                       'with kip, which trains without.')
   e.add_argument('--baselines', action='store_true',
                  help='also evaluate random real images of the same size.')
+  e.add_argument('--no-krr', dest='krr', action='store_false',
+                 help='skip the KRR test accuracy (the kernel\'s; a run\'s summary.json has it '
+                      'already): finite networks only. Otherwise the KRR kernels run where '
+                      '--launch and --workers put them.')
   e.add_argument('--out', default=None, help='evaluation.json path; default beside the support.')
 
   s = sub.add_parser('show', help='summarise a run directory and re-render its pictures.')
@@ -430,7 +434,9 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args) -> int:
   from ntkdd.server import evaluate
   flag_uses.refuse_unused_evaluate_flags(args, getattr(args, 'given', set()))
-  report = evaluate.evaluate_from_args(args)
+  # The KRR kernels where --launch/--workers put them (in this process by default).
+  report = evaluate.evaluate_from_args(
+      args, launch_types.LAUNCHES[args.launch].backend_factory(args) if args.krr else None)
   print(evaluate.format_report(report))
   return 0
 
@@ -502,7 +508,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except SystemExit as e:  # argparse: --help (0) or a refused flag (2), already printed
     return e.code if isinstance(e.code, int) else 2
   args.given = given_flags(sys.argv[1:] if argv is None else argv)
-  if args.command == 'kernel':
+  if args.command in ('kernel', 'evaluate'):   # their kernels may go to Courier workers
     try:
       exit_code = launch_types.LAUNCHES[args.launch].isolate_kernel_command(
           args, sys.argv[1:] if argv is None else argv)

@@ -65,6 +65,16 @@ EVALUATE_FLAG_USES = {
                 'adds flips and crops (--protocol ntkdd) or RCIG\'s augmentation (--protocol '
                 'rcig); KIP\'s protocol trains without augmentation'),
 }
+# `ntkdd evaluate`'s KRR flags: where its kernels run (unused with --no-krr).
+EVALUATE_KRR_FLAG_USES = {
+    'kernel': (lambda a: a.krr, 'chooses the kernel of the KRR accuracy'),
+    'reg': (lambda a: a.krr, 'is the KRR ridge'),
+    'launch': (lambda a: a.krr, 'says where the KRR kernels run'),
+    'workers': (lambda a: a.krr, 'farms the KRR kernels to workers'),
+    'ray_address': (lambda a: a.krr and a.launch == 'ray',
+                    'is the Ray cluster of --launch ray\'s KRR workers'),
+    'block': (lambda a: a.krr and a.workers >= 1, 'is the tile side farmed to --workers N >= 1'),
+}
 
 
 def _mode(args) -> str:
@@ -102,3 +112,8 @@ def refuse_unused_evaluate_flags(args: argparse.Namespace, given: set) -> None:
   """
   _refuse(EVALUATE_FLAG_USES, args, given, f'--protocol {args.protocol}',
           'choose a --protocol that uses it')
+  if not args.krr:
+    _refuse(EVALUATE_KRR_FLAG_USES, args, given, '--no-krr', 'drop --no-krr')
+  else:
+    _refuse(EVALUATE_KRR_FLAG_USES, args, given,
+            f'--launch {args.launch} --workers {args.workers}', 'choose the launch that uses it')

@@ -30,8 +30,9 @@ class LaunchType:
 
   @staticmethod
   def isolate_kernel_command(args: argparse.Namespace, argv: Sequence[str]) -> Optional[int]:
-    """Runs `ntkdd kernel` (command line `argv`) elsewhere where this launch type needs that;
-    returns its exit code, or None to run it in this process (the default)."""
+    """Runs `ntkdd kernel` or `ntkdd evaluate` (command line `argv`), whose own process
+    coordinates the kernel workers, elsewhere where this launch type needs that; returns its
+    exit code, or None to run it in this process (the default)."""
     return None
 
   @staticmethod
@@ -73,16 +74,17 @@ class Launchpad(LaunchType):
 
   @staticmethod
   def isolate_kernel_command(args: argparse.Namespace, argv: Sequence[str]) -> Optional[int]:
-    """`ntkdd kernel` coordinates Courier workers from its own process, so the whole command
-    reruns in a private network namespace (unless --expose-courier-ports)."""
-    if args.expose_courier_ports:
+    """`ntkdd kernel` and `ntkdd evaluate` coordinate Courier workers from their own process,
+    so the whole command reruns in a private network namespace (unless
+    --expose-courier-ports, or `ntkdd evaluate --no-krr`, which starts no workers)."""
+    if args.expose_courier_ports or not getattr(args, 'krr', True):
       return None
     from ntkdd.launch import launchpad_program  # pylint: disable=import-outside-toplevel
     code = 'import sys; from ntkdd.launch.cli import main; sys.exit(main(sys.argv[1:]))'
     try:
       return launchpad_program.rerun_in_private_network([sys.executable, '-c', code, *argv])
     except launchpad_program.PrivateNetworkUnavailable as e:
-      raise LaunchFailed(f'ntkdd kernel: error: {e}', 2) from e
+      raise LaunchFailed(f'ntkdd {args.command}: error: {e}', 2) from e
 
   @staticmethod
   def backend_factory(args: argparse.Namespace, dataset: Optional[dict] = None) -> Callable:

@@ -5,7 +5,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 
@@ -239,11 +239,12 @@ def transfer_accuracy(arch_name: str, support: SupportSet, prepared,
 
 
 def evaluate_support(support: SupportSet, prepared, cfg: distill.DistillConfig,
-                     settings: TransferSettings) -> dict[str, Any]:
-  backend = backend_lib.InProcessKernels(cfg.architecture(), tile=cfg.tile, dtype=cfg.dtype)
+                     settings: TransferSettings, kernel_backend: Any) -> dict[str, Any]:
+  """KRR test accuracy of `support` computed by `kernel_backend` (None: no KRR; 'krr' is
+  None) and its finite networks' test accuracies."""
   start = time.time()
-  out: dict[str, Any] = {'krr': {
-      'test_accuracy': kip.krr_accuracy(backend, support.images, support.labels,
+  out: dict[str, Any] = {'krr': None if kernel_backend is None else {
+      'test_accuracy': kip.krr_accuracy(kernel_backend, support.images, support.labels,
                                         prepared.x_test, prepared.y_test, cfg.kernel, cfg.reg),
       'kernel': cfg.architecture().to_dict(), 'which': cfg.kernel, 'reg': cfg.reg,
       'test_size': int(len(prepared.x_test))}}
@@ -300,7 +301,20 @@ def _config_for(args, run_config: Optional[tuple[Path, dict]] = None) -> distill
   return distill.DistillConfig(**fields)
 
 
-def evaluate_from_args(args) -> dict[str, Any]:
+def evaluate_from_args(args, kernel_backends: Optional[Callable[[Any], Any]] = None
+                       ) -> dict[str, Any]:
+  """`ntkdd evaluate`: the support set (and with --baselines random real images) scored by
+  KRR and by finite networks; writes evaluation.json.
+
+  Args:
+    args: the parsed `ntkdd evaluate` arguments.
+    kernel_backends: `arch -> kernel backend` for the KRR accuracies (the launch's: in this
+      process, or workers); None: the engine in this process (--tile, --dtype). Unused with
+      --no-krr.
+
+  Returns:
+    The report written (plus 'written_to').
+  """
   from ntkdd.server import foreign_sets  # pylint: disable=import-outside-toplevel
   foreign = foreign_sets.is_flax_checkpoint(args.support)
   if foreign and args.preprocess == 'auto':
@@ -308,6 +322,10 @@ def evaluate_from_args(args) -> dict[str, Any]:
                      f'preprocessed space: name that preprocessing with --preprocess (the '
                      f'test split gets the same).')
   transfer = tuple(t for t in args.transfer.split(',') if t)
+  krr = getattr(args, 'krr', True)
+  if not krr and not transfer:
+    raise ValueError('--no-krr with --transfer \'\' leaves nothing to evaluate: give finite '
+                     'networks with --transfer, or drop --no-krr.')
   for name in transfer:
     if name not in architectures.ARCHITECTURES:
       raise ValueError(f'--transfer: unknown network {name!r}; choose from '
@@ -332,16 +350,24 @@ def evaluate_from_args(args) -> dict[str, Any]:
                               seeds=args.seeds, augment=args.augment,
                               parameterization=args.parameterization,
                               learning_rate=args.train_lr, protocol=args.protocol)
-  report = {'support': str(args.support), 'dataset': prepared.dataset.name,
-            'images': int(len(support.images)), 'protocol': settings.protocol,
-            'distilled': evaluate_support(support, prepared, cfg, settings)}
-  if args.baselines:
-    ipc = max(1, len(support.images) // prepared.num_classes)
-    idx = preprocess.class_balanced_indices(prepared.y_train, ipc, np.random.default_rng(0),
-                                            num_classes=prepared.num_classes)
-    real = SupportSet(prepared.x_train[idx], preprocess.one_hot_centered(
-        prepared.y_train[idx], prepared.num_classes), prepared.y_train[idx])
-    report['random_real'] = evaluate_support(real, prepared, cfg, settings)
+  kernel_backend = None
+  if krr:
+    kernel_backend = (kernel_backends(cfg.architecture()) if kernel_backends is not None else
+                      backend_lib.InProcessKernels(cfg.architecture(), tile=cfg.tile,
+                                                   dtype=cfg.dtype))
+  try:
+    report = {'support': str(args.support), 'dataset': prepared.dataset.name,
+              'images': int(len(support.images)), 'protocol': settings.protocol,
+              'distilled': evaluate_support(support, prepared, cfg, settings, kernel_backend)}
+    if args.baselines:
+      ipc = max(1, len(support.images) // prepared.num_classes)
+      idx = preprocess.class_balanced_indices(prepared.y_train, ipc, np.random.default_rng(0),
+                                              num_classes=prepared.num_classes)
+      real = SupportSet(prepared.x_train[idx], preprocess.one_hot_centered(
+          prepared.y_train[idx], prepared.num_classes), prepared.y_train[idx])
+      report['random_real'] = evaluate_support(real, prepared, cfg, settings, kernel_backend)
+  finally:
+    getattr(kernel_backend, 'close', lambda: None)()
   run_files.write_json(out, report)
   report['written_to'] = str(out)
   return report
@@ -366,7 +392,8 @@ def format_report(report: dict[str, Any]) -> str:
     if name not in report:
       continue
     r = report[name]
-    rows.append((name, f"{100 * r['krr']['test_accuracy']:.2f}%",
+    krr = 'not computed' if r['krr'] is None else f"{100 * r['krr']['test_accuracy']:.2f}%"
+    rows.append((name, krr,
                  *[f"{100 * t['mean']:.2f} ± {100 * t['std']:.2f}%"
                    for t in r['transfer'].values()]))
   widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

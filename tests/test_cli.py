@@ -42,6 +42,26 @@ def test_distill_evaluate_show(tiny_npz, tmp_path, capsys):
   report = json.loads((run / 'evaluation.json').read_text())
   assert len(report['distilled']['transfer']['fc']['accuracies']) == 2
   assert 0 <= report['random_real']['krr']['test_accuracy'] <= 1
+  # The KRR kernels on two workers (--workers was silently ignored by evaluate before): the
+  # same accuracies; --no-krr trains the networks only.
+  assert cli.main(['evaluate', '--support', str(run / 'support.npz'), '--data-dir', '.',
+                   '--transfer', '', '--baselines', '--workers', '2', '--block', '3',
+                   '--out', str(tmp_path / 'workers.json')]) == 0
+  on_workers = json.loads((tmp_path / 'workers.json').read_text())
+  for name in ('distilled', 'random_real'):
+    assert on_workers[name]['krr']['test_accuracy'] == report[name]['krr']['test_accuracy']
+  capsys.readouterr()
+  assert cli.main(['evaluate', '--support', str(run / 'support.npz'), '--data-dir', '.',
+                   '--transfer', 'fc', '--train-steps', '20', '--seeds', '1', '--no-krr',
+                   '--out', str(tmp_path / 'no-krr.json')]) == 0
+  assert 'not computed' in capsys.readouterr().out
+  transfer_only = json.loads((tmp_path / 'no-krr.json').read_text())
+  assert transfer_only['distilled']['krr'] is None
+  assert len(transfer_only['distilled']['transfer']['fc']['accuracies']) == 1
+  for extra, named in ((['--workers', '2'], '--workers'), (['--transfer', ''], '--transfer')):
+    assert cli.main(['evaluate', '--support', str(run / 'support.npz'), '--data-dir', '.',
+                     '--no-krr', *extra]) == 2
+    assert named in capsys.readouterr().err
   assert cli.main(['show', str(run)]) == 0
   shown = capsys.readouterr().out
   assert 'KIP' in shown and '6 / 6' in shown
