@@ -205,6 +205,24 @@ def transfer_architecture(arch_name: str, settings: TransferSettings,
                                     parameterization=parameterization)
 
 
+def _network_progress(arch_name: str, networks: int) -> Callable[[int, float], None]:
+  """`train.evaluate_transfer`'s progress callback: a log line per trained network, with the
+  time it took and the time the rest will take at that pace (the KIP protocol's networks take
+  minutes each on a CPU)."""
+  start = time.perf_counter()
+  done = [0]
+
+  def report(seed: int, test_accuracy: float) -> None:
+    done[0] += 1
+    elapsed = time.perf_counter() - start
+    left = (networks - done[0]) * elapsed / done[0]
+    logging.info('%s network %d/%d (seed %d): test accuracy %.2f%%; %.0f s so far, about '
+                 '%.0f s to go.', arch_name, done[0], networks, seed, 100 * test_accuracy,
+                 elapsed, left)
+
+  return report
+
+
 def transfer_accuracy(arch_name: str, support: SupportSet, prepared,
                       settings: TransferSettings, kernel_arch: Optional[architectures.Architecture]
                       = None) -> dict[str, Any]:
@@ -226,9 +244,12 @@ def transfer_accuracy(arch_name: str, support: SupportSet, prepared,
   arch = transfer_architecture(arch_name, settings, kernel_arch)
   image_shape = prepared.x_train.shape[1:]
   config = transfer_config(settings, len(support.images), image_shape)
+  logging.info('Training %d %s network(s), %d %s steps each.', settings.seeds, arch_name,
+               config.steps, config.optimizer)
   result = train.evaluate_transfer(arch, support.images, support.labels, prepared.x_test,
                                    prepared.y_test, config, seeds=tuple(range(settings.seeds)),
-                                   num_classes=prepared.num_classes)
+                                   num_classes=prepared.num_classes,
+                                   progress=_network_progress(arch_name, settings.seeds))
   result['arch'] = arch.to_dict()
   result['protocol'] = settings.protocol
   result['train_config'] = config.to_dict()

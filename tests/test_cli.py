@@ -1,5 +1,6 @@
 """The ntkdd command line, end to end on tiny data."""
 import json
+import logging
 import sys
 
 import numpy as np
@@ -28,7 +29,8 @@ def test_kernel_command_rejects_flat_input_for_convnet(tmp_path, capsys):
               '--out', str(tmp_path / 'k.npz')])
 
 
-def test_distill_evaluate_show(tiny_npz, tmp_path, capsys):
+def test_distill_evaluate_show(tiny_npz, tmp_path, capsys, caplog):
+  caplog.set_level(logging.INFO)
   run = tmp_path / 'run'
   assert cli.main(['distill', '--dataset', tiny_npz, '--data-dir', '.', '--ipc', '2',
                    '--steps', '6', '--target-batch', '12', '--eval-every', '3', '--lr', '0.05',
@@ -55,6 +57,7 @@ def test_distill_evaluate_show(tiny_npz, tmp_path, capsys):
                    '--transfer', 'fc', '--train-steps', '20', '--seeds', '1', '--no-krr',
                    '--out', str(tmp_path / 'no-krr.json')]) == 0
   assert 'not computed' in capsys.readouterr().out
+  assert 'fc network 1/1 (seed 0): test accuracy' in caplog.text   # progress per network
   transfer_only = json.loads((tmp_path / 'no-krr.json').read_text())
   assert transfer_only['distilled']['krr'] is None
   assert len(transfer_only['distilled']['transfer']['fc']['accuracies']) == 1
