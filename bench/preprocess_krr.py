@@ -8,6 +8,8 @@ CIFAR-10, 10 images per class, the ConvNet kernel at 32x32, depth 3, the whole t
 (--test-size 0): 10^6 kernel pairs per variant and seed.
 
   .venv/bin/python bench/preprocess_krr.py --data-dir /work/shared/data            # the full run
+  .venv/bin/python bench/preprocess_krr.py --data-dir /work/shared/data --variants kip_zca \
+      --workers 2 --kernel-cache runs/krr-cache     # one variant on both cores, resumable
   .venv/bin/python bench/preprocess_krr.py --data-dir /work/shared/data --ipc 1 --test-size 300
 
 Each variant and seed is about an hour of kernels on one core, so --kernel-cache DIR keeps every
@@ -54,6 +56,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
   parser.add_argument('--tile', type=int, default=None,
                       help='largest kernel tile side (default: the largest that fits memory)')
   parser.add_argument('--dtype', default='float32', choices=('float32', 'float64'))
+  parser.add_argument('--workers', type=int, default=0,
+                      help='kernel worker threads in this process (0: the engine called '
+                           'directly); 2 keeps both cores of a 2-core machine busy')
   parser.add_argument('--chunk', type=int, default=500,
                       help='test images per kernel call (the unit --kernel-cache keeps)')
   parser.add_argument('--kernel-cache', default=None, metavar='DIR',
@@ -111,16 +116,34 @@ class DiskCachedKernels:
     return out
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-  from ntkdd.common import architectures, data, kip, preprocess
+def kernel_engine(args: argparse.Namespace, arch: Any) -> Any:
+  """The kernel backend of --workers: the engine called directly, or worker threads."""
+  if args.workers > 0:
+    from ntkdd.launch import inprocess
+    return inprocess.make_inprocess_backend(arch, workers=args.workers, tile=args.tile,
+                                            dtype=args.dtype, block=None)
   from ntkdd.server import backend
+  return backend.InProcessKernels(arch, tile=args.tile, dtype=args.dtype)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+  from ntkdd.common import architectures, data
   dataset = data.load_dataset(args.dataset, args.data_dir, cache_dir=args.cache_dir)
   arch = architectures.Architecture(args.arch, depth=args.depth)
-  kernels_backend = backend.InProcessKernels(arch, tile=args.tile, dtype=args.dtype)
+  engine = kernel_engine(args, arch)
+  kernels_backend = engine
   if args.kernel_cache:
     kernels_backend = DiskCachedKernels(
-        kernels_backend, args.kernel_cache,
-        f'{args.arch} depth {args.depth} {args.dtype} {args.dataset}')
+        engine, args.kernel_cache, f'{args.arch} depth {args.depth} {args.dtype} {args.dataset}')
+  try:
+    return measure(args, dataset, kernels_backend)
+  finally:
+    getattr(engine, 'close', lambda: None)()
+
+
+def measure(args: argparse.Namespace, dataset: Any, kernels_backend: Any) -> dict[str, Any]:
+  """KRR test accuracy per variant and seed (see the module docstring)."""
+  from ntkdd.common import kip, preprocess
   seeds = [int(s) for s in args.seeds.split(',') if s.strip()]
   variants = [v.strip() for v in args.variants.split(',') if v.strip()]
   test_idx = test_subset(np.asarray(dataset.y_test), args.test_size)

@@ -43,8 +43,9 @@ def test_kernel_cache_reuses_answers_and_resumes_a_killed_run(tmp_path):
   assert not [f for f in os.listdir(tmp_path) if f.endswith('.tmp')]
 
 
-def test_chunk_and_cache_flags_reach_the_measurement():
+def test_chunk_cache_and_worker_flags():
   bench = load_bench('preprocess_krr')
-  args = bench.parse_args(['--kernel-cache', '/tmp/x', '--chunk', '250'])
-  assert args.kernel_cache == '/tmp/x' and args.chunk == 250
-  assert bench.parse_args([]).kernel_cache is None
+  args = bench.parse_args(['--kernel-cache', '/tmp/x', '--chunk', '250', '--workers', '2'])
+  assert args.kernel_cache == '/tmp/x' and args.chunk == 250 and args.workers == 2
+  defaults = bench.parse_args([])
+  assert defaults.kernel_cache is None and defaults.workers == 0
