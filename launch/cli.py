@@ -311,6 +311,7 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_kernel(args) -> int:
   from ntkdd.common import architectures, kernels
   from ntkdd.server import checkpoint, run_dir as run_files
+  flag_uses.refuse_unused_kernel_flags(args, getattr(args, 'given', set()))
   checkpoint.check_output_file(Path(args.out), '--out', 'kernel.npz')
   kernels.enable_float64_if(args.dtype)
   arch = architectures.Architecture(args.arch, args.depth, args.w_std, args.b_std)

@@ -1,5 +1,6 @@
 """Which flags each mode uses (`ntkdd distill`: its algorithm and launch; `ntkdd evaluate`: its
---protocol); a flag the mode would ignore is refused."""
+--protocol and where its KRR kernels run; `ntkdd kernel`: its launch); a flag the mode would
+ignore is refused."""
 from __future__ import annotations
 
 import argparse
@@ -19,13 +20,17 @@ _RCIG_KERNEL = ('sets the kernel computations, which RCIG runs only for the KRR 
 _RCIG_WORKERS = ('RCIG runs its loop on the coordinator; the workers only serve the ConvNet '
                  'NTK for the KRR evaluation at --eval-every, which is 0 here')
 # dest -> (is the flag used by these arguments?, what the flag is for). Checked in this order.
-DISTILL_FLAG_USES = {
-    'launch': (lambda a: a.algorithm != 'rcig' or a.eval_every > 0, _RCIG_WORKERS),
-    'workers': (lambda a: a.algorithm != 'rcig' or a.eval_every > 0, _RCIG_WORKERS),
+# Where kernel blocks run: the flags distill, kernel and evaluate share.
+LAUNCH_FLAG_USES = {
     'ray_address': (lambda a: a.launch == 'ray', 'is the Ray cluster of --launch ray'),
     'expose_courier_ports': (lambda a: a.launch == 'launchpad',
                              'concerns the Courier ports of --launch launchpad'),
     'block': (lambda a: a.workers >= 1, 'is the tile side farmed to --workers N >= 1'),
+}
+DISTILL_FLAG_USES = {
+    'launch': (lambda a: a.algorithm != 'rcig' or a.eval_every > 0, _RCIG_WORKERS),
+    'workers': (lambda a: a.algorithm != 'rcig' or a.eval_every > 0, _RCIG_WORKERS),
+    **LAUNCH_FLAG_USES,
     'steps': (lambda a: a.algorithm != 'ls', 'counts KIP and RCIG steps (LS solves in closed '
                                              'form)'),
     'lr': (lambda a: a.algorithm != 'ls', 'is the support learning rate of KIP and RCIG'),
@@ -65,15 +70,14 @@ EVALUATE_FLAG_USES = {
                 'adds flips and crops (--protocol ntkdd) or RCIG\'s augmentation (--protocol '
                 'rcig); KIP\'s protocol trains without augmentation'),
 }
-# `ntkdd evaluate`'s KRR flags: where its kernels run (unused with --no-krr).
+# `ntkdd evaluate`'s KRR flags: its kernel and where it runs (all unused with --no-krr).
 EVALUATE_KRR_FLAG_USES = {
     'kernel': (lambda a: a.krr, 'chooses the kernel of the KRR accuracy'),
     'reg': (lambda a: a.krr, 'is the KRR ridge'),
     'launch': (lambda a: a.krr, 'says where the KRR kernels run'),
     'workers': (lambda a: a.krr, 'farms the KRR kernels to workers'),
-    'ray_address': (lambda a: a.krr and a.launch == 'ray',
-                    'is the Ray cluster of --launch ray\'s KRR workers'),
-    'block': (lambda a: a.krr and a.workers >= 1, 'is the tile side farmed to --workers N >= 1'),
+    **{dest: (lambda a, used=used: a.krr and used(a), what)
+       for dest, (used, what) in LAUNCH_FLAG_USES.items()},
 }
 
 
@@ -115,5 +119,20 @@ def refuse_unused_evaluate_flags(args: argparse.Namespace, given: set) -> None:
   if not args.krr:
     _refuse(EVALUATE_KRR_FLAG_USES, args, given, '--no-krr', 'drop --no-krr')
   else:
-    _refuse(EVALUATE_KRR_FLAG_USES, args, given,
-            f'--launch {args.launch} --workers {args.workers}', 'choose the launch that uses it')
+    _refuse(EVALUATE_KRR_FLAG_USES, args, given, _launch_mode(args),
+            'choose the launch that uses it')
+
+
+def refuse_unused_kernel_flags(args: argparse.Namespace, given: set) -> None:
+  """Raises a ValueError naming the first flag given to `ntkdd kernel` that its launch would
+  ignore (and what the flag is for).
+
+  Args:
+    args: the parsed `ntkdd kernel` arguments.
+    given: the dests of the flags on the command line (`cli.given_flags`).
+  """
+  _refuse(LAUNCH_FLAG_USES, args, given, _launch_mode(args), 'choose the launch that uses it')
+
+
+def _launch_mode(args) -> str:
+  return f'--launch {args.launch} --workers {args.workers}'

@@ -191,6 +191,21 @@ def test_flags_a_mode_does_not_use_are_refused(tiny_npz, tmp_path, capsys, mode,
   assert not run.exists()   # refused before anything ran
 
 
+@pytest.mark.parametrize('extra, flag', [
+    (['--block', '8'], '--block'),
+    (['--ray-address', 'local'], '--ray-address'),
+    (['--workers', '1', '--expose-courier-ports'], '--expose-courier-ports'),
+])
+def test_kernel_refuses_launch_flags_its_launch_does_not_use(tmp_path, capsys, extra, flag):
+  np.save(tmp_path / 'x.npy', np.ones((3, 4), np.float32))
+  out = tmp_path / 'k.npz'
+  code = cli.main(['kernel', '--arch', 'fc', '--x1', str(tmp_path / 'x.npy'), '--out', str(out),
+                   *extra])
+  err = capsys.readouterr().err
+  assert code == 2 and f'{flag} is not used by --launch inprocess' in err, err
+  assert not out.exists()
+
+
 def test_flags_a_mode_uses_are_accepted():
   """The refusal looks at the flags given, and at the mode: the same flag passes where used."""
   args = cli._parser().parse_args(['distill', '--out', 'x', '--algorithm', 'rcig', '--workers',

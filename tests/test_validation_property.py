@@ -148,10 +148,12 @@ def test_kernel_random_flags(tmp_path, capsys):
         '--workers': (['0', '2'], ['-1']),
     })
     out = tmp_path / f'k{i}.npz'
-    argv = ['kernel', '--arch', arch, '--out', out, '--block', '2']
+    argv = ['kernel', '--arch', arch, '--out', out]
     for flag, (value, _) in chosen.items():
       if value is not None:
         argv += [flag, tmp_path / f'{value}.npy' if flag == '--x1' else value]
+    if chosen['--workers'][0] == '2':   # --block only where workers use it (else refused)
+      argv += ['--block', '2']
     bad = [flag if flag != '--x1' else 'x1' for flag, (_, ok) in chosen.items() if not ok]
     code = _check(argv, bad, [out], capsys)
     outcomes.append(code)
