@@ -260,7 +260,8 @@ def transfer_accuracy(arch_name: str, support: SupportSet, prepared,
 
 
 def evaluate_support(support: SupportSet, prepared, cfg: distill.DistillConfig,
-                     settings: TransferSettings, kernel_backend: Any) -> dict[str, Any]:
+                     settings: TransferSettings,
+                     kernel_backend: Optional[kip.KernelBackend]) -> dict[str, Any]:
   """KRR test accuracy of `support` computed by `kernel_backend` (None: no KRR; 'krr' is
   None) and its finite networks' test accuracies."""
   start = time.time()
@@ -322,8 +323,9 @@ def _config_for(args, run_config: Optional[tuple[Path, dict]] = None) -> distill
   return distill.DistillConfig(**fields)
 
 
-def evaluate_from_args(args, kernel_backends: Optional[Callable[[Any], Any]] = None
-                       ) -> dict[str, Any]:
+def evaluate_from_args(
+    args, kernel_backends: Optional[Callable[[architectures.Architecture], kip.KernelBackend]]
+    = None) -> dict[str, Any]:
   """`ntkdd evaluate`: the support set (and with --baselines random real images) scored by
   KRR and by finite networks; writes evaluation.json.
 
@@ -371,7 +373,7 @@ def evaluate_from_args(args, kernel_backends: Optional[Callable[[Any], Any]] = N
                               seeds=args.seeds, augment=args.augment,
                               parameterization=args.parameterization,
                               learning_rate=args.train_lr, protocol=args.protocol)
-  kernel_backend = None
+  kernel_backend: Optional[kip.KernelBackend] = None
   if krr:
     kernel_backend = (kernel_backends(cfg.architecture()) if kernel_backends is not None else
                       backend_lib.InProcessKernels(cfg.architecture(), tile=cfg.tile,
