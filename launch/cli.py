@@ -311,7 +311,7 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_kernel(args) -> int:
   from ntkdd.common import architectures, kernels
   from ntkdd.server import checkpoint, run_dir as run_files
-  flag_uses.refuse_unused_kernel_flags(args, getattr(args, 'given', set()))
+  flag_uses.refuse_unused_flags(args, getattr(args, 'given', set()))
   checkpoint.check_output_file(Path(args.out), '--out', 'kernel.npz')
   kernels.enable_float64_if(args.dtype)
   arch = architectures.Architecture(args.arch, args.depth, args.w_std, args.b_std)
@@ -434,7 +434,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args) -> int:
   from ntkdd.server import evaluate
-  flag_uses.refuse_unused_evaluate_flags(args, getattr(args, 'given', set()))
+  flag_uses.refuse_unused_flags(args, getattr(args, 'given', set()))
   # The KRR kernels where --launch/--workers put them (in this process by default).
   report = evaluate.evaluate_from_args(
       args, launch_types.LAUNCHES[args.launch].backend_factory(args) if args.krr else None)

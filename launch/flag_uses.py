@@ -97,41 +97,25 @@ def _refuse(uses: dict, args: argparse.Namespace, given: set, mode: str, fix: st
 
 def refuse_unused_flags(args: argparse.Namespace, given: set) -> None:
   """Raises a ValueError naming the first flag given on the command line that this mode would
-  ignore (and what the flag is for).
+  ignore (and what the flag is for): `ntkdd distill` by its algorithm and launch, `ntkdd
+  evaluate` by its --protocol and where its KRR kernels run, `ntkdd kernel` by its launch.
 
   Args:
-    args: the parsed `ntkdd distill` arguments.
+    args: the parsed arguments of one of those commands (`args.command`).
     given: the dests of the flags on the command line (`cli.given_flags`).
   """
-  _refuse(DISTILL_FLAG_USES, args, given, _mode(args), 'choose the mode that uses it')
-
-
-def refuse_unused_evaluate_flags(args: argparse.Namespace, given: set) -> None:
-  """Raises a ValueError naming the first flag given to `ntkdd evaluate` that its --protocol
-  would ignore (and what the flag is for).
-
-  Args:
-    args: the parsed `ntkdd evaluate` arguments.
-    given: the dests of the flags on the command line (`cli.given_flags`).
-  """
-  _refuse(EVALUATE_FLAG_USES, args, given, f'--protocol {args.protocol}',
-          'choose a --protocol that uses it')
-  if not args.krr:
-    _refuse(EVALUATE_KRR_FLAG_USES, args, given, '--no-krr', 'drop --no-krr')
+  if args.command == 'kernel':
+    _refuse(LAUNCH_FLAG_USES, args, given, _launch_mode(args), 'choose the launch that uses it')
+  elif args.command == 'evaluate':
+    _refuse(EVALUATE_FLAG_USES, args, given, f'--protocol {args.protocol}',
+            'choose a --protocol that uses it')
+    if not args.krr:
+      _refuse(EVALUATE_KRR_FLAG_USES, args, given, '--no-krr', 'drop --no-krr')
+    else:
+      _refuse(EVALUATE_KRR_FLAG_USES, args, given, _launch_mode(args),
+              'choose the launch that uses it')
   else:
-    _refuse(EVALUATE_KRR_FLAG_USES, args, given, _launch_mode(args),
-            'choose the launch that uses it')
-
-
-def refuse_unused_kernel_flags(args: argparse.Namespace, given: set) -> None:
-  """Raises a ValueError naming the first flag given to `ntkdd kernel` that its launch would
-  ignore (and what the flag is for).
-
-  Args:
-    args: the parsed `ntkdd kernel` arguments.
-    given: the dests of the flags on the command line (`cli.given_flags`).
-  """
-  _refuse(LAUNCH_FLAG_USES, args, given, _launch_mode(args), 'choose the launch that uses it')
+    _refuse(DISTILL_FLAG_USES, args, given, _mode(args), 'choose the mode that uses it')
 
 
 def _launch_mode(args) -> str:

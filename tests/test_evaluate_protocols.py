@@ -210,10 +210,10 @@ def test_flags_a_protocol_uses_are_accepted():
           '--train-steps', '9', '--parameterization', 'ntk']
   for protocol in ('ntkdd', 'rcig'):
     full = argv + ['--protocol', protocol]
-    flag_uses.refuse_unused_evaluate_flags(cli._parser().parse_args(full), cli.given_flags(full))
+    flag_uses.refuse_unused_flags(cli._parser().parse_args(full), cli.given_flags(full))
   kip = ['evaluate', '--support', 's.npz', '--protocol', 'kip', '--train-steps', '9',
          '--parameterization', 'ntk']
-  flag_uses.refuse_unused_evaluate_flags(cli._parser().parse_args(kip), cli.given_flags(kip))
+  flag_uses.refuse_unused_flags(cli._parser().parse_args(kip), cli.given_flags(kip))
 
 
 def test_evaluate_command_records_the_protocol(support_file, capsys):
