@@ -117,13 +117,11 @@ class DiskCachedKernels:
 
 
 def kernel_engine(args: argparse.Namespace, arch: Any) -> Any:
-  """The kernel backend of --workers: the engine called directly, or worker threads."""
-  if args.workers > 0:
-    from ntkdd.launch import inprocess
-    return inprocess.make_inprocess_backend(arch, workers=args.workers, tile=args.tile,
-                                            dtype=args.dtype, block=None)
-  from ntkdd.server import backend
-  return backend.InProcessKernels(arch, tile=args.tile, dtype=args.dtype)
+  """The kernel backend of --workers: the engine called directly, or worker threads (what
+  `ntkdd --launch inprocess --workers N` builds, blocks fitted to each call)."""
+  from ntkdd.launch import launch_types
+  flags = argparse.Namespace(workers=args.workers, tile=args.tile, dtype=args.dtype, block=None)
+  return launch_types.LAUNCHES['inprocess'].backend_factory(flags)(arch)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
