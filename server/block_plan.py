@@ -113,19 +113,37 @@ def balanced_blocks(n_rows: int, col_spans: Sequence[tuple[int, int]], workers: 
       if stop > start:
         segments += [((r0, r1), (start, stop), span, True)
                      for r0, r1 in kernels.tile_ranges(n_rows, height(stop - start))]
-  # The planned size of the piece that starts `done` pairs into the plan.
-  ends = list(itertools.accumulate(sizes))
-  blocks, done = [], 0
+  # The first wave is counted, not measured: exactly `tasks_per_worker * workers` pieces of
+  # about one share (while pairs last; smaller pieces cut meanwhile do not count), so each worker's equal shares are exactly that many.
+  # Pieces cut a strip into whole numbers, so they come out a little under a share (5000
+  # columns at 724 pairs a share: 7 pieces of 715), and a wave ended by its pairs held ~2-4%
+  # more pieces than workers' slots: the surplus gave some workers a third share, i.e. a
+  # round end ~1/3 of a share late (group requests: 33-34 shares for 16 members). The tail
+  # waves share the pairs left after it, planned as before from the pairs done.
+  first_wave = tasks_per_worker * workers
+  tail_sizes = sizes[first_wave:] or sizes[-1:]
+  tail_ends = list(itertools.accumulate(tail_sizes))
+  blocks, done, first_done, shares = [], 0, 0, 0
   for rows, (c0, c1), span, splittable in segments:
     h = rows[1] - rows[0]
     while c0 < c1:
-      target = max(sizes[min(bisect.bisect_right(ends, done), len(sizes) - 1)], min_pairs)
+      if shares < first_wave:
+        target = sizes[0]
+      else:   # the tail's planned sizes, scaled to the pairs the first wave left it
+        scale = (total - first_done) / sum(tail_sizes)
+        position = bisect.bisect_right(tail_ends, (done - first_done) / scale)
+        target = tail_sizes[min(position, len(tail_sizes) - 1)] * scale
+      target = max(target, min_pairs)
       # The rest of the segment in equal pieces of about `target` pairs: no slivers.
       pieces = max(1, math.ceil((c1 - c0) * h / target - 1e-9)) if splittable else 1
       w = -(-(c1 - c0) // pieces)
       blocks.append((rows, (c0, c0 + w), span))
       c0 += w
       done += w * h
+      if shares < first_wave and w * h >= 0.75 * sizes[0]:   # a narrow span's short strip
+        shares += 1                                         # is not a share: not counted
+        if shares == first_wave:
+          first_done = done
   # Largest first, so the small blocks are the last ones taken; stable, so ties keep order.
   order = sorted(range(len(blocks)), key=lambda i: -_pairs(blocks[i]))
   return [blocks[i] for i in order]
@@ -134,9 +152,11 @@ def balanced_blocks(n_rows: int, col_spans: Sequence[tuple[int, int]], workers: 
 def group_blocks(blocks: Sequence[Block], groups: int) -> list[list[int]]:
   """The plan's block indices dealt to `groups` requests of about equal pairs, each in plan
   order. The first wave of about equal blocks (up to a block under 3/4 of the first) goes in
-  `groups` runs of consecutive blocks, run j to request j, so a request's large blocks lie
-  in few row ranges (few gradient rows back); each later block goes to the request with the
-  fewest pairs so far (ties: the lowest), which evens the loads out with the small blocks."""
+  `groups` runs of consecutive blocks of equal counts (as equal as the wave allows: the
+  balanced plan's first wave has 2 blocks per worker, so 2 per member), run j to request j,
+  so a request's large blocks lie in few row ranges (few gradient rows back); each later
+  block goes to the request with the fewest pairs so far (ties: the lowest), which evens the
+  loads out with the small blocks."""
   if groups < 1:
     raise ValueError(f'group_blocks needs groups >= 1, got {groups}.')
   dealt: list[list[int]] = [[] for _ in range(min(groups, len(blocks)))]
@@ -146,15 +166,11 @@ def group_blocks(blocks: Sequence[Block], groups: int) -> list[list[int]]:
   wave = 0
   while wave < len(blocks) and _pairs(blocks[wave]) >= 0.75 * first:
     wave += 1
-  total = sum(_pairs(blocks[i]) for i in range(wave))
   loads = [0] * len(dealt)
-  done = 0
-  for i in range(wave):   # by the middle of the block: run j is [j, j + 1) / groups of it
-    pairs = _pairs(blocks[i])
-    run = min(int((done + pairs / 2) * len(dealt) / total), len(dealt) - 1)
+  for i in range(wave):   # by count: a wave of 2 W blocks gives each group of g exactly 2 g
+    run = i * len(dealt) // wave
     dealt[run].append(i)
-    loads[run] += pairs
-    done += pairs
+    loads[run] += _pairs(blocks[i])
   heap = [(load, g) for g, load in enumerate(loads)]
   heapq.heapify(heap)
   for i in range(wave, len(blocks)):

@@ -291,6 +291,19 @@ def test_group_requests_give_the_per_block_kernels_and_one_sum_per_group(plan):
   np.testing.assert_allclose(grad4, sim.surrogate_vjp(support, full, g), atol=1e-5)
 
 
+@pytest.mark.parametrize('n_rows,workers,group', [(100, 256, 16), (500, 256, 16), (100, 64, 8),
+                                                  (500, 64, 8), (100, 8, 1), (37, 24, 4)])
+def test_first_wave_has_exactly_two_shares_per_worker_and_member(n_rows, workers, group):
+  """Pieces cut from whole strips come out a little under a share; a wave ended by its pairs
+  held 520-533 blocks for 512 slots at 256 workers, so some members got a third share."""
+  blocks = block_plan.balanced_blocks(n_rows, [(0, n_rows), (n_rows, n_rows + 5000)], workers)
+  pairs = [block_plan._pairs(b) for b in blocks]
+  wave = sum(1 for p in pairs if p >= 0.75 * pairs[0])
+  assert wave == 2 * workers
+  dealt = block_plan.group_blocks(blocks, workers // group)
+  assert [sum(1 for i in d if i < wave) for d in dealt] == [2 * group] * (workers // group)
+
+
 def test_group_blocks_deals_every_block_once_in_equal_shares():
   blocks = block_plan.balanced_blocks(100, [(0, 100), (100, 5100)], 256)
   dealt = block_plan.group_blocks(blocks, 16)
