@@ -151,33 +151,53 @@ def balanced_blocks(n_rows: int, col_spans: Sequence[tuple[int, int]], workers: 
 
 def group_blocks(blocks: Sequence[Block], groups: int) -> list[list[int]]:
   """The plan's block indices dealt to `groups` requests of about equal pairs, each in plan
-  order. The first wave of about equal blocks (up to a block under 3/4 of the first) goes in
-  `groups` runs of consecutive blocks of equal counts (as equal as the wave allows: the
-  balanced plan's first wave has 2 blocks per worker, so 2 per member), run j to request j,
-  so a request's large blocks lie in few row ranges (few gradient rows back); each later
-  block goes to the request with the fewest pairs so far (ties: the lowest), which evens the
-  loads out with the small blocks."""
+  order.
+
+  The plan (largest first) is taken in size classes: runs of blocks down to one under 3/4 of
+  the run's first, i.e. the balanced plan's waves (2 share-sized blocks per worker, then
+  halves, then quarters). Each class but the smallest, in row order, goes in `groups` runs of
+  equal counts, run j to request j: every request gets the same number of blocks of each
+  size (2 shares per member first), and its blocks lie in few row ranges, so its summed
+  partial gradient has few rows (the KIP vjp at 10 images per class, 256 workers: 369 rows
+  over 16 requests against 617 when only the first wave went in runs). The smallest class,
+  and each class's last blocks short of a multiple of `groups`, go largest first to the
+  request with the fewest pairs so far (ties: the lowest), which evens the loads out.
+  """
   if groups < 1:
     raise ValueError(f'group_blocks needs groups >= 1, got {groups}.')
   dealt: list[list[int]] = [[] for _ in range(min(groups, len(blocks)))]
-  if not dealt:
-    return dealt
-  first = _pairs(blocks[0])
-  wave = 0
-  while wave < len(blocks) and _pairs(blocks[wave]) >= 0.75 * first:
-    wave += 1
-  loads = [0] * len(dealt)
-  for i in range(wave):   # by count: a wave of 2 W blocks gives each group of g exactly 2 g
-    run = i * len(dealt) // wave
-    dealt[run].append(i)
-    loads[run] += _pairs(blocks[i])
+  n = len(dealt)
+  loads = [0] * n
+  classes = _size_classes(blocks)
+  # The smallest class balances the loads (by pairs, like the leftovers): in runs too, the
+  # requests' loads differed by up to 3% (the classes' blocks are only about equal).
+  left_over = list(classes.pop()) if len(classes) > 1 else []
+  for size_class in classes:
+    size_class.sort(key=lambda i: (blocks[i][2], blocks[i][0], blocks[i][1]))   # row order
+    whole = len(size_class) - len(size_class) % n
+    for k, i in enumerate(size_class[:whole]):
+      run = k * n // whole
+      dealt[run].append(i)
+      loads[run] += _pairs(blocks[i])
+    left_over += size_class[whole:]
   heap = [(load, g) for g, load in enumerate(loads)]
   heapq.heapify(heap)
-  for i in range(wave, len(blocks)):
+  for i in sorted(left_over, key=lambda i: (-_pairs(blocks[i]), i)):
     load, g = heapq.heappop(heap)
     dealt[g].append(i)
     heapq.heappush(heap, (load + _pairs(blocks[i]), g))
-  return dealt
+  return [sorted(request) for request in dealt]
+
+
+def _size_classes(blocks: Sequence[Block]) -> list[list[int]]:
+  """Plan indices in runs of about equal size: a run ends before a block under 3/4 of its
+  first (the plan is sorted largest first)."""
+  classes: list[list[int]] = []
+  for i, block in enumerate(blocks):
+    if not classes or _pairs(block) < 0.75 * _pairs(blocks[classes[-1][0]]):
+      classes.append([])
+    classes[-1].append(i)
+  return classes
 
 
 def split_request(blocks: Sequence[Block], dealt: Sequence[int],
