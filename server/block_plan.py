@@ -33,6 +33,7 @@ from ntkdd.common import kernels
 
 Block = tuple[tuple[int, int], tuple[int, int], int]
 PLANS = ('tiles', 'balanced')
+SAME_SIZE = 0.75   # a balanced plan's block under this part of a share is not a share
 LARGEST_FITTED_BLOCK = 64   # the side a fitted tile plan may not exceed
 
 
@@ -114,12 +115,12 @@ def balanced_blocks(n_rows: int, col_spans: Sequence[tuple[int, int]], workers: 
         segments += [((r0, r1), (start, stop), span, True)
                      for r0, r1 in kernels.tile_ranges(n_rows, height(stop - start))]
   # The first wave is counted, not measured: exactly `tasks_per_worker * workers` pieces of
-  # about one share (while pairs last; smaller pieces cut meanwhile do not count), so each worker's equal shares are exactly that many.
-  # Pieces cut a strip into whole numbers, so they come out a little under a share (5000
-  # columns at 724 pairs a share: 7 pieces of 715), and a wave ended by its pairs held ~2-4%
-  # more pieces than workers' slots: the surplus gave some workers a third share, i.e. a
-  # round end ~1/3 of a share late (group requests: 33-34 shares for 16 members). The tail
-  # waves share the pairs left after it, planned as before from the pairs done.
+  # about one share (while pairs last; smaller pieces cut meanwhile do not count). Pieces
+  # cut a strip into whole numbers, so they come out a little under a share (5000 columns at
+  # 724 pairs a share: 7 pieces of 715), and a wave ended by its pairs held ~2-4% more
+  # pieces than workers' slots: the surplus gave some workers a third share, i.e. a round
+  # end ~1/3 of a share late (group requests: 33-34 shares for 16 members). The tail waves
+  # share the pairs left after it, planned as before from the pairs done.
   first_wave = tasks_per_worker * workers
   tail_sizes = sizes[first_wave:] or sizes[-1:]
   tail_ends = list(itertools.accumulate(tail_sizes))
@@ -140,7 +141,7 @@ def balanced_blocks(n_rows: int, col_spans: Sequence[tuple[int, int]], workers: 
       blocks.append((rows, (c0, c0 + w), span))
       c0 += w
       done += w * h
-      if shares < first_wave and w * h >= 0.75 * sizes[0]:   # a narrow span's short strip
+      if shares < first_wave and w * h >= SAME_SIZE * sizes[0]:   # a narrow span's short strip
         shares += 1                                         # is not a share: not counted
         if shares == first_wave:
           first_done = done
@@ -153,10 +154,10 @@ def group_blocks(blocks: Sequence[Block], groups: int) -> list[list[int]]:
   """The plan's block indices dealt to `groups` requests of about equal pairs, each in plan
   order.
 
-  The plan (largest first) is taken in size classes: runs of blocks down to one under 3/4 of
-  the run's first, i.e. the balanced plan's waves (2 share-sized blocks per worker, then
-  halves, then quarters). Each class but the smallest, in row order, goes in `groups` runs of
-  equal counts, run j to request j: every request gets the same number of blocks of each
+  The plan (largest first) is taken in size classes: runs of blocks down to one under
+  SAME_SIZE of the run's first, i.e. the balanced plan's waves (2 share-sized blocks per
+  worker, then halves, then quarters). Each class but the smallest, in row order, goes in
+  `groups` runs of equal counts, run j to request j: every request gets the same number of blocks of each
   size (2 shares per member first), and its blocks lie in few row ranges, so its summed
   partial gradient has few rows (the KIP vjp at 10 images per class, 256 workers: 369 rows
   over 16 requests against 617 when only the first wave went in runs). The smallest class,
@@ -190,11 +191,11 @@ def group_blocks(blocks: Sequence[Block], groups: int) -> list[list[int]]:
 
 
 def _size_classes(blocks: Sequence[Block]) -> list[list[int]]:
-  """Plan indices in runs of about equal size: a run ends before a block under 3/4 of its
-  first (the plan is sorted largest first)."""
+  """Plan indices in runs of about equal size: a run ends before a block under SAME_SIZE of
+  its first (the plan is sorted largest first)."""
   classes: list[list[int]] = []
   for i, block in enumerate(blocks):
-    if not classes or _pairs(block) < 0.75 * _pairs(blocks[classes[-1][0]]):
+    if not classes or _pairs(block) < SAME_SIZE * _pairs(blocks[classes[-1][0]]):
       classes.append([])
     classes[-1].append(i)
   return classes
