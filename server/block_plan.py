@@ -157,12 +157,13 @@ def group_blocks(blocks: Sequence[Block], groups: int) -> list[list[int]]:
   The plan (largest first) is taken in size classes: runs of blocks down to one under
   SAME_SIZE of the run's first, i.e. the balanced plan's waves (2 share-sized blocks per
   worker, then halves, then quarters). Each class but the smallest, in row order, goes in
-  `groups` runs of equal counts, run j to request j: every request gets the same number of blocks of each
-  size (2 shares per member first), and its blocks lie in few row ranges, so its summed
-  partial gradient has few rows (the KIP vjp at 10 images per class, 256 workers: 369 rows
-  over 16 requests against 617 when only the first wave went in runs). The smallest class,
-  and each class's last blocks short of a multiple of `groups`, go largest first to the
-  request with the fewest pairs so far (ties: the lowest), which evens the loads out.
+  `groups` runs of equal counts, run j to request j: every request gets the same number of
+  blocks of each size (2 shares per member first), and its blocks lie in few row ranges, so
+  its summed partial gradient has few rows (the KIP vjp at 10 images per class, 256
+  workers: 369 rows over 16 requests against 617 when only the first wave went in runs).
+  The smallest class, and each class's last blocks short of a multiple of `groups`, go
+  largest first to the request with the fewest pairs so far (ties: the lowest), which evens
+  the loads out.
   """
   if groups < 1:
     raise ValueError(f'group_blocks needs groups >= 1, got {groups}.')
