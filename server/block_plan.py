@@ -124,16 +124,17 @@ def balanced_blocks(n_rows: int, col_spans: Sequence[tuple[int, int]], workers: 
   first_wave = tasks_per_worker * workers
   tail_sizes = sizes[first_wave:] or sizes[-1:]
   tail_ends = list(itertools.accumulate(tail_sizes))
-  blocks, done, first_done, shares = [], 0, 0, 0
+  # The segments' own pairs: a symmetric plan's diagonal squares hold more than `total`.
+  planned = sum((r1 - r0) * (c1 - c0) for (r0, r1), (c0, c1), _, _ in segments)
+  blocks, done, first_done, shares, tail_scale = [], 0, 0, 0, 1.0
   for rows, (c0, c1), span, splittable in segments:
     h = rows[1] - rows[0]
     while c0 < c1:
       if shares < first_wave:
         target = sizes[0]
       else:   # the tail's planned sizes, scaled to the pairs the first wave left it
-        scale = (total - first_done) / sum(tail_sizes)
-        position = bisect.bisect_right(tail_ends, (done - first_done) / scale)
-        target = tail_sizes[min(position, len(tail_sizes) - 1)] * scale
+        position = bisect.bisect_right(tail_ends, (done - first_done) / tail_scale)
+        target = tail_sizes[min(position, len(tail_sizes) - 1)] * tail_scale
       target = max(target, min_pairs)
       # The rest of the segment in equal pieces of about `target` pairs: no slivers.
       pieces = max(1, math.ceil((c1 - c0) * h / target - 1e-9)) if splittable else 1
@@ -145,6 +146,7 @@ def balanced_blocks(n_rows: int, col_spans: Sequence[tuple[int, int]], workers: 
         shares += 1                                         # is not a share: not counted
         if shares == first_wave:
           first_done = done
+          tail_scale = (planned - first_done) / sum(tail_sizes)   # > 0 while pairs are left
   # Largest first, so the small blocks are the last ones taken; stable, so ties keep order.
   order = sorted(range(len(blocks)), key=lambda i: -_pairs(blocks[i]))
   return [blocks[i] for i in order]
@@ -173,7 +175,7 @@ def group_blocks(blocks: Sequence[Block], groups: int) -> list[list[int]]:
   classes = _size_classes(blocks)
   # The smallest class balances the loads (by pairs, like the leftovers): in runs too, the
   # requests' loads differed by up to 3% (the classes' blocks are only about equal).
-  left_over = list(classes.pop()) if len(classes) > 1 else []
+  left_over = classes.pop() if len(classes) > 1 else []
   for size_class in classes:
     size_class.sort(key=lambda i: (blocks[i][2], blocks[i][0], blocks[i][1]))   # row order
     whole = len(size_class) - len(size_class) % n
@@ -184,7 +186,7 @@ def group_blocks(blocks: Sequence[Block], groups: int) -> list[list[int]]:
     left_over += size_class[whole:]
   heap = [(load, g) for g, load in enumerate(loads)]
   heapq.heapify(heap)
-  for i in sorted(left_over, key=lambda i: (-_pairs(blocks[i]), i)):
+  for i in sorted(left_over):   # plan order: largest first
     load, g = heapq.heappop(heap)
     dealt[g].append(i)
     heapq.heappush(heap, (load + _pairs(blocks[i]), g))

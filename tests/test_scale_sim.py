@@ -57,6 +57,21 @@ def test_balanced_plan_covers_every_pair_once_and_ends_small(n_rows, spans, work
   assert block_plan.balanced_blocks(n_rows, spans, workers, symmetric) == blocks  # deterministic
 
 
+@pytest.mark.parametrize('n_rows,workers,tail_halvings', [(7, 1, 0), (37, 1, 0), (100, 2, 0),
+                                                           (500, 1, 2)])
+def test_symmetric_plan_tails_share_the_pairs_its_squares_leave(n_rows, workers, tail_halvings):
+  """A symmetric plan's diagonal squares hold more pairs than the triangle: its tail is sized
+  from the pairs really left (it divided by zero, or cut needless slivers, when sized from the
+  triangle's count)."""
+  blocks = block_plan.balanced_blocks(n_rows, [(0, n_rows)], workers, True,
+                                      tail_halvings=tail_halvings)
+  covered = np.zeros((n_rows, n_rows), int)
+  for (r0, r1), (c0, c1), _ in blocks:
+    covered[r0:r1, c0:c1] += 1
+  assert covered.max() == 1 and np.all(covered[np.triu_indices(n_rows)] == 1)
+  assert len(blocks) <= 2 * workers + workers * tail_halvings + 2
+
+
 def test_balanced_plan_sizes_from_the_worker_count():
   spans = [(0, 100), (100, 5100)]
   for workers in (8, 64, 256):
