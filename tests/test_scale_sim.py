@@ -313,7 +313,7 @@ def test_first_wave_has_exactly_two_shares_per_worker_and_member(n_rows, workers
   held 520-533 blocks for 512 slots at 256 workers, so some members got a third share."""
   blocks = block_plan.balanced_blocks(n_rows, [(0, n_rows), (n_rows, n_rows + 5000)], workers)
   pairs = [block_plan._pairs(b) for b in blocks]
-  wave = sum(1 for p in pairs if p >= 0.75 * pairs[0])
+  wave = sum(1 for p in pairs if p >= block_plan.SAME_SIZE * pairs[0])
   assert wave == 2 * workers
   dealt = block_plan.group_blocks(blocks, workers // group)
   assert [sum(1 for i in d if i < wave) for d in dealt] == [2 * group] * (workers // group)
