@@ -15,7 +15,12 @@ the first step time at which ours reached neural-tangents' final accuracy (evalu
 
 The measurement (Python 3.10 environment with neural-tangents, quiet machine):
 
-  .venv-lp/bin/python bench/kip_vs_nt.py --data-dir ../shared/data --json kip_vs_nt.json
+  .venv-lp/bin/python bench/kip_vs_nt.py --data-dir ../shared/data --json kip_vs_nt.json \
+      --runs-dir runs/kip-vs-nt   # keeps the timed runs: a killed evaluation resumes
+
+The evaluations (10^5 kernel pairs each on MNIST's test split, minutes apiece) usually take
+longer than the timed runs; --eval-every sets how many. A support set equal to one evaluated
+already (step 0: both backends start from the same one) is not evaluated again.
 
 Smoke run (minutes): add --image-size 14 --depth 1 --budget-s 60 --test-size 500.
 """
@@ -85,6 +90,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
   p.add_argument('--test-size', type=int, default=0,
                  help='fixed test subset for smoke runs (default 0: the whole test split)')
   p.add_argument('--json', default=None, help='where to write the results')
+  p.add_argument('--runs-dir', default=None, metavar='DIR',
+                 help="keep each backend's timed run in DIR (<backend>-run.npz); a backend whose "
+                      'file is already there is not run again, so a run killed while evaluating '
+                      'resumes with the same flags without redoing the timed steps')
   p.add_argument('--worker', default=None, choices=BACKENDS, help=argparse.SUPPRESS)
   p.add_argument('--worker-out', default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
@@ -197,11 +206,16 @@ def run_worker(args: argparse.Namespace) -> None:
 
 
 def launch_worker(name: str, argv: list[str], out_dir: str) -> dict[str, np.ndarray]:
-  """Runs backend `name`'s timed KIP run in a fresh subprocess; returns its arrays."""
+  """Runs backend `name`'s timed KIP run in a fresh subprocess (unless `out_dir` already holds
+  it); returns its arrays."""
   out = os.path.join(out_dir, f'{name}-{WORKER_FILE}')
-  command = [sys.executable, os.path.abspath(__file__), *argv, '--worker', name,
-             '--worker-out', out]
-  subprocess.run(command, check=True)
+  if os.path.exists(out):
+    print(f'{name}: reusing the timed run in {out}', file=sys.stderr)
+  else:
+    command = [sys.executable, os.path.abspath(__file__), *argv, '--worker', name,
+               '--worker-out', out + '.partial.npz']
+    subprocess.run(command, check=True)
+    os.replace(out + '.partial.npz', out)   # only a finished run is ever reused
   with np.load(out) as f:
     return {key: f[key] for key in f.files}
 
@@ -273,14 +287,21 @@ class Evaluator:
                         if run_data.fixed_test_rows(self.prepared, cfg.eval_test_size, cfg.seed)
                         is None else cfg.eval_test_size)
     self.points = {name: {} for name in runs}   # name -> step -> (accuracy, eval seconds)
+    self._by_support = {}   # digest of a support set -> accuracy (step 0 is the same for all)
 
   def accuracy(self, name: str, step: int) -> float:
     """Test accuracy of backend `name`'s support set after `step` steps."""
     if step not in self.points[name]:
       run, start = self.runs[name], time.perf_counter()
+      images, labels = run['images'][step], run['labels'][step]
+      digest = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
+      if digest in self._by_support:   # an equal set was evaluated already: no second eval
+        self.points[name][step] = (self._by_support[digest], 0.0)
+        return self._by_support[digest]
       accuracy = self._run_data.krr_test_accuracy(
-          self.backend, self.prepared, run['images'][step], run['labels'][step], self.cfg.kernel,
+          self.backend, self.prepared, images, labels, self.cfg.kernel,
           self.cfg.reg, self.cfg.eval_test_size, self.cfg.seed)
+      self._by_support[digest] = accuracy
       self.points[name][step] = (accuracy, time.perf_counter() - start)
       print(f'eval {name} step {step}: {accuracy:.4f} ({self.points[name][step][1]:.1f} s)',
             file=sys.stderr)
@@ -380,8 +401,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
     run_worker(args)
     return {}
   started = time.time()
-  with tempfile.TemporaryDirectory(prefix='kip_vs_nt-') as tmp:
-    runs = {name: launch_worker(name, argv, tmp) for name in args.backend_list}
+  if args.runs_dir:
+    os.makedirs(args.runs_dir, exist_ok=True)
+    runs = {name: launch_worker(name, argv, args.runs_dir) for name in args.backend_list}
+  else:
+    with tempfile.TemporaryDirectory(prefix='kip_vs_nt-') as tmp:
+      runs = {name: launch_worker(name, argv, tmp) for name in args.backend_list}
   evaluator = Evaluator(args, runs)
   for name, run in runs.items():
     for step in evaluated_steps(len(run['step']) - 1, args.eval_every):

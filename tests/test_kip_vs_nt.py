@@ -27,7 +27,8 @@ def test_ntkdd_backend_runs_within_its_budget_and_writes_its_curve(tiny_npz, tmp
   results = bench.main(['--dataset', tiny_npz, '--data-dir', str(tmp_path), '--cache-dir',
                         str(tmp_path / 'cache'), '--backends', 'ntkdd', '--depth', '1',
                         '--target-batch', '6', '--steps', '3', '--budget-s', '600',
-                        '--eval-every', '2', '--json', str(out)])
+                        '--eval-every', '2', '--json', str(out),
+                        '--runs-dir', str(tmp_path / 'runs')])
   saved = json.loads(out.read_text())
   assert saved['runs'] == json.loads(json.dumps(results['runs']))
   (run,) = saved['runs']
@@ -38,3 +39,14 @@ def test_ntkdd_backend_runs_within_its_budget_and_writes_its_curve(tiny_npz, tmp
   assert all(0 <= p['test_accuracy'] <= 1 and p['eval_s'] > 0 for p in run['curve'])
   assert saved['comparison'] is None and saved['test_images'] == 18
   assert saved['checks'] == {'same_initial_support': True, 'same_target_batches': True}
+
+  # Started again with the same --runs-dir, it evaluates the kept run instead of running it.
+  kept = (tmp_path / 'runs' / 'ntkdd-run.npz').stat().st_mtime_ns
+  again = bench.main(['--dataset', tiny_npz, '--data-dir', str(tmp_path), '--cache-dir',
+                      str(tmp_path / 'cache'), '--backends', 'ntkdd', '--depth', '1',
+                      '--target-batch', '6', '--steps', '3', '--budget-s', '600',
+                      '--eval-every', '2', '--runs-dir', str(tmp_path / 'runs')])
+  assert (tmp_path / 'runs' / 'ntkdd-run.npz').stat().st_mtime_ns == kept
+  assert [p['test_accuracy'] for p in again['runs'][0]['curve']] == [
+      p['test_accuracy'] for p in run['curve']]
+  assert again['runs'][0]['step_wall_s'] == run['step_wall_s']
