@@ -10,8 +10,9 @@ distill`); the support images change every step, so they are published every ste
 Time scale: all modelled sleeps are multiplied by k = --step-wall / (ideal step), so every
 configuration's ideal step takes about --step-wall seconds here. Reported times are unscaled
 (GPU seconds): step_s = (kernel round + vjp round wall) / k + the KRR solve (see below). The
-coordinator's own CPU is real and not scaled: the KRR solve between the rounds counts its CPU
-seconds (its wall time here is stretched by the other jobs on the machine); coordinator_cpu_s
+coordinator's own CPU is real and not scaled: the KRR solve between the rounds counts the CPU
+seconds of the thread that runs it (its wall time here is stretched by the other jobs and the
+simulation's threads on the machine); coordinator_cpu_s
 is the CPU per step of the coordinator's threads (the calling one, its slot and call threads,
 read from their thread CPU clocks) less what the simulated handles spent on them (the
 simulated workers' own threads, e.g. group leaders' lanes, are not the coordinator's);
@@ -131,7 +132,8 @@ class _Timed:
 
   def __init__(self, backend):
     self.backend, self.seconds, self.last = backend, {'kernel': 0.0, 'vjp': 0.0}, {}
-    self.marks = {}      # (wall, process CPU) when kernel() returned and vjp() began
+    self.marks = {}      # (wall, process CPU, this thread's CPU) when kernel() returned
+                         # and vjp() began
     # What kip.kip_gradients asks the backend it drives (absent on main's code).
     self.one_kernel = getattr(backend, 'one_kernel', False)
     self.cotangent_factors = getattr(backend, 'cotangent_factors', False)
@@ -140,12 +142,12 @@ class _Timed:
     start = time.perf_counter()
     out = self.backend.kernel(x1, x2, **names)
     self.seconds['kernel'] += time.perf_counter() - start
-    self.marks['kernel_end'] = (time.perf_counter(), time.process_time())
+    self.marks['kernel_end'] = (time.perf_counter(), time.process_time(), time.thread_time())
     self.last['kernel'] = (x1, x2, out)
     return out
 
   def vjp(self, x1, x2, g_ntk=None, g_nngp=None):
-    self.marks['vjp_start'] = (time.perf_counter(), time.process_time())
+    self.marks['vjp_start'] = (time.perf_counter(), time.process_time(), time.thread_time())
     start = time.perf_counter()
     out = self.backend.vjp(x1, x2, g_ntk, g_nngp)
     self.seconds['vjp'] += time.perf_counter() - start
@@ -238,11 +240,14 @@ def run_config(args, stage: str, workers: int, ipc: int, train: np.ndarray, key:
       threads_cpu = _coordinator_cpu(fleet, start=False) - threads_cpu
       after = backend.status()
       rounds = timed.seconds['kernel'] + timed.seconds['vjp']
-      # Between the rounds the coordinator solves the KRR problem: its CPU seconds (less the
-      # idle pollers'), not its wall time, which the shared machine stretches.
-      (gap_wall0, gap_cpu0), (gap_wall1, gap_cpu1) = (timed.marks['kernel_end'],
-                                                       timed.marks['vjp_start'])
-      solve = max(0.0, (gap_cpu1 - gap_cpu0) - idle_rate * (gap_wall1 - gap_wall0))
+      # Between the rounds the coordinator solves the KRR problem on the calling thread (its
+      # slot threads wait): that thread's CPU seconds, not its wall time, which the shared
+      # machine stretches. solve_process_s is the earlier estimate (process CPU over the gap
+      # less the idle pollers' rate); the two agree within a few percent.
+      (gap_wall0, gap_cpu0, gap_own0), (gap_wall1, gap_cpu1, gap_own1) = (
+          timed.marks['kernel_end'], timed.marks['vjp_start'])
+      solve = gap_own1 - gap_own0
+      solve_process = max(0.0, (gap_cpu1 - gap_cpu0) - idle_rate * (gap_wall1 - gap_wall0))
       solve_wall = gap_wall1 - gap_wall0
       step_s = rounds / k + solve
       link_in = fleet.coordinator_in.bytes - link0[0]
@@ -250,6 +255,7 @@ def run_config(args, stage: str, workers: int, ipc: int, train: np.ndarray, key:
       process_estimate = max(0.0, cpu - sim_cpu - idle_rate * wall)
       steps.append({
           'step_s': step_s, 'rounds_s': rounds / k, 'solve_s': solve, 'solve_wall_s': solve_wall,
+          'solve_process_s': solve_process,
           'coordinator_cpu_s': threads_cpu, 'coordinator_cpu_process_s': process_estimate,
           'coordinator_cpu_raw_s': cpu - sim_cpu,
           'sim_cpu_s': sim_cpu, 'wall_s': wall,
@@ -280,7 +286,7 @@ def run_config(args, stage: str, workers: int, ipc: int, train: np.ndarray, key:
                 k_: mean[k_] for k_ in ('bytes_per_step', 'coordinator_cpu_s',
                                         'coordinator_cpu_process_s',
                                         'coordinator_cpu_raw_s', 'sim_cpu_s', 'solve_s',
-                                        'solve_wall_s',
+                                        'solve_wall_s', 'solve_process_s',
                                         'link_s', 'blocks', 'requests', 'cache_sends',
                                         'tree_fetches',
                                         'rounds_s', 'wall_s')}}
