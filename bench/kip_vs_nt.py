@@ -274,7 +274,8 @@ def first_step_reaching(curve: dict[int, float], target: float,
 class Evaluator:
   """KRR test accuracy of the workers' support sets with ntkdd's kernel, memoised per step."""
 
-  def __init__(self, args: argparse.Namespace, runs: dict[str, dict]):
+  def __init__(self, args: argparse.Namespace, runs: dict[str, dict],
+               saved: Optional[str] = None):
     from ntkdd.common import kernels  # pylint: disable=import-outside-toplevel
     from ntkdd.server import backend, distill, run_data  # pylint: disable=import-outside-toplevel
     kernels.enable_float64_if(args.eval_dtype)   # before the data's arrays are made
@@ -288,6 +289,11 @@ class Evaluator:
                         is None else cfg.eval_test_size)
     self.points = {name: {} for name in runs}   # name -> step -> (accuracy, eval seconds)
     self._by_support = {}   # digest of a support set -> accuracy (step 0 is the same for all)
+    # Evaluations kept across restarts (--runs-dir): {digest: [accuracy, eval seconds]}.
+    self._saved_path, self._saved = saved, {}
+    if saved and os.path.exists(saved):
+      with open(saved) as f:
+        self._saved = json.load(f)
 
   def accuracy(self, name: str, step: int) -> float:
     """Test accuracy of backend `name`'s support set after `step` steps."""
@@ -298,14 +304,28 @@ class Evaluator:
       if digest in self._by_support:   # an equal set was evaluated already: no second eval
         self.points[name][step] = (self._by_support[digest], 0.0)
         return self._by_support[digest]
-      accuracy = self._run_data.krr_test_accuracy(
-          self.backend, self.prepared, images, labels, self.cfg.kernel,
-          self.cfg.reg, self.cfg.eval_test_size, self.cfg.seed)
+      if digest in self._saved:        # evaluated by an earlier, killed process
+        accuracy, seconds = self._saved[digest]
+      else:
+        accuracy = self._run_data.krr_test_accuracy(
+            self.backend, self.prepared, images, labels, self.cfg.kernel,
+            self.cfg.reg, self.cfg.eval_test_size, self.cfg.seed)
+        seconds = time.perf_counter() - start
+        self._save(digest, accuracy, seconds)
       self._by_support[digest] = accuracy
-      self.points[name][step] = (accuracy, time.perf_counter() - start)
+      self.points[name][step] = (accuracy, seconds)
       print(f'eval {name} step {step}: {accuracy:.4f} ({self.points[name][step][1]:.1f} s)',
             file=sys.stderr)
     return self.points[name][step][0]
+
+  def _save(self, digest: str, accuracy: float, seconds: float) -> None:
+    """Adds one evaluation to the kept file (atomically), if there is one."""
+    if not self._saved_path:
+      return
+    self._saved[digest] = [accuracy, seconds]
+    with open(self._saved_path + '.tmp', 'w') as f:
+      json.dump(self._saved, f)
+    os.replace(self._saved_path + '.tmp', self._saved_path)
 
   def curve(self, name: str) -> list[dict]:
     """The evaluated points of `name`, in step order: step, wall_s, test_accuracy, eval_s."""
@@ -324,8 +344,14 @@ def compare(evaluator: Evaluator) -> Optional[dict]:
   if not {'nt', 'ntkdd'} <= set(evaluator.runs):
     return None
   nt_run = evaluator.runs['nt']
-  nt_final = evaluator.accuracy('nt', len(nt_run['step']) - 1)
+  nt_steps = len(nt_run['step']) - 1
+  nt_final = evaluator.accuracy('nt', nt_steps)
   nt_wall = float(nt_run['wall_s'][-1])
+  # Ours after as many steps as nt took has followed the same batches with the same math (to
+  # float rounding): evaluated too, so a curve that is not monotonic between the --eval-every
+  # points cannot hide the crossing there.
+  if nt_steps < len(evaluator.runs['ntkdd']['step']):
+    evaluator.accuracy('ntkdd', nt_steps)
   curve = {step: acc for step, (acc, _) in evaluator.points['ntkdd'].items()}
   step = first_step_reaching(curve, nt_final, lambda s: evaluator.accuracy('ntkdd', s))
   ours_s = None if step is None else float(evaluator.runs['ntkdd']['wall_s'][step])
@@ -407,7 +433,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
   else:
     with tempfile.TemporaryDirectory(prefix='kip_vs_nt-') as tmp:
       runs = {name: launch_worker(name, argv, tmp) for name in args.backend_list}
-  evaluator = Evaluator(args, runs)
+  evaluator = Evaluator(args, runs, os.path.join(args.runs_dir, 'evaluations.json')
+                       if args.runs_dir else None)
   for name, run in runs.items():
     for step in evaluated_steps(len(run['step']) - 1, args.eval_every):
       evaluator.accuracy(name, step)

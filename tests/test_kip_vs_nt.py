@@ -50,3 +50,37 @@ def test_ntkdd_backend_runs_within_its_budget_and_writes_its_curve(tiny_npz, tmp
   assert [p['test_accuracy'] for p in again['runs'][0]['curve']] == [
       p['test_accuracy'] for p in run['curve']]
   assert again['runs'][0]['step_wall_s'] == run['step_wall_s']
+  # ... and reads the evaluations the first process kept, instead of computing them again.
+  assert (tmp_path / 'runs' / 'evaluations.json').exists()
+  assert [p['eval_s'] for p in again['runs'][0]['curve']] == [p['eval_s'] for p in run['curve']]
+
+
+class _FakeEvaluator:
+  """compare()'s view of an Evaluator: runs, points and a memoised accuracy(name, step)."""
+
+  def __init__(self, accuracies: dict, walls: dict):
+    self.runs = {name: {'step': list(range(len(walls[name]))), 'wall_s': walls[name]}
+                 for name in walls}
+    self.table, self.points, self.asked = accuracies, {name: {} for name in walls}, []
+
+  def accuracy(self, name, step):
+    self.asked.append((name, step))
+    self.points[name][step] = (self.table[name][step], 1.0)
+    return self.table[name][step]
+
+
+def test_compare_looks_at_ours_after_as_many_steps_as_nt_took():
+  bench = load_bench('kip_vs_nt')
+  # nt took 4 steps; ours' curve dips after step 4 (not monotonic), so the --eval-every
+  # points 0, 6, 12 alone would put the first crossing between 6 and 12.
+  ours = [0.1, 0.3, 0.5, 0.65, 0.72, 0.66, 0.6, 0.62, 0.68, 0.71, 0.73, 0.75, 0.8]
+  fake = _FakeEvaluator({'nt': [0.1, 0.3, 0.5, 0.6, 0.7], 'ntkdd': ours},
+                        {'nt': [0.0, 10.0, 20.0, 30.0, 40.0],
+                         'ntkdd': [float(s) for s in range(13)]})
+  for step in (0, 6, 12):
+    fake.accuracy('ntkdd', step)
+  result = bench.compare(fake)
+  assert result['nt_final_accuracy'] == 0.7 and result['nt_wall_s'] == 40.0
+  assert result['ours_step_reaching'] == 4 and result['ours_s_to_nt_final'] == 4.0
+  assert result['ratio'] == 0.1 and result['goal_met']
+  assert ('ntkdd', 4) in fake.asked
