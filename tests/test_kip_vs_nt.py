@@ -84,3 +84,17 @@ def test_compare_looks_at_ours_after_as_many_steps_as_nt_took():
   assert result['ours_step_reaching'] == 4 and result['ours_s_to_nt_final'] == 4.0
   assert result['ratio'] == 0.1 and result['goal_met']
   assert ('ntkdd', 4) in fake.asked
+
+
+def test_compare_without_bisection_gives_an_upper_bound():
+  bench = load_bench('kip_vs_nt')
+  ours = [0.1, 0.3, 0.5, 0.65, 0.68, 0.66, 0.6, 0.62, 0.68, 0.71, 0.73, 0.75, 0.8]
+  fake = _FakeEvaluator({'nt': [0.1, 0.3, 0.5, 0.6, 0.7], 'ntkdd': ours},
+                        {'nt': [0.0, 10.0, 20.0, 30.0, 40.0],
+                         'ntkdd': [float(s) for s in range(13)]})
+  for step in (0, 6, 12):
+    fake.accuracy('ntkdd', step)
+  result = bench.compare(fake, bisect=False)
+  assert result['ours_step_reaching'] == 12 and not result['exact']
+  assert result['ours_below_at'] == 6 and result['goal_met'] is False   # step 7 took 7 > 4 s
+  assert set(fake.asked) == {('nt', 4), ('ntkdd', 0), ('ntkdd', 4), ('ntkdd', 6), ('ntkdd', 12)}
