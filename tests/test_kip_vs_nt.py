@@ -69,16 +69,22 @@ class _FakeEvaluator:
     return self.table[name][step]
 
 
-def test_compare_looks_at_ours_after_as_many_steps_as_nt_took():
-  bench = load_bench('kip_vs_nt')
-  # nt took 4 steps; ours' curve dips after step 4 (not monotonic), so the --eval-every
-  # points 0, 6, 12 alone would put the first crossing between 6 and 12.
-  ours = [0.1, 0.3, 0.5, 0.65, 0.72, 0.66, 0.6, 0.62, 0.68, 0.71, 0.73, 0.75, 0.8]
+def _evaluated_at_0_6_12(ours: list) -> _FakeEvaluator:
+  """nt: 4 steps of 10 s to 0.7; ours: 12 steps of 1 s, evaluated at steps 0, 6 and 12."""
   fake = _FakeEvaluator({'nt': [0.1, 0.3, 0.5, 0.6, 0.7], 'ntkdd': ours},
                         {'nt': [0.0, 10.0, 20.0, 30.0, 40.0],
                          'ntkdd': [float(s) for s in range(13)]})
   for step in (0, 6, 12):
     fake.accuracy('ntkdd', step)
+  return fake
+
+
+def test_compare_looks_at_ours_after_as_many_steps_as_nt_took():
+  bench = load_bench('kip_vs_nt')
+  # nt took 4 steps; ours' curve dips after step 4 (not monotonic), so the --eval-every
+  # points 0, 6, 12 alone would put the first crossing between 6 and 12.
+  fake = _evaluated_at_0_6_12([0.1, 0.3, 0.5, 0.65, 0.72, 0.66, 0.6, 0.62, 0.68, 0.71, 0.73,
+                               0.75, 0.8])
   result = bench.compare(fake)
   assert result['nt_final_accuracy'] == 0.7 and result['nt_wall_s'] == 40.0
   assert result['ours_step_reaching'] == 4 and result['ours_s_to_nt_final'] == 4.0
@@ -88,12 +94,8 @@ def test_compare_looks_at_ours_after_as_many_steps_as_nt_took():
 
 def test_compare_without_bisection_gives_an_upper_bound():
   bench = load_bench('kip_vs_nt')
-  ours = [0.1, 0.3, 0.5, 0.65, 0.68, 0.66, 0.6, 0.62, 0.68, 0.71, 0.73, 0.75, 0.8]
-  fake = _FakeEvaluator({'nt': [0.1, 0.3, 0.5, 0.6, 0.7], 'ntkdd': ours},
-                        {'nt': [0.0, 10.0, 20.0, 30.0, 40.0],
-                         'ntkdd': [float(s) for s in range(13)]})
-  for step in (0, 6, 12):
-    fake.accuracy('ntkdd', step)
+  fake = _evaluated_at_0_6_12([0.1, 0.3, 0.5, 0.65, 0.68, 0.66, 0.6, 0.62, 0.68, 0.71, 0.73,
+                               0.75, 0.8])
   result = bench.compare(fake, bisect=False)
   assert result['ours_step_reaching'] == 12 and not result['exact']
   assert result['ours_below_at'] == 6 and result['goal_met'] is None   # 12 s > 4 s: unknown
