@@ -1,8 +1,8 @@
 """Owns the coordinator's KRR step benchmark: CPU seconds of what a KIP step does between its kernel and vjp rounds.
 
-Between the rounds the coordinator runs `common/krr.loss_and_gradients` (float64 numpy: K_ts
-to float64, alpha = A^-1 y_s, predictions, residuals, beta = A^-1 K_ts^T r) and
-`kip_cotangent_factors` on the gathered kernel; nothing else runs then, so at hundreds of
+Between the rounds the coordinator runs `common/kip.krr_between_rounds` on the gathered kernel
+(`krr.loss_and_gradients` in float64 numpy: K_ts to float64, alpha = A^-1 y_s, predictions,
+residuals, beta = A^-1 K_ts^T r; then `krr.kip_cotangent_factors`); nothing else runs then, so at hundreds of
 workers this is pure loss (bench/scale_sim.py charges it to every step). This times it and
 its parts on the calling thread's CPU clock (min and median over --reps), per support size.
 
@@ -62,9 +62,9 @@ def problem(n_s: int, n_t: int, classes: int, rng: np.random.Generator) -> dict:
 
 
 def time_step(p: dict, reg: float, reps: int) -> dict:
-  """The whole KRR step as `common/kip.kip_gradients` runs it with factored cotangents, and
-  its parts."""
-  from ntkdd.common import krr  # pylint: disable=import-outside-toplevel
+  """The whole KRR step (`common/kip.krr_between_rounds` with factored cotangents, as
+  `kip_gradients` runs it), and its parts."""
+  from ntkdd.common import kip, krr  # pylint: disable=import-outside-toplevel
   n_s = len(p['y_s'])
   k_ss = p['k_s_all'][:, :n_s]
   k_ss = 0.5 * (k_ss + k_ss.T)
@@ -73,14 +73,9 @@ def time_step(p: dict, reg: float, reps: int) -> dict:
   alpha = krr.solve(k_ss, p['y_s'], reg)
   residual = k_ts64 @ alpha - p['y_t']
 
-  def step():
-    k_ss_sym = 0.5 * (p['k_s_all'][:, :n_s] + p['k_s_all'][:, :n_s].T)
-    g = krr.loss_and_gradients(k_ss_sym, p['k_s_all'][:, n_s:].T, p['y_s'], p['y_t'], reg,
-                               dense=False)
-    return krr.kip_cotangent_factors(g, reg)
-
   return {
-      'step': thread_seconds(step, reps),
+      'step': thread_seconds(
+          lambda: kip.krr_between_rounds(p['k_s_all'], p['y_s'], p['y_t'], reg, True), reps),
       'k_ts_to_float64': thread_seconds(lambda: np.asarray(k_ts, np.float64), reps),
       'one_solve': thread_seconds(lambda: krr.solve(k_ss, p['y_s'], reg), reps),
       'products': thread_seconds(lambda: k_ts64.T @ (k_ts64 @ alpha - p['y_t']), reps),

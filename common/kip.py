@@ -50,6 +50,32 @@ def _asked_kernel(backend: KernelBackend, x1: np.ndarray, x2, kernel_name: str) 
   return backend.kernel(x1, x2)[kernel_name]
 
 
+def krr_between_rounds(k_s_all: np.ndarray, support_labels: np.ndarray,
+                       target_labels: np.ndarray, reg: float, factored: bool) -> tuple:
+  """What a KIP step computes between its kernel and vjp rounds (bench/krr_step.py times it).
+
+  Args:
+    k_s_all: K(support, [support; targets]), (n_s, n_s + n_t).
+    support_labels, target_labels: (n_s, C) and (n_t, C).
+    reg: the ridge lambda.
+    factored: return the vjp's cotangent as low-rank factors (workers form the blocks).
+
+  Returns:
+    (`krr.KrrGradients`, the cotangent on k_s_all: dense (n_s, n_s + n_t) or factors).
+  """
+  n_s = len(support_labels)
+  k_ss, k_st = k_s_all[:, :n_s], k_s_all[:, n_s:]
+  k_ss = 0.5 * (k_ss + k_ss.T)  # exact symmetry for the solve
+  g = krr.loss_and_gradients(k_ss, k_st.T, support_labels, target_labels, reg,
+                             dense=not factored)
+  if not np.isfinite(g.loss):
+    raise FloatingPointError('The KIP loss is NaN or inf.')
+  if factored:   # its workers form the blocks
+    return g, krr.kip_cotangent_factors(g, reg)
+  # K_ss moves with both of its arguments: <G, K(x, x)> pulls back as vjp_x1(G + G^T).
+  return g, np.concatenate([g.d_k_ss + g.d_k_ss.T, g.d_k_ts.T], axis=1)
+
+
 def kip_gradients(backend: KernelBackend, support_images: np.ndarray,
                   support_labels: np.ndarray, target_images: np.ndarray,
                   target_labels: np.ndarray, target_label_ids: np.ndarray,
@@ -57,20 +83,9 @@ def kip_gradients(backend: KernelBackend, support_images: np.ndarray,
   """Loss and gradients of 1/2 ||y_t - K_ts (K_ss + reg tr/n I)^-1 y_s||^2 for one batch."""
   # Kept as parts: a distributed backend sends target rows as dataset indices.
   both = sources.concat([support_images, target_images])
-  n_s = len(support_images)
   k_s_all = _asked_kernel(backend, support_images, both, kernel_name)
-  k_ss, k_st = k_s_all[:, :n_s], k_s_all[:, n_s:]
-  k_ss = 0.5 * (k_ss + k_ss.T)  # exact symmetry for the solve
-  factored = getattr(backend, 'cotangent_factors', False)
-  g = krr.loss_and_gradients(k_ss, k_st.T, support_labels, target_labels, reg,
-                             dense=not factored)
-  if not np.isfinite(g.loss):
-    raise FloatingPointError('The KIP loss is NaN or inf.')
-  if factored:   # its workers form the blocks
-    cotangent = krr.kip_cotangent_factors(g, reg)
-  else:
-    # K_ss moves with both of its arguments: <G, K(x, x)> pulls back as vjp_x1(G + G^T).
-    cotangent = np.concatenate([g.d_k_ss + g.d_k_ss.T, g.d_k_ts.T], axis=1)
+  g, cotangent = krr_between_rounds(k_s_all, support_labels, target_labels, reg,
+                                    getattr(backend, 'cotangent_factors', False))
   grad_images = backend.vjp(support_images, both, *_cotangents(kernel_name, cotangent))
   return KipStep(loss=g.loss, grad_images=grad_images, grad_labels=g.d_y_s,
                  target_accuracy=krr.accuracy(g.predictions, target_label_ids))

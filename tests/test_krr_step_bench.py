@@ -7,16 +7,13 @@ from conftest import load_bench
 
 
 def test_krr_step_bench_times_a_real_kip_krr_step(tmp_path):
-  from ntkdd.common import krr
+  from ntkdd.common import kip
   bench = load_bench('krr_step')
   p = bench.problem(12, 40, 3, np.random.default_rng(0))
-  n_s = 12
-  k_ss = 0.5 * (p['k_s_all'][:, :n_s] + p['k_s_all'][:, :n_s].T)
-  g = krr.loss_and_gradients(k_ss, p['k_s_all'][:, n_s:].T, p['y_s'], p['y_t'], 1e-6)
-  factors = krr.kip_cotangent_factors(g, 1e-6)
-  dense = np.concatenate([g.d_k_ss + g.d_k_ss.T, g.d_k_ts.T], axis=1)
+  _, factors = kip.krr_between_rounds(p['k_s_all'], p['y_s'], p['y_t'], 1e-6, True)
+  _, dense = kip.krr_between_rounds(p['k_s_all'], p['y_s'], p['y_t'], 1e-6, False)
   np.testing.assert_allclose(factors.dense(), dense, rtol=1e-9, atol=1e-12)
-  assert np.all(np.linalg.eigvalsh(k_ss) > 0)       # the problem's K_ss is a kernel
+  assert np.all(np.linalg.eigvalsh(p['k_s_all'][:, :12]) > 0)   # the problem's K_ss is a kernel
   out = tmp_path / 'krr_step.json'
   report = bench.main(['--support', '12,20', '--target-batch', '40', '--classes', '3',
                        '--reps', '2', '--json', str(out)])
