@@ -274,6 +274,11 @@ def first_step_reaching(curve: dict[int, float], target: float,
   return None
 
 
+def _support_digest(run: dict, step: int) -> str:
+  """Names the support set (images and labels) a run held after `step` steps."""
+  return hashlib.sha256(run['images'][step].tobytes() + run['labels'][step].tobytes()).hexdigest()
+
+
 class Evaluator:
   """KRR test accuracy of the workers' support sets with ntkdd's kernel, memoised per step."""
 
@@ -303,7 +308,7 @@ class Evaluator:
     if step not in self.points[name]:
       run, start = self.runs[name], time.perf_counter()
       images, labels = run['images'][step], run['labels'][step]
-      digest = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
+      digest = _support_digest(run, step)
       if digest in self._by_support:   # an equal set was evaluated already: no second eval
         self.points[name][step] = (self._by_support[digest], 0.0)
         return self._by_support[digest]
@@ -324,8 +329,7 @@ class Evaluator:
   def kept_steps(self, name: str) -> list[int]:
     """Steps of backend `name` whose support sets the kept file has evaluated."""
     run = self.runs[name]
-    return [step for step in range(len(run['step'])) if hashlib.sha256(
-        run['images'][step].tobytes() + run['labels'][step].tobytes()).hexdigest() in self._saved]
+    return [step for step in range(len(run['step'])) if _support_digest(run, step) in self._saved]
 
   def _save(self, digest: str, accuracy: float, seconds: float) -> None:
     """Adds one evaluation to the kept file (atomically), if there is one."""
