@@ -62,22 +62,28 @@ def rcig_convnet_body(depth: int, width: int, w_std: float, b_std: float,
 
 def build(arch: Architecture, num_outputs: int = 10) -> stax.Layer:
   """The (init_fn, apply_fn, kernel_fn) triple of `arch` with `num_outputs` logits."""
+  return stax.serial(*layers(arch, num_outputs))
+
+
+def layers(arch: Architecture, num_outputs: int = 10) -> list[stax.Layer]:
+  """`build`'s layers in order, each an (init_fn, apply_fn, kernel_fn) triple (a profile
+  times their prefixes: bench/layer_profile.py)."""
   w, b, width, param = arch.w_std, arch.b_std, arch.width, arch.parameterization
   if arch.name == 'convnet':
-    layers = [stax.Conv(width, (3, 3), 'SAME', w, b, param), stax.Relu()]
+    out = [stax.Conv(width, (3, 3), 'SAME', w, b, param), stax.Relu()]
     for _ in range(arch.depth):
-      layers += [stax.Conv(width, (3, 3), 'SAME', w, b, param), stax.Relu(),
-                 stax.AvgPool((2, 2), (2, 2))]
-    layers += [stax.Flatten(), stax.Dense(num_outputs, w, b, param)]
+      out += [stax.Conv(width, (3, 3), 'SAME', w, b, param), stax.Relu(),
+              stax.AvgPool((2, 2), (2, 2))]
+    out += [stax.Flatten(), stax.Dense(num_outputs, w, b, param)]
   elif arch.name == 'rcig_convnet':
-    layers = rcig_convnet_body(arch.depth, width, w, b, param) + [
+    out = rcig_convnet_body(arch.depth, width, w, b, param) + [
         stax.Dense(num_outputs, w, b, param)]
   else:
-    layers = [stax.Flatten()]
+    out = [stax.Flatten()]
     for _ in range(arch.depth):
-      layers += [stax.Dense(width, w, b, param), stax.Relu()]
-    layers += [stax.Dense(num_outputs, w, b, param)]
-  return stax.serial(*layers)
+      out += [stax.Dense(width, w, b, param), stax.Relu()]
+    out += [stax.Dense(num_outputs, w, b, param)]
+  return out
 
 
 def check_input_shape(arch: Architecture, image_shape: tuple) -> None:
