@@ -192,14 +192,19 @@ def measure_jax_copy_bandwidth_gbs(megabytes: int = 1024, repeats: int = 5) -> f
   import jax
   import jax.numpy as jnp
   x = jnp.ones(megabytes * (1 << 20) // 4, jnp.float32)
-  bump = jax.jit(lambda v: v + 1.0)
-  jax.block_until_ready(bump(x))
+  return 2.0 * x.nbytes / min_seconds(jax.jit(lambda v: v + 1.0), x, repeats) / 1e9
+
+
+def min_seconds(fn, arg, rounds: int) -> float:
+  """Fastest of `rounds` calls of the JAX function fn(arg) (after one call that compiles it)."""
+  import jax
+  jax.block_until_ready(fn(arg))
   best = float('inf')
-  for _ in range(repeats):
+  for _ in range(rounds):
     start = time.perf_counter()
-    jax.block_until_ready(bump(x))
+    jax.block_until_ready(fn(arg))
     best = min(best, time.perf_counter() - start)
-  return 2.0 * x.nbytes / best / 1e9
+  return best
 
 
 def format_table(height: int, width: int, channels: int, depth: int = 3, itemsize: int = 4,

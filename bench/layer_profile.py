@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from typing import Any, Callable, Optional
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from flops import min_seconds  # noqa: E402  (bench/flops.py)
 from kernel_throughput import environment, env_name, write_json  # noqa: E402
 
 
@@ -43,18 +43,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def layer_name(layer: Any) -> str:
   """'Conv', 'Relu', ...: the factory a layer's kernel_fn was made in."""
   return layer.kernel_fn.__qualname__.split('.')[0]
-
-
-def min_seconds(fn: Callable, arg: Any, rounds: int) -> float:
-  """Fastest of `rounds` calls of fn(arg) (after one call that compiles it)."""
-  import jax
-  jax.block_until_ready(fn(arg))
-  best = float('inf')
-  for _ in range(rounds):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(arg))
-    best = min(best, time.perf_counter() - start)
-  return best
 
 
 def prefix_functions(image_shape: tuple, depth: int, seed: int) -> tuple[list, list, Any]:
