@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -195,7 +195,7 @@ def measure_jax_copy_bandwidth_gbs(megabytes: int = 1024, repeats: int = 5) -> f
   return 2.0 * x.nbytes / min_seconds(jax.jit(lambda v: v + 1.0), x, repeats) / 1e9
 
 
-def min_seconds(fn, arg, rounds: int) -> float:
+def min_seconds(fn: Callable, arg: Any, rounds: int) -> float:
   """Fastest of `rounds` calls of the JAX function fn(arg) (after one call that compiles it)."""
   import jax
   jax.block_until_ready(fn(arg))

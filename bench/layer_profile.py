@@ -50,9 +50,8 @@ def prefix_functions(image_shape: tuple, depth: int, seed: int) -> tuple[list, l
   after that prefix, the first image): the cross pass of one random pair."""
   import jax.numpy as jnp
   from ntkdd.common import architectures, kernels, stax
-  # Kernels are those of the NTK parameterisation (kernels.kernel_fn does the same).
-  layers = architectures.layers(architectures.Architecture(name='convnet', depth=depth,
-                                                           parameterization='ntk'))
+  layers = architectures.layers(kernels._ntk_parameterized(   # as kernels.kernel_fn builds it
+      architectures.Architecture(name='convnet', depth=depth)))
   whole = stax.serial(*layers)
   cross_band, self_band = kernels.band_radii(whole, image_shape[:2])
   rng = np.random.default_rng(seed)
