@@ -45,9 +45,9 @@ def layer_name(layer: Any) -> str:
   return layer.kernel_fn.__qualname__.split('.')[0]
 
 
-def prefix_functions(image_shape: tuple, depth: int, seed: int) -> tuple[list, list, Any]:
+def prefix_functions(image_shape: tuple, depth: int, seed: int) -> tuple[list, list, tuple]:
   """(layer names, one function per prefix: first image -> sum of the pair's NTK and NNGP
-  after that prefix, the first image): the cross pass of one random pair."""
+  after that prefix, the pair (x1, x2)): the cross pass of one random pair."""
   import jax.numpy as jnp
   from ntkdd.common import architectures, kernels, stax
   layers = architectures.layers(kernels._ntk_parameterized(   # as kernels.kernel_fn builds it
@@ -68,13 +68,13 @@ def prefix_functions(image_shape: tuple, depth: int, seed: int) -> tuple[list, l
     return total
 
   return ([layer_name(layer) for layer in layers],
-          [cross(tuple(layers[:count])) for count in range(1, len(layers) + 1)], x1)
+          [cross(tuple(layers[:count])) for count in range(1, len(layers) + 1)], (x1, x2))
 
 
 def profile(image_shape: tuple, depth: int, rounds: int, seed: int) -> list[dict]:
   """Cumulative forward and gradient seconds of one pair's cross pass, per layer prefix."""
   import jax
-  names, functions, x1 = prefix_functions(image_shape, depth, seed)
+  names, functions, (x1, _) = prefix_functions(image_shape, depth, seed)
   return [{'layer': name, 'index': i,
            'forward_ms': 1e3 * min_seconds(jax.jit(fn), x1, rounds),
            'gradient_ms': 1e3 * min_seconds(jax.jit(jax.grad(fn)), x1, rounds)}
