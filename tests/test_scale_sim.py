@@ -398,8 +398,8 @@ def test_coordinator_survives_workers_that_die_hang_and_come_back(broadcast, gro
     assert distributed.status()['alive_workers'] == 16
     # What follows is about the returned workers doing work again, not about deadlines: a
     # busy CI machine stalling all 16 threads past a 0.5 s deadline would drop healthy
-    # leaders (seen once: 14 of 16 alive), so the deadline goes back to a generous one.
-    distributed.deadline_s = 30.0
+    # leaders (seen once: 14 of 16 alive), so the deadline goes back to the fleet's own.
+    distributed.deadline_s = FAST['deadline_s']
     before = {w['worker']: w['blocks_done'] for w in distributed.status()['workers']}
     g = np.ones((9, len(full)), np.float32)
     given = cotangents.LowRankCotangent(np.ones((9, 1)), np.ones((len(full), 1)), 0.0) if (
