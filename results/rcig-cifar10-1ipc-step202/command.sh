@@ -1,7 +1,7 @@
 #!/bin/sh
-# RCIG CIFAR-10 1 ipc, the paper's preprocessing (auto = channel_zca for RGB), core 0.
-cd /work/main
-exec taskset -c 0 .venv/bin/ntkdd distill --algorithm rcig --dataset cifar10 \
-  --data-dir /work/shared/data --cache-dir /work/cache --ipc 1 --steps 3000 \
-  --eval-every 100 --eval-test-size 2000 --checkpoint-every 10 \
-  --out /work/runs/rcig-cifar10-1 --no-progress "$@"
+# RCIG CIFAR-10 1 ipc, the paper's preprocessing (auto = channel_zca for RGB), in-process.
+# Ran pinned to one core (taskset -c 0); stopped by SIGINT at step 202 of 3000 (checkpointed).
+# Add --resume to continue a stopped run from its last checkpoint.
+exec ntkdd distill --algorithm rcig --dataset cifar10 --data-dir ../shared/data \
+  --ipc 1 --steps 3000 --eval-every 100 --eval-test-size 2000 --checkpoint-every 10 \
+  --no-progress --out runs/rcig-cifar10-1 "$@"
