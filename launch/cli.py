@@ -260,6 +260,13 @@ def _parser() -> argparse.ArgumentParser:
                       'rcig: RCIG\'s (one op per image from crop, rotate, translate, cutout, '
                       'plus flip and colour for RGB) and its code\'s shorter loop. Refused '
                       'with kip, which trains without.')
+  e.add_argument('--mirror', choices=FLIP_CHOICES, default='auto',
+                 help='train the finite networks on the set and its left-right mirror images '
+                      '(the distilled set only; KRR and --baselines use the images as they '
+                      'are). auto: when the run\'s config.json records flip_support (RCIG '
+                      'distilled the set with its mirror images, --rcig-flip), as RCIG\'s own '
+                      'evaluation does; RCIG\'s schedule still counts the set\'s own images. '
+                      'Default %(default)s.')
   e.add_argument('--baselines', action='store_true',
                  help='also evaluate random real images of the same size.')
   e.add_argument('--no-krr', dest='krr', action='store_false',

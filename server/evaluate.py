@@ -24,6 +24,9 @@ class SupportSet:
   images: np.ndarray        # model space
   labels: np.ndarray        # (n, C) float
   label_ids: np.ndarray     # (n,) int
+  # Distilled with its left-right mirror images as part of the model (RCIG's flip_support):
+  # finite networks train on both copies, as RCIG's evaluation does; KRR uses the set as it is.
+  mirrored: bool = False
 
 
 def read_support_file(path: str) -> dict[str, np.ndarray]:
@@ -243,16 +246,23 @@ def transfer_accuracy(arch_name: str, support: SupportSet, prepared,
   from ntkdd.common import train  # pylint: disable=import-outside-toplevel
   arch = transfer_architecture(arch_name, settings, kernel_arch)
   image_shape = prepared.x_train.shape[1:]
+  # RCIG's schedule follows the distilled set's size, counted before any mirror images.
   config = transfer_config(settings, len(support.images), image_shape)
-  logging.info('Training %d %s network(s), %d %s steps each.', settings.seeds, arch_name,
-               config.steps, config.optimizer)
-  result = train.evaluate_transfer(arch, support.images, support.labels, prepared.x_test,
+  images, labels = support.images, support.labels
+  if support.mirrored:
+    from ntkdd.common import rcig  # pylint: disable=import-outside-toplevel
+    images, labels = (np.asarray(a) for a in rcig.with_flips(images, labels))
+  logging.info('Training %d %s network(s), %d %s steps each, on %d images%s.', settings.seeds,
+               arch_name, config.steps, config.optimizer, len(images),
+               ' (the set and its mirror images)' if support.mirrored else '')
+  result = train.evaluate_transfer(arch, images, labels, prepared.x_test,
                                    prepared.y_test, config, seeds=tuple(range(settings.seeds)),
                                    num_classes=prepared.num_classes,
                                    progress=_network_progress(arch_name, settings.seeds))
   result['arch'] = arch.to_dict()
   result['protocol'] = settings.protocol
   result['train_config'] = config.to_dict()
+  result['mirror_images'] = support.mirrored
   if settings.protocol != 'ntkdd':
     unshortened = dataclasses.replace(settings, steps=None)
     result['paper_steps'] = transfer_config(unshortened, len(support.images), image_shape).steps
@@ -323,6 +333,20 @@ def _config_for(args, run_config: Optional[tuple[Path, dict]] = None) -> distill
   return distill.DistillConfig(**fields)
 
 
+def _mirrored(args, run_config: Optional[tuple[Path, dict]]) -> bool:
+  """Whether finite networks train on the set and its mirror images: --mirror on/off, or with
+  auto what the run recorded (an RCIG run distilled with --rcig-flip records flip_support)."""
+  mirror = getattr(args, 'mirror', 'auto')
+  if mirror != 'auto':
+    return mirror == 'on'
+  recorded = bool(run_config is not None and run_config[1]['flags'].get('flip_support'))
+  if recorded:
+    logging.info('%s records flip_support: the finite networks train on the set and its mirror '
+                 'images, as RCIG evaluates such sets (--mirror off to train on the set alone).',
+                 run_config[0])
+  return recorded
+
+
 def evaluate_from_args(
     args, kernel_backends: Optional[Callable[[architectures.Architecture], kip.KernelBackend]]
     = None) -> dict[str, Any]:
@@ -369,6 +393,7 @@ def evaluate_from_args(
                        f'--data-dir holding the same files.')
   architectures.check_input_shape(cfg.architecture(), prepared.x_train.shape[1:])
   support = load_support(args.support, prepared, pixels=args.pixels, arrays=arrays)
+  support = dataclasses.replace(support, mirrored=_mirrored(args, run_config))
   settings = TransferSettings(networks=transfer, width=args.width, steps=args.train_steps,
                               seeds=args.seeds, augment=args.augment,
                               parameterization=args.parameterization,
@@ -405,7 +430,9 @@ def _protocol_line(report: dict[str, Any]) -> str:
   if paper_steps is not None and paper_steps != config['steps']:
     steps += f' (shortened by --train-steps from the paper\'s {paper_steps})'
   parameterization = first['arch']['parameterization']
-  return f'finite networks: --protocol {protocol}, {steps}, {parameterization} parameterisation'
+  mirrored = '; the distilled set with its mirror images' if first.get('mirror_images') else ''
+  return (f'finite networks: --protocol {protocol}, {steps}, {parameterization} '
+          f'parameterisation{mirrored}')
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -231,3 +231,54 @@ def test_evaluate_command_records_the_protocol(support_file, capsys):
     fc = report[name]['transfer']['fc']
     assert fc['protocol'] == 'rcig' and fc['paper_steps'] == 5000   # 6 images: not 10
     assert fc['train_config'] == train.with_steps(train.rcig_protocol(6), 3).to_dict()
+
+
+# -- Sets distilled with their mirror images (RCIG's flip_support). ------------------------------
+
+def test_a_mirrored_set_trains_on_both_copies_with_the_schedule_of_the_set_alone(monkeypatch):
+  support, prepared = _support_and_data(images=10)
+  support = dataclasses.replace(support, mirrored=True)
+  seen = {}
+
+  def fake_evaluate_transfer(arch, images, labels, x_test, y_test, config, **kwargs):
+    seen.update(images=images, labels=labels, config=config)
+    return {'mean': 0.5, 'std': 0.0, 'accuracies': [0.5]}
+
+  monkeypatch.setattr(train, 'evaluate_transfer', fake_evaluate_transfer)
+  settings = evaluate.TransferSettings(networks=('rcig_convnet',), width=8, seeds=1,
+                                       protocol='rcig')
+  result = evaluate.transfer_accuracy('rcig_convnet', support, prepared, settings)
+  np.testing.assert_array_equal(seen['images'][:10], support.images)
+  np.testing.assert_array_equal(seen['images'][10:], support.images[:, :, ::-1, :])
+  np.testing.assert_array_equal(seen['labels'], np.concatenate([support.labels] * 2))
+  # RCIG's evaluation counts the distilled images (10: 2500 steps), not the 20 it trains on.
+  assert seen['config'] == train.rcig_protocol(10) and result['paper_steps'] == 2500
+  assert result['mirror_images'] is True
+  unmirrored = evaluate.transfer_accuracy('rcig_convnet', dataclasses.replace(
+      support, mirrored=False), prepared, settings)
+  assert len(seen['images']) == 10 and unmirrored['mirror_images'] is False
+
+
+@pytest.mark.parametrize('flag, recorded, expected', [
+    ('auto', True, True), ('auto', False, False), ('auto', None, False),
+    ('off', True, False), ('on', None, True), ('on', False, True)])
+def test_mirror_follows_the_flag_or_what_the_run_recorded(flag, recorded, expected):
+  args = types.SimpleNamespace(mirror=flag)
+  run_config = None if recorded is None else (
+      'run/config.json', {'flags': {'algorithm': 'rcig', 'flip_support': recorded}})
+  assert evaluate._mirrored(args, run_config) is expected
+
+
+def test_evaluate_mirrors_the_distilled_set_only(support_file, capsys):
+  out = support_file / 'evaluation.json'
+  assert cli.main(['evaluate', '--support', str(support_file / 'support.npz'), '--pixels',
+                   '--dataset', str(support_file / 'tiny.npz'), '--data-dir', '.',
+                   '--protocol', 'rcig', '--train-steps', '3', '--transfer', 'fc',
+                   '--width', '8', '--seeds', '1', '--baselines', '--mirror', 'on',
+                   '--no-krr', '--out', str(out)]) == 0
+  assert 'the distilled set with its mirror images' in capsys.readouterr().out
+  report = json.loads(out.read_text())
+  assert report['distilled']['transfer']['fc']['mirror_images'] is True
+  assert report['random_real']['transfer']['fc']['mirror_images'] is False
+  # Both schedules count the 6 images of the set (5000 steps), not the 12 trained on.
+  assert report['distilled']['transfer']['fc']['paper_steps'] == 5000
