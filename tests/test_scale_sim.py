@@ -377,19 +377,29 @@ def test_coordinator_survives_workers_that_die_hang_and_come_back(broadcast, gro
     support = support + 0.1       # a new support: a new broadcast, through dead holders
     both = sources.concat([support, targets])
     full = sources.as_array(both)
-    for _ in range(2):
+
+    def faults_seen(status):
+      down = {w['worker'] for w in status['workers'] if not w['alive']}
+      if group_size == 1:
+        return {1, 2, 3} <= down and all(status['workers'][i]['failures'] for i in (1, 2, 3, 4, 5))
+      return ({1, 2, 3} <= down and status['members_dropped'] >= 3
+              and status['workers'][4]['failures'])
+
+    # Rounds until every faulty worker has been given work and flagged (two suffice on a quiet
+    # machine; on a loaded one a worker's slot may find the queue already emptied by others),
+    # each round's answer exact.
+    for _ in range(8):
       answer = distributed.kernel(support, both, names=names)
       assert set(answer) == set(names)
       np.testing.assert_allclose(answer['ntk'], sim.surrogate_kernel(support, full)['ntk'],
                                  atol=1e-6)
+      if faults_seen(distributed.status()):
+        break
     status = distributed.status()
-    down = {w['worker'] for w in status['workers'] if not w['alive']}
-    if group_size == 1:
-      assert {1, 2, 3} <= down and all(status['workers'][i]['failures']
-                                       for i in (1, 2, 3, 4, 5))
-    else:   # members their leaders dropped, and the hung leader
-      assert {1, 2, 3} <= down and status['members_dropped'] >= 3
-      assert status['workers'][4]['failures']
+    # The dead are down and every faulty worker failed (direct); or the members their leaders
+    # dropped, and the hung leader (groups).
+    assert faults_seen(status), [(w['worker'], w['alive'], w['failures'])
+                                 for w in status['workers']]
     for i in (1, 2, 3, 4, 5):       # back, as restarted processes without their caches
       fleet.restart(i)
     deadline = time.monotonic() + 10
