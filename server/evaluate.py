@@ -336,9 +336,8 @@ def _config_for(args, run_config: Optional[tuple[Path, dict]] = None) -> distill
 def _mirrored(args, run_config: Optional[tuple[Path, dict]]) -> bool:
   """Whether finite networks train on the set and its mirror images: --mirror on/off, or with
   auto what the run recorded (an RCIG run distilled with --rcig-flip records flip_support)."""
-  mirror = getattr(args, 'mirror', 'auto')
-  if mirror != 'auto':
-    return mirror == 'on'
+  if args.mirror != 'auto':
+    return args.mirror == 'on'
   recorded = bool(run_config is not None and run_config[1]['flags'].get('flip_support'))
   if recorded:
     logging.info('%s records flip_support: the finite networks train on the set and its mirror '
