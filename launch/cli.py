@@ -73,6 +73,13 @@ def _add_kernel_flags(p: argparse.ArgumentParser, default_arch: str, default_dep
                       'interfaces of this machine. Courier executes what its callers send, so '
                       'anyone who can reach these ports can run code as you. Only for machines '
                       'whose whole network is trusted.')
+  g.add_argument('--pin-workers', action='store_true',
+                 help='with --launch launchpad or ray on one machine: worker i runs all its '
+                      'threads on core i mod (the cores this command may use), set before its '
+                      'first computation, so N workers on N cores do not preempt each other '
+                      '(and each XLA CPU runtime starts one compute thread, not one per core). '
+                      'Restrict the cores with taskset on the command (e.g. taskset -c 0,1). '
+                      'Linux only.')
 
 
 def _add_data_flags(p: argparse.ArgumentParser, data_dir_default: Optional[str] = 'data') -> None:

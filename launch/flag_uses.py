@@ -26,6 +26,9 @@ LAUNCH_FLAG_USES = {
     'expose_courier_ports': (lambda a: a.launch == 'launchpad',
                              'concerns the Courier ports of --launch launchpad'),
     'block': (lambda a: a.workers >= 1, 'is the tile side farmed to --workers N >= 1'),
+    'pin_workers': (lambda a: a.launch in ('launchpad', 'ray') and a.workers >= 1,
+                    'pins the worker processes of --launch launchpad or ray (--workers N >= 1) '
+                    'to one core each'),
 }
 DISTILL_FLAG_USES = {
     'launch': (lambda a: a.algorithm != 'rcig' or a.eval_every > 0, _RCIG_WORKERS),

@@ -25,6 +25,11 @@ def _clear_remote_out(cfg, args: argparse.Namespace) -> None:
     checkpoint.remove_run_files(Path(args.out))
 
 
+def worker_kwargs(args: argparse.Namespace) -> dict:
+  """The `KernelWorker` arguments the launch flags set (--pin-workers)."""
+  return {'pin_core': True} if getattr(args, 'pin_workers', False) else {}
+
+
 class LaunchType:
   """What the command line asks of a launch type (each subclass implements the three)."""
 
@@ -91,7 +96,7 @@ class Launchpad(LaunchType):
     from ntkdd.launch import launchpad_program  # pylint: disable=import-outside-toplevel
     return lambda arch: launchpad_program.make_launchpad_backend(
         arch, workers=args.workers, tile=args.tile, dtype=args.dtype, block=args.block,
-        expose_courier_ports=args.expose_courier_ports)
+        expose_courier_ports=args.expose_courier_ports, worker_kwargs=worker_kwargs(args))
 
   @staticmethod
   def distill(cfg, args: argparse.Namespace, prepared: Any = None) -> dict:
@@ -100,7 +105,8 @@ class Launchpad(LaunchType):
     try:
       return launchpad_program.run_local_mp(
           cfg, args.out, workers=args.workers, resume=args.resume, block=args.block,
-          worker_tile=args.tile, expose_courier_ports=args.expose_courier_ports)
+          worker_tile=args.tile, expose_courier_ports=args.expose_courier_ports,
+          worker_kwargs=worker_kwargs(args))
     except launchpad_program.PrivateNetworkUnavailable as e:
       raise LaunchFailed(f'ntkdd distill: error: {e}', 2) from e
     except launchpad_program.CoordinatorFailed as e:
@@ -115,7 +121,7 @@ class Ray(LaunchType):
     from ntkdd.launch import ray_launch  # pylint: disable=import-outside-toplevel
     return lambda arch: ray_launch.make_ray_backend(
         arch, workers=args.workers, ray_address=args.ray_address, tile=args.tile,
-        dtype=args.dtype, block=args.block, dataset=dataset)
+        dtype=args.dtype, block=args.block, dataset=dataset, worker_kwargs=worker_kwargs(args))
 
   @staticmethod
   def distill(cfg, args: argparse.Namespace, prepared: Any = None) -> dict:
@@ -124,7 +130,8 @@ class Ray(LaunchType):
     try:
       return ray_launch.run_ray(cfg, args.out, workers=args.workers,
                                 ray_address=args.ray_address, resume=args.resume,
-                                block=args.block, worker_tile=args.tile)
+                                block=args.block, worker_tile=args.tile,
+                                worker_kwargs=worker_kwargs(args))
     except (ray_launch.CoordinatorFailed, ConnectionError) as e:
       raise LaunchFailed(f'ntkdd distill: {e}', 1) from e
 

@@ -232,13 +232,15 @@ class LaunchpadCoordinator(coordinator.Coordinator):
 # -- The program. -------------------------------------------------------------------------------
 
 def add_worker_nodes(program, arch, workers: int, dtype: str = 'float32',
-                     tile: Optional[int] = None, dataset: Optional[dict] = None) -> list:
+                     tile: Optional[int] = None, dataset: Optional[dict] = None,
+                     worker_kwargs: Optional[dict] = None) -> list:
   """Adds `workers` KernelWorker Courier nodes to the program's 'workers' group.
 
   Args:
     program: the `lp.Program`.
     arch: the architecture (or its dict); dtype, tile: the workers' kernel dtype and tile.
     dataset: a `DataSpec` dict: each worker loads it itself, so targets go as indices.
+    worker_kwargs: further `KernelWorker` arguments (JSON values; e.g. pin_core=True).
 
   Returns:
     The nodes' Courier handles (Launchpad turns them into clients in the nodes given them).
@@ -251,7 +253,7 @@ def add_worker_nodes(program, arch, workers: int, dtype: str = 'float32',
   with program.group(WORKERS):
     for i in range(workers):
       node = lp.CourierNode(kernel_worker.KernelWorker, nodes.arch_dict(arch), dtype, tile,
-                            worker_id=i, dataset=dataset)
+                            worker_id=i, dataset=dataset, **(worker_kwargs or {}))
       handles.append(program.add_node(node))
   return handles
 
@@ -259,7 +261,7 @@ def add_worker_nodes(program, arch, workers: int, dtype: str = 'float32',
 def make_program(cfg, run_dir: str, workers: int, resume: bool = False, block: Optional[int] = 64,
                  worker_tile: Optional[int] = None, deadline_s: float = 600.0,
                  startup_timeout_s: float = 300.0, stop_program: bool = True,
-                 coordinator_kwargs: Optional[dict] = None):
+                 coordinator_kwargs: Optional[dict] = None, worker_kwargs: Optional[dict] = None):
   """The Launchpad program of a distillation: kernel workers plus the coordinator.
 
   Args:
@@ -268,6 +270,7 @@ def make_program(cfg, run_dir: str, workers: int, resume: bool = False, block: O
     run_dir, resume, block, deadline_s, startup_timeout_s, coordinator_kwargs: for the
       coordinator (`coordinator.Coordinator`).
     workers: how many kernel worker nodes; worker_tile: their kernel tile (default cfg.tile).
+    worker_kwargs: further `KernelWorker` arguments (see `add_worker_nodes`).
     stop_program: the coordinator calls `lp.stop()` when the run ends.
 
   Returns:
@@ -279,7 +282,7 @@ def make_program(cfg, run_dir: str, workers: int, resume: bool = False, block: O
   program = lp.Program('ntkdd-distill')
   tile = worker_tile if worker_tile is not None else cfg.tile
   handles = add_worker_nodes(program, cfg.architecture(), workers, cfg.dtype, tile,
-                             dataset=cfg.data_spec().to_dict())
+                             dataset=cfg.data_spec().to_dict(), worker_kwargs=worker_kwargs)
   with program.group(COORDINATOR):
     program.add_node(lp.CourierNode(
         LaunchpadCoordinator, jobs.to_dict(cfg), str(run_dir), bool(resume), handles,
@@ -289,11 +292,12 @@ def make_program(cfg, run_dir: str, workers: int, resume: bool = False, block: O
 
 
 def make_worker_program(arch, workers: int, dtype: str = 'float32', tile: Optional[int] = None,
-                        dataset: Optional[dict] = None):
+                        dataset: Optional[dict] = None, worker_kwargs: Optional[dict] = None):
   """A program of kernel workers only (the caller coordinates): `ntkdd kernel`."""
   lp = import_launchpad()
   program = lp.Program('ntkdd-workers')
-  add_worker_nodes(program, arch, workers, dtype, tile, dataset=dataset)
+  add_worker_nodes(program, arch, workers, dtype, tile, dataset=dataset,
+                   worker_kwargs=worker_kwargs)
   return program
 
 
@@ -306,9 +310,11 @@ def program_from_spec(spec: dict):
                         resume=spec['resume'], block=spec['block'],
                         worker_tile=spec['worker_tile'], deadline_s=spec['deadline_s'],
                         startup_timeout_s=spec['startup_timeout_s'],
-                        coordinator_kwargs=spec.get('coordinator_kwargs'))
+                        coordinator_kwargs=spec.get('coordinator_kwargs'),
+                        worker_kwargs=spec.get('worker_kwargs'))
   return make_worker_program(architectures.Architecture.from_dict(spec['arch']), spec['workers'],
-                             spec['dtype'], spec['tile'], dataset=spec.get('dataset'))
+                             spec['dtype'], spec['tile'], dataset=spec.get('dataset'),
+                             worker_kwargs=spec.get('worker_kwargs'))
 
 
 # -- Local runs (local_mp). ---------------------------------------------------------------------
@@ -318,7 +324,8 @@ def start_local_mp(cfg, run_dir: str, workers: int, resume: bool = False, block:
                    startup_timeout_s: float = 300.0, env: Optional[dict] = None,
                    coordinator_kwargs: Optional[dict] = None,
                    python: Optional[str] = None,
-                   expose_courier_ports: bool = False) -> launchpad_local.LocalProgram:
+                   expose_courier_ports: bool = False,
+                   worker_kwargs: Optional[dict] = None) -> launchpad_local.LocalProgram:
   """Starts the distillation program (local_mp) in a launcher process; does not wait.
 
   Args:
@@ -331,6 +338,7 @@ def start_local_mp(cfg, run_dir: str, workers: int, resume: bool = False, block:
     python: the interpreter of the launcher (default: this one).
     expose_courier_ports: let the Courier ports listen on the host's network instead of a
       private namespace (see `network_prefix`).
+    worker_kwargs: further `KernelWorker` arguments (JSON values; e.g. pin_core=True).
 
   Returns:
     The running program; `wait_for_result` waits for it, `stop()` ends it.
@@ -349,6 +357,7 @@ def start_local_mp(cfg, run_dir: str, workers: int, resume: bool = False, block:
           'worker_tile': worker_tile, 'deadline_s': float(deadline_s),
           'startup_timeout_s': float(startup_timeout_s), 'env': env or {},
           'coordinator_kwargs': coordinator_kwargs or {},
+          'worker_kwargs': worker_kwargs or {},
           'log_dir': str(run_dir / run_dir_lib.LAUNCHPAD_LOGS),
           'processes_file': str(run_dir / run_dir_lib.LAUNCHPAD_PROCESSES),
           'network': 'exposed' if expose_courier_ports else 'host'}
@@ -385,7 +394,8 @@ def run_local_mp(cfg, run_dir: str, workers: int, resume: bool = False,
                  worker_tile: Optional[int] = None, deadline_s: float = 600.0,
                  startup_timeout_s: float = 300.0, env: Optional[dict] = None,
                  coordinator_kwargs: Optional[dict] = None,
-                 expose_courier_ports: bool = False) -> dict:
+                 expose_courier_ports: bool = False,
+                 worker_kwargs: Optional[dict] = None) -> dict:
   """Runs `ntkdd distill --launch launchpad --workers N`: local_mp, waits, ends every process.
 
   Args:
@@ -405,7 +415,8 @@ def run_local_mp(cfg, run_dir: str, workers: int, resume: bool = False,
                            worker_tile=worker_tile, deadline_s=deadline_s,
                            startup_timeout_s=startup_timeout_s, env=env,
                            coordinator_kwargs=coordinator_kwargs,
-                           expose_courier_ports=expose_courier_ports)
+                           expose_courier_ports=expose_courier_ports,
+                           worker_kwargs=worker_kwargs)
   try:
     try:
       result = wait_for_result(program, run_dir, timeout_s)
@@ -433,6 +444,7 @@ class LaunchpadKernels(distributed_kernels.OwnedWorkersKernels):
     env: extra environment variables of the worker nodes.
     expose_courier_ports: see `network_prefix`; this process must otherwise already run in
       a private network namespace.
+    worker_kwargs: further `KernelWorker` arguments (JSON values; e.g. pin_core=True).
     **coordinator_kwargs: further `DistributedKernels` options.
   """
 
@@ -440,7 +452,7 @@ class LaunchpadKernels(distributed_kernels.OwnedWorkersKernels):
                block: Optional[int] = 64, startup_timeout_s: float = 300.0,
                log_dir: Optional[str] = None, env: Optional[dict] = None,
                dataset: Optional[dict] = None, expose_courier_ports: bool = False,
-               **coordinator_kwargs):
+               worker_kwargs: Optional[dict] = None, **coordinator_kwargs):
     import_launchpad()
     if workers < 1:
       raise ValueError(f'--workers must be >= 1 with --launch launchpad, got {workers}.')
@@ -450,6 +462,7 @@ class LaunchpadKernels(distributed_kernels.OwnedWorkersKernels):
     base = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix='ntkdd-launchpad-'))
     spec = {'kind': 'workers', 'arch': nodes.arch_dict(arch), 'workers': int(workers),
             'dtype': dtype, 'tile': tile, 'env': env or {}, 'dataset': dataset,
+            'worker_kwargs': worker_kwargs or {},
             'log_dir': str(base / run_dir_lib.LAUNCHPAD_LOGS),
             'processes_file': str(base / run_dir_lib.LAUNCHPAD_PROCESSES),
             'network': 'exposed' if expose_courier_ports else 'inherited'}

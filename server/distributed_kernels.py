@@ -331,7 +331,7 @@ class DistributedKernels(CacheBroadcast, GroupRequests, WorkerHealth):
           'seconds_since_seen': None if w.last_seen is None else wall - w.last_seen,
           'last_error': w.last_error, 'last_error_time': w.last_error_time,
           'down_for_s': None if w.down_since is None else now - w.down_since,
-          'pid': w.info.get('pid'), 'device': w.info.get('device'),
+          'pid': w.info.get('pid'), 'device': w.info.get('device'), 'core': w.info.get('core'),
           'datasets': sorted(w.datasets), 'dataset_error': w.info.get('dataset_error')}
           for w in self._workers]
       stats = dict(self._stats)

@@ -144,7 +144,7 @@ def _backend_fields(backend_status: dict) -> dict:
   for w in backend_status.get('workers', []):
     workers.append({k: w.get(k) for k in (
         'worker', 'alive', 'blocks_done', 'pairs_done', 'in_flight', 'failures',
-        'seconds_since_seen', 'last_error', 'down_for_s', 'pid', 'device')})
+        'seconds_since_seen', 'last_error', 'down_for_s', 'pid', 'device', 'core')})
   fields = {'workers': workers,
             'alive_workers': backend_status.get('alive_workers',
                                                 sum(bool(w['alive']) for w in workers)),

@@ -101,12 +101,13 @@ class WorkerHealth:
       worker.alive, worker.down_since, worker.backoff_s = True, None, 0.0
       worker.last_seen = time.time()
       worker.info = {k: response.get(k) for k in ('pid', 'device', 'dtype', 'worker_id',
-                                                  'dataset_error', 'features')}
+                                                  'dataset_error', 'features', 'core')}
       worker.datasets = dict(response.get('datasets') or {})
       # Workers wired to their peers (ping says how many) can fetch caches from them.
       worker.peer_id = (str(response.get('worker_id')) if response.get('peers') else None)
-    logging.info('Kernel worker %d is up (pid %s, %s).', worker.index, response.get('pid'),
-                 response.get('device'))
+    logging.info('Kernel worker %d is up (pid %s, %s%s).', worker.index, response.get('pid'),
+                 response.get('device'), '' if response.get('core') is None else
+                 f", pinned to core {response.get('core')}")
 
   def _retry_elsewhere(self, task: _Task, error: str) -> None:
     task.attempts += 1

@@ -179,6 +179,7 @@ def test_resume_keeps_the_preprocessing_an_auto_run_was_made_with(tmp_path, caps
     (['--algorithm', 'kip'], ['--ray-address', 'local'], '--ray-address'),
     (['--algorithm', 'kip', '--workers', '2'], ['--expose-courier-ports'],
      '--expose-courier-ports'),
+    (['--algorithm', 'kip', '--workers', '2'], ['--pin-workers'], '--pin-workers'),  # threads
 ])
 def test_flags_a_mode_does_not_use_are_refused(tiny_npz, tmp_path, capsys, mode, extra, flag):
   run = tmp_path / 'run'
@@ -195,6 +196,7 @@ def test_flags_a_mode_does_not_use_are_refused(tiny_npz, tmp_path, capsys, mode,
     (['--block', '8'], '--block'),
     (['--ray-address', 'local'], '--ray-address'),
     (['--workers', '1', '--expose-courier-ports'], '--expose-courier-ports'),
+    (['--pin-workers'], '--pin-workers'),
 ])
 def test_kernel_refuses_launch_flags_its_launch_does_not_use(tmp_path, capsys, extra, flag):
   np.save(tmp_path / 'x.npy', np.ones((3, 4), np.float32))

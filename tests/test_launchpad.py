@@ -238,10 +238,17 @@ def test_a_killed_worker_does_not_stop_the_run(tiny_npz, tmp_path):
   _inprocess(cfg, tmp_path / 'inprocess')
   run = tmp_path / 'lp'
   program = lpp.start_local_mp(cfg, str(run), workers=2, block=BLOCK, deadline_s=60,
-                               coordinator_kwargs={'retry_backoff_s': 0.5})
+                               coordinator_kwargs={'retry_backoff_s': 0.5},
+                               worker_kwargs={'pin_core': True})   # --pin-workers
   try:
     pids = _wait_for(lambda: (run / 'worker_pids.json').exists() and json.loads(
         (run / 'worker_pids.json').read_text()), TIMEOUT_S, 'worker pids', program)
+    # Each worker runs all its threads on its own core: worker i on the i-th allowed one.
+    allowed = sorted(os.sched_getaffinity(0))
+    for index, pid in pids['workers'].items():
+      tasks = os.listdir(f'/proc/{pid}/task')
+      assert tasks and all(os.sched_getaffinity(int(tid)) == {allowed[int(index) % len(allowed)]}
+                           for tid in tasks), (index, pid)
     _wait_for(lambda: _last_step(run) >= 2, TIMEOUT_S, 'step 2', program)
     victim = int(pids['workers']['1'])
     info = json.loads(program.processes_file.read_text())

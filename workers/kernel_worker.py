@@ -3,7 +3,9 @@
 Every public method takes and returns `bytes` (plus ints and strs), never numpy arrays, so the
 same class serves in-process handles and Courier RPC (where numpy arguments hang).
 
-A worker built with a `dataset` spec (`common/prepared.DataSpec` as a dict) loads and
+A worker built with `pin_core=True` first pins all its threads to one CPU core, the
+(worker_id mod n)-th of the cores it may use (`workers/cpu_pinning`; `--pin-workers`); its ping
+reports the core. A worker built with a `dataset` spec (`common/prepared.DataSpec` as a dict) loads and
 preprocesses that dataset itself, once, from its own data dir, and holds each split under its
 content key (`PreparedData.key`), which `ping` reports. A block request (see workers/protocol.py)
 names its row and column images, each either inline (an array field `rows` / `cols`), from the
@@ -36,7 +38,7 @@ import jax
 import numpy as np
 
 from ntkdd.common import architectures, kernels, prepared
-from ntkdd.workers import group_leader, protocol
+from ntkdd.workers import cpu_pinning, group_leader, protocol
 
 STALE_CACHE, MISSING_DATASET = protocol.STALE_CACHE, protocol.MISSING_DATASET
 BAD_REQUEST, EXCEPTION, MALFORMED = protocol.BAD_REQUEST, protocol.EXCEPTION, protocol.MALFORMED
@@ -63,7 +65,11 @@ class KernelWorker:
   """One worker per device: caches named image arrays and computes blocks of them."""
 
   def __init__(self, arch: dict, dtype: str = 'float32', tile: Optional[int] = None,
-               worker_id: int = 0, dataset: Optional[dict] = None):
+               worker_id: int = 0, dataset: Optional[dict] = None, pin_core: bool = False):
+    # Before any JAX computation: XLA sizes its CPU thread pool from the cores allowed then.
+    self.core = cpu_pinning.pin_process(worker_id) if pin_core else None
+    if self.core is not None:
+      logging.info('Worker %d pinned to CPU core %d.', worker_id, self.core)
     kernels.enable_float64_if(dtype)
     self.arch = architectures.Architecture.from_dict(arch)
     self.dtype = np.dtype(dtype)
@@ -111,6 +117,7 @@ class KernelWorker:
                         'arch': self.arch.to_dict(), 'caches': caches,
                         'datasets': {key: len(x) for key, x in self._datasets.items()},
                         'dataset_error': self.dataset_error, 'peers': len(self._peers),
+                        'core': self.core,
                         'features': list(protocol.FEATURES)})
 
   def set_images(self, name: str, version: int, payload: bytes) -> bytes:
