@@ -273,20 +273,24 @@ def _source_row(s: dict) -> Optional[tuple[str, str]]:
 
 
 def _worker_lines(s: dict) -> list[str]:
-  """One row per kernel worker: alive, blocks, failures, last seen, pid, last error."""
+  """One row per kernel worker: alive, blocks, failures, last seen, pid, its CPU core (when
+  workers are pinned: --pin-workers), last error."""
   workers = s.get('workers') or []
   if not workers:
     return []
   alive = s.get('alive_workers')
   lines = ['', f"workers: {len(workers)}" + (f', {alive} alive' if alive is not None else '')]
-  header = ('id', 'alive', 'blocks', 'failures', 'last seen', 'pid', 'last error')
+  pinned = any(w.get('core') is not None for w in workers)
+  header = ('id', 'alive', 'blocks', 'failures', 'last seen', 'pid') + (
+      ('core',) if pinned else ()) + ('last error',)
   table = [header]
   for w in workers:
     seen = w.get('seconds_since_seen')
+    core = (('-' if w.get('core') is None else str(w['core']),) if pinned else ())
     table.append((str(w.get('worker', '-')), 'yes' if w.get('alive') else 'NO',
                   str(w.get('blocks_done', '-')), str(w.get('failures', 0) or 0),
                   '-' if seen is None else f'{format_duration(seen)} ago',
-                  str(w.get('pid') or '-'), _short(w.get('last_error'))))
+                  str(w.get('pid') or '-')) + core + (_short(w.get('last_error')),))
   widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
   for row in table:
     lines.append('  '.join(c.ljust(widths[i]) for i, c in enumerate(row[:-1])) + '  ' + row[-1])

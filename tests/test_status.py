@@ -98,6 +98,17 @@ def test_status_with_backend_and_phases(tmp_path):
   assert snap['phase'] == 'done' and snap['eta_s'] == 0.0
   assert snap['pairs_per_second'] == 12345.0 and snap['alive_workers'] == 1
   assert [w['pid'] for w in snap['workers']] == [4242, 4243]
+  assert [w['core'] for w in snap['workers']] == [None, None]
+
+  class PinnedBackend(FakeBackend):
+    def status(self):
+      report = super().status()
+      for w in report['workers']:
+        w['core'] = w['worker']
+      return report
+
+  snap = status.status_from_run_dir(str(run), backend=PinnedBackend())
+  assert [w['core'] for w in snap['workers']] == [0, 1]   # the backend's cores reach status
   run_dir_lib.write_json(run / run_dir_lib.COORDINATOR_RESULT,
                          {'ok': False, 'error': 'ValueError: boom'})
   snap = status.status_from_run_dir(str(run))
@@ -163,6 +174,17 @@ def test_format_status_shows_the_numbers_and_workers(tmp_path):
   assert worker0[2] == '31' and '4242' in worker0
   assert worker1[2] == '9' and worker1[3] == '3' and '1m15s' in worker1
   assert 'Socket closed' in ' '.join(worker1)
+  header = next(r for r in rows if r[:2] == ['id', 'alive'])
+  assert 'core' not in header    # no worker is pinned: no column
+  # Pinned workers (--pin-workers) report their core: a column after the pid.
+  snapshot = holder.snapshot()
+  snapshot['workers'][0]['core'] = 1
+  rows = [line.split() for line in status_client.format_status(snapshot).splitlines()]
+  header = next(r for r in rows if r[:2] == ['id', 'alive'])
+  worker0 = next(r for r in rows if r[:2] == ['0', 'yes'])
+  worker1 = next(r for r in rows if r[:2] == ['1', 'NO'])
+  assert 'core' in header and worker0[worker0.index('4242') + 1] == '1'
+  assert worker1[worker1.index('4243') + 1] == '-'
   # An empty snapshot still prints.
   assert 'step' in status_client.format_status({})
 
