@@ -27,7 +27,7 @@ def _clear_remote_out(cfg, args: argparse.Namespace) -> None:
 
 def worker_kwargs(args: argparse.Namespace) -> dict:
   """The `KernelWorker` arguments the launch flags set (--pin-workers)."""
-  return {'pin_core': True} if getattr(args, 'pin_workers', False) else {}
+  return {'pin_core': True} if args.pin_workers else {}
 
 
 class LaunchType:

@@ -28,6 +28,7 @@ else:                            # Launchpad exists for Python <= 3.10 only
 from ntkdd.launch import inprocess, launchpad_program as lpp  # noqa: E402
 from ntkdd.launch import status_client  # noqa: E402
 from ntkdd.server import run_dir as run_dir_lib  # noqa: E402
+from ntkdd.workers import cpu_pinning  # noqa: E402
 from run_helpers import BLOCK, TIMEOUT_S, kill_coordinator, wait_for  # noqa: E402
 from run_helpers import assert_same_support as _assert_same_support  # noqa: E402
 from run_helpers import last_step as _last_step, steps as _steps  # noqa: E402
@@ -244,11 +245,10 @@ def test_a_killed_worker_does_not_stop_the_run(tiny_npz, tmp_path):
     pids = _wait_for(lambda: (run / 'worker_pids.json').exists() and json.loads(
         (run / 'worker_pids.json').read_text()), TIMEOUT_S, 'worker pids', program)
     # Each worker runs all its threads on its own core: worker i on the i-th allowed one.
-    allowed = sorted(os.sched_getaffinity(0))
     for index, pid in pids['workers'].items():
+      core = cpu_pinning.core_for(int(index), os.sched_getaffinity(0))
       tasks = os.listdir(f'/proc/{pid}/task')
-      assert tasks and all(os.sched_getaffinity(int(tid)) == {allowed[int(index) % len(allowed)]}
-                           for tid in tasks), (index, pid)
+      assert tasks and all(os.sched_getaffinity(int(tid)) == {core} for tid in tasks), (index, pid)
     _wait_for(lambda: _last_step(run) >= 2, TIMEOUT_S, 'step 2', program)
     victim = int(pids['workers']['1'])
     info = json.loads(program.processes_file.read_text())

@@ -5,7 +5,9 @@ same class serves in-process handles and Courier RPC (where numpy arguments hang
 
 A worker built with `pin_core=True` first pins all its threads to one CPU core, the
 (worker_id mod n)-th of the cores it may use (`workers/cpu_pinning`; `--pin-workers`); its ping
-reports the core. A worker built with a `dataset` spec (`common/prepared.DataSpec` as a dict) loads and
+reports the core.
+
+A worker built with a `dataset` spec (`common/prepared.DataSpec` as a dict) loads and
 preprocesses that dataset itself, once, from its own data dir, and holds each split under its
 content key (`PreparedData.key`), which `ping` reports. A block request (see workers/protocol.py)
 names its row and column images, each either inline (an array field `rows` / `cols`), from the
