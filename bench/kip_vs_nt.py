@@ -23,10 +23,23 @@ longer than the timed runs; --eval-every sets how many. A support set equal to o
 already (step 0: both backends start from the same one) is not evaluated again.
 
 Smoke run (minutes): add --image-size 14 --depth 1 --budget-s 60 --test-size 500.
+
+Ours through the service: backend `ntkdd-launchpad` is the same KIP step over a Launchpad
+local_mp program of --ours-workers Courier kernel workers, each pinned to one core (what
+`ntkdd distill --launch launchpad --workers N --pin-workers` runs); --eval-workers N evaluates
+through such workers too. The benchmark then re-runs itself in a private network namespace
+(Courier never listens on the host's network). --reference-json takes neural-tangents' row
+(its final accuracy and step wall time) from an earlier results file of this benchmark with
+the same configuration instead of running it again:
+
+  .venv-lp/bin/python bench/kip_vs_nt.py --data-dir ../shared/data --backends ntkdd-launchpad \
+      --reference-json results/kip-vs-nt-mnist-convnet-1ipc.json --eval-workers 2 \
+      --runs-dir runs/kip-vs-nt-lp --json kip_vs_nt_lp.json
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -38,7 +51,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-BACKENDS = ('nt', 'ntkdd')
+BACKENDS = ('nt', 'ntkdd', 'ntkdd-launchpad')
+OURS = ('ntkdd', 'ntkdd-launchpad')   # ntkdd in this process; ntkdd over Launchpad workers
 WORKER_FILE = 'run.npz'
 GOAL_RATIO = 0.1   # the issue's goal: ours reaches nt's final accuracy in <= 1/10 of the time
 
@@ -84,6 +98,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                  help="ntkdd's dtype (default float32, ntkdd distill's)")
   p.add_argument('--ours-tile', type=int, default=None,
                  help="ntkdd's largest tile side (default: auto, as ntkdd distill)")
+  p.add_argument('--ours-workers', type=int, default=2,
+                 help='Courier kernel workers of backend ntkdd-launchpad, pinned one per core '
+                      '(default 2)')
+  p.add_argument('--eval-workers', type=int, default=0,
+                 help='evaluate through this many pinned Launchpad workers (default 0: in this '
+                      'process)')
+  p.add_argument('--reference-json', default=None, metavar='PATH',
+                 help="neural-tangents' row from an earlier results file of this benchmark "
+                      '(same configuration) instead of running backend nt again')
   p.add_argument('--eval-every', type=int, default=10,
                  help='evaluate every N steps, and step 0 and the last (default 10)')
   p.add_argument('--eval-dtype', default='float32', choices=('float32', 'float64'))
@@ -106,7 +129,44 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.error(f'--backends takes a comma list of {BACKENDS}, got {args.backends!r}.')
   if args.budget_s <= 0 or args.eval_every < 1:
     p.error('--budget-s must be > 0 and --eval-every >= 1.')
+  if args.ours_workers < 1 or args.eval_workers < 0:
+    p.error('--ours-workers must be >= 1 and --eval-workers >= 0.')
+  if args.reference_json and 'nt' in args.backend_list:
+    p.error('--reference-json replaces backend nt: leave nt out of --backends.')
   return args
+
+
+def uses_launchpad(args: argparse.Namespace) -> bool:
+  """Whether this run calls Courier workers (then it runs in a private network)."""
+  return 'ntkdd-launchpad' in args.backend_list or args.eval_workers > 0
+
+
+def launchpad_backend(arch, workers: int, tile: Optional[int], dtype: str):
+  """`workers` pinned Launchpad kernel workers, blocks fitted to each call (`ntkdd distill
+  --launch launchpad --pin-workers`'s backend); a context manager that stops the program."""
+  from ntkdd.launch import launchpad_program  # pylint: disable=import-outside-toplevel
+  return launchpad_program.make_launchpad_backend(arch, workers=workers, tile=tile, dtype=dtype,
+                                                  block=None, worker_kwargs={'pin_core': True})
+
+
+def reference_run(path: str, args: argparse.Namespace) -> dict:
+  """Neural-tangents' row of an earlier results file, checked to be this configuration.
+
+  Raises:
+    ValueError: the file's KIP configuration differs from this run's.
+  """
+  with open(path) as f:
+    earlier = json.load(f)
+  same = ('dataset', 'ipc', 'depth', 'image_size', 'preprocess', 'target_batch', 'lr',
+          'lr_schedule', 'steps', 'learn_labels', 'reg', 'seed', 'test_size')
+  differ = [k for k in same if earlier['config'].get(k) != getattr(args, k)]
+  if differ:
+    raise ValueError(f'{path} ran another configuration ({", ".join(differ)} differ): '
+                     'its neural-tangents row cannot stand for this one.')
+  row = next((r for r in earlier['runs'] if r['backend'] == 'nt'), None)
+  if row is None:
+    raise ValueError(f'{path} holds no neural-tangents (nt) row.')
+  return dict(row, source=path, source_created=earlier.get('created'))
 
 
 def kip_config(args: argparse.Namespace):
@@ -138,6 +198,8 @@ def make_backend(name: str, args: argparse.Namespace, arch):
   if name == 'nt':
     import nt_kernels  # pylint: disable=import-outside-toplevel  (bench/, needs neural-tangents)
     return nt_kernels.NtKernels(arch, tile=args.nt_tile, dtype=args.nt_dtype)
+  if name == 'ntkdd-launchpad':
+    return launchpad_backend(arch, args.ours_workers, args.ours_tile, args.ours_dtype)
   from ntkdd.server import backend  # pylint: disable=import-outside-toplevel
   return backend.InProcessKernels(arch, tile=args.ours_tile, dtype=args.ours_dtype)
 
@@ -202,7 +264,8 @@ def run_worker(args: argparse.Namespace) -> None:
   prepared = distill.prepare_data(cfg)
   distill.check_fits_data(cfg, prepared)
   backend = make_backend(args.worker, args, cfg.architecture())
-  run = timed_kip(distill.KipSteps(cfg, prepared, backend), cfg.seed, cfg.steps, args.budget_s)
+  with backend if hasattr(backend, '__exit__') else contextlib.nullcontext():
+    run = timed_kip(distill.KipSteps(cfg, prepared, backend), cfg.seed, cfg.steps, args.budget_s)
   np.savez(args.worker_out, **run)
   print(f'{args.worker}: {len(run["step"]) - 1} steps in {run["wall_s"][-1]:.1f} s of step time',
         file=sys.stderr)
@@ -290,8 +353,10 @@ class Evaluator:
     cfg = kip_config(args)
     self.cfg, self.runs, self._run_data = cfg, runs, run_data
     self.prepared = distill.prepare_data(cfg)
-    self.backend = backend.InProcessKernels(cfg.architecture(), tile=args.ours_tile,
-                                            dtype=args.eval_dtype)
+    self.backend = (launchpad_backend(cfg.architecture(), args.eval_workers, args.ours_tile,
+                                      args.eval_dtype) if args.eval_workers else
+                    backend.InProcessKernels(cfg.architecture(), tile=args.ours_tile,
+                                             dtype=args.eval_dtype))
     self.test_images = (len(self.prepared.y_test)
                         if run_data.fixed_test_rows(self.prepared, cfg.eval_test_size, cfg.seed)
                         is None else cfg.eval_test_size)
@@ -326,6 +391,11 @@ class Evaluator:
             file=sys.stderr)
     return self.points[name][step][0]
 
+  def close(self) -> None:
+    """Stops the evaluation's workers, if it has any."""
+    if hasattr(self.backend, 'close'):
+      self.backend.close()
+
   def kept_steps(self, name: str) -> list[int]:
     """Steps of backend `name` whose support sets the kept file has evaluated."""
     run = self.runs[name]
@@ -347,45 +417,60 @@ class Evaluator:
              'eval_s': secs} for step, (acc, secs) in sorted(self.points[name].items())]
 
 
-def compare(evaluator: Evaluator, bisect: bool = True) -> Optional[dict]:
-  """Ours' time to neural-tangents' final accuracy (None unless both backends ran).
+def compare(evaluator: Evaluator, bisect: bool = True, ours: str = 'ntkdd',
+            reference: Optional[dict] = None) -> Optional[dict]:
+  """Ours' time to neural-tangents' final accuracy (None unless both backends are known).
 
   Args:
     evaluator: the evaluated points (more are evaluated here).
     bisect: find the first step by bisection; False: only the evaluated points, so the step
       found is an upper bound ('exact' False) and 'ours_below_at' the evaluated step before it.
+    ours: which of our backends (OURS) to compare.
+    reference: neural-tangents' row from an earlier results file (`reference_run`), used
+      when backend nt did not run here.
 
   Returns:
     nt's final accuracy and step wall time, the first step at which ours reached it and the
     step wall time there, their ratio and whether it meets the goal (<= GOAL_RATIO).
   """
-  if not {'nt', 'ntkdd'} <= set(evaluator.runs):
+  if ours not in evaluator.runs or ('nt' not in evaluator.runs and reference is None):
     return None
-  nt_run = evaluator.runs['nt']
-  nt_steps = len(nt_run['step']) - 1
-  nt_final = evaluator.accuracy('nt', nt_steps)
-  nt_wall = float(nt_run['wall_s'][-1])
+  if 'nt' in evaluator.runs:
+    nt_run = evaluator.runs['nt']
+    nt_steps = len(nt_run['step']) - 1
+    nt_final = evaluator.accuracy('nt', nt_steps)
+    nt_wall = float(nt_run['wall_s'][-1])
+  else:
+    nt_steps, nt_final = reference['steps_done'], reference['final_test_accuracy']
+    nt_wall = float(reference['step_wall_s'])
+  ours_run = evaluator.runs[ours]
   # Ours after as many steps as nt took has followed the same batches with the same math (to
   # float rounding): evaluated too, so a curve that is not monotonic between the --eval-every
-  # points cannot hide the crossing there.
-  if nt_steps < len(evaluator.runs['ntkdd']['step']):
-    evaluator.accuracy('ntkdd', nt_steps)
-  curve = {step: acc for step, (acc, _) in evaluator.points['ntkdd'].items()}
+  # points cannot hide the crossing there. So is ours' last step within the goal's time,
+  # which decides the goal whatever the bisection finds.
+  if nt_steps < len(ours_run['step']):
+    evaluator.accuracy(ours, nt_steps)
+  within_goal = [s for s in ours_run['step'] if s and ours_run['wall_s'][s] <= GOAL_RATIO * nt_wall]
+  if within_goal:
+    evaluator.accuracy(ours, int(max(within_goal)))
+  curve = {step: acc for step, (acc, _) in evaluator.points[ours].items()}
   if bisect:   # exact: the step before it is below (or it is step 0)
-    step = first_step_reaching(curve, nt_final, lambda s: evaluator.accuracy('ntkdd', s))
+    step = first_step_reaching(curve, nt_final, lambda s: evaluator.accuracy(ours, s))
     below = None if not step else step - 1
   else:
     step = next((s for s in sorted(curve) if curve[s] >= nt_final), None)
     below = None if step is None else max((s for s in curve if s < step), default=None)
   exact = step is not None and (below is None or below == step - 1)
-  ours_s = None if step is None else float(evaluator.runs['ntkdd']['wall_s'][step])
+  ours_s = None if step is None else float(ours_run['wall_s'][step])
   ratio = None if ours_s is None or not nt_wall else ours_s / nt_wall
   if exact or step is None:
     goal_met = None if ratio is None else ratio <= GOAL_RATIO
   else:   # an upper bound: met if the bound is; else unknown (unevaluated steps might reach it)
     goal_met = True if ratio <= GOAL_RATIO else None
-  return {'nt_final_accuracy': nt_final, 'nt_wall_s': nt_wall, 'ours_step_reaching': step,
-          'exact': exact, 'ours_below_at': below,
+  return {'ours': ours, 'nt_final_accuracy': nt_final, 'nt_wall_s': nt_wall,
+          'nt_source': reference['source'] if reference and 'nt' not in evaluator.runs
+                       else 'this run',
+          'ours_step_reaching': step, 'exact': exact, 'ours_below_at': below,
           'ours_s_to_nt_final': ours_s, 'ratio': ratio, 'goal_ratio': GOAL_RATIO,
           'goal_met': goal_met}
 
@@ -429,19 +514,31 @@ def _fmt(value, spec: str) -> str:
   return '-' if value is None else format(value, spec)
 
 
-def table(summaries: list[dict], comparison: Optional[dict]) -> str:
-  """The Markdown table of the results."""
+def agreement_with_reference(run: dict, reference: dict) -> dict:
+  """Ours' per-step target-batch accuracies against the reference nt row's, over the steps
+  both ran (equal batches and the same math give equal figures up to float rounding)."""
+  theirs = {row['step']: row['target_accuracy'] for row in reference['steps'] if row['step']}
+  common = [s for s in sorted(theirs) if s < len(run['step'])]
+  equal = [s for s in common if abs(float(run['target_accuracy'][s]) - theirs[s]) < 1e-9]
+  return {'reference_steps_compared': len(common), 'reference_steps_equal_target_accuracy':
+          len(equal)}
+
+
+def table(summaries: list[dict], comparisons: dict[str, Optional[dict]]) -> str:
+  """The Markdown table of the results (`comparisons`: ours' backend -> `compare`'s result)."""
   lines = ['| backend | dtype | steps done | step wall s | first step s (compile) | eval s '
            '| initial KRR test acc | final KRR test acc | ours s to nt final | ratio |',
            '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|']
   for row in summaries:
-    ours = row['backend'] == 'ntkdd' and comparison is not None
+    comparison = comparisons.get(row['backend'])
+    ours = comparison is not None
     reached = comparison['ours_s_to_nt_final'] if ours else None
     ratio = comparison['ratio'] if ours else None
     missed = ours and reached is None
     bound = '<= ' if ours and not comparison.get('exact', True) else ''   # --no-bisect
+    name = row['backend'] + (' (earlier run)' if row.get('source') else '')
     lines.append(
-        f"| {row['backend']} | {row['dtype']} | {row['steps_done']} | {row['step_wall_s']:.1f} "
+        f"| {name} | {row['dtype']} | {row['steps_done']} | {row['step_wall_s']:.1f} "
         f"| {_fmt(row['first_step_s'], '.1f')} | {row['eval_s_total']:.1f} "
         f"| {100 * row['initial_test_accuracy']:.2f}% | {100 * row['final_test_accuracy']:.2f}% "
         f"| {'not reached' if missed else bound + _fmt(reached, '.1f')} "
@@ -457,6 +554,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
   if args.worker:
     run_worker(args)
     return {}
+  if uses_launchpad(args):   # Courier workers: this process and its children in a private net
+    from ntkdd.launch import launchpad_program  # pylint: disable=import-outside-toplevel
+    code = launchpad_program.rerun_in_private_network(
+        [sys.executable, os.path.abspath(__file__), *argv])
+    if code is not None:
+      sys.exit(code)
+  reference = reference_run(args.reference_json, args) if args.reference_json else None
   started = time.time()
   if args.runs_dir:
     os.makedirs(args.runs_dir, exist_ok=True)
@@ -466,13 +570,21 @@ def main(argv: Optional[list[str]] = None) -> dict:
       runs = {name: launch_worker(name, argv, tmp) for name in args.backend_list}
   evaluator = Evaluator(args, runs, os.path.join(args.runs_dir, 'evaluations.json')
                        if args.runs_dir else None)
-  for name, run in runs.items():
-    for step in evaluated_steps(len(run['step']) - 1, args.eval_every):
-      evaluator.accuracy(name, step)
-    for step in evaluator.kept_steps(name):   # what earlier processes evaluated (bisections)
-      evaluator.accuracy(name, step)
-  comparison = compare(evaluator, bisect=args.bisect)
-  summaries = [run_summary(name, runs[name], evaluator.curve(name), args) for name in runs]
+  try:
+    for name, run in runs.items():
+      for step in evaluated_steps(len(run['step']) - 1, args.eval_every):
+        evaluator.accuracy(name, step)
+      for step in evaluator.kept_steps(name):   # what earlier processes evaluated (bisections)
+        evaluator.accuracy(name, step)
+    comparisons = {name: compare(evaluator, bisect=args.bisect, ours=name, reference=reference)
+                   for name in OURS if name in runs}
+  finally:
+    evaluator.close()
+  summaries = ([reference] if reference else []) + [
+      run_summary(name, runs[name], evaluator.curve(name), args) for name in runs]
+  checks = same_start(runs)
+  if reference:
+    checks.update({name: agreement_with_reference(runs[name], reference) for name in runs})
   results = {
       'benchmark': 'kip_vs_nt', 'created': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
       'argv': argv, 'config': {k: v for k, v in vars(args).items()
@@ -480,10 +592,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
       'preprocess': evaluator.cfg.preprocess,
       'image_shape': list(evaluator.prepared.x_train.shape[1:]),
       'test_images': evaluator.test_images, 'environment': environment(),
-      'checks': same_start(runs), 'comparison': comparison, 'runs': summaries,
-      'total_wall_s': time.time() - started,
+      'checks': checks, 'comparison': comparisons.get('ntkdd'), 'comparisons': comparisons,
+      'runs': summaries, 'total_wall_s': time.time() - started,
   }
-  print(table(summaries, comparison))
+  print(table(summaries, comparisons))
   print(f"test images: {evaluator.test_images}; checks: {results['checks']}")
   if args.json:
     with open(args.json, 'w') as f:

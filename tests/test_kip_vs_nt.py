@@ -100,3 +100,53 @@ def test_compare_without_bisection_gives_an_upper_bound():
   assert result['ours_step_reaching'] == 12 and not result['exact']
   assert result['ours_below_at'] == 6 and result['goal_met'] is None   # 12 s > 4 s: unknown
   assert set(fake.asked) == {('nt', 4), ('ntkdd', 0), ('ntkdd', 4), ('ntkdd', 6), ('ntkdd', 12)}
+
+
+def test_compare_against_an_earlier_nt_row_evaluates_ours_at_the_goal_time():
+  bench = load_bench('kip_vs_nt')
+  # nt's row from an earlier results file: 4 steps, 40 s, 0.7. Ours over Launchpad: 12 steps
+  # of 1 s; its last step within 1/10 of nt's time (step 4) is evaluated whatever
+  # --eval-every chose, and the bisection starts from there.
+  fake = _FakeEvaluator({'ntkdd-launchpad': [0.1, 0.3, 0.5, 0.71, 0.72, 0.66, 0.6, 0.62, 0.68,
+                                             0.71, 0.73, 0.75, 0.8]},
+                        {'ntkdd-launchpad': [0.0] + [float(s) for s in range(1, 13)]})
+  for step in (0, 12):   # --eval-every 12
+    fake.accuracy('ntkdd-launchpad', step)
+  reference = {'steps_done': 4, 'final_test_accuracy': 0.7, 'step_wall_s': 40.0,
+               'source': 'earlier.json'}
+  assert bench.compare(fake, ours='ntkdd-launchpad') is None     # no nt and no reference
+  result = bench.compare(fake, ours='ntkdd-launchpad', reference=reference)
+  assert result['nt_source'] == 'earlier.json' and result['ours'] == 'ntkdd-launchpad'
+  assert result['ours_step_reaching'] == 3 and result['exact'] and result['goal_met']
+  assert ('ntkdd-launchpad', 4) in fake.asked and ('nt', 4) not in fake.asked
+
+
+def test_reference_json_must_hold_the_same_configuration(tmp_path):
+  bench = load_bench('kip_vs_nt')
+  args = bench.parse_args(['--backends', 'ntkdd-launchpad', '--reference-json', 'x.json'])
+  config = {k: getattr(args, k) for k in ('dataset', 'ipc', 'depth', 'image_size', 'preprocess',
+                                          'target_batch', 'lr', 'lr_schedule', 'steps',
+                                          'learn_labels', 'reg', 'seed', 'test_size')}
+  nt_row = {'backend': 'nt', 'steps_done': 7, 'final_test_accuracy': 0.759,
+            'step_wall_s': 1369.1, 'steps': [{'step': 0, 'target_accuracy': None},
+                                             {'step': 1, 'target_accuracy': 0.51}]}
+  path = tmp_path / 'earlier.json'
+  path.write_text(json.dumps({'config': config, 'runs': [nt_row], 'created': 'then'}))
+  row = bench.reference_run(str(path), args)
+  assert row['final_test_accuracy'] == 0.759 and row['source'] == str(path)
+  assert bench.agreement_with_reference({'step': [0, 1, 2], 'target_accuracy': [0, 0.51, 0.4]},
+                                        row) == {'reference_steps_compared': 1,
+                                                 'reference_steps_equal_target_accuracy': 1}
+  path.write_text(json.dumps({'config': dict(config, lr=0.04), 'runs': [nt_row]}))
+  try:
+    bench.reference_run(str(path), args)
+  except ValueError as e:
+    assert 'lr' in str(e)
+  else:
+    raise AssertionError('a reference of another configuration was accepted')
+  try:
+    bench.parse_args(['--backends', 'nt', '--reference-json', 'x.json'])
+  except SystemExit:
+    pass
+  else:
+    raise AssertionError('--reference-json with backend nt was accepted')
