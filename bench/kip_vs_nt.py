@@ -152,6 +152,13 @@ def launchpad_backend(arch, workers: int, tile: Optional[int], dtype: str):
 def reference_run(path: str, args: argparse.Namespace) -> dict:
   """Neural-tangents' row of an earlier results file, checked to be this configuration.
 
+  Args:
+    path: a results JSON of this benchmark that holds an 'nt' row.
+    args: this run's flags (the KIP configuration to match).
+
+  Returns:
+    The row, plus 'source' (path) and 'source_created' (when that file was written).
+
   Raises:
     ValueError: the file's KIP configuration differs from this run's.
   """
@@ -439,10 +446,10 @@ def compare(evaluator: Evaluator, bisect: bool = True, ours: str = 'ntkdd',
     nt_run = evaluator.runs['nt']
     nt_steps = len(nt_run['step']) - 1
     nt_final = evaluator.accuracy('nt', nt_steps)
-    nt_wall = float(nt_run['wall_s'][-1])
+    nt_wall, nt_source = float(nt_run['wall_s'][-1]), 'this run'
   else:
     nt_steps, nt_final = reference['steps_done'], reference['final_test_accuracy']
-    nt_wall = float(reference['step_wall_s'])
+    nt_wall, nt_source = float(reference['step_wall_s']), reference['source']
   ours_run = evaluator.runs[ours]
   # Ours after as many steps as nt took has followed the same batches with the same math (to
   # float rounding): evaluated too, so a curve that is not monotonic between the --eval-every
@@ -468,9 +475,7 @@ def compare(evaluator: Evaluator, bisect: bool = True, ours: str = 'ntkdd',
   else:   # an upper bound: met if the bound is; else unknown (unevaluated steps might reach it)
     goal_met = True if ratio <= GOAL_RATIO else None
   return {'ours': ours, 'nt_final_accuracy': nt_final, 'nt_wall_s': nt_wall,
-          'nt_source': reference['source'] if reference and 'nt' not in evaluator.runs
-                       else 'this run',
-          'ours_step_reaching': step, 'exact': exact, 'ours_below_at': below,
+          'nt_source': nt_source, 'ours_step_reaching': step, 'exact': exact, 'ours_below_at': below,
           'ours_s_to_nt_final': ours_s, 'ratio': ratio, 'goal_ratio': GOAL_RATIO,
           'goal_met': goal_met}
 

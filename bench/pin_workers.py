@@ -2,9 +2,9 @@
 
 Runs `ntkdd kernel --launch L --workers N` on the same random images (--size x --size x 3;
 K(n1, n2), the ConvNet kernel of --depth), alternately with and without `--pin-workers`,
---rounds times, and reports per run the command's wall seconds and the rate its last kernel progress line gives
-(pairs over the call's seconds, compilation included: the same in both modes). The machine
-should be otherwise quiet; restrict the cores with taskset on this script.
+--rounds times, and reports per run the command's wall seconds and the rate its last kernel
+progress line gives (pairs over the call's seconds, compilation included: the same in both
+modes). The machine should be otherwise quiet; restrict the cores with taskset on this script.
 
   taskset -c 0,1 .venv-lp/bin/python bench/pin_workers.py --launch launchpad --workers 2
 """
