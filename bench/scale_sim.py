@@ -37,7 +37,10 @@ of --group-size workers per round (`DistributedKernels(group_size=...)`; 'auto':
 sqrt(workers), 1 up to 16 workers), led over the group by one of its workers; 'factors' adds
 the vjp cotangents as low-rank factors the group leaders expand (`cotangent_factors=True`),
 'lean' also answers only the kernel KIP reads (`one_kernel=True`), 'split' also sends each
-group's request as a head (3/4 of its pairs) and a tail beside it (`requests_per_group=2`). Each result is
+group's request as a head (3/4 of its pairs) and a tail beside it (`requests_per_group=2`);
+'fused' is 'lean' with the fused KIP step (`fused_step=True`, server/fused_step.py: K_ss first,
+then each target block's forward, residual and vjp in one member call, the leaders' sums
+added on a worker, then K_ss's vjp). Each result is
 checked against the surrogate kernel computed here on the whole arrays (first step).
 `requests` counts the coordinator's block or group requests per step (`blocks` the blocks).
 
@@ -77,13 +80,15 @@ STAGES = {
     'factors': ('balanced', 'tree', 2),         # ... and the vjp cotangents as factors
     'lean': ('balanced', 'tree', 2),            # ... and only the kernel KIP reads answered
     'split': ('balanced', 'tree', 2),           # ... and a head and a tail request per group
+    'fused': ('balanced', 'tree', 2),           # lean, and the fused KIP step (no barrier)
 }
-GROUPED = ('groups', 'factors', 'lean', 'split')   # stages with group_size = --group-size (else 1)
+GROUPED = ('groups', 'factors', 'lean', 'split', 'fused')   # group_size = --group-size (else 1)
 # DistributedKernels options of the round-3 stages (issue 18): the KIP round's wire.
 STAGE_OPTIONS = {'factors': {'cotangent_factors': True},
                  'lean': {'cotangent_factors': True, 'one_kernel': True},
                  'split': {'cotangent_factors': True, 'one_kernel': True,
-                           'requests_per_group': 2}}
+                           'requests_per_group': 2},
+                 'fused': {'cotangent_factors': True, 'one_kernel': True, 'fused_step': True}}
 
 
 def group_size(args, stage: str, workers: int) -> int:
@@ -137,6 +142,16 @@ class _Timed:
     # What kip.kip_gradients asks the backend it drives (absent on main's code).
     self.one_kernel = getattr(backend, 'one_kernel', False)
     self.cotangent_factors = getattr(backend, 'cotangent_factors', False)
+    self.fused_step = getattr(backend, 'fused_step', False)
+    self.fused = None    # (wall, solve CPU seconds) of the last kip_step that ran fused
+
+  def kip_step(self, *step_args):
+    start, own = time.perf_counter(), time.thread_time()
+    out = self.backend.kip_step(*step_args)
+    if out is not None:   # (wall, the coordinator's arithmetic between its calls)
+      self.fused = (time.perf_counter() - start, self.backend.fused_solve_s)
+      self.last['kip_step'] = (step_args, out)
+    return out
 
   def kernel(self, x1, x2=None, **names):
     start = time.perf_counter()
@@ -156,7 +171,15 @@ class _Timed:
 
 
 def _verify(timed: _Timed) -> float:
-  """Largest relative error of the last kernel and vjp answers against the surrogate."""
+  """Largest relative error of the last kernel and vjp answers against the surrogate (a
+  fused step: of its image gradient against the two-round step on the surrogate kernel)."""
+  if 'kip_step' in timed.last:
+    (support, targets, y_s, y_t, reg, _), (_, grad) = timed.last['kip_step']
+    both = np.concatenate([support, sources.as_array(targets, np.float32)])
+    k_s_all = sim.surrogate_kernel(support, both)['ntk'].astype(np.float64)
+    _, cotangent = kip.krr_between_rounds(k_s_all, y_s, y_t, reg, factored=False)
+    want = sim.surrogate_vjp(support, both, cotangent.astype(np.float32))
+    return float(np.abs(grad - want).max() / max(np.abs(want).max(), 1e-30))
   x1, x2, out = timed.last['kernel']
   full = sources.as_array(x2, np.float32)
   want = sim.surrogate_kernel(x1, full)['ntk']
@@ -244,11 +267,19 @@ def run_config(args, stage: str, workers: int, ipc: int, train: np.ndarray, key:
       # slot threads wait): that thread's CPU seconds, not its wall time, which the shared
       # machine stretches. solve_process_s is the earlier estimate (process CPU over the gap
       # less the idle pollers' rate); the two agree within a few percent.
-      (gap_wall0, gap_cpu0, gap_own0), (gap_wall1, gap_cpu1, gap_own1) = (
-          timed.marks['kernel_end'], timed.marks['vjp_start'])
-      solve = gap_own1 - gap_own0
-      solve_process = max(0.0, (gap_cpu1 - gap_cpu0) - idle_rate * (gap_wall1 - gap_wall0))
-      solve_wall = gap_wall1 - gap_wall0
+      if timed.fused is not None:
+        # The fused step solves twice (alpha, beta) between its calls, on this thread: those
+        # CPU seconds count unscaled (as the two-round step's KRR step between its rounds),
+        # the rest of its wall is the workers' scaled time.
+        fused_wall, solve = timed.fused
+        rounds = fused_wall - solve
+        solve_process = solve_wall = solve
+      else:
+        (gap_wall0, gap_cpu0, gap_own0), (gap_wall1, gap_cpu1, gap_own1) = (
+            timed.marks['kernel_end'], timed.marks['vjp_start'])
+        solve = gap_own1 - gap_own0
+        solve_process = max(0.0, (gap_cpu1 - gap_cpu0) - idle_rate * (gap_wall1 - gap_wall0))
+        solve_wall = gap_wall1 - gap_wall0
       step_s = rounds / k + solve
       link_in = fleet.coordinator_in.bytes - link0[0]
       link_out = fleet.coordinator_out.bytes - link0[1]

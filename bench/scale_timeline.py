@@ -9,17 +9,19 @@ when each member's first block reached it, the idle time between its blocks, whe
 block was done (median member, and the last member of each group).
 
   python bench/scale_timeline.py lean 256 10
+  python bench/scale_timeline.py fused 256 10   # its phases: K_ss, fused round + sum, K_ss vjp
 """
 from __future__ import annotations
 
 import sys
 import time
 
+import scale_sim  # bench/ (first: it sets one BLAS thread before numpy loads)
+
 import numpy as np
 
-import scale_sim  # bench/
-
 from ntkdd.common import sources
+from ntkdd.server import distributed_kernels
 from ntkdd.workers import simulated_worker as sim
 
 
@@ -52,6 +54,11 @@ def _traced(fleets: list, marks: list, member_calls: list) -> None:
   sim.Fleet.__init__ = init
   sim._PeerHandle._call = logged
   scale_sim._Timed.kernel, scale_sim._Timed.vjp = timed('kernel', kernel), timed('vjp', vjp)
+  # The fused step calls the backend's own kernel() and vjp(): its four phases.
+  fused = distributed_kernels.DistributedKernels
+  for name, method in (('K_ss', 'kernel'), ('fused+sum', '_fused_targets'),
+                       ('sum', '_sum_kept'), ('K_ss vjp', 'vjp')):
+    setattr(fused, method, timed(name, getattr(fused, method)))
 
 
 def round_line(name: str, start: float, end: float, trace: list, k: float) -> str:
@@ -73,7 +80,7 @@ def round_line(name: str, start: float, end: float, trace: list, k: float) -> st
 def members_line(start: float, end: float, member_calls: list, k: float) -> str:
   """The members' blocks in one round: first arrival, idle gaps, last block done."""
   ms = lambda value: (value - start) / k * 1e3   # noqa: E731
-  blocks = [c for c in member_calls if c[2] in ('kernel_block', 'vjp_block')
+  blocks = [c for c in member_calls if c[2] in ('kernel_block', 'vjp_block', 'kip_block')
             and c[3] >= start - 1e-3 and c[5] <= end + 1e-3]
   by_member, by_leader = {}, {}
   for call in blocks:
@@ -111,7 +118,10 @@ def main(argv: list[str]) -> int:
   k = result['time_scale']
   print(f"{stage}, {ipc} ipc, {workers} workers: efficiency {100 * result['efficiency']:.0f}%, "
         f"step {1e3 * result['step_s']:.1f} ms, KRR step {1e3 * result['solve_s']:.1f} ms")
-  for name, start, end in marks[-2:]:
+  last = marks[-4:] if stage == 'fused' else marks[-2:]   # the last step's phases
+  step_start = min(start for _, start, _ in last)
+  for name, start, end in sorted(last, key=lambda mark: mark[1]):
+    print(f'  {name} starts {(start - step_start) / k * 1e3:.1f} ms into the step')
     print(round_line(name, start, end, fleets[0].trace, k))
     print(members_line(start, end, member_calls, k))
   return 0

@@ -20,8 +20,10 @@ from ntkdd.common.choices import KERNELS
 
 
 class KernelBackend(Protocol):
-  """Optional attributes: `one_kernel` (kernel() takes `names`, the kernels to compute) and
-  `cotangent_factors` (vjp() takes a `cotangents.LowRankCotangent` for g_ntk / g_nngp)."""
+  """Optional attributes: `one_kernel` (kernel() takes `names`, the kernels to compute),
+  `cotangent_factors` (vjp() takes a `cotangents.LowRankCotangent` for g_ntk / g_nngp) and
+  `fused_step` (a `kip_step` method computes the whole KIP step, server/fused_step.py; None
+  from it: use the two rounds)."""
 
   def kernel(self, x1: np.ndarray, x2: Optional[np.ndarray] = None) -> dict: ...
 
@@ -81,6 +83,13 @@ def kip_gradients(backend: KernelBackend, support_images: np.ndarray,
                   target_labels: np.ndarray, target_label_ids: np.ndarray,
                   kernel_name: str = 'ntk', reg: float = 1e-6) -> KipStep:
   """Loss and gradients of 1/2 ||y_t - K_ts (K_ss + reg tr/n I)^-1 y_s||^2 for one batch."""
+  if getattr(backend, 'fused_step', False):   # no barrier between the rounds (issue 18)
+    fused = backend.kip_step(support_images, target_images, support_labels, target_labels,
+                             reg, kernel_name)
+    if fused is not None:
+      g, grad_images = fused
+      return KipStep(loss=g.loss, grad_images=grad_images, grad_labels=g.d_y_s,
+                     target_accuracy=krr.accuracy(g.predictions, target_label_ids))
   # Kept as parts: a distributed backend sends target rows as dataset indices.
   both = sources.concat([support_images, target_images])
   k_s_all = _asked_kernel(backend, support_images, both, kernel_name)

@@ -56,6 +56,12 @@ class LocalWorkerHandle(protocol.WorkerHandle):
   def vjp_block(self, request: bytes) -> bytes:
     return self._invoke(protocol.VJP_BLOCK, request)
 
+  def kip_block(self, request: bytes) -> bytes:
+    return self._invoke(protocol.KIP_BLOCK, request)
+
+  def sum_caches(self, request: bytes) -> bytes:
+    return self._invoke(protocol.SUM_CACHES, request)
+
   def group_blocks(self, request: bytes) -> bytes:
     return self._invoke('group_blocks', request)
 

@@ -152,6 +152,31 @@ def balanced_blocks(n_rows: int, col_spans: Sequence[tuple[int, int]], workers: 
   return [blocks[i] for i in order]
 
 
+def column_blocks(n_rows: int, span: tuple[int, int], workers: int, tasks_per_worker: int = 2,
+                  tail_halvings: int = 2) -> list[Block]:
+  """Blocks of every row against consecutive columns of `span`, about `piece_sizes` pairs each,
+  largest first (the fused KIP step: a column's residual needs all its support rows).
+
+  Args:
+    n_rows: rows of the call (every block spans them all).
+    span: the [start, stop) columns to cover (span index 0).
+    workers, tasks_per_worker, tail_halvings: as `balanced_blocks`.
+  """
+  if workers < 1 or tasks_per_worker < 1 or tail_halvings < 0:
+    raise ValueError('column_blocks needs workers >= 1, tasks_per_worker >= 1 and '
+                     'tail_halvings >= 0.')
+  start, stop = span
+  if not n_rows or stop <= start:
+    return []
+  sizes = piece_sizes(n_rows * (stop - start), workers, tasks_per_worker, tail_halvings)
+  # Cut where the pieces' cumulative pairs fall, at whole columns: no piece is empty.
+  cuts = sorted({start + round(end / n_rows) for end in itertools.accumulate(sizes)} | {stop})
+  edges = [start] + [c for c in cuts if start < c <= stop]
+  blocks = [((0, n_rows), (a, b), 0) for a, b in zip(edges, edges[1:])]
+  order = sorted(range(len(blocks)), key=lambda i: -_pairs(blocks[i]))
+  return [blocks[i] for i in order]
+
+
 def group_blocks(blocks: Sequence[Block], groups: int) -> list[list[int]]:
   """The plan's block indices dealt to `groups` requests of about equal pairs, each in plan
   order.

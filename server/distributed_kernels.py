@@ -50,6 +50,7 @@ from ntkdd.common.cotangents import LowRankCotangent
 from ntkdd.server import block_plan
 from ntkdd.server.cache_broadcast import CacheBroadcast
 from ntkdd.server.deadline import Caller as _Caller
+from ntkdd.server.fused_step import FusedKipStep
 from ntkdd.server.group_requests import GroupRequests
 from ntkdd.server.kernel_tasks import (  # noqa: F401 (WorkersUnavailable is public here)
     COLS, ROWS, WorkersUnavailable, _cached_fields, _Call, _checked, _Part, _Published, _Task,
@@ -67,7 +68,7 @@ _WAKE = object()   # put on second slots' handoff queues: look at the shared que
 
 
 
-class DistributedKernels(CacheBroadcast, GroupRequests, WorkerHealth):
+class DistributedKernels(CacheBroadcast, GroupRequests, FusedKipStep, WorkerHealth):
   """The kernel backend protocol (`kernel`, `vjp`) over a pool of kernel worker handles."""
 
   def __init__(self, workers: Sequence, block: Optional[int] = 64, deadline_s: float = 600,
@@ -77,7 +78,7 @@ class DistributedKernels(CacheBroadcast, GroupRequests, WorkerHealth):
                plan: str = 'tiles', tasks_per_worker: int = 2, tail_halvings: int = 2,
                broadcast: str = 'direct', tree_fanout: int = 8, group_size: int = 1,
                one_kernel: bool = False, cotangent_factors: bool = False,
-               requests_per_group: int = 1):
+               requests_per_group: int = 1, fused_step: bool = False):
     """Args beyond the protocol's:
       block: rows and columns of the square blocks a worker computes per call (plan 'tiles');
         None fits the side to each call's rows (`block_plan.tile_side`).
@@ -119,6 +120,10 @@ class DistributedKernels(CacheBroadcast, GroupRequests, WorkerHealth):
         crosses the network while the tail computes. Needs max_in_flight_per_worker >= 2
         (the leader's second slot sends the tail). The vjp's partial sums are grouped
         differently from 1 request per group: equal to float rounding, as reproducible.
+      fused_step: tell KIP that this backend has `kip_step` (server/fused_step.py): with
+        group requests, each target block's forward, residual and vjp run in one member call
+        (no barrier between KIP's rounds); equal to the two-round step to float32 rounding.
+        Falls back to the two rounds where groups cannot serve (then or for that step).
     """
     if not workers:
       raise ValueError('DistributedKernels needs at least one worker handle.')
@@ -131,6 +136,8 @@ class DistributedKernels(CacheBroadcast, GroupRequests, WorkerHealth):
                        f'group_size >= 1 (got {group_size}).')
     self.group_size = int(group_size)
     self.one_kernel, self.cotangent_factors = bool(one_kernel), bool(cotangent_factors)
+    self.fused_step = bool(fused_step)
+    self.fused_solve_s = 0.0   # the last fused kip_step's own arithmetic (thread CPU s)
     if requests_per_group not in (1, 2) or (requests_per_group == 2
                                             and max_in_flight_per_worker < 2):
       raise ValueError(f'requests_per_group must be 1 or 2 (2 needs max_in_flight_per_worker '

@@ -481,3 +481,54 @@ def test_group_leader_drops_a_dead_member_and_refuses_bad_requests():
     refused = protocol.decode(fleet.handles[0].group_blocks(protocol.encode({**request, **bad})))
     assert not refused['ok'] and message in refused['message']
     assert refused['error'] in ('bad_request', 'stale_cache')
+
+
+# -- The fused KIP step (issue 18). --------------------------------------------------------------
+
+@pytest.mark.parametrize('compute', ['real', 'sleep'])
+def test_fused_kip_step_equals_the_two_round_step(compute):
+  """The fused step (K_ss, then each target block's forward, residual and vjp in one member
+  call, the kept sums added on a worker, then K_ss's vjp) gives the two-round step's loss,
+  label gradient and image gradient to float32 rounding, on simulated workers computing for
+  real (and on the surrogate kernel), and its requests are group requests throughout."""
+  train, key, args = _kip_problem(seed=2)
+  spec = dict(plan='balanced', broadcast='tree', block=4, group_size=4, one_kernel=True,
+              cotangent_factors=True, **FAST)
+  steps, statuses = [], []
+  for fused in (False, True):
+    fleet = sim.Fleet(16, sim.SimParams(time_scale=1e-3, compute=compute), arch=FC.to_dict(),
+                      datasets={key: train})
+    with distributed_kernels.DistributedKernels(fleet.handles, fused_step=fused,
+                                                **spec) as distributed:
+      _wait_for_pings(distributed, 16)
+      steps.append(kip.kip_gradients(distributed, *args))
+      statuses.append(distributed.status())
+  (two_round, fused), status = steps, statuses[1]
+  assert status['members_dropped'] == 0 and status['blocks_requeued'] == 0
+  # K_ss, the fused round, K_ss's vjp: 4 group requests each; the sum: one more request.
+  assert status['requests_done'] == 3 * 4 < status['blocks_done']
+  assert abs(fused.loss - two_round.loss) <= 1e-5 * abs(two_round.loss)
+  assert fused.target_accuracy == two_round.target_accuracy
+  np.testing.assert_allclose(fused.grad_labels, two_round.grad_labels, rtol=0,
+                             atol=1e-4 * np.abs(two_round.grad_labels).max())
+  # K_ss comes from its own symmetric call here, from K(support, [support; targets])'s blocks
+  # there: float32 rounding apart, which the solve (reg 1e-6) amplifies to ~1e-4 of the largest.
+  np.testing.assert_allclose(fused.grad_images, two_round.grad_images, rtol=0,
+                             atol=1e-3 * np.abs(two_round.grad_images).max())
+  if compute == 'real':
+    _assert_matches_engine(fused, args)
+
+
+def test_fused_kip_step_falls_back_without_groups():
+  """Without group requests (group_size 1) the fused step says so and KIP runs two rounds:
+  the same bits as a backend without fused_step."""
+  train, key, args = _kip_problem(seed=3)
+  results = []
+  for fused in (False, True):
+    fleet = sim.Fleet(8, QUICK, datasets={key: train})
+    with distributed_kernels.DistributedKernels(fleet.handles, plan='balanced', block=4,
+                                                fused_step=fused, **FAST) as distributed:
+      _wait_for_pings(distributed, 8)
+      results.append(kip.kip_gradients(distributed, *args))
+  assert results[0].loss == results[1].loss
+  np.testing.assert_array_equal(results[0].grad_images, results[1].grad_images)

@@ -12,10 +12,17 @@ answers the whole group's work at once:
   vjp_block     ONE partial gradient: 'grad' for the rows 'grad_rows' the blocks touch, the
                 blocks' partial gradients summed in block order (so the result does not depend
                 on which member computed which block).
+  kip_targets   (the fused KIP step, protocol.KIP_TARGETS) the members' `kip_block` answers:
+                'k_r' summed and 'predictions' concatenated in block order, and the gradient
+                summed as for vjp_block, kept here as the cache entry `keep_grad` names
+                ('kept', 'kept_by' answered) or, without it, answered.
 
 The request (a wire message; see `group_request_fields` for the coordinator's side):
-  method        'kernel_block', 'vjp_block' or 'vjp_factors' (a vjp_block whose cotangents
-                the leader forms per block from low-rank factors it caches, see below).
+  method        'kernel_block', 'vjp_block', 'vjp_factors' (a vjp_block whose cotangents
+                the leader forms per block from low-rank factors it caches, see below) or
+                'kip_targets' (its blocks span every support row; fields `kernel`, `alpha`
+                (n_s, C), `target_labels` (the blocks' columns, C, in block order) and
+                optionally `keep_grad` {'name', 'version'}: see protocol.KIP_TARGETS).
   kernels       (optional, kernel_block) the kernels to answer, as in a block request.
   members       peer ids (str) of the group; the leader's own id may be among them.
   blocks        [[r0, r1, c0, c1, part], ...]: rows of the rows cache, columns of the call.
@@ -66,9 +73,10 @@ PREFETCH_BELOW = 2        # a second lane takes a block only while more than thi
                           # member's running one while the others run dry
 PAIR_WAIT_S = 1.0         # how long a tail request waits for its head to arrive (the head
                           # is sent first, but the two may cross)
-METHODS = ('kernel_block', 'vjp_block', protocol.VJP_FACTORS)
+METHODS = ('kernel_block', 'vjp_block', protocol.VJP_FACTORS, protocol.KIP_TARGETS)
 MEMBER_METHOD = {'kernel_block': 'kernel_block', 'vjp_block': 'vjp_block',
-                 protocol.VJP_FACTORS: 'vjp_block'}   # what the members are asked per block
+                 protocol.VJP_FACTORS: 'vjp_block',
+                 protocol.KIP_TARGETS: protocol.KIP_BLOCK}   # what the members are asked per block
 
 
 class GroupError(Exception):
@@ -140,8 +148,26 @@ class GroupLeader:
     for (r0, r1, *_), result in zip(blocks, results):   # block order: reproducible sums
       at = int(np.searchsorted(rows, r0))
       grad[at:at + (r1 - r0)] += result['grad']
+    if method == protocol.KIP_TARGETS:
+      return {**out, **self._kip_answer(request, blocks, results, rows, grad)}
     out.update(grad_rows=rows.astype(np.int64), grad=grad)
     return out
+
+  def _kip_answer(self, request: dict, blocks: list, results: list, rows: np.ndarray,
+                  grad: np.ndarray) -> dict:
+    """A KIP_TARGETS answer: k_r summed and the predictions concatenated in block order;
+    the gradient answered, or kept as the cache entry `keep_grad` names."""
+    k_r = results[0]['k_r'].copy()
+    for result in results[1:]:
+      k_r += result['k_r']
+    out = {'k_r': k_r, 'predictions': np.concatenate([r['predictions'] for r in results])}
+    keep = request.get('keep_grad')
+    if keep is None:
+      return {**out, 'grad_rows': rows.astype(np.int64), 'grad': grad}
+    if len(rows) != len(k_r):
+      raise GroupError(protocol.BAD_REQUEST, 'keep_grad needs blocks over every support row.')
+    self.worker.keep(keep['name'], keep['version'], grad)
+    return {**out, 'kept': True, 'kept_by': str(self.worker.worker_id)}
 
   def ensure_member_caches(self, member: str, handle: Any, source: str,
                            caches: dict, force: bool = False) -> None:
@@ -342,7 +368,11 @@ def _parse(request: dict, worker: Any) -> tuple:
   if method == 'kernel_block' and protocol.KERNELS_FIELD in request:
     base[protocol.KERNELS_FIELD] = list(_asked_kernels(request))
   flats = {name: request[name] for name in ('g_ntk', 'g_nngp')
-           if method != 'kernel_block' and isinstance(request.get(name), np.ndarray)}
+           if method not in ('kernel_block', protocol.KIP_TARGETS)
+           and isinstance(request.get(name), np.ndarray)}
+  kip = _kip_fields(request, blocks) if method == protocol.KIP_TARGETS else None
+  if kip is not None:
+    base.update(kernel=kip['kernel'], alpha=kip['alpha'])
   factors = _factors(request, worker) if method == protocol.VJP_FACTORS else {}
   for name, g in factors.items():
     if any(r1 > g.shape[0] or c1 > g.shape[1] for r0, r1, c0, c1, _ in blocks):
@@ -352,7 +382,7 @@ def _parse(request: dict, worker: Any) -> tuple:
     if flat.ndim != 1 or len(flat) != total:
       raise GroupError(bad, f'{name} has shape {flat.shape}, expected ({total},): the blocks\' '
                             f'cotangents flattened in block order.')
-  builders, offset = [], 0
+  builders, offset, label_offset = [], 0, 0
   for r0, r1, c0, c1, p in blocks:
     part = parts[p]
     if not isinstance(part, dict) or not isinstance(part.get('start'), int):
@@ -373,9 +403,34 @@ def _parse(request: dict, worker: Any) -> tuple:
     for name, flat in flats.items():
       fields[name] = flat[offset:offset + pairs].reshape(r1 - r0, c1 - c0)
     offset += pairs
+    if kip is not None:   # the block's columns' labels, concatenated in block order
+      fields['target_labels'] = kip['labels'][label_offset:label_offset + (c1 - c0)]
+      label_offset += c1 - c0
     builders.append(lambda fields=fields, at=(r0, r1, c0, c1): protocol.encode(
         {**fields, **_factor_blocks(factors, at, worker.dtype)}))
   return method, members, blocks, builders, caches
+
+
+def _kip_fields(request: dict, blocks: list) -> dict:
+  """A KIP_TARGETS request's kernel name, alpha and per-column labels, checked."""
+  bad = protocol.BAD_REQUEST
+  name, alpha, labels = (request.get(k) for k in ('kernel', 'alpha', 'target_labels'))
+  keep = request.get('keep_grad')
+  columns = sum(c1 - c0 for _, _, c0, c1, _ in blocks)
+  if name not in protocol.KERNEL_NAMES:
+    raise GroupError(bad, f'{protocol.KIP_TARGETS} needs `kernel` in {protocol.KERNEL_NAMES}.')
+  if not (isinstance(alpha, np.ndarray) and alpha.ndim == 2 and isinstance(labels, np.ndarray)
+          and labels.shape == (columns, alpha.shape[1])):
+    raise GroupError(bad, f'{protocol.KIP_TARGETS} needs `alpha` (n_s, C) and '
+                          f'`target_labels` ({columns}, C): one row per block column, in block '
+                          f'order.')
+  if any((r0, r1) != (0, len(alpha)) for r0, r1, *_ in blocks):
+    raise GroupError(bad, f'{protocol.KIP_TARGETS} blocks must span every support row '
+                          f'[0, {len(alpha)}).')
+  if keep is not None and not (isinstance(keep, dict) and isinstance(keep.get('name'), str)
+                               and isinstance(keep.get('version'), int)):
+    raise GroupError(bad, '`keep_grad` must be {"name": str, "version": int}.')
+  return {'kernel': name, 'alpha': alpha, 'labels': labels}
 
 
 def _asked_kernels(request: dict) -> tuple:

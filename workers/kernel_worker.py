@@ -30,6 +30,7 @@ ends the worker: every failure is an answer.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import threading
@@ -47,6 +48,7 @@ BAD_REQUEST, EXCEPTION, MALFORMED = protocol.BAD_REQUEST, protocol.EXCEPTION, pr
 MAX_BLOCK_SIDE = 1 << 16    # rows (or columns) of one block, padding included
 
 
+GATHER_THREADS = 16   # peers sum_caches fetches from at once
 PEER_WAIT_S = 30.0    # how long cached_images waits for a version this worker is fetching
 PEER_ANNOUNCE_S = 1.0   # ... and for one it has not started fetching yet
 
@@ -222,6 +224,16 @@ class KernelWorker:
     """{'grad'}: d/d rows of <g_ntk, NTK(rows, cols)> + <g_nngp, NNGP(rows, cols)>."""
     return self._serve(request, self._vjp_block)
 
+  def kip_block(self, request: bytes) -> bytes:
+    """{'grad', 'k_r', 'predictions'}: one block of the fused KIP step (protocol.KIP_TARGETS):
+    its kernel, the residuals of its columns and the vjp of alpha r^T."""
+    return self._serve(request, self._kip_block)
+
+  def sum_caches(self, request: bytes) -> bytes:
+    """{'grad'}: the sum, in the order given, of the cache entries `caches` ([[peer id, name,
+    version], ...]) fetched from those peers (this worker's own read here)."""
+    return self._serve(request, self._sum_caches)
+
   def group_blocks(self, request: bytes) -> bytes:
     """Many blocks led over this worker's group (workers/group_leader.py): the blocks'
     kernels concatenated, or one partial-gradient sum ('grad', 'grad_rows')."""
@@ -299,6 +311,83 @@ class KernelWorker:
                               kernels.pad_rows(cols, pad_cols), tile=self.tile,
                               dtype=self.dtype.name, **cotangents)
     return {'grad': grad[:len(rows)]}
+
+  def _kip_block(self, request: dict) -> dict:
+    name = request.get('kernel')
+    if name not in protocol.KERNEL_NAMES:
+      raise RequestError(BAD_REQUEST, f'kip_block needs `kernel` in {protocol.KERNEL_NAMES}, '
+                                      f'got {name!r}.')
+    alpha, labels = request.get('alpha'), request.get('target_labels')
+    if not (isinstance(alpha, np.ndarray) and isinstance(labels, np.ndarray)
+            and alpha.ndim == 2 and labels.ndim == 2 and alpha.shape[1] == labels.shape[1]
+            and alpha.dtype.kind == 'f' and labels.dtype.kind == 'f'):
+      raise RequestError(BAD_REQUEST, 'kip_block needs float arrays `alpha` (rows, C) and '
+                                      '`target_labels` (columns, C).')
+    rows_start, rows_stop = request.get('rows_start'), request.get('rows_stop')
+    kernel = self._kernel_block(request)[name]
+    if kernel.shape != (len(alpha), len(labels)) or (rows_start, rows_stop) != (0, len(alpha)):
+      raise RequestError(BAD_REQUEST, f'kip_block: a {kernel.shape} block needs every support '
+                                      f'row (rows [0, {len(alpha)})) and one label per column '
+                                      f'({len(labels)} given).')
+    kernel = kernel.astype(np.float64)
+    alpha = alpha.astype(np.float64, copy=False)
+    predictions = kernel.T @ alpha
+    residual = predictions - labels
+    # dL/dK of 1/2 ||K^T alpha - y||^2 for this block: alpha r^T (common/krr.py).
+    cotangent = (alpha @ residual.T).astype(self.dtype)
+    grad = self._vjp_block({**request, f'g_{name}': cotangent})['grad']
+    return {'grad': grad, 'k_r': kernel @ residual, 'predictions': predictions}
+
+  def _sum_caches(self, request: dict) -> dict:
+    caches = request.get('caches')
+    if not (isinstance(caches, list) and caches and all(
+        isinstance(c, list) and len(c) == 3 and isinstance(c[0], str) and isinstance(c[1], str)
+        and isinstance(c[2], int) for c in caches)):
+      raise RequestError(BAD_REQUEST, 'sum_caches needs `caches`: [[peer id, name, version], '
+                                      '...], non-empty.')
+    for peer, _, _ in caches:
+      if peer != str(self.worker_id) and peer not in self._peers:
+        raise RequestError(BAD_REQUEST, f'sum_caches: {peer!r} is not a peer of worker '
+                                        f'{self.worker_id}.')
+
+    def fetch(entry: list) -> np.ndarray:
+      peer, name, version = entry
+      if peer == str(self.worker_id):
+        with self._lock:
+          held = self._images.get(name)
+        if held is None or held[0] != version:
+          raise RequestError(STALE_CACHE, f'Cache {name!r} version {version} requested, but '
+                                          f'this worker holds '
+                                          f'{"nothing" if held is None else held[0]}.')
+        return held[1]
+      answer = protocol.decode(self._peers[peer].cached_images(name, version))
+      if not answer.get('ok'):
+        raise RequestError(answer.get('error', EXCEPTION), f'peer {peer}: {answer.get("message")}')
+      return answer['images']
+
+    total = None
+    for (peer, name, _), part in zip(caches, self._gather([
+        lambda entry=entry: fetch(entry) for entry in caches])):   # added in the order given
+      if total is not None and part.shape != total.shape:
+        raise RequestError(BAD_REQUEST, f'sum_caches: {name!r} of peer {peer} has shape '
+                                        f'{part.shape}, the first {total.shape}.')
+      total = part.copy() if total is None else total + part
+    return {'grad': total}
+
+  def _gather(self, calls: list) -> list:
+    """The results of `calls` (no-argument functions), run at once on threads (fetches from
+    several peers share this worker's link instead of queueing one after another)."""
+    if len(calls) == 1:
+      return [calls[0]()]
+    with concurrent.futures.ThreadPoolExecutor(min(len(calls), GATHER_THREADS)) as pool:
+      return list(pool.map(lambda call: call(), calls))
+
+  def keep(self, name: str, version: int, array: np.ndarray) -> None:
+    """Not an RPC: holds `array` as the cache entry (`name`, `version`) for peers to fetch
+    (a group leader's summed gradient of the fused KIP step)."""
+    with self._lock:
+      self._images[name] = (int(version), array)
+      self._cache_changed.notify_all()
 
   def _images_for(self, request: dict, side: str) -> np.ndarray:
     """The `side` ('rows' or 'cols') images of a request: inline, or a cached range."""

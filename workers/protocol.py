@@ -71,9 +71,20 @@ FACTOR_CACHES = {'g_ntk': 'factors_ntk', 'g_nngp': 'factors_nngp'}
 # coordinator reads the ones it asked for, so a mismatch costs bytes, never a wrong kernel.
 KERNELS_FIELD = 'kernels'
 KERNEL_NAMES = ('ntk', 'nngp')
+# The fused KIP step (`DistributedKernels(fused_step=True)`, issue 18): a group request of
+# method KIP_TARGETS over blocks of every support row against some target columns; its
+# members get KIP_BLOCK requests (a block request plus `alpha` (n_s, C) and `target_labels`
+# (block columns, C), float64, and `kernel`, 'ntk' or 'nngp'): the member computes the block's
+# kernel K, the predictions P = K^T alpha, the residual r = P - y and the vjp of the block with
+# the cotangent alpha r^T, and answers `grad`, `k_r` = K r (n_s, C) and `predictions`. With
+# `keep_grad` = {'name', 'version'} the leader keeps its summed gradient as that cache entry
+# (answering only k_r and the predictions) and SUM_CACHES, called on one worker with
+# `caches` = [[peer id, name, version], ...], answers their sum in that order (`grad`): the
+# partial gradients meet on the workers' links, not the coordinator's.
+KIP_TARGETS, KIP_BLOCK, SUM_CACHES = 'kip_targets', 'kip_block', 'sum_caches'
 # What a worker's ping lists under `features`: the options above it serves. The coordinator
 # checks it before using them, and says which workers lack one.
-FEATURES = (VJP_FACTORS, KERNELS_FIELD)
+FEATURES = (VJP_FACTORS, KERNELS_FIELD, KIP_TARGETS)
 PEER_METHODS = (CACHED_IMAGES, FETCH_IMAGES)
 ARGUMENT_TYPES = (bytes, int, str)   # what a worker call carries (Courier hangs on numpy)
 
@@ -121,6 +132,15 @@ class WorkerHandle(Protocol):
 
   def vjp_block(self, request: bytes) -> bytes:
     """{'grad'}: the vjp of the request's block with its cotangents `g_ntk` / `g_nngp`."""
+    raise NotImplementedError
+
+  def kip_block(self, request: bytes) -> bytes:
+    """Optional (the fused KIP step, see KIP_TARGETS): a block's forward, residual and vjp."""
+    raise NotImplementedError
+
+  def sum_caches(self, request: bytes) -> bytes:
+    """Optional (the fused KIP step, see KIP_TARGETS): the sum of cache entries held by this
+    worker's peers (or itself), fetched over their links."""
     raise NotImplementedError
 
   def group_blocks(self, request: bytes) -> bytes:

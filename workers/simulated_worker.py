@@ -233,6 +233,25 @@ class SimulatedWorker(kernel_worker.KernelWorker):
     self.clock.ready = max(self.clock.ready, time.monotonic())
     return answer
 
+  def _gather(self, calls: list) -> list:
+    """As KernelWorker's, each thread starting from this call's virtual time (its peers'
+    transfers book from when the request arrived); the answer is ready when all are in."""
+    arrived, ready = self.clock.arrived, self.clock.ready
+    readies = []
+
+    def timed(call):
+      def run():
+        self.clock.arrived, self.clock.ready = arrived, ready
+        try:
+          return call()
+        finally:
+          readies.append(self.clock.ready)
+      return run
+
+    results = super()._gather([timed(call) for call in calls])
+    self.clock.ready = max([self.clock.ready] + readies)
+    return results
+
   def restart(self) -> None:
     """As a restarted process: up again, its caches gone."""
     with self._lock:
@@ -309,6 +328,9 @@ class _PeerHandle:
 
   def vjp_block(self, request: bytes) -> bytes:
     return self._call('vjp_block', request)
+
+  def kip_block(self, request: bytes) -> bytes:
+    return self._call('kip_block', request)
 
   def fetch_images(self, name: str, version: int, peer: str) -> bytes:
     return self._call('fetch_images', name, version, peer)

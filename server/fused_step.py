@@ -1,0 +1,191 @@
+"""The fused KIP step over group requests: no coordinator barrier between a target block's
+forward and its vjp (issue 18).
+
+A KIP step's two rounds (`common/kip.py`: K(support, [support; targets]), the KRR solve, then
+the vjp) meet at the coordinator: no vjp block starts before every kernel block is back. The
+barrier is needed only for the small K_ss part. With alpha = A^-1 y_s known (A = K_ss + reg
+tr/n I), a block of every support row against some target columns holds everything its own
+part of the step needs: its predictions K^T alpha, their residuals r against the targets'
+labels, and the cotangent alpha r^T of its vjp. So `kip_step` runs
+
+  1. K_ss (a kernel call), alpha on the coordinator;
+  2. one KIP_TARGETS group request per group (`workers/group_leader`): each member computes
+     its blocks' kernel, residual and vjp in one call; the leader sums its members' partial
+     gradients (every support row) and keeps the sum as a cache entry, answering only
+     K_st r (n_s, C) and the predictions; one worker then sums the kept gradients over the
+     workers' links (SUM_CACHES), so they do not all cross the coordinator's;
+  3. beta = A^-1 sum(K_st r), and the vjp of K_ss with its cotangent
+     -(beta alpha^T + alpha beta^T) + 2 (reg/n) tr(-beta alpha^T) I (low-rank factors).
+
+The result equals the two-round step to float32 rounding (other block shapes and summation
+orders), and is as reproducible: plans and sums follow the worker count, not timing.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import time
+from typing import Optional
+
+import numpy as np
+
+from ntkdd.common import krr
+from ntkdd.common.cotangents import LowRankCotangent
+from ntkdd.server import block_plan
+from ntkdd.server.kernel_tasks import _Call, _Task, _Worker, _WorkerFault
+from ntkdd.workers import protocol
+
+KEPT_GRAD = 'kip_grad'   # the cache names (one per group request) the leaders keep sums under
+
+
+class FusedKipStep:
+  """DistributedKernels' fused KIP step (a mixin: it uses the backend's kernel(), vjp() and
+  group-request machinery)."""
+
+  def kip_step(self, support_images: np.ndarray, target_images, support_labels: np.ndarray,
+               target_labels: np.ndarray, reg: float,
+               kernel_name: str = 'ntk') -> Optional[tuple]:
+    """The KIP loss and its gradients for one target batch, fused (see the module docstring).
+
+    Args:
+      support_images: (n_s, ...) support images.
+      target_images: the target batch: an array or `sources.DatasetRows` (sent as indices).
+      support_labels, target_labels: (n_s, C) and (n_t, C).
+      reg: the ridge lambda.
+      kernel_name: 'ntk' or 'nngp'.
+
+    Returns:
+      (`krr.KrrGradients` with d_k_ss and d_k_ts None, the support images' gradient); None
+      when the workers cannot serve the fused step now (no group requests, an older worker,
+      a kept sum lost with its worker): the caller runs the two-round step instead.
+    """
+    x1 = self._as_images(support_images, 'x1')
+    if not self._fused_groups(self._column_parts(x1, target_images)):
+      return None
+    n_s = len(x1)
+    y_s = np.asarray(support_labels, np.float64)
+    y_t = np.asarray(target_labels, np.float64)
+    k_ss = self.kernel(x1, names=(kernel_name,))[kernel_name].astype(np.float64)
+    solving = time.thread_time()
+    k_ss = 0.5 * (k_ss + k_ss.T)
+    alpha = krr.solve(k_ss, y_s, reg)
+    self.fused_solve_s = time.thread_time() - solving
+    fused = self._fused_targets(x1, target_images, alpha, y_t, kernel_name)
+    if fused is None:
+      return None
+    kept, k_r, predictions = fused
+    # The kept sums meet on the workers' links while K_ss's vjp runs: neither needs the other.
+    summing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='ntkdd-sum')
+    sum_future = summing.submit(self._sum_kept, x1, kept)
+    summing.shutdown(wait=False)
+    solving = time.thread_time()
+    residual = predictions - y_t
+    loss = 0.5 * float(np.sum(residual * residual))
+    if not np.isfinite(loss):
+      raise FloatingPointError('The KIP loss is NaN or inf.')
+    beta = krr.solve(k_ss, k_r, reg)
+    trace = -float(np.sum(beta * alpha))
+    # The K_ss part of KIP's cotangent (krr.kip_cotangent_factors' first n_s columns).
+    g_ss = LowRankCotangent(np.concatenate([alpha, beta], axis=1),
+                            np.concatenate([-beta, -alpha], axis=1), 2 * (reg / n_s) * trace)
+    # The coordinator's own arithmetic between its calls (bench/scale_sim.py counts it).
+    self.fused_solve_s += time.thread_time() - solving
+    # Dense: its n_s^2 entries go inside the group requests (40 KB at 100 support images),
+    # one hop fewer than publishing factors to the leaders first.
+    grad_ss = self.vjp(x1, x1, **{f'g_{kernel_name}': g_ss.dense()})
+    try:
+      grad_targets = sum_future.result()
+    except _WorkerFault as fault:   # a holder went down with its sum: redo the step
+      logging.warning('Fused KIP step: %s; running the two rounds instead.', fault)
+      return None
+    gradients = krr.KrrGradients(loss=loss, predictions=predictions, d_k_ss=None, d_k_ts=None,
+                                 d_y_s=beta, alpha=alpha, residual=residual)
+    return gradients, grad_targets + grad_ss
+
+  def _fused_targets(self, x1: np.ndarray, target_images, alpha: np.ndarray, y_t: np.ndarray,
+                     kernel_name: str) -> Optional[tuple]:
+    """(the kept sums [(holder, name, version), ...] in plan order, K_st r, predictions),
+    or None if groups cannot serve."""
+    start = time.perf_counter()
+    with self._call_lock:
+      parts = self._column_parts(x1, target_images)
+      groups = self._fused_groups(parts)
+      if not groups:   # a worker went down meanwhile
+        return None
+      n_s, n_t = len(x1), parts[0].stop
+      planned = block_plan.column_blocks(n_s, (0, n_t), len(self._workers),
+                                         self.tasks_per_worker, self.tail_halvings)
+      blocks = [(rows, cols, parts[0]) for rows, cols, _ in planned]
+      _, caches, _ = self._sources(x1, parts, 1)
+      group_fields = self._group_fields(x1, parts, caches, lambda task: {},
+                                        protocol.KIP_TARGETS)
+      version = self._version_fn()
+      k_r: dict[int, np.ndarray] = {}
+      kept_by: dict[int, str] = {}
+      predictions = np.zeros_like(y_t)
+
+      def build(task: _Task, worker: _Worker) -> dict:
+        labels = np.concatenate([y_t[c0:c1] for _, (c0, c1), _ in task.blocks])
+        return {**group_fields(task, worker), 'kernel': kernel_name, 'alpha': alpha,
+                'target_labels': labels,
+                'keep_grad': {'name': f'{KEPT_GRAD}{task.index}', 'version': version}}
+
+      def deliver(task: _Task, response: dict) -> None:
+        offset = 0
+        flat = response['predictions']
+        width = sum(c1 - c0 for _, (c0, c1), _ in task.blocks)
+        if not (isinstance(flat, np.ndarray) and flat.shape == (width, y_t.shape[1])
+                and response.get('kept') is True and isinstance(response.get('kept_by'), str)):
+          raise ValueError('a kip_targets answer needs predictions of its columns and '
+                           'kept_by')
+        k_r[task.index] = np.asarray(response['k_r'], np.float64).reshape(n_s, y_t.shape[1])
+        kept_by[task.index] = response['kept_by']
+        for _, (c0, c1), _ in task.blocks:
+          predictions[c0:c1] = flat[offset:offset + c1 - c0]
+          offset += c1 - c0
+
+      call = _Call(protocol.GROUP_BLOCKS, caches, build, deliver)
+      self._run(call, blocks, groups)
+      order = [task.index for task in call.tasks]   # plan order: reproducible sums
+      total_k_r = k_r[order[0]].copy()
+      for index in order[1:]:
+        total_k_r += k_r[index]
+    self._count(n_s * n_t, start)
+    return [(kept_by[i], f'{KEPT_GRAD}{i}', version) for i in order], total_k_r, predictions
+
+  def _fused_groups(self, parts: list) -> int:
+    """Group requests per call for the fused round over these target parts, or 0 (then
+    logged once per reason): one part, group requests possible, every worker serving it."""
+    with self._lock:
+      lacking = [w.index for w in self._workers
+                 if protocol.KIP_TARGETS not in (w.info.get('features') or ())]
+    groups = self._groups(parts) if len(parts) == 1 and not lacking else 0
+    if not groups:
+      reason = (f'workers {lacking} do not serve it' if lacking else
+                'no group requests (group_size 1, or workers without peers or the data)')
+      if reason != getattr(self, '_fused_unavailable', None):
+        logging.info('Fused KIP step unavailable: %s; running the two rounds.', reason)
+        self._fused_unavailable = reason
+    return groups
+
+  def _sum_kept(self, x1: np.ndarray, kept: list) -> np.ndarray:
+    """The sum of the kept gradients, in `kept`'s order, computed by the first one's holder
+    (the others' sums cross the workers' links to it); its alive peers if it fails."""
+    with self._lock:
+      by_peer = {w.peer_id: w for w in self._workers if w.peer_id is not None}
+    request = protocol.encode({'caches': [list(entry) for entry in kept]})
+    candidates = [by_peer[peer] for peer in dict.fromkeys(p for p, _, _ in kept)]
+    errors = []
+    for worker in candidates:
+      if not worker.alive:
+        continue
+      try:
+        answer = self._call(worker, protocol.SUM_CACHES, request)
+      except _WorkerFault as fault:
+        errors.append(f'worker {worker.index}: {fault}')
+        continue
+      if answer.get('ok') and isinstance(answer.get('grad'), np.ndarray) and (
+          answer['grad'].shape == x1.shape):
+        return np.asarray(answer['grad'], self.dtype)
+      errors.append(f'worker {worker.index}: {answer.get("error")}: {answer.get("message")}')
+    raise _WorkerFault(f'no worker could sum the kept gradients: {errors}')
