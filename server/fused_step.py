@@ -36,6 +36,11 @@ from ntkdd.server.kernel_tasks import _Call, _Task, _Worker, _WorkerFault
 from ntkdd.workers import protocol
 
 KEPT_GRAD = 'kip_grad'   # the cache names (one per group request) the leaders keep sums under
+# The fused round's plan: one share per worker, then one wave of halves. Every fused block
+# answers a partial gradient of every support row (n_s x image bytes, 6 MB at 500 support
+# images of 32x32x3) that its leader adds: fewer, larger blocks than the two-round plan's
+# (2 shares, 2 halving waves) keep the leaders' links and additions off the critical path.
+FUSED_TASKS_PER_WORKER, FUSED_TAIL_HALVINGS = 1, 1
 
 
 class FusedKipStep:
@@ -114,7 +119,7 @@ class FusedKipStep:
         return None
       n_s, n_t = len(x1), parts[0].stop
       planned = block_plan.column_blocks(n_s, (0, n_t), len(self._workers),
-                                         self.tasks_per_worker, self.tail_halvings)
+                                         FUSED_TASKS_PER_WORKER, FUSED_TAIL_HALVINGS)
       blocks = [(rows, cols, parts[0]) for rows, cols, _ in planned]
       _, caches, _ = self._sources(x1, parts, 1)
       group_fields = self._group_fields(x1, parts, caches, lambda task: {},

@@ -532,3 +532,64 @@ def test_fused_kip_step_falls_back_without_groups():
       results.append(kip.kip_gradients(distributed, *args))
   assert results[0].loss == results[1].loss
   np.testing.assert_array_equal(results[0].grad_images, results[1].grad_images)
+
+
+def test_kip_targets_keeps_the_sum_and_sum_caches_adds_it_over_peers():
+  """A kip_targets group request answers K r and the predictions and keeps its gradient,
+  which sum_caches on another worker fetches and adds; bad requests get one clear error."""
+  fleet = sim.Fleet(4, QUICK, arch=FC.to_dict())
+  support, cols = _images(3, 5), _images(5, 6)
+  for worker in fleet.workers[:2]:
+    for name, images in (('rows', support), ('cols', cols)):
+      assert protocol.decode(worker.set_images(name, 7, protocol.encode({'images': images})))['ok']
+  alpha = np.random.default_rng(0).normal(size=(3, 2))
+  labels = np.random.default_rng(1).normal(size=(5, 2))
+  request = {'method': protocol.KIP_TARGETS, 'members': ['0', '1'],
+             'blocks': [[0, 3, 0, 2, 0], [0, 3, 2, 5, 0]],
+             'parts': [{'start': 0, 'cache': 'cols', 'version': 7}],
+             'rows_cache': 'rows', 'rows_version': 7, 'caches': {'rows': 7, 'cols': 7},
+             'kernel': 'ntk', 'alpha': alpha, 'target_labels': labels,
+             'keep_grad': {'name': 'kip_grad0', 'version': 9}}
+  answer = protocol.decode(fleet.handles[0].group_blocks(protocol.encode(request)))
+  assert answer['ok'] and answer['kept'] and answer['kept_by'] == '0' and 'grad' not in answer
+  k = sim.surrogate_kernel(support, cols)['ntk'].astype(np.float64)
+  residual = k.T @ alpha - labels
+  np.testing.assert_allclose(answer['predictions'], k.T @ alpha, rtol=1e-5)
+  np.testing.assert_allclose(answer['k_r'], k @ residual, rtol=1e-5, atol=1e-6)
+  want = sim.surrogate_vjp(support, cols, (alpha @ residual.T).astype(np.float32))
+  summed = protocol.decode(fleet.handles[3].sum_caches(protocol.encode(
+      {'caches': [['0', 'kip_grad0', 9], ['0', 'kip_grad0', 9]]})))
+  assert summed['ok']
+  np.testing.assert_allclose(summed['grad'], 2 * want, rtol=1e-4, atol=1e-6)
+  for bad, message in [({'kernel': 'rbf'}, 'kernel'), ({'target_labels': labels[:4]}, 'labels'),
+                       ({'blocks': [[1, 3, 0, 5, 0]]}, 'every support row'),
+                       ({'keep_grad': {'name': 3}}, 'keep_grad')]:
+    refused = protocol.decode(fleet.handles[0].group_blocks(protocol.encode({**request, **bad})))
+    assert not refused['ok'] and refused['error'] == 'bad_request'
+    assert message in refused['message']
+  for caches, error in [([['9', 'kip_grad0', 9]], 'bad_request'),
+                        ([['0', 'kip_grad0', 8]], 'stale_cache'), ([], 'bad_request')]:
+    refused = protocol.decode(fleet.handles[3].sum_caches(protocol.encode({'caches': caches})))
+    assert not refused['ok'] and refused['error'] == error
+
+
+def test_fused_step_redone_in_two_rounds_when_a_kept_sum_is_lost(monkeypatch):
+  """A leader that goes down holding its kept sum: the step is computed again in two rounds
+  (the same bits as a backend without the fused step), not lost."""
+  from ntkdd.server import fused_step
+  train, key, args = _kip_problem(seed=4)
+  spec = dict(plan='balanced', broadcast='tree', block=4, group_size=4, **FAST)
+  results = []
+  for fused in (False, True):
+    if fused:
+      def lost(self, x1, kept):
+        raise distributed_kernels._WorkerFault(f'worker {kept[0][0]} is gone')
+      monkeypatch.setattr(fused_step.FusedKipStep, '_sum_kept', lost)
+    fleet = sim.Fleet(16, QUICK, datasets={key: train})
+    with distributed_kernels.DistributedKernels(fleet.handles, fused_step=fused,
+                                                **spec) as distributed:
+      _wait_for_pings(distributed, 16)
+      results.append(kip.kip_gradients(distributed, *args))
+  assert results[0].loss == results[1].loss
+  np.testing.assert_array_equal(results[0].grad_images, results[1].grad_images)
+  np.testing.assert_array_equal(results[0].grad_labels, results[1].grad_labels)

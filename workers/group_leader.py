@@ -123,6 +123,9 @@ class GroupLeader:
                                            f'{"nothing" if held is None else held[0]}.')
     tail = request.get('tail') is True
     run = _GroupRun(self, MEMBER_METHOD[method], members, block_requests, caches, tail)
+    summed = None if method == 'kernel_block' else _OrderedSum(
+        blocks, run.results, method == protocol.KIP_TARGETS)
+    run.on_result = None if summed is None else summed.advance
     with self.cond:
       if not tail:
         self.heads.append(run)
@@ -142,24 +145,16 @@ class GroupLeader:
       for name in _asked_kernels(request):
         out[name] = np.concatenate([results[i][name].reshape(-1) for i in range(len(blocks))])
       return out
-    rows = np.unique(np.concatenate([np.arange(r0, r1) for r0, r1, *_ in blocks]))
-    first = results[0]['grad']
-    grad = np.zeros((len(rows),) + first.shape[1:], first.dtype)
-    for (r0, r1, *_), result in zip(blocks, results):   # block order: reproducible sums
-      at = int(np.searchsorted(rows, r0))
-      grad[at:at + (r1 - r0)] += result['grad']
+    summed.advance()   # the sums are complete: every lane has finished
     if method == protocol.KIP_TARGETS:
-      return {**out, **self._kip_answer(request, blocks, results, rows, grad)}
-    out.update(grad_rows=rows.astype(np.int64), grad=grad)
+      return {**out, **self._kip_answer(request, results, summed)}
+    out.update(grad_rows=summed.rows.astype(np.int64), grad=summed.grad)
     return out
 
-  def _kip_answer(self, request: dict, blocks: list, results: list, rows: np.ndarray,
-                  grad: np.ndarray) -> dict:
+  def _kip_answer(self, request: dict, results: list, summed: '_OrderedSum') -> dict:
     """A KIP_TARGETS answer: k_r summed and the predictions concatenated in block order;
     the gradient answered, or kept as the cache entry `keep_grad` names."""
-    k_r = results[0]['k_r'].copy()
-    for result in results[1:]:
-      k_r += result['k_r']
+    rows, grad, k_r = summed.rows, summed.grad, summed.k_r
     out = {'k_r': k_r, 'predictions': np.concatenate([r['predictions'] for r in results])}
     keep = request.get('keep_grad')
     if keep is None:
@@ -199,6 +194,36 @@ class GroupLeader:
         self._held.setdefault(member, {})[name] = version
 
 
+class _OrderedSum:
+  """A group run's partial gradients (and, for KIP_TARGETS, K r) added in block order as
+  the answers arrive: the same additions in the same order as summing them at the end (so
+  the same bits whichever member computed which block), but done while the other blocks
+  compute, each block's gradient freed once added."""
+
+  def __init__(self, blocks: list, results: list, with_k_r: bool):
+    self.rows = np.unique(np.concatenate([np.arange(r0, r1) for r0, r1, *_ in blocks]))
+    self.blocks, self.results, self.with_k_r = blocks, results, with_k_r
+    self.grad = self.k_r = None
+    self.added = 0
+    self._lock = threading.Lock()
+
+  def advance(self) -> None:
+    """Adds the answers that continue the block order (called by lanes as answers land)."""
+    with self._lock:
+      while self.added < len(self.results) and self.results[self.added] is not None:
+        result = self.results[self.added]
+        r0, r1 = self.blocks[self.added][:2]
+        if self.grad is None:
+          self.grad = np.zeros((len(self.rows),) + result['grad'].shape[1:],
+                               result['grad'].dtype)
+        at = int(np.searchsorted(self.rows, r0))
+        self.grad[at:at + (r1 - r0)] += result['grad']
+        if self.with_k_r:
+          self.k_r = result['k_r'].copy() if self.k_r is None else self.k_r + result['k_r']
+        self.results[self.added] = {k: v for k, v in result.items() if k != 'grad'}
+        self.added += 1
+
+
 class _GroupRun:
   """One group request: lanes per member pulling blocks from a shared queue."""
 
@@ -214,6 +239,7 @@ class _GroupRun:
     self.error: Any = None
     self.cond = leader.cond
     self.ready = {m: threading.Event() for m in members}
+    self.on_result = None   # called (no arguments) after each block's answer is stored
 
   def run(self) -> tuple[list, dict]:
     pool = self.leader._executor()
@@ -319,6 +345,8 @@ class _GroupRun:
           self.results[index] = answer
           self.done += 1
           self.cond.notify_all()
+        if self.on_result is not None:
+          self.on_result()
         continue
       error = answer.get('error')
       if error == protocol.STALE_CACHE and not refetched:   # restarted: its caches are gone
