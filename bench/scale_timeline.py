@@ -25,9 +25,10 @@ from ntkdd.server import distributed_kernels
 from ntkdd.workers import simulated_worker as sim
 
 
-def _traced(fleets: list, marks: list, member_calls: list) -> None:
-  """Turns on the trace of every Fleet made from now on, times the rounds' calls and logs
-  the leaders' calls to members: (member, leader, method, arrived, ready, returned)."""
+def _traced(fleets: list, marks: list, member_calls: list, fused: bool = False) -> None:
+  """Turns on the trace of every Fleet made from now on, times the rounds' calls (`fused`:
+  the fused step's phases) and logs the leaders' calls to members: (member, leader, method,
+  arrived, ready, returned)."""
   fleet_init, kernel, vjp = sim.Fleet.__init__, scale_sim._Timed.kernel, scale_sim._Timed.vjp
   member_call = sim._PeerHandle._call
 
@@ -54,11 +55,11 @@ def _traced(fleets: list, marks: list, member_calls: list) -> None:
   sim.Fleet.__init__ = init
   sim._PeerHandle._call = logged
   scale_sim._Timed.kernel, scale_sim._Timed.vjp = timed('kernel', kernel), timed('vjp', vjp)
-  # The fused step calls the backend's own kernel() and vjp(): its four phases.
-  fused = distributed_kernels.DistributedKernels
-  for name, method in (('K_ss', 'kernel'), ('fused+sum', '_fused_targets'),
-                       ('sum', '_sum_kept'), ('K_ss vjp', 'vjp')):
-    setattr(fused, method, timed(name, getattr(fused, method)))
+  if fused:   # the fused step calls the backend's own kernel() and vjp(): its four phases
+    backend = distributed_kernels.DistributedKernels
+    for name, method in (('K_ss', 'kernel'), ('fused+sum', '_fused_targets'),
+                         ('sum', '_sum_kept'), ('K_ss vjp', 'vjp')):
+      setattr(backend, method, timed(name, getattr(backend, method)))
 
 
 def round_line(name: str, start: float, end: float, trace: list, k: float) -> str:
@@ -108,7 +109,7 @@ def members_line(start: float, end: float, member_calls: list, k: float) -> str:
 def main(argv: list[str]) -> int:
   stage, workers, ipc = argv[0], int(argv[1]), int(argv[2])
   fleets, marks, member_calls = [], [], []
-  _traced(fleets, marks, member_calls)
+  _traced(fleets, marks, member_calls, fused=stage == 'fused')
   args = scale_sim.parse_args(['--steps', '2', '--step-wall', '10'])
   h, w, c = (int(v) for v in args.image_shape.split('x'))
   train = np.random.default_rng(args.seed + 1).standard_normal(

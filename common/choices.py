@@ -10,8 +10,9 @@ PREPROCESS_CHOICES = ('auto',) + preprocess.PREPROCESSOR_KINDS
 # What 'auto' becomes for a new KIP/LS run, by kernel architecture. ConvNet: the channel ZCA
 # (KRR of 10 random real CIFAR-10 images per class, ConvNet NTK 32x32 depth 3, whole test split,
 # mean of 2 seeds: 31.04%, tied with KIP's ZCA, against 27.03% for standardisation on seed 0;
-# BENCHMARKS.md, issue 12 §2; on grayscale data it is standardisation, bitwise, as KIP does). FC: standardisation (ZCA cut the FC kernel's KRR accuracy of
-# 100 random real CIFAR-10 images from 26% to 12%).
+# BENCHMARKS.md, issue 12 §2; on grayscale data it is standardisation, bitwise, as KIP does).
+# FC: standardisation (ZCA cut the FC kernel's KRR accuracy of 100 random real CIFAR-10 images
+# from 26% to 12%).
 AUTO_KERNEL_PREPROCESS = {'convnet': 'channel_zca', 'fc': 'standardize'}
 # What 'auto' means where a DistillConfig or an older run's config.json holds it.
 LEGACY_AUTO_PREPROCESS = 'standardize'

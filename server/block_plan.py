@@ -173,8 +173,7 @@ def column_blocks(n_rows: int, span: tuple[int, int], workers: int, tasks_per_wo
   cuts = sorted({start + round(end / n_rows) for end in itertools.accumulate(sizes)} | {stop})
   edges = [start] + [c for c in cuts if start < c <= stop]
   blocks = [((0, n_rows), (a, b), 0) for a, b in zip(edges, edges[1:])]
-  order = sorted(range(len(blocks)), key=lambda i: -_pairs(blocks[i]))
-  return [blocks[i] for i in order]
+  return sorted(blocks, key=lambda block: -_pairs(block))   # stable: ties keep column order
 
 
 def group_blocks(blocks: Sequence[Block], groups: int) -> list[list[int]]:

@@ -30,7 +30,6 @@ from typing import Optional
 import numpy as np
 
 from ntkdd.common import krr
-from ntkdd.common.cotangents import LowRankCotangent
 from ntkdd.server import block_plan
 from ntkdd.server.kernel_tasks import _Call, _Task, _Worker, _WorkerFault
 from ntkdd.workers import protocol
@@ -67,7 +66,6 @@ class FusedKipStep:
     x1 = self._as_images(support_images, 'x1')
     if not self._fused_groups(self._column_parts(x1, target_images)):
       return None
-    n_s = len(x1)
     y_s = np.asarray(support_labels, np.float64)
     y_t = np.asarray(target_labels, np.float64)
     k_ss = self.kernel(x1, names=(kernel_name,))[kernel_name].astype(np.float64)
@@ -89,10 +87,10 @@ class FusedKipStep:
     if not np.isfinite(loss):
       raise FloatingPointError('The KIP loss is NaN or inf.')
     beta = krr.solve(k_ss, k_r, reg)
-    trace = -float(np.sum(beta * alpha))
-    # The K_ss part of KIP's cotangent (krr.kip_cotangent_factors' first n_s columns).
-    g_ss = LowRankCotangent(np.concatenate([alpha, beta], axis=1),
-                            np.concatenate([-beta, -alpha], axis=1), 2 * (reg / n_s) * trace)
+    gradients = krr.KrrGradients(loss=loss, predictions=predictions, d_k_ss=None, d_k_ts=None,
+                                 d_y_s=beta, alpha=alpha, residual=residual)
+    # The K_ss part of KIP's cotangent: its factors without the targets' rows.
+    g_ss = krr.kip_cotangent_factors(gradients._replace(residual=residual[:0]), reg)
     # The coordinator's own arithmetic between its calls (bench/scale_sim.py counts it).
     self.fused_solve_s += time.thread_time() - solving
     # Dense: its n_s^2 entries go inside the group requests (40 KB at 100 support images),
@@ -103,8 +101,6 @@ class FusedKipStep:
     except _WorkerFault as fault:   # a holder went down with its sum: redo the step
       logging.warning('Fused KIP step: %s; running the two rounds instead.', fault)
       return None
-    gradients = krr.KrrGradients(loss=loss, predictions=predictions, d_k_ss=None, d_k_ts=None,
-                                 d_y_s=beta, alpha=alpha, residual=residual)
     return gradients, grad_targets + grad_ss
 
   def _fused_targets(self, x1: np.ndarray, target_images, alpha: np.ndarray, y_t: np.ndarray,

@@ -159,8 +159,6 @@ class GroupLeader:
     keep = request.get('keep_grad')
     if keep is None:
       return {**out, 'grad_rows': rows.astype(np.int64), 'grad': grad}
-    if len(rows) != len(k_r):
-      raise GroupError(protocol.BAD_REQUEST, 'keep_grad needs blocks over every support row.')
     self.worker.keep(keep['name'], keep['version'], grad)
     return {**out, 'kept': True, 'kept_by': str(self.worker.worker_id)}
 
