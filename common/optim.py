@@ -1,4 +1,5 @@
-"""KIP's support optimiser: optax's Adam in float64 on a checkpointable dict of numpy arrays."""
+"""KIP's support optimiser: optax's Adam in float64 on a checkpointable dict of numpy arrays; the
+support's moving average (KIP and RCIG)."""
 from __future__ import annotations
 
 import math
@@ -51,6 +52,19 @@ def cosine_schedule(peak: float, total_steps: int, final_fraction: float = 0.0) 
     progress = min(step, total_steps) / max(total_steps, 1)
     return peak * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
   return schedule
+
+
+def ema_update(average: dict, params: dict, decay: float) -> dict:
+  """One step of the exponential moving average of `params` (numpy or JAX arrays).
+
+  The average starts at zeros and is read through `ema_value`, bias-corrected as Adam's moments.
+  """
+  return {k: decay * average[k] + (1 - decay) * params[k] for k in average}
+
+
+def ema_value(average, decay: float, steps: int):
+  """The bias-corrected average after `steps` `ema_update`s: average / (1 - decay^steps)."""
+  return average / (1 - decay ** steps)
 
 
 def _enable_x64():

@@ -107,7 +107,7 @@ class RcigConfig:
     if not (0 < self.inner_lr_decrease <= 1 <= self.inner_lr_increase):
       raise ValueError('Need 0 < inner_lr_decrease <= 1 <= inner_lr_increase.')
     if not 0 <= self.ema_decay < 1:
-      raise ValueError(f'ema_decay must be in [0, 1), got {self.ema_decay}.')
+      raise ValueError(f'--ema-decay must be in [0, 1) (0: off), got {self.ema_decay}.')
     if self.parameterization not in ('ntk', 'standard') or \
         self.eval_parameterization not in ('ntk', 'standard'):
       raise ValueError("parameterizations must be 'ntk' or 'standard'.")

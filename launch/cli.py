@@ -146,6 +146,12 @@ def _parser() -> argparse.ArgumentParser:
   o.add_argument('--lr-schedule', choices=LR_SCHEDULES, default='constant',
                  help='cosine decays the learning rate to 0 at --steps.')
   o.add_argument('--learn-labels', action='store_true', help='KIP: learn the support labels too.')
+  o.add_argument('--ema-decay', type=flags.nonnegative_float, default=None,
+                 help='save and evaluate an exponential moving average of the support with '
+                      'this decay, bias-corrected (e.g. 0.99: about the last 100 steps); '
+                      'evaluations then also log the current set as '
+                      'krr_test_accuracy_current. Default: 0 (off) for KIP, 0.99 for RCIG '
+                      '(its paper).')
   o.add_argument('--target-batch', type=flags.positive_int, default=1000,
                  help='class-balanced target images per step.')
   o.add_argument('--init', choices=INITS, default='real',
@@ -374,7 +380,7 @@ def _distill_config(args: argparse.Namespace):
       kernel=args.kernel, reg=args.reg, dtype=args.dtype, tile=args.tile,
       preprocess=args.preprocess, zca_strength=args.zca_strength, image_size=args.image_size,
       init=args.init, learning_rate=args.lr, lr_schedule=args.lr_schedule,
-      learn_labels=args.learn_labels,
+      learn_labels=args.learn_labels, ema_decay=args.ema_decay,
       target_batch=args.target_batch, eval_every=args.eval_every,
       eval_test_size=args.eval_test_size, checkpoint_every=args.checkpoint_every,
       ls_target_size=args.ls_target_size, ls_rcond=args.ls_rcond)
@@ -390,7 +396,7 @@ def _rcig_config(args: argparse.Namespace):
       pool_size=args.pool_size, max_pool_steps=args.max_pool_steps,
       pool_train_steps=args.pool_train_steps, init=args.init,
       learn_labels=True, lr_images=args.lr, checkpoint_every=args.checkpoint_every,
-      eval_models=args.eval_models, batch_norm=args.batch_norm)
+      eval_models=args.eval_models, batch_norm=args.batch_norm, ema_decay=args.ema_decay)
 
 
 def given_flags(argv: Sequence[str]) -> set:
@@ -515,6 +521,8 @@ def _fill_defaults(args: argparse.Namespace) -> None:
     args.b_std = defaults.b_std
   if getattr(args, 'lr', 0) is None:
     args.lr = defaults.learning_rate
+  if getattr(args, 'ema_decay', 0) is None:
+    args.ema_decay = defaults.ema_decay
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

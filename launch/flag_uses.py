@@ -38,6 +38,8 @@ DISTILL_FLAG_USES = {
                                              'form)'),
     'lr': (lambda a: a.algorithm != 'ls', 'is the support learning rate of KIP and RCIG'),
     'lr_schedule': (_kip, "is KIP's learning-rate schedule"),
+    'ema_decay': (lambda a: a.algorithm != 'ls', 'averages the support KIP and RCIG learn (LS '
+                                                 'solves it once)'),
     'learn_labels': (_kip, 'makes KIP learn labels (RCIG always learns them; LS solves them)'),
     'target_batch': (_kip, "is KIP's target batch (RCIG: --rcig-target-batch; LS: "
                            '--ls-target-size)'),

@@ -47,6 +47,7 @@ class DistillConfig:
   learning_rate: float = 0.01
   lr_schedule: str = 'constant'     # constant | cosine (decays to 0 at --steps)
   learn_labels: bool = False
+  ema_decay: float = 0.0            # KIP: save and evaluate this moving average of the support
   target_batch: int = 1000
   eval_every: int = 50
   eval_test_size: int = 0           # 0: the whole test split
@@ -73,6 +74,8 @@ class DistillConfig:
       raise ValueError(f'--init must be one of {choices.INITS}, got {self.init!r}.')
     if self.target_batch < 1:
       raise ValueError(f'--target-batch must be >= 1, got {self.target_batch}.')
+    if not 0 <= self.ema_decay < 1:
+      raise ValueError(f'--ema-decay must be in [0, 1) (0: off), got {self.ema_decay}.')
     if self.tile is not None and self.tile < 1:
       raise ValueError(f'--tile must be >= 1, got {self.tile}; leave it out to have it chosen '
                        f'from free memory.')
@@ -187,7 +190,8 @@ def distill(cfg: DistillConfig, run_dir: str, backend_factory: Callable, resume:
   flags = dataclasses.asdict(cfg)
   return loop.run_in_dir(run_dir, flags, DistillConfig.RESUMABLE, prepared, body,
                          resume=resume, overwrite=overwrite,
-                         arrays_needed=('images', 'labels', 'label_ids'),
+                         arrays_needed=('images', 'labels', 'label_ids') + (
+                             ('ema/images', 'ema/labels') if cfg.ema_decay else ()),
                          total_steps=status.total_steps(flags), run_status=run_status,
                          tensorboard=tensorboard)
 
@@ -242,11 +246,15 @@ class KipSteps:
                                                               self.cfg.init, rng)
     self.params = {'images': images, 'labels': labels}
     self.opt_state = self.optimizer.init(self.params)
+    self.average = ({k: np.zeros_like(v) for k, v in self.params.items()}
+                    if self.cfg.ema_decay else None)
 
   def restore(self, arrays: dict, rng: np.random.Generator) -> None:
     self.params = {'images': arrays['images'], 'labels': arrays['labels']}
     self.label_ids = arrays['label_ids']
     self.opt_state = {k[len('opt/'):]: v for k, v in arrays.items() if k.startswith('opt/')}
+    self.average = ({k: arrays[f'ema/{k}'] for k in self.params} if self.cfg.ema_decay
+                    else None)
 
   def step(self, step: int, rng: np.random.Generator) -> dict:
     cfg, prepared = self.cfg, self.prepared
@@ -263,23 +271,35 @@ class KipSteps:
     if not all(np.all(np.isfinite(v)) for v in new_params.values()):
       raise FloatingPointError('The support set became NaN or inf.')
     self.params, self.opt_state = new_params, new_state
+    if self.average is not None:
+      self.average = optim.ema_update(self.average, self.params, cfg.ema_decay)
     return {'loss': result.loss / cfg.target_batch, 'target_accuracy': result.target_accuracy}
 
   def rates(self) -> dict:
     return {'pairs_per_second': self.backend.pairs_per_second()}
 
   def evaluate(self, step: int) -> dict:
-    return {'krr_test_accuracy': krr_test_accuracy(self.backend, self.prepared, *self.support(step),
-                                                   self.cfg)}
+    out = {'krr_test_accuracy': krr_test_accuracy(self.backend, self.prepared,
+                                                  *self.support(step), self.cfg)}
+    if self.average is not None and step:   # the current set too: what the average adds
+      out['krr_test_accuracy_current'] = krr_test_accuracy(
+          self.backend, self.prepared, self.params['images'], self.params['labels'], self.cfg)
+    return out
 
   def arrays(self) -> dict:
     arrays = {'images': self.params['images'], 'labels': self.params['labels'],
               'label_ids': self.label_ids}
     arrays.update({f'opt/{k}': v for k, v in self.opt_state.items()})
+    if self.average is not None:
+      arrays.update({f'ema/{k}': v for k, v in self.average.items()})
     return arrays
 
   def support(self, step: int) -> tuple:
-    return self.params['images'], self.params['labels']
+    """The current set, or with --ema-decay its moving average (from step 1)."""
+    if self.average is None or step == 0:
+      return self.params['images'], self.params['labels']
+    return tuple(optim.ema_value(self.average[k], self.cfg.ema_decay, step)
+                 for k in ('images', 'labels'))
 
   def summary(self, end: loop.LoopEnd) -> dict:
     final = end.accuracy

@@ -101,6 +101,7 @@ class AlgorithmDefaults:
   w_std: float
   b_std: float
   learning_rate: float
+  ema_decay: float
 
 
 def defaults_for(algorithm: str) -> AlgorithmDefaults:
@@ -109,9 +110,10 @@ def defaults_for(algorithm: str) -> AlgorithmDefaults:
   w_std sqrt(2), b_std 0.1, Adam at 0.01)."""
   if algorithm == 'rcig':
     net = rcig.RcigConfig()
-    return AlgorithmDefaults(net.depth, net.w_std, net.b_std, net.lr_images)
+    return AlgorithmDefaults(net.depth, net.w_std, net.b_std, net.lr_images, net.ema_decay)
   kernel = distill.DistillConfig()
-  return AlgorithmDefaults(kernel.depth, kernel.w_std, kernel.b_std, kernel.learning_rate)
+  return AlgorithmDefaults(kernel.depth, kernel.w_std, kernel.b_std, kernel.learning_rate,
+                           kernel.ema_decay)
 
 
 def kernel_preprocess(preprocess: str, arch: str, saved: Optional[str] = None) -> str:

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntkdd.common import architectures, preprocess, rcig
+from ntkdd.common import architectures, optim, preprocess, rcig
 from ntkdd.server import loop, run_data
 
 # Settings that may differ on resume without changing the result (the data's path may: its
@@ -95,9 +95,8 @@ def saved_support(cfg: rcig.RcigConfig, state: dict, step: int) -> tuple[np.ndar
   learned = state['learned']
   if cfg.ema_decay == 0 or step == 0:
     return np.asarray(learned['images']), np.asarray(learned['labels'])
-  correction = 1 - cfg.ema_decay ** step
-  return (np.asarray(state['ema']['images']) / correction,
-          np.asarray(state['ema']['labels']) / correction)
+  return tuple(optim.ema_value(np.asarray(state['ema'][k]), cfg.ema_decay, step)
+               for k in ('images', 'labels'))
 
 
 def finite_accuracy(images, labels, x_test, y_test, num_classes: int, *, depth: int,
@@ -172,8 +171,7 @@ def rcig_step(cfg: rcig.RcigConfig, state: dict, prepared, rng: np.random.Genera
   params, adam = rcig.pool_train(cfg, pool[i]['params'], pool[i]['adam'], learned['images'],
                                  learned['labels'], train_steps, fused=structured)
   pool[i] = {'params': params, 'adam': adam, 'age': np.int64(pool[i]['age'] + train_steps)}
-  d = cfg.ema_decay
-  ema = {k: d * state['ema'][k] + (1 - d) * learned[k] for k in ('images', 'labels')}
+  ema = optim.ema_update(state['ema'], learned, cfg.ema_decay)
   record = {'loss': float(meta.loss), 'target_accuracy': float(meta.accuracy),
             'log_temp': float(learned['log_temp']), 'pool_model': i,
             'inner_lr': float(state['inner_lr'])}

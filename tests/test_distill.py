@@ -71,6 +71,35 @@ def test_same_seed_same_result_and_resume_is_exact(tiny_npz, tmp_path):
   assert steps == list(range(7))  # no step counted twice
 
 
+def test_ema_saves_the_bias_corrected_average_and_resumes_exactly(tiny_npz, tmp_path):
+  """--ema-decay: support.npz holds the average of the steps' sets (bias-corrected), the
+  evaluations log the current set beside it, and a resumed run ends with the same bits."""
+  decay = 0.8
+  straight = tmp_path / 'straight'
+  _run(_cfg(tiny_npz, ema_decay=decay, learn_labels=True), straight)
+  # The same run without the average: its per-step sets, replayed step by step (one per run).
+  sets = []
+  for steps in range(1, 7):
+    out = tmp_path / f'plain{steps}'
+    _run(_cfg(tiny_npz, steps=steps, learn_labels=True), out)
+    sets.append(_support(out))
+  for key in ('images', 'labels'):
+    average = np.zeros_like(sets[0][key])
+    for s in sets:
+      average = decay * average + (1 - decay) * s[key]
+    np.testing.assert_allclose(_support(straight)[key], average / (1 - decay ** 6), rtol=1e-6)
+    assert not np.allclose(_support(straight)[key], sets[-1][key])
+  records = [json.loads(l) for l in (straight / 'metrics.jsonl').read_text().splitlines()]
+  assert 'krr_test_accuracy_current' in records[3] and 'krr_test_accuracy' in records[3]
+  split = tmp_path / 'split'
+  _run(_cfg(tiny_npz, steps=4, ema_decay=decay, learn_labels=True), split)
+  _run(_cfg(tiny_npz, steps=6, ema_decay=decay, learn_labels=True), split, resume=True)
+  for key in ('images', 'labels'):
+    np.testing.assert_array_equal(_support(straight)[key], _support(split)[key])
+  with pytest.raises(ValueError, match='--ema-decay'):
+    _cfg(tiny_npz, ema_decay=1.0).validate()
+
+
 def test_resume_after_crash_drops_metrics_past_the_checkpoint(tiny_npz, tmp_path):
   out = tmp_path / 'run'
   _run(_cfg(tiny_npz, steps=4), out)
