@@ -71,7 +71,9 @@ class FusedKipStep:
     k_ss = self.kernel(x1, names=(kernel_name,))[kernel_name].astype(np.float64)
     solving = time.thread_time()
     k_ss = 0.5 * (k_ss + k_ss.T)
-    alpha = krr.solve(k_ss, y_s, reg)
+    # LU, not the two-round step's Cholesky path: a third of the coordinator's CPU between
+    # rounds at 500 support images (bench/scale_sim.py), equal to float64 rounding.
+    alpha = krr.solve(k_ss, y_s, reg, method='lu')
     self.fused_solve_s = time.thread_time() - solving
     fused = self._fused_targets(x1, target_images, alpha, y_t, kernel_name)
     if fused is None:
@@ -86,7 +88,7 @@ class FusedKipStep:
     loss = 0.5 * float(np.sum(residual * residual))
     if not np.isfinite(loss):
       raise FloatingPointError('The KIP loss is NaN or inf.')
-    beta = krr.solve(k_ss, k_r, reg)
+    beta = krr.solve(k_ss, k_r, reg, method='lu')
     gradients = krr.KrrGradients(loss=loss, predictions=predictions, d_k_ss=None, d_k_ts=None,
                                  d_y_s=beta, alpha=alpha, residual=residual)
     # The K_ss part of KIP's cotangent: its factors without the targets' rows.

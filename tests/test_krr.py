@@ -40,6 +40,17 @@ def test_cotangents_match_finite_differences(reg):
     assert np.isclose(fd, np.sum(g.d_y_s * d), rtol=1e-5, atol=1e-7)
 
 
+def test_lu_solve_equals_the_cholesky_path_and_falls_back_on_a_singular_matrix():
+  k_ss, _, y_s, _ = _problem()
+  np.testing.assert_allclose(krr.solve(k_ss, y_s, 0.1, method='lu'), krr.solve(k_ss, y_s, 0.1),
+                             rtol=1e-10)
+  singular = np.diag([1.0, -1.0, 0.0])   # trace 0, so no ridge: exactly singular
+  lu = krr.solve(singular, np.ones((3, 2)), 1e-6, method='lu')
+  np.testing.assert_allclose(lu, np.linalg.lstsq(singular, np.ones((3, 2)), rcond=None)[0])
+  with pytest.raises(ValueError, match='method'):
+    krr.solve(k_ss, y_s, 0.1, method='qr')
+
+
 def test_predict_matches_explicit_inverse_and_accuracy():
   k_ss, k_ts, y_s, _ = _problem()
   a = k_ss + 0.1 * np.trace(k_ss) / 6 * np.eye(6)
