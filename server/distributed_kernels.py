@@ -196,11 +196,14 @@ class DistributedKernels(CacheBroadcast, GroupRequests, FusedKipStep, WorkerHeal
   # -- The backend protocol. ------------------------------------------------------------------
 
   def kernel(self, x1: np.ndarray, x2: Optional[np.ndarray] = None,
-             names: Sequence[str] = kernels.KERNELS) -> dict:
+             names: Sequence[str] = kernels.KERNELS,
+             shares: Optional[tuple[int, int]] = None) -> dict:
     """{'ntk', 'nngp'}: (n1, n2) kernels; x2 None: K(x1, x1) from the upper block triangle.
 
     `names`: the kernels to compute and return (default both); fewer: the workers answer only
     those (protocol.KERNELS_FIELD), the same values in half the bytes.
+    `shares`: (tasks_per_worker, tail_halvings) of the balanced plan for this call instead of
+    the backend's (e.g. the fused KIP step's K_ss: one block per worker, see fused_step.py).
     """
     names = tuple(names)
     if not names or not set(names) <= set(kernels.KERNELS) or len(set(names)) != len(names):
@@ -215,7 +218,7 @@ class DistributedKernels(CacheBroadcast, GroupRequests, FusedKipStep, WorkerHeal
       n1, n2 = len(x1), (parts[-1].stop if parts else 0)
       out = {name: np.zeros((n1, n2), self.dtype) for name in names}
       if n1 and n2:
-        blocks, pads = self._plan_blocks(n1, parts, symmetric)
+        blocks, pads = self._plan_blocks(n1, parts, symmetric, shares)
         fields, caches, groups = self._sources(x1, parts, len({rows for rows, _, _ in blocks}))
 
         def place(rows: tuple, cols: tuple, name: str, block: np.ndarray) -> None:
@@ -412,20 +415,22 @@ class DistributedKernels(CacheBroadcast, GroupRequests, FusedKipStep, WorkerHeal
         parts.append(_Part(start, stop, 'array', images))
     return parts
 
-  def _plan_blocks(self, n1: int, parts: list[_Part],
-                   symmetric: bool) -> tuple[list, Callable[[_Task], dict]]:
-    """((rows, cols, part) blocks in queue order, task -> its pad fields); see block_plan."""
+  def _plan_blocks(self, n1: int, parts: list[_Part], symmetric: bool,
+                   shares: Optional[tuple[int, int]] = None
+                   ) -> tuple[list, Callable[[_Task], dict]]:
+    """((rows, cols, part) blocks in queue order, task -> its pad fields); see block_plan.
+    `shares`: the balanced plan's (tasks_per_worker, tail_halvings), default the backend's."""
     spans = [(part.start, part.stop) for part in parts]
     if self.plan == 'tiles':
       side = block_plan.tile_side(n1, self.block)
       planned = block_plan.tile_blocks(n1, spans, side, symmetric)
       fixed = {'pad_rows': min(side, n1), 'pad_cols': min(side, spans[-1][1])}
       return [(r, c, parts[i]) for r, c, i in planned], lambda task: fixed
-    key = (n1, tuple(spans), symmetric)
+    shares = shares or (self.tasks_per_worker, self.tail_halvings)
+    key = (n1, tuple(spans), symmetric, shares)
     planned = self._plans.get(key)
     if planned is None:   # the same shapes every step: plan once (ms of Python at 256 workers)
-      planned = block_plan.balanced_blocks(n1, spans, len(self._workers), symmetric,
-                                           self.tasks_per_worker, self.tail_halvings)
+      planned = block_plan.balanced_blocks(n1, spans, len(self._workers), symmetric, *shares)
       self._plans = {**(self._plans if len(self._plans) < 16 else {}), key: planned}
 
     def pads(task: _Task) -> dict:   # each block at its own shape: the plan repeats per step

@@ -35,11 +35,19 @@ from ntkdd.server.kernel_tasks import _Call, _Task, _Worker, _WorkerFault
 from ntkdd.workers import protocol
 
 KEPT_GRAD = 'kip_grad'   # the cache names (one per group request) the leaders keep sums under
-# The fused round's plan: one share per worker, then one wave of halves. Every fused block
-# answers a partial gradient of every support row (n_s x image bytes, 6 MB at 500 support
-# images of 32x32x3) that its leader adds: fewer, larger blocks than the two-round plan's
-# (2 shares, 2 halving waves) keep the leaders' links and additions off the critical path.
-FUSED_TASKS_PER_WORKER, FUSED_TAIL_HALVINGS = 1, 1
+# The fused round's plan: one block per worker, no tail wave. Every fused block answers a
+# partial gradient of every support row (n_s x image bytes, 6 MB at 500 support images of
+# 32x32x3) to its leader: one block per member is one partial gradient per member per round
+# (each member's sum of its share), so the leaders' links carry it once, at the end, and the
+# members never wait between blocks for their answers to cross them. Measured against one
+# share plus one wave of halves (two blocks per member): 256 workers, 50 images per class,
+# the fused round 318 -> 258 ms (BENCHMARKS.md, round 6). The price: no balancing within a
+# round (a member slower than the rest sets its group's end).
+FUSED_TASKS_PER_WORKER, FUSED_TAIL_HALVINGS = 1, 0
+# K_ss before the fused round: latency, not compute (10^4 to 10^5 pairs over the fleet, each
+# member waiting for the support first): one block per worker, not the backend's plan of
+# shares and halving waves (50 ipc: 5 blocks per member, the K_ss round 30 -> 24 ms).
+K_SS_SHARES = (1, 0)
 
 
 class FusedKipStep:
@@ -68,7 +76,8 @@ class FusedKipStep:
       return None
     y_s = np.asarray(support_labels, np.float64)
     y_t = np.asarray(target_labels, np.float64)
-    k_ss = self.kernel(x1, names=(kernel_name,))[kernel_name].astype(np.float64)
+    k_ss = self.kernel(x1, names=(kernel_name,), shares=K_SS_SHARES)[kernel_name].astype(
+        np.float64)
     solving = time.thread_time()
     k_ss = 0.5 * (k_ss + k_ss.T)
     # LU, not the two-round step's Cholesky path: a third of the coordinator's CPU between

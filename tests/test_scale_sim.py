@@ -118,6 +118,22 @@ def test_simulated_fleet_answers_the_surrogate_kernel(plan, broadcast):
     assert status['tree_fetches'] == 0 and status['cache_sends'] >= used
 
 
+def test_a_calls_own_shares_change_its_plan_not_its_values():
+  """kernel(shares=...) (the fused step's K_ss: one block per worker) plans that call with its
+  own shares, and the kernel is the same."""
+  _, _, (support, *_) = _kip_problem()
+  support = np.random.default_rng(2).normal(size=(40,) + support.shape[1:]).astype(np.float32)
+  fleet = sim.Fleet(16, QUICK)
+  with distributed_kernels.DistributedKernels(fleet.handles, block=4, plan='balanced',
+                                              **FAST) as distributed:
+    default = distributed.kernel(support)['ntk']
+    blocks_default = distributed.status()['blocks_done']
+    one_each = distributed.kernel(support, shares=(1, 0))['ntk']
+    blocks_one_each = distributed.status()['blocks_done'] - blocks_default
+  np.testing.assert_array_equal(one_each, default)
+  assert blocks_one_each < blocks_default
+
+
 @pytest.mark.parametrize('group_size', [1, 4])
 def test_simulated_kip_step_equals_the_inprocess_step_exactly(group_size):
   """Simulated workers computing for real on the same plan give the in-process bits."""
