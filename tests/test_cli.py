@@ -173,6 +173,7 @@ def test_resume_keeps_the_preprocessing_an_auto_run_was_made_with(tmp_path, caps
     (['--algorithm', 'kip'], ['--ls-rcond', '1e-3'], '--ls-rcond'),
     (['--algorithm', 'ls'], ['--steps', '10'], '--steps'),
     (['--algorithm', 'ls'], ['--lr', '0.1'], '--lr'),
+    (['--algorithm', 'ls'], ['--ema-decay', '0.99'], '--ema-decay'),
     (['--algorithm', 'ls'], ['--checkpoint-every', '5'], '--checkpoint-every'),
     (['--algorithm', 'ls'], ['--pool-size', '3'], '--pool-size'),
     (['--algorithm', 'kip'], ['--block', '8'], '--block'),                   # --workers 0
