@@ -1,6 +1,7 @@
 """One KIP step's timeline in the scale simulation: when group requests arrive, are ready, land.
 
-Runs `scale_sim.run_config` for one stage, worker count and ipc (2 steps, --step-wall 10)
+Runs `scale_sim.run_config` for one stage, worker count and ipc (2 steps, --step-wall 40: at
+50 ipc a shorter wall lets the simulation's own CPU delay its calls, BENCHMARKS.md round 6)
 with the fleet's call trace on, and prints for the last step's kernel and vjp rounds (ms
 from the round's start, unscaled GPU time): when the leaders held the round's caches, when
 the group requests reached their leaders, when the leaders were ready to answer (min /
@@ -23,6 +24,8 @@ import numpy as np
 from ntkdd.common import sources
 from ntkdd.server import distributed_kernels
 from ntkdd.workers import simulated_worker as sim
+
+WALL = '40'   # --step-wall (seconds of wall per ideal step)
 
 
 def _traced(fleets: list, marks: list, member_calls: list, fused: bool = False) -> None:
@@ -110,7 +113,7 @@ def main(argv: list[str]) -> int:
   stage, workers, ipc = argv[0], int(argv[1]), int(argv[2])
   fleets, marks, member_calls = [], [], []
   _traced(fleets, marks, member_calls, fused=stage == 'fused')
-  args = scale_sim.parse_args(['--steps', '2', '--step-wall', '10'])
+  args = scale_sim.parse_args(['--steps', '2', '--step-wall', WALL])
   h, w, c = (int(v) for v in args.image_shape.split('x'))
   train = np.random.default_rng(args.seed + 1).standard_normal(
       (args.train_size, h, w, c)).astype(np.float32)
