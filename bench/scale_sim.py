@@ -322,8 +322,8 @@ def run_config(args, stage: str, workers: int, ipc: int, train: np.ndarray, key:
                                         'tree_fetches',
                                         'rounds_s', 'wall_s')}}
   # The simulated workers compute their answers' content for real, on this machine's CPU: where
-  # that fills much of a step's wall, later calls book their virtual times late (the 50-ipc
-  # rows at --step-wall 10 lost 7-11 points so, BENCHMARKS.md round 6).
+  # that fills much of a step's wall, later calls book their virtual times late (round 5's
+  # fused row at 50 ipc, 256 workers: 64% at --step-wall 10, 75% at 40; BENCHMARKS.md round 6).
   result['sim_cpu_fraction'] = mean['sim_cpu_s'] / mean['wall_s']
   result['limit'] = _limit(result)
   return result

@@ -39,10 +39,10 @@ KEPT_GRAD = 'kip_grad'   # the cache names (one per group request) the leaders k
 # partial gradient of every support row (n_s x image bytes, 6 MB at 500 support images of
 # 32x32x3) to its leader: one block per member is one partial gradient per member per round
 # (each member's sum of its share), so the leaders' links carry it once, at the end, and the
-# members never wait between blocks for their answers to cross them. Measured against one
-# share plus one wave of halves (two blocks per member): 256 workers, 50 images per class,
-# the fused round 318 -> 258 ms (BENCHMARKS.md, round 6). The price: no balancing within a
-# round (a member slower than the rest sets its group's end).
+# members never wait between blocks for their answers to cross them. Against one share plus
+# one wave of halves (two blocks per member), 256 simulated workers at 50 images per class:
+# the step 75% -> 82% efficient with the K_ss plan and solve below (BENCHMARKS.md, round 6).
+# The price: no balancing within a round (a member slower than the rest sets its group's end).
 FUSED_TASKS_PER_WORKER, FUSED_TAIL_HALVINGS = 1, 0
 # K_ss before the fused round: latency, not compute (10^4 to 10^5 pairs over the fleet, each
 # member waiting for the support first): one block per worker, not the backend's plan of
