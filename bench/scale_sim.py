@@ -112,8 +112,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--stages', default='before,strips,tail,tree',
                  help=f'comma-separated, of {sorted(STAGES)}')
   p.add_argument('--steps', type=int, default=2, help='timed KIP steps per configuration')
-  p.add_argument('--step-wall', type=float, default=4.0,
-                 help='wall seconds the ideal step is stretched to (sets k per configuration)')
+  p.add_argument('--step-wall', type=float, default=40.0,
+                 help='wall seconds the ideal step is stretched to (sets k per configuration). '
+                      'Long enough that the simulation\'s own CPU (the simulated answers\' '
+                      'content, computed for real) stays a small part of it: at 10 s it was '
+                      'half of a 50-ipc fused step and delayed the calls (BENCHMARKS.md, scale '
+                      'round 6); rows where it exceeds 15%% get a note')
   p.add_argument('--time-scale', type=float, default=None, help='a fixed k instead')
   p.add_argument('--t-fwd', type=float, default=sim.GPU_SECONDS_PER_FORWARD_PAIR)
   p.add_argument('--t-vjp', type=float, default=sim.GPU_SECONDS_PER_VJP_PAIR)
