@@ -54,6 +54,12 @@ def cosine_schedule(peak: float, total_steps: int, final_fraction: float = 0.0) 
   return schedule
 
 
+def check_ema_decay(decay: float) -> None:
+  """Raises ValueError unless `decay` is a moving average's decay: in [0, 1), 0 meaning off."""
+  if not 0 <= decay < 1:
+    raise ValueError(f'--ema-decay must be in [0, 1) (0: off), got {decay}.')
+
+
 def ema_update(average: dict, params: dict, decay: float) -> dict:
   """One step of the exponential moving average of `params` (numpy or JAX arrays).
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ntkdd.common import architectures, optional, stax
+from ntkdd.common import architectures, optim, optional, stax
 from ntkdd.common.choices import INITS
 
 # How it works, in this module's names.
@@ -106,8 +106,7 @@ class RcigConfig:
       raise ValueError(f'init must be one of {INITS}, got {self.init!r}.')
     if not (0 < self.inner_lr_decrease <= 1 <= self.inner_lr_increase):
       raise ValueError('Need 0 < inner_lr_decrease <= 1 <= inner_lr_increase.')
-    if not 0 <= self.ema_decay < 1:
-      raise ValueError(f'--ema-decay must be in [0, 1) (0: off), got {self.ema_decay}.')
+    optim.check_ema_decay(self.ema_decay)
     if self.parameterization not in ('ntk', 'standard') or \
         self.eval_parameterization not in ('ntk', 'standard'):
       raise ValueError("parameterizations must be 'ntk' or 'standard'.")

@@ -74,8 +74,7 @@ class DistillConfig:
       raise ValueError(f'--init must be one of {choices.INITS}, got {self.init!r}.')
     if self.target_batch < 1:
       raise ValueError(f'--target-batch must be >= 1, got {self.target_batch}.')
-    if not 0 <= self.ema_decay < 1:
-      raise ValueError(f'--ema-decay must be in [0, 1) (0: off), got {self.ema_decay}.')
+    optim.check_ema_decay(self.ema_decay)
     if self.tile is not None and self.tile < 1:
       raise ValueError(f'--tile must be >= 1, got {self.tile}; leave it out to have it chosen '
                        f'from free memory.')
