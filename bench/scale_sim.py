@@ -40,7 +40,9 @@ the vjp cotangents as low-rank factors the group leaders expand (`cotangent_fact
 group's request as a head (3/4 of its pairs) and a tail beside it (`requests_per_group=2`);
 'fused' is 'lean' with the fused KIP step (`fused_step=True`, server/fused_step.py: K_ss first,
 then each target block's forward, residual and vjp in one member call, the leaders' sums
-added on a worker, then K_ss's vjp). Each result is
+added on a worker, then K_ss's vjp); 'overlap' is 'fused' with K_ss computed inside the fused
+round and alpha sent to the members mid-round (`fused_step='overlap'`,
+server/overlap_exchange.py: no K_ss round). Each result is
 checked against the surrogate kernel computed here on the whole arrays (first step).
 `requests` counts the coordinator's block or group requests per step (`blocks` the blocks).
 
@@ -68,7 +70,7 @@ import numpy as np  # noqa: E402
 import scaling_model  # noqa: E402  (bench/)
 
 from ntkdd.common import kip, sources  # noqa: E402
-from ntkdd.server import distributed_kernels  # noqa: E402
+from ntkdd.server import distributed_kernels, overlap_exchange  # noqa: E402
 from ntkdd.workers import simulated_worker as sim  # noqa: E402
 
 STAGES = {
@@ -81,14 +83,17 @@ STAGES = {
     'lean': ('balanced', 'tree', 2),            # ... and only the kernel KIP reads answered
     'split': ('balanced', 'tree', 2),           # ... and a head and a tail request per group
     'fused': ('balanced', 'tree', 2),           # lean, and the fused KIP step (no barrier)
+    'overlap': ('balanced', 'tree', 2),         # fused, with K_ss inside the fused round
 }
-GROUPED = ('groups', 'factors', 'lean', 'split', 'fused')   # group_size = --group-size (else 1)
+GROUPED = ('groups', 'factors', 'lean', 'split', 'fused', 'overlap')   # group_size = --group-size (else 1)
 # DistributedKernels options of the round-3 stages (issue 18): the KIP round's wire.
 STAGE_OPTIONS = {'factors': {'cotangent_factors': True},
                  'lean': {'cotangent_factors': True, 'one_kernel': True},
                  'split': {'cotangent_factors': True, 'one_kernel': True,
                            'requests_per_group': 2},
-                 'fused': {'cotangent_factors': True, 'one_kernel': True, 'fused_step': True}}
+                 'fused': {'cotangent_factors': True, 'one_kernel': True, 'fused_step': True},
+                 'overlap': {'cotangent_factors': True, 'one_kernel': True,
+                             'fused_step': 'overlap'}}
 
 
 def group_size(args, stage: str, workers: int) -> int:
@@ -216,6 +221,37 @@ def _coordinator_cpu(fleet, start: bool) -> float:
   return own + total - getattr(fleet, 'caller_sim_cpu_s', fleet.sim_cpu_s)
 
 
+class _ReplayedCpu:
+  """The overlapped step's exchange thread computes alpha and the inverse of K_ss during the
+  round, off the calling thread: real (unscaled) CPU that the scaled fleet would not see.
+  While active, each of those computations is followed by a sleep of (k - 1) times its CPU
+  seconds, so it takes its unscaled time in the simulation's virtual time too (and delays
+  alpha's sending, or the round's end, where it would)."""
+
+  def __init__(self, k: float):
+    self.k, self._init = k, overlap_exchange.OverlapExchange.__init__
+
+  def _replayed(self, fn):
+    def run(*args):
+      start = time.thread_time()
+      out = fn(*args)
+      time.sleep((self.k - 1) * (time.thread_time() - start))
+      return out
+    return run
+
+  def __enter__(self):
+    init, replayed = self._init, self._replayed
+
+    def patched(exchange, *args, **kwargs):
+      init(exchange, *args, **kwargs)
+      exchange.solve, exchange.invert = replayed(exchange.solve), replayed(exchange.invert)
+    overlap_exchange.OverlapExchange.__init__ = patched
+    return self
+
+  def __exit__(self, *exc):
+    overlap_exchange.OverlapExchange.__init__ = self._init
+
+
 def run_config(args, stage: str, workers: int, ipc: int, train: np.ndarray, key: str) -> dict:
   plan, broadcast, tail_halvings = STAGES[stage]
   rng = np.random.default_rng(args.seed)
@@ -260,8 +296,9 @@ def run_config(args, stage: str, workers: int, ipc: int, train: np.ndarray, key:
                                                  fleet.coordinator_out.bytes)
       wall, (cpu, sim_cpu) = time.perf_counter(), _cpu_parts(fleet)
       threads_cpu = _coordinator_cpu(fleet, start=True)
-      kip.kip_gradients(timed, support, labels, targets,
-                        np.eye(args.classes, dtype=np.float32)[target_ids] - 0.1, target_ids)
+      with _ReplayedCpu(k):
+        kip.kip_gradients(timed, support, labels, targets,
+                          np.eye(args.classes, dtype=np.float32)[target_ids] - 0.1, target_ids)
       wall = time.perf_counter() - wall
       cpu, sim_cpu = time.process_time() - cpu, fleet.sim_cpu_s - sim_cpu
       threads_cpu = _coordinator_cpu(fleet, start=False) - threads_cpu

@@ -11,6 +11,8 @@ block was done (median member, and the last member of each group).
 
   python bench/scale_timeline.py lean 256 10
   python bench/scale_timeline.py fused 256 10   # its phases: K_ss, fused round + sum, K_ss vjp
+  python bench/scale_timeline.py overlap 256 10   # fused round (K_ss gathered, alpha sent
+                                                  # during it) + sum, K_ss vjp
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import scale_sim  # bench/ (first: it sets one BLAS thread before numpy loads)
 import numpy as np
 
 from ntkdd.common import sources
-from ntkdd.server import distributed_kernels
+from ntkdd.server import distributed_kernels, overlap_exchange
 from ntkdd.workers import simulated_worker as sim
 
 WALL = '40'   # --step-wall (seconds of wall per ideal step)
@@ -63,6 +65,9 @@ def _traced(fleets: list, marks: list, member_calls: list, fused: bool = False) 
     for name, method in (('K_ss', 'kernel'), ('fused+sum', '_fused_targets'),
                          ('sum', '_sum_kept'), ('K_ss vjp', 'vjp')):
       setattr(backend, method, timed(name, getattr(backend, method)))
+    exchange = overlap_exchange.OverlapExchange   # the overlapped step's per-group calls
+    for name, method in (('gather', '_gather'), ('alpha sent', '_send_alpha')):
+      setattr(exchange, method, timed(name, getattr(exchange, method)))
 
 
 def round_line(name: str, start: float, end: float, trace: list, k: float) -> str:
@@ -112,7 +117,7 @@ def members_line(start: float, end: float, member_calls: list, k: float) -> str:
 def main(argv: list[str]) -> int:
   stage, workers, ipc = argv[0], int(argv[1]), int(argv[2])
   fleets, marks, member_calls = [], [], []
-  _traced(fleets, marks, member_calls, fused=stage == 'fused')
+  _traced(fleets, marks, member_calls, fused=stage in ('fused', 'overlap'))
   args = scale_sim.parse_args(['--steps', '2', '--step-wall', WALL])
   h, w, c = (int(v) for v in args.image_shape.split('x'))
   train = np.random.default_rng(args.seed + 1).standard_normal(
@@ -122,8 +127,17 @@ def main(argv: list[str]) -> int:
   k = result['time_scale']
   print(f"{stage}, {ipc} ipc, {workers} workers: efficiency {100 * result['efficiency']:.0f}%, "
         f"step {1e3 * result['step_s']:.1f} ms, KRR step {1e3 * result['solve_s']:.1f} ms")
-  last = marks[-4:] if stage == 'fused' else marks[-2:]   # the last step's phases
-  step_start = min(start for _, start, _ in last)
+  # The last step's phases: from the last call of its first phase on.
+  first = {'fused': 'K_ss', 'overlap': 'fused+sum'}.get(stage, 'kernel')
+  step_start = max(start for name, start, _ in marks if name == first)
+  last = [mark for mark in marks if mark[1] >= step_start]
+  ms = lambda value: (value - step_start) / k * 1e3   # noqa: E731
+  for name in ('gather', 'alpha sent'):   # per group: when each call ended
+    ends = sorted(ms(end) for mark, _, end in last if mark == name)
+    if ends:
+      print(f'  {name}: {len(ends)} calls, done {ends[0]:.1f} / {np.median(ends):.1f} / '
+            f'{ends[-1]:.1f} ms into the step')
+  last = [mark for mark in last if mark[0] not in ('gather', 'alpha sent')]
   for name, start, end in sorted(last, key=lambda mark: mark[1]):
     print(f'  {name} starts {(start - step_start) / k * 1e3:.1f} ms into the step')
     print(round_line(name, start, end, fleets[0].trace, k))

@@ -62,6 +62,9 @@ class LocalWorkerHandle(protocol.WorkerHandle):
   def sum_caches(self, request: bytes) -> bytes:
     return self._invoke(protocol.SUM_CACHES, request)
 
+  def gather_caches(self, request: bytes) -> bytes:
+    return self._invoke(protocol.GATHER_CACHES, request)
+
   def group_blocks(self, request: bytes) -> bytes:
     return self._invoke('group_blocks', request)
 

@@ -41,7 +41,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -78,7 +78,7 @@ class DistributedKernels(CacheBroadcast, GroupRequests, FusedKipStep, WorkerHeal
                plan: str = 'tiles', tasks_per_worker: int = 2, tail_halvings: int = 2,
                broadcast: str = 'direct', tree_fanout: int = 8, group_size: int = 1,
                one_kernel: bool = False, cotangent_factors: bool = False,
-               requests_per_group: int = 1, fused_step: bool = False):
+               requests_per_group: int = 1, fused_step: Union[bool, str] = False):
     """Args beyond the protocol's:
       block: rows and columns of the square blocks a worker computes per call (plan 'tiles');
         None fits the side to each call's rows (`block_plan.tile_side`).
@@ -124,6 +124,8 @@ class DistributedKernels(CacheBroadcast, GroupRequests, FusedKipStep, WorkerHeal
         group requests, each target block's forward, residual and vjp run in one member call
         (no barrier between KIP's rounds); equal to the two-round step to float32 rounding.
         Falls back to the two rounds where groups cannot serve (then or for that step).
+        'overlap': the same, with K_ss computed inside the fused round and alpha sent to the
+        members mid-round (server/overlap_exchange.py): the same bits, one round fewer.
     """
     if not workers:
       raise ValueError('DistributedKernels needs at least one worker handle.')
@@ -136,8 +138,12 @@ class DistributedKernels(CacheBroadcast, GroupRequests, FusedKipStep, WorkerHeal
                        f'group_size >= 1 (got {group_size}).')
     self.group_size = int(group_size)
     self.one_kernel, self.cotangent_factors = bool(one_kernel), bool(cotangent_factors)
+    if fused_step not in (False, True, 'overlap'):
+      raise ValueError(f"fused_step must be False, True or 'overlap', got {fused_step!r}.")
     self.fused_step = bool(fused_step)
+    self.fused_overlap = fused_step == 'overlap'
     self.fused_solve_s = 0.0   # the last fused kip_step's own arithmetic (thread CPU s)
+    self.overlap_cpu_s = 0.0   # ... and, overlapped, its exchange thread's (alpha, inverse)
     if requests_per_group not in (1, 2) or (requests_per_group == 2
                                             and max_in_flight_per_worker < 2):
       raise ValueError(f'requests_per_group must be 1 or 2 (2 needs max_in_flight_per_worker '

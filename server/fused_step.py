@@ -19,6 +19,10 @@ labels, and the cotangent alpha r^T of its vjp. So `kip_step` runs
 
 The result equals the two-round step to float32 rounding (other block shapes and summation
 orders), and is as reproducible: plans and sums follow the worker count, not timing.
+
+`fused_step='overlap'` sends the fused round's requests before alpha is known and computes K_ss
+inside that round (server/overlap_exchange.py): the same K_ss blocks, alpha and step, bit for
+bit, without the K_ss round's latency.
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ from typing import Optional
 import numpy as np
 
 from ntkdd.common import krr
-from ntkdd.server import block_plan
+from ntkdd.server import block_plan, overlap_exchange
 from ntkdd.server.kernel_tasks import _Call, _Task, _Worker, _WorkerFault
 from ntkdd.workers import protocol
 
@@ -76,18 +80,34 @@ class FusedKipStep:
       return None
     y_s = np.asarray(support_labels, np.float64)
     y_t = np.asarray(target_labels, np.float64)
-    k_ss = self.kernel(x1, names=(kernel_name,), shares=K_SS_SHARES)[kernel_name].astype(
-        np.float64)
-    solving = time.thread_time()
-    k_ss = 0.5 * (k_ss + k_ss.T)
-    # LU, not the two-round step's Cholesky path: a third of the coordinator's CPU between
-    # rounds at 500 support images (bench/scale_sim.py), equal to float64 rounding.
-    alpha = krr.solve(k_ss, y_s, reg, method='lu')
-    self.fused_solve_s = time.thread_time() - solving
-    fused = self._fused_targets(x1, target_images, alpha, y_t, kernel_name)
-    if fused is None:
-      return None
-    kept, k_r, predictions = fused
+
+    def solve_alpha(k_ss: np.ndarray) -> np.ndarray:
+      k_ss[...] = 0.5 * (k_ss + k_ss.T)
+      # LU, not the two-round step's Cholesky path: a third of the coordinator's CPU between
+      # rounds at 500 support images (bench/scale_sim.py), equal to float64 rounding.
+      return krr.solve(k_ss, y_s, reg, method='lu')
+
+    inverse = None
+    if self.fused_overlap and self._serve_all(protocol.KIP_OVERLAP):
+      fused = self._fused_targets(
+          x1, target_images, (solve_alpha, lambda k_ss: krr.inverse(k_ss, reg)), y_t,
+          kernel_name)
+      if fused is None:
+        return None
+      # Alpha and the inverse were computed during the round, on the exchange's thread
+      # (`overlap_cpu_s`): between the rounds only the calling thread's arithmetic below.
+      kept, k_r, predictions, (k_ss, alpha, inverse), self.overlap_cpu_s = fused
+      self.fused_solve_s = 0.0
+    else:
+      k_ss = self.kernel(x1, names=(kernel_name,), shares=K_SS_SHARES)[kernel_name].astype(
+          np.float64)
+      solving = time.thread_time()
+      alpha = solve_alpha(k_ss)
+      self.fused_solve_s = time.thread_time() - solving
+      fused = self._fused_targets(x1, target_images, alpha, y_t, kernel_name)
+      if fused is None:
+        return None
+      kept, k_r, predictions = fused[:3]
     # The kept sums meet on the workers' links while K_ss's vjp runs: neither needs the other.
     summing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='ntkdd-sum')
     sum_future = summing.submit(self._sum_kept, x1, kept)
@@ -97,7 +117,8 @@ class FusedKipStep:
     loss = 0.5 * float(np.sum(residual * residual))
     if not np.isfinite(loss):
       raise FloatingPointError('The KIP loss is NaN or inf.')
-    beta = krr.solve(k_ss, k_r, reg, method='lu')
+    # The overlapped step has the inverse: beta by one product (float64 rounding apart).
+    beta = inverse @ k_r if inverse is not None else krr.solve(k_ss, k_r, reg, method='lu')
     gradients = krr.KrrGradients(loss=loss, predictions=predictions, d_k_ss=None, d_k_ts=None,
                                  d_y_s=beta, alpha=alpha, residual=residual)
     # The K_ss part of KIP's cotangent: its factors without the targets' rows.
@@ -114,10 +135,12 @@ class FusedKipStep:
       return None
     return gradients, grad_targets + grad_ss
 
-  def _fused_targets(self, x1: np.ndarray, target_images, alpha: np.ndarray, y_t: np.ndarray,
+  def _fused_targets(self, x1: np.ndarray, target_images, alpha, y_t: np.ndarray,
                      kernel_name: str) -> Optional[tuple]:
     """(the kept sums [(holder, name, version), ...] in plan order, K_st r, predictions),
-    or None if groups cannot serve."""
+    or None if groups cannot serve. `alpha`: the array, or (the overlapped step) the functions
+    (K_ss -> alpha, K_ss -> the regularised inverse); then also (K_ss, alpha, the inverse)
+    and the CPU seconds computing those two."""
     start = time.perf_counter()
     with self._call_lock:
       parts = self._column_parts(x1, target_images)
@@ -132,14 +155,23 @@ class FusedKipStep:
       group_fields = self._group_fields(x1, parts, caches, lambda task: {},
                                         protocol.KIP_TARGETS)
       version = self._version_fn()
+      exchange = None
+      if isinstance(alpha, tuple):   # overlapped: K_ss in this round, alpha sent mid-round
+        kss_blocks, kss_pads = self._plan_blocks(n_s, self._column_parts(x1, None), True,
+                                                 K_SS_SHARES)
+        exchange = overlap_exchange.OverlapExchange(self, kss_blocks, kss_pads, blocks,
+                                                    version, *alpha)
+        alpha_fields = exchange.fields
+      else:
+        alpha_fields = lambda task, worker, alpha=alpha: {'alpha': alpha}
       k_r: dict[int, np.ndarray] = {}
       kept_by: dict[int, str] = {}
       predictions = np.zeros_like(y_t)
 
       def build(task: _Task, worker: _Worker) -> dict:
         labels = np.concatenate([y_t[c0:c1] for _, (c0, c1), _ in task.blocks])
-        return {**group_fields(task, worker), 'kernel': kernel_name, 'alpha': alpha,
-                'target_labels': labels,
+        return {**group_fields(task, worker), 'kernel': kernel_name,
+                **alpha_fields(task, worker), 'target_labels': labels,
                 'keep_grad': {'name': f'{KEPT_GRAD}{task.index}', 'version': version}}
 
       def deliver(task: _Task, response: dict) -> None:
@@ -157,13 +189,29 @@ class FusedKipStep:
           offset += c1 - c0
 
       call = _Call(protocol.GROUP_BLOCKS, caches, build, deliver)
+      if exchange is not None:
+        exchange.start(call, min(groups, len(blocks)))
       self._run(call, blocks, groups)
       order = [task.index for task in call.tasks]   # plan order: reproducible sums
       total_k_r = k_r[order[0]].copy()
       for index in order[1:]:
         total_k_r += k_r[index]
     self._count(n_s * n_t, start)
-    return [(kept_by[i], f'{KEPT_GRAD}{i}', version) for i in order], total_k_r, predictions
+    kept = [(kept_by[i], f'{KEPT_GRAD}{i}', version) for i in order]
+    if exchange is None:
+      return kept, total_k_r, predictions
+    return kept, total_k_r, predictions, exchange.result(), exchange.solve_s
+
+  def _serve_all(self, feature: str) -> bool:
+    """Whether every worker's ping lists `feature` (else logged once)."""
+    with self._lock:
+      lacking = [w.index for w in self._workers
+                 if feature not in (w.info.get('features') or ())]
+    if lacking and getattr(self, '_lacking_logged', None) != (feature, lacking):
+      logging.info('Workers %s do not serve %r; the fused step runs without it.', lacking,
+                   feature)
+      self._lacking_logged = (feature, lacking)
+    return not lacking
 
   def _fused_groups(self, parts: list) -> int:
     """Group requests per call for the fused round over these target parts, or 0 (then

@@ -96,3 +96,18 @@ def test_kip_cotangent_factors_equal_the_dense_cotangent(reg):
   np.testing.assert_array_equal(krr.kip_cotangent_factors(lean, reg).right, factors.right)
   with pytest.raises(ValueError, match='float64'):
     cotangents.unpack(cotangents.pack(factors).astype(np.float32), 7)
+
+
+def test_inverse_gives_the_solves_to_float64_rounding():
+  """krr.inverse (the overlapped KIP step's beta: one product with it) equals krr.solve on the
+  same right-hand sides to float64 rounding, at a realistic condition number."""
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(40, 12))
+  k_ss = x @ x.T   # rank 12: the regulariser alone makes it invertible
+  rhs = rng.normal(size=(40, 5))
+  want = krr.solve(k_ss, rhs, 1e-6, method='lu')
+  got = krr.inverse(k_ss, 1e-6) @ rhs
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-7 * np.abs(want).max())
+  assert not np.array_equal(got, np.zeros_like(got))
+  with pytest.raises(FloatingPointError):
+    krr.inverse(np.full((3, 3), np.nan), 1e-6)

@@ -1,5 +1,6 @@
 """The coordinator against simulated fleets: block plans, tree broadcast, exactness, faults."""
 import itertools
+import threading
 import time
 
 import numpy as np
@@ -609,3 +610,73 @@ def test_fused_step_redone_in_two_rounds_when_a_kept_sum_is_lost(monkeypatch):
   assert results[0].loss == results[1].loss
   np.testing.assert_array_equal(results[0].grad_images, results[1].grad_images)
   np.testing.assert_array_equal(results[0].grad_labels, results[1].grad_labels)
+
+
+# -- The overlapped fused step: K_ss inside the fused round (issue 18). --------------------------
+
+def _kip_step_on_fleet(args, train, key, fused, kill=(), compute='sleep'):
+  fleet = sim.Fleet(16, sim.SimParams(time_scale=1e-3, compute=compute), arch=FC.to_dict(),
+                    datasets={key: train})
+  spec = dict(plan='balanced', broadcast='tree', block=4, group_size=4, one_kernel=True,
+              cotangent_factors=True, **FAST)
+  with distributed_kernels.DistributedKernels(fleet.handles, fused_step=fused,
+                                              **spec) as distributed:
+    _wait_for_pings(distributed, 16)
+    for index in kill:   # down after the pings: the coordinator learns it from the calls
+      fleet.kill(index)
+    return kip.kip_gradients(distributed, *args), distributed.status()
+
+
+@pytest.mark.parametrize('compute', ['real', 'sleep'])
+def test_overlapped_step_equals_the_fused_step_bit_for_bit(compute):
+  """fused_step='overlap' computes K_ss's blocks inside the fused round (the members send them
+  to their leaders, the coordinator gathers them and sends alpha back mid-round) with the
+  plan and worker code of the fused step's own K_ss call: the same K_ss, alpha, loss and
+  predictions bit for bit, in one round fewer (the fused round and K_ss's vjp: 4 group requests
+  each); beta by the inverse computed during the round: the gradients to float64 rounding,
+  cast to float32 for the vjp."""
+  train, key, args = _kip_problem(seed=2)
+  fused, _ = _kip_step_on_fleet(args, train, key, True, compute=compute)
+  overlapped, status = _kip_step_on_fleet(args, train, key, 'overlap', compute=compute)
+  assert status['requests_done'] == 2 * 4 and status['members_dropped'] == 0
+  assert overlapped.loss == fused.loss
+  np.testing.assert_allclose(overlapped.grad_labels, fused.grad_labels, rtol=1e-9,
+                             atol=1e-12 * np.abs(fused.grad_labels).max())
+  np.testing.assert_allclose(overlapped.grad_images, fused.grad_images, rtol=0,
+                             atol=1e-5 * np.abs(fused.grad_images).max())
+
+
+@pytest.mark.parametrize('kill', [(5,), (0, 4, 8, 12)])
+def test_overlapped_step_survives_members_and_leaders_going_down(kill):
+  """A member down before the round (its block, K_ss blocks included, goes to the others of its
+  group) and a worker of every group down (some lead: their requests go to other workers and
+  the gathers follow them): the step completes with the undisturbed step's bits."""
+  train, key, args = _kip_problem(seed=5)
+  want, _ = _kip_step_on_fleet(args, train, key, 'overlap')
+  got, status = _kip_step_on_fleet(args, train, key, 'overlap', kill=kill)
+  assert status['alive_workers'] == 16 - len(kill)
+  assert status['members_dropped'] + status['blocks_requeued'] >= 1   # a fault path ran
+  assert got.loss == want.loss
+  np.testing.assert_array_equal(got.grad_images, want.grad_images)
+
+
+def test_gather_caches_waits_for_entries_sent_after_the_request():
+  """gather_caches may reach the leader before its members' blocks do (the overlapped step
+  sends it at once): it waits for them, and answers them flattened in the order asked."""
+  fleet = sim.Fleet(2, QUICK, arch=FC.to_dict())
+  blocks = [np.arange(6, dtype=np.float32).reshape(2, 3), np.ones((1, 2), np.float32)]
+  request = protocol.encode({'caches': [['0', 'kss3', 4], ['0', 'kss7', 4]]})
+  answers = []
+  thread = threading.Thread(target=lambda: answers.append(
+      protocol.decode(fleet.handles[0].gather_caches(request))))
+  thread.start()
+  time.sleep(0.3)
+  for name, block in zip(('kss7', 'kss3'), blocks[::-1]):
+    assert protocol.decode(fleet.workers[0].set_images(name, 4, protocol.encode(
+        {'images': block})))['ok']
+  thread.join(10)
+  assert answers and answers[0]['ok']
+  np.testing.assert_array_equal(answers[0]['values'], np.concatenate([b.ravel() for b in blocks]))
+  refused = protocol.decode(fleet.handles[0].gather_caches(protocol.encode({'caches': []})))
+  assert not refused['ok'] and refused['error'] == 'bad_request'
+

@@ -22,7 +22,10 @@ The request (a wire message; see `group_request_fields` for the coordinator's si
                 the leader forms per block from low-rank factors it caches, see below) or
                 'kip_targets' (its blocks span every support row; fields `kernel`, `alpha`
                 (n_s, C), `target_labels` (the blocks' columns, C, in block order) and
-                optionally `keep_grad` {'name', 'version'}: see protocol.KIP_TARGETS).
+                optionally `keep_grad` {'name', 'version'}: see protocol.KIP_TARGETS; the
+                overlapped step sends `alpha_cache` {'version'}, `kss_cache` {'name',
+                'version'} and `kss_blocks` instead of `alpha`: see protocol.KIP_OVERLAP;
+                the leader holds both for its members and the coordinator).
   kernels       (optional, kernel_block) the kernels to answer, as in a block request.
   members       peer ids (str) of the group; the leader's own id may be among them.
   blocks        [[r0, r1, c0, c1, part], ...]: rows of the rows cache, columns of the call.
@@ -121,6 +124,8 @@ class GroupLeader:
         raise GroupError(protocol.STALE_CACHE, f'Group leader {own}: cache {name!r} version '
                                            f'{version} requested, but it holds '
                                            f'{"nothing" if held is None else held[0]}.')
+    if method == protocol.KIP_TARGETS and 'alpha_cache' in request:
+      self._announce_overlap(request)
     tail = request.get('tail') is True
     run = _GroupRun(self, MEMBER_METHOD[method], members, block_requests, caches, tail)
     summed = None if method == 'kernel_block' else _OrderedSum(
@@ -150,6 +155,15 @@ class GroupLeader:
       return {**out, **self._kip_answer(request, results, summed)}
     out.update(grad_rows=summed.rows.astype(np.int64), grad=summed.grad)
     return out
+
+  def _announce_overlap(self, request: dict) -> None:
+    """The overlapped step: alpha (from the coordinator) and the group's K_ss blocks (from
+    its members) will arrive here; reads of them (members' fetches, the coordinator's
+    gather_caches) wait for them."""
+    kss = request['kss_cache']   # checked by _parse
+    names = [f'{kss["name"]}{b[0]}' for per_block in request['kss_blocks'] for b in per_block]
+    self.worker.announce(names, kss['version'])
+    self.worker.announce([protocol.ALPHA_CACHE], request['alpha_cache']['version'])
 
   def _kip_answer(self, request: dict, results: list, summed: '_OrderedSum') -> dict:
     """A KIP_TARGETS answer: k_r summed and the predictions concatenated in block order;
@@ -396,9 +410,10 @@ def _parse(request: dict, worker: Any) -> tuple:
   flats = {name: request[name] for name in ('g_ntk', 'g_nngp')
            if method not in ('kernel_block', protocol.KIP_TARGETS)
            and isinstance(request.get(name), np.ndarray)}
-  kip = _kip_fields(request, blocks) if method == protocol.KIP_TARGETS else None
+  kip = _kip_fields(request, blocks, str(worker.worker_id)) \
+      if method == protocol.KIP_TARGETS else None
   if kip is not None:
-    base.update(kernel=kip['kernel'], alpha=kip['alpha'])
+    base.update(kip['fields'])
   factors = _factors(request, worker) if method == protocol.VJP_FACTORS else {}
   for name, g in factors.items():
     if any(r1 > g.shape[0] or c1 > g.shape[1] for r0, r1, c0, c1, _ in blocks):
@@ -432,31 +447,56 @@ def _parse(request: dict, worker: Any) -> tuple:
     if kip is not None:   # the block's columns' labels, concatenated in block order
       fields['target_labels'] = kip['labels'][label_offset:label_offset + (c1 - c0)]
       label_offset += c1 - c0
+      if kip['kss_blocks'] is not None:   # the overlapped step: this block's K_ss blocks
+        fields['kss_blocks'] = kip['kss_blocks'][len(builders)]
     builders.append(lambda fields=fields, at=(r0, r1, c0, c1): protocol.encode(
         {**fields, **_factor_blocks(factors, at, worker.dtype)}))
   return method, members, blocks, builders, caches
 
 
-def _kip_fields(request: dict, blocks: list) -> dict:
-  """A KIP_TARGETS request's kernel name, alpha and per-column labels, checked."""
+def _kip_fields(request: dict, blocks: list, own: str) -> dict:
+  """A KIP_TARGETS request's per-column labels, its members' common fields (`kernel`, and
+  `alpha`, or for the overlapped step `alpha_cache` and `kss_cache` naming this leader) and
+  the overlapped step's K_ss blocks per block (else None), checked."""
   bad = protocol.BAD_REQUEST
   name, alpha, labels = (request.get(k) for k in ('kernel', 'alpha', 'target_labels'))
+  alpha_cache, kss_cache, kss_blocks = (request.get(k) for k in ('alpha_cache', 'kss_cache',
+                                                                 'kss_blocks'))
   keep = request.get('keep_grad')
   columns = sum(c1 - c0 for _, _, c0, c1, _ in blocks)
+  n_s = blocks[0][1] if blocks else 0
   if name not in protocol.KERNEL_NAMES:
     raise GroupError(bad, f'{protocol.KIP_TARGETS} needs `kernel` in {protocol.KERNEL_NAMES}.')
-  if not (isinstance(alpha, np.ndarray) and alpha.ndim == 2 and isinstance(labels, np.ndarray)
-          and labels.shape == (columns, alpha.shape[1])):
-    raise GroupError(bad, f'{protocol.KIP_TARGETS} needs `alpha` (n_s, C) and '
-                          f'`target_labels` ({columns}, C): one row per block column, in block '
-                          f'order.')
-  if any((r0, r1) != (0, len(alpha)) for r0, r1, *_ in blocks):
+  overlap = alpha_cache is not None
+  if not (isinstance(labels, np.ndarray) and labels.ndim == 2 and len(labels) == columns and (
+      overlap or isinstance(alpha, np.ndarray) and alpha.shape == (n_s, labels.shape[1]))):
+    raise GroupError(bad, f'{protocol.KIP_TARGETS} needs `alpha` (n_s, C) (or `alpha_cache`) '
+                          f'and `target_labels` ({columns}, C): one row per block column, in '
+                          f'block order.')
+  if any((r0, r1) != (0, n_s) for r0, r1, *_ in blocks):
     raise GroupError(bad, f'{protocol.KIP_TARGETS} blocks must span every support row '
-                          f'[0, {len(alpha)}).')
+                          f'[0, {n_s}).')
   if keep is not None and not (isinstance(keep, dict) and isinstance(keep.get('name'), str)
                                and isinstance(keep.get('version'), int)):
     raise GroupError(bad, '`keep_grad` must be {"name": str, "version": int}.')
-  return {'kernel': name, 'alpha': alpha, 'labels': labels}
+  if not overlap:
+    return {'labels': labels, 'fields': {'kernel': name, 'alpha': alpha}, 'kss_blocks': None}
+  if not (isinstance(alpha_cache, dict) and isinstance(alpha_cache.get('version'), int)
+          and isinstance(kss_cache, dict) and isinstance(kss_cache.get('name'), str)
+          and isinstance(kss_cache.get('version'), int) and isinstance(kss_blocks, list)
+          and len(kss_blocks) == len(blocks) and all(
+              isinstance(per_block, list) and all(
+                  isinstance(b, list) and len(b) == 7 and all(isinstance(v, int) for v in b)
+                  for b in per_block) for per_block in kss_blocks)):
+    raise GroupError(bad, f'{protocol.KIP_TARGETS} with `alpha_cache` {{"version"}} needs '
+                          f'`kss_cache` {{"name", "version"}} and `kss_blocks`: one list per '
+                          f'block of [index, r0, r1, c0, c1, pad_rows, pad_cols].')
+  fields = {'kernel': name,
+            'alpha_cache': {'name': protocol.ALPHA_CACHE, 'version': alpha_cache['version'],
+                            'source': own},
+            'kss_cache': {'name': kss_cache['name'], 'version': kss_cache['version'],
+                          'holder': own}}
+  return {'labels': labels, 'fields': fields, 'kss_blocks': kss_blocks}
 
 
 def _asked_kernels(request: dict) -> tuple:

@@ -134,7 +134,7 @@ class KernelWorker:
           or images.dtype.kind not in 'biuf'):
         raise RequestError(BAD_REQUEST, 'set_images needs a numeric `images` array, NHWC or '
                                         '(N, D).')
-      if name not in protocol.FACTOR_CACHES.values():   # factors keep float64's digits
+      if name not in protocol.FLOAT64_CACHES:   # factors and alpha keep float64's digits
         images = images.astype(self.dtype, copy=False)
     except protocol.WireError as e:
       return self._refuse(MALFORMED, f'set_images: {e}')
@@ -157,7 +157,18 @@ class KernelWorker:
     PEER_WAIT_S), so a fetch can start before its source holds the images (cut-through);
     a version it has not heard of it awaits PEER_ANNOUNCE_S (its own fetch may be on the way).
     """
-    version = int(version)
+    try:
+      return protocol.encode({'ok': True, 'images': self._wait_held(name, int(version))})
+    except RequestError as e:
+      return error_response(e.kind, f'Worker {self.worker_id}: {e}')
+
+  def _wait_held(self, name: str, version: int) -> np.ndarray:
+    """The array of cache entry (`name`, `version`), waiting PEER_WAIT_S for one announced
+    as on its way (`announce`, or this worker fetching it), PEER_ANNOUNCE_S for another.
+
+    Raises:
+      RequestError: 'stale_cache' if it is not here by then.
+    """
     start = time.monotonic()
     with self._lock:
       while self._images.get(name, (None,))[0] != version:
@@ -167,11 +178,20 @@ class KernelWorker:
           break
         self._cache_changed.wait(limit - waited)
       held = self._images.get(name)
-    if held is None or held[0] != int(version):
+    if held is None or held[0] != version:
       have = 'nothing' if held is None else f'version {held[0]}'
-      return error_response(STALE_CACHE, f'Worker {self.worker_id}: cache {name!r} version '
-                                         f'{version} asked for, but it holds {have}.')
-    return protocol.encode({'ok': True, 'images': held[1]})
+      raise RequestError(STALE_CACHE, f'cache {name!r} version {version} asked for, but it '
+                                      f'holds {have}.')
+    return held[1]
+
+  def announce(self, names: list, version: int) -> None:
+    """Not an RPC: the cache entries (`names`, `version`) are on their way here (sent by
+    peers or the coordinator), so reads of them wait PEER_WAIT_S (the overlapped fused step's
+    K_ss blocks and alpha, which its group leader holds)."""
+    with self._lock:
+      for name in names:
+        self._arriving[name] = int(version)
+      self._cache_changed.notify_all()
 
   def fetch_images(self, name: str, version: int, peer: str) -> bytes:
     """Caches (`name`, `version`) fetched from the peer worker `peer` (the tree broadcast).
@@ -233,6 +253,12 @@ class KernelWorker:
     """{'grad'}: the sum, in the order given, of the cache entries `caches` ([[peer id, name,
     version], ...]) fetched from those peers (this worker's own read here)."""
     return self._serve(request, self._sum_caches)
+
+  def gather_caches(self, request: bytes) -> bytes:
+    """{'values'}: the cache entries `caches` ([[peer id, name, version], ...]) flattened and
+    concatenated in the order given (the overlapped fused step's K_ss blocks), this worker's
+    own waited for while announced."""
+    return self._serve(request, self._gather_caches)
 
   def group_blocks(self, request: bytes) -> bytes:
     """Many blocks led over this worker's group (workers/group_leader.py): the blocks'
@@ -317,14 +343,22 @@ class KernelWorker:
     if name not in protocol.KERNEL_NAMES:
       raise RequestError(BAD_REQUEST, f'kip_block needs `kernel` in {protocol.KERNEL_NAMES}, '
                                       f'got {name!r}.')
-    alpha, labels = request.get('alpha'), request.get('target_labels')
-    if not (isinstance(alpha, np.ndarray) and isinstance(labels, np.ndarray)
-            and alpha.ndim == 2 and labels.ndim == 2 and alpha.shape[1] == labels.shape[1]
-            and alpha.dtype.kind == 'f' and labels.dtype.kind == 'f'):
-      raise RequestError(BAD_REQUEST, 'kip_block needs float arrays `alpha` (rows, C) and '
-                                      '`target_labels` (columns, C).')
+    labels = request.get('target_labels')
+    alpha = request.get('alpha') if 'alpha_cache' not in request else None
+    if not (isinstance(labels, np.ndarray) and labels.ndim == 2 and labels.dtype.kind == 'f'
+            and (alpha is None or isinstance(alpha, np.ndarray) and alpha.ndim == 2
+                 and alpha.shape[1] == labels.shape[1] and alpha.dtype.kind == 'f')):
+      raise RequestError(BAD_REQUEST, 'kip_block needs float arrays `alpha` (rows, C) (or '
+                                      '`alpha_cache`) and `target_labels` (columns, C).')
+    if 'kss_blocks' in request:   # the overlapped step: K_ss first, for alpha
+      self._kss_blocks(request, name)
     rows_start, rows_stop = request.get('rows_start'), request.get('rows_stop')
     kernel = self._kernel_block(request)[name]
+    if alpha is None:   # the forward is done: now alpha is needed
+      alpha = self._await_alpha(request.get('alpha_cache'))
+      if alpha.ndim != 2 or alpha.shape[1] != labels.shape[1]:
+        raise RequestError(BAD_REQUEST, f'kip_block: alpha has shape {alpha.shape}, the '
+                                        f'labels {labels.shape}.')
     if kernel.shape != (len(alpha), len(labels)) or (rows_start, rows_stop) != (0, len(alpha)):
       raise RequestError(BAD_REQUEST, f'kip_block: a {kernel.shape} block needs every support '
                                       f'row (rows [0, {len(alpha)})) and one label per column '
@@ -338,21 +372,96 @@ class KernelWorker:
     grad = self._vjp_block({**request, f'g_{name}': cotangent})['grad']
     return {'grad': grad, 'k_r': kernel @ residual, 'predictions': predictions}
 
+  def _kss_blocks(self, request: dict, name: str) -> None:
+    """The overlapped step's K_ss blocks of a kip_block request (`kss_blocks` [[index, r0,
+    r1, c0, c1, pad_rows, pad_cols], ...], `kss_cache` {'name', 'version', 'holder'}), each
+    computed as a kernel_block request of the rows cache against itself and sent to the holder
+    as the cache entry (name + str(index), version)."""
+    blocks, cache = request.get('kss_blocks'), request.get('kss_cache')
+    if not (isinstance(blocks, list) and all(
+        isinstance(b, list) and len(b) == 7 and all(isinstance(v, int) for v in b)
+        for b in blocks) and isinstance(cache, dict) and isinstance(cache.get('name'), str)
+            and isinstance(cache.get('version'), int) and isinstance(cache.get('holder'), str)):
+      raise RequestError(BAD_REQUEST, 'kss_blocks must be [[index, r0, r1, c0, c1, pad_rows, '
+                                      'pad_cols], ...] with kss_cache {"name", "version", '
+                                      '"holder"}.')
+    for index, r0, r1, c0, c1, pad_rows, pad_cols in blocks:
+      sub = {'rows_cache': request.get('rows_cache'), 'rows_version': request.get('rows_version'),
+             'rows_start': r0, 'rows_stop': r1, 'cols_cache': request.get('rows_cache'),
+             'cols_version': request.get('rows_version'), 'cols_start': c0, 'cols_stop': c1,
+             'pad_rows': pad_rows, 'pad_cols': pad_cols}
+      block = self._kernel_block(sub)[name]
+      self._push(cache['holder'], f'{cache["name"]}{index}', cache['version'], block)
+
+  def _push(self, holder: str, name: str, version: int, array: np.ndarray) -> None:
+    """Sends `array` to worker `holder` as its cache entry (`name`, `version`) without
+    waiting (the device goes on with the block's forward); kept here if `holder` is us."""
+    if holder == str(self.worker_id):
+      self.keep(name, version, array)
+      return
+    handle = self._peers.get(holder)
+    if handle is None:
+      raise RequestError(BAD_REQUEST, f'Worker {self.worker_id} has no peer {holder!r}.')
+    payload = protocol.encode({'images': array})
+
+    def send():
+      try:
+        handle.set_images(name, version, payload)
+      except Exception as e:  # its gather then fails, and the coordinator gathers again
+        logging.warning('Worker %d could not send %r to %s: %s', self.worker_id, name,
+                        holder, e)
+    threading.Thread(target=send, daemon=True, name=f'ntkdd-push{self.worker_id}').start()
+
+  def _await_alpha(self, spec) -> np.ndarray:
+    """The overlapped step's alpha: the cache entry `spec` {'name', 'version', 'source'},
+    fetched from its source (the group leader) unless held, waiting for it to arrive there."""
+    if not (isinstance(spec, dict) and spec.get('name') == protocol.ALPHA_CACHE
+            and isinstance(spec.get('version'), int) and isinstance(spec.get('source'), str)):
+      raise RequestError(BAD_REQUEST, f'alpha_cache must be {{"name": '
+                                      f'{protocol.ALPHA_CACHE!r}, "version": int, "source": '
+                                      f'peer id}}.')
+    name, version, source = spec['name'], spec['version'], spec['source']
+    with self._lock:
+      held = self._images.get(name)
+    if held is None or held[0] != version:
+      if source != str(self.worker_id):
+        answer = protocol.decode(self.fetch_images(name, version, source))
+        if not answer.get('ok'):
+          raise RequestError(answer.get('error', EXCEPTION), str(answer.get('message')))
+      held = (version, self._wait_held(name, version))
+    return np.asarray(held[1], np.float64)
+
   def _sum_caches(self, request: dict) -> dict:
+    caches = request.get('caches')
+    total = None
+    for (peer, name, _), part in zip(caches, self._fetch_caches(request, 'sum_caches')):
+      if total is not None and part.shape != total.shape:   # added in the order given
+        raise RequestError(BAD_REQUEST, f'sum_caches: {name!r} of peer {peer} has shape '
+                                        f'{part.shape}, the first {total.shape}.')
+      total = part.copy() if total is None else total + part
+    return {'grad': total}
+
+  def _fetch_caches(self, request: dict, method: str) -> list:
+    """The arrays of a sum_caches / gather_caches request's `caches` ([[peer id, name,
+    version], ...]), fetched from those peers at once, in the order given. This worker's own
+    entries: held now (sum_caches) or waited for while announced (gather_caches)."""
     caches = request.get('caches')
     if not (isinstance(caches, list) and caches and all(
         isinstance(c, list) and len(c) == 3 and isinstance(c[0], str) and isinstance(c[1], str)
         and isinstance(c[2], int) for c in caches)):
-      raise RequestError(BAD_REQUEST, 'sum_caches needs `caches`: [[peer id, name, version], '
+      raise RequestError(BAD_REQUEST, f'{method} needs `caches`: [[peer id, name, version], '
                                       '...], non-empty.')
     for peer, _, _ in caches:
       if peer != str(self.worker_id) and peer not in self._peers:
-        raise RequestError(BAD_REQUEST, f'sum_caches: {peer!r} is not a peer of worker '
+        raise RequestError(BAD_REQUEST, f'{method}: {peer!r} is not a peer of worker '
                                         f'{self.worker_id}.')
 
     def fetch(entry: list) -> np.ndarray:
       peer, name, version = entry
       if peer == str(self.worker_id):
+        if method == protocol.GATHER_CACHES:   # on their way here: the request may come first
+          self.announce([name], version)
+          return self._wait_held(name, version)
         with self._lock:
           held = self._images.get(name)
         if held is None or held[0] != version:
@@ -365,14 +474,11 @@ class KernelWorker:
         raise RequestError(answer.get('error', EXCEPTION), f'peer {peer}: {answer.get("message")}')
       return answer['images']
 
-    total = None
-    for (peer, name, _), part in zip(caches, self._gather([
-        lambda entry=entry: fetch(entry) for entry in caches])):   # added in the order given
-      if total is not None and part.shape != total.shape:
-        raise RequestError(BAD_REQUEST, f'sum_caches: {name!r} of peer {peer} has shape '
-                                        f'{part.shape}, the first {total.shape}.')
-      total = part.copy() if total is None else total + part
-    return {'grad': total}
+    return self._gather([lambda entry=entry: fetch(entry) for entry in caches])
+
+  def _gather_caches(self, request: dict) -> dict:
+    parts = self._fetch_caches(request, 'gather_caches')
+    return {'values': np.concatenate([part.reshape(-1) for part in parts])}
 
   def _gather(self, calls: list) -> list:
     """The results of `calls` (no-argument functions), run at once on threads (fetches from

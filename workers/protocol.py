@@ -82,9 +82,25 @@ KERNEL_NAMES = ('ntk', 'nngp')
 # `caches` = [[peer id, name, version], ...], answers their sum in that order (`grad`): the
 # partial gradients meet on the workers' links, not the coordinator's.
 KIP_TARGETS, KIP_BLOCK, SUM_CACHES = 'kip_targets', 'kip_block', 'sum_caches'
+# The overlapped fused step (`DistributedKernels(fused_step='overlap')`): a KIP_TARGETS
+# request sent before alpha is known. In place of `alpha` it names `alpha_cache` {'name',
+# 'version'}, which the coordinator sets on the leader once K_ss is solved (the leader's
+# members fetch it from the leader after their blocks' forwards), and it carries `kss_blocks`
+# (one list per block, in block order, of [index, r0, r1, c0, c1] blocks of K(support,
+# support)) with `kss_cache` {'name', 'version'}: the member that takes a block first computes
+# its K_ss blocks (kernel `kernel`) and sends each to the leader as the cache entry
+# (name + str(index), version); GATHER_CACHES, called on the leader with `caches` = [[peer id,
+# name, version], ...], answers those entries flattened and concatenated in that order
+# (`values`), waiting for the ones announced to be on their way. The K_ss round's latency (the
+# support's arrival, a round of small blocks) then hides behind the targets' forwards.
+KIP_OVERLAP, GATHER_CACHES = 'kip_overlap', 'gather_caches'
+# Caches whose array keeps the dtype it was sent in (float64) where images are cast to the
+# worker's dtype: the cotangent factors and the overlapped step's alpha.
+ALPHA_CACHE = 'kip_alpha'
+FLOAT64_CACHES = tuple(FACTOR_CACHES.values()) + (ALPHA_CACHE,)
 # What a worker's ping lists under `features`: the options above it serves. The coordinator
 # checks it before using them, and says which workers lack one.
-FEATURES = (VJP_FACTORS, KERNELS_FIELD, KIP_TARGETS)
+FEATURES = (VJP_FACTORS, KERNELS_FIELD, KIP_TARGETS, KIP_OVERLAP)
 PEER_METHODS = (CACHED_IMAGES, FETCH_IMAGES)
 ARGUMENT_TYPES = (bytes, int, str)   # what a worker call carries (Courier hangs on numpy)
 
@@ -141,6 +157,11 @@ class WorkerHandle(Protocol):
   def sum_caches(self, request: bytes) -> bytes:
     """Optional (the fused KIP step, see KIP_TARGETS): the sum of cache entries held by this
     worker's peers (or itself), fetched over their links."""
+    raise NotImplementedError
+
+  def gather_caches(self, request: bytes) -> bytes:
+    """Optional (the overlapped fused step, see KIP_OVERLAP): cache entries held by this
+    worker or its peers, flattened and concatenated in the order given."""
     raise NotImplementedError
 
   def group_blocks(self, request: bytes) -> bytes:

@@ -35,7 +35,7 @@ import numpy as np
 
 from ntkdd.common import architectures
 from ntkdd.launch.inprocess import LocalWorkerHandle
-from ntkdd.workers import kernel_worker
+from ntkdd.workers import kernel_worker, protocol
 
 # GPU guesses (BENCHMARKS.md, "Scale"): displacement-band kernels, 32x32x3 ConvNet depth 3,
 # the FLOP model's 101 MFLOP a forward pair at ~15 TFLOP/s sustained.
@@ -218,6 +218,33 @@ class SimulatedWorker(kernel_worker.KernelWorker):
     self.cache_ready_at[name] = (int(version), self.clock.ready)
     return answer
 
+  def keep(self, name: str, version: int, array: np.ndarray) -> None:
+    """As KernelWorker's, and notes when (virtual time) the array was ready."""
+    super().keep(name, version, array)
+    self.cache_ready_at[name] = (int(version), self.clock.ready)
+
+  def _wait_held(self, name: str, version: int) -> np.ndarray:
+    """As KernelWorker's; this call is ready no earlier than the entry arrived."""
+    held = super()._wait_held(name, version)
+    held_version, arrived = self.cache_ready_at.get(name, (None, 0.0))
+    if held_version == version:
+      self.clock.ready = max(self.clock.ready, arrived)
+    return held
+
+  def _push(self, holder: str, name: str, version: int, array: np.ndarray) -> None:
+    """As KernelWorker's, booked from when the array was computed (virtual time) on this
+    thread; the device goes on meanwhile (the handle does not sleep)."""
+    if holder == str(self.worker_id):
+      self.keep(name, version, array)
+      return
+    self._peers[holder].set_images(name, version, protocol.encode({'images': array}))
+
+  def _await_alpha(self, spec) -> np.ndarray:
+    """As KernelWorker's; the blocks booked after it start when alpha is here."""
+    alpha = super()._await_alpha(spec)
+    self.clock.arrived = max(self.clock.arrived, self.clock.ready)
+    return alpha
+
   def group_blocks(self, request: bytes) -> bytes:
     """As KernelWorker's: its calls to the members start when the request has arrived, and
     its answer leaves when the last member's answer is in."""
@@ -334,6 +361,16 @@ class _PeerHandle:
 
   def fetch_images(self, name: str, version: int, peer: str) -> bytes:
     return self._call('fetch_images', name, version, peer)
+
+  def set_images(self, name: str, version: int, payload: bytes) -> bytes:
+    """A one-way send (the overlapped step's K_ss blocks to their leader): booked on both
+    workers' links from when the sender's call is ready; no sleep, the sender goes on."""
+    self.fleet.check_up(self.source)
+    arrived = self.fleet.book(64 + len(payload), [self.dest.link_out, self.source.link_in],
+                              self.dest.clock.ready)
+    clock = self.source.clock   # this thread's view of the receiver
+    clock.arrived = clock.ready = arrived
+    return self.source.set_images(name, version, payload)
 
   def cached_images(self, name: str, version: int) -> bytes:
     """Books the fetch on both workers' links, after the fetching request arrived."""

@@ -1,0 +1,175 @@
+"""The overlapped fused KIP step's exchange: K_ss gathered from the group leaders during the
+fused round, alpha solved and sent back to them (protocol.KIP_OVERLAP, issue 18).
+
+The fused step (server/fused_step.py) first computes K_ss in a round of its own, solves alpha,
+then sends the target blocks; that K_ss round is latency (the support's arrival, ~10^4-10^5
+pairs over hundreds of workers). Here the fused round's group requests go out at once, before
+alpha is known, each member computing its share of K_ss's blocks first, then its target
+block's forward (no alpha needed), then fetching alpha from its leader for the residual and the
+vjp. Meanwhile this exchange gathers K_ss from the leaders (one `gather_caches` per group, which
+waits for the members' blocks), solves alpha, and sets it on each leader: the K_ss round's
+latency hides behind the targets' forwards.
+
+K_ss's blocks are the ones `DistributedKernels.kernel` plans for the same call (K_SS_SHARES),
+computed by the same worker code with the same padding, so K_ss, alpha and the step equal the
+fused step's bit for bit. Faults: a member that fails before sending its blocks has its target
+block redone by another member, which sends them again; a leader that fails has its group
+request sent to another worker, and the gather follows it; a request built once alpha is known
+carries alpha itself.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+from typing import Callable, Optional
+
+import numpy as np
+
+from ntkdd.server.kernel_tasks import _Call, _Task, _Worker, _WorkerFault
+from ntkdd.workers import protocol
+
+KSS_CACHE = 'kip_kss'   # K_ss block j is held by its group's leader as KSS_CACHE + str(j)
+GATHER_ATTEMPTS = 3     # gather_caches calls to one leader (each waits PEER_WAIT_S at most)
+
+
+class OverlapExchange:
+  """One overlapped step's shared state: the fused round's request builder asks it for each
+  group request's alpha fields (`fields`); `start` runs the gather-solve-send thread."""
+
+  def __init__(self, backend, kss_blocks: list, kss_pads: Callable[[_Task], dict],
+               fused_blocks: list, version: int, solve: Callable[[np.ndarray], np.ndarray],
+               invert: Callable[[np.ndarray], np.ndarray]):
+    """Args:
+      backend: the DistributedKernels (its `_call`, `dtype`, `poll_s`).
+      kss_blocks: K(support, support)'s blocks ((r0, r1), (c0, c1), part), as kernel() plans.
+      kss_pads: task -> its pad fields, as kernel() sends them.
+      fused_blocks: the fused round's blocks, in plan order.
+      version: the cache version of this step's alpha and K_ss blocks.
+      solve: K_ss (float64; it may symmetrise it in place) -> alpha.
+      invert: K_ss -> the regularised K_ss's inverse, computed once alpha is sent (the
+        round's remaining compute hides it), for beta after the round.
+    """
+    self.backend, self.version = backend, int(version)
+    self.solve, self.invert = solve, invert
+    self.kss_blocks = kss_blocks
+    n_fused = len(fused_blocks)
+    # K_ss block j rides with fused block j mod n (one per member while there are as many).
+    self._block_index = {(rows, cols): i for i, (rows, cols, _) in enumerate(fused_blocks)}
+    self._kss_of = [[] for _ in range(n_fused)]
+    for j, ((r0, r1), (c0, c1), _) in enumerate(kss_blocks):
+      pads = kss_pads(_Task(None, j, (r0, r1), (c0, c1), 0))
+      self._kss_of[j % n_fused].append([j, r0, r1, c0, c1, pads.get('pad_rows', r1 - r0),
+                                        pads.get('pad_cols', c1 - c0)])
+    self.n_support = max((c1 for _, (_, c1), _ in kss_blocks), default=0)
+    self.alpha: Optional[np.ndarray] = None
+    self.k_ss: Optional[np.ndarray] = None
+    self.inverse: Optional[np.ndarray] = None
+    self.solve_s = 0.0               # this thread's CPU seconds: alpha and the inverse
+    self._leaders: dict[int, tuple[_Worker, _Task]] = {}   # group task index -> its leader now
+    self._changed = threading.Condition()
+    self._thread: Optional[threading.Thread] = None
+    self._error: Optional[BaseException] = None
+
+  def fields(self, task: _Task, worker: _Worker) -> dict:
+    """A group request's alpha fields: alpha itself once known, else the overlapped fields
+    (this worker noted as the group's leader, whose K_ss blocks are gathered from it)."""
+    with self._changed:
+      if self.alpha is not None:
+        return {'alpha': self.alpha}
+      self._leaders[task.index] = (worker, task)
+      self._changed.notify_all()
+    return {'alpha_cache': {'version': self.version},
+            'kss_cache': {'name': KSS_CACHE, 'version': self.version},
+            'kss_blocks': [self._kss_of[self._block_index[(rows, cols)]]
+                           for rows, cols, _ in task.blocks]}
+
+  def start(self, call: _Call, groups: int) -> None:
+    """Gathers K_ss from the `groups` group requests' leaders, solves alpha and sends it, on a
+    thread of its own (`result` waits for it)."""
+    self._thread = threading.Thread(target=self._run, args=(call, groups), daemon=True,
+                                    name='ntkdd-overlap')
+    self._thread.start()
+
+  def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(K_ss float64, alpha, the regularised K_ss's inverse) once the thread is done; its
+    error re-raised."""
+    self._thread.join()
+    if self._error is not None:
+      raise self._error
+    return self.k_ss, self.alpha, self.inverse
+
+  def _run(self, call: _Call, groups: int) -> None:
+    try:
+      k_ss = np.zeros((self.n_support, self.n_support), self.backend.dtype)
+      with concurrent.futures.ThreadPoolExecutor(groups, thread_name_prefix='ntkdd-gather') \
+          as pool:
+        for blocks, values in pool.map(lambda g: self._gather(call, g), range(groups)):
+          self._place(k_ss, blocks, values)
+      k_ss = k_ss.astype(np.float64)
+      solving = time.thread_time()
+      alpha = self.solve(k_ss)
+      self.solve_s = time.thread_time() - solving
+      with self._changed:   # from now on, requests carry alpha itself
+        self.k_ss, self.alpha = k_ss, alpha
+        leaders = {worker.index: worker for worker, _ in self._leaders.values()}
+      payload = protocol.encode({'images': alpha})
+      with concurrent.futures.ThreadPoolExecutor(len(leaders) or 1,
+                                                 thread_name_prefix='ntkdd-alpha') as pool:
+        list(pool.map(lambda worker: self._send_alpha(worker, payload), leaders.values()))
+      solving = time.thread_time()
+      self.inverse = self.invert(k_ss)
+      self.solve_s += time.thread_time() - solving
+    except BaseException as e:  # the fused round then fails or times out: say why
+      self._error = e
+      call.fail(e if isinstance(e, Exception) else RuntimeError(str(e)))
+
+  def _gather(self, call: _Call, group: int) -> tuple[list, np.ndarray]:
+    """(its K_ss blocks, their values) of group request `group`, from whichever worker leads
+    it now (waiting for one to be sent it, and again after a leader fails)."""
+    failed = None
+    while True:
+      with self._changed:
+        while (self._leaders.get(group, (failed,))[0] is failed
+               and not call.finished.is_set()):
+          self._changed.wait(self.backend.poll_s)
+        if group not in self._leaders or self._leaders[group][0] is failed:
+          raise RuntimeError('The fused round ended before its K_ss blocks were gathered.')
+        worker, task = self._leaders[group]
+      blocks = [b for rows, cols, _ in task.blocks
+                for b in self._kss_of[self._block_index[(rows, cols)]]]
+      request = protocol.encode({'caches': [[worker.peer_id, f'{KSS_CACHE}{b[0]}',
+                                             self.version] for b in blocks]})
+      for _ in range(GATHER_ATTEMPTS):   # an answer that is no gather (late blocks): again
+        try:
+          answer = self.backend._call(worker, protocol.GATHER_CACHES, request)
+        except _WorkerFault:   # down: its group request goes to another worker
+          break
+        if answer.get('ok') and isinstance(answer.get('values'), np.ndarray):
+          return blocks, answer['values']
+        if call.finished.is_set():
+          break
+      failed = worker   # gather from whichever worker leads the group request next
+
+  @staticmethod
+  def _place(k_ss: np.ndarray, blocks: list, values: np.ndarray) -> None:
+    """Puts gathered blocks ([j, r0, r1, c0, c1, ...], flattened in order) into K_ss, and
+    their mirrors below the diagonal, as kernel() does."""
+    offset = 0
+    for _, r0, r1, c0, c1, *_ in blocks:
+      size = (r1 - r0) * (c1 - c0)
+      if offset + size > len(values):
+        raise ValueError('gather_caches answered fewer values than its K_ss blocks hold')
+      block = values[offset:offset + size].reshape(r1 - r0, c1 - c0)
+      k_ss[r0:r1, c0:c1] = block
+      if (r0, r1) != (c0, c1):
+        k_ss[c0:c1, r0:r1] = block.T
+      offset += size
+
+  def _send_alpha(self, worker: _Worker, payload: bytes) -> None:
+    """Sets alpha on a leader; one that fails has its request sent elsewhere, with alpha."""
+    try:
+      self.backend._call(worker, protocol.SET_IMAGES, protocol.ALPHA_CACHE, self.version,
+                         payload)
+    except _WorkerFault:
+      pass
