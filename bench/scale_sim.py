@@ -71,7 +71,7 @@ import scaling_model  # noqa: E402  (bench/)
 
 from ntkdd.common import kip, sources  # noqa: E402
 from ntkdd.server import distributed_kernels, overlap_exchange  # noqa: E402
-from ntkdd.workers import simulated_worker as sim  # noqa: E402
+from ntkdd.workers import kernel_worker, simulated_worker as sim  # noqa: E402
 
 STAGES = {
     'before': ('tiles', 'direct', 0),           # today's defaults: 64x64 tiles, direct sends
@@ -226,10 +226,13 @@ class _ReplayedCpu:
   round, off the calling thread: real (unscaled) CPU that the scaled fleet would not see.
   While active, each of those computations is followed by a sleep of (k - 1) times its CPU
   seconds, so it takes its unscaled time in the simulation's virtual time too (and delays
-  alpha's sending, or the round's end, where it would)."""
+  alpha's sending, or the round's end, where it would). And the workers' waits for announced
+  cache entries (kernel_worker.PEER_WAIT_S, real seconds) are stretched by k: the overlapped
+  step's sum asks the leaders for their sums a whole round (up to ~40 s here) early."""
 
   def __init__(self, k: float):
     self.k, self._init = k, overlap_exchange.OverlapExchange.__init__
+    self._peer_wait_s = kernel_worker.PEER_WAIT_S
 
   def _replayed(self, fn):
     def run(*args):
@@ -246,10 +249,12 @@ class _ReplayedCpu:
       init(exchange, *args, **kwargs)
       exchange.solve, exchange.invert = replayed(exchange.solve), replayed(exchange.invert)
     overlap_exchange.OverlapExchange.__init__ = patched
+    kernel_worker.PEER_WAIT_S = self._peer_wait_s * max(1.0, self.k)
     return self
 
   def __exit__(self, *exc):
     overlap_exchange.OverlapExchange.__init__ = self._init
+    kernel_worker.PEER_WAIT_S = self._peer_wait_s
 
 
 def run_config(args, stage: str, workers: int, ipc: int, train: np.ndarray, key: str) -> dict:

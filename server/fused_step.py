@@ -87,11 +87,18 @@ class FusedKipStep:
       # rounds at 500 support images (bench/scale_sim.py), equal to float64 rounding.
       return krr.solve(k_ss, y_s, reg, method='lu')
 
-    inverse = None
+    inverse, early = None, {}
     if self.fused_overlap and self._serve_all(protocol.KIP_OVERLAP):
+      def sum_early(leaders: dict) -> None:
+        # Every leader has its request (it sent its K_ss blocks): the sum of their kept
+        # gradients starts now, each fetched as its group ends, not after the whole round.
+        early['kept'] = [(leaders[g].peer_id, f'{KEPT_GRAD}{g}', early['version'])
+                         for g in sorted(leaders)]
+        early['future'] = _in_thread(self._sum_kept, x1, early['kept'])
+
       fused = self._fused_targets(
-          x1, target_images, (solve_alpha, lambda k_ss: krr.inverse(k_ss, reg)), y_t,
-          kernel_name)
+          x1, target_images, (solve_alpha, lambda k_ss: krr.inverse(k_ss, reg), sum_early),
+          y_t, kernel_name, early)
       if fused is None:
         return None
       # Alpha and the inverse were computed during the round, on the exchange's thread
@@ -109,9 +116,10 @@ class FusedKipStep:
         return None
       kept, k_r, predictions = fused[:3]
     # The kept sums meet on the workers' links while K_ss's vjp runs: neither needs the other.
-    summing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='ntkdd-sum')
-    sum_future = summing.submit(self._sum_kept, x1, kept)
-    summing.shutdown(wait=False)
+    # (Overlapped: started during the round, unless a group request changed leaders since.)
+    sum_future = early.get('future') if early.get('kept') == kept else None
+    if sum_future is None:
+      sum_future = _in_thread(self._sum_kept, x1, kept)
     solving = time.thread_time()
     residual = predictions - y_t
     loss = 0.5 * float(np.sum(residual * residual))
@@ -129,18 +137,24 @@ class FusedKipStep:
     # one hop fewer than publishing factors to the leaders first.
     grad_ss = self.vjp(x1, x1, **{f'g_{kernel_name}': g_ss.dense()})
     try:
-      grad_targets = sum_future.result()
+      try:
+        grad_targets = sum_future.result()
+      except _WorkerFault:
+        if 'future' not in early:
+          raise
+        grad_targets = self._sum_kept(x1, kept)   # the early sum failed: once more, now
     except _WorkerFault as fault:   # a holder went down with its sum: redo the step
       logging.warning('Fused KIP step: %s; running the two rounds instead.', fault)
       return None
     return gradients, grad_targets + grad_ss
 
   def _fused_targets(self, x1: np.ndarray, target_images, alpha, y_t: np.ndarray,
-                     kernel_name: str) -> Optional[tuple]:
+                     kernel_name: str, early: Optional[dict] = None) -> Optional[tuple]:
     """(the kept sums [(holder, name, version), ...] in plan order, K_st r, predictions),
     or None if groups cannot serve. `alpha`: the array, or (the overlapped step) the functions
-    (K_ss -> alpha, K_ss -> the regularised inverse); then also (K_ss, alpha, the inverse)
-    and the CPU seconds computing those two."""
+    (K_ss -> alpha, K_ss -> the regularised inverse, {group: leader} -> None once alpha is
+    sent); then also (K_ss, alpha, the inverse) and the CPU seconds computing those two, and
+    `early['version']` is set to the round's cache version."""
     start = time.perf_counter()
     with self._call_lock:
       parts = self._column_parts(x1, target_images)
@@ -155,6 +169,8 @@ class FusedKipStep:
       group_fields = self._group_fields(x1, parts, caches, lambda task: {},
                                         protocol.KIP_TARGETS)
       version = self._version_fn()
+      if early is not None:
+        early['version'] = version
       exchange = None
       if isinstance(alpha, tuple):   # overlapped: K_ss in this round, alpha sent mid-round
         kss_blocks, kss_pads = self._plan_blocks(n_s, self._column_parts(x1, None), True,
@@ -249,3 +265,11 @@ class FusedKipStep:
         return np.asarray(answer['grad'], self.dtype)
       errors.append(f'worker {worker.index}: {answer.get("error")}: {answer.get("message")}')
     raise _WorkerFault(f'no worker could sum the kept gradients: {errors}')
+
+
+def _in_thread(fn, *args) -> concurrent.futures.Future:
+  """fn(*args) on a thread of its own; its future."""
+  pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='ntkdd-sum')
+  future = pool.submit(fn, *args)
+  pool.shutdown(wait=False)
+  return future

@@ -39,7 +39,8 @@ class OverlapExchange:
 
   def __init__(self, backend, kss_blocks: list, kss_pads: Callable[[_Task], dict],
                fused_blocks: list, version: int, solve: Callable[[np.ndarray], np.ndarray],
-               invert: Callable[[np.ndarray], np.ndarray]):
+               invert: Callable[[np.ndarray], np.ndarray],
+               on_alpha_sent: Optional[Callable[[dict], None]] = None):
     """Args:
       backend: the DistributedKernels (its `_call`, `dtype`, `poll_s`).
       kss_blocks: K(support, support)'s blocks ((r0, r1), (c0, c1), part), as kernel() plans.
@@ -49,9 +50,11 @@ class OverlapExchange:
       solve: K_ss (float64; it may symmetrise it in place) -> alpha.
       invert: K_ss -> the regularised K_ss's inverse, computed once alpha is sent (the
         round's remaining compute hides it), for beta after the round.
+      on_alpha_sent: called with {group request index: its leader} once alpha is on its way
+        (the fused step starts the sum of the leaders' kept gradients then).
     """
     self.backend, self.version = backend, int(version)
-    self.solve, self.invert = solve, invert
+    self.solve, self.invert, self.on_alpha_sent = solve, invert, on_alpha_sent
     self.kss_blocks = kss_blocks
     n_fused = len(fused_blocks)
     # K_ss block j rides with fused block j mod n (one per member while there are as many).
@@ -117,6 +120,9 @@ class OverlapExchange:
       with concurrent.futures.ThreadPoolExecutor(len(leaders) or 1,
                                                  thread_name_prefix='ntkdd-alpha') as pool:
         list(pool.map(lambda worker: self._send_alpha(worker, payload), leaders.values()))
+      if self.on_alpha_sent is not None:
+        with self._changed:
+          self.on_alpha_sent({g: worker for g, (worker, _) in self._leaders.items()})
       solving = time.thread_time()
       self.inverse = self.invert(k_ss)
       self.solve_s += time.thread_time() - solving

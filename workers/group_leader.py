@@ -158,12 +158,15 @@ class GroupLeader:
 
   def _announce_overlap(self, request: dict) -> None:
     """The overlapped step: alpha (from the coordinator) and the group's K_ss blocks (from
-    its members) will arrive here; reads of them (members' fetches, the coordinator's
-    gather_caches) wait for them."""
+    its members) will arrive here, and so will the sum `keep_grad` names; reads of them
+    (members' fetches, the coordinator's gather_caches, a worker's sum_caches) wait."""
     kss = request['kss_cache']   # checked by _parse
     names = [f'{kss["name"]}{b[0]}' for per_block in request['kss_blocks'] for b in per_block]
     self.worker.announce(names, kss['version'])
     self.worker.announce([protocol.ALPHA_CACHE], request['alpha_cache']['version'])
+    keep = request.get('keep_grad')
+    if keep is not None:   # the coordinator's sum may ask for it before the round ends
+      self.worker.announce([keep['name']], keep['version'])
 
   def _kip_answer(self, request: dict, results: list, summed: '_OrderedSum') -> dict:
     """A KIP_TARGETS answer: k_r summed and the predictions concatenated in block order;
@@ -296,6 +299,17 @@ class _GroupRun:
     busy = self.leader.busy[member]
     return busy >= LANES_PER_MEMBER or (busy and len(self.pending) <= len(self.members))
 
+  def _may_prefetch(self) -> bool:
+    """Whether a second lane may take a block now (the caller holds `cond`): while there
+    are more than PREFETCH_BELOW per member, or at least one for every member with a lane
+    free (idle members included: each of them takes one anyway; queued now, a block starts
+    as its member's running one ends, instead of a round trip to this leader later)."""
+    if len(self.pending) > PREFETCH_BELOW * len(self.members):
+      return True
+    free = sum(1 for m in self.members
+               if self.leader.busy[m] < LANES_PER_MEMBER and m not in self.dropped)
+    return len(self.pending) >= free
+
   def _drop(self, member: str, message: str, index: Any = None) -> None:
     with self.cond:
       self.dropped.setdefault(member, message)
@@ -326,7 +340,7 @@ class _GroupRun:
         # A second lane takes a block only while there are more than the members can start:
         # at the end of a round a block queued behind its member's running one would wait
         # while other members sit idle.
-        while ((not self.pending or (lane and len(self.pending) <= PREFETCH_BELOW * len(self.members))
+        while ((not self.pending or (lane and not self._may_prefetch())
                 or self._behind_heads(member))
                and self.done < len(self.requests) and self.error is None
                and member not in self.dropped):

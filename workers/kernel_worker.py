@@ -443,8 +443,8 @@ class KernelWorker:
 
   def _fetch_caches(self, request: dict, method: str) -> list:
     """The arrays of a sum_caches / gather_caches request's `caches` ([[peer id, name,
-    version], ...]), fetched from those peers at once, in the order given. This worker's own
-    entries: held now (sum_caches) or waited for while announced (gather_caches)."""
+    version], ...]), fetched from those peers at once, in the order given; this worker's own
+    waited for while announced (gather_caches announces them: they are on their way)."""
     caches = request.get('caches')
     if not (isinstance(caches, list) and caches and all(
         isinstance(c, list) and len(c) == 3 and isinstance(c[0], str) and isinstance(c[1], str)
@@ -461,14 +461,7 @@ class KernelWorker:
       if peer == str(self.worker_id):
         if method == protocol.GATHER_CACHES:   # on their way here: the request may come first
           self.announce([name], version)
-          return self._wait_held(name, version)
-        with self._lock:
-          held = self._images.get(name)
-        if held is None or held[0] != version:
-          raise RequestError(STALE_CACHE, f'Cache {name!r} version {version} requested, but '
-                                          f'this worker holds '
-                                          f'{"nothing" if held is None else held[0]}.')
-        return held[1]
+        return self._wait_held(name, version)
       answer = protocol.decode(self._peers[peer].cached_images(name, version))
       if not answer.get('ok'):
         raise RequestError(answer.get('error', EXCEPTION), f'peer {peer}: {answer.get("message")}')

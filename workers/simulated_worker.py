@@ -22,7 +22,8 @@ fleet can be stretched to seconds here; divide measured wall times by k for GPU 
 not scaled is the CPU the coordinator (and this simulation) really spends: `Fleet.sim_cpu_s`
 counts the CPU seconds spent in simulated workers and links (thread CPU time, sleeps
 excluded), so the process CPU minus it is the coordinator's own; `caller_sim_cpu_s` is the
-part spent on the coordinator's threads (the handles' calls), to subtract from theirs.
+part spent on the coordinator's slot threads (`ntkdd-worker*`: the handles' calls), to
+subtract from theirs.
 """
 from __future__ import annotations
 
@@ -315,7 +316,9 @@ class SimulatedHandle(LocalWorkerHandle):
       answer = super()._invoke(method, *args)
       done = fleet.book(len(answer), [worker.link_out, fleet.coordinator_in], clock.ready)
     finally:
-      fleet.add_sim_cpu(time.thread_time() - start_cpu, on_caller=True)
+      # (The coordinator-CPU figure reads its slot threads: what they spent here is ours.)
+      fleet.add_sim_cpu(time.thread_time() - start_cpu, on_caller=threading.current_thread(
+          ).name.startswith('ntkdd-worker'))
     if fleet.trace is not None:
       fleet.trace.append((worker.worker_id, method, clock.arrived, clock.ready, done))
     time.sleep(max(0.0, done - time.monotonic()))
