@@ -125,7 +125,8 @@ class DistributedKernels(CacheBroadcast, GroupRequests, FusedKipStep, WorkerHeal
         (no barrier between KIP's rounds); equal to the two-round step to float32 rounding.
         Falls back to the two rounds where groups cannot serve (then or for that step).
         'overlap': the same, with K_ss computed inside the fused round and alpha sent to the
-        members mid-round (server/overlap_exchange.py): the same bits, one round fewer.
+        members mid-round (server/overlap_exchange.py): one round fewer; K_ss, alpha and the
+        loss keep the fused step's bits, beta (from K_ss's inverse) its float64 rounding.
     """
     if not workers:
       raise ValueError('DistributedKernels needs at least one worker handle.')

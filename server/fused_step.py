@@ -21,8 +21,9 @@ The result equals the two-round step to float32 rounding (other block shapes and
 orders), and is as reproducible: plans and sums follow the worker count, not timing.
 
 `fused_step='overlap'` sends the fused round's requests before alpha is known and computes K_ss
-inside that round (server/overlap_exchange.py): the same K_ss blocks, alpha and step, bit for
-bit, without the K_ss round's latency.
+inside that round (server/overlap_exchange.py): the same K_ss blocks, alpha, loss and
+predictions, bit for bit, without the K_ss round's latency; beta comes from the inverse of the
+regularised K_ss computed during the round (float64 rounding apart from the LU solve).
 """
 from __future__ import annotations
 

@@ -11,8 +11,9 @@ waits for the members' blocks), solves alpha, and sets it on each leader: the K_
 latency hides behind the targets' forwards.
 
 K_ss's blocks are the ones `DistributedKernels.kernel` plans for the same call (K_SS_SHARES),
-computed by the same worker code with the same padding, so K_ss, alpha and the step equal the
-fused step's bit for bit. Faults: a member that fails before sending its blocks has its target
+computed by the same worker code with the same padding, so K_ss, alpha, the loss and the
+predictions equal the fused step's bit for bit (beta, from the inverse computed here after
+alpha is sent, to float64 rounding). Faults: a member that fails before sending its blocks has its target
 block redone by another member, which sends them again; a leader that fails has its group
 request sent to another worker, and the gather follows it; a request built once alpha is known
 carries alpha itself.
