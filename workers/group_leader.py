@@ -498,10 +498,8 @@ def _kip_fields(request: dict, blocks: list, own: str) -> dict:
   if not (isinstance(alpha_cache, dict) and isinstance(alpha_cache.get('version'), int)
           and isinstance(kss_cache, dict) and isinstance(kss_cache.get('name'), str)
           and isinstance(kss_cache.get('version'), int) and isinstance(kss_blocks, list)
-          and len(kss_blocks) == len(blocks) and all(
-              isinstance(per_block, list) and all(
-                  isinstance(b, list) and len(b) == 7 and all(isinstance(v, int) for v in b)
-                  for b in per_block) for per_block in kss_blocks)):
+          and len(kss_blocks) == len(blocks)
+          and all(protocol.is_kss_block_list(per_block) for per_block in kss_blocks)):
     raise GroupError(bad, f'{protocol.KIP_TARGETS} with `alpha_cache` {{"version"}} needs '
                           f'`kss_cache` {{"name", "version"}} and `kss_blocks`: one list per '
                           f'block of [index, r0, r1, c0, c1, pad_rows, pad_cols].')

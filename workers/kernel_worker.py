@@ -378,10 +378,9 @@ class KernelWorker:
     computed as a kernel_block request of the rows cache against itself and sent to the holder
     as the cache entry (name + str(index), version)."""
     blocks, cache = request.get('kss_blocks'), request.get('kss_cache')
-    if not (isinstance(blocks, list) and all(
-        isinstance(b, list) and len(b) == 7 and all(isinstance(v, int) for v in b)
-        for b in blocks) and isinstance(cache, dict) and isinstance(cache.get('name'), str)
-            and isinstance(cache.get('version'), int) and isinstance(cache.get('holder'), str)):
+    if not (protocol.is_kss_block_list(blocks) and isinstance(cache, dict)
+            and isinstance(cache.get('name'), str) and isinstance(cache.get('version'), int)
+            and isinstance(cache.get('holder'), str)):
       raise RequestError(BAD_REQUEST, 'kss_blocks must be [[index, r0, r1, c0, c1, pad_rows, '
                                       'pad_cols], ...] with kss_cache {"name", "version", '
                                       '"holder"}.')

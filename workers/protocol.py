@@ -86,14 +86,24 @@ KIP_TARGETS, KIP_BLOCK, SUM_CACHES = 'kip_targets', 'kip_block', 'sum_caches'
 # request sent before alpha is known. In place of `alpha` it names `alpha_cache` {'name',
 # 'version'}, which the coordinator sets on the leader once K_ss is solved (the leader's
 # members fetch it from the leader after their blocks' forwards), and it carries `kss_blocks`
-# (one list per block, in block order, of [index, r0, r1, c0, c1] blocks of K(support,
-# support)) with `kss_cache` {'name', 'version'}: the member that takes a block first computes
+# (one list per block, in block order, of [index, r0, r1, c0, c1, pad_rows, pad_cols] blocks
+# of K(support, support)) with `kss_cache` {'name', 'version'}: the member that takes a block
+# first computes
 # its K_ss blocks (kernel `kernel`) and sends each to the leader as the cache entry
 # (name + str(index), version); GATHER_CACHES, called on the leader with `caches` = [[peer id,
 # name, version], ...], answers those entries flattened and concatenated in that order
 # (`values`), waiting for the ones announced to be on their way. The K_ss round's latency (the
 # support's arrival, a round of small blocks) then hides behind the targets' forwards.
 KIP_OVERLAP, GATHER_CACHES = 'kip_overlap', 'gather_caches'
+
+
+def is_kss_block_list(blocks) -> bool:
+  """Whether `blocks` is a list of K_ss blocks [index, r0, r1, c0, c1, pad_rows, pad_cols]
+  (ints), as KIP_OVERLAP requests carry them."""
+  return isinstance(blocks, list) and all(
+      isinstance(b, list) and len(b) == 7 and all(isinstance(v, int) for v in b) for b in blocks)
+
+
 # Caches whose array keeps the dtype it was sent in (float64) where images are cast to the
 # worker's dtype: the cotangent factors and the overlapped step's alpha.
 ALPHA_CACHE = 'kip_alpha'
