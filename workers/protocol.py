@@ -88,9 +88,8 @@ KIP_TARGETS, KIP_BLOCK, SUM_CACHES = 'kip_targets', 'kip_block', 'sum_caches'
 # members fetch it from the leader after their blocks' forwards), and it carries `kss_blocks`
 # (one list per block, in block order, of [index, r0, r1, c0, c1, pad_rows, pad_cols] blocks
 # of K(support, support)) with `kss_cache` {'name', 'version'}: the member that takes a block
-# first computes
-# its K_ss blocks (kernel `kernel`) and sends each to the leader as the cache entry
-# (name + str(index), version); GATHER_CACHES, called on the leader with `caches` = [[peer id,
+# first computes its K_ss blocks (kernel `kernel`) and sends each to the leader as the cache
+# entry (name + str(index), version); GATHER_CACHES, called on the leader with `caches` = [[peer id,
 # name, version], ...], answers those entries flattened and concatenated in that order
 # (`values`), waiting for the ones announced to be on their way. The K_ss round's latency (the
 # support's arrival, a round of small blocks) then hides behind the targets' forwards.
