@@ -39,6 +39,14 @@ def regularized(k_ss: np.ndarray, reg: float) -> np.ndarray:
   return k_ss + (reg * np.trace(k_ss) / n) * np.eye(n)
 
 
+def _regularized_finite(k_ss: np.ndarray, reg: float) -> np.ndarray:
+  """`regularized`, refused with FloatingPointError if it has NaN or inf entries."""
+  a = regularized(k_ss, reg)
+  if not np.all(np.isfinite(a)):
+    raise FloatingPointError('The support kernel K_ss has NaN or inf entries.')
+  return a
+
+
 def solve(k_ss: np.ndarray, rhs: np.ndarray, reg: float, method: str = 'cholesky') -> np.ndarray:
   """(K_ss + reg tr(K_ss)/n I)^-1 rhs; least squares where the matrix is numerically singular.
 
@@ -49,10 +57,8 @@ def solve(k_ss: np.ndarray, rhs: np.ndarray, reg: float, method: str = 'cholesky
       positive definite) or 'lu' (one LAPACK gesv: ~3x less CPU at 500 support images, equal
       to float64 rounding; the fused KIP step's, which runs on the coordinator between rounds).
   """
-  a = regularized(k_ss, reg)
+  a = _regularized_finite(k_ss, reg)
   rhs = np.asarray(rhs, np.float64)
-  if not np.all(np.isfinite(a)):
-    raise FloatingPointError('The support kernel K_ss has NaN or inf entries.')
   if method not in ('cholesky', 'lu'):
     raise ValueError(f"krr.solve: method must be 'cholesky' or 'lu', got {method!r}.")
   try:
@@ -70,9 +76,7 @@ def inverse(k_ss: np.ndarray, reg: float) -> np.ndarray:
   each instead of a solve (the overlapped KIP step computes it while its round runs, so beta
   costs ~0.2 ms between rounds instead of ~5 ms at 500 support images). Equal to `solve` to
   float64 rounding (the regularised matrix is well conditioned: reg tr/n on its diagonal)."""
-  a = regularized(k_ss, reg)
-  if not np.all(np.isfinite(a)):
-    raise FloatingPointError('The support kernel K_ss has NaN or inf entries.')
+  a = _regularized_finite(k_ss, reg)
   try:
     return np.linalg.inv(a)
   except np.linalg.LinAlgError:   # numerically singular: the least-squares inverse

@@ -90,16 +90,16 @@ class FusedKipStep:
 
     inverse, early = None, {}
     if self.fused_overlap and self._serve_all(protocol.KIP_OVERLAP):
-      def sum_early(leaders: dict) -> None:
+      def sum_early(leaders: dict, version: int) -> None:
         # Every leader has its request (it sent its K_ss blocks): the sum of their kept
         # gradients starts now, each fetched as its group ends, not after the whole round.
-        early['kept'] = [(leaders[g].peer_id, f'{KEPT_GRAD}{g}', early['version'])
+        early['kept'] = [(leaders[g].peer_id, f'{KEPT_GRAD}{g}', version)
                          for g in sorted(leaders)]
         early['future'] = _in_thread(self._sum_kept, x1, early['kept'])
 
       fused = self._fused_targets(
           x1, target_images, (solve_alpha, lambda k_ss: krr.inverse(k_ss, reg), sum_early),
-          y_t, kernel_name, early)
+          y_t, kernel_name)
       if fused is None:
         return None
       # Alpha and the inverse were computed during the round, on the exchange's thread
@@ -150,12 +150,12 @@ class FusedKipStep:
     return gradients, grad_targets + grad_ss
 
   def _fused_targets(self, x1: np.ndarray, target_images, alpha, y_t: np.ndarray,
-                     kernel_name: str, early: Optional[dict] = None) -> Optional[tuple]:
+                     kernel_name: str) -> Optional[tuple]:
     """(the kept sums [(holder, name, version), ...] in plan order, K_st r, predictions),
     or None if groups cannot serve. `alpha`: the array, or (the overlapped step) the functions
-    (K_ss -> alpha, K_ss -> the regularised inverse, {group: leader} -> None once alpha is
-    sent); then also (K_ss, alpha, the inverse) and the CPU seconds computing those two, and
-    `early['version']` is set to the round's cache version."""
+    (K_ss -> alpha, K_ss -> the regularised inverse, ({group: leader}, version) -> None once
+    alpha is sent); then also (K_ss, alpha, the inverse) and the CPU seconds computing those
+    two."""
     start = time.perf_counter()
     with self._call_lock:
       parts = self._column_parts(x1, target_images)
@@ -170,8 +170,6 @@ class FusedKipStep:
       group_fields = self._group_fields(x1, parts, caches, lambda task: {},
                                         protocol.KIP_TARGETS)
       version = self._version_fn()
-      if early is not None:
-        early['version'] = version
       exchange = None
       if isinstance(alpha, tuple):   # overlapped: K_ss in this round, alpha sent mid-round
         kss_blocks, kss_pads = self._plan_blocks(n_s, self._column_parts(x1, None), True,

@@ -51,12 +51,11 @@ class OverlapExchange:
       solve: K_ss (float64; it may symmetrise it in place) -> alpha.
       invert: K_ss -> the regularised K_ss's inverse, computed once alpha is sent (the
         round's remaining compute hides it), for beta after the round.
-      on_alpha_sent: called with {group request index: its leader} once alpha is on its way
-        (the fused step starts the sum of the leaders' kept gradients then).
+      on_alpha_sent: called with ({group request index: its leader}, version) once alpha is
+        on its way (the fused step starts the sum of the leaders' kept gradients then).
     """
     self.backend, self.version = backend, int(version)
     self.solve, self.invert, self.on_alpha_sent = solve, invert, on_alpha_sent
-    self.kss_blocks = kss_blocks
     n_fused = len(fused_blocks)
     # K_ss block j rides with fused block j mod n (one per member while there are as many).
     self._block_index = {(rows, cols): i for i, (rows, cols, _) in enumerate(fused_blocks)}
@@ -123,7 +122,8 @@ class OverlapExchange:
         list(pool.map(lambda worker: self._send_alpha(worker, payload), leaders.values()))
       if self.on_alpha_sent is not None:
         with self._changed:
-          self.on_alpha_sent({g: worker for g, (worker, _) in self._leaders.items()})
+          self.on_alpha_sent({g: worker for g, (worker, _) in self._leaders.items()},
+                             self.version)
       solving = time.thread_time()
       self.inverse = self.invert(k_ss)
       self.solve_s += time.thread_time() - solving

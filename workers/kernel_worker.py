@@ -409,6 +409,10 @@ class KernelWorker:
       except Exception as e:  # its gather then fails, and the coordinator gathers again
         logging.warning('Worker %d could not send %r to %s: %s', self.worker_id, name,
                         holder, e)
+    self._without_waiting(send)
+
+  def _without_waiting(self, send) -> None:
+    """Runs `send` (no arguments) on a thread of its own, so the device goes on."""
     threading.Thread(target=send, daemon=True, name=f'ntkdd-push{self.worker_id}').start()
 
   def _await_alpha(self, spec) -> np.ndarray:
@@ -433,7 +437,7 @@ class KernelWorker:
   def _sum_caches(self, request: dict) -> dict:
     caches = request.get('caches')
     total = None
-    for (peer, name, _), part in zip(caches, self._fetch_caches(request, 'sum_caches')):
+    for (peer, name, _), part in zip(caches, self._fetch_caches(request, protocol.SUM_CACHES)):
       if total is not None and part.shape != total.shape:   # added in the order given
         raise RequestError(BAD_REQUEST, f'sum_caches: {name!r} of peer {peer} has shape '
                                         f'{part.shape}, the first {total.shape}.')
@@ -469,7 +473,7 @@ class KernelWorker:
     return self._gather([lambda entry=entry: fetch(entry) for entry in caches])
 
   def _gather_caches(self, request: dict) -> dict:
-    parts = self._fetch_caches(request, 'gather_caches')
+    parts = self._fetch_caches(request, protocol.GATHER_CACHES)
     return {'values': np.concatenate([part.reshape(-1) for part in parts])}
 
   def _gather(self, calls: list) -> list:

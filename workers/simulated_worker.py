@@ -36,7 +36,7 @@ import numpy as np
 
 from ntkdd.common import architectures
 from ntkdd.launch.inprocess import LocalWorkerHandle
-from ntkdd.workers import kernel_worker, protocol
+from ntkdd.workers import kernel_worker
 
 # GPU guesses (BENCHMARKS.md, "Scale"): displacement-band kernels, 32x32x3 ConvNet depth 3,
 # the FLOP model's 101 MFLOP a forward pair at ~15 TFLOP/s sustained.
@@ -232,13 +232,11 @@ class SimulatedWorker(kernel_worker.KernelWorker):
       self.clock.ready = max(self.clock.ready, arrived)
     return held
 
-  def _push(self, holder: str, name: str, version: int, array: np.ndarray) -> None:
-    """As KernelWorker's, booked from when the array was computed (virtual time) on this
-    thread; the device goes on meanwhile (the handle does not sleep)."""
-    if holder == str(self.worker_id):
-      self.keep(name, version, array)
-      return
-    self._peers[holder].set_images(name, version, protocol.encode({'images': array}))
+  def _without_waiting(self, send) -> None:
+    """On this thread, so the send books its transfer from when the array was computed
+    (this thread's virtual time); the device goes on meanwhile (the peer handle's
+    set_images does not sleep)."""
+    send()
 
   def _await_alpha(self, spec) -> np.ndarray:
     """As KernelWorker's; the blocks booked after it start when alpha is here."""
