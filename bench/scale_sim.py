@@ -248,6 +248,8 @@ class _ReplayedCpu:
     def patched(exchange, *args, **kwargs):
       init(exchange, *args, **kwargs)
       exchange.solve, exchange.invert = replayed(exchange.solve), replayed(exchange.invert)
+      if exchange.early is not None:   # beta and K_ss's cotangent (the vjp call is the fleet's)
+        exchange.early = (replayed(exchange.early[0]), exchange.early[1])
     overlap_exchange.OverlapExchange.__init__ = patched
     kernel_worker.PEER_WAIT_S = self._peer_wait_s * max(1.0, self.k)
     return self

@@ -100,6 +100,7 @@ def members_line(start: float, end: float, member_calls: list, k: float) -> str:
   first = [ms(min(c[3] for c in calls)) for calls in by_member.values()]
   last = [ms(max(c[4] for c in calls)) for calls in by_member.values()]
   group_last = [ms(max(c[4] for c in calls)) for calls in by_leader.values()]
+  group_back = [ms(max(c[5] for c in calls)) for calls in by_leader.values()]
   idle = []
   for calls in by_member.values():   # from one block's end to the next one's arrival
     calls = sorted(calls, key=lambda c: c[3])
@@ -111,7 +112,9 @@ def members_line(start: float, end: float, member_calls: list, k: float) -> str:
   return (f'    members: {np.median([len(c) for c in by_member.values()]):.0f} blocks each; '
           f'first block arrives {np.median(first):.1f} ms (median); idle between blocks '
           f'{np.mean(idle):.2f} ms (mean); last block done {np.median(last):.1f} (median '
-          f'member), {np.median(group_last):.1f} (median over groups of their last member)')
+          f'member), {np.median(group_last):.1f} (median over groups of their last member); '
+          f'last answer back at its leader {np.median(group_back):.1f} / {np.max(group_back):.1f}'
+          f' (median / max over groups)')
 
 
 def main(argv: list[str]) -> int:
@@ -137,6 +140,12 @@ def main(argv: list[str]) -> int:
     if ends:
       print(f'  {name}: {len(ends)} calls, done {ends[0]:.1f} / {np.median(ends):.1f} / '
             f'{ends[-1]:.1f} ms into the step')
+  held = [ms(at) for worker in fleets[0].workers for name, (_, at) in
+          worker.cache_ready_at.items() if name == distributed_kernels.ROWS and at >= step_start]
+  if held:   # the support images (the rows cache): when each worker had them all
+    print(f'  support held by {len(held)} workers: {np.min(held):.1f} / '
+          f'{np.percentile(held, 10):.1f} / {np.median(held):.1f} / {np.percentile(held, 90):.1f}'
+          f' / {np.max(held):.1f} ms into the step (min / 10% / median / 90% / max)')
   last = [mark for mark in last if mark[0] not in ('gather', 'alpha sent')]
   for name, start, end in sorted(last, key=lambda mark: mark[1]):
     print(f'  {name} starts {(start - step_start) / k * 1e3:.1f} ms into the step')

@@ -176,6 +176,28 @@ def column_blocks(n_rows: int, span: tuple[int, int], workers: int, tasks_per_wo
   return sorted(blocks, key=lambda block: -_pairs(block))   # stable: ties keep column order
 
 
+def strip_requests(n_rows: int, n_cols: int, groups: int,
+                   members: int) -> tuple[list[Block], list[list[int]]]:
+  """(a plan, its deal to `groups` requests) giving each request a strip of about equal rows
+  (every column) cut into `members` blocks of about equal columns (span index 0).
+
+  A vjp answers one partial gradient per row of a request's blocks, so disjoint strips send
+  each row's gradient to the coordinator once (the overlapped KIP step's K_ss vjp at 50
+  images per class, 256 workers in 16 groups: 6 MB where the balanced plan's deal sent 11).
+  """
+  if groups < 1 or members < 1:
+    raise ValueError('strip_requests needs groups >= 1 and members >= 1.')
+  row_edges = [round(i * n_rows / groups) for i in range(groups + 1)]
+  strips = [(a, b) for a, b in zip(row_edges, row_edges[1:]) if b > a]
+  col_edges = sorted({round(i * n_cols / members) for i in range(members + 1)})
+  blocks: list[Block] = []
+  deal: list[list[int]] = []
+  for rows in strips:
+    deal.append(list(range(len(blocks), len(blocks) + len(col_edges) - 1)))
+    blocks.extend((rows, cols, 0) for cols in zip(col_edges, col_edges[1:]))
+  return blocks, deal
+
+
 def group_blocks(blocks: Sequence[Block], groups: int) -> list[list[int]]:
   """The plan's block indices dealt to `groups` requests of about equal pairs, each in plan
   order.

@@ -78,7 +78,8 @@ class DistributedKernels(CacheBroadcast, GroupRequests, FusedKipStep, WorkerHeal
                plan: str = 'tiles', tasks_per_worker: int = 2, tail_halvings: int = 2,
                broadcast: str = 'direct', tree_fanout: int = 8, group_size: int = 1,
                one_kernel: bool = False, cotangent_factors: bool = False,
-               requests_per_group: int = 1, fused_step: Union[bool, str] = False):
+               requests_per_group: int = 1, fused_step: Union[bool, str] = False,
+               early_kss_vjp: bool = True):
     """Args beyond the protocol's:
       block: rows and columns of the square blocks a worker computes per call (plan 'tiles');
         None fits the side to each call's rows (`block_plan.tile_side`).
@@ -127,6 +128,11 @@ class DistributedKernels(CacheBroadcast, GroupRequests, FusedKipStep, WorkerHeal
         'overlap': the same, with K_ss computed inside the fused round and alpha sent to the
         members mid-round (server/overlap_exchange.py): one round fewer; K_ss, alpha and the
         loss keep the fused step's bits, beta (from K_ss's inverse) its float64 rounding.
+      early_kss_vjp: (fused_step='overlap', workers serving protocol.KIP_EARLY_BETA) the
+        members send their blocks' K r to their leaders before their vjps, so beta is known
+        mid-round and K_ss's vjp is queued then: each group takes its share as it finishes
+        its fused request, with no barrier after the round. The same bits as False (K_ss's
+        vjp after the round).
     """
     if not workers:
       raise ValueError('DistributedKernels needs at least one worker handle.')
@@ -143,6 +149,7 @@ class DistributedKernels(CacheBroadcast, GroupRequests, FusedKipStep, WorkerHeal
       raise ValueError(f"fused_step must be False, True or 'overlap', got {fused_step!r}.")
     self.fused_step = bool(fused_step)
     self.fused_overlap = fused_step == 'overlap'
+    self.early_kss_vjp = bool(early_kss_vjp)
     self.fused_solve_s = 0.0   # the last fused kip_step's own arithmetic (thread CPU s)
     self.overlap_cpu_s = 0.0   # ... and, overlapped, its exchange thread's (alpha, inverse)
     if requests_per_group not in (1, 2) or (requests_per_group == 2
@@ -190,7 +197,8 @@ class DistributedKernels(CacheBroadcast, GroupRequests, FusedKipStep, WorkerHeal
                        tree_fetches=0,           # caches a worker fetched from a peer
                        tree_fetch_failures=0,    # a peer could not serve: fetched elsewhere
                        requests_done=0,          # answered block and group requests
-                       members_dropped=0)        # group members a leader reported failing
+                       members_dropped=0,        # group members a leader reported failing
+                       early_kss_vjps=0)         # overlapped steps whose K_ss vjp ran mid-round
     self.pairs, self.seconds = 0, 0.0      # as InProcessKernels: pairs per call, call time
     self._started = time.monotonic()
     self._threads = [
@@ -272,67 +280,86 @@ class DistributedKernels(CacheBroadcast, GroupRequests, FusedKipStep, WorkerHeal
           g_nngp: Optional[np.ndarray] = None) -> np.ndarray:
     """d/dx1 of <g_ntk, NTK(x1, x2)> + <g_nngp, NNGP(x1, x2)> (x2 held fixed)."""
     with self._call_lock:
-      start = time.perf_counter()
-      x1 = self._as_images(x1, 'x1')
-      parts = self._column_parts(x1, x2)
-      n1, n2 = len(x1), (parts[-1].stop if parts else 0)
-      given = {name: g for name, g in (('g_ntk', g_ntk), ('g_nngp', g_nngp)) if g is not None}
-      factored = {name: _as_factors(g, name, (n1, n2)) for name, g in given.items()
-                  if isinstance(g, LowRankCotangent)}
-      cotangents = {name: self._as_cotangent(g, name, (n1, n2))
-                    for name, g in given.items() if name not in factored}
-      grad = np.zeros(x1.shape, self.dtype)
-      if n1 and n2 and given:
-        blocks, pads = self._plan_blocks(n1, parts, False)
-        fields, caches, groups = self._sources(x1, parts, len({rows for rows, _, _ in blocks}))
-        if not groups:   # block requests carry their cotangent blocks: form the matrix here
-          cotangents.update({name: self._as_cotangent(g.dense(), name, (n1, n2))
-                             for name, g in factored.items()})
-          factored = {}
-        partials: dict[int, tuple] = {}
+      return self._vjp(x1, x2, g_ntk, g_nngp)
 
-        def build_request(task: _Task, worker: _Worker) -> dict:
+  def _vjp(self, x1: np.ndarray, x2: np.ndarray, g_ntk: Optional[np.ndarray] = None,
+           g_nngp: Optional[np.ndarray] = None, strips: bool = False) -> np.ndarray:
+    """vjp() without its lock: for a call made by the holder of the lock (the overlapped
+    step's exchange, queueing K_ss's vjp while the fused round runs). `strips`: with group
+    requests, each takes a strip of rows (`block_plan.strip_requests`), so each gradient row
+    crosses the coordinator's link once; the sums' grouping, so their rounding, follows."""
+    start = time.perf_counter()
+    x1 = self._as_images(x1, 'x1')
+    parts = self._column_parts(x1, x2)
+    n1, n2 = len(x1), (parts[-1].stop if parts else 0)
+    given = {name: g for name, g in (('g_ntk', g_ntk), ('g_nngp', g_nngp)) if g is not None}
+    factored = {name: _as_factors(g, name, (n1, n2)) for name, g in given.items()
+                if isinstance(g, LowRankCotangent)}
+    cotangents = {name: self._as_cotangent(g, name, (n1, n2))
+                  for name, g in given.items() if name not in factored}
+    grad = np.zeros(x1.shape, self.dtype)
+    if n1 and n2 and given:
+      blocks, pads = self._plan_blocks(n1, parts, False)
+      fields, caches, groups = self._sources(x1, parts, len({rows for rows, _, _ in blocks}))
+      deal = None
+      if strips and groups and len(parts) == 1:
+        planned, deal = block_plan.strip_requests(n1, n2, groups, self.group_size)
+        blocks = [(rows, cols, parts[0]) for rows, cols, _ in planned]
+        groups = len(deal)
+
+        def pads(task: Optional[_Task]) -> dict:   # each block at its own shape
+          if task is None:   # (asked for a call's fixed pads: none)
+            return {}
           (r0, r1), (c0, c1) = task.rows, task.cols
-          g_blocks = {name: np.ascontiguousarray(g[r0:r1, c0:c1])
-                      for name, g in cotangents.items()}
-          return {**fields(task, worker), **pads(task), **g_blocks}
+          return {'pad_rows': r1 - r0, 'pad_cols': c1 - c0}
+      if not groups:   # block requests carry their cotangent blocks: form the matrix here
+        cotangents.update({name: self._as_cotangent(g.dense(), name, (n1, n2))
+                           for name, g in factored.items()})
+        factored = {}
+      partials: dict[int, tuple] = {}
 
-        def deliver(task: _Task, response: dict) -> None:
-          (r0, r1) = task.rows
-          partials[task.index] = (slice(r0, r1), _checked(response, 'grad',
-                                                           (r1 - r0,) + x1.shape[1:]))
-
-        def deliver_group(task: _Task, response: dict) -> None:
-          rows = response['grad_rows']
-          if not (isinstance(rows, np.ndarray) and rows.ndim == 1 and rows.dtype.kind in 'iu'
-                  and len(rows) and rows.min() >= 0 and rows.max() < n1
-                  and np.all(np.diff(rows) > 0)):
-            raise ValueError('grad_rows must be increasing row indices of x1')
-          partials[task.index] = (rows, _checked(response, 'grad', (len(rows),) + x1.shape[1:]))
-
-        if groups:
-          group_fields = self._group_fields(x1, parts, caches, pads,
-                                            protocol.VJP_FACTORS if factored else 'vjp_block')
-          # After the group fields: the members need not fetch the factors, only leaders.
-          factor_fields = self._publish_factors(factored, caches)
-
-          def build_group(task: _Task, worker: _Worker) -> dict:
-            flat = {name: np.concatenate([g[r0:r1, c0:c1].ravel()
-                                          for (r0, r1), (c0, c1), _ in task.blocks])
+      def build_request(task: _Task, worker: _Worker) -> dict:
+        (r0, r1), (c0, c1) = task.rows, task.cols
+        g_blocks = {name: np.ascontiguousarray(g[r0:r1, c0:c1])
                     for name, g in cotangents.items()}
-            return {**group_fields(task, worker), **flat, **factor_fields}
+        return {**fields(task, worker), **pads(task), **g_blocks}
 
-          call = _Call(GROUP_METHOD, caches, build_group, deliver_group)
-        else:
-          call = _Call('vjp_block', caches, build_request, deliver)
-        self._run(call, blocks, groups)
-        # Sum the partial gradients in plan order (a function of the shapes and the worker
-        # count only), so the result is the same whichever worker finished first.
-        for task in call.tasks:
-          rows, partial = partials[task.index]
-          grad[rows] += partial
-      self._count(n1 * n2, start)
-      return grad
+      def deliver(task: _Task, response: dict) -> None:
+        (r0, r1) = task.rows
+        partials[task.index] = (slice(r0, r1), _checked(response, 'grad',
+                                                         (r1 - r0,) + x1.shape[1:]))
+
+      def deliver_group(task: _Task, response: dict) -> None:
+        rows = response['grad_rows']
+        if not (isinstance(rows, np.ndarray) and rows.ndim == 1 and rows.dtype.kind in 'iu'
+                and len(rows) and rows.min() >= 0 and rows.max() < n1
+                and np.all(np.diff(rows) > 0)):
+          raise ValueError('grad_rows must be increasing row indices of x1')
+        partials[task.index] = (rows, _checked(response, 'grad', (len(rows),) + x1.shape[1:]))
+
+      if groups:
+        group_fields = self._group_fields(x1, parts, caches, pads,
+                                          protocol.VJP_FACTORS if factored else 'vjp_block')
+        # After the group fields: the members need not fetch the factors, only leaders.
+        factor_fields = self._publish_factors(factored, caches)
+
+        def build_group(task: _Task, worker: _Worker) -> dict:
+          flat = {name: np.concatenate([g[r0:r1, c0:c1].ravel()
+                                        for (r0, r1), (c0, c1), _ in task.blocks])
+                  for name, g in cotangents.items()}
+          return {**group_fields(task, worker), **flat, **factor_fields}
+
+        call = _Call(GROUP_METHOD, caches, build_group, deliver_group)
+      else:
+        call = _Call('vjp_block', caches, build_request, deliver)
+      self._run(call, blocks, groups, deal)
+      # Sum the partial gradients in plan order (a function of the shapes and the worker
+      # count only), so the result is the same whichever worker finished first.
+      for task in call.tasks:
+        rows, partial = partials[task.index]
+        grad[rows] += partial
+    self._count(n1 * n2, start)
+    return grad
 
   def pairs_per_second(self) -> float:
     return self.pairs / self.seconds if self.seconds else 0.0
@@ -493,14 +520,16 @@ class DistributedKernels(CacheBroadcast, GroupRequests, FusedKipStep, WorkerHeal
     with self._lock:
       return key in worker.datasets
 
-  def _run(self, call: _Call, blocks: list, groups: int = 0) -> None:
-    """Queues the blocks of `call` (or, `groups` > 0, that many group requests of them) and
-    waits until all are answered or the call fails."""
+  def _run(self, call: _Call, blocks: list, groups: int = 0,
+           deal: Optional[list] = None) -> None:
+    """Queues the blocks of `call` (or, `groups` > 0, that many group requests of them, dealt
+    by `group_blocks` unless `deal` gives each request's block indices) and waits until all
+    are answered or the call fails."""
     if self._closed.is_set():
       raise WorkersUnavailable('The coordinator is closed.')
     if groups:
       key = (groups, tuple((rows, cols) for rows, cols, _ in blocks))
-      deal = self._deals.get(key)
+      deal = deal or self._deals.get(key)
       if deal is None:
         deal = block_plan.group_blocks([(rows, cols, 0) for rows, cols, _ in blocks], groups)
         self._deals = {**(self._deals if len(self._deals) < 16 else {}), key: deal}

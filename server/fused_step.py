@@ -24,6 +24,9 @@ orders), and is as reproducible: plans and sums follow the worker count, not tim
 inside that round (server/overlap_exchange.py): the same K_ss blocks, alpha, loss and
 predictions, bit for bit, without the K_ss round's latency; beta comes from the inverse of the
 regularised K_ss computed during the round (float64 rounding apart from the LU solve).
+With `early_kss_vjp` (the default) the members also send their blocks' K r to their leaders
+before their vjps, so beta is known mid-round and K_ss's vjp is queued then, each group taking
+its share as it finishes the round: the same bits, without the barrier before step 3.
 """
 from __future__ import annotations
 
@@ -88,7 +91,7 @@ class FusedKipStep:
       # rounds at 500 support images (bench/scale_sim.py), equal to float64 rounding.
       return krr.solve(k_ss, y_s, reg, method='lu')
 
-    inverse, early = None, {}
+    inverse, early, early_result = None, {}, None
     if self.fused_overlap and self._serve_all(protocol.KIP_OVERLAP):
       def sum_early(leaders: dict, version: int) -> None:
         # Every leader has its request (it sent its K_ss blocks): the sum of their kept
@@ -97,14 +100,22 @@ class FusedKipStep:
                          for g in sorted(leaders)]
         early['future'] = _in_thread(self._sum_kept, x1, early['kept'])
 
+      early_vjp = None
+      if self.early_kss_vjp and self._serve_all(protocol.KIP_EARLY_BETA):
+        def kss_cotangent(k_r: np.ndarray, alpha: np.ndarray, inverse: np.ndarray) -> tuple:
+          beta = inverse @ k_r   # as below, from the same K r, alpha and inverse: same bits
+          return beta, _kss_cotangent(alpha, beta, y_t.shape[1], reg).dense()
+
+        early_vjp = (kss_cotangent, lambda g_ss: self._vjp(
+            x1, x1, **{f'g_{kernel_name}': g_ss}, strips=True))
       fused = self._fused_targets(
-          x1, target_images, (solve_alpha, lambda k_ss: krr.inverse(k_ss, reg), sum_early),
-          y_t, kernel_name)
+          x1, target_images, (solve_alpha, lambda k_ss: krr.inverse(k_ss, reg), sum_early,
+                              early_vjp), y_t, kernel_name)
       if fused is None:
         return None
       # Alpha and the inverse were computed during the round, on the exchange's thread
       # (`overlap_cpu_s`): between the rounds only the calling thread's arithmetic below.
-      kept, k_r, predictions, (k_ss, alpha, inverse), self.overlap_cpu_s = fused
+      kept, k_r, predictions, (k_ss, alpha, inverse, early_result), self.overlap_cpu_s = fused
       self.fused_solve_s = 0.0
     else:
       k_ss = self.kernel(x1, names=(kernel_name,), shares=K_SS_SHARES)[kernel_name].astype(
@@ -130,13 +141,23 @@ class FusedKipStep:
     beta = inverse @ k_r if inverse is not None else krr.solve(k_ss, k_r, reg, method='lu')
     gradients = krr.KrrGradients(loss=loss, predictions=predictions, d_k_ss=None, d_k_ts=None,
                                  d_y_s=beta, alpha=alpha, residual=residual)
-    # The K_ss part of KIP's cotangent: its factors without the targets' rows.
-    g_ss = krr.kip_cotangent_factors(gradients._replace(residual=residual[:0]), reg)
-    # The coordinator's own arithmetic between its calls (bench/scale_sim.py counts it).
-    self.fused_solve_s += time.thread_time() - solving
-    # Dense: its n_s^2 entries go inside the group requests (40 KB at 100 support images),
-    # one hop fewer than publishing factors to the leaders first.
-    grad_ss = self.vjp(x1, x1, **{f'g_{kernel_name}': g_ss.dense()})
+    if early_result is not None and np.array_equal(early_result[0], beta):
+      self.fused_solve_s += time.thread_time() - solving
+      grad_ss = early_result[1]   # queued mid-round by the exchange (overlap_exchange.py)
+      self._add_stats(early_kss_vjps=1)
+    else:
+      if early_result is not None:   # cannot happen unless a worker's K r differs
+        logging.warning('Early K_ss vjp: beta differs from the answers\' (max |diff| %.3g); '
+                        'running K_ss\'s vjp again.', np.max(np.abs(early_result[0] - beta)))
+      # The K_ss part of KIP's cotangent: its factors without the targets' rows.
+      g_ss = _kss_cotangent(alpha, beta, y_t.shape[1], reg)
+      # The coordinator's own arithmetic between its calls (bench/scale_sim.py counts it).
+      self.fused_solve_s += time.thread_time() - solving
+      # Dense: its n_s^2 entries go inside the group requests (40 KB at 100 support images),
+      # one hop fewer than publishing factors to the leaders first.
+      with self._call_lock:   # overlapped: in row strips, as the early K_ss vjp
+        grad_ss = self._vjp(x1, x1, **{f'g_{kernel_name}': g_ss.dense()},
+                            strips=self.fused_overlap)
     try:
       try:
         grad_targets = sum_future.result()
@@ -154,8 +175,8 @@ class FusedKipStep:
     """(the kept sums [(holder, name, version), ...] in plan order, K_st r, predictions),
     or None if groups cannot serve. `alpha`: the array, or (the overlapped step) the functions
     (K_ss -> alpha, K_ss -> the regularised inverse, ({group: leader}, version) -> None once
-    alpha is sent); then also (K_ss, alpha, the inverse) and the CPU seconds computing those
-    two."""
+    alpha is sent) and the early K_ss vjp's pair or None (OverlapExchange's `early`); then also
+    (K_ss, alpha, the inverse, (beta, K_ss's vjp) or None) and the exchange's CPU seconds."""
     start = time.perf_counter()
     with self._call_lock:
       parts = self._column_parts(x1, target_images)
@@ -264,6 +285,14 @@ class FusedKipStep:
         return np.asarray(answer['grad'], self.dtype)
       errors.append(f'worker {worker.index}: {answer.get("error")}: {answer.get("message")}')
     raise _WorkerFault(f'no worker could sum the kept gradients: {errors}')
+
+
+def _kss_cotangent(alpha: np.ndarray, beta: np.ndarray, classes: int, reg: float):
+  """The K_ss part of KIP's cotangent (`krr.kip_cotangent_factors` without the targets' rows)
+  from alpha and beta."""
+  return krr.kip_cotangent_factors(
+      krr.KrrGradients(loss=0.0, predictions=None, d_k_ss=None, d_k_ts=None, d_y_s=beta,
+                       alpha=alpha, residual=np.zeros((0, classes), np.float64)), reg)
 
 
 def _in_thread(fn, *args) -> concurrent.futures.Future:

@@ -17,10 +17,21 @@ alpha is sent, to float64 rounding). Faults: a member that fails before sending 
 block redone by another member, which sends them again; a leader that fails has its group
 request sent to another worker, and the gather follows it; a request built once alpha is known
 carries alpha itself.
+
+Early K_ss vjp (protocol.KIP_EARLY_BETA): K_ss's vjp needs beta = A^-1 sum(K_st r), which the
+two-round and fused steps learn from the round's answers, so its round starts after the last
+group's. Here each member also sends its block's K r to its leader right after the residual,
+before its vjp; this thread sums them on the leaders (SUM_CACHES, in block order, then over the
+groups in plan order: the additions and order of the answers' K r, so the same bits) while the
+vjps run, computes beta and K_ss's cotangent, and queues K_ss's vjp then: each group takes a
+share as soon as its fused request is answered, and its answer crosses the coordinator's link
+while other groups still compute. Best effort: if the sums cannot be had (a leader lost, a
+request re-sent with alpha), the step runs K_ss's vjp after the round as before.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import threading
 import time
 from typing import Callable, Optional
@@ -41,7 +52,8 @@ class OverlapExchange:
   def __init__(self, backend, kss_blocks: list, kss_pads: Callable[[_Task], dict],
                fused_blocks: list, version: int, solve: Callable[[np.ndarray], np.ndarray],
                invert: Callable[[np.ndarray], np.ndarray],
-               on_alpha_sent: Optional[Callable[[dict], None]] = None):
+               on_alpha_sent: Optional[Callable[[dict], None]] = None,
+               early: Optional[tuple[Callable, Callable]] = None):
     """Args:
       backend: the DistributedKernels (its `_call`, `dtype`, `poll_s`).
       kss_blocks: K(support, support)'s blocks ((r0, r1), (c0, c1), part), as kernel() plans.
@@ -53,9 +65,14 @@ class OverlapExchange:
         round's remaining compute hides it), for beta after the round.
       on_alpha_sent: called with ({group request index: its leader}, version) once alpha is
         on its way (the fused step starts the sum of the leaders' kept gradients then).
+      early: the early K_ss vjp's two steps, or None (K_ss's vjp after the round):
+        (K r summed, alpha, the inverse) -> (beta, K_ss's dense cotangent), and that
+        cotangent -> K_ss's vjp (the backend's vjp without its lock: the round holds it).
     """
     self.backend, self.version = backend, int(version)
     self.solve, self.invert, self.on_alpha_sent = solve, invert, on_alpha_sent
+    self.early = early
+    self.early_result: Optional[tuple[np.ndarray, np.ndarray]] = None   # (beta, K_ss's grad)
     n_fused = len(fused_blocks)
     # K_ss block j rides with fused block j mod n (one per member while there are as many).
     self._block_index = {(rows, cols): i for i, (rows, cols, _) in enumerate(fused_blocks)}
@@ -70,6 +87,7 @@ class OverlapExchange:
     self.inverse: Optional[np.ndarray] = None
     self.solve_s = 0.0               # this thread's CPU seconds: alpha and the inverse
     self._leaders: dict[int, tuple[_Worker, _Task]] = {}   # group task index -> its leader now
+    self._with_alpha: set[int] = set()   # group requests (re-)sent with alpha: no K r pushes
     self._changed = threading.Condition()
     self._thread: Optional[threading.Thread] = None
     self._error: Optional[BaseException] = None
@@ -79,13 +97,23 @@ class OverlapExchange:
     (this worker noted as the group's leader, whose K_ss blocks are gathered from it)."""
     with self._changed:
       if self.alpha is not None:
+        self._with_alpha.add(task.index)
+        self._changed.notify_all()
         return {'alpha': self.alpha}
       self._leaders[task.index] = (worker, task)
       self._changed.notify_all()
-    return {'alpha_cache': {'version': self.version},
-            'kss_cache': {'name': KSS_CACHE, 'version': self.version},
-            'kss_blocks': [self._kss_of[self._block_index[(rows, cols)]]
-                           for rows, cols, _ in task.blocks]}
+    out = {'alpha_cache': {'version': self.version},
+           'kss_cache': {'name': KSS_CACHE, 'version': self.version},
+           'kss_blocks': [self._kss_of[self._block_index[(rows, cols)]]
+                          for rows, cols, _ in task.blocks]}
+    if self.early is not None:
+      out.update(kr_cache={'name': protocol.KR_CACHE, 'version': self.version},
+                 kr_blocks=self._kr_blocks(task))
+    return out
+
+  def _kr_blocks(self, task: _Task) -> list[int]:
+    """The fused round's plan indices of a group request's blocks (its K r entries' names)."""
+    return [self._block_index[(rows, cols)] for rows, cols, _ in task.blocks]
 
   def start(self, call: _Call, groups: int) -> None:
     """Gathers K_ss from the `groups` group requests' leaders, solves alpha and sends it, on a
@@ -94,13 +122,13 @@ class OverlapExchange:
                                     name='ntkdd-overlap')
     self._thread.start()
 
-  def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(K_ss float64, alpha, the regularised K_ss's inverse) once the thread is done; its
-    error re-raised."""
+  def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, Optional[tuple]]:
+    """(K_ss float64, alpha, the regularised K_ss's inverse, (beta, K_ss's vjp) or None)
+    once the thread is done; its error re-raised."""
     self._thread.join()
     if self._error is not None:
       raise self._error
-    return self.k_ss, self.alpha, self.inverse
+    return self.k_ss, self.alpha, self.inverse, self.early_result
 
   def _run(self, call: _Call, groups: int) -> None:
     try:
@@ -130,33 +158,73 @@ class OverlapExchange:
     except BaseException as e:  # the fused round then fails or times out: say why
       self._error = e
       call.fail(e if isinstance(e, Exception) else RuntimeError(str(e)))
+      return
+    if self.early is not None and not any(task.is_tail for task in call.tasks):
+      try:
+        self.early_result = self._early_kss_vjp(call, groups)
+      except Exception as e:  # K_ss's vjp then runs after the round, as without `early`
+        logging.info('Early K_ss vjp abandoned (%s: %s); it runs after the round.',
+                     type(e).__name__, e)
+
+  def _early_kss_vjp(self, call: _Call, groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """(beta, K_ss's vjp) from the leaders' sums of their members' K r (module docstring)."""
+    with concurrent.futures.ThreadPoolExecutor(groups, thread_name_prefix='ntkdd-kr') as pool:
+      sums = list(pool.map(lambda g: self._sum_k_r(call, g), range(groups)))
+    total = sums[0].copy()   # plan order, as the fused step adds the answers' K r
+    for part in sums[1:]:
+      total += part
+    solving = time.thread_time()
+    beta, cotangent = self.early[0](total, self.alpha, self.inverse)
+    self.solve_s += time.thread_time() - solving
+    return beta, self.early[1](cotangent)
+
+  def _sum_k_r(self, call: _Call, group: int) -> np.ndarray:
+    """Group request `group`'s K r: its members' entries summed by its leader in block
+    order (the leader's answer's additions)."""
+    _, answer = self._ask_leader(
+        call, group, protocol.SUM_CACHES, 'grad',
+        lambda task: [f'{protocol.KR_CACHE}{i}' for i in self._kr_blocks(task)])
+    return np.asarray(answer['grad'], np.float64)
 
   def _gather(self, call: _Call, group: int) -> tuple[list, np.ndarray]:
-    """(its K_ss blocks, their values) of group request `group`, from whichever worker leads
+    """(its K_ss blocks, their values) of group request `group`."""
+    task, answer = self._ask_leader(
+        call, group, protocol.GATHER_CACHES, 'values',
+        lambda task: [f'{KSS_CACHE}{b[0]}' for b in self._kss_blocks(task)])
+    return self._kss_blocks(task), answer['values']
+
+  def _kss_blocks(self, task: _Task) -> list:
+    return [b for rows, cols, _ in task.blocks
+            for b in self._kss_of[self._block_index[(rows, cols)]]]
+
+  def _ask_leader(self, call: _Call, group: int, method: str, field: str,
+                  names: Callable[[_Task], list]) -> tuple[_Task, dict]:
+    """(the task, the answer with array `field`) of `method` (GATHER_CACHES or SUM_CACHES) for
+    the cache entries `names(task)` of group request `group`, asked of whichever worker leads
     it now (waiting for one to be sent it, and again after a leader fails)."""
     failed = None
     while True:
       with self._changed:
         while (self._leaders.get(group, (failed,))[0] is failed
-               and not call.finished.is_set()):
+               and not call.finished.is_set() and group not in self._with_alpha):
           self._changed.wait(self.backend.poll_s)
-        if group not in self._leaders or self._leaders[group][0] is failed:
-          raise RuntimeError('The fused round ended before its K_ss blocks were gathered.')
+        if (group not in self._leaders or self._leaders[group][0] is failed
+            or (method == protocol.SUM_CACHES and group in self._with_alpha)):
+          raise RuntimeError(f'Group request {group}: no leader holds its entries for '
+                             f'{method} (the round ended, or it was re-sent with alpha).')
         worker, task = self._leaders[group]
-      blocks = [b for rows, cols, _ in task.blocks
-                for b in self._kss_of[self._block_index[(rows, cols)]]]
-      request = protocol.encode({'caches': [[worker.peer_id, f'{KSS_CACHE}{b[0]}',
-                                             self.version] for b in blocks]})
-      for _ in range(GATHER_ATTEMPTS):   # an answer that is no gather (late blocks): again
+      request = protocol.encode({'caches': [[worker.peer_id, name, self.version]
+                                            for name in names(task)]})
+      for _ in range(GATHER_ATTEMPTS):   # an answer without them (late entries): again
         try:
-          answer = self.backend._call(worker, protocol.GATHER_CACHES, request)
+          answer = self.backend._call(worker, method, request)
         except _WorkerFault:   # down: its group request goes to another worker
           break
-        if answer.get('ok') and isinstance(answer.get('values'), np.ndarray):
-          return blocks, answer['values']
+        if answer.get('ok') and isinstance(answer.get(field), np.ndarray):
+          return task, answer
         if call.finished.is_set():
           break
-      failed = worker   # gather from whichever worker leads the group request next
+      failed = worker   # ask whichever worker leads the group request next
 
   @staticmethod
   def _place(k_ss: np.ndarray, blocks: list, values: np.ndarray) -> None:

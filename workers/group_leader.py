@@ -25,7 +25,8 @@ The request (a wire message; see `group_request_fields` for the coordinator's si
                 optionally `keep_grad` {'name', 'version'}: see protocol.KIP_TARGETS; the
                 overlapped step sends `alpha_cache` {'version'}, `kss_cache` {'name',
                 'version'} and `kss_blocks` instead of `alpha`: see protocol.KIP_OVERLAP;
-                the leader holds both for its members and the coordinator).
+                the leader holds both for its members and the coordinator, and, with
+                `kr_cache` and `kr_blocks`, its members' K r: protocol.KIP_EARLY_BETA).
   kernels       (optional, kernel_block) the kernels to answer, as in a block request.
   members       peer ids (str) of the group; the leader's own id may be among them.
   blocks        [[r0, r1, c0, c1, part], ...]: rows of the rows cache, columns of the call.
@@ -60,7 +61,7 @@ import collections
 import concurrent.futures
 import threading
 import time
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -164,6 +165,10 @@ class GroupLeader:
     names = [f'{kss["name"]}{b[0]}' for per_block in request['kss_blocks'] for b in per_block]
     self.worker.announce(names, kss['version'])
     self.worker.announce([protocol.ALPHA_CACHE], request['alpha_cache']['version'])
+    kr_cache = request.get('kr_cache')
+    if kr_cache is not None:   # checked by _parse: the members' K r (the early K_ss vjp)
+      self.worker.announce([f'{protocol.KR_CACHE}{i}' for i in request['kr_blocks']],
+                           kr_cache['version'])
     keep = request.get('keep_grad')
     if keep is not None:   # the coordinator's sum may ask for it before the round ends
       self.worker.announce([keep['name']], keep['version'])
@@ -463,6 +468,8 @@ def _parse(request: dict, worker: Any) -> tuple:
       label_offset += c1 - c0
       if kip['kss_blocks'] is not None:   # the overlapped step: this block's K_ss blocks
         fields['kss_blocks'] = kip['kss_blocks'][len(builders)]
+      if kip['kr_push'] is not None:   # and where its K r goes (the early K_ss vjp)
+        fields['kr_push'] = kip['kr_push'][len(builders)]
     builders.append(lambda fields=fields, at=(r0, r1, c0, c1): protocol.encode(
         {**fields, **_factor_blocks(factors, at, worker.dtype)}))
   return method, members, blocks, builders, caches
@@ -494,7 +501,8 @@ def _kip_fields(request: dict, blocks: list, own: str) -> dict:
                                and isinstance(keep.get('version'), int)):
     raise GroupError(bad, '`keep_grad` must be {"name": str, "version": int}.')
   if not overlap:
-    return {'labels': labels, 'fields': {'kernel': name, 'alpha': alpha}, 'kss_blocks': None}
+    return {'labels': labels, 'fields': {'kernel': name, 'alpha': alpha}, 'kss_blocks': None,
+            'kr_push': None}
   if not (isinstance(alpha_cache, dict) and isinstance(alpha_cache.get('version'), int)
           and isinstance(kss_cache, dict) and isinstance(kss_cache.get('name'), str)
           and isinstance(kss_cache.get('version'), int) and isinstance(kss_blocks, list)
@@ -508,7 +516,25 @@ def _kip_fields(request: dict, blocks: list, own: str) -> dict:
                             'source': own},
             'kss_cache': {'name': kss_cache['name'], 'version': kss_cache['version'],
                           'holder': own}}
-  return {'labels': labels, 'fields': fields, 'kss_blocks': kss_blocks}
+  return {'labels': labels, 'fields': fields, 'kss_blocks': kss_blocks,
+          'kr_push': _kr_pushes(request, len(blocks), own)}
+
+
+def _kr_pushes(request: dict, n_blocks: int, own: str) -> Optional[list]:
+  """Per block, where its member sends K r (protocol.KIP_EARLY_BETA), or None if the
+  request does not ask for it."""
+  kr_cache, kr_blocks = request.get('kr_cache'), request.get('kr_blocks')
+  if kr_cache is None and kr_blocks is None:
+    return None
+  if not (isinstance(kr_cache, dict) and kr_cache.get('name') == protocol.KR_CACHE
+          and isinstance(kr_cache.get('version'), int) and isinstance(kr_blocks, list)
+          and len(kr_blocks) == n_blocks and all(isinstance(i, int) for i in kr_blocks)):
+    raise GroupError(protocol.BAD_REQUEST,
+                     f'{protocol.KIP_TARGETS} with `kr_cache` needs {{"name": '
+                     f'{protocol.KR_CACHE!r}, "version": int}} and `kr_blocks`: one int per '
+                     f'block.')
+  return [{'name': f'{protocol.KR_CACHE}{index}', 'version': kr_cache['version'],
+           'holder': own} for index in kr_blocks]
 
 
 def _asked_kernels(request: dict) -> tuple:

@@ -134,7 +134,7 @@ class KernelWorker:
           or images.dtype.kind not in 'biuf'):
         raise RequestError(BAD_REQUEST, 'set_images needs a numeric `images` array, NHWC or '
                                         '(N, D).')
-      if name not in protocol.FLOAT64_CACHES:   # factors and alpha keep float64's digits
+      if not protocol.keeps_float64(name):   # factors, alpha, K r keep float64's digits
         images = images.astype(self.dtype, copy=False)
     except protocol.WireError as e:
       return self._refuse(MALFORMED, f'set_images: {e}')
@@ -367,10 +367,19 @@ class KernelWorker:
     alpha = alpha.astype(np.float64, copy=False)
     predictions = kernel.T @ alpha
     residual = predictions - labels
+    k_r = kernel @ residual
+    if 'kr_push' in request:   # the early K_ss vjp: the leader sums these during the round
+      push = request['kr_push']
+      if not (isinstance(push, dict) and isinstance(push.get('name'), str)
+              and push['name'].startswith(protocol.KR_CACHE)
+              and isinstance(push.get('version'), int) and isinstance(push.get('holder'), str)):
+        raise RequestError(BAD_REQUEST, f'kr_push must be {{"name": {protocol.KR_CACHE!r} + '
+                                        f'index, "version": int, "holder": peer id}}.')
+      self._push(push['holder'], push['name'], push['version'], k_r)
     # dL/dK of 1/2 ||K^T alpha - y||^2 for this block: alpha r^T (common/krr.py).
     cotangent = (alpha @ residual.T).astype(self.dtype)
     grad = self._vjp_block({**request, f'g_{name}': cotangent})['grad']
-    return {'grad': grad, 'k_r': kernel @ residual, 'predictions': predictions}
+    return {'grad': grad, 'k_r': k_r, 'predictions': predictions}
 
   def _kss_blocks(self, request: dict, name: str) -> None:
     """The overlapped step's K_ss blocks of a kip_block request (`kss_blocks` [[index, r0,

@@ -94,6 +94,13 @@ KIP_TARGETS, KIP_BLOCK, SUM_CACHES = 'kip_targets', 'kip_block', 'sum_caches'
 # (`values`), waiting for the ones announced to be on their way. The K_ss round's latency (the
 # support's arrival, a round of small blocks) then hides behind the targets' forwards.
 KIP_OVERLAP, GATHER_CACHES = 'kip_overlap', 'gather_caches'
+# The overlapped step's early K_ss vjp: a KIP_OVERLAP request may also carry `kr_cache`
+# {'name', 'version'} and `kr_blocks` (one int per block, in block order): the member that
+# takes block b sends its K r (n_s, C, float64) to the leader, right after the residual and
+# before the vjp, as the cache entry (name + str(kr_blocks[b]), version). The coordinator sums
+# them on the leaders (SUM_CACHES, in block order: the bits of the leader's answer) while the
+# round's vjps run, so beta, and K_ss's vjp, need not wait for the round's end.
+KIP_EARLY_BETA, KR_CACHE = 'kip_early_beta', 'kip_kr'
 
 
 def is_kss_block_list(blocks) -> bool:
@@ -104,12 +111,21 @@ def is_kss_block_list(blocks) -> bool:
 
 
 # Caches whose array keeps the dtype it was sent in (float64) where images are cast to the
-# worker's dtype: the cotangent factors and the overlapped step's alpha.
+# worker's dtype: the cotangent factors, the overlapped step's alpha and its K r entries.
 ALPHA_CACHE = 'kip_alpha'
 FLOAT64_CACHES = tuple(FACTOR_CACHES.values()) + (ALPHA_CACHE,)
+FLOAT64_PREFIXES = (KR_CACHE,)
+
+
+def keeps_float64(name: str) -> bool:
+  """Whether the cache entry `name` keeps float64 (see FLOAT64_CACHES) instead of the
+  worker's dtype."""
+  return name in FLOAT64_CACHES or name.startswith(FLOAT64_PREFIXES)
+
+
 # What a worker's ping lists under `features`: the options above it serves. The coordinator
 # checks it before using them, and says which workers lack one.
-FEATURES = (VJP_FACTORS, KERNELS_FIELD, KIP_TARGETS, KIP_OVERLAP)
+FEATURES = (VJP_FACTORS, KERNELS_FIELD, KIP_TARGETS, KIP_OVERLAP, KIP_EARLY_BETA)
 PEER_METHODS = (CACHED_IMAGES, FETCH_IMAGES)
 ARGUMENT_TYPES = (bytes, int, str)   # what a worker call carries (Courier hangs on numpy)
 
