@@ -222,8 +222,8 @@ def _coordinator_cpu(fleet, start: bool) -> float:
 
 
 class _ReplayedCpu:
-  """The overlapped step's exchange thread computes alpha and the inverse of K_ss during the
-  round, off the calling thread: real (unscaled) CPU that the scaled fleet would not see.
+  """The overlapped step's exchange thread computes alpha and the inverse of K_ss (and, with
+  the early K_ss vjp, beta and K_ss's cotangent) during the round, off the calling thread: real (unscaled) CPU that the scaled fleet would not see.
   While active, each of those computations is followed by a sleep of (k - 1) times its CPU
   seconds, so it takes its unscaled time in the simulation's virtual time too (and delays
   alpha's sending, or the round's end, where it would). And the workers' waits for announced
@@ -248,7 +248,7 @@ class _ReplayedCpu:
     def patched(exchange, *args, **kwargs):
       init(exchange, *args, **kwargs)
       exchange.solve, exchange.invert = replayed(exchange.solve), replayed(exchange.invert)
-      if exchange.early is not None:   # beta and K_ss's cotangent (the vjp call is the fleet's)
+      if getattr(exchange, 'early', None) is not None:   # beta, K_ss's cotangent (not its vjp)
         exchange.early = (replayed(exchange.early[0]), exchange.early[1])
     overlap_exchange.OverlapExchange.__init__ = patched
     kernel_worker.PEER_WAIT_S = self._peer_wait_s * max(1.0, self.k)
