@@ -65,6 +65,8 @@ BROADCASTS = ('direct', 'tree')   # how cached images reach the workers
 
 GROUP_METHOD = protocol.GROUP_BLOCKS   # the worker method serving a group's blocks
 _WAKE = object()   # put on second slots' handoff queues: look at the shared queue again
+# vjp(strips=True): blocks per member in a request's strip, and columns per block at least.
+STRIP_BLOCKS_PER_MEMBER, STRIP_MIN_COLS = 4, 8
 
 
 
@@ -157,6 +159,10 @@ class DistributedKernels(CacheBroadcast, GroupRequests, FusedKipStep, WorkerHeal
       raise ValueError(f'requests_per_group must be 1 or 2 (2 needs max_in_flight_per_worker '
                        f'>= 2), got {requests_per_group}.')
     self.requests_per_group = int(requests_per_group)
+    # Second slots wait for requests handed to them (heads' tails; the overlapped step's K_ss
+    # vjp, handed to the leaders of the fused round while it runs).
+    self._tails_on_second_slot = self.requests_per_group > 1 or (
+        self.fused_overlap and max_in_flight_per_worker >= 2)
     self._pair_ids = itertools.count()     # a head request and its tail share one
     self._busy_groups: set[int] = set()    # groups whose worker is leading a request
     # Set while a call goes block by block: with group_size > 1 only the groups' leaders
@@ -198,7 +204,8 @@ class DistributedKernels(CacheBroadcast, GroupRequests, FusedKipStep, WorkerHeal
                        tree_fetch_failures=0,    # a peer could not serve: fetched elsewhere
                        requests_done=0,          # answered block and group requests
                        members_dropped=0,        # group members a leader reported failing
-                       early_kss_vjps=0)         # overlapped steps whose K_ss vjp ran mid-round
+                       early_kss_vjps=0,         # overlapped steps whose K_ss vjp ran mid-round
+                       requests_handed=0)        # ... its requests handed to busy leaders
     self.pairs, self.seconds = 0, 0.0      # as InProcessKernels: pairs per call, call time
     self._started = time.monotonic()
     self._threads = [
@@ -283,11 +290,14 @@ class DistributedKernels(CacheBroadcast, GroupRequests, FusedKipStep, WorkerHeal
       return self._vjp(x1, x2, g_ntk, g_nngp)
 
   def _vjp(self, x1: np.ndarray, x2: np.ndarray, g_ntk: Optional[np.ndarray] = None,
-           g_nngp: Optional[np.ndarray] = None, strips: bool = False) -> np.ndarray:
+           g_nngp: Optional[np.ndarray] = None, strips: bool = False,
+           leaders: Optional[dict] = None) -> np.ndarray:
     """vjp() without its lock: for a call made by the holder of the lock (the overlapped
     step's exchange, queueing K_ss's vjp while the fused round runs). `strips`: with group
     requests, each takes a strip of rows (`block_plan.strip_requests`), so each gradient row
-    crosses the coordinator's link once; the sums' grouping, so their rounding, follows."""
+    crosses the coordinator's link once; the sums' grouping, so their rounding, follows.
+    `leaders` {request index: worker}: those requests go to that worker's second slot (its
+    leader queues their blocks behind the request it leads now; `_run`)."""
     start = time.perf_counter()
     x1 = self._as_images(x1, 'x1')
     parts = self._column_parts(x1, x2)
@@ -303,7 +313,9 @@ class DistributedKernels(CacheBroadcast, GroupRequests, FusedKipStep, WorkerHeal
       fields, caches, groups = self._sources(x1, parts, len({rows for rows, _, _ in blocks}))
       deal = None
       if strips and groups and len(parts) == 1:
-        planned, deal = block_plan.strip_requests(n1, n2, groups, self.group_size)
+        # Several blocks per member: one whose previous block ends early takes more.
+        pieces = max(1, min(STRIP_BLOCKS_PER_MEMBER * self.group_size, n2 // STRIP_MIN_COLS))
+        planned, deal = block_plan.strip_requests(n1, n2, groups, pieces)
         blocks = [(rows, cols, parts[0]) for rows, cols, _ in planned]
         groups = len(deal)
 
@@ -352,7 +364,7 @@ class DistributedKernels(CacheBroadcast, GroupRequests, FusedKipStep, WorkerHeal
         call = _Call(GROUP_METHOD, caches, build_group, deliver_group)
       else:
         call = _Call('vjp_block', caches, build_request, deliver)
-      self._run(call, blocks, groups, deal)
+      self._run(call, blocks, groups, deal, leaders)
       # Sum the partial gradients in plan order (a function of the shapes and the worker
       # count only), so the result is the same whichever worker finished first.
       for task in call.tasks:
@@ -520,11 +532,14 @@ class DistributedKernels(CacheBroadcast, GroupRequests, FusedKipStep, WorkerHeal
     with self._lock:
       return key in worker.datasets
 
-  def _run(self, call: _Call, blocks: list, groups: int = 0,
-           deal: Optional[list] = None) -> None:
+  def _run(self, call: _Call, blocks: list, groups: int = 0, deal: Optional[list] = None,
+           leaders: Optional[dict] = None) -> None:
     """Queues the blocks of `call` (or, `groups` > 0, that many group requests of them, dealt
     by `group_blocks` unless `deal` gives each request's block indices) and waits until all
-    are answered or the call fails."""
+    are answered or the call fails. `leaders` {request index: worker} (one request per group,
+    second slots taking handed requests): those requests are handed to that worker's second
+    slot as tails (its leader queues their blocks behind the request it leads now: a member
+    takes one as its current block ends), the others queued."""
     if self._closed.is_set():
       raise WorkersUnavailable('The coordinator is closed.')
     if groups:
@@ -545,13 +560,20 @@ class DistributedKernels(CacheBroadcast, GroupRequests, FusedKipStep, WorkerHeal
           tails[-1].is_tail, heads[-1].tail = True, tails[-1]
           heads[-1].pair = tails[-1].pair = next(self._pair_ids)
       call.tasks.extend(heads + tails)
+      if leaders and not tails and self._tails_on_second_slot:
+        for head in heads:
+          leader = leaders.get(head.index)
+          if leader is not None and leader.alive:
+            head.is_tail = True   # not queued; its request says 'tail' (behind the heads)
+            leader.handoff.put(head)
+            self._add_stats(requests_handed=1)
     for index, (rows, cols, part) in enumerate([] if groups else blocks):
       pairs = (rows[1] - rows[0]) * (cols[1] - cols[0])
       call.tasks.append(_Task(call, index, rows, cols, pairs, part))
     self._add_stats(calls=1)
     if not groups:
       self._per_block.set()
-      if self.requests_per_group > 1:   # second slots wait for tails: block requests now
+      if self._tails_on_second_slot:   # second slots wait for tails: block requests now
         for worker in self._workers:
           worker.handoff.put(_WAKE)
     try:
@@ -594,7 +616,7 @@ class DistributedKernels(CacheBroadcast, GroupRequests, FusedKipStep, WorkerHeal
       while not worker.probed.wait(self.poll_s) and not self._closed.is_set():
         pass
     while not self._closed.is_set():
-      if slot == 1 and self.requests_per_group > 1 and self._serve_tail(worker):
+      if slot == 1 and self._tails_on_second_slot and self._serve_tail(worker):
         continue
       if not worker.alive:
         if slot == 0 and time.monotonic() >= worker.retry_at:
@@ -604,7 +626,7 @@ class DistributedKernels(CacheBroadcast, GroupRequests, FusedKipStep, WorkerHeal
         continue
       if (self.group_size > 1 and not self._per_block.is_set()
           and not self._leads_group(worker, slot)):
-        if slot == 1 and self.requests_per_group > 1:
+        if slot == 1 and self._tails_on_second_slot:
           self._serve_tail(worker, wait_s=self._idle_wait_s)   # its tails, while it leads
         else:
           self._per_block.wait(self._idle_wait_s)   # group leaders take the requests now

@@ -25,8 +25,8 @@ inside that round (server/overlap_exchange.py): the same K_ss blocks, alpha, los
 predictions, bit for bit, without the K_ss round's latency; beta comes from the inverse of the
 regularised K_ss computed during the round (float64 rounding apart from the LU solve).
 With `early_kss_vjp` (the default) the members also send their blocks' K r to their leaders
-before their vjps, so beta is known mid-round and K_ss's vjp is queued then, each group taking
-its share as it finishes the round: the same bits, without the barrier before step 3.
+before their vjps, so beta is known mid-round and K_ss's vjp is sent then, each leader queueing
+its share behind its fused blocks: the same bits, without the barrier before step 3.
 """
 from __future__ import annotations
 
@@ -106,8 +106,8 @@ class FusedKipStep:
           beta = inverse @ k_r   # as below, from the same K r, alpha and inverse: same bits
           return beta, _kss_cotangent(alpha, beta, y_t.shape[1], reg).dense()
 
-        early_vjp = (kss_cotangent, lambda g_ss: self._vjp(
-            x1, x1, **{f'g_{kernel_name}': g_ss}, strips=True))
+        early_vjp = (kss_cotangent, lambda g_ss, leaders: self._vjp(
+            x1, x1, **{f'g_{kernel_name}': g_ss}, strips=True, leaders=leaders))
       fused = self._fused_targets(
           x1, target_images, (solve_alpha, lambda k_ss: krr.inverse(k_ss, reg), sum_early,
                               early_vjp), y_t, kernel_name)

@@ -23,9 +23,10 @@ two-round and fused steps learn from the round's answers, so its round starts af
 group's. Here each member also sends its block's K r to its leader right after the residual,
 before its vjp; this thread sums them on the leaders (SUM_CACHES, in block order, then over the
 groups in plan order: the additions and order of the answers' K r, so the same bits) while the
-vjps run, computes beta and K_ss's cotangent, and queues K_ss's vjp then: each group takes a
-share as soon as its fused request is answered, and its answer crosses the coordinator's link
-while other groups still compute. Best effort: if the sums cannot be had (a leader lost, a
+vjps run, computes beta and K_ss's cotangent, and sends K_ss's vjp then, one request (a strip
+of rows) to each leader of the round, which queues its blocks behind the fused ones: each member
+takes one as its fused block ends, and each group's answer crosses the coordinator's link as
+the group ends. Best effort: if the sums cannot be had (a leader lost, a
 request re-sent with alpha), the step runs K_ss's vjp after the round as before.
 """
 from __future__ import annotations
@@ -66,8 +67,9 @@ class OverlapExchange:
       on_alpha_sent: called with ({group request index: its leader}, version) once alpha is
         on its way (the fused step starts the sum of the leaders' kept gradients then).
       early: the early K_ss vjp's two steps, or None (K_ss's vjp after the round):
-        (K r summed, alpha, the inverse) -> (beta, K_ss's dense cotangent), and that
-        cotangent -> K_ss's vjp (the backend's vjp without its lock: the round holds it).
+        (K r summed, alpha, the inverse) -> (beta, K_ss's dense cotangent), and (that
+        cotangent, {group request index: its leader now}) -> K_ss's vjp (the backend's vjp
+        without its lock, the round holding it; request g handed to group g's leader).
     """
     self.backend, self.version = backend, int(version)
     self.solve, self.invert, self.on_alpha_sent = solve, invert, on_alpha_sent
@@ -176,7 +178,9 @@ class OverlapExchange:
     solving = time.thread_time()
     beta, cotangent = self.early[0](total, self.alpha, self.inverse)
     self.solve_s += time.thread_time() - solving
-    return beta, self.early[1](cotangent)
+    with self._changed:
+      leaders = {g: worker for g, (worker, _) in self._leaders.items()}
+    return beta, self.early[1](cotangent, leaders)
 
   def _sum_k_r(self, call: _Call, group: int) -> np.ndarray:
     """Group request `group`'s K r: its members' entries summed by its leader in block

@@ -706,9 +706,10 @@ def test_gather_caches_waits_for_entries_sent_after_the_request():
 @pytest.mark.parametrize('compute', ['real', 'sleep'])
 def test_early_kss_vjp_keeps_the_bits_of_the_vjp_after_the_round(compute, monkeypatch):
   """early_kss_vjp (the default): the members send their blocks' K r to their leaders before
-  their vjps, the coordinator sums them there mid-round and queues K_ss's vjp then. Beta, and
-  so K_ss's vjp and the gradients, keep the bits of K_ss's vjp run after the round; workers
-  that do not list protocol.KIP_EARLY_BETA get the step without it."""
+  their vjps, the coordinator sums them there mid-round and hands K_ss's vjp to the round's
+  leaders then (one strip request each). Beta, and so K_ss's vjp and the gradients, keep the
+  bits of K_ss's vjp run after the round; workers that do not list protocol.KIP_EARLY_BETA
+  get the step without it."""
   train, key, args = _kip_problem(seed=3)
   late_backend = functools.partial(distributed_kernels.DistributedKernels, early_kss_vjp=False)
   with monkeypatch.context() as patch:
@@ -716,6 +717,7 @@ def test_early_kss_vjp_keeps_the_bits_of_the_vjp_after_the_round(compute, monkey
     late, late_status = _kip_step_on_fleet(args, train, key, 'overlap', compute=compute)
   early, status = _kip_step_on_fleet(args, train, key, 'overlap', compute=compute)
   assert (late_status['early_kss_vjps'], status['early_kss_vjps']) == (0, 1)
+  assert (late_status['requests_handed'], status['requests_handed']) == (0, 4)
   assert status['requests_done'] == late_status['requests_done'] == 2 * 4
   assert early.loss == late.loss
   np.testing.assert_array_equal(early.grad_images, late.grad_images)
