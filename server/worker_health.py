@@ -39,8 +39,8 @@ class WorkerHealth:
     """fn(*args) on the slot's caller thread, abandoned (left to finish alone, the slot
     gets a new caller) past `deadline_s`."""
     caller = getattr(self._slot, 'caller', None)
-    if caller is None:     # not on a slot thread: a caller for this call only
-      caller = _Caller()
+    if caller is None:   # not on a slot thread (e.g. the overlapped step's exchange): a caller
+      caller = _Caller('ntkdd-once-call')   # for this call only, named apart from the slots'
     box, done = caller.submit(fn, args)
     deadline = time.monotonic() + self.deadline_s
     with self._lock:
