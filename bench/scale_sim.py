@@ -400,7 +400,10 @@ def model_row(args, stage: str, workers: int, ipc: int) -> dict:
                                args.t_vjp, args.block, args.coordinator_bandwidth,
                                args.round_trip, args.solve_flops, 'indices', plan, broadcast,
                                args.worker_bandwidth, args.tree_fanout, args.tasks_per_worker,
-                               tail_halvings, args.classes)
+                               tail_halvings, args.classes,
+                               # (no groups, e.g. at 8 workers: the two-round step runs)
+                               step=('overlap' if stage == 'overlap'
+                                     and group_size(args, stage, workers) > 1 else 'two-round'))
   ideal = n_s * (n_s + args.target_batch) * (args.t_fwd + args.t_vjp) / workers
   m['efficiency'] = ideal / m['step_s']
   return m

@@ -18,6 +18,14 @@ bench/kernel_throughput.py) and per-message costs, it predicts one KIP step for 
               C classes) / its flop rate, plus reading K_ts (float64) three times
   step      = rounds + broadcast + unhidden transfer + solve + a latency per round
 
+--step overlap models the overlapped fused step instead (server/fused_step.py with
+fused_step='overlap', early_kss_vjp): one round whose compute is the pairs / W (one block per
+member, then K_ss's vjp in strips of four blocks per member: the last of those is the
+straggler), after the support's arrival (the tree above); the KRR work and the transfers hide
+in the round but beta's product and the last group's K_ss strip answer through the
+coordinator's link (n_s / groups gradient rows, groups = ceil(W / ceil(sqrt W))). Its bytes
+and transfer columns stay the two-round step's (an upper bound: the fused step sends less).
+
 Bytes: support images (see broadcast); target images as indices (the default: workers hold
 the dataset; 8 bytes an image in every block request of both rounds) or, with --targets
 pixels, as pixels to every worker once per step (the cols cache); kernel blocks back (8 bytes
@@ -42,7 +50,7 @@ def step_model(workers: int, n_s: int, n_t: int, image_bytes: int, t_fwd: float,
                targets: str = 'indices', plan: str = 'tiles', broadcast: str = 'direct',
                worker_bandwidth: float = 1.25e10, fanout: int = 8, tasks_per_worker: int = 2,
                tail_halvings: int = 2, classes: int = 10,
-               memory_bandwidth: float = 1e10) -> dict:
+               memory_bandwidth: float = 1e10, step: str = 'two-round') -> dict:
   """Predicted seconds of one KIP step and their parts (see the module docstring)."""
   pairs = n_s * (n_s + n_t)     # per round: K(support, [support; targets]), then its vjp
   support_bytes = n_s * image_bytes
@@ -86,6 +94,14 @@ def step_model(workers: int, n_s: int, n_t: int, image_bytes: int, t_fwd: float,
   solve = (n_s ** 3 / 3 + 4 * n_s ** 2 * classes + 3 * n_t * n_s * classes) / solve_flops
   solve += 3 * 8 * n_s * n_t / memory_bandwidth
   total = rounds_compute + broadcast_s + excess + solve + 2 * latency
+  if step == 'overlap':
+    compute = pairs * (t_fwd + t_vjp) / workers
+    groups = -(-workers // math.ceil(math.sqrt(workers)))
+    straggler = n_s * n_s / (4 * workers) * t_vjp    # one block of a K_ss strip
+    rounds_compute = compute + straggler
+    solve = 2 * n_s ** 2 * classes / solve_flops     # beta = inverse @ K r, after the round
+    excess = (n_s / groups) * image_bytes / bandwidth + latency   # the last strip's answer
+    total = rounds_compute + broadcast_s + excess + solve + 2 * latency
   return {'workers': workers, 'step_s': total, 'compute_s': compute, 'straggler_s': straggler,
           'transfer_s': transfer, 'broadcast_s': broadcast_s, 'solve_s': solve,
           'bytes_per_step': sent + received}
@@ -114,6 +130,9 @@ def main(argv=None) -> int:
   p.add_argument('--broadcast', default='direct', choices=('direct', 'tree'))
   p.add_argument('--worker-bandwidth', type=float, default=1.25e10, help='bytes/s per worker')
   p.add_argument('--fanout', type=int, default=8, help='tree: fetches per source at once')
+  p.add_argument('--step', default='two-round', choices=('two-round', 'overlap'),
+                 help="the KIP step's design (see above); overlap implies --plan balanced "
+                      "--broadcast tree")
   p.add_argument('--json', default='bench/results/scaling_model.json')
   args = p.parse_args(argv)
   h, w, c = (int(v) for v in args.image_shape.split('x'))
@@ -126,11 +145,12 @@ def main(argv=None) -> int:
       r = step_model(workers, n_s, args.target_batch, image_bytes, args.t_fwd, args.t_vjp,
                      args.block, args.bandwidth, args.latency, args.solve_flops, args.targets,
                      args.plan, args.broadcast, args.worker_bandwidth, args.fanout,
-                     classes=args.classes)
+                     classes=args.classes, step=args.step)
       base = base or step_model(1, n_s, args.target_batch, image_bytes, args.t_fwd,
                                 args.t_vjp, args.block, args.bandwidth, args.latency,
                                 args.solve_flops, args.targets, args.plan, args.broadcast,
-                                args.worker_bandwidth, args.fanout, classes=args.classes)
+                                args.worker_bandwidth, args.fanout, classes=args.classes,
+                                step=args.step)
       r['ipc'] = ipc
       r['efficiency'] = base['step_s'] / (workers * r['step_s'])
       parts = {k: r[k] for k in ('compute_s', 'straggler_s', 'broadcast_s', 'transfer_s',

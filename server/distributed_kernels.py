@@ -132,9 +132,10 @@ class DistributedKernels(CacheBroadcast, GroupRequests, FusedKipStep, WorkerHeal
         loss keep the fused step's bits, beta (from K_ss's inverse) its float64 rounding.
       early_kss_vjp: (fused_step='overlap', workers serving protocol.KIP_EARLY_BETA) the
         members send their blocks' K r to their leaders before their vjps, so beta is known
-        mid-round and K_ss's vjp is queued then: each group takes its share as it finishes
-        its fused request, with no barrier after the round. The same bits as False (K_ss's
-        vjp after the round).
+        mid-round and K_ss's vjp is sent then, a strip of rows to each leader of the round,
+        which queues it behind its fused blocks (needs max_in_flight_per_worker >= 2, else
+        the requests are queued for the groups as they end): no barrier after the round. The
+        same bits as False (K_ss's vjp, in the same strips, after the round).
     """
     if not workers:
       raise ValueError('DistributedKernels needs at least one worker handle.')

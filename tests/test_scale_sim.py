@@ -348,12 +348,12 @@ def test_group_requests_touch_few_gradient_rows():
   assert max(loads) - min(loads) < 0.01 * np.mean(loads)
 
 
-@pytest.mark.parametrize('n_rows,n_cols,groups,members', [(500, 500, 16, 16), (6, 6, 4, 4),
-                                                          (100, 100, 16, 16), (7, 3, 2, 5)])
-def test_strip_requests_give_each_request_its_own_rows(n_rows, n_cols, groups, members):
+@pytest.mark.parametrize('n_rows,n_cols,groups,pieces', [(500, 500, 16, 64), (6, 6, 4, 4),
+                                                         (100, 100, 16, 12), (7, 3, 2, 5)])
+def test_strip_requests_give_each_request_its_own_rows(n_rows, n_cols, groups, pieces):
   """Every pair once; each request a strip of rows no other request touches (so each
-  gradient row crosses the coordinator's link once), cut into at most `members` blocks."""
-  blocks, deal = block_plan.strip_requests(n_rows, n_cols, groups, members)
+  gradient row crosses the coordinator's link once), cut into at most `pieces` blocks."""
+  blocks, deal = block_plan.strip_requests(n_rows, n_cols, groups, pieces)
   covered = np.zeros((n_rows, n_cols), int)
   for (r0, r1), (c0, c1), span in blocks:
     assert span == 0 and r0 < r1 and c0 < c1
@@ -362,7 +362,7 @@ def test_strip_requests_give_each_request_its_own_rows(n_rows, n_cols, groups, m
   assert sorted(i for dealt in deal for i in dealt) == list(range(len(blocks)))
   rows = [{r for i in dealt for r in range(*blocks[i][0])} for dealt in deal]
   assert sum(len(r) for r in rows) == n_rows and len(deal) == min(groups, n_rows)
-  assert all(len(dealt) <= members for dealt in deal)
+  assert all(len(dealt) <= pieces for dealt in deal)
   assert max(map(len, rows)) - min(map(len, rows)) <= 1
 
 
