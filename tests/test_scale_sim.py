@@ -633,7 +633,7 @@ def test_fused_step_redone_in_two_rounds_when_a_kept_sum_is_lost(monkeypatch):
 
 # -- The overlapped fused step: K_ss inside the fused round (issue 18). --------------------------
 
-def _kip_step_on_fleet(args, train, key, fused, kill=(), compute='sleep'):
+def _kip_step_on_fleet(args, train, key, fused, kill=(), compute='sleep', hang=()):
   fleet = sim.Fleet(16, sim.SimParams(time_scale=1e-3, compute=compute), arch=FC.to_dict(),
                     datasets={key: train})
   spec = dict(plan='balanced', broadcast='tree', block=4, group_size=4, one_kernel=True,
@@ -643,6 +643,8 @@ def _kip_step_on_fleet(args, train, key, fused, kill=(), compute='sleep'):
     _wait_for_pings(distributed, 16)
     for index in kill:   # down after the pings: the coordinator learns it from the calls
       fleet.kill(index)
+    for index in hang:   # each call to it hangs a second, then fails
+      fleet.hang(index, 1.0)
     return kip.kip_gradients(distributed, *args), distributed.status()
 
 
@@ -679,6 +681,19 @@ def test_overlapped_step_survives_members_and_leaders_going_down(kill):
   assert status['members_dropped'] + status['blocks_requeued'] >= 1   # a fault path ran
   assert got.loss == want.loss
   np.testing.assert_array_equal(got.grad_images, want.grad_images)
+
+
+def test_overlapped_step_survives_a_hung_leader_and_a_hung_member():
+  """A leader (4) and a member of another group (9) that hang, then fail, during the step
+  with the early K_ss vjp (K r pushed to leaders, K_ss's vjp handed to them): the requests
+  move, the members are dropped, and the step ends with the undisturbed step's bits."""
+  train, key, args = _kip_problem(seed=5)
+  want, _ = _kip_step_on_fleet(args, train, key, 'overlap')
+  got, status = _kip_step_on_fleet(args, train, key, 'overlap', hang=(4, 9))
+  assert status['members_dropped'] + status['blocks_requeued'] >= 1   # a fault path ran
+  assert got.loss == want.loss
+  np.testing.assert_array_equal(got.grad_images, want.grad_images)
+  np.testing.assert_array_equal(got.grad_labels, want.grad_labels)
 
 
 def test_gather_caches_waits_for_entries_sent_after_the_request():
