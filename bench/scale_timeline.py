@@ -66,8 +66,11 @@ def _traced(fleets: list, marks: list, member_calls: list, fused: bool = False) 
                          ('sum', '_sum_kept'), ('K_ss vjp', 'vjp')):
       setattr(backend, method, timed(name, getattr(backend, method)))
     exchange = overlap_exchange.OverlapExchange   # the overlapped step's per-group calls
-    for name, method in (('gather', '_gather'), ('alpha sent', '_send_alpha')):
+    for name, method in (('gather', '_gather'), ('alpha sent', '_send_alpha'),
+                         ('K r summed', '_sum_k_r')):
       setattr(exchange, method, timed(name, getattr(exchange, method)))
+    # The early K_ss vjp (sent mid-round): its own line, from beta to its last answer.
+    exchange._early_kss_vjp = timed('early K_ss vjp', exchange._early_kss_vjp)
 
 
 def round_line(name: str, start: float, end: float, trace: list, k: float) -> str:
@@ -135,7 +138,7 @@ def main(argv: list[str]) -> int:
   step_start = max(start for name, start, _ in marks if name == first)
   last = [mark for mark in marks if mark[1] >= step_start]
   ms = lambda value: (value - step_start) / k * 1e3   # noqa: E731
-  for name in ('gather', 'alpha sent'):   # per group: when each call ended
+  for name in ('gather', 'alpha sent', 'K r summed'):   # per group: when each call ended
     ends = sorted(ms(end) for mark, _, end in last if mark == name)
     if ends:
       print(f'  {name}: {len(ends)} calls, done {ends[0]:.1f} / {np.median(ends):.1f} / '
@@ -146,7 +149,7 @@ def main(argv: list[str]) -> int:
     print(f'  support held by {len(held)} workers: {np.min(held):.1f} / '
           f'{np.percentile(held, 10):.1f} / {np.median(held):.1f} / {np.percentile(held, 90):.1f}'
           f' / {np.max(held):.1f} ms into the step (min / 10% / median / 90% / max)')
-  last = [mark for mark in last if mark[0] not in ('gather', 'alpha sent')]
+  last = [mark for mark in last if mark[0] not in ('gather', 'alpha sent', 'K r summed')]
   for name, start, end in sorted(last, key=lambda mark: mark[1]):
     print(f'  {name} starts {(start - step_start) / k * 1e3:.1f} ms into the step')
     print(round_line(name, start, end, fleets[0].trace, k))
