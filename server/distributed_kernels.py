@@ -318,13 +318,7 @@ class DistributedKernels(CacheBroadcast, GroupRequests, FusedKipStep, WorkerHeal
         pieces = max(1, min(STRIP_BLOCKS_PER_MEMBER * self.group_size, n2 // STRIP_MIN_COLS))
         planned, deal = block_plan.strip_requests(n1, n2, groups, pieces)
         blocks = [(rows, cols, parts[0]) for rows, cols, _ in planned]
-        groups = len(deal)
-
-        def pads(task: Optional[_Task]) -> dict:   # each block at its own shape
-          if task is None:   # (asked for a call's fixed pads: none)
-            return {}
-          (r0, r1), (c0, c1) = task.rows, task.cols
-          return {'pad_rows': r1 - r0, 'pad_cols': c1 - c0}
+        groups, pads = len(deal), _own_shape_pads
       if not groups:   # block requests carry their cotangent blocks: form the matrix here
         cotangents.update({name: self._as_cotangent(g.dense(), name, (n1, n2))
                            for name, g in factored.items()})
@@ -480,11 +474,7 @@ class DistributedKernels(CacheBroadcast, GroupRequests, FusedKipStep, WorkerHeal
       planned = block_plan.balanced_blocks(n1, spans, len(self._workers), symmetric, *shares)
       self._plans = {**(self._plans if len(self._plans) < 16 else {}), key: planned}
 
-    def pads(task: _Task) -> dict:   # each block at its own shape: the plan repeats per step
-      (r0, r1), (c0, c1) = task.rows, task.cols
-      return {'pad_rows': r1 - r0, 'pad_cols': c1 - c0}
-
-    return [(r, c, parts[i]) for r, c, i in planned], pads
+    return [(r, c, parts[i]) for r, c, i in planned], _own_shape_pads
 
   def _sources(self, x1: np.ndarray, parts: list[_Part],
                row_blocks: int) -> tuple[Callable[[_Task, _Worker], dict], dict, int]:
@@ -775,6 +765,15 @@ def _as_factors(g: LowRankCotangent, name: str, shape: tuple) -> LowRankCotangen
     raise ValueError(f'{name}: low-rank factors {left.shape} and {right.shape} do not make a '
                      f'{shape} cotangent (rows x1, columns x2).')
   return LowRankCotangent(left, right, float(g.diagonal))
+
+
+def _own_shape_pads(task: Optional[_Task]) -> dict:
+  """A block's pad fields when each block is computed at its own shape (the balanced plan and
+  vjp strips repeat per step, so each shape compiles once); none for a whole call (None)."""
+  if task is None:
+    return {}
+  (r0, r1), (c0, c1) = task.rows, task.cols
+  return {'pad_rows': r1 - r0, 'pad_cols': c1 - c0}
 
 
 def _group_task(call: _Call, index: int, blocks: list) -> _Task:

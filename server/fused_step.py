@@ -91,14 +91,14 @@ class FusedKipStep:
       # rounds at 500 support images (bench/scale_sim.py), equal to float64 rounding.
       return krr.solve(k_ss, y_s, reg, method='lu')
 
-    inverse, early, early_result = None, {}, None
+    inverse, early_sum, early_result = None, {}, None
     if self.fused_overlap and self._serve_all(protocol.KIP_OVERLAP):
       def sum_early(leaders: dict, version: int) -> None:
         # Every leader has its request (it sent its K_ss blocks): the sum of their kept
         # gradients starts now, each fetched as its group ends, not after the whole round.
-        early['kept'] = [(leaders[g].peer_id, f'{KEPT_GRAD}{g}', version)
-                         for g in sorted(leaders)]
-        early['future'] = _in_thread(self._sum_kept, x1, early['kept'])
+        early_sum['kept'] = [(leaders[g].peer_id, f'{KEPT_GRAD}{g}', version)
+                             for g in sorted(leaders)]
+        early_sum['future'] = _in_thread(self._sum_kept, x1, early_sum['kept'])
 
       early_vjp = None
       if self.early_kss_vjp and self._serve_all(protocol.KIP_EARLY_BETA):
@@ -129,7 +129,7 @@ class FusedKipStep:
       kept, k_r, predictions = fused[:3]
     # The kept sums meet on the workers' links while K_ss's vjp runs: neither needs the other.
     # (Overlapped: started during the round, unless a group request changed leaders since.)
-    sum_future = early.get('future') if early.get('kept') == kept else None
+    sum_future = early_sum.get('future') if early_sum.get('kept') == kept else None
     if sum_future is None:
       sum_future = _in_thread(self._sum_kept, x1, kept)
     solving = time.thread_time()
@@ -162,7 +162,7 @@ class FusedKipStep:
       try:
         grad_targets = sum_future.result()
       except _WorkerFault:
-        if 'future' not in early:
+        if 'future' not in early_sum:
           raise
         grad_targets = self._sum_kept(x1, kept)   # the early sum failed: once more, now
     except _WorkerFault as fault:   # a holder went down with its sum: redo the step
@@ -229,9 +229,7 @@ class FusedKipStep:
         exchange.start(call, min(groups, len(blocks)))
       self._run(call, blocks, groups)
       order = [task.index for task in call.tasks]   # plan order: reproducible sums
-      total_k_r = k_r[order[0]].copy()
-      for index in order[1:]:
-        total_k_r += k_r[index]
+      total_k_r = overlap_exchange.summed_in_order([k_r[index] for index in order])
     self._count(n_s * n_t, start)
     kept = [(kept_by[i], f'{KEPT_GRAD}{i}', version) for i in order]
     if exchange is None:

@@ -46,6 +46,16 @@ KSS_CACHE = 'kip_kss'   # K_ss block j is held by its group's leader as KSS_CACH
 GATHER_ATTEMPTS = 3     # gather_caches calls to one leader (each waits PEER_WAIT_S at most)
 
 
+def summed_in_order(parts: list) -> np.ndarray:
+  """parts[0] + parts[1] + ..., added left to right into a copy of the first: the fused step
+  sums its groups' K r this way, from the answers or (early) from the leaders' sums, and beta
+  must come out with the same bits from either."""
+  total = parts[0].copy()
+  for part in parts[1:]:
+    total += part
+  return total
+
+
 class OverlapExchange:
   """One overlapped step's shared state: the fused round's request builder asks it for each
   group request's alpha fields (`fields`); `start` runs the gather-solve-send thread."""
@@ -172,11 +182,8 @@ class OverlapExchange:
     """(beta, K_ss's vjp) from the leaders' sums of their members' K r (module docstring)."""
     with concurrent.futures.ThreadPoolExecutor(groups, thread_name_prefix='ntkdd-kr') as pool:
       sums = list(pool.map(lambda g: self._sum_k_r(call, g), range(groups)))
-    total = sums[0].copy()   # plan order, as the fused step adds the answers' K r
-    for part in sums[1:]:
-      total += part
     solving = time.thread_time()
-    beta, cotangent = self.early[0](total, self.alpha, self.inverse)
+    beta, cotangent = self.early[0](summed_in_order(sums), self.alpha, self.inverse)
     self.solve_s += time.thread_time() - solving
     with self._changed:
       leaders = {g: worker for g, (worker, _) in self._leaders.items()}
