@@ -3,10 +3,19 @@
 Run it only when a change is *meant* to move the numbers (and say so in the commit):
   .venv/bin/python tests/golden/make_golden.py
 It writes, next to itself, `tiny_rgb.npz` (the data), `golden.npz` (each case's support set and
-per-step losses after its full run) and `old_runs/<case>/` (each case's run directory stopped
-part-way, the way an older checkout left it, for the resume-across-versions check).
+per-step losses after its full run, and the CPU platform it ran on) and `old_runs/<case>/`
+(each case's run directory stopped part-way, the way an older checkout left it, for the
+resume-across-versions check), and removes the other platforms' files, which no longer match.
+
+The last bits of a run depend on the CPU (BLAS kernels and XLA's vector code differ between
+vendors and vector widths), so each platform the tests run on keeps its own record, made from
+the same code as golden.npz:
+  .venv/bin/python tests/golden/make_golden.py --platform
+writes `golden-<platform>.npz` for this machine's platform (`platform_key`): its full runs and
+its resumes of the stored old_runs, leaving golden.npz and old_runs as they are.
 """
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -20,6 +29,33 @@ sys.path.insert(0, str(HERE.parent))
 from conftest import make_tiny_npz  # pylint: disable=wrong-import-position
 
 DATA = HERE / 'tiny_rgb.npz'
+REFERENCE = HERE / 'golden.npz'
+# The platform golden.npz was recorded on before it recorded one (an AVX-512 Xeon).
+LEGACY_PLATFORM = 'GenuineIntel-avx512f'
+PLATFORM_ENTRY = '_platform'     # golden.npz's entry naming its platform
+RESUMED = 'resumed'              # a platform file's prefix for its resumes of old_runs
+
+
+def platform_key(cpuinfo: str = None) -> str:
+  """The CPU family a run's rounding depends on: the vendor and the widest vector ISA.
+
+  Args:
+    cpuinfo: /proc/cpuinfo's text (read if None; on systems without it the machine name).
+  """
+  if cpuinfo is None:
+    path = Path('/proc/cpuinfo')
+    cpuinfo = path.read_text() if path.exists() else ''
+  vendor = re.search(r'^vendor_id\s*:\s*(\S+)', cpuinfo, re.M)
+  flags = re.search(r'^flags\s*:(.*)$', cpuinfo, re.M)
+  flags = set(flags.group(1).split()) if flags else set()
+  isa = next((f for f in ('avx512f', 'avx2', 'avx') if f in flags), 'base')
+  import platform  # pylint: disable=import-outside-toplevel
+  return f'{vendor.group(1) if vendor else platform.machine()}-{isa}'
+
+
+def platform_file(key: str) -> Path:
+  """Where the golden runs of platform `key` live, other than the reference's."""
+  return HERE / f'golden-{key}.npz'
 
 # name -> (flags without --out/--steps, total steps, steps of the stored part-way run or None)
 CASES = {
@@ -84,10 +120,33 @@ def run_record(run_dir: Path) -> dict:
   return record
 
 
+def record_platform() -> Path:
+  """This platform's golden runs (full runs, and resumes of the stored old_runs) from the
+  current code, beside golden.npz; returns the file written."""
+  arrays = {}
+  with tempfile.TemporaryDirectory() as tmp:
+    for case, (_, _, part) in CASES.items():
+      out = Path(tmp) / case
+      assert run_cli(argv(case, Path(DATA.name), out), HERE) == 0, case
+      arrays.update({f'{case}/{k}': v for k, v in run_record(out).items()})
+      if part is not None:
+        resumed = Path(tmp) / f'{case}-resumed'
+        shutil.copytree(HERE / 'old_runs' / case, resumed)
+        assert run_cli(argv(case, Path(DATA.name), resumed, resume=True), HERE) == 0, case
+        arrays.update({f'{RESUMED}/{case}/{k}': v for k, v in run_record(resumed).items()})
+  path = platform_file(platform_key())
+  np.savez(path, **arrays)
+  print(f'wrote {path} ({len(arrays)} arrays)')
+  return path
+
+
 def main() -> None:
+  if sys.argv[1:] == ['--platform']:
+    record_platform()
+    return
   # The data is named relative to the run's working directory (HERE), as users do.
   make_tiny_npz(DATA, classes=3, per_class=12, test_per_class=6, side=8, channels=3, seed=7)
-  arrays = {}
+  arrays = {PLATFORM_ENTRY: np.array(platform_key())}
   old_runs = HERE / 'old_runs'
   shutil.rmtree(old_runs, ignore_errors=True)
   with tempfile.TemporaryDirectory() as tmp:
@@ -100,8 +159,11 @@ def main() -> None:
         assert run_cli(argv(case, Path(DATA.name), old_runs / case, steps=part), HERE) == 0, case
         for extra in ('support.png', 'curves.png', 'status.sock'):
           (old_runs / case / extra).unlink(missing_ok=True)
-  np.savez(HERE / 'golden.npz', **arrays)
-  print(f'wrote {HERE / "golden.npz"} ({len(arrays)} arrays) and {old_runs}')
+  np.savez(REFERENCE, **arrays)
+  for stale in HERE.glob('golden-*.npz'):   # recorded from the code before this change
+    stale.unlink()
+  print(f'wrote {REFERENCE} ({len(arrays)} arrays) and {old_runs}; record the other platforms '
+        f'the tests run on with --platform there')
 
 
 if __name__ == '__main__':
