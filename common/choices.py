@@ -16,6 +16,9 @@ PREPROCESS_CHOICES = ('auto',) + preprocess.PREPROCESSOR_KINDS
 AUTO_KERNEL_PREPROCESS = {'convnet': 'channel_zca', 'fc': 'standardize'}
 # What 'auto' means where a DistillConfig or an older run's config.json holds it.
 LEGACY_AUTO_PREPROCESS = 'standardize'
+# KIP's loss on the KRR predictions (common/krr.py): squared error (the KIP papers'), or Platt
+# scaling's cross-entropy with a learned temperature (RFAD's).
+KIP_LOSSES = ('mse', 'platt')
 LR_SCHEDULES = ('constant', 'cosine')  # KIP's learning rate: constant, or cosine decay to 0
 FLIP_CHOICES = ('auto', 'on', 'off')   # RCIG's mirrored support (auto: on for RGB images)
 # ntkdd evaluate's finite-net training: ntkdd's own protocol, or the KIP or RCIG paper's

@@ -36,6 +36,7 @@ class KipStep(NamedTuple):
   grad_images: np.ndarray      # dL/d support_images
   grad_labels: np.ndarray      # dL/d support_labels
   target_accuracy: float       # KRR accuracy on the target batch, before the update
+  grad_log_temperature: float = 0.0   # the Platt loss's temperature (0 for MSE)
 
 
 def _cotangents(kernel_name: str, g: np.ndarray) -> tuple:
@@ -53,7 +54,8 @@ def _asked_kernel(backend: KernelBackend, x1: np.ndarray, x2, kernel_name: str) 
 
 
 def krr_between_rounds(k_s_all: np.ndarray, support_labels: np.ndarray,
-                       target_labels: np.ndarray, reg: float, factored: bool) -> tuple:
+                       target_labels: np.ndarray, reg: float, factored: bool,
+                       loss: str = 'mse', log_temperature: float = 0.0) -> tuple:
   """What a KIP step computes between its kernel and vjp rounds (bench/krr_step.py times it).
 
   Args:
@@ -61,6 +63,8 @@ def krr_between_rounds(k_s_all: np.ndarray, support_labels: np.ndarray,
     support_labels, target_labels: (n_s, C) and (n_t, C).
     reg: the ridge lambda.
     factored: return the vjp's cotangent as low-rank factors (workers form the blocks).
+    loss, log_temperature: the loss on the predictions (`krr.LOSSES`) and the Platt loss's
+      log temperature.
 
   Returns:
     (`krr.KrrGradients`, the cotangent on k_s_all: dense (n_s, n_s + n_t) or factors).
@@ -69,7 +73,7 @@ def krr_between_rounds(k_s_all: np.ndarray, support_labels: np.ndarray,
   k_ss, k_st = k_s_all[:, :n_s], k_s_all[:, n_s:]
   k_ss = 0.5 * (k_ss + k_ss.T)  # exact symmetry for the solve
   g = krr.loss_and_gradients(k_ss, k_st.T, support_labels, target_labels, reg,
-                             dense=not factored)
+                             dense=not factored, loss=loss, log_temperature=log_temperature)
   if not np.isfinite(g.loss):
     raise FloatingPointError('The KIP loss is NaN or inf.')
   if factored:   # its workers form the blocks
@@ -81,9 +85,14 @@ def krr_between_rounds(k_s_all: np.ndarray, support_labels: np.ndarray,
 def kip_gradients(backend: KernelBackend, support_images: np.ndarray,
                   support_labels: np.ndarray, target_images: np.ndarray,
                   target_labels: np.ndarray, target_label_ids: np.ndarray,
-                  kernel_name: str = 'ntk', reg: float = 1e-6) -> KipStep:
-  """Loss and gradients of 1/2 ||y_t - K_ts (K_ss + reg tr/n I)^-1 y_s||^2 for one batch."""
-  if getattr(backend, 'fused_step', False):   # no barrier between the rounds (issue 18)
+                  kernel_name: str = 'ntk', reg: float = 1e-6, loss: str = 'mse',
+                  log_temperature: float = 0.0) -> KipStep:
+  """Loss and gradients of a KIP loss for one batch: 1/2 ||y_t - K_ts (K_ss + reg tr/n I)^-1
+  y_s||^2 ('mse'), or the Platt loss of those predictions at `log_temperature` ('platt'; see
+  `krr.platt_loss`). The fused step (server/fused_step.py) computes the MSE loss only: with the
+  Platt loss a fused backend runs the two rounds."""
+  krr.check_loss(loss)
+  if getattr(backend, 'fused_step', False) and loss == 'mse':   # no barrier between the rounds
     fused = backend.kip_step(support_images, target_images, support_labels, target_labels,
                              reg, kernel_name)
     if fused is not None:
@@ -94,10 +103,12 @@ def kip_gradients(backend: KernelBackend, support_images: np.ndarray,
   both = sources.concat([support_images, target_images])
   k_s_all = _asked_kernel(backend, support_images, both, kernel_name)
   g, cotangent = krr_between_rounds(k_s_all, support_labels, target_labels, reg,
-                                    getattr(backend, 'cotangent_factors', False))
+                                    getattr(backend, 'cotangent_factors', False), loss,
+                                    log_temperature)
   grad_images = backend.vjp(support_images, both, *_cotangents(kernel_name, cotangent))
   return KipStep(loss=g.loss, grad_images=grad_images, grad_labels=g.d_y_s,
-                 target_accuracy=krr.accuracy(g.predictions, target_label_ids))
+                 target_accuracy=krr.accuracy(g.predictions, target_label_ids),
+                 grad_log_temperature=g.d_log_temperature)
 
 
 def krr_accuracy(backend: KernelBackend, support_images: np.ndarray,

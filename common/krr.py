@@ -1,8 +1,10 @@
-"""Kernel ridge regression: the KIP loss, its closed-form cotangents, Label Solve and accuracy.
+"""Kernel ridge regression: the KIP losses, their closed-form cotangents, Label Solve, accuracy.
 
 Everything here acts on the small matrices (K_ss: n_s x n_s, K_ts: n_t x n_s) in float64
 numpy. The loss reaches the kernel only through the cotangents dL/dK_ss and dL/dK_ts, which
-the kernel workers pull back to the support images tile by tile.
+the kernel workers pull back to the support images tile by tile. Both losses (`LOSSES`) are
+functions of the KRR predictions P = K_ts A^-1 y_s alone, so they share every formula after
+dL/dP.
 
 Regularisation follows the KIP papers: K_ss + lambda * tr(K_ss) / n_s * I.
 """
@@ -13,6 +15,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from ntkdd.common import cotangents
+from ntkdd.common.choices import KIP_LOSSES as LOSSES
 
 
 class KrrGradients(NamedTuple):
@@ -23,7 +26,9 @@ class KrrGradients(NamedTuple):
   d_k_ts: Optional[np.ndarray]   # (n_t, n_s); both None if not asked for (`dense`)
   d_y_s: np.ndarray         # (n_s, C)
   alpha: Optional[np.ndarray] = None      # (n_s, C): A^-1 y_s
-  residual: Optional[np.ndarray] = None   # (n_t, C): predictions - y_t
+  # (n_t, C): dL/d predictions; for the MSE loss the residual predictions - y_t (its name).
+  residual: Optional[np.ndarray] = None
+  d_log_temperature: float = 0.0          # the Platt loss's; 0 for MSE
 
 
 def _check_reg(reg: float) -> None:
@@ -93,31 +98,74 @@ def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
   return float(np.mean(np.argmax(predictions, axis=-1) == np.asarray(labels)))
 
 
-def loss_and_gradients(k_ss: np.ndarray, k_ts: np.ndarray, y_s: np.ndarray, y_t: np.ndarray,
-                       reg: float, dense: bool = True) -> KrrGradients:
-  """KIP loss 1/2 ||y_t - K_ts A^-1 y_s||^2 with A = K_ss + reg tr(K_ss)/n I, and its gradients.
+def check_loss(loss: str) -> None:
+  """Raises ValueError unless `loss` is one of `LOSSES`."""
+  if loss not in LOSSES:
+    raise ValueError(f'The KIP loss must be one of {LOSSES}, got {loss!r}.')
 
-  With alpha = A^-1 y_s, r = K_ts alpha - y_t and beta = A^-1 K_ts^T r:
+
+def platt_loss(predictions: np.ndarray, y_t: np.ndarray, log_temperature: float) -> tuple:
+  """Platt scaling's loss: the cross-entropy of softmax(exp(t) P), summed over the targets.
+
+  The target classes are the argmax of y_t's rows (one-hot minus 1/C). RFAD (Loo et al. 2022)
+  distils with it: unlike the squared error it does not ask the 1-of-C predictions to hit
+  -1/C and 1 - 1/C exactly, only to rank the right class first with a margin.
+
+  Args:
+    predictions: (n_t, C) KRR predictions P.
+    y_t: (n_t, C) target labels.
+    log_temperature: t; the logits are exp(t) P.
+
+  Returns:
+    (loss, dL/dP (n_t, C), dL/dt).
+  """
+  temperature = float(np.exp(log_temperature))
+  logits = temperature * predictions
+  shifted = logits - np.max(logits, axis=1, keepdims=True)
+  log_probs = shifted - np.log(np.sum(np.exp(shifted), axis=1, keepdims=True))
+  classes = np.argmax(y_t, axis=1)
+  rows = np.arange(len(classes))
+  loss = -float(np.sum(log_probs[rows, classes]))
+  d_logits = np.exp(log_probs)
+  d_logits[rows, classes] -= 1.0
+  return loss, temperature * d_logits, float(np.sum(d_logits * logits))
+
+
+def loss_and_gradients(k_ss: np.ndarray, k_ts: np.ndarray, y_s: np.ndarray, y_t: np.ndarray,
+                       reg: float, dense: bool = True, loss: str = 'mse',
+                       log_temperature: float = 0.0) -> KrrGradients:
+  """A KIP loss of the predictions P = K_ts A^-1 y_s, A = K_ss + reg tr(K_ss)/n I, and its
+  gradients.
+
+  loss 'mse': 1/2 ||y_t - P||^2; 'platt': `platt_loss` at `log_temperature`. With
+  alpha = A^-1 y_s, r = dL/dP (MSE: P - y_t) and beta = A^-1 K_ts^T r:
     dL/dK_ts = r alpha^T,   dL/dy_s = beta,
     dL/dA = -beta alpha^T,  dL/dK_ss = dL/dA + (reg/n) tr(dL/dA) I.
   `dense` False leaves d_k_ss and d_k_ts None (for `kip_cotangent_factors`, which needs
   alpha and r only: the (n_t, n_s) outer product is most of this function's memory traffic).
   """
+  check_loss(loss)
   k_ts = np.asarray(k_ts, np.float64)
   y_t = np.asarray(y_t, np.float64)
   n = k_ss.shape[0]
   alpha = solve(k_ss, y_s, reg)
   predictions = k_ts @ alpha
-  residual = predictions - y_t
-  loss = 0.5 * float(np.sum(residual * residual))
+  d_log_temperature = 0.0
+  if loss == 'mse':
+    residual = predictions - y_t
+    value = 0.5 * float(np.sum(residual * residual))
+  else:
+    value, residual, d_log_temperature = platt_loss(predictions, y_t, log_temperature)
   beta = solve(k_ss, k_ts.T @ residual, reg)
   if not dense:
-    return KrrGradients(loss=loss, predictions=predictions, d_k_ss=None, d_k_ts=None,
-                        d_y_s=beta, alpha=alpha, residual=residual)
+    return KrrGradients(loss=value, predictions=predictions, d_k_ss=None, d_k_ts=None,
+                        d_y_s=beta, alpha=alpha, residual=residual,
+                        d_log_temperature=d_log_temperature)
   d_a = -beta @ alpha.T
   d_k_ss = d_a + (reg / n) * np.trace(d_a) * np.eye(n)
-  return KrrGradients(loss=loss, predictions=predictions, d_k_ss=d_k_ss,
-                      d_k_ts=residual @ alpha.T, d_y_s=beta, alpha=alpha, residual=residual)
+  return KrrGradients(loss=value, predictions=predictions, d_k_ss=d_k_ss,
+                      d_k_ts=residual @ alpha.T, d_y_s=beta, alpha=alpha, residual=residual,
+                      d_log_temperature=d_log_temperature)
 
 
 def kip_cotangent_factors(g: KrrGradients, reg: float) -> cotangents.LowRankCotangent:

@@ -9,8 +9,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ntkdd.common.choices import (EVAL_PROTOCOLS, FLIP_CHOICES, INITS, KERNELS, LR_SCHEDULES,
-                                  PREPROCESS_CHOICES)
+from ntkdd.common.choices import (EVAL_PROTOCOLS, FLIP_CHOICES, INITS, KERNELS, KIP_LOSSES,
+                                  LR_SCHEDULES, PREPROCESS_CHOICES)
 from ntkdd.launch import flag_uses, flags, launch_types
 
 DESCRIPTION = """\
@@ -146,6 +146,11 @@ def _parser() -> argparse.ArgumentParser:
   o.add_argument('--lr-schedule', choices=LR_SCHEDULES, default='constant',
                  help='cosine decays the learning rate to 0 at --steps.')
   o.add_argument('--learn-labels', action='store_true', help='KIP: learn the support labels too.')
+  o.add_argument('--loss', choices=KIP_LOSSES, default='mse',
+                 help="KIP's loss on the target batch's KRR predictions P: mse, the KIP papers' "
+                      "1/2 ||y_t - P||^2; platt, Platt scaling's cross-entropy of softmax(exp(t) "
+                      "P) with t learned beside the support by the same Adam (RFAD, Loo et al. "
+                      "2022; logged as temperature). KRR accuracy is the argmax of P either way.")
   o.add_argument('--ema-decay', type=flags.nonnegative_float, default=None,
                  help='save and evaluate an exponential moving average of the support with '
                       'this decay, bias-corrected (e.g. 0.99: about the last 100 steps); '
@@ -380,7 +385,7 @@ def _distill_config(args: argparse.Namespace):
       kernel=args.kernel, reg=args.reg, dtype=args.dtype, tile=args.tile,
       preprocess=args.preprocess, zca_strength=args.zca_strength, image_size=args.image_size,
       init=args.init, learning_rate=args.lr, lr_schedule=args.lr_schedule,
-      learn_labels=args.learn_labels, ema_decay=args.ema_decay,
+      learn_labels=args.learn_labels, loss=args.loss, ema_decay=args.ema_decay,
       target_batch=args.target_batch, eval_every=args.eval_every,
       eval_test_size=args.eval_test_size, checkpoint_every=args.checkpoint_every,
       ls_target_size=args.ls_target_size, ls_rcond=args.ls_rcond)

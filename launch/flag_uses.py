@@ -41,6 +41,8 @@ DISTILL_FLAG_USES = {
     'ema_decay': (lambda a: a.algorithm != 'ls', 'averages the support KIP and RCIG learn (LS '
                                                  'solves it once)'),
     'learn_labels': (_kip, 'makes KIP learn labels (RCIG always learns them; LS solves them)'),
+    'loss': (_kip, "is KIP's loss (LS solves the squared error in closed form; RCIG's outer loss "
+                   'is always the cross-entropy with a learned temperature)'),
     'target_batch': (_kip, "is KIP's target batch (RCIG: --rcig-target-batch; LS: "
                            '--ls-target-size)'),
     'eval_every': (lambda a: a.algorithm != 'ls', 'is the evaluation cadence of KIP and RCIG '

@@ -47,6 +47,7 @@ class DistillConfig:
   learning_rate: float = 0.01
   lr_schedule: str = 'constant'     # constant | cosine (decays to 0 at --steps)
   learn_labels: bool = False
+  loss: str = 'mse'                 # KIP: mse, or platt (cross-entropy, learned temperature)
   ema_decay: float = 0.0            # KIP: save and evaluate this moving average of the support
   target_batch: int = 1000
   eval_every: int = 50
@@ -74,6 +75,11 @@ class DistillConfig:
       raise ValueError(f'--init must be one of {choices.INITS}, got {self.init!r}.')
     if self.target_batch < 1:
       raise ValueError(f'--target-batch must be >= 1, got {self.target_batch}.')
+    if self.loss not in choices.KIP_LOSSES:
+      raise ValueError(f'--loss must be one of {choices.KIP_LOSSES}, got {self.loss!r}.')
+    if self.loss != 'mse' and self.algorithm != 'kip':
+      raise ValueError(f'--loss {self.loss} is a KIP setting; Label Solve solves the squared '
+                       f'error in closed form. Leave --loss out for LS.')
     optim.check_ema_decay(self.ema_decay)
     if self.tile is not None and self.tile < 1:
       raise ValueError(f'--tile must be >= 1, got {self.tile}; leave it out to have it chosen '
@@ -190,7 +196,8 @@ def distill(cfg: DistillConfig, run_dir: str, backend_factory: Callable, resume:
   return loop.run_in_dir(run_dir, flags, DistillConfig.RESUMABLE, prepared, body,
                          resume=resume, overwrite=overwrite,
                          arrays_needed=('images', 'labels', 'label_ids') + (
-                             ('ema/images', 'ema/labels') if cfg.ema_decay else ()),
+                             ('ema/images', 'ema/labels') if cfg.ema_decay else ()) + (
+                             (PLATT_TEMPERATURE,) if cfg.loss == 'platt' else ()),
                          total_steps=status.total_steps(flags), run_status=run_status,
                          tensorboard=tensorboard)
 
@@ -226,9 +233,15 @@ def _run_label_solve(cfg, run_dir, prepared, backend, board=None) -> dict:
   return summary
 
 
+# The Platt loss's learned parameter: the log of the temperature the KRR predictions are
+# multiplied by (a checkpoint array and an Adam parameter beside images and labels).
+PLATT_TEMPERATURE = 'log_temperature'
+
+
 class KipSteps:
-  """KIP's step for `loop.run_steps`: Adam on the support images (and labels) against the
-  KRR loss of a class-balanced target batch; evaluated by KRR test accuracy."""
+  """KIP's step for `loop.run_steps`: Adam on the support images (and labels, and with the
+  Platt loss its log temperature) against the KRR loss of a class-balanced target batch;
+  evaluated by KRR test accuracy."""
   name = 'KIP'
   accuracy_key = 'krr_test_accuracy'
 
@@ -244,15 +257,19 @@ class KipSteps:
     images, labels, self.label_ids = run_data.initial_support(self.prepared, self.cfg.ipc,
                                                               self.cfg.init, rng)
     self.params = {'images': images, 'labels': labels}
+    if self.cfg.loss == 'platt':   # temperature 1 to start, as RFAD's and RCIG's code
+      self.params[PLATT_TEMPERATURE] = np.zeros((), np.float64)
     self.opt_state = self.optimizer.init(self.params)
-    self.average = ({k: np.zeros_like(v) for k, v in self.params.items()}
+    self.average = ({k: np.zeros_like(self.params[k]) for k in ('images', 'labels')}
                     if self.cfg.ema_decay else None)
 
   def restore(self, arrays: dict, rng: np.random.Generator) -> None:
     self.params = {'images': arrays['images'], 'labels': arrays['labels']}
+    if self.cfg.loss == 'platt':
+      self.params[PLATT_TEMPERATURE] = arrays[PLATT_TEMPERATURE]
     self.label_ids = arrays['label_ids']
     self.opt_state = {k[len('opt/'):]: v for k, v in arrays.items() if k.startswith('opt/')}
-    self.average = ({k: arrays[f'ema/{k}'] for k in self.params} if self.cfg.ema_decay
+    self.average = ({k: arrays[f'ema/{k}'] for k in ('images', 'labels')} if self.cfg.ema_decay
                     else None)
 
   def step(self, step: int, rng: np.random.Generator) -> dict:
@@ -260,19 +277,26 @@ class KipSteps:
     target = preprocess.class_balanced_batch(prepared.y_train, cfg.target_batch, rng,
                                              num_classes=prepared.num_classes)
     # FloatingPointError: K_ss or the loss non-finite, the support set has blown up.
+    platt = cfg.loss == 'platt'
     result = kip.kip_gradients(self.backend, self.params['images'], self.params['labels'],
                                prepared.rows('train', target), self.y_train_centered[target],
-                               prepared.y_train[target], cfg.kernel, cfg.reg)
+                               prepared.y_train[target], cfg.kernel, cfg.reg, cfg.loss,
+                               float(self.params[PLATT_TEMPERATURE]) if platt else 0.0)
     grads = {'images': result.grad_images}
     if cfg.learn_labels:
       grads['labels'] = result.grad_labels
+    if platt:
+      grads[PLATT_TEMPERATURE] = np.asarray(result.grad_log_temperature, np.float64)
     new_params, new_state = self.optimizer.update(grads, self.opt_state, self.params)
     if not all(np.all(np.isfinite(v)) for v in new_params.values()):
       raise FloatingPointError('The support set became NaN or inf.')
     self.params, self.opt_state = new_params, new_state
     if self.average is not None:
       self.average = optim.ema_update(self.average, self.params, cfg.ema_decay)
-    return {'loss': result.loss / cfg.target_batch, 'target_accuracy': result.target_accuracy}
+    fields = {'loss': result.loss / cfg.target_batch, 'target_accuracy': result.target_accuracy}
+    if platt:
+      fields['temperature'] = float(np.exp(self.params[PLATT_TEMPERATURE]))
+    return fields
 
   def rates(self) -> dict:
     return {'pairs_per_second': self.backend.pairs_per_second()}
@@ -286,8 +310,7 @@ class KipSteps:
     return out
 
   def arrays(self) -> dict:
-    arrays = {'images': self.params['images'], 'labels': self.params['labels'],
-              'label_ids': self.label_ids}
+    arrays = {**self.params, 'label_ids': self.label_ids}
     arrays.update({f'opt/{k}': v for k, v in self.opt_state.items()})
     if self.average is not None:
       arrays.update({f'ema/{k}': v for k, v in self.average.items()})

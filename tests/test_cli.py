@@ -160,6 +160,8 @@ def test_resume_keeps_the_preprocessing_an_auto_run_was_made_with(tmp_path, caps
 @pytest.mark.parametrize('mode, extra, flag', [
     (['--algorithm', 'rcig'], ['--lr-schedule', 'cosine'], '--lr-schedule'),
     (['--algorithm', 'rcig'], ['--learn-labels'], '--learn-labels'),
+    (['--algorithm', 'rcig'], ['--loss', 'platt'], '--loss'),
+    (['--algorithm', 'ls'], ['--loss', 'mse'], '--loss'),
     (['--algorithm', 'rcig'], ['--target-batch', '12'], '--target-batch'),
     (['--algorithm', 'rcig'], ['--arch', 'convnet'], '--arch'),
     (['--algorithm', 'rcig'], ['--kernel', 'nngp'], '--kernel'),            # no workers: no KRR

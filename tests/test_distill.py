@@ -100,6 +100,34 @@ def test_ema_saves_the_bias_corrected_average_and_resumes_exactly(tiny_npz, tmp_
     _cfg(tiny_npz, ema_decay=1.0).validate()
 
 
+def test_platt_loss_learns_its_temperature_and_resumes_exactly(hard_npz, tmp_path):
+  """--loss platt: the log temperature is learned (logged, checkpointed), KIP still raises the
+  test accuracy, a resumed run ends with the same bits, and LS refuses the flag."""
+  kw = dict(ipc=1, learn_labels=True, learning_rate=0.04, target_batch=120, loss='platt')
+  straight = tmp_path / 'straight'
+  summary = _run(_cfg(hard_npz, steps=30, eval_every=10, **kw), straight)
+  records = [json.loads(l) for l in (straight / 'metrics.jsonl').read_text().splitlines()]
+  temperatures = [r['temperature'] for r in records[1:]]
+  assert len(temperatures) == 30 and temperatures[-1] > 1.2   # from 1: it sharpens
+  assert summary['krr_test_accuracy_after'] >= summary['krr_test_accuracy_before'] + 0.1
+  mse = _run(_cfg(hard_npz, steps=30, eval_every=10, **{**kw, 'loss': 'mse'}), tmp_path / 'mse')
+  assert 'temperature' not in json.loads((tmp_path / 'mse' / 'metrics.jsonl').read_text()
+                                         .splitlines()[1])
+  assert not np.array_equal(_support(straight)['images'], _support(tmp_path / 'mse')['images'])
+  assert mse['krr_test_accuracy_after'] > mse['krr_test_accuracy_before']
+  split = tmp_path / 'split'
+  _run(_cfg(hard_npz, steps=16, eval_every=10, **kw), split)
+  with np.load(split / 'checkpoint.npz') as f:
+    assert f[distill.PLATT_TEMPERATURE].shape == () and 'opt/mu/log_temperature' in f.files
+  _run(_cfg(hard_npz, steps=30, eval_every=10, **kw), split, resume=True)
+  for key in ('images', 'labels'):
+    np.testing.assert_array_equal(_support(straight)[key], _support(split)[key])
+  with pytest.raises(ValueError, match='--loss platt is a KIP setting'):
+    _cfg(hard_npz, algorithm='ls', loss='platt').validate()
+  with pytest.raises(ValueError, match='--loss must be one of'):
+    _cfg(hard_npz, loss='hinge').validate()
+
+
 def test_resume_after_crash_drops_metrics_past_the_checkpoint(tiny_npz, tmp_path):
   out = tmp_path / 'run'
   _run(_cfg(tiny_npz, steps=4), out)
