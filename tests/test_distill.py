@@ -128,6 +128,26 @@ def test_platt_loss_learns_its_temperature_and_resumes_exactly(hard_npz, tmp_pat
     _cfg(hard_npz, loss='hinge').validate()
 
 
+def test_platt_loss_takes_the_two_rounds_on_a_fused_backend():
+  """The fused step computes the squared error only: with the Platt loss kip_gradients runs
+  the kernel and vjp rounds, and gets what a plain backend gets."""
+  rng = np.random.default_rng(0)
+  support, targets = rng.normal(size=(3, 8)), rng.normal(size=(6, 8))
+  y_s = np.eye(3) - 1 / 3
+  ids = np.arange(6) % 3
+  y_t = np.eye(3)[ids] - 1 / 3
+  plain = backend.InProcessKernels(distill.DistillConfig().architecture(), dtype='float64')
+  fused = backend.InProcessKernels(distill.DistillConfig().architecture(), dtype='float64')
+  fused.fused_step = True
+  fused.kip_step = lambda *a, **k: pytest.fail('the fused step ran for the Platt loss')
+  got = kip.kip_gradients(fused, support, y_s, targets, y_t, ids, loss='platt',
+                          log_temperature=0.5)
+  want = kip.kip_gradients(plain, support, y_s, targets, y_t, ids, loss='platt',
+                           log_temperature=0.5)
+  np.testing.assert_array_equal(got.grad_images, want.grad_images)
+  assert got.grad_log_temperature == want.grad_log_temperature != 0
+
+
 def test_resume_after_crash_drops_metrics_past_the_checkpoint(tiny_npz, tmp_path):
   out = tmp_path / 'run'
   _run(_cfg(tiny_npz, steps=4), out)
