@@ -69,8 +69,12 @@ class SimParams:
 # -- The surrogate kernel (what simulated blocks contain). ---------------------------------------
 
 def _features(x: np.ndarray) -> np.ndarray:
+  """The first SURROGATE_FEATURES features of each row, in float64: the products below then
+  round the same whatever the block's shape (float32 BLAS picks its kernel by shape, and on
+  some CPUs rounds a block's entries differently from the same entries in a larger block),
+  so that a pair's entry does not depend on the plan that computed it."""
   flat = np.asarray(x).reshape(len(x), -1)
-  return flat[:, :SURROGATE_FEATURES]
+  return flat[:, :SURROGATE_FEATURES].astype(np.float64)
 
 
 def surrogate_kernel(x1: np.ndarray, x2: np.ndarray) -> dict:
@@ -93,6 +97,7 @@ def surrogate_vjp(x1: np.ndarray, x2: np.ndarray, g_ntk: Optional[np.ndarray] = 
     weight += 0.5 * g_nngp * k
   a, b = _features(x1), _features(x2)
   grad = np.zeros((len(x1), x1[0].size), x1.dtype)
+  weight = weight.astype(np.float64)
   grad[:, :a.shape[1]] = (-2.0 / a.shape[1]) * (weight.sum(1)[:, None] * a - weight @ b)
   return grad.reshape(x1.shape)
 
