@@ -16,6 +16,9 @@ from ntkdd.server import checkpoint, loop, run_data
 from ntkdd.server import run_dir as run_files
 
 ALGORITHMS = ('kip', 'ls')   # the algorithms `distill` runs (RCIG: jobs.RcigJob)
+# The support set's parameters: what support.npz and the evaluations hold, and what the moving
+# average (--ema-decay) averages.
+SUPPORT = ('images', 'labels')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,8 +198,8 @@ def distill(cfg: DistillConfig, run_dir: str, backend_factory: Callable, resume:
   flags = dataclasses.asdict(cfg)
   return loop.run_in_dir(run_dir, flags, DistillConfig.RESUMABLE, prepared, body,
                          resume=resume, overwrite=overwrite,
-                         arrays_needed=('images', 'labels', 'label_ids') + (
-                             ('ema/images', 'ema/labels') if cfg.ema_decay else ()) + (
+                         arrays_needed=SUPPORT + ('label_ids',) + (
+                             tuple(f'ema/{k}' for k in SUPPORT) if cfg.ema_decay else ()) + (
                              (PLATT_TEMPERATURE,) if cfg.loss == 'platt' else ()),
                          total_steps=status.total_steps(flags), run_status=run_status,
                          tensorboard=tensorboard)
@@ -260,7 +263,7 @@ class KipSteps:
     if self.cfg.loss == 'platt':   # temperature 1 to start, as RFAD's and RCIG's code
       self.params[PLATT_TEMPERATURE] = np.zeros((), np.float64)
     self.opt_state = self.optimizer.init(self.params)
-    self.average = ({k: np.zeros_like(self.params[k]) for k in ('images', 'labels')}
+    self.average = ({k: np.zeros_like(self.params[k]) for k in SUPPORT}
                     if self.cfg.ema_decay else None)
 
   def restore(self, arrays: dict, rng: np.random.Generator) -> None:
@@ -269,7 +272,7 @@ class KipSteps:
       self.params[PLATT_TEMPERATURE] = arrays[PLATT_TEMPERATURE]
     self.label_ids = arrays['label_ids']
     self.opt_state = {k[len('opt/'):]: v for k, v in arrays.items() if k.startswith('opt/')}
-    self.average = ({k: arrays[f'ema/{k}'] for k in ('images', 'labels')} if self.cfg.ema_decay
+    self.average = ({k: arrays[f'ema/{k}'] for k in SUPPORT} if self.cfg.ema_decay
                     else None)
 
   def step(self, step: int, rng: np.random.Generator) -> dict:
@@ -321,7 +324,7 @@ class KipSteps:
     if self.average is None or step == 0:
       return self.params['images'], self.params['labels']
     return tuple(optim.ema_value(self.average[k], self.cfg.ema_decay, step)
-                 for k in ('images', 'labels'))
+                 for k in SUPPORT)
 
   def summary(self, end: loop.LoopEnd) -> dict:
     final = end.accuracy
