@@ -77,6 +77,10 @@ class RcigConfig:
   lr_images: float = 3e-3
   lr_labels: float = 3e-3
   lr_log_temp: float = 3e-2
+  # > 0: the three learning rates above decay together by a cosine to 0 over this many
+  # meta-steps (`--lr-schedule cosine`: a short CPU budget moves faster early and settles at
+  # the end, where the paper's code runs 10,000 constant-rate steps); 0: constant.
+  lr_decay_steps: int = 0
   init_log_temp: float = 0.0
   ema_decay: float = 0.99           # what is saved/evaluated is this EMA of the support; 0: off
   checkpoint_every: int = 10
@@ -98,8 +102,10 @@ class RcigConfig:
                  'eval_lr', 'l2_rate'):
       if not getattr(self, name) > 0:
         raise ValueError(f'{name} must be > 0, got {getattr(self, name)}.')
-    if self.depth < 1 or self.softplus_beta < 0 or self.eval_train_steps < 0:
-      raise ValueError('Need depth >= 1, softplus_beta >= 0 and eval_train_steps >= 0.')
+    if self.depth < 1 or self.softplus_beta < 0 or self.eval_train_steps < 0 or \
+        self.lr_decay_steps < 0:
+      raise ValueError('Need depth >= 1, softplus_beta >= 0, eval_train_steps >= 0 and '
+                       'lr_decay_steps >= 0.')
     if self.optimizer not in SUPPORT_OPTIMIZERS:
       raise ValueError(f'optimizer must be one of {SUPPORT_OPTIMIZERS}, got {self.optimizer!r}.')
     if self.init not in INITS:

@@ -144,7 +144,8 @@ def _parser() -> argparse.ArgumentParser:
                  help='support-image learning rate (default 0.01 for KIP\'s Adam, 0.003 for '
                       'RCIG\'s AdaBelief).')
   o.add_argument('--lr-schedule', choices=LR_SCHEDULES, default='constant',
-                 help='cosine decays the learning rate to 0 at --steps.')
+                 help='cosine decays the learning rate to 0 at --steps (KIP: its Adam\'s; '
+                      'RCIG: the images\', labels\' and temperature\'s together).')
   o.add_argument('--learn-labels', action='store_true', help='KIP: learn the support labels too.')
   o.add_argument('--loss', choices=KIP_LOSSES, default='mse',
                  help="KIP's loss on the target batch's KRR predictions P: mse, the KIP papers' "
@@ -401,7 +402,8 @@ def _rcig_config(args: argparse.Namespace):
       pool_size=args.pool_size, max_pool_steps=args.max_pool_steps,
       pool_train_steps=args.pool_train_steps, init=args.init,
       learn_labels=True, lr_images=args.lr, checkpoint_every=args.checkpoint_every,
-      eval_models=args.eval_models, batch_norm=args.batch_norm, ema_decay=args.ema_decay)
+      eval_models=args.eval_models, batch_norm=args.batch_norm, ema_decay=args.ema_decay,
+      lr_decay_steps=args.steps if args.lr_schedule == 'cosine' else 0)
 
 
 def given_flags(argv: Sequence[str]) -> set:

@@ -37,7 +37,8 @@ DISTILL_FLAG_USES = {
     'steps': (lambda a: a.algorithm != 'ls', 'counts KIP and RCIG steps (LS solves in closed '
                                              'form)'),
     'lr': (lambda a: a.algorithm != 'ls', 'is the support learning rate of KIP and RCIG'),
-    'lr_schedule': (_kip, "is KIP's learning-rate schedule"),
+    'lr_schedule': (lambda a: a.algorithm != 'ls', 'is the learning-rate schedule of KIP and '
+                                                   'RCIG'),
     'ema_decay': (lambda a: a.algorithm != 'ls', 'averages the support KIP and RCIG learn (LS '
                                                  'solves it once)'),
     'learn_labels': (_kip, 'makes KIP learn labels (RCIG always learns them; LS solves them)'),

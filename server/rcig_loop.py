@@ -25,21 +25,33 @@ def _optimizer(cfg: rcig.RcigConfig, lr: float):
 
 @functools.lru_cache(maxsize=8)
 def _support_update(cfg: rcig.RcigConfig):
-  """A jitted (grads, opt_states, learned) -> (learned, opt_states) for images, labels and
-  log_temp, each with its own optimiser and learning rate."""
+  """A jitted (grads, opt_states, learned, lr_factor) -> (learned, opt_states) for images,
+  labels and log_temp, each with its own optimiser and learning rate, all three times lr_factor
+  under a schedule (`lr_factor`); without one the factor is not applied (the same bits as
+  before schedules existed)."""
   import optax  # pylint: disable=import-outside-toplevel
   lrs = {'images': cfg.lr_images, 'labels': cfg.lr_labels, 'log_temp': cfg.lr_log_temp}
 
   @jax.jit
-  def update(grads, states, learned):
+  def update(grads, states, learned, lr_factor):
     new_learned, new_states = dict(learned), dict(states)
     for name in grads:
       updates, new_states[name] = _optimizer(cfg, lrs[name]).update(
           grads[name], states[name], learned[name])
+      if cfg.lr_decay_steps:   # Adam's and AdaBelief's step is linear in the learning rate
+        updates = updates * lr_factor.astype(updates.dtype)
       new_learned[name] = optax.apply_updates(learned[name], updates)
     return new_learned, new_states
 
   return update
+
+
+def lr_factor(cfg: rcig.RcigConfig, step: int) -> float:
+  """The support learning rates' factor at 0-based meta-step `step`: 1 without a schedule, else
+  `optim.cosine_schedule`'s decay to 0 at cfg.lr_decay_steps."""
+  if not cfg.lr_decay_steps:
+    return 1.0
+  return optim.cosine_schedule(1.0, cfg.lr_decay_steps)(step)
 
 
 def _learned_names(cfg: rcig.RcigConfig) -> tuple[str, ...]:
@@ -163,7 +175,8 @@ def rcig_step(cfg: rcig.RcigConfig, state: dict, prepared, rng: np.random.Genera
   grads = {'images': meta.support['images'], 'labels': meta.support['labels'],
            'log_temp': meta.log_temp}
   grads = {name: grads[name] for name in _learned_names(cfg)}
-  learned, opt = _support_update(cfg)(grads, state['opt'], learned)
+  learned, opt = _support_update(cfg)(grads, state['opt'], learned,
+                                      jnp.float32(lr_factor(cfg, step)))
   if not all(bool(jnp.all(jnp.isfinite(v))) for v in learned.values()):
     raise FloatingPointError(f'Step {step + 1}: NaN or inf in the support set; lower the '
                              f'learning rates and resume from the last checkpoint.')

@@ -158,7 +158,7 @@ def test_resume_keeps_the_preprocessing_an_auto_run_was_made_with(tmp_path, caps
 # -- Flags a mode does not use are refused (one line: the flag, the mode, the fix). ------------
 
 @pytest.mark.parametrize('mode, extra, flag', [
-    (['--algorithm', 'rcig'], ['--lr-schedule', 'cosine'], '--lr-schedule'),
+    (['--algorithm', 'ls'], ['--lr-schedule', 'cosine'], '--lr-schedule'),
     (['--algorithm', 'rcig'], ['--learn-labels'], '--learn-labels'),
     (['--algorithm', 'rcig'], ['--loss', 'platt'], '--loss'),
     (['--algorithm', 'ls'], ['--loss', 'mse'], '--loss'),
@@ -252,3 +252,9 @@ def test_flag_defaults_are_the_configs_defaults():
   cli._fill_defaults(args)
   assert cli._rcig_config(args) == dataclasses.replace(
       rcig.RcigConfig(), checkpoint_every=args.checkpoint_every)
+  # RCIG's cosine schedule decays over the run's --steps.
+  args = cli._parser().parse_args(['distill', '--out', 'x', '--algorithm', 'rcig', '--steps',
+                                   '700', '--lr-schedule', 'cosine'])
+  args.given = {'algorithm', 'out', 'steps', 'lr_schedule'}
+  cli._fill_defaults(args)
+  assert cli._rcig_config(args).lr_decay_steps == 700

@@ -247,6 +247,31 @@ def test_run_rcig_writes_the_run_directory_and_resumes_exactly(prepared, tmp_pat
                        resume=True)
 
 
+def test_cosine_schedule_scales_every_support_update(prepared):
+  """lr_decay_steps = N: the support's step at meta-step t is the constant-rate step times
+  (1 + cos(pi t / N)) / 2 (from the same state and draws): equal bits at t = 0, half at N / 2,
+  no move at N; a constant-rate run is unchanged by the option's existence."""
+  from ntkdd.server import rcig_loop
+  constant, cosine = _tiny_cfg(), _tiny_cfg(lr_decay_steps=4)
+  assert [rcig_loop.lr_factor(constant, t) for t in (0, 2, 4)] == [1.0, 1.0, 1.0]
+  assert [rcig_loop.lr_factor(cosine, t) for t in (0, 2, 4, 9)] == pytest.approx([1, 0.5, 0, 0])
+  state, _ = rcig_loop.initial_state(constant, prepared, 1, np.random.default_rng(2))
+  for t, factor in ((0, 1.0), (2, 0.5), (4, 0.0)):
+    moved = {}
+    for name, cfg in (('constant', constant), ('cosine', cosine)):
+      rng = np.random.default_rng(9)
+      new, _ = rcig_loop.rcig_step(cfg, state, prepared, rng, t)
+      moved[name] = {k: np.asarray(new['learned'][k]) - np.asarray(state['learned'][k])
+                     for k in ('images', 'labels', 'log_temp')}
+    for k in moved['constant']:
+      assert np.any(moved['constant'][k] != 0), k
+      if factor == 1.0:
+        np.testing.assert_array_equal(moved['cosine'][k], moved['constant'][k])
+      else:
+        np.testing.assert_allclose(moved['cosine'][k], factor * moved['constant'][k],
+                                   rtol=1e-4, atol=1e-7)
+
+
 def test_tuned_inner_solve_never_raises_the_inner_loss():
   support = {'images': jnp.eye(3), 'labels': jnp.zeros((3, 1))}
   near_optimum = jnp.full((3, 1), 1e-4)  # the optimum for zero labels is 0: Adam overshoots
