@@ -245,6 +245,14 @@ def test_run_rcig_writes_the_run_directory_and_resumes_exactly(prepared, tmp_pat
   with pytest.raises(ValueError, match='flag'):
     rcig_loop.run_rcig(_tiny_cfg(l2_rate=1e-3), prepared, split, ipc=1, steps=6, seed=5,
                        resume=True)
+  # A cosine schedule's length is part of the run: it resumes with the same one only.
+  cosine = tmp_path / 'cosine'
+  rcig_loop.run_rcig(_tiny_cfg(lr_decay_steps=4), prepared, cosine, ipc=1, steps=2, seed=5)
+  with pytest.raises(ValueError, match='lr_decay_steps was 4'):
+    rcig_loop.run_rcig(_tiny_cfg(lr_decay_steps=6), prepared, cosine, ipc=1, steps=6, seed=5,
+                       resume=True)
+  rcig_loop.run_rcig(_tiny_cfg(lr_decay_steps=4), prepared, cosine, ipc=1, steps=4, seed=5,
+                     resume=True)
 
 
 def test_cosine_schedule_scales_every_support_update(prepared):
