@@ -13,9 +13,10 @@ from ntkdd.common import architectures, optim, preprocess, rcig
 from ntkdd.server import loop, run_data
 
 # Settings that may differ on resume without changing the result (the data's path may: its
-# name and content fingerprint are checked instead).
-RESUMABLE = ('steps', 'checkpoint_every', 'eval_every', 'eval_test_size', 'data_dir',
-             'cache_dir', 'download')
+# name and content fingerprint are checked instead), and the run's length with the cosine
+# schedule's (lr_decay_steps follows --steps, as KIP's schedule: a longer run stretches it).
+RESUMABLE = ('steps', 'lr_decay_steps', 'checkpoint_every', 'eval_every', 'eval_test_size',
+             'data_dir', 'cache_dir', 'download')
 
 
 def _optimizer(cfg: rcig.RcigConfig, lr: float):

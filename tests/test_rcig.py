@@ -245,14 +245,19 @@ def test_run_rcig_writes_the_run_directory_and_resumes_exactly(prepared, tmp_pat
   with pytest.raises(ValueError, match='flag'):
     rcig_loop.run_rcig(_tiny_cfg(l2_rate=1e-3), prepared, split, ipc=1, steps=6, seed=5,
                        resume=True)
-  # A cosine schedule's length is part of the run: it resumes with the same one only.
-  cosine = tmp_path / 'cosine'
-  rcig_loop.run_rcig(_tiny_cfg(lr_decay_steps=4), prepared, cosine, ipc=1, steps=2, seed=5)
-  with pytest.raises(ValueError, match='lr_decay_steps was 4'):
-    rcig_loop.run_rcig(_tiny_cfg(lr_decay_steps=6), prepared, cosine, ipc=1, steps=6, seed=5,
-                       resume=True)
-  rcig_loop.run_rcig(_tiny_cfg(lr_decay_steps=4), prepared, cosine, ipc=1, steps=4, seed=5,
-                     resume=True)
+  # A cosine run resumes with its schedule, or extended (--steps sets the schedule's length,
+  # as KIP's): from the checkpoint on, the longer schedule's factors.
+  for name, (first, then) in {'same': (4, 4), 'longer': (4, 6)}.items():
+    rcig_loop.run_rcig(_tiny_cfg(lr_decay_steps=first), prepared, tmp_path / name, ipc=1,
+                       steps=2, seed=5)
+    rcig_loop.run_rcig(_tiny_cfg(lr_decay_steps=then), prepared, tmp_path / name, ipc=1,
+                       steps=then, seed=5, resume=True)
+  straight_cosine = tmp_path / 'straight-cosine'
+  rcig_loop.run_rcig(_tiny_cfg(lr_decay_steps=4), prepared, straight_cosine, ipc=1, steps=4,
+                     seed=5)
+  np.testing.assert_array_equal(_read(tmp_path / 'same')[0]['images'],
+                                _read(straight_cosine)[0]['images'])
+  assert _read(tmp_path / 'longer')[1][-1]['step'] == 6
 
 
 def test_cosine_schedule_scales_every_support_update(prepared):
