@@ -26,7 +26,7 @@ def main(argv=None) -> int:
   prepared = distill.prepare_data(distill.DistillConfig(dataset='mnist', data_dir=args.data_dir))
   cfg = rcig.RcigConfig()
   rng = np.random.default_rng(0)
-  state, _ = rcig_loop._initial_state(cfg, prepared, 1, rng)  # pylint: disable=protected-access
+  state, _ = rcig_loop.initial_state(cfg, prepared, 1, rng)
   params0, learned = state['pool'][0]['params'], state['learned']
   support = {'images': learned['images'], 'labels': learned['labels']}
   target = preprocess.class_balanced_batch(prepared.y_train, cfg.target_batch, rng,
