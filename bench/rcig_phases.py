@@ -70,7 +70,7 @@ def run(argv=None) -> dict:
       x, adam = timed('hinv', phases['hinv_step'], lin, phi_s, x, adam, g_delta, labels,
                       readout0, step_size, hx if i == 0 else None)
     meta = timed('mixed', phases['finish'], body0, readout0, delta, x, support, outer_parts,
-          clip_implicit=cfg.clip_implicit)
+                 clip_implicit=cfg.clip_implicit)
     timed('pool8', rcig.pool_train, cfg, params0, state['pool'][0]['adam'], support['images'],
           support['labels'], 8)
     print(f'rep {rep}: ' + '  '.join(f'{k} {v:.2f}' for k, v in seconds.items())

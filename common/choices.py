@@ -19,7 +19,8 @@ LEGACY_AUTO_PREPROCESS = 'standardize'
 # KIP's loss on the KRR predictions (common/krr.py): squared error (the KIP papers'), or Platt
 # scaling's cross-entropy with a learned temperature (RFAD's).
 KIP_LOSSES = ('mse', 'platt')
-LR_SCHEDULES = ('constant', 'cosine')  # KIP's and RCIG's learning rates: constant, or cosine decay to 0
+# KIP's and RCIG's learning rates: constant, or a cosine decay to 0 at --steps.
+LR_SCHEDULES = ('constant', 'cosine')
 FLIP_CHOICES = ('auto', 'on', 'off')   # RCIG's mirrored support (auto: on for RGB images)
 # ntkdd evaluate's finite-net training: ntkdd's own protocol, or the KIP or RCIG paper's
 # (train.paper_protocol).
