@@ -72,6 +72,7 @@ class RcigConfig:
   pool_lr: float = 5e-5
   # Support set and its optimisers.
   init: str = 'real'
+  init_support: str = ''            # start from this support set's file instead (--init-support)
   learn_labels: bool = True
   optimizer: str = 'adabelief'
   lr_images: float = 3e-3

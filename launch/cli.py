@@ -162,6 +162,14 @@ def _parser() -> argparse.ArgumentParser:
                  help='class-balanced target images per step.')
   o.add_argument('--init', choices=INITS, default='real',
                  help='support initialisation: class-balanced real images, or noise.')
+  o.add_argument('--init-support', default='', metavar='PATH',
+                 help="start from this support set instead of --init: a support.npz written by "
+                      "`ntkdd distill` (its images and labels, in this run's preprocessed "
+                      "space: the same dataset, --image-size and --preprocess) or an RCIG/FRePo "
+                      "checkpoint; it must hold --ipc images of every class. For refining a "
+                      "published set, or going on from a run whose checkpoints are gone: the "
+                      "optimiser state, RCIG's model pool and the EMA start afresh (with "
+                      "--resume, a run's own checkpoint is used and this is not read).")
   o.add_argument('--preprocess', choices=PREPROCESS_CHOICES, default='auto',
                  help='auto: by kernel, as measured (BENCHMARKS.md): channel_zca for the '
                       'ConvNet kernel, standardize for the FC kernel; RCIG: channel_zca for '
@@ -199,6 +207,10 @@ def _parser() -> argparse.ArgumentParser:
                  help='each meta-step trains its pool model for 1 to this many Adam steps.')
   r.add_argument('--rcig-target-batch', type=flags.positive_int, default=256,
                  help='real images per outer loss (the paper uses 1024).')
+  r.add_argument('--rcig-init-log-temp', type=flags.finite_float, default=0.0,
+                 help="the outer loss's log temperature at the start (learned after; logged as "
+                      "log_temp in metrics.jsonl). Default 0, as the paper; with "
+                      "--init-support, the log_temp its run had reached.")
   r.add_argument('--batch-norm', action='store_true',
                  help='batch normalisation after each convolution of the distillation net '
                       '(default: none, as the paper).')
@@ -385,7 +397,7 @@ def _distill_config(args: argparse.Namespace):
       seed=args.seed, arch=args.arch, depth=args.depth, w_std=args.w_std, b_std=args.b_std,
       kernel=args.kernel, reg=args.reg, dtype=args.dtype, tile=args.tile,
       preprocess=args.preprocess, zca_strength=args.zca_strength, image_size=args.image_size,
-      init=args.init, learning_rate=args.lr, lr_schedule=args.lr_schedule,
+      init=args.init, init_support=args.init_support, learning_rate=args.lr, lr_schedule=args.lr_schedule,
       learn_labels=args.learn_labels, loss=args.loss, ema_decay=args.ema_decay,
       target_batch=args.target_batch, eval_every=args.eval_every,
       eval_test_size=args.eval_test_size, checkpoint_every=args.checkpoint_every,
@@ -400,7 +412,8 @@ def _rcig_config(args: argparse.Namespace):
       b_std=args.b_std, l2_rate=args.l2_rate, inner_steps=args.inner_steps,
       hinv_steps=args.hinv_steps, target_batch=args.rcig_target_batch,
       pool_size=args.pool_size, max_pool_steps=args.max_pool_steps,
-      pool_train_steps=args.pool_train_steps, init=args.init,
+      pool_train_steps=args.pool_train_steps, init=args.init, init_support=args.init_support,
+      init_log_temp=args.rcig_init_log_temp,
       learn_labels=True, lr_images=args.lr, checkpoint_every=args.checkpoint_every,
       eval_models=args.eval_models, batch_norm=args.batch_norm, ema_decay=args.ema_decay,
       lr_decay_steps=args.steps if args.lr_schedule == 'cosine' else 0)
@@ -428,6 +441,9 @@ def _cmd_distill(args: argparse.Namespace) -> int:
                      f'{args.launch} leave it out (metrics.jsonl and `ntkdd status` still '
                      f'follow the run).')
   checkpoint.check_run_dir(Path(args.out), args.resume, args.overwrite)  # before the data load
+  if args.init_support and not args.resume:
+    from ntkdd.server import run_data  # pylint: disable=import-outside-toplevel
+    run_data.check_start_support_exists(args.init_support)
   if args.algorithm != 'rcig':
     saved = (checkpoint.read_run_config(Path(args.out))['flags'].get('preprocess')
              if args.resume else None)

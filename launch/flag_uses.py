@@ -61,7 +61,10 @@ DISTILL_FLAG_USES = {
     'dtype': (_rcig_krr, _RCIG_KERNEL),
     **{dest: (lambda a: a.algorithm == 'rcig', 'is an RCIG setting') for dest in (
         'width', 'l2_rate', 'inner_steps', 'hinv_steps', 'pool_size', 'max_pool_steps',
-        'pool_train_steps', 'rcig_target_batch', 'batch_norm', 'rcig_flip')},
+        'pool_train_steps', 'rcig_target_batch', 'batch_norm', 'rcig_flip',
+        'rcig_init_log_temp')},
+    'init': (lambda a: not a.init_support,
+             'chooses how a support set starts, which --init-support PATH sets instead'),
     'eval_models': (lambda a: a.algorithm == 'rcig' and a.eval_every > 0,
                     "sets RCIG's evaluation (at --eval-every > 0)"),
     'eval_test_size': (lambda a: a.algorithm != 'rcig' or a.eval_every > 0,

@@ -44,6 +44,7 @@ def _checked(parse: Callable[[str], Any], in_range: Callable[[Any], bool], rule:
 positive_int = _checked(_int, lambda v: v >= 1, '>= 1', 'positive_int')
 nonnegative_int = _checked(_int, lambda v: v >= 0, '>= 0', 'nonnegative_int')
 seed = _checked(_int, lambda v: 0 <= v <= SEED_MAX, f'in 0..{SEED_MAX}', 'seed')
+finite_float = _checked(_float, lambda v: True, 'finite', 'finite_float')
 positive_float = _checked(_float, lambda v: v > 0, '> 0', 'positive_float')
 nonnegative_float = _checked(_float, lambda v: v >= 0, '>= 0', 'nonnegative_float')
 tile = _checked(_int, lambda v: v >= 1, '>= 1', 'tile',

@@ -47,6 +47,7 @@ class DistillConfig:
   zca_strength: float = 0.1
   image_size: Optional[int] = None  # average-pool images down to this side (CPU budgets)
   init: str = 'real'
+  init_support: str = ''            # start from this support set's file instead (--init-support)
   learning_rate: float = 0.01
   lr_schedule: str = 'constant'     # constant | cosine (decays to 0 at --steps)
   learn_labels: bool = False
@@ -116,8 +117,9 @@ class DistillConfig:
         zca_strength=self.zca_strength)
 
   # Settings that may differ on --resume without changing the result.
+  # (init_support: its file is read only at the start.)
   RESUMABLE = ('steps', 'eval_every', 'checkpoint_every', 'data_dir', 'cache_dir', 'download',
-               'tile')
+               'tile', 'init_support')
 
 
 PreparedData = prepared_lib.PreparedData   # re-exported: the loops and tests use these names
@@ -210,7 +212,8 @@ def _run_label_solve(cfg, run_dir, prepared, backend, board=None) -> dict:
   and after; writes support.npz, one metrics row and summary.json."""
   start = time.time()
   rng = np.random.default_rng(cfg.seed)
-  images, labels, label_ids = run_data.initial_support(prepared, cfg.ipc, cfg.init, rng)
+  images, labels, label_ids = run_data.initial_support(prepared, cfg.ipc, cfg.init, rng,
+                                                       cfg.init_support)
   targets = np.arange(len(prepared.x_train))
   if cfg.ls_target_size and cfg.ls_target_size < len(targets):
     targets = np.sort(preprocess.class_balanced_batch(prepared.y_train, cfg.ls_target_size, rng,
@@ -257,8 +260,8 @@ class KipSteps:
     self.params = self.opt_state = self.label_ids = None
 
   def start(self, rng: np.random.Generator) -> None:
-    images, labels, self.label_ids = run_data.initial_support(self.prepared, self.cfg.ipc,
-                                                              self.cfg.init, rng)
+    images, labels, self.label_ids = run_data.initial_support(
+        self.prepared, self.cfg.ipc, self.cfg.init, rng, self.cfg.init_support)
     self.params = {'images': images, 'labels': labels}
     if self.cfg.loss == 'platt':   # temperature 1 to start, as RFAD's and RCIG's code
       self.params[PLATT_TEMPERATURE] = np.zeros((), np.float64)

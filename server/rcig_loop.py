@@ -1,6 +1,7 @@
 """RCIG on the coordinator: its state, meta-step and finite-net evaluation, for loop.run_steps."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -13,10 +14,11 @@ from ntkdd.common import architectures, optim, preprocess, rcig
 from ntkdd.server import loop, run_data
 
 # Settings that may differ on resume without changing the result (the data's path may: its
-# name and content fingerprint are checked instead), and the run's length with the cosine
-# schedule's (lr_decay_steps follows --steps, as KIP's schedule: a longer run stretches it).
+# name and content fingerprint are checked instead; the start set's file is read only at the
+# start), and the run's length with the cosine schedule's (lr_decay_steps follows --steps, as
+# KIP's schedule: a longer run stretches it).
 RESUMABLE = ('steps', 'lr_decay_steps', 'checkpoint_every', 'eval_every', 'eval_test_size',
-             'data_dir', 'cache_dir', 'download')
+             'data_dir', 'cache_dir', 'download', 'init_support')
 
 
 def _optimizer(cfg: rcig.RcigConfig, lr: float):
@@ -66,7 +68,8 @@ def _new_pool_model(cfg, seed: int, image_shape, num_classes: int) -> dict:
 
 def initial_state(cfg, prepared, ipc: int, rng: np.random.Generator) -> tuple[dict, np.ndarray]:
   """The whole mutable state of a run (a pytree of arrays) and the support's class ids."""
-  images, labels, label_ids = run_data.initial_support(prepared, ipc, cfg.init, rng)
+  images, labels, label_ids = run_data.initial_support(prepared, ipc, cfg.init, rng,
+                                                       cfg.init_support)
   learned = {'images': jnp.asarray(images), 'labels': jnp.asarray(labels),
              'log_temp': jnp.float32(cfg.init_log_temp)}
   lrs = {'images': cfg.lr_images, 'labels': cfg.lr_labels, 'log_temp': cfg.lr_log_temp}
@@ -264,7 +267,9 @@ class RcigSteps:
     self.state, self.label_ids = initial_state(self.cfg, self.prepared, self.ipc, rng)
 
   def restore(self, arrays: dict, rng: np.random.Generator) -> None:
-    template, _ = initial_state(self.cfg, self.prepared, self.ipc, rng)
+    # The template needs only shapes: not the --init-support file, which may have moved.
+    template, _ = initial_state(dataclasses.replace(self.cfg, init_support=''), self.prepared,
+                                self.ipc, rng)
     self.state = _unflatten(template, arrays)
     self.label_ids = arrays['label_ids']
 

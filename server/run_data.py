@@ -55,18 +55,25 @@ def dataset_record(prepared: PreparedData) -> dict:
           'preprocess': prepared.preprocessor.kind}
 
 
-def initial_support(prepared: PreparedData, ipc: int, init: str, rng: np.random.Generator):
-  """The support set a run starts from: class-balanced real train images, or noise.
+def initial_support(prepared: PreparedData, ipc: int, init: str, rng: np.random.Generator,
+                    init_support: str = ''):
+  """The support set a run starts from: class-balanced real train images, noise, or a set
+  read from a file (`init_support`).
 
   Args:
     prepared: the run's data (model space).
     ipc: images per class.
     init: 'real' (train images) or 'noise' (Gaussian, scaled as the train images).
-    rng: the run's generator (draws the images).
+    rng: the run's generator (draws the images; not used with `init_support`).
+    init_support: '' or the path of a support set to start from (--init-support:
+      `load_start_support`); `init` is then not used.
 
   Returns:
-    (images float32, centred one-hot labels, class ids).
+    (images float32, labels float32 (centred one-hot unless the file's were learned), class
+    ids).
   """
+  if init_support:
+    return load_start_support(init_support, prepared, ipc)
   idx = preprocess.class_balanced_indices(prepared.y_train, ipc, rng,
                                           num_classes=prepared.num_classes)
   label_ids = prepared.y_train[idx]
@@ -77,6 +84,35 @@ def initial_support(prepared: PreparedData, ipc: int, init: str, rng: np.random.
     images = (rng.normal(size=(len(idx),) + prepared.x_train.shape[1:]) * scale).astype(np.float32)
   labels = preprocess.one_hot_centered(label_ids, prepared.num_classes)
   return images, labels, label_ids
+
+
+def check_start_support_exists(path: str) -> None:
+  """--init-support must name a file or checkpoint folder (checked before the data load)."""
+  if not Path(path).exists():
+    raise ValueError(f'--init-support {path} does not exist; give the support.npz of a run '
+                     f'(`ntkdd distill --out DIR` writes DIR/{run_files.SUPPORT}) or an '
+                     f'RCIG/FRePo checkpoint.')
+
+
+def load_start_support(path: str, prepared: PreparedData, ipc: int):
+  """A support set to start a run from (--init-support): a support.npz of `ntkdd distill`, in
+  this run's model space (same dataset, --image-size and --preprocess), or an RCIG/FRePo
+  checkpoint (`foreign_sets`); it must hold `ipc` images of every class.
+
+  Returns:
+    (images float32, labels float32, class ids int32), as `initial_support`.
+  """
+  from ntkdd.server import evaluate  # pylint: disable=import-outside-toplevel
+  check_start_support_exists(path)
+  support = evaluate.load_support(path, prepared)
+  counts = np.bincount(support.label_ids, minlength=prepared.num_classes)
+  if len(counts) != prepared.num_classes or not np.all(counts == ipc):
+    raise ValueError(f'--init-support {path} holds {len(support.label_ids)} images with '
+                     f'{counts.tolist()} per class, but --ipc {ipc} starts from {ipc} of each '
+                     f'of the {prepared.num_classes} classes: pass the --ipc the set was made '
+                     f'with, or another set.')
+  return (support.images.astype(np.float32), support.labels.astype(np.float32),
+          support.label_ids.astype(np.int32))
 
 
 def write_support(run_dir: Path, prepared: PreparedData, images, labels, label_ids) -> None:

@@ -183,6 +183,8 @@ def test_resume_keeps_the_preprocessing_an_auto_run_was_made_with(tmp_path, caps
     (['--algorithm', 'kip', '--workers', '2'], ['--expose-courier-ports'],
      '--expose-courier-ports'),
     (['--algorithm', 'kip', '--workers', '2'], ['--pin-workers'], '--pin-workers'),  # threads
+    (['--algorithm', 'kip', '--init-support', 'set.npz'], ['--init', 'noise'], '--init'),
+    (['--algorithm', 'kip'], ['--rcig-init-log-temp', '2'], '--rcig-init-log-temp'),
 ])
 def test_flags_a_mode_does_not_use_are_refused(tiny_npz, tmp_path, capsys, mode, extra, flag):
   run = tmp_path / 'run'
@@ -233,6 +235,18 @@ def test_rcig_without_optax_says_how_to_install_it(tiny_npz, tmp_path, capsys, m
                    '--ipc', '1', '--steps', '1', '--no-progress', '--out', str(tmp_path / 'r')])
   err = capsys.readouterr().err
   assert code == 2 and 'optax' in err and 'pip install optax' in err, err
+  assert 'Traceback' not in err and len(err.strip().splitlines()) == 1, err
+  assert not (tmp_path / 'r').exists()
+
+
+@pytest.mark.parametrize('algorithm', ['kip', 'rcig'])
+def test_a_missing_init_support_is_one_line_before_any_work(tiny_npz, tmp_path, capsys,
+                                                            algorithm):
+  code = cli.main(['distill', '--algorithm', algorithm, '--dataset', tiny_npz, '--data-dir', '.',
+                   '--ipc', '1', '--steps', '1', '--no-progress', '--out', str(tmp_path / 'r'),
+                   '--init-support', str(tmp_path / 'nowhere.npz')])
+  err = capsys.readouterr().err
+  assert code == 2 and '--init-support' in err and 'does not exist' in err, err
   assert 'Traceback' not in err and len(err.strip().splitlines()) == 1, err
   assert not (tmp_path / 'r').exists()
 

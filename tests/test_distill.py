@@ -261,3 +261,31 @@ def test_krr_accuracies_compute_the_test_kernel_once(hard_npz):
   assert both == separate
   assert both[0] != both[1]   # the label sets differ, so must what they score
   assert pairs_once == 10 * 10 + 10 * len(x_test)
+
+
+def test_init_support_starts_kip_and_ls_from_a_saved_set(tiny_npz, tmp_path):
+  """--init-support: KIP's first set and LS's images are the file's, labels included; a
+  resumed run reads its checkpoint, not the file (which may be gone); a set of another --ipc
+  is refused by name."""
+  _run(_cfg(tiny_npz, steps=4, learn_labels=True), tmp_path / 'made')
+  made = _support(tmp_path / 'made')
+  start = tmp_path / 'start.npz'
+  np.savez(start, **made)
+  zero = tmp_path / 'zero'
+  _run(_cfg(tiny_npz, steps=0, learn_labels=True, init_support=str(start)), zero)
+  np.testing.assert_array_equal(_support(zero)['images'], made['images'])
+  np.testing.assert_array_equal(_support(zero)['labels'], made['labels'])
+  np.testing.assert_array_equal(_support(zero)['label_ids'], made['label_ids'])
+  straight, split = tmp_path / 'straight', tmp_path / 'split'
+  _run(_cfg(tiny_npz, steps=4, init_support=str(start)), straight)
+  _run(_cfg(tiny_npz, steps=2, init_support=str(start)), split)
+  start.rename(tmp_path / 'moved.npz')
+  _run(_cfg(tiny_npz, steps=4, init_support=str(start)), split, resume=True)
+  np.testing.assert_array_equal(_support(split)['images'], _support(straight)['images'])
+  assert not np.array_equal(_support(straight)['images'], made['images'])
+  ls = tmp_path / 'ls'
+  _run(_cfg(tiny_npz, algorithm='ls', init_support=str(tmp_path / 'moved.npz')), ls)
+  np.testing.assert_array_equal(_support(ls)['images'], made['images'])
+  with pytest.raises(ValueError, match=r'--ipc 1 starts from 1 of each'):
+    _run(_cfg(tiny_npz, ipc=1, init_support=str(tmp_path / 'moved.npz')), tmp_path / 'ipc1')
+  assert not (tmp_path / 'ipc1' / 'checkpoint.npz').exists()

@@ -260,6 +260,32 @@ def test_run_rcig_writes_the_run_directory_and_resumes_exactly(prepared, tmp_pat
   assert _read(tmp_path / 'longer')[1][-1]['step'] == 6
 
 
+def test_init_support_starts_rcig_from_a_saved_set(prepared, tmp_path):
+  """--init-support with --rcig-init-log-temp: the first learned set is the file's images and
+  labels and the given temperature, the EMA starts afresh; resume reads the checkpoint only."""
+  from ntkdd.server import rcig_loop
+  made = tmp_path / 'made'
+  rcig_loop.run_rcig(_tiny_cfg(), prepared, made, ipc=1, steps=2, seed=5)
+  saved, _ = _read(made)
+  assert not np.allclose(saved['labels'], saved['labels'].round(3))   # learned labels
+  start = tmp_path / 'start.npz'
+  np.savez(start, **saved)
+  cfg = _tiny_cfg(init_support=str(start), init_log_temp=1.5)
+  state, label_ids = rcig_loop.initial_state(cfg, prepared, 1, np.random.default_rng(0))
+  np.testing.assert_array_equal(np.asarray(state['learned']['images']), saved['images'])
+  np.testing.assert_array_equal(np.asarray(state['learned']['labels']), saved['labels'])
+  np.testing.assert_array_equal(label_ids, saved['label_ids'])
+  assert float(state['learned']['log_temp']) == 1.5 and not np.any(state['ema']['images'])
+  straight, split = tmp_path / 'straight', tmp_path / 'split'
+  rcig_loop.run_rcig(cfg, prepared, straight, ipc=1, steps=4, seed=5)
+  rcig_loop.run_rcig(cfg, prepared, split, ipc=1, steps=2, seed=5)
+  start.unlink()
+  rcig_loop.run_rcig(cfg, prepared, split, ipc=1, steps=4, seed=5, resume=True)
+  np.testing.assert_array_equal(_read(split)[0]['images'], _read(straight)[0]['images'])
+  with pytest.raises(ValueError, match='does not exist'):
+    rcig_loop.run_rcig(cfg, prepared, tmp_path / 'gone', ipc=1, steps=2, seed=5)
+
+
 def test_cosine_schedule_scales_every_support_update(prepared):
   """lr_decay_steps = N: the support's step at meta-step t is the constant-rate step times
   (1 + cos(pi t / N)) / 2 (from the same state and draws): equal bits at t = 0, half at N / 2,
