@@ -26,6 +26,11 @@ def _optimizer(cfg: rcig.RcigConfig, lr: float):
   return optax.adabelief(lr) if cfg.optimizer == 'adabelief' else optax.adam(lr)
 
 
+def _learning_rates(cfg: rcig.RcigConfig) -> dict[str, float]:
+  """The base learning rate of each learned part of the support (before any schedule)."""
+  return {'images': cfg.lr_images, 'labels': cfg.lr_labels, 'log_temp': cfg.lr_log_temp}
+
+
 @functools.lru_cache(maxsize=8)
 def _support_update(cfg: rcig.RcigConfig):
   """A jitted (grads, opt_states, learned, lr_factor) -> (learned, opt_states) for images,
@@ -33,7 +38,7 @@ def _support_update(cfg: rcig.RcigConfig):
   under a schedule (`lr_factor`); without one the factor is not applied (the same bits as
   before schedules existed)."""
   import optax  # pylint: disable=import-outside-toplevel
-  lrs = {'images': cfg.lr_images, 'labels': cfg.lr_labels, 'log_temp': cfg.lr_log_temp}
+  lrs = _learning_rates(cfg)
 
   @jax.jit
   def update(grads, states, learned, lr_factor):
@@ -72,7 +77,7 @@ def initial_state(cfg, prepared, ipc: int, rng: np.random.Generator) -> tuple[di
                                                        cfg.init_support)
   learned = {'images': jnp.asarray(images), 'labels': jnp.asarray(labels),
              'log_temp': jnp.float32(cfg.init_log_temp)}
-  lrs = {'images': cfg.lr_images, 'labels': cfg.lr_labels, 'log_temp': cfg.lr_log_temp}
+  lrs = _learning_rates(cfg)
   opt = {name: _optimizer(cfg, lrs[name]).init(learned[name]) for name in _learned_names(cfg)}
   image_shape = prepared.x_train.shape[1:]
   pool = [_new_pool_model(cfg, int(rng.integers(2 ** 31)), image_shape, prepared.num_classes)
