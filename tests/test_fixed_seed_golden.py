@@ -5,8 +5,9 @@ Each run is an `ntkdd distill` process of its own, as a user runs it. The golden
 from tests/golden/make_golden.py. A refactor must leave them untouched;
 a change meant to move the numbers regenerates them and says so in its commit.
 
-Bits are compared on the platform golden.npz was recorded on and on each platform with a
-record of its own (golden-<platform>.npz, made from the same code); on any other CPU the runs
+Bits are compared on the platform golden.npz was recorded on and on each CPU model or platform
+with a record of its own (golden-<vendor>-<isa>[-<family>.<model>].npz, made from the same
+code); on any other CPU the runs
 are compared to golden.npz within a few float32 rounding steps, with a warning that names the
 command recording this platform.
 """
@@ -37,10 +38,16 @@ class Golden(dict):
 
 @pytest.fixture(scope='module')
 def golden():
-  key = make_golden.platform_key()
+  key, model_key = make_golden.platform_key(), make_golden.cpu_model_key()
   with np.load(make_golden.REFERENCE) as f:
     reference = Golden(f)
-  if str(reference.pop(make_golden.PLATFORM_ENTRY, make_golden.LEGACY_PLATFORM)) == key:
+  recorded_on = str(reference.pop(make_golden.PLATFORM_ENTRY, make_golden.LEGACY_PLATFORM))
+  # This CPU model's own record first, then the reference where it was made on this platform,
+  # then a record of the platform (vendor and ISA) made on another model.
+  if make_golden.platform_file(model_key).exists():
+    with np.load(make_golden.platform_file(model_key)) as f:
+      return Golden(f)
+  if recorded_on == key:
     return reference
   path = make_golden.platform_file(key)
   if path.exists():
@@ -81,6 +88,9 @@ def test_platform_key_names_vendor_and_vector_width():
   assert make_golden.platform_key(intel) == 'GenuineIntel-avx512f'
   assert make_golden.platform_key(amd) == 'AuthenticAMD-avx2'
   assert make_golden.platform_key(intel) == make_golden.LEGACY_PLATFORM
+  genoa = 'vendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nflags\t\t: avx2 avx512f\n'
+  assert make_golden.cpu_model_key(genoa) == 'AuthenticAMD-avx512f-25.17'
+  assert make_golden.cpu_model_key(amd) == 'AuthenticAMD-avx2'   # no family: the platform's
 
 
 @pytest.mark.parametrize('case', list(make_golden.CASES))

@@ -8,11 +8,13 @@ per-step losses after its full run, and the CPU platform it ran on) and `old_run
 resume-across-versions check), and removes the other platforms' files, which no longer match.
 
 The last bits of a run depend on the CPU (BLAS kernels and XLA's vector code differ between
-vendors and vector widths), so each platform the tests run on keeps its own record, made from
-the same code as golden.npz:
+vendors, vector widths and microarchitectures), so each platform the tests run on keeps its
+own record, made from the same code as golden.npz:
   .venv/bin/python tests/golden/make_golden.py --platform
-writes `golden-<platform>.npz` for this machine's platform (`platform_key`): its full runs and
-its resumes of the stored old_runs, leaving golden.npz and old_runs as they are.
+writes `golden-<vendor>-<isa>-<family>.<model>.npz` for this machine's CPU (`cpu_model_key`):
+its full runs and its resumes of the stored old_runs, leaving golden.npz and old_runs as they
+are. Records named by vendor and ISA alone (`platform_key`, the older scheme) still serve the
+CPUs without a record of their own model.
 """
 import os
 import re
@@ -51,6 +53,24 @@ def platform_key(cpuinfo: str = None) -> str:
   isa = next((f for f in ('avx512f', 'avx2', 'avx') if f in flags), 'base')
   import platform  # pylint: disable=import-outside-toplevel
   return f'{vendor.group(1) if vendor else platform.machine()}-{isa}'
+
+
+def cpu_model_key(cpuinfo: str = None) -> str:
+  """`platform_key` narrowed to the CPU's family and model (/proc/cpuinfo's `cpu family` and
+  `model`): two AMD EPYC hosts with AVX-512 (this workplace's machines vary) round differently
+  where XLA compiles for each one's microarchitecture.
+
+  Args:
+    cpuinfo: /proc/cpuinfo's text (read if None).
+  """
+  if cpuinfo is None:
+    path = Path('/proc/cpuinfo')
+    cpuinfo = path.read_text() if path.exists() else ''
+  family = re.search(r'^cpu family\s*:\s*(\d+)', cpuinfo, re.M)
+  model = re.search(r'^model\s*:\s*(\d+)', cpuinfo, re.M)
+  if not (family and model):
+    return platform_key(cpuinfo)
+  return f'{platform_key(cpuinfo)}-{family.group(1)}.{model.group(1)}'
 
 
 def platform_file(key: str) -> Path:
@@ -134,7 +154,7 @@ def record_platform() -> Path:
         shutil.copytree(HERE / 'old_runs' / case, resumed)
         assert run_cli(argv(case, Path(DATA.name), resumed, resume=True), HERE) == 0, case
         arrays.update({f'{RESUMED}/{case}/{k}': v for k, v in run_record(resumed).items()})
-  path = platform_file(platform_key())
+  path = platform_file(cpu_model_key())
   np.savez(path, **arrays)
   print(f'wrote {path} ({len(arrays)} arrays)')
   return path
