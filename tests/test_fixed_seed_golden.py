@@ -44,8 +44,9 @@ def golden():
   recorded_on = str(reference.pop(make_golden.PLATFORM_ENTRY, make_golden.LEGACY_PLATFORM))
   # This CPU model's own record first, then the reference where it was made on this platform,
   # then a record of the platform (vendor and ISA) made on another model.
-  if make_golden.platform_file(model_key).exists():
-    with np.load(make_golden.platform_file(model_key)) as f:
+  model_file = make_golden.platform_file(model_key)
+  if model_file.exists():
+    with np.load(model_file) as f:
       return Golden(f)
   if recorded_on == key:
     return reference

@@ -38,15 +38,18 @@ PLATFORM_ENTRY = '_platform'     # golden.npz's entry naming its platform
 RESUMED = 'resumed'              # a platform file's prefix for its resumes of old_runs
 
 
+def _cpuinfo() -> str:
+  path = Path('/proc/cpuinfo')
+  return path.read_text() if path.exists() else ''
+
+
 def platform_key(cpuinfo: str = None) -> str:
   """The CPU family a run's rounding depends on: the vendor and the widest vector ISA.
 
   Args:
     cpuinfo: /proc/cpuinfo's text (read if None; on systems without it the machine name).
   """
-  if cpuinfo is None:
-    path = Path('/proc/cpuinfo')
-    cpuinfo = path.read_text() if path.exists() else ''
+  cpuinfo = _cpuinfo() if cpuinfo is None else cpuinfo
   vendor = re.search(r'^vendor_id\s*:\s*(\S+)', cpuinfo, re.M)
   flags = re.search(r'^flags\s*:(.*)$', cpuinfo, re.M)
   flags = set(flags.group(1).split()) if flags else set()
@@ -63,9 +66,7 @@ def cpu_model_key(cpuinfo: str = None) -> str:
   Args:
     cpuinfo: /proc/cpuinfo's text (read if None).
   """
-  if cpuinfo is None:
-    path = Path('/proc/cpuinfo')
-    cpuinfo = path.read_text() if path.exists() else ''
+  cpuinfo = _cpuinfo() if cpuinfo is None else cpuinfo
   family = re.search(r'^cpu family\s*:\s*(\d+)', cpuinfo, re.M)
   model = re.search(r'^model\s*:\s*(\d+)', cpuinfo, re.M)
   if not (family and model):
