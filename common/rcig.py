@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -82,7 +82,9 @@ class RcigConfig:
   # meta-steps (`--lr-schedule cosine`: a short CPU budget moves faster early and settles at
   # the end, where the paper's code runs 10,000 constant-rate steps); 0: constant.
   lr_decay_steps: int = 0
-  init_log_temp: float = 0.0
+  # The outer loss's log temperature at the start; None: the one saved with the init_support
+  # set where it records one (RCIG runs' support.npz), else 0 as the paper.
+  init_log_temp: Optional[float] = None
   ema_decay: float = 0.99           # what is saved/evaluated is this EMA of the support; 0: off
   checkpoint_every: int = 10
   # Evaluation: the same ConvNet with ReLU trained on the support (train.rcig_protocol).

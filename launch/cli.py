@@ -207,10 +207,11 @@ def _parser() -> argparse.ArgumentParser:
                  help='each meta-step trains its pool model for 1 to this many Adam steps.')
   r.add_argument('--rcig-target-batch', type=flags.positive_int, default=256,
                  help='real images per outer loss (the paper uses 1024).')
-  r.add_argument('--rcig-init-log-temp', type=flags.finite_float, default=0.0,
+  r.add_argument('--rcig-init-log-temp', type=flags.finite_float, default=None,
                  help="the outer loss's log temperature at the start (learned after; logged as "
-                      "log_temp in metrics.jsonl). Default 0, as the paper; with "
-                      "--init-support, the log_temp its run had reached.")
+                      "log_temp in metrics.jsonl). Default: with --init-support, the one saved "
+                      "with that set (RCIG's support.npz records it), else 0 as the paper; give "
+                      "it for sets that do not record one (the log_temp their run reached).")
   r.add_argument('--batch-norm', action='store_true',
                  help='batch normalisation after each convolution of the distillation net '
                       '(default: none, as the paper).')

@@ -329,6 +329,9 @@ class KipSteps:
     return tuple(optim.ema_value(self.average[k], self.cfg.ema_decay, step)
                  for k in SUPPORT)
 
+  def support_scalars(self) -> dict:
+    return {}
+
   def summary(self, end: loop.LoopEnd) -> dict:
     final = end.accuracy
     if final is None:   # no evaluation in this process: the start's, or one now

@@ -194,6 +194,10 @@ class Algorithm(Protocol):
   def support(self, step: int) -> tuple:
     """(images, labels) that support.npz and the evaluations hold at `step`."""
 
+  def support_scalars(self) -> dict:
+    """Scalars support.npz keeps beside the set for a run started from it (RCIG: its log
+    temperature); {} where none."""
+
   def summary(self, end: LoopEnd) -> dict:
     """The run's summary.json."""
 
@@ -252,7 +256,8 @@ def run_steps(algorithm: Algorithm, saved: Optional[tuple], run_dir: Path,
     checkpoint.save_checkpoint(run_dir, algorithm.arrays(), {
         'step': step_done, 'rng_state': rng.bit_generator.state, 'elapsed': elapsed,
         'before': before, 'best': best})
-    run_data.write_support(run_dir, prepared, *algorithm.support(step_done), algorithm.label_ids)
+    run_data.write_support(run_dir, prepared, *algorithm.support(step_done), algorithm.label_ids,
+                           algorithm.support_scalars())
 
   last_saved = step
   if saved is None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -14,11 +15,11 @@ from ntkdd.common import architectures, optim, preprocess, rcig
 from ntkdd.server import loop, run_data
 
 # Settings that may differ on resume without changing the result (the data's path may: its
-# name and content fingerprint are checked instead; the start set's file is read only at the
-# start), and the run's length with the cosine schedule's (lr_decay_steps follows --steps, as
+# name and content fingerprint are checked instead; the start set's file and temperature are
+# read only at the start), and the run's length with the cosine schedule's (lr_decay_steps follows --steps, as
 # KIP's schedule: a longer run stretches it).
 RESUMABLE = ('steps', 'lr_decay_steps', 'checkpoint_every', 'eval_every', 'eval_test_size',
-             'data_dir', 'cache_dir', 'download', 'init_support')
+             'data_dir', 'cache_dir', 'download', 'init_support', 'init_log_temp')
 
 
 def _optimizer(cfg: rcig.RcigConfig, lr: float):
@@ -71,12 +72,23 @@ def _new_pool_model(cfg, seed: int, image_shape, num_classes: int) -> dict:
   return {'params': params, 'adam': rcig.adam_init(params), 'age': np.int64(0)}
 
 
+def start_log_temp(cfg: rcig.RcigConfig) -> float:
+  """The outer loss's log temperature at a run's start: cfg.init_log_temp where set, else the
+  one saved with the --init-support set (`run_data.saved_log_temp`), else 0 (the paper's)."""
+  if cfg.init_log_temp is not None:
+    return cfg.init_log_temp
+  saved = run_data.saved_log_temp(cfg.init_support) if cfg.init_support else None
+  if saved is not None:
+    logging.info('Starting at log temperature %.4f, saved with %s.', saved, cfg.init_support)
+  return 0.0 if saved is None else saved
+
+
 def initial_state(cfg, prepared, ipc: int, rng: np.random.Generator) -> tuple[dict, np.ndarray]:
   """The whole mutable state of a run (a pytree of arrays) and the support's class ids."""
   images, labels, label_ids = run_data.initial_support(prepared, ipc, cfg.init, rng,
                                                        cfg.init_support)
   learned = {'images': jnp.asarray(images), 'labels': jnp.asarray(labels),
-             'log_temp': jnp.float32(cfg.init_log_temp)}
+             'log_temp': jnp.float32(start_log_temp(cfg))}
   lrs = _learning_rates(cfg)
   opt = {name: _optimizer(cfg, lrs[name]).init(learned[name]) for name in _learned_names(cfg)}
   image_shape = prepared.x_train.shape[1:]
@@ -300,6 +312,9 @@ class RcigSteps:
 
   def support(self, step: int) -> tuple:
     return saved_support(self.cfg, self.state, step)
+
+  def support_scalars(self) -> dict:
+    return {run_data.SUPPORT_LOG_TEMP: float(self.state['learned']['log_temp'])}
 
   def summary(self, end: loop.LoopEnd) -> dict:
     summary = {'algorithm': 'rcig', 'steps': end.step, 'test_accuracy_before': end.before,

@@ -12,6 +12,10 @@ from ntkdd.server import run_dir as run_files
 
 PreparedData = prepared_lib.PreparedData
 
+# support.npz's key for RCIG's outer-loss log temperature at the saved step, so that a run
+# started from the set (--init-support) goes on at the temperature the set was made with.
+SUPPORT_LOG_TEMP = 'log_temp'
+
 
 def check_batch_fits(prepared: PreparedData, size: int, flag: str) -> None:
   """A class-balanced draw of `size` train images (each class size // C, the remainder one more
@@ -115,15 +119,34 @@ def load_start_support(path: str, prepared: PreparedData, ipc: int):
           support.label_ids.astype(np.int32))
 
 
-def write_support(run_dir: Path, prepared: PreparedData, images, labels, label_ids) -> None:
-  """support.npz: the images (model space and pixels), labels, class ids and class names."""
-  run_files.save_npz(run_dir / run_files.SUPPORT, {
+def write_support(run_dir: Path, prepared: PreparedData, images, labels, label_ids,
+                  scalars: Optional[dict] = None) -> None:
+  """support.npz: the images (model space and pixels), labels, class ids and class names, and
+  the algorithm's `scalars` that a run started from the set needs (RCIG: SUPPORT_LOG_TEMP)."""
+  arrays = {
       'images': np.asarray(images, np.float32),
       'images_pixels': prepared.preprocessor.inverse(images).astype(np.float32),
       'labels': np.asarray(labels, np.float32),
       'label_ids': np.asarray(label_ids, np.int32),
       'class_names': np.asarray(prepared.dataset.class_names),
-  })
+  }
+  arrays.update({name: np.float32(value) for name, value in (scalars or {}).items()})
+  run_files.save_npz(run_dir / run_files.SUPPORT, arrays)
+
+
+def saved_log_temp(path: str) -> Optional[float]:
+  """The RCIG log temperature saved with the support set at `path` (support.npz of an RCIG run
+  since it is recorded), or None (older sets, KIP/LS sets, RCIG/FRePo checkpoints)."""
+  if Path(path).suffix != '.npz' or not Path(path).is_file():
+    return None
+  with np.load(path, allow_pickle=False) as saved:
+    if SUPPORT_LOG_TEMP not in saved.files:
+      return None
+    value = float(saved[SUPPORT_LOG_TEMP])
+  if not np.isfinite(value):
+    raise ValueError(f'--init-support {path}: its {SUPPORT_LOG_TEMP} is {value}; give '
+                     f'--rcig-init-log-temp to start from another temperature.')
+  return value
 
 
 def fixed_test_rows(prepared: PreparedData, test_size: int, seed: int) -> Optional[np.ndarray]:

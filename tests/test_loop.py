@@ -48,6 +48,9 @@ class Counter:
   def support(self, step):
     return self.images, self.labels
 
+  def support_scalars(self):
+    return {}
+
   def summary(self, end):
     return dict(dataclasses.asdict(end), total=int(self.total))
 

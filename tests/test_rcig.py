@@ -262,12 +262,23 @@ def test_run_rcig_writes_the_run_directory_and_resumes_exactly(prepared, tmp_pat
 
 def test_init_support_starts_rcig_from_a_saved_set(prepared, tmp_path):
   """--init-support with --rcig-init-log-temp: the first learned set is the file's images and
-  labels and the given temperature, the EMA starts afresh; resume reads the checkpoint only."""
-  from ntkdd.server import rcig_loop
+  labels and the given temperature, the EMA starts afresh; resume reads the checkpoint only.
+  Without the flag the temperature saved with the set is the start's (0 where none is)."""
+  from ntkdd.server import rcig_loop, run_data
   made = tmp_path / 'made'
   rcig_loop.run_rcig(_tiny_cfg(), prepared, made, ipc=1, steps=2, seed=5)
-  saved, _ = _read(made)
+  saved, records = _read(made)
   assert not np.allclose(saved['labels'], saved['labels'].round(3))   # learned labels
+  # support.npz keeps the temperature the run had reached (learned: moved from 0).
+  assert saved['log_temp'] == np.float32(records[-1]['log_temp']) != 0
+  state, _ = rcig_loop.initial_state(_tiny_cfg(init_support=str(made / 'support.npz')),
+                                     prepared, 1, np.random.default_rng(0))
+  assert state['learned']['log_temp'] == saved['log_temp']
+  older = tmp_path / 'older.npz'   # a set saved before the temperature was recorded
+  np.savez(older, **{k: v for k, v in saved.items() if k != run_data.SUPPORT_LOG_TEMP})
+  state, _ = rcig_loop.initial_state(_tiny_cfg(init_support=str(older)), prepared, 1,
+                                     np.random.default_rng(0))
+  assert float(state['learned']['log_temp']) == 0.0
   start = tmp_path / 'start.npz'
   np.savez(start, **saved)
   cfg = _tiny_cfg(init_support=str(start), init_log_temp=1.5)
