@@ -263,8 +263,10 @@ class KipSteps:
     images, labels, self.label_ids = run_data.initial_support(
         self.prepared, self.cfg.ipc, self.cfg.init, rng, self.cfg.init_support)
     self.params = {'images': images, 'labels': labels}
-    if self.cfg.loss == 'platt':   # temperature 1 to start, as RFAD's and RCIG's code
-      self.params[PLATT_TEMPERATURE] = np.zeros((), np.float64)
+    if self.cfg.loss == 'platt':   # temperature 1 to start, as RFAD's and RCIG's code, or the
+      # one saved with the --init-support set
+      saved = run_data.saved_log_temp(self.cfg.init_support) if self.cfg.init_support else None
+      self.params[PLATT_TEMPERATURE] = np.asarray(0.0 if saved is None else saved, np.float64)
     self.opt_state = self.optimizer.init(self.params)
     self.average = ({k: np.zeros_like(self.params[k]) for k in SUPPORT}
                     if self.cfg.ema_decay else None)
@@ -330,7 +332,9 @@ class KipSteps:
                  for k in SUPPORT)
 
   def support_scalars(self) -> dict:
-    return {}
+    if self.cfg.loss != 'platt':
+      return {}
+    return {run_data.SUPPORT_LOG_TEMP: float(self.params[PLATT_TEMPERATURE])}
 
   def summary(self, end: loop.LoopEnd) -> dict:
     final = end.accuracy

@@ -195,8 +195,8 @@ class Algorithm(Protocol):
     """(images, labels) that support.npz and the evaluations hold at `step`."""
 
   def support_scalars(self) -> dict:
-    """Scalars support.npz keeps beside the set for a run started from it (RCIG: its log
-    temperature); {} where none."""
+    """Scalars support.npz keeps beside the set for a run started from it (RCIG's and KIP's
+    Platt loss's log temperature); {} where none."""
 
   def summary(self, end: LoopEnd) -> dict:
     """The run's summary.json."""

@@ -12,8 +12,9 @@ from ntkdd.server import run_dir as run_files
 
 PreparedData = prepared_lib.PreparedData
 
-# support.npz's key for RCIG's outer-loss log temperature at the saved step, so that a run
-# started from the set (--init-support) goes on at the temperature the set was made with.
+# support.npz's key for the log temperature of the loss a set was made with (RCIG's outer loss,
+# KIP's Platt loss) at the saved step, so that a run started from the set (--init-support)
+# goes on at that temperature.
 SUPPORT_LOG_TEMP = 'log_temp'
 
 
@@ -135,8 +136,9 @@ def write_support(run_dir: Path, prepared: PreparedData, images, labels, label_i
 
 
 def saved_log_temp(path: str) -> Optional[float]:
-  """The RCIG log temperature saved with the support set at `path` (support.npz of an RCIG run
-  since it is recorded), or None (older sets, KIP/LS sets, RCIG/FRePo checkpoints)."""
+  """The log temperature saved with the support set at `path` (the support.npz of an RCIG or KIP
+  --loss platt run since it is recorded), or None (older sets, other losses, LS sets,
+  RCIG/FRePo checkpoints)."""
   if Path(path).suffix != '.npz' or not Path(path).is_file():
     return None
   with np.load(path, allow_pickle=False) as saved:
@@ -144,8 +146,9 @@ def saved_log_temp(path: str) -> Optional[float]:
       return None
     value = float(saved[SUPPORT_LOG_TEMP])
   if not np.isfinite(value):
-    raise ValueError(f'--init-support {path}: its {SUPPORT_LOG_TEMP} is {value}; give '
-                     f'--rcig-init-log-temp to start from another temperature.')
+    raise ValueError(f'--init-support {path}: its {SUPPORT_LOG_TEMP} is {value}, not a '
+                     f'temperature to start from; remove that key from the file (a start at 0), '
+                     f'or for RCIG give --rcig-init-log-temp.')
   return value
 
 

@@ -122,6 +122,15 @@ def test_platt_loss_learns_its_temperature_and_resumes_exactly(hard_npz, tmp_pat
   _run(_cfg(hard_npz, steps=30, eval_every=10, **kw), split, resume=True)
   for key in ('images', 'labels'):
     np.testing.assert_array_equal(_support(straight)[key], _support(split)[key])
+  # support.npz keeps the temperature; a run started from the set goes on at it.
+  saved = _support(straight)
+  assert np.isclose(saved['log_temp'], np.log(temperatures[-1]), rtol=1e-6, atol=0)
+  assert 'log_temp' not in _support(tmp_path / 'mse')
+  start = tmp_path / 'start.npz'
+  np.savez(start, **saved)
+  _run(_cfg(hard_npz, steps=1, eval_every=10, init_support=str(start), **kw), tmp_path / 'go-on')
+  first = json.loads((tmp_path / 'go-on' / 'metrics.jsonl').read_text().splitlines()[1])
+  assert abs(np.log(first['temperature']) - saved['log_temp']) < 0.05   # one Adam step away
   with pytest.raises(ValueError, match='--loss platt is a KIP setting'):
     _cfg(hard_npz, algorithm='ls', loss='platt').validate()
   with pytest.raises(ValueError, match='--loss must be one of'):
