@@ -279,6 +279,14 @@ def test_init_support_starts_rcig_from_a_saved_set(prepared, tmp_path):
   state, _ = rcig_loop.initial_state(_tiny_cfg(init_support=str(older)), prepared, 1,
                                      np.random.default_rng(0))
   assert float(state['learned']['log_temp']) == 0.0
+  broken = tmp_path / 'broken.npz'
+  np.savez(broken, **{**saved, run_data.SUPPORT_LOG_TEMP: np.float32(np.nan)})
+  with pytest.raises(ValueError, match='not a temperature to start from'):
+    rcig_loop.initial_state(_tiny_cfg(init_support=str(broken)), prepared, 1,
+                            np.random.default_rng(0))
+  state, _ = rcig_loop.initial_state(_tiny_cfg(init_support=str(broken), init_log_temp=0.5),
+                                     prepared, 1, np.random.default_rng(0))
+  assert float(state['learned']['log_temp']) == 0.5   # the flag wins; the file's is not read
   start = tmp_path / 'start.npz'
   np.savez(start, **saved)
   cfg = _tiny_cfg(init_support=str(start), init_log_temp=1.5)
