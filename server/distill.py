@@ -265,7 +265,7 @@ class KipSteps:
     self.params = {'images': images, 'labels': labels}
     if self.cfg.loss == 'platt':   # temperature 1 to start, as RFAD's and RCIG's code, or the
       # one saved with the --init-support set
-      saved = run_data.saved_log_temp(self.cfg.init_support) if self.cfg.init_support else None
+      saved = run_data.saved_log_temp(self.cfg.init_support)
       self.params[PLATT_TEMPERATURE] = np.asarray(0.0 if saved is None else saved, np.float64)
     self.opt_state = self.optimizer.init(self.params)
     self.average = ({k: np.zeros_like(self.params[k]) for k in SUPPORT}

@@ -16,8 +16,8 @@ from ntkdd.server import loop, run_data
 
 # Settings that may differ on resume without changing the result (the data's path may: its
 # name and content fingerprint are checked instead; the start set's file and temperature are
-# read only at the start), and the run's length with the cosine schedule's (lr_decay_steps follows --steps, as
-# KIP's schedule: a longer run stretches it).
+# read only at the start), and the run's length with the cosine schedule's (lr_decay_steps
+# follows --steps, as KIP's schedule: a longer run stretches it).
 RESUMABLE = ('steps', 'lr_decay_steps', 'checkpoint_every', 'eval_every', 'eval_test_size',
              'data_dir', 'cache_dir', 'download', 'init_support', 'init_log_temp')
 
@@ -77,7 +77,7 @@ def start_log_temp(cfg: rcig.RcigConfig) -> float:
   one saved with the --init-support set (`run_data.saved_log_temp`), else 0 (the paper's)."""
   if cfg.init_log_temp is not None:
     return cfg.init_log_temp
-  saved = run_data.saved_log_temp(cfg.init_support) if cfg.init_support else None
+  saved = run_data.saved_log_temp(cfg.init_support)
   if saved is not None:
     logging.info('Starting at log temperature %.4f, saved with %s.', saved, cfg.init_support)
   return 0.0 if saved is None else saved

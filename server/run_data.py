@@ -123,7 +123,8 @@ def load_start_support(path: str, prepared: PreparedData, ipc: int):
 def write_support(run_dir: Path, prepared: PreparedData, images, labels, label_ids,
                   scalars: Optional[dict] = None) -> None:
   """support.npz: the images (model space and pixels), labels, class ids and class names, and
-  the algorithm's `scalars` that a run started from the set needs (RCIG: SUPPORT_LOG_TEMP)."""
+  the algorithm's `scalars` that a run started from the set needs (its loss's temperature:
+  SUPPORT_LOG_TEMP)."""
   arrays = {
       'images': np.asarray(images, np.float32),
       'images_pixels': prepared.preprocessor.inverse(images).astype(np.float32),
@@ -138,8 +139,8 @@ def write_support(run_dir: Path, prepared: PreparedData, images, labels, label_i
 def saved_log_temp(path: str) -> Optional[float]:
   """The log temperature saved with the support set at `path` (the support.npz of an RCIG or KIP
   --loss platt run since it is recorded), or None (older sets, other losses, LS sets,
-  RCIG/FRePo checkpoints)."""
-  if Path(path).suffix != '.npz' or not Path(path).is_file():
+  RCIG/FRePo checkpoints; no --init-support: '')."""
+  if not path or Path(path).suffix != '.npz' or not Path(path).is_file():
     return None
   with np.load(path, allow_pickle=False) as saved:
     if SUPPORT_LOG_TEMP not in saved.files:
