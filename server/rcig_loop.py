@@ -80,6 +80,10 @@ def start_log_temp(cfg: rcig.RcigConfig) -> float:
   saved = run_data.saved_log_temp(cfg.init_support)
   if saved is not None:
     logging.info('Starting at log temperature %.4f, saved with %s.', saved, cfg.init_support)
+  elif cfg.init_support:
+    logging.warning('%s records no log temperature: starting at 0. For a set made by an RCIG '
+                    'run, --rcig-init-log-temp with that run\'s last log_temp (its '
+                    'metrics.jsonl) goes on where it stopped.', cfg.init_support)
   return 0.0 if saved is None else saved
 
 

@@ -1,5 +1,6 @@
 """RCIG: closed-form readout, Hessian-inverse products, implicit gradients, the loop and resume."""
 import json
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -260,7 +261,7 @@ def test_run_rcig_writes_the_run_directory_and_resumes_exactly(prepared, tmp_pat
   assert _read(tmp_path / 'longer')[1][-1]['step'] == 6
 
 
-def test_init_support_starts_rcig_from_a_saved_set(prepared, tmp_path):
+def test_init_support_starts_rcig_from_a_saved_set(prepared, tmp_path, caplog):
   """--init-support with --rcig-init-log-temp: the first learned set is the file's images and
   labels and the given temperature, the EMA starts afresh; resume reads the checkpoint only.
   Without the flag the temperature saved with the set is the start's (0 where none is)."""
@@ -276,9 +277,11 @@ def test_init_support_starts_rcig_from_a_saved_set(prepared, tmp_path):
   assert state['learned']['log_temp'] == saved['log_temp']
   older = tmp_path / 'older.npz'   # a set saved before the temperature was recorded
   np.savez(older, **{k: v for k, v in saved.items() if k != run_data.SUPPORT_LOG_TEMP})
-  state, _ = rcig_loop.initial_state(_tiny_cfg(init_support=str(older)), prepared, 1,
-                                     np.random.default_rng(0))
+  with caplog.at_level(logging.WARNING):
+    state, _ = rcig_loop.initial_state(_tiny_cfg(init_support=str(older)), prepared, 1,
+                                       np.random.default_rng(0))
   assert float(state['learned']['log_temp']) == 0.0
+  assert 'records no log temperature' in caplog.text and '--rcig-init-log-temp' in caplog.text
   broken = tmp_path / 'broken.npz'
   np.savez(broken, **{**saved, run_data.SUPPORT_LOG_TEMP: np.float32(np.nan)})
   with pytest.raises(ValueError, match='not a temperature to start from'):
