@@ -17,6 +17,7 @@ exec .venv/bin/ntkdd distill --algorithm rcig --dataset mnist --data-dir ../shar
   --init-support results/rcig-mnist-1ipc-warm1040-cos600/support.npz --rcig-init-log-temp 2.2384 \
   --rcig-target-batch 1024 --seed 1 --steps 400 --lr 0.005 --lr-schedule cosine --eval-every 200 \
   --eval-test-size 2000 --checkpoint-every 10 --no-progress --out /work/runs/rcig-mnist-warm-b1024 "$@"
-# Then (after exec returns nothing: run it yourself) the paper's protocol, 5 ReLU ConvNets, width 128, whole test split:
+# exec ends the script; the evaluation under the paper's protocol (5 ReLU ConvNets, width 128,
+# the whole test split) is its own command:
 # .venv/bin/python bench/rcig_eval.py --run /work/runs/rcig-mnist-warm-b1024 --dataset mnist \
 #   --data-dir ../shared/data/mnist --models 5 --settings paper --json evaluation-rcig-protocol.json
