@@ -8,6 +8,7 @@ import numpy as np
 
 from ntkdd.common import kip, preprocess
 from ntkdd.common import prepared as prepared_lib
+from ntkdd.server import checkpoint, foreign_sets
 from ntkdd.server import run_dir as run_files
 
 PreparedData = prepared_lib.PreparedData
@@ -139,13 +140,14 @@ def write_support(run_dir: Path, prepared: PreparedData, images, labels, label_i
 def saved_log_temp(path: str) -> Optional[float]:
   """The log temperature saved with the support set at `path` (the support.npz of an RCIG or KIP
   --loss platt run since it is recorded), or None (older sets, other losses, LS sets,
-  RCIG/FRePo checkpoints; no --init-support: '')."""
-  if not path or Path(path).suffix != '.npz' or not Path(path).is_file():
+  RCIG/FRePo checkpoints; no --init-support: ''). Files are told apart and read as
+  `evaluate.load_support` reads the set itself, whatever their names end in."""
+  if not path or foreign_sets.is_flax_checkpoint(path):
     return None
-  with np.load(path, allow_pickle=False) as saved:
-    if SUPPORT_LOG_TEMP not in saved.files:
-      return None
-    value = float(saved[SUPPORT_LOG_TEMP])
+  saved = checkpoint.load_npz_file(Path(path), '--init-support')
+  if SUPPORT_LOG_TEMP not in saved:
+    return None
+  value = float(saved[SUPPORT_LOG_TEMP])
   if not np.isfinite(value):
     raise ValueError(f'--init-support {path}: its {SUPPORT_LOG_TEMP} is {value}, not a '
                      f'temperature to start from; remove that key from the file (a start at 0), '

@@ -275,6 +275,11 @@ def test_init_support_starts_rcig_from_a_saved_set(prepared, tmp_path, caplog):
   state, _ = rcig_loop.initial_state(_tiny_cfg(init_support=str(made / 'support.npz')),
                                      prepared, 1, np.random.default_rng(0))
   assert state['learned']['log_temp'] == saved['log_temp']
+  renamed = tmp_path / 'support.set'   # read as the set is, whatever the name ends in
+  renamed.write_bytes((made / 'support.npz').read_bytes())
+  state, _ = rcig_loop.initial_state(_tiny_cfg(init_support=str(renamed)), prepared, 1,
+                                     np.random.default_rng(0))
+  assert state['learned']['log_temp'] == saved['log_temp']
   older = tmp_path / 'older.npz'   # a set saved before the temperature was recorded
   np.savez(older, **{k: v for k, v in saved.items() if k != run_data.SUPPORT_LOG_TEMP})
   with caplog.at_level(logging.WARNING):
