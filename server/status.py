@@ -128,6 +128,11 @@ def status_from_run_dir(run_dir: str, backend: Any = None, now: Optional[float] 
   if summary is not None:
     snap['phase'], snap['eta_s'] = 'done', 0.0
     snap['summary'] = summary
+    # The set's accuracy before distilling, where the summary records it: Label Solve logs one
+    # metrics row, at step 0, and it is the solved set's accuracy, not the random real one's.
+    before = summary.get('krr_test_accuracy_before', summary.get('test_accuracy_before'))
+    if finite_or_none(before) is not None:
+      snap['initial_accuracy'] = finite_or_none(before)
   if result is not None and not result.get('ok', False):
     snap['phase'] = 'interrupted' if result.get('interrupted') else 'failed'
     snap['error'] = result.get('error')

@@ -227,6 +227,24 @@ def test_an_in_process_run_directory_is_read_directly(tmp_path, capsys):
     status_client.query_status(str(tmp_path))    # not a run directory at all
 
 
+def test_a_finished_label_solve_reports_the_random_real_accuracy_as_initial(tmp_path):
+  # Label Solve's one metrics row (step 0) is the solved set's accuracy; the random real
+  # images' accuracy is in its summary.
+  run = tmp_path / 'ls'
+  run.mkdir()
+  run_dir_lib.write_json(run / 'config.json', {'flags': {'algorithm': 'ls', 'steps': 0}})
+  run_dir_lib.append_metrics(run / 'metrics.jsonl', {'step': 0, 'loss': None,
+                                                     'krr_test_accuracy': 0.28, 'wall_time': 9.0})
+  run_dir_lib.write_json(run / 'summary.json', {'algorithm': 'ls', 'steps': 0,
+                                                'krr_test_accuracy_before': 0.16,
+                                                'krr_test_accuracy_after': 0.28})
+  snap = status.status_from_run_dir(str(run))
+  assert snap['phase'] == 'done'
+  assert (snap['initial_accuracy'], snap['last_accuracy'], snap['best_accuracy']) == (
+      0.16, 0.28, 0.28)
+  assert 'initial 16.00%' in status_client.format_status(snap)
+
+
 def test_a_run_directory_without_a_live_status_is_not_called_running(tmp_path):
   run = tmp_path / 'run'
   _fabricate(run)   # metrics and a checkpoint, but nothing says whether a process still runs
