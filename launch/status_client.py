@@ -335,6 +335,8 @@ def format_status(snapshot: dict) -> str:
   if s.get('ended'):
     rows.insert(2, ('ended', time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(s['ended']))
                     + f" ({format_duration(time.time() - s['ended'])} ago)"))
+  if s.get('run_progress') and s.get('phase') not in ENDED_PHASES:
+    rows.append(('progress', progress_text(s['run_progress'])))
   if s.get('kernel_progress') and s.get('phase') not in ENDED_PHASES:
     rows.append(('kernel', progress_text(s['kernel_progress'])))
   if s.get('coordinator_pid') or s.get('address'):

@@ -14,6 +14,7 @@ from ntkdd.common import architectures, choices, kip, optim, preprocess
 from ntkdd.common import prepared as prepared_lib
 from ntkdd.server import checkpoint, loop, run_data
 from ntkdd.server import run_dir as run_files
+from ntkdd.server.progress import KernelProgress, PairsReported
 
 ALGORITHMS = ('kip', 'ls')   # the algorithms `distill` runs (RCIG: jobs.RcigJob)
 # The support set's parameters: what support.npz and the evaluations hold, and what the moving
@@ -220,11 +221,19 @@ def _run_label_solve(cfg, run_dir, prepared, backend, board=None) -> dict:
                                                       num_classes=prepared.num_classes))
   y_t = preprocess.one_hot_centered(prepared.y_train[targets], prepared.num_classes)
   logging.info('Label Solve over %d target images.', len(targets))
-  solved = kip.label_solve(backend, images, prepared.rows('train', targets), y_t, cfg.kernel,
+  # The whole run's kernel pairs: K_ss and K(support, targets) for the labels, K_ss again and
+  # K(support, test) for the two accuracies; `ntkdd status` shows them as the run's progress.
+  n_test = min(cfg.eval_test_size or len(prepared.y_test), len(prepared.y_test))
+  n_s = len(images)
+  progress = KernelProgress('Label Solve', n_s * (2 * n_s + len(targets) + n_test),
+                            field='run_progress')
+  counted = PairsReported(backend, progress)
+  solved = kip.label_solve(counted, images, prepared.rows('train', targets), y_t, cfg.kernel,
                            cfg.reg, cfg.ls_rcond)
   # One test kernel for both accuracies: LS changes the labels, not the images.
-  before, after = run_data.krr_test_accuracies(backend, prepared, images, [labels, solved],
+  before, after = run_data.krr_test_accuracies(counted, prepared, images, [labels, solved],
                                                cfg.kernel, cfg.reg, cfg.eval_test_size, cfg.seed)
+  progress.close()
   run_data.write_support(run_dir, prepared, images, solved, label_ids)
   summary = {'algorithm': 'ls', 'krr_test_accuracy_before': before,
              'krr_test_accuracy_after': after, 'targets': int(len(targets)),

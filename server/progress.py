@@ -106,16 +106,18 @@ def progress_text(state: dict) -> str:
 class KernelProgress:
   """Progress of one kernel computation: pairs done of total, rate and ETA.
 
-  Each update goes to the run's status (field `kernel_progress`, while it lasts) when a
-  `status.RunStatus` (`holder`: anything with `update(**fields)`) is given or set in
+  Each update goes to the run's status (field `field`, while it lasts: `kernel_progress` for
+  one kernel call, `run_progress` for a whole run counted in kernel pairs, as Label Solve's)
+  when a `status.RunStatus` (`holder`: anything with `update(**fields)`) is given or set in
   KERNEL_PROGRESS_HOLDER, and a log line goes out every
   `log_every_s` seconds, terminal or not; a computation shorter than that logs nothing.
   Thread-safe: the coordinator's worker threads report blocks as they arrive.
   """
 
   def __init__(self, what: str, pairs_total: int, holder: Any = None,
-               log_every_s: float = KERNEL_LOG_EVERY_S, clock=time.monotonic):
-    self.what, self.pairs_total = what, int(pairs_total)
+               log_every_s: float = KERNEL_LOG_EVERY_S, clock=time.monotonic,
+               field: str = 'kernel_progress'):
+    self.what, self.pairs_total, self.field = what, int(pairs_total), field
     self.holder = holder if holder is not None else KERNEL_PROGRESS_HOLDER.get()
     self.log_every_s, self._clock = float(log_every_s), clock
     self.pairs_done = 0
@@ -135,7 +137,7 @@ class KernelProgress:
       if log:
         self._last_log, self._logged = now, True
     if self.holder is not None:
-      self.holder.update(kernel_progress=state)
+      self.holder.update(**{self.field: state})
     if log:
       logging.info('%s', progress_text(state))
 
@@ -152,7 +154,23 @@ class KernelProgress:
     if self._logged:
       logging.info('%s (done)', progress_text(self._state(self._clock())))
     if self.holder is not None:
-      self.holder.update(kernel_progress=None)
+      self.holder.update(**{self.field: None})
+
+
+class PairsReported:
+  """A kernel backend whose `kernel` calls also advance `progress` (a `KernelProgress`) by the
+  pairs they computed; everything else is the wrapped backend's."""
+
+  def __init__(self, backend: Any, progress: KernelProgress):
+    self._backend, self._progress = backend, progress
+
+  def kernel(self, x1, x2=None) -> dict:
+    out = self._backend.kernel(x1, x2)
+    self._progress.add(len(x1) * (len(x1) if x2 is None else len(x2)))
+    return out
+
+  def __getattr__(self, name: str) -> Any:
+    return getattr(self._backend, name)
 
 
 class ProgressBar:

@@ -218,6 +218,9 @@ class RunStatus:
         except Exception as e:
           snap['backend_error'] = f'{type(e).__name__}: {e}'
     snap.update({k: v for k, v in fields.items() if v is not None})
+    if snap.get('eta_s') is None and snap.get('run_progress'):
+      # A run without steps (Label Solve) has its ETA from its kernel pairs.
+      snap['eta_s'] = snap['run_progress'].get('eta_s')
     # The holder's phase wins once it is past 'starting' (a resumed run's directory may still
     # hold the summary of an earlier, shorter run); before that the directory tells.
     if phase != 'starting' or not snap.get('phase'):

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import make_tiny_npz
 from ntkdd.common import kip
+from ntkdd.launch import status_client
 from ntkdd.server import backend, checkpoint, distill
 from ntkdd.server import run_dir as run_dir_lib
 
@@ -197,6 +198,32 @@ def test_label_solve_beats_one_hot_labels(hard_npz, tmp_path):
   # Measured: 0.52 -> 0.72 (0.47 -> 0.665 and 0.46 -> 0.64 on data of seeds 1 and 2).
   assert summary['krr_test_accuracy_before'] < 0.7
   assert summary['krr_test_accuracy_after'] >= summary['krr_test_accuracy_before'] + 0.1
+
+
+def test_label_solve_reports_its_whole_run_in_kernel_pairs(hard_npz, tmp_path):
+  # A run without steps: `ntkdd status` has its progress and ETA from the kernel pairs of the
+  # whole solve (K_ss, K(support, targets), then K_ss and K(support, test) for the accuracies).
+  from ntkdd.server import status
+  cfg = _cfg(hard_npz, algorithm='ls', ipc=1, reg=1e-3, eval_test_size=30)
+  holder = status.RunStatus(str(tmp_path / 'ls'))
+  seen = []
+  holder.update = lambda **fields: seen.append(fields)
+  distill.distill(cfg, str(tmp_path / 'ls'), _factory(cfg), progress=False, run_status=holder)
+  runs = [f['run_progress'] for f in seen if 'run_progress' in f]
+  states = [s for s in runs if s is not None]
+  n_train = len(np.load(hard_npz)['y_train'])
+  assert states[-1]['what'] == 'Label Solve'
+  assert states[-1]['pairs_total'] == 10 * (2 * 10 + n_train + 30)
+  done = [s['pairs_done'] for s in states]
+  assert done == sorted(done) and done[-1] == states[-1]['pairs_total'] and len(done) >= 4
+  assert runs[-1] is None      # cleared at the end
+  # While a run goes, the status snapshot takes its ETA from it.
+  holder = status.RunStatus()
+  holder.set_phase('running')
+  holder.update(run_progress=dict(states[1], eta_s=42.0))
+  snap = holder.snapshot()
+  assert snap['eta_s'] == 42.0
+  assert 'Label Solve: ' in status_client.format_status(snap)
 
 
 @pytest.mark.parametrize('kw,message', [
