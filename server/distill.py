@@ -228,12 +228,15 @@ def _run_label_solve(cfg, run_dir, prepared, backend, board=None) -> dict:
   progress = KernelProgress('Label Solve', n_s * (2 * n_s + len(targets) + n_test),
                             field='run_progress')
   counted = PairsReported(backend, progress)
-  solved = kip.label_solve(counted, images, prepared.rows('train', targets), y_t, cfg.kernel,
-                           cfg.reg, cfg.ls_rcond)
-  # One test kernel for both accuracies: LS changes the labels, not the images.
-  before, after = run_data.krr_test_accuracies(counted, prepared, images, [labels, solved],
-                                               cfg.kernel, cfg.reg, cfg.eval_test_size, cfg.seed)
-  progress.close()
+  try:
+    solved = kip.label_solve(counted, images, prepared.rows('train', targets), y_t, cfg.kernel,
+                             cfg.reg, cfg.ls_rcond)
+    # One test kernel for both accuracies: LS changes the labels, not the images.
+    before, after = run_data.krr_test_accuracies(counted, prepared, images, [labels, solved],
+                                                 cfg.kernel, cfg.reg, cfg.eval_test_size,
+                                                 cfg.seed)
+  finally:
+    progress.close()   # a failed solve leaves no stale progress (nor ETA) in the status
   run_data.write_support(run_dir, prepared, images, solved, label_ids)
   summary = {'algorithm': 'ls', 'krr_test_accuracy_before': before,
              'krr_test_accuracy_after': after, 'targets': int(len(targets)),
