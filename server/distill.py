@@ -223,7 +223,7 @@ def _run_label_solve(cfg, run_dir, prepared, backend, board=None) -> dict:
   logging.info('Label Solve over %d target images.', len(targets))
   # The whole run's kernel pairs: K_ss and K(support, targets) for the labels, K_ss again and
   # K(support, test) for the two accuracies; `ntkdd status` shows them as the run's progress.
-  n_test = min(cfg.eval_test_size or len(prepared.y_test), len(prepared.y_test))
+  n_test = run_data.evaluated_test_size(prepared, cfg.eval_test_size)
   n_s = len(images)
   progress = KernelProgress('Label Solve', n_s * (2 * n_s + len(targets) + n_test),
                             field='run_progress')

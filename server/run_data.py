@@ -155,14 +155,22 @@ def saved_log_temp(path: str) -> Optional[float]:
   return value
 
 
+def evaluated_test_size(prepared: PreparedData, test_size: int) -> int:
+  """How many test images an evaluation asked for `test_size` of them uses: the whole split
+  for 0 or more than the split."""
+  total = len(prepared.y_test)
+  return total if not test_size or test_size >= total else int(test_size)
+
+
 def fixed_test_rows(prepared: PreparedData, test_size: int, seed: int) -> Optional[np.ndarray]:
   """The sorted test rows every evaluation of a run uses (the same each time, so accuracies
   compare across steps), drawn from `seed`; None for the whole split (`test_size` 0 or more
   than the split)."""
   total = len(prepared.y_test)
-  if not test_size or test_size >= total:
+  size = evaluated_test_size(prepared, test_size)
+  if size == total:
     return None
-  return np.sort(np.random.default_rng(seed).choice(total, test_size, replace=False))
+  return np.sort(np.random.default_rng(seed).choice(total, size, replace=False))
 
 
 def krr_test_accuracy(backend, prepared: PreparedData, images, labels, kernel: str, reg: float,
