@@ -15,7 +15,15 @@ bench/results/gpu_suite.json and a Markdown table (bench/results/gpu_suite.md, a
                split, KRR accuracy on the whole test split (paper: 53.6%);
   kip          KIP, ConvNet, CIFAR-10, 1 image per class with learned labels, as many steps
                as fit in --kip-seconds, then KRR accuracy on the whole test split (paper: 63.4%);
-  rcig         RCIG steps per second at MNIST, 1 image per class (paper settings).
+  rcig         RCIG steps per second at MNIST, 1 image per class (paper settings);
+  rcig_mnist   (only when --parts names it) an RCIG MNIST 1-image-per-class run with the
+               paper's 1024-image target batch from the best set of the CPU runs
+               (results/rcig-mnist-1ipc-warm-b1024), as many steps as fit in
+               --rcig-mnist-seconds (a first stretch measures the pace, then the run resumes
+               with a cosine sized to the rest), then the paper's evaluation (5 ReLU ConvNets,
+               the whole test split; bench/rcig_eval.py). The set, its config, metrics and
+               evaluation are written beside --out as rcig_mnist_*: with gpu_suite.json and
+               .md, 6 files, which a device call's $OUT brings back.
 
 Nothing is installed or downloaded: `pip install --no-deps --no-build-isolation .` into the
 machine's Python (with JAX) is enough, and without it the parts import this checkout (a
@@ -26,13 +34,16 @@ two minutes) and writes the same JSON keys.
 
   python bench/gpu_suite.py --data-dir ../shared/data
   python bench/gpu_suite.py --smoke
+  python bench/gpu_suite.py --parts environment,rcig_mnist --rcig-mnist-seconds 420
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,10 +59,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import flops  # noqa: E402  (bench/flops.py, next to this file)
 
 RESULT_MARKER = 'GPU_SUITE_PART_RESULT '
-PARTS = ('environment', 'kernel', 'ls', 'kip', 'rcig')
+PARTS = ('environment', 'kernel', 'ls', 'kip', 'rcig', 'rcig_mnist')
+DEFAULT_PARTS = ('environment', 'kernel', 'ls', 'kip', 'rcig')   # rcig_mnist: when asked for
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_OUT = BENCH_DIR / 'results' / 'gpu_suite.json'
-PAPER = {'ls': 0.536, 'kip': 0.634}
+PAPER = {'ls': 0.536, 'kip': 0.634, 'rcig_mnist': 0.947}
 # What each part records when it runs to the end (smoke or not: the same keys).
 PART_KEYS = {
     'environment': ('backend', 'device_kind', 'device_count', 'python', 'jax', 'jaxlib', 'numpy',
@@ -65,6 +77,9 @@ PART_KEYS = {
             'krr_test_accuracy_initial', 'steps_per_s', 'pairs_per_s', 'eval_s', 'test_images',
             'krr_test_accuracy', 'paper_accuracy'),
     'rcig': ('config', 'budget_s', 'steps', 'first_step_s', 'steps_per_s'),
+    'rcig_mnist': ('config', 'init_support', 'budget_s', 'first_stretch_steps', 'planned_steps',
+                   'steps', 'distill_s', 'steps_per_s', 'test_accuracy', 'test_accuracy_std',
+                   'models', 'test_images', 'files', 'paper_accuracy'),
 }
 KERNEL_SIZE_KEYS = ('size', 'auto_tile', 'auto_forward', 'auto_vjp', 'tile_sweep_forward',
                     'sweep_stopped', 'largest_tile', 'largest_forward', 'largest_vjp')
@@ -102,22 +117,36 @@ def settings(smoke: bool) -> dict[str, Any]:
             'test_size': 20, 'kip_ipc': 1, 'kip_target_batch': 10,
             'rcig': dict(width=4, depth=2, inner_steps=1, hinv_steps=1, pool_size=2,
                          pool_train_steps=1, target_batch=8), 'rcig_image_size': 14,
-            'rcig_seconds': 8}
+            'rcig_seconds': 8,
+            'rcig_mnist': {'config': dict(width=4, depth=2, inner_steps=1, hinv_steps=1,
+                                          pool_size=2, pool_train_steps=1, target_batch=8,
+                                          lr_images=0.005, checkpoint_every=5),
+                           'seed': 2, 'first_plan_steps': 1000, 'first_stretch_s': 1,
+                           'eval_reserve_s': 45,
+                           'eval_flags': ['--models', '1', '--train-steps', '5',
+                                          '--test-size', '20']}}
   return {'depth': 3, 'kernel_sizes': [(32, 32, 3), (28, 28, 1)], 'kernel_rows': 64,
           'kernel_columns': 64, 'kernel_min_call_s': 1.0, 'kernel_max_call_s': 15.0,
           'kernel_sweep_start': None, 'kernel_max_tile': 4096, 'kernel_tile_factor': 4,
           'matmul_size': 8192, 'image_size': None, 'ls_ipc': 10, 'ls_targets': 0,
           'test_size': 0, 'kip_ipc': 1, 'kip_target_batch': 1000, 'rcig': {},
-          'rcig_image_size': None, 'rcig_seconds': 80}
+          'rcig_image_size': None, 'rcig_seconds': 80,
+          # The paper's target batch; AdaBelief 0.005 on the images (0.003 labels, 0.03
+          # temperature), decayed by a cosine: the CPU runs' warm restarts.
+          'rcig_mnist': {'config': dict(target_batch=1024, lr_images=0.005, checkpoint_every=200),
+                         'seed': 2, 'first_plan_steps': 10000, 'first_stretch_s': 60,
+                         'eval_reserve_s': 150, 'eval_flags': ['--models', '5']}}
 
 
 def limits(args: argparse.Namespace) -> dict[str, float]:
   """Per-part time limits (s); the suite's total stays within --total-seconds."""
   if args.smoke:
     # Limits, not durations: about 70 s in all on two quiet cores, more on a busy machine.
-    return {'environment': 30, 'kernel': 60, 'ls': 60, 'kip': 60, 'rcig': 60}
+    return {'environment': 30, 'kernel': 60, 'ls': 60, 'kip': 60, 'rcig': 60,
+            'rcig_mnist': args.rcig_mnist_seconds + 90}
   return {'environment': 45, 'kernel': 140, 'ls': 140, 'kip': args.kip_seconds + 60,
-          'rcig': 100}   # 575 s with the default --kip-seconds
+          'rcig': 100,   # 575 s for the default parts with the default --kip-seconds
+          'rcig_mnist': args.rcig_mnist_seconds + 180}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -454,12 +483,14 @@ def part_ls(spec: dict, rec: Recorder) -> None:
 
 
 class _StopAfter:
-  """SIGTERM to this process once `seconds` have passed and a distillation loop is listening
-  (its stop handler, a bound method, is installed): the loop then finishes its step,
-  checkpoints and raises distill.Interrupted, its documented graceful stop."""
+  """SIGTERM to this process once `seconds` have passed, `ready()` (if given) holds and a
+  distillation loop is listening (its stop handler, a bound method, is installed): the loop
+  then finishes its step, checkpoints and raises distill.Interrupted, its documented graceful
+  stop."""
 
-  def __init__(self, seconds: float):
+  def __init__(self, seconds: float, ready: Optional[Callable[[], bool]] = None):
     self._cancelled = threading.Event()
+    self._ready = ready or (lambda: True)
     self._thread = threading.Thread(target=self._run, args=(seconds,), daemon=True)
     self._thread.start()
 
@@ -467,7 +498,8 @@ class _StopAfter:
     if self._cancelled.wait(seconds):
       return
     while not self._cancelled.is_set():
-      if getattr(signal.getsignal(signal.SIGTERM), '__self__', None) is not None:
+      if (getattr(signal.getsignal(signal.SIGTERM), '__self__', None) is not None
+          and self._ready()):
         os.kill(os.getpid(), signal.SIGTERM)
         return
       self._cancelled.wait(0.2)
@@ -552,8 +584,102 @@ def part_rcig(spec: dict, rec: Recorder) -> None:
   rec.record('steps_per_s', (steps - 1) / (wall[steps] - wall[1]) if steps >= 2 else None)
 
 
+# The best MNIST set of the CPU runs (91.02 +- 0.50% under the paper's protocol, BENCHMARKS.md):
+# where part rcig_mnist starts.
+RCIG_MNIST_INIT = BENCH_DIR.parent / 'results' / 'rcig-mnist-1ipc-warm-b1024' / 'support.npz'
+
+
+def rcig_mnist_steps(done: int, step_walls: dict[int, float], seconds_left: float) -> int:
+  """The run's length once its first stretch has run: the steps done plus as many as the
+  stretch's pace (its steps after the first, which compiles) fits in `seconds_left`, less 5%
+  for the checkpoints; at least `done` (no time left: the run ends where it is)."""
+  timed = sorted(s for s in step_walls if s >= 2)
+  if len(timed) < 2:
+    return done
+  seconds_per_step = (step_walls[timed[-1]] - step_walls[timed[0]]) / (timed[-1] - timed[0])
+  return done + max(0, int(0.95 * seconds_left / max(seconds_per_step, 1e-9)))
+
+
+def part_rcig_mnist(spec: dict, rec: Recorder) -> None:
+  _require('optax', 'RCIG (its optimisers)')
+  from ntkdd.common import rcig
+  from ntkdd.server import distill, rcig_loop
+  from ntkdd.server import run_dir as run_dir_lib
+  cfg = spec['settings']['rcig_mnist']
+  if spec['smoke']:
+    dataset, data_dir = spec['smoke_data']['mnist'], '.'
+  else:
+    dataset, data_dir = 'mnist', spec['data_dir']
+  started = time.monotonic()
+  prepared = _prepare(dataset, data_dir, None, cfg['config'].get('depth', 3))
+  # The cosine's length is set after the first stretch (resumable: lr_decay_steps), so the
+  # run plans with a long one first: near its start a cosine is flat.
+  rcig_cfg = rcig.RcigConfig(init_support=str(RCIG_MNIST_INIT), **cfg['config'])
+  run_dir = Path(spec['work_dir']) / 'rcig-mnist'
+  distill_until = started + min(spec['rcig_mnist_seconds'],
+                                spec['limit_s'] - cfg['eval_reserve_s'])
+  rec.record('config', rcig_cfg.to_dict())
+  rec.record('init_support', str(RCIG_MNIST_INIT.relative_to(BENCH_DIR.parent)))
+  rec.record('budget_s', round(distill_until - started, 1))
+
+  def steps_done() -> int:
+    try:
+      return max((r['step'] for r in run_dir_lib.read_metrics(run_dir)), default=0)
+    except (OSError, ValueError):
+      return 0
+
+  def stretch(config, steps: int, seconds: float, resume: bool,
+              ready: Optional[Callable[[], bool]] = None) -> None:
+    timer = _StopAfter(max(seconds, 0.0), ready)
+    try:
+      rcig_loop.run_rcig(config, prepared, run_dir, ipc=1, steps=steps, seed=cfg['seed'],
+                         resume=resume)
+    except distill.Interrupted:
+      pass
+    finally:
+      timer.cancel()
+
+  first = dataclasses.replace(rcig_cfg, lr_decay_steps=cfg['first_plan_steps'])
+  # The first stretch: its seconds, and enough steps after the first (which compiles) to time.
+  stretch(first, cfg['first_plan_steps'], cfg['first_stretch_s'], resume=False,
+          ready=lambda: steps_done() >= 4 or time.monotonic() >= distill_until)
+  walls = {r['step']: r['wall_time'] for r in run_dir_lib.read_metrics(run_dir)}
+  done = max(walls)
+  steps = rcig_mnist_steps(done, walls, distill_until - time.monotonic())
+  rec.record('first_stretch_steps', done)
+  rec.record('planned_steps', steps)
+  if steps > done:
+    stretch(dataclasses.replace(rcig_cfg, lr_decay_steps=steps), steps,
+            distill_until - time.monotonic(), resume=True)
+  records = run_dir_lib.read_metrics(run_dir)
+  walls = {r['step']: r['wall_time'] for r in records}
+  rec.record('steps', max(walls))
+  rec.record('distill_s', round(time.monotonic() - started, 1))
+  rec.record('steps_per_s', (max(walls) - 1) / (walls[max(walls)] - walls[1])
+             if max(walls) >= 2 else None)
+  out_dir = Path(spec['out_dir'])
+  out_dir.mkdir(parents=True, exist_ok=True)
+  evaluation = out_dir / 'rcig_mnist_evaluation.json'
+  command = [sys.executable, str(BENCH_DIR / 'rcig_eval.py'), '--run', str(run_dir),
+             '--dataset', dataset, '--data-dir', data_dir, '--settings', 'paper',
+             '--json', str(evaluation)] + cfg['eval_flags']
+  subprocess.run(command, check=True, stdout=subprocess.DEVNULL, timeout=max(
+      10.0, spec['limit_s'] - (time.monotonic() - started) - 5))
+  row = json.loads(evaluation.read_text())['rows'][0]
+  rec.record('test_accuracy', row['mean'])
+  rec.record('test_accuracy_std', row['std'])
+  rec.record('models', row['models'])
+  rec.record('test_images', row['test_images'])
+  files = ['rcig_mnist_evaluation.json']
+  for name in ('support.npz', 'config.json', 'metrics.jsonl'):
+    shutil.copyfile(run_dir / name, out_dir / f'rcig_mnist_{name}')
+    files.append(f'rcig_mnist_{name}')
+  rec.record('files', files)
+  rec.record('paper_accuracy', PAPER['rcig_mnist'])
+
+
 PART_FUNCTIONS = {'environment': part_environment, 'kernel': part_kernel, 'ls': part_ls,
-                  'kip': part_kip, 'rcig': part_rcig}
+                  'kip': part_kip, 'rcig': part_rcig, 'rcig_mnist': part_rcig_mnist}
 
 
 def run_part(name: str, spec: dict) -> None:
@@ -725,6 +851,14 @@ def markdown(report: dict[str, Any]) -> str:
             f"{kip.get('test_images', '-')} test images |",
             f"| RCIG MNIST 1 img/class | {_num(rcig.get('steps_per_s'))} steps/s | - | "
             f"{rcig.get('steps', '-')} steps, first {_num(rcig.get('first_step_s'))} s |"]
+  quality = parts['rcig_mnist'].get('result', {})
+  if quality.get('test_accuracy') is not None:
+    lines.append(f"| RCIG MNIST 1 img/class from {quality['init_support']} | "
+                 f"{_pct(quality['test_accuracy'])} ± {_pct(quality['test_accuracy_std'])} | "
+                 f"{_pct(PAPER['rcig_mnist'])} | {quality['steps']} steps "
+                 f"({_num(quality.get('steps_per_s'))} steps/s, target batch "
+                 f"{quality['config']['target_batch']}), {quality['models']} nets, "
+                 f"{quality['test_images']} test images |")
   return '\n'.join(lines) + '\n'
 
 
@@ -744,8 +878,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                       '(a rerun that timed out can size this from its kernel_progress)')
   p.add_argument('--total-seconds', type=float, default=590.0,
                  help='the whole suite stops within this (later parts get what is left)')
-  p.add_argument('--parts', default=','.join(PARTS), help='comma list of ' + ', '.join(PARTS))
-  p.add_argument('--out', default=str(DEFAULT_OUT), help='the JSON (the .md goes beside it)')
+  p.add_argument('--rcig-mnist-seconds', type=float, default=420.0,
+                 help='rcig_mnist: distillation time before its evaluation (the part\'s limit '
+                      'is this plus 180 s)')
+  p.add_argument('--parts', default=','.join(DEFAULT_PARTS),
+                 help='comma list of ' + ', '.join(PARTS))
+  p.add_argument('--out', default=str(DEFAULT_OUT),
+                 help='the JSON (the .md and rcig_mnist\'s files go beside it)')
+  p.add_argument('--compilation-cache', default=None,
+                 help='JAX\'s persistent compilation cache, reused by later parts and reruns '
+                      '(default: jax_cache beside --out; on a device call name a folder '
+                      'outside $OUT, whose files all travel back)')
   p.add_argument('--part', default=None, help=argparse.SUPPRESS)
   p.add_argument('--spec', default=None, help=argparse.SUPPRESS)
   return p.parse_args(argv)
@@ -762,6 +905,7 @@ def main(argv=None) -> int:
     sys.exit(f'--parts: unknown {unknown}; choose from {", ".join(PARTS)}.')
   if args.smoke:
     args.kip_seconds = min(args.kip_seconds, 6.0)
+    args.rcig_mnist_seconds = min(args.rcig_mnist_seconds, 35.0)   # ~15 s of it compiles
   started = time.monotonic()
   part_limits = limits(args)
   run_settings = settings(args.smoke)
@@ -770,8 +914,10 @@ def main(argv=None) -> int:
   with tempfile.TemporaryDirectory(prefix='ntkdd-gpu-suite-') as work_dir:
     spec = {'smoke': args.smoke, 'data_dir': os.path.abspath(args.data_dir),
             'work_dir': work_dir, 'settings': run_settings,
-            'kip_seconds': args.kip_seconds,
-            'compilation_cache': str(Path(args.out).resolve().parent / 'jax_cache')}
+            'kip_seconds': args.kip_seconds, 'rcig_mnist_seconds': args.rcig_mnist_seconds,
+            'out_dir': str(Path(args.out).resolve().parent),
+            'compilation_cache': args.compilation_cache or str(
+                Path(args.out).resolve().parent / 'jax_cache')}
     spec['pythonpath'] = importable_checkout(Path(work_dir))
     if args.smoke:
       spec['smoke_data'] = write_smoke_data(Path(work_dir))

@@ -1,4 +1,5 @@
-"""`make bench-gpu SMOKE=1`: every part of the GPU suite at tiny sizes on this CPU, same JSON keys.
+"""`make bench-gpu SMOKE=1`: every part of the GPU suite at tiny sizes on this CPU, same JSON keys
+(and the opt-in rcig_mnist part, which a device call asks for by name).
 
 Runs the suite's script as a user does (parts in their own processes, each with its limit) and
 checks the JSON and the Markdown table; the numbers themselves are a CPU's and tiny-sized.
@@ -22,8 +23,9 @@ def load_suite():
 @pytest.fixture(scope='module')
 def smoke_report(tmp_path_factory):
   out = tmp_path_factory.mktemp('gpu_suite') / 'gpu_suite.json'
-  done = subprocess.run([sys.executable, str(SUITE), '--smoke', '--out', str(out)], cwd=REPO,
-                        capture_output=True, text=True, timeout=400)
+  parts = ','.join(load_suite().PARTS)
+  done = subprocess.run([sys.executable, str(SUITE), '--smoke', '--parts', parts, '--out',
+                         str(out)], cwd=REPO, capture_output=True, text=True, timeout=500)
   assert done.returncode == 0, done.stderr[-4000:]
   return json.loads(out.read_text()), out, done
 
@@ -57,6 +59,40 @@ def test_smoke_runs_every_part_and_writes_the_same_keys(smoke_report):
   table = out.with_suffix('.md').read_text()
   assert '| kernel | ok |' in table and 'LS ConvNet CIFAR-10' in table
   assert table in done.stdout
+
+
+def test_rcig_mnist_times_a_first_stretch_then_resumes_to_a_planned_length(smoke_report):
+  report, out, _ = smoke_report
+  quality = report['parts']['rcig_mnist']['result']
+  # The first stretch ran past its first (compiling) step; the plan added steps at its pace,
+  # and the resumed run's cosine has that length.
+  assert quality['first_stretch_steps'] >= 4
+  assert quality['steps'] > quality['first_stretch_steps']
+  assert quality['planned_steps'] >= quality['steps']
+  config = json.loads((out.parent / 'rcig_mnist_config.json').read_text())
+  assert config['flags']['lr_decay_steps'] == quality['planned_steps']
+  assert config['flags']['init_support'].endswith('rcig-mnist-1ipc-warm-b1024/support.npz')
+  metrics = [json.loads(line) for line in
+             (out.parent / 'rcig_mnist_metrics.jsonl').read_text().splitlines()]
+  assert metrics[-1]['step'] == quality['steps']
+  rows = json.loads((out.parent / 'rcig_mnist_evaluation.json').read_text())['rows']
+  assert rows[0]['mean'] == quality['test_accuracy'] and rows[0]['test_images'] == 20
+  assert sorted(quality['files']) == sorted(p.name for p in out.parent.glob('rcig_mnist_*'))
+
+
+def test_rcig_mnist_is_not_a_default_part():
+  suite = load_suite()
+  assert suite.parse_args([]).parts.split(',') == list(suite.DEFAULT_PARTS)
+  assert 'rcig_mnist' in suite.PARTS and 'rcig_mnist' not in suite.DEFAULT_PARTS
+
+
+def test_rcig_mnist_plans_its_length_from_the_timed_steps():
+  suite = load_suite()
+  # Step 1 compiles (10 s); steps 2-6 take 0.5 s each: 40 s left at 95% -> 76 more steps.
+  walls = {0: 0.0, 1: 10.0, 2: 10.5, 3: 11.0, 4: 11.5, 5: 12.0, 6: 12.5}
+  assert suite.rcig_mnist_steps(6, walls, 40.0) == 6 + 76
+  assert suite.rcig_mnist_steps(6, walls, -3.0) == 6      # no time left: ends where it is
+  assert suite.rcig_mnist_steps(1, {0: 0.0, 1: 10.0}, 40.0) == 1   # nothing timed yet
 
 
 def test_a_part_past_its_limit_is_recorded_as_a_timeout(tmp_path):
