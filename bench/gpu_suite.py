@@ -509,6 +509,40 @@ class _StopAfter:
     self._cancelled.set()
 
 
+def _until_stopped(run: Callable[[], Any], seconds: float,
+                   ready: Optional[Callable[[], bool]] = None) -> None:
+  """Runs a distillation loop (`run()`) until it ends or `_StopAfter(seconds, ready)` stops it
+  (the loop then checkpointed its last step)."""
+  from ntkdd.server import distill
+  timer = _StopAfter(max(seconds, 0.0), ready)
+  try:
+    run()
+  except distill.Interrupted:
+    pass
+  finally:
+    timer.cancel()
+
+
+def _step_walls(run_dir: Path) -> dict[int, float]:
+  """{step: seconds of step time since the run began} from the run's metrics.jsonl."""
+  from ntkdd.server import run_dir as run_dir_lib
+  return {r['step']: r['wall_time'] for r in run_dir_lib.read_metrics(run_dir)
+          if r.get('wall_time') is not None}
+
+
+def _steps_per_s(walls: dict[int, float]) -> Optional[float]:
+  """Steps per second after step 1 (which compiles: it is left out)."""
+  steps = max(walls)
+  return (steps - 1) / (walls[steps] - walls[1]) if steps >= 2 else None
+
+
+def _mnist_source(spec: dict) -> tuple[str, str]:
+  """(dataset, data dir) of the MNIST parts: the smoke's synthetic npz, else MNIST."""
+  if spec['smoke']:
+    return spec['smoke_data']['mnist'], '.'
+  return 'mnist', spec['data_dir']
+
+
 def part_kip(spec: dict, rec: Recorder) -> None:
   from ntkdd.common import kip
   from ntkdd.server import distill
@@ -525,22 +559,15 @@ def part_kip(spec: dict, rec: Recorder) -> None:
   rec.record('budget_s', budget)
   rec.record('target_batch', run.target_batch)
   backend = _recording_backend(run.architecture(), rec)
-  timer = _StopAfter(budget)
   start = time.perf_counter()
-  try:
-    distill.distill(run, str(run_dir), lambda arch: backend, progress=False, prepared=prepared)
-  except distill.Interrupted:
-    pass   # the budget is spent: the loop checkpointed its last step
-  finally:
-    timer.cancel()
+  _until_stopped(lambda: distill.distill(run, str(run_dir), lambda arch: backend,
+                                         progress=False, prepared=prepared), budget)
   rec.record('distill_s', time.perf_counter() - start)
   records = run_dir_lib.read_metrics(run_dir)
   steps = max(r['step'] for r in records)
   rec.record('steps', steps)
   rec.record('krr_test_accuracy_initial', records[0].get('krr_test_accuracy'))
-  wall = {r['step']: r['wall_time'] for r in records if r.get('wall_time') is not None}
-  rec.record('steps_per_s', (steps - 1) / (wall[steps] - wall[1]) if steps >= 2 else None)
-  # (step 1 compiles: it is left out)
+  rec.record('steps_per_s', _steps_per_s(_step_walls(run_dir)))
   rec.record('pairs_per_s', backend.pairs_per_second())
   with np.load(run_dir / 'support.npz') as support:
     images, labels = support['images'], support['labels']
@@ -557,32 +584,21 @@ def part_kip(spec: dict, rec: Recorder) -> None:
 def part_rcig(spec: dict, rec: Recorder) -> None:
   _require('optax', 'RCIG (its optimisers)')
   from ntkdd.common import rcig
-  from ntkdd.server import distill, rcig_loop
-  from ntkdd.server import run_dir as run_dir_lib
+  from ntkdd.server import rcig_loop
   cfg = spec['settings']
-  if spec['smoke']:
-    dataset, data_dir = spec['smoke_data']['mnist'], '.'
-  else:
-    dataset, data_dir = 'mnist', spec['data_dir']
+  dataset, data_dir = _mnist_source(spec)
   prepared = _prepare(dataset, data_dir, cfg['rcig_image_size'], cfg['depth'])
   rcig_cfg = rcig.RcigConfig(**cfg['rcig'])
   rec.record('config', rcig_cfg.to_dict())
   run_dir = Path(spec['work_dir']) / 'rcig'
   budget = min(spec['limit_s'] - 15, cfg['rcig_seconds'])
   rec.record('budget_s', budget)
-  timer = _StopAfter(budget)
-  try:
-    rcig_loop.run_rcig(rcig_cfg, prepared, run_dir, ipc=1, steps=10 ** 9, seed=0)
-  except distill.Interrupted:
-    pass
-  finally:
-    timer.cancel()
-  records = run_dir_lib.read_metrics(run_dir)
-  wall = {r['step']: r['wall_time'] for r in records}
-  steps = max(wall)
-  rec.record('steps', steps)
-  rec.record('first_step_s', wall.get(1))
-  rec.record('steps_per_s', (steps - 1) / (wall[steps] - wall[1]) if steps >= 2 else None)
+  _until_stopped(lambda: rcig_loop.run_rcig(rcig_cfg, prepared, run_dir, ipc=1, steps=10 ** 9,
+                                            seed=0), budget)
+  walls = _step_walls(run_dir)
+  rec.record('steps', max(walls))
+  rec.record('first_step_s', walls.get(1))
+  rec.record('steps_per_s', _steps_per_s(walls))
 
 
 # The best MNIST set of the CPU runs (91.02 +- 0.50% under the paper's protocol, BENCHMARKS.md):
@@ -607,13 +623,9 @@ def part_rcig_mnist(spec: dict, rec: Recorder) -> None:
   part stopped at its limit still leaves the set."""
   _require('optax', 'RCIG (its optimisers)')
   from ntkdd.common import rcig
-  from ntkdd.server import distill, rcig_loop
-  from ntkdd.server import run_dir as run_dir_lib
+  from ntkdd.server import rcig_loop
   cfg = spec['settings']['rcig_mnist']
-  if spec['smoke']:
-    dataset, data_dir = spec['smoke_data']['mnist'], '.'
-  else:
-    dataset, data_dir = 'mnist', spec['data_dir']
+  dataset, data_dir = _mnist_source(spec)
   started = time.monotonic()
   prepared = _prepare(dataset, data_dir, None, cfg['config'].get('depth', 3))
   # The cosine's length is set after the first stretch (resumable: lr_decay_steps), so the
@@ -628,26 +640,20 @@ def part_rcig_mnist(spec: dict, rec: Recorder) -> None:
 
   def steps_done() -> int:
     try:
-      return max((r['step'] for r in run_dir_lib.read_metrics(run_dir)), default=0)
+      return max(_step_walls(run_dir), default=0)
     except (OSError, ValueError):
       return 0
 
   def stretch(config, steps: int, seconds: float, resume: bool,
               ready: Optional[Callable[[], bool]] = None) -> None:
-    timer = _StopAfter(max(seconds, 0.0), ready)
-    try:
-      rcig_loop.run_rcig(config, prepared, run_dir, ipc=1, steps=steps, seed=cfg['seed'],
-                         resume=resume)
-    except distill.Interrupted:
-      pass
-    finally:
-      timer.cancel()
+    _until_stopped(lambda: rcig_loop.run_rcig(config, prepared, run_dir, ipc=1, steps=steps,
+                                              seed=cfg['seed'], resume=resume), seconds, ready)
 
   first = dataclasses.replace(rcig_cfg, lr_decay_steps=cfg['first_plan_steps'])
   # The first stretch: its seconds, and enough steps after the first (which compiles) to time.
   stretch(first, cfg['first_plan_steps'], cfg['first_stretch_s'], resume=False,
           ready=lambda: steps_done() >= 4 or time.monotonic() >= distill_until)
-  walls = {r['step']: r['wall_time'] for r in run_dir_lib.read_metrics(run_dir)}
+  walls = _step_walls(run_dir)
   done = max(walls)
   steps = rcig_mnist_steps(done, walls, distill_until - time.monotonic())
   rec.record('first_stretch_steps', done)
@@ -655,12 +661,10 @@ def part_rcig_mnist(spec: dict, rec: Recorder) -> None:
   if steps > done:
     stretch(dataclasses.replace(rcig_cfg, lr_decay_steps=steps), steps,
             distill_until - time.monotonic(), resume=True)
-  records = run_dir_lib.read_metrics(run_dir)
-  walls = {r['step']: r['wall_time'] for r in records}
+  walls = _step_walls(run_dir)
   rec.record('steps', max(walls))
   rec.record('distill_s', round(time.monotonic() - started, 1))
-  rec.record('steps_per_s', (max(walls) - 1) / (walls[max(walls)] - walls[1])
-             if max(walls) >= 2 else None)
+  rec.record('steps_per_s', _steps_per_s(walls))
   out_dir = Path(spec['out_dir'])
   out_dir.mkdir(parents=True, exist_ok=True)
   files = []
