@@ -608,13 +608,13 @@ RCIG_MNIST_INIT = BENCH_DIR.parent / 'results' / 'rcig-mnist-1ipc-warm-b1024' / 
 
 def rcig_mnist_steps(done: int, step_walls: dict[int, float], seconds_left: float) -> int:
   """The run's length once its first stretch has run: the steps done plus as many as the
-  stretch's pace (its steps after the first, which compiles) fits in `seconds_left`, less 5%
-  for the checkpoints; at least `done` (no time left: the run ends where it is)."""
-  timed = sorted(s for s in step_walls if s >= 2)
-  if len(timed) < 2:
+  stretch's pace (`_steps_per_s`: its steps after the first, which compiles) fits in
+  `seconds_left`, less 5% for the checkpoints; at least `done` (nothing timed yet, or no time
+  left: the run ends where it is)."""
+  steps_per_s = _steps_per_s(step_walls)
+  if steps_per_s is None:
     return done
-  seconds_per_step = (step_walls[timed[-1]] - step_walls[timed[0]]) / (timed[-1] - timed[0])
-  return done + max(0, int(0.95 * seconds_left / max(seconds_per_step, 1e-9)))
+  return done + max(0, int(0.95 * seconds_left * steps_per_s))
 
 
 def part_rcig_mnist(spec: dict, rec: Recorder) -> None:
@@ -919,13 +919,13 @@ def main(argv=None) -> int:
   run_settings = settings(args.smoke)
   if args.ls_targets is not None:
     run_settings['ls_targets'] = args.ls_targets
+  out_dir = Path(args.out).resolve().parent
   with tempfile.TemporaryDirectory(prefix='ntkdd-gpu-suite-') as work_dir:
     spec = {'smoke': args.smoke, 'data_dir': os.path.abspath(args.data_dir),
             'work_dir': work_dir, 'settings': run_settings,
             'kip_seconds': args.kip_seconds, 'rcig_mnist_seconds': args.rcig_mnist_seconds,
-            'out_dir': str(Path(args.out).resolve().parent),
-            'compilation_cache': args.compilation_cache or str(
-                Path(args.out).resolve().parent / 'jax_cache')}
+            'out_dir': str(out_dir),
+            'compilation_cache': args.compilation_cache or str(out_dir / 'jax_cache')}
     spec['pythonpath'] = importable_checkout(Path(work_dir))
     if args.smoke:
       spec['smoke_data'] = write_smoke_data(Path(work_dir))
